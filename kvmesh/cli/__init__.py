@@ -1,0 +1,37 @@
+"""The `kvmesh` command. Each command group lives in its own module of this package
+and imports its heavy dependencies inside the command, so `kvmesh --help` is instant."""
+
+import click
+
+from kvmesh import __version__, log
+from kvmesh.cli.bench import bench
+from kvmesh.cli.model import model
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kvmesh")
+@click.option(
+    "--log-level",
+    type=click.Choice(log.LEVELS),
+    default="info",
+    show_default=True,
+    help="Minimum level of log lines written to stderr.",
+)
+@click.option("--log-json", is_flag=True, help="Write log lines as JSON instead of key=value.")
+def cli(log_level: str, log_json: bool) -> None:
+    """kvmesh: serve language models across GPUs and machines.
+
+    \b
+    Quick start (one CPU machine, the bundled tiny model):
+      kvmesh model init-tiny ~/.cache/kvmesh/tiny-llama
+      kvmesh generate ~/.cache/kvmesh/tiny-llama "Hello"
+    """
+    log.configure(log_level, log_json)
+
+
+cli.add_command(model)
+cli.add_command(bench)
+
+
+def main() -> None:
+    cli(prog_name="kvmesh")
