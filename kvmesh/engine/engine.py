@@ -1,0 +1,300 @@
+"""Engine: the single-process inference core every worker actor runs.
+
+    engine = Engine.from_pretrained(path, device="cpu", dtype="float32")
+    outs = engine.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0.0))
+
+Streaming callers use add_request() / step() / abort_request() instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from kvmesh.engine.block_manager import BlockManager
+from kvmesh.engine.model_runner import ModelRunner
+from kvmesh.engine.params import SamplingParams
+from kvmesh.engine.sampler import Sampler
+from kvmesh.engine.scheduler import Scheduler
+from kvmesh.engine.sequence import Sequence
+from kvmesh.gpu.block_pool import BlockPool
+from kvmesh.gpu.kv_cache import allocate_kv_caches, default_num_blocks
+from kvmesh.gpu.loader import load_model, torch_dtype
+from kvmesh.gpu.model_config import ModelConfig
+from kvmesh.protocol import KVEvent
+from kvmesh.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step. `new_*` hold what this step added (for streaming);
+    text is held back while it could still be the start of a stop string."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    num_cached_tokens: int
+    logprobs: list[dict[int, float]] | None
+    new_token_ids: list[int]
+    new_text: str
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Request:
+    """Engine-side state of one request around its Sequence: detokenizer and stream cursors."""
+
+    def __init__(self, seq: Sequence, detokenizer: IncrementalDetokenizer) -> None:
+        self.seq = seq
+        self.detokenizer = detokenizer
+        self.text = ""  # everything detokenized so far, before any stop-string cut
+        self.holdback = max((len(s) for s in seq.params.stop), default=1) - 1
+        self.stopped_by_string = False
+        self.num_sent_tokens = 0
+        self.num_sent_chars = 0
+
+
+class Engine:
+    """Continuous-batching engine over a paged KV pool with prefix caching."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        config: ModelConfig,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.device = device
+        self.block_size = block_size
+        self.max_model_len = config.max_model_len
+        if num_blocks is None:
+            num_blocks = default_num_blocks(
+                config, block_size, torch_dtype(dtype), device, max_num_seqs * self.max_model_len
+            )
+        elif isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks must be a positive integer or None, got {num_blocks!r}")
+        self.num_blocks = num_blocks
+        self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching)
+        salt = f"{config.architecture}:{Path(config.path).name}".encode()
+        self.scheduler = Scheduler(BlockManager(self.pool, salt), max_num_seqs, max_num_batched_tokens)
+        self.kv_caches = allocate_kv_caches(config, num_blocks, block_size, torch_dtype(dtype), device)
+        self.runner = ModelRunner(model, self.kv_caches, block_size, device)
+        self.sampler = Sampler(device, seed)
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        **kwargs,
+    ) -> Engine:
+        """Load a local HF-format Llama/Mistral/Qwen2 directory and size its KV pool."""
+        config = ModelConfig.from_pretrained(path)
+        tokenizer = Tokenizer.from_pretrained(path)
+        model = load_model(path, device=device, dtype=dtype)
+        return cls(model, tokenizer, config, device=device, dtype=dtype, block_size=block_size,
+                   num_blocks=num_blocks, **kwargs)
+
+    # --- requests ---
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Bad input raises ValueError naming the field."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt_ids = self._prompt_ids(prompt)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt_ids, params)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+        self.requests[request_id] = Request(seq, detok)
+        self.scheduler.add(seq)
+        return request_id
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        elif isinstance(prompt, list | tuple):
+            ids = list(prompt)
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int)), None)
+            if bad is not None:
+                raise ValueError(f"prompt token ids must be integers, got {bad!r}")
+            bad = next((t for t in ids if not 0 <= t < self.config.vocab_size), None)
+            if bad is not None:
+                raise ValueError(
+                    f"prompt token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
+                )
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the model's context is {self.max_model_len} "
+                "tokens, prompt included"
+            )
+        capacity = self.num_blocks * self.block_size
+        if len(ids) + 1 > capacity:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the KV pool holds only {capacity} "
+                f"(num_blocks={self.num_blocks} x block_size={self.block_size})"
+            )
+        return ids
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its blocks; unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is not None and not request.seq.is_finished:
+            self.scheduler.abort(request.seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- stepping ---
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return an output for every request that progressed or ended."""
+        batch = self.scheduler.schedule()
+        touched = list(batch.finished)
+        if batch.items:
+            logits, sample_seqs = self.runner.run(batch)
+            for seq, num_new in batch.items:
+                seq.num_computed_tokens += num_new
+                self.scheduler.block_manager.cache_computed(seq)
+            if sample_seqs:
+                for seq, token in zip(sample_seqs, self.sampler(logits, sample_seqs), strict=True):
+                    seq.append_token(token)
+                    self._check_stop(seq)
+                touched += sample_seqs
+        return [self._output(self.requests[seq.request_id], seq) for seq in touched]
+
+    def _check_stop(self, seq: Sequence) -> None:
+        request = self.requests[seq.request_id]
+        token = seq.token_ids[-1]
+        params = seq.params
+        searched = len(request.text)
+        request.text += request.detokenizer.push([token])
+        reason = None
+        if params.stop and self._find_stop(request, searched):
+            reason = "stop"
+        elif not params.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif token in params.stop_token_ids:
+            reason = "stop"
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.running.remove(seq)
+            self.scheduler.finish(seq, reason)
+
+    def _find_stop(self, request: Request, searched: int) -> bool:
+        """Cut the text before the first stop string; only the new text (and the
+        held-back tail a stop string may have started in) is searched."""
+        start = max(searched - request.holdback, 0)
+        for stop in request.seq.params.stop:
+            at = request.text.find(stop, start)
+            if at >= 0:
+                request.seq.text = request.text[:at]
+                request.stopped_by_string = True
+                return True
+        return False
+
+    def _output(self, request: Request, seq: Sequence) -> RequestOutput:
+        finished = seq.is_finished
+        if not request.stopped_by_string:
+            if finished:
+                request.text += request.detokenizer.flush()
+            seq.text = request.text
+        visible = len(seq.text) if finished else max(len(seq.text) - request.holdback, 0)
+        new_text = seq.text[request.num_sent_chars : visible]
+        request.num_sent_chars = max(request.num_sent_chars, visible)
+        new_ids = seq.token_ids[seq.num_prompt_tokens + request.num_sent_tokens :]
+        request.num_sent_tokens = seq.num_output_tokens
+        if finished:
+            self.requests.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=seq.output_token_ids,
+            text=seq.text,
+            finish_reason=seq.finish_reason,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+            logprobs=seq.logprobs,
+            new_token_ids=new_ids,
+            new_text=new_text,
+        )
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion together; outputs in the order of `prompts`."""
+        if not isinstance(prompts, list):
+            raise ValueError(f"prompts must be a list, got {type(prompts).__name__}")
+        if isinstance(params, list):
+            if len(params) != len(prompts):
+                raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
+        else:
+            params = [params] * len(prompts)
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                ids.append(self.add_request(prompt, p))
+        except ValueError:
+            for request_id in ids:
+                self.abort_request(request_id)
+            raise
+        results: dict[str, RequestOutput] = {}
+        while len(results) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out
+        return [results[request_id] for request_id in ids]
+
+    # --- introspection ---
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """Prefix-cache stored/removed events since the last call (for the router)."""
+        return self.pool.take_events()
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+

@@ -1,0 +1,69 @@
+"""SamplingParams: how one request is sampled and when it stops. Torch-free and a
+msgspec Struct, so the same object travels on the wire between actors."""
+
+from __future__ import annotations
+
+import msgspec
+
+MAX_LOGPROBS = 20
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """Sampling and stopping for one request.
+
+    temperature 0 is greedy. top_k 0 (or -1) and top_p 1.0 disable those filters.
+    `seed` makes one request's samples reproducible whatever else is in the batch.
+    `logprobs`: None for none; k >= 0 for the sampled token's logprob plus the top k.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, low=1)
+        _check_number("temperature", self.temperature, low=0.0)
+        _check_number("top_p", self.top_p, low=0.0, high=1.0)
+        if self.top_p == 0.0:
+            raise ValueError("top_p must be in (0, 1], got 0")
+        _check_int("top_k", self.top_k, low=-1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0, high=2**63 - 1)
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, list):
+            raise ValueError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
+        for token_id in self.stop_token_ids:
+            _check_int("stop_token_ids", token_id, low=0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check_int(field: str, value, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field} must be an integer, got {value!r}")
+    _check_range(field, value, low, high)
+
+
+def _check_number(field: str, value, low: float | None = None, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValueError(f"{field} must be a number, got {value!r}")
+    _check_range(field, value, low, high)
+
+
+def _check_range(field, value, low, high) -> None:
+    if low is not None and value < low:
+        raise ValueError(f"{field} must be >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{field} must be <= {high}, got {value!r}")

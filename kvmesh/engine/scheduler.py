@@ -1,0 +1,134 @@
+"""Scheduler: continuous batching with chunked prefill and preemption by recompute.
+
+Each step has a token budget (`max_num_batched_tokens`) and a cap on running
+sequences (`max_num_seqs`). Policy, in order:
+
+1. Running sequences, oldest first, get what they need: one token if decoding,
+   the next chunk of their prompt if prefilling, cut to the budget left.
+   When the pool has no block for one, the newest running sequence is preempted:
+   its blocks are freed and it goes back to the *front* of the waiting queue to be
+   recomputed later (its cached prefix usually survives in the prefix cache).
+2. Then waiting sequences, first come first served, are admitted while the budget,
+   the sequence cap and the pool allow; each starts from its longest cached prefix.
+   Admission stops at the first sequence that does not fit, so a large request is
+   never starved by smaller ones behind it; none are admitted in a step that
+   preempted, so a sequence just preempted is not readmitted in the same breath.
+
+A sequence too large for the whole pool is refused at add time; a lone running
+sequence that outgrows the pool is finished with reason "length".
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvmesh.engine.block_manager import BlockManager
+from kvmesh.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """This step's work: (sequence, number of its tokens to compute), decodes first."""
+
+    items: list[tuple[Sequence, int]] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)  # ended by the scheduler itself
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.finish(seq, "abort")
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = self._schedule_running(batch, budget)
+        budget -= batch.num_tokens
+        if not preempted:
+            self._schedule_waiting(batch, budget)
+        # single-token rows (decodes) first, as paged attention expects; the sort is stable
+        batch.items.sort(key=lambda item: item[1] != 1)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> bool:
+        preempted = False
+        scheduled: list[Sequence] = []
+        queue = list(self.running)
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_append(seq, num_new):
+                victim = queue.pop() if queue else seq
+                if victim is seq and not scheduled:
+                    self._finish_alone(seq, batch)
+                    break
+                preempted = True
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append(seq, num_new)
+                batch.items.append((seq, num_new))
+                scheduled.append(seq)
+                budget -= num_new
+        return preempted
+
+    def _finish_alone(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        # The pool cannot hold this sequence even with everything else evicted.
+        self.running.remove(seq)
+        self.finish(seq, "length")
+        batch.finished.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.block_manager.find_prefix(seq)
+            num_cached = len(hits) * self.block_manager.block_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            if not self.block_manager.can_admit(seq, hits, num_new):
+                break
+            self.waiting.popleft()
+            self.block_manager.admit(seq, hits)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = num_cached
+            self.block_manager.append(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.items.append((seq, num_new))
+            budget -= num_new

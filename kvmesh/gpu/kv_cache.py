@@ -1,0 +1,48 @@
+"""The KV pool's tensors: one per layer, [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+
+from __future__ import annotations
+
+import os
+
+import structlog
+import torch
+
+from kvmesh.gpu.model_config import ModelConfig
+
+log = structlog.get_logger(__name__)
+
+# Share of free memory the pool may take when num_blocks is not given. On CPU the
+# pool shares RAM with everything else on the node, so it takes less.
+CUDA_MEMORY_FRACTION = 0.85
+CPU_MEMORY_FRACTION = 0.25
+
+
+def allocate_kv_caches(
+    config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str
+) -> list[torch.Tensor]:
+    """Zeroed pools (zeros, not empty: padded attention reads never-written slots, and a
+    NaN there would poison the masked softmax-weighted sum)."""
+    shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+
+
+def available_memory(device: str) -> int:
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * CUDA_MEMORY_FRACTION)
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(free * CPU_MEMORY_FRACTION)
+
+
+def default_num_blocks(
+    config: ModelConfig, block_size: int, dtype: torch.dtype, device: str, max_tokens: int
+) -> int:
+    """Blocks that fit the device's free memory, capped at what `max_tokens` can use."""
+    block_bytes = config.kv_bytes_per_block(block_size, torch.tensor([], dtype=dtype).element_size())
+    fit = available_memory(device) // block_bytes
+    useful = -(-max_tokens // block_size)
+    num_blocks = int(min(fit, useful))
+    if num_blocks < 1:
+        raise ValueError(f"no memory left on {device} for even one KV block of {block_bytes} bytes")
+    log.info("kv_pool_sized", num_blocks=num_blocks, block_bytes=block_bytes, device=device)
+    return num_blocks
