@@ -5,6 +5,7 @@ import click
 
 from kvmesh import __version__, log
 from kvmesh.cli.bench import bench
+from kvmesh.cli.generate import generate
 from kvmesh.cli.model import model
 
 
@@ -23,13 +24,15 @@ def cli(log_level: str, log_json: bool) -> None:
 
     \b
     Quick start (one CPU machine, the bundled tiny model):
-      kvmesh model init-tiny ~/.cache/kvmesh/tiny-llama
-      kvmesh generate ~/.cache/kvmesh/tiny-llama "Hello"
+      kvmesh generate "Once upon a time"     (makes the tiny model on first use)
+      kvmesh model init-tiny ./tiny-llama    (or write it where you like)
+      kvmesh bench engine                    (Engine vs transformers generate)
     """
     log.configure(log_level, log_json)
 
 
 cli.add_command(model)
+cli.add_command(generate)
 cli.add_command(bench)
 
 

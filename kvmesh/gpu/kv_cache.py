@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
+
+import numpy as np
 
 import structlog
 import torch
@@ -21,9 +24,19 @@ def allocate_kv_caches(
     config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str
 ) -> list[torch.Tensor]:
     """Zeroed pools (zeros, not empty: padded attention reads never-written slots, and a
-    NaN there would poison the masked softmax-weighted sum)."""
+    NaN there would poison the masked softmax-weighted sum).
+
+    On CPU the memory comes from numpy's calloc, whose large blocks are fresh zero
+    pages from the OS: a big pool costs nothing until its blocks are first written.
+    """
     shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+    if torch.device(device).type != "cpu":
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    return [
+        torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+        for _ in range(config.num_layers)
+    ]
 
 
 def available_memory(device: str) -> int:
