@@ -20,6 +20,26 @@ CUDA_MEMORY_FRACTION = 0.85
 CPU_MEMORY_FRACTION = 0.25
 
 
+def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """One layer's pool: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]."""
+    return (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+
+
+def kv_caches_from_buffer(
+    buffer: torch.Tensor, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Per-layer pools viewing one flat byte buffer (e.g. shared memory), layer after layer."""
+    shape = kv_cache_shape(config, num_blocks, block_size)
+    layer_bytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    need = layer_bytes * config.num_layers
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < need:
+        raise ValueError(f"buffer must be a flat uint8 tensor of at least {need} bytes")
+    return [
+        buffer[i * layer_bytes : (i + 1) * layer_bytes].view(dtype).view(shape)
+        for i in range(config.num_layers)
+    ]
+
+
 def allocate_kv_caches(
     config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str
 ) -> list[torch.Tensor]:
@@ -29,14 +49,12 @@ def allocate_kv_caches(
     On CPU the memory comes from numpy's calloc, whose large blocks are fresh zero
     pages from the OS: a big pool costs nothing until its blocks are first written.
     """
-    shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    shape = kv_cache_shape(config, num_blocks, block_size)
     if torch.device(device).type != "cpu":
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-    return [
-        torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
-        for _ in range(config.num_layers)
-    ]
+    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size() * config.num_layers
+    return kv_caches_from_buffer(torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)), config,
+                                 num_blocks, block_size, dtype)
 
 
 def available_memory(device: str) -> int:
