@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvmesh.engine.scheduler import ScheduledBatch
@@ -16,6 +17,8 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = torch.device(device)
+        # Float32 pools on CPU decode with the Numba kernel; everything else with torch.
+        self.cpu_decode_kernel = self.device.type == "cpu" and kv_caches[0].dtype == torch.float32
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Sequence]]:
@@ -55,30 +58,37 @@ class ModelRunner:
             start = seq.num_computed_tokens
             slot_list += [table[p // bs] * bs + p % bs for p in range(start, start + num_new)]
         slot_mapping = torch.tensor(slot_list, dtype=torch.long, device=self.device)
-        decode_slots = decode_mask = None
-        if decodes:
+        meta = AttentionMetadata(slot_mapping, len(decodes), [])
+        if decodes and self.cpu_decode_kernel:
+            meta.decode_tables = self._block_tables(decodes)
+            meta.decode_ctx_lens = np.array([s.num_computed_tokens + 1 for s in decodes], np.int64)
+        elif decodes:
             ctx_lens = torch.tensor([s.num_computed_tokens + 1 for s in decodes], device=self.device)
-            decode_slots, decode_mask = self._padded_slots(decodes, ctx_lens)
-        spans = []
+            tables = torch.from_numpy(self._block_tables(decodes)).to(self.device)
+            meta.decode_slots, meta.decode_mask = self._padded_slots(tables, ctx_lens)
         for seq, q_start, num_new in prefills:
             ctx_len = seq.num_computed_tokens + num_new
             ctx_slots = None
             if seq.num_computed_tokens:
                 table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
                 ctx_slots = self._slots(table.unsqueeze(0), ctx_len)[0]
-            spans.append(PrefillSpan(q_start, num_new, ctx_len, ctx_slots))
-        return AttentionMetadata(slot_mapping, len(decodes), decode_slots, decode_mask, spans)
+            meta.prefills.append(PrefillSpan(q_start, num_new, ctx_len, ctx_slots))
+        return meta
 
     def _slots(self, tables: torch.Tensor, length: int) -> torch.Tensor:
         """Pool slots of positions 0..length-1 for each row of block tables [B, max_blocks]."""
         pos = torch.arange(length, device=self.device)
         return tables[:, pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _padded_slots(self, seqs: list[Sequence], ctx_lens: torch.Tensor):
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables = torch.zeros((len(seqs), max_blocks), dtype=torch.long, device=self.device)
+    @staticmethod
+    def _block_tables(seqs: list[Sequence]) -> np.ndarray:
+        """Block tables padded with block 0 into one [B, max_blocks] array."""
+        tables = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), np.int64)
         for row, seq in enumerate(seqs):
-            tables[row, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
+            tables[row, : len(seq.block_table)] = seq.block_table
+        return tables
+
+    def _padded_slots(self, tables: torch.Tensor, ctx_lens: torch.Tensor):
         max_ctx = int(ctx_lens.max())
         slots = self._slots(tables, max_ctx)
         mask = torch.arange(max_ctx, device=self.device).unsqueeze(0) < ctx_lens.unsqueeze(1)

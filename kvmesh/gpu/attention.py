@@ -19,8 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from kvmesh.gpu.cpu_attention import paged_decode_attention
 
 
 @dataclass
@@ -39,11 +42,17 @@ class PrefillSpan:
 
 @dataclass
 class AttentionMetadata:
+    """Where a step's tokens go and what they attend to. Decodes come in one of two
+    forms, chosen once per ModelRunner: padded slots + mask for the torch path, or
+    block tables + context lengths for the CPU kernel (kvmesh.gpu.cpu_attention)."""
+
     slot_mapping: torch.Tensor  # [num_tokens] long
     num_decodes: int
-    decode_slots: torch.Tensor | None  # [num_decodes, max_ctx] long, padding -> slot 0
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_ctx] bool, True = attend
     prefills: list[PrefillSpan]
+    decode_slots: torch.Tensor | None = None  # [num_decodes, max_ctx] long, padding -> slot 0
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_ctx] bool, True = attend
+    decode_tables: np.ndarray | None = None  # [num_decodes, max_blocks] int64
+    decode_ctx_lens: np.ndarray | None = None  # [num_decodes] int64
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -65,7 +74,11 @@ def paged_attention(
     write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
-    if meta.num_decodes:
+    if meta.decode_tables is not None:
+        out[: meta.num_decodes] = paged_decode_attention(
+            q[: meta.num_decodes], kv_cache, meta.decode_tables, meta.decode_ctx_lens, scale
+        )
+    elif meta.num_decodes:
         out[: meta.num_decodes] = _decode(q[: meta.num_decodes], kv_cache, meta, num_kv_heads, scale)
     for span in meta.prefills:
         rows = slice(span.q_start, span.q_start + span.q_len)

@@ -51,8 +51,12 @@ def reference(hf_model, engine):
     return prompts, [hf_greedy(hf_model, p, 24) for p in prompts]
 
 
-def test_greedy_batch_equals_transformers(engine, reference):
+@pytest.mark.parametrize("cpu_decode_kernel", [True, False], ids=["numba-decode", "torch-decode"])
+def test_greedy_batch_equals_transformers(tiny_model_dir, reference, cpu_decode_kernel):
     prompts, expected = reference
+    engine = Engine.from_pretrained(tiny_model_dir, num_blocks=512, max_num_batched_tokens=256)
+    assert engine.runner.cpu_decode_kernel  # float32 on CPU picks the Numba kernel
+    engine.runner.cpu_decode_kernel = cpu_decode_kernel
     outs = engine.generate(prompts, greedy(24))
     assert [o.token_ids for o in outs] == expected
     assert [o.finish_reason for o in outs] == ["length"] * len(prompts)
