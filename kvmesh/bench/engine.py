@@ -33,13 +33,25 @@ def make_workload(vocab_size: int, seed: int, num_requests: int = NUM_REQUESTS):
     return workload
 
 
-def run_engine(engine, workload) -> tuple[float, list, list[int]]:
+def run_engine(engine, workload) -> dict:
+    """All requests submitted at once; wall time, mean time to first token, outputs."""
     from kvmesh.engine.params import SamplingParams
 
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in workload]
     start = time.perf_counter()
-    outs = engine.generate([p for p, _ in workload], params)
-    return time.perf_counter() - start, [o.token_ids for o in outs], [o.num_cached_tokens for o in outs]
+    ids = [engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+           for p, n in workload]
+    first_token_at, finals = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            first_token_at.setdefault(out.request_id, time.perf_counter() - start)
+            if out.finished:
+                finals[out.request_id] = out
+    return {
+        "seconds": time.perf_counter() - start,
+        "ttft_mean_s": sum(first_token_at.values()) / len(ids),
+        "outputs": [finals[i].token_ids for i in ids],
+        "cached_tokens": sum(finals[i].num_cached_tokens for i in ids),
+    }
 
 
 def run_hf(model, workload, pad_id: int) -> tuple[float, list]:
@@ -60,7 +72,8 @@ def run_hf(model, workload, pad_id: int) -> tuple[float, list]:
     return time.perf_counter() - start, outputs
 
 
-def bench_engine(model_path: str | None, seed: int, threads: int | None) -> dict:
+def bench_engine(model_path: str | None, seed: int, threads: int | None,
+                 num_requests: int = NUM_REQUESTS) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -70,8 +83,8 @@ def bench_engine(model_path: str | None, seed: int, threads: int | None) -> dict
     if threads:
         torch.set_num_threads(threads)
     path = str(ensure_tiny() if model_path is None else model_path)
-    engine = Engine.from_pretrained(path, max_num_seqs=NUM_REQUESTS)
-    workload = make_workload(engine.config.vocab_size, seed)
+    engine = Engine.from_pretrained(path, max_num_seqs=num_requests)
+    workload = make_workload(engine.config.vocab_size, seed, num_requests)
     useful = sum(n for _, n in workload)
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -81,8 +94,8 @@ def bench_engine(model_path: str | None, seed: int, threads: int | None) -> dict
 
     run_engine(engine, make_workload(engine.config.vocab_size, seed + 1, 4))  # warm-up
     engine.pool.reset_prefix_cache()
-    cold_s, cold_out, _ = run_engine(engine, workload)
-    warm_s, warm_out, cached = run_engine(engine, workload)
+    cold = run_engine(engine, workload)
+    warm = run_engine(engine, workload)
     prompt_tokens = sum(len(p) for p, _ in workload)
     result = {
         "model": path,
@@ -91,16 +104,23 @@ def bench_engine(model_path: str | None, seed: int, threads: int | None) -> dict
         "prompt_tokens": prompt_tokens,
         "useful_output_tokens": useful,
         "hf_generate": {"seconds": hf_s, "tokens_per_s": useful / hf_s, "batch": HF_BATCH},
-        "engine": {"seconds": cold_s, "tokens_per_s": useful / cold_s},
+        "engine": {"seconds": cold["seconds"], "tokens_per_s": useful / cold["seconds"],
+                   "ttft_mean_s": cold["ttft_mean_s"]},
         "engine_prefix_cached": {
-            "seconds": warm_s,
-            "tokens_per_s": useful / warm_s,
-            "cached_prompt_fraction": sum(cached) / prompt_tokens,
+            "seconds": warm["seconds"],
+            "tokens_per_s": useful / warm["seconds"],
+            "ttft_mean_s": warm["ttft_mean_s"],
+            "cached_prompt_fraction": warm["cached_tokens"] / prompt_tokens,
         },
-        "ratio_engine_vs_hf": hf_s / cold_s,
-        "gain_prefix_cached_vs_cold": cold_s / warm_s,
-        "greedy_outputs_equal_hf": sum(a == b for a, b in zip(cold_out, hf_out)),
-        "greedy_outputs_equal_cold_vs_cached": sum(a == b for a, b in zip(cold_out, warm_out)),
+        "ratio_engine_vs_hf": hf_s / cold["seconds"],
+        "gain_prefix_cached_vs_cold": {
+            "throughput": cold["seconds"] / warm["seconds"],
+            "ttft_mean": cold["ttft_mean_s"] / warm["ttft_mean_s"],
+        },
+        "greedy_outputs_equal_hf": sum(a == b for a, b in zip(cold["outputs"], hf_out)),
+        "greedy_outputs_equal_cold_vs_cached": sum(
+            a == b for a, b in zip(cold["outputs"], warm["outputs"])
+        ),
     }
     return result
 
@@ -109,20 +129,25 @@ def bench_engine(model_path: str | None, seed: int, threads: int | None) -> dict
 @click.option("--model", "model_path", default=None, help="HF model directory [default: the tiny model]")
 @click.option("--seed", default=0, show_default=True, help="Workload seed.")
 @click.option("--threads", type=int, default=None, help="torch threads [default: torch's choice].")
+@click.option("--requests", "num_requests", type=click.IntRange(1), default=NUM_REQUESTS,
+              show_default=True, help="Number of requests in the workload.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
               help="Also write the results to this JSON file.")
-def engine_command(model_path, seed, threads, json_file) -> None:
+def engine_command(model_path, seed, threads, num_requests, json_file) -> None:
     """Engine vs transformers generate (padded batches of 8): useful output tokens/s."""
-    result = bench_engine(model_path, seed, threads)
+    result = bench_engine(model_path, seed, threads, num_requests)
     hf, eng, warm = result["hf_generate"], result["engine"], result["engine_prefix_cached"]
     click.echo(f"requests {result['requests']}, prompt tokens {result['prompt_tokens']}, "
                f"useful output tokens {result['useful_output_tokens']}, threads {result['threads']}")
     click.echo(f"transformers generate (batches of {HF_BATCH}): {hf['tokens_per_s']:8.1f} tok/s  ({hf['seconds']:.2f} s)")
-    click.echo(f"kvmesh Engine, cold:                      {eng['tokens_per_s']:8.1f} tok/s  ({eng['seconds']:.2f} s)")
-    click.echo(f"kvmesh Engine, prefix cached:             {warm['tokens_per_s']:8.1f} tok/s  ({warm['seconds']:.2f} s), "
+    click.echo(f"kvmesh Engine, cold:                      {eng['tokens_per_s']:8.1f} tok/s  "
+               f"({eng['seconds']:.2f} s, mean TTFT {eng['ttft_mean_s']:.2f} s)")
+    click.echo(f"kvmesh Engine, prefix cached:             {warm['tokens_per_s']:8.1f} tok/s  "
+               f"({warm['seconds']:.2f} s, mean TTFT {warm['ttft_mean_s']:.2f} s), "
                f"{warm['cached_prompt_fraction']:.0%} of prompt tokens cached")
+    gain = result["gain_prefix_cached_vs_cold"]
     click.echo(f"ratio Engine / transformers: {result['ratio_engine_vs_hf']:.2f}x; "
-               f"prefix-cache gain: {result['gain_prefix_cached_vs_cold']:.2f}x; "
+               f"prefix-cache gain: {gain['throughput']:.2f}x throughput, {gain['ttft_mean']:.2f}x TTFT; "
                f"greedy outputs equal to transformers: {result['greedy_outputs_equal_hf']}/{result['requests']}")
     if json_file:
         Path(json_file).write_text(json.dumps(result, indent=2))
