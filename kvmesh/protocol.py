@@ -3,13 +3,21 @@
 Messages are frozen msgspec Structs tagged by class name and encoded as MessagePack.
 Bulk tensors never travel inside a message. Plain data: anything may import this
 module, and it must never import torch.
+
+Request-reply: a `Request` carries a `request_id` that the sender's runtime stamps
+(unique per sending actor); the answer is a `Reply` whose `in_reply_to` holds that id.
+Any Reply may answer any Request; an `Error` answers when the request failed.
 """
 
 from __future__ import annotations
 
+import re
+import typing
+
 import msgspec
 
 PROTOCOL_VERSION = 1
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # bytes of one encoded message; bulk frames are apart
 
 
 class Message(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -46,3 +54,207 @@ class AllBlocksCleared(Message, frozen=True):
 
 
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+# --- runtime messages: handshake, liveness, errors, shutdown ---
+
+
+class Request(Message, frozen=True, kw_only=True):
+    """A message that expects exactly one Reply. The runtime stamps request_id."""
+
+    request_id: int = 0
+
+
+class Reply(Message, frozen=True, kw_only=True):
+    """The answer to a Request; the runtime stamps in_reply_to."""
+
+    in_reply_to: int | None = None
+
+
+class Hello(Request, frozen=True, kw_only=True):
+    """First message on a new connection: who the connecting actor is.
+
+    `version` and `request_id` keep their names and types in every protocol version, so
+    a peer of any version can still read them and answer a mismatch (see peek_hello).
+    """
+
+    version: int
+    actor_id: str
+    role: str
+    node: str
+    endpoints: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Welcome(Reply, frozen=True, kw_only=True):
+    """The accepting actor registered the connecting one; who the accepting actor is."""
+
+    version: int
+    actor_id: str
+    role: str
+    node: str
+    endpoints: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Heartbeat(Message, frozen=True):
+    """I am alive: sent on every connection each heartbeat_interval. Any message from a
+    peer counts as a sign of life."""
+
+
+class Ping(Request, frozen=True, kw_only=True):
+    """Are you serving? Answered with Pong; measures round trips."""
+
+
+class Pong(Reply, frozen=True, kw_only=True):
+    """The answer to Ping."""
+
+
+class Shutdown(Message, frozen=True, kw_only=True):
+    """Drain and exit, as on SIGTERM."""
+
+    reason: str = ""
+
+
+class ErrorCode:
+    """The values of Error.code. Plain strings, not an enum, so that a code added by a
+    newer peer still decodes."""
+
+    MALFORMED = "malformed"  # not MessagePack, wrong shape, unknown tag, bad frames
+    TOO_LARGE = "too_large"  # the message frame exceeds the receiver's max size
+    UNKNOWN_TYPE = "unknown_type"  # a valid message this actor has no handler for
+    VERSION_MISMATCH = "version_mismatch"
+    NOT_REGISTERED = "not_registered"  # a message before Hello, or after being declared dead
+    SHUTTING_DOWN = "shutting_down"  # the actor is draining and takes no new work
+    HANDLER_FAILED = "handler_failed"  # the handler raised
+    NO_REPLY = "no_reply"  # the handler of a Request returned nothing
+
+
+class Error(Reply, frozen=True, kw_only=True):
+    """A request failed, or a message was rejected (then in_reply_to may be None)."""
+
+    code: str
+    message: str
+
+
+# --- KV data plane: blocks written into a peer's pool (bulk bytes travel apart) ---
+
+
+class KVPoolQuery(Request, frozen=True, kw_only=True):
+    """Describe your KV pool; `backends` are the data plane backends the asker can write by."""
+
+    backends: list[str]
+
+
+class KVPoolInfo(Reply, frozen=True, kw_only=True):
+    """A KV pool's layout and how to reach it: one tensor per layer, [2, num_blocks,
+    block_size, num_kv_heads, head_dim] of `dtype`. shm_name/shm_token: the shared-memory
+    segment holding it (same host only); ucx_address: the owner's UCX worker address."""
+
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    node: str
+    shm_name: str | None = None
+    shm_token: bytes | None = None
+    ucx_address: bytes | None = None
+
+
+class KVWrite(Request, frozen=True, kw_only=True):
+    """Layers [first_layer, first_layer + num_layers) of transfer `transfer_id` are for
+    your blocks `block_ids`. backend "shm": already written into your pool; "zmq": one
+    extra frame, packed layer-major; "ucx": arriving as one UCX tag message `ucx_tag`.
+    Answered by KVWriteDone once the blocks are in place."""
+
+    transfer_id: str
+    block_ids: list[int]
+    first_layer: int
+    num_layers: int
+    backend: str
+    ucx_tag: int = 0
+
+
+class KVWriteDone(Reply, frozen=True, kw_only=True):
+    """The layers of a KVWrite are in the receiver's blocks."""
+
+    transfer_id: str
+
+
+AnyMessage = (
+    Hello
+    | Welcome
+    | Heartbeat
+    | Ping
+    | Pong
+    | Shutdown
+    | Error
+    | BlockStored
+    | BlockRemoved
+    | AllBlocksCleared
+    | KVPoolQuery
+    | KVPoolInfo
+    | KVWrite
+    | KVWriteDone
+)
+MESSAGE_TYPES: tuple[type[Message], ...] = typing.get_args(AnyMessage)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyMessage)
+
+
+class MalformedMessage(ValueError):
+    """Bytes that are not one valid message; `code` is an ErrorCode value."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+def encode(msg: Message) -> bytes:
+    """MessagePack bytes of one message, tag included."""
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes | memoryview, max_size: int = MAX_MESSAGE_SIZE) -> Message:
+    """The message in `data`; raises MalformedMessage, and nothing else, on bad input.
+
+    The size is checked before any byte is parsed.
+    """
+    if len(data) > max_size:
+        raise MalformedMessage(
+            ErrorCode.TOO_LARGE, f"message of {len(data)} bytes exceeds the limit of {max_size}"
+        )
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise MalformedMessage(ErrorCode.MALFORMED, str(exc)) from None
+
+
+class HelloHeader(msgspec.Struct):
+    """The fields every protocol version's Hello shares; unknown fields are ignored."""
+
+    type: str = ""
+    version: int = -1
+    request_id: int = 0
+
+
+_hello_header_decoder = msgspec.msgpack.Decoder(HelloHeader)
+
+
+def peek_hello(data: bytes | memoryview) -> HelloHeader | None:
+    """The version and request id of a Hello this protocol version cannot fully decode
+    (another version's fields), or None when `data` is no Hello at all."""
+    try:
+        header = _hello_header_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+    return header if header.type == "Hello" and header.version >= 0 else None
+
+
+_CAMEL_BOUNDARY = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+def snake_name(message_type: type[Message]) -> str:
+    """BlockStored -> block_stored: the handler of a message type is `on_<snake_name>`."""
+    return _CAMEL_BOUNDARY.sub("_", message_type.__name__).lower()

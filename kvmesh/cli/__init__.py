@@ -6,6 +6,7 @@ import click
 from kvmesh import __version__, log
 from kvmesh.cli.bench import bench
 from kvmesh.cli.generate import generate
+from kvmesh.cli.keys import keys
 from kvmesh.cli.model import model
 
 
@@ -34,6 +35,7 @@ def cli(log_level: str, log_json: bool) -> None:
 cli.add_command(model)
 cli.add_command(generate)
 cli.add_command(bench)
+cli.add_command(keys)
 
 
 def main() -> None:

@@ -1,0 +1,667 @@
+"""The Actor base: one asyncio event loop per process, ZeroMQ sockets named by direction,
+a dispatch table of `on_<message>` handlers, request-reply with liveness, and graceful
+shutdown on SIGTERM/SIGINT.
+
+asyncio (zmq.asyncio), not a zmq.Poller loop: `request()` awaits its reply while the
+same loop keeps serving other messages, heartbeats are timers, drain awaits handlers in
+progress, and the data plane's UCX binding is asyncio too. A Poller loop would rebuild
+futures, timers and continuations by hand. The price: a handler must not block the loop
+for longer than the liveness timeout, or peers declare this actor dead.
+
+Connections, ROUTER/DEALER:
+
+    connecting actor                                  accepting actor
+    DEALER "to_router" ---Hello(version, id, ...)-->  ROUTER "from_peers"
+                       <--Welcome | Error----------   version checked; registered
+           <--- Heartbeat every heartbeat_interval, both ways --->
+
+Then either side may send one-way messages and requests to the other. Any message from
+a peer counts as a sign of life; a peer silent for liveness x heartbeat_interval seconds
+is declared dead: `on_peer_dead(peer_id)` fires and every request pending on it raises
+PeerDeadError. Dead is final for that connection; `connect` again to reach a restarted
+actor. PUB/SUB and PUSH/PULL carry one-way messages with no registration.
+
+Handlers are `async def on_<snake_case_type>(self, msg, inbound)`; each message runs in
+its own task, so a handler may itself await `request()`. A Request's handler returns
+its reply (a Message, or `(Message, frames)` to add bulk frames); the runtime stamps
+`in_reply_to` and sends it back the way the request came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import platform
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+
+from kvmesh import protocol
+from kvmesh.protocol import (
+    MAX_MESSAGE_SIZE,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    Hello,
+    MalformedMessage,
+    Message,
+    Ping,
+    Pong,
+    Reply,
+    Request,
+    Shutdown,
+    Welcome,
+)
+from kvmesh.transport import messaging
+from kvmesh.transport.messaging import Buffer, CurveKeys, Sockets
+
+log = structlog.get_logger(__name__)
+
+HOOKS = frozenset({"on_peer_dead"})  # on_* names that are hooks, not message handlers
+REPLY_KINDS = (zmq.ROUTER, zmq.DEALER)  # sockets where a message has a way back
+RECEIVE_KINDS = frozenset(messaging.HEAD_FRAMES)
+_HEARTBEAT = protocol.encode(Heartbeat())
+
+
+class PeerDeadError(ConnectionError):
+    """The peer was declared dead, or was never connected."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"peer {peer!r} is dead: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+class RemoteError(Exception):
+    """The peer answered a request with an Error."""
+
+    def __init__(self, peer: str, error: Error) -> None:
+        super().__init__(f"{peer} answered {error.code}: {error.message}")
+        self.peer = peer
+        self.error = error
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """How one actor runs; times in seconds."""
+
+    actor_id: str
+    node: str = field(default_factory=platform.node)
+    heartbeat_interval: float = 1.0
+    liveness: int = 3  # silent intervals before a peer is declared dead
+    max_message_size: int = MAX_MESSAGE_SIZE
+    grace_period: float = 10.0  # bound on drain at shutdown
+    linger: float = 1.0  # bound on flushing unsent messages at close
+    key_dir: Path | None = None  # CurveZMQ on every socket when set
+
+    def __post_init__(self) -> None:
+        if not self.actor_id:
+            raise ValueError("actor_id must be a non-empty string")
+        for name in ("heartbeat_interval", "liveness", "max_message_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("grace_period", "linger"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+class Route(NamedTuple):
+    """The way to a peer: a socket name, plus the routing id when it is our ROUTER."""
+
+    socket: str
+    identity: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """Where a message came from, and the extra frames that came with it."""
+
+    route: Route  # the way back
+    peer: str | None  # registered actor id (ROUTER/DEALER) or sender id (SUB/PULL)
+    frames: list[zmq.Frame]
+
+    @property
+    def socket(self) -> str:
+        return self.route.socket
+
+
+@dataclass
+class Peer:
+    """A registered actor at the other end of a ROUTER/DEALER connection."""
+
+    actor_id: str
+    role: str
+    node: str
+    endpoints: dict[str, str]
+    route: Route
+    last_seen: float = 0.0
+
+    @classmethod
+    def introduced(cls, card: Hello | Welcome, route: Route) -> Peer:
+        return cls(card.actor_id, card.role, card.node, card.endpoints, route)
+
+
+@dataclass
+class _Pending:
+    peer: str | None  # None while the Hello of connect() waits
+    route: Route
+    future: asyncio.Future
+
+
+Handler = Callable[[Message, Inbound], Awaitable[object]]
+
+
+class Actor:
+    """One kvmesh process: sockets, peers, handlers, heartbeats, graceful shutdown.
+
+    Subclasses set `role`, open sockets and connect in `setup()`, and define
+    `on_<message>` handlers. `run()` serves until SIGTERM/SIGINT or a Shutdown message;
+    tests use `async with actor:` instead.
+    """
+
+    role: ClassVar[str] = "actor"
+
+    def __init__(self, config: ActorConfig) -> None:
+        self.config = config
+        self.actor_id = config.actor_id
+        self.peers: dict[str, Peer] = {}
+        self.endpoints: dict[str, str] = {}  # bound sockets, announced in Hello/Welcome
+        self.log = log.bind(actor=config.actor_id, role=self.role)
+        self._handlers = self._dispatch_table()
+        self._keys = CurveKeys.load(config.key_dir) if config.key_dir is not None else None
+        self._sender = config.actor_id.encode()
+        self._sockets: Sockets | None = None
+        self._socks: dict[str, zmq.asyncio.Socket] = {}
+        self._kinds: dict[str, int] = {}
+        self._readers: dict[str, asyncio.Task] = {}
+        self._peer_at: dict[Route, str] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._request_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task] = set()  # handlers and hooks in progress
+        self._heartbeat_task: asyncio.Task | None = None
+        self._accepting = True
+        self._stop_requested = asyncio.Event()
+
+    def _dispatch_table(self) -> dict[type[Message], Handler]:
+        handlers = {}
+        for message_type in MESSAGE_TYPES:
+            handler = getattr(self, f"on_{protocol.snake_name(message_type)}", None)
+            if handler is not None and not issubclass(message_type, Reply):
+                handlers[message_type] = handler
+        known = {f"on_{protocol.snake_name(t)}" for t in handlers} | HOOKS
+        stray = sorted(name for name in dir(self) if name.startswith("on_") and name not in known)
+        if stray:
+            raise TypeError(
+                f"{type(self).__name__} defines {', '.join(stray)}, matching no non-reply "
+                "message in kvmesh.protocol (replies are returned by request())"
+            )
+        sync = sorted(h.__name__ for h in handlers.values() if not inspect.iscoroutinefunction(h))
+        if sync:
+            raise TypeError(f"{type(self).__name__}: handlers must be async def: {sync}")
+        return handlers
+
+    # --- hooks for subclasses ---
+
+    async def setup(self) -> None:
+        """Open sockets and connect to peers. Runs inside start()."""
+
+    async def drain(self) -> None:
+        """Finish work in progress before exit (bounded by grace_period). Handlers in
+        progress are awaited too, after this returns."""
+
+    async def on_peer_dead(self, peer_id: str) -> None:
+        """A peer was declared dead; its pending requests already failed."""
+
+    # --- lifecycle ---
+
+    async def __aenter__(self) -> Actor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Create the sockets' context, run setup(), start heartbeating."""
+        self._sockets = Sockets(self._keys, self.config.linger)
+        self._heartbeat_task = asyncio.create_task(self._heartbeat())
+        await self.setup()
+        self.log.info("actor_started", endpoints=self.endpoints)
+
+    def stop(self) -> None:
+        """Ask serve() to drain and exit; new work is refused from now on."""
+        if not self._stop_requested.is_set():
+            self.log.info("stop_requested")
+        self._accepting = False
+        self._stop_requested.set()
+
+    async def serve(self) -> None:
+        """Serve until stop() (SIGTERM, SIGINT, Shutdown), drain, close."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        try:
+            await self.start()
+            await self._stop_requested.wait()
+            await self._drain_within_grace()
+        finally:
+            await self.close()
+
+    def run(self) -> int:
+        """The process entry point: serve on a fresh event loop; returns the exit code."""
+        asyncio.run(self.serve())
+        return 0
+
+    async def _drain_within_grace(self) -> None:
+        self._accepting = False
+        self.log.info("draining", in_progress=len(self._tasks))
+        try:
+            await asyncio.wait_for(self._finish_work(), self.config.grace_period)
+        except asyncio.TimeoutError:
+            self.log.warning("drain_timeout", unfinished=len(self._tasks))
+
+    async def _finish_work(self) -> None:
+        await self.drain()
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def close(self) -> None:
+        """Stop now: cancel handlers and loops, close sockets (linger bounded).
+        Closing twice is harmless."""
+        tasks = [t for t in (self._heartbeat_task, *self._readers.values(), *self._tasks) if t]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(ConnectionError(f"actor {self.actor_id} closed"))
+        if self._sockets is not None:
+            self._sockets.close_all()
+            self._sockets = None
+        self._socks.clear()
+        self._readers.clear()
+        self.log.info("actor_closed")
+
+    # --- sockets ---
+
+    def open(self, name: str, kind: int, endpoint: str, *, bind: bool) -> str:
+        """Open socket `name` (by direction: from_peers, events_out, to_router, ...) of a
+        zmq kind, bound or connected to endpoint; returns the real endpoint."""
+        assert self._sockets is not None, f"open({name!r}) before start()"
+        if name in self._socks:
+            raise ValueError(f"socket {name!r} is already open")
+        sock, endpoint = self._sockets.open(kind, endpoint, bind=bind)
+        self._socks[name] = sock
+        self._kinds[name] = kind
+        if bind:
+            self.endpoints[name] = endpoint
+        if kind in RECEIVE_KINDS:
+            self._readers[name] = asyncio.create_task(self._read(name, sock))
+        return endpoint
+
+    def _close_socket(self, name: str) -> None:
+        reader = self._readers.pop(name, None)
+        if reader is not None:
+            reader.cancel()
+        sock = self._socks.pop(name, None)
+        if sock is not None:
+            self._sockets.close(sock, linger=0)
+        self.endpoints.pop(name, None)
+
+    async def connect(self, name: str, endpoint: str, timeout: float) -> str:
+        """Open DEALER `name` to a peer's ROUTER, say Hello; returns the peer's actor id.
+
+        Raises RemoteError if the peer refuses (e.g. another protocol version) and
+        TimeoutError if no Welcome comes (nobody there, or other keys).
+        """
+        self.open(name, zmq.DEALER, endpoint, bind=False)
+        try:
+            welcome, _ = await self._exchange(Route(name), None, Hello(**self._card()), timeout)
+        except TimeoutError:
+            self._close_socket(name)
+            raise TimeoutError(
+                f"no Welcome from {endpoint} within {timeout} s "
+                "(is an actor serving there, with the same keys?)"
+            ) from None
+        except BaseException:
+            self._close_socket(name)
+            raise
+        if not isinstance(welcome, Welcome):
+            self._close_socket(name)
+            raise ConnectionError(f"{endpoint} answered Hello with {type(welcome).__name__}")
+        self._register(Peer.introduced(welcome, Route(name)))
+        return welcome.actor_id
+
+    # --- sending ---
+
+    async def request(
+        self, peer: str, msg: Request, timeout: float, *, frames: Sequence[Buffer] = ()
+    ) -> Message:
+        """Send a request to a registered peer and return its reply.
+
+        Raises PeerDeadError (peer declared dead meanwhile, or not connected),
+        TimeoutError (no reply within timeout), RemoteError (the reply is an Error).
+        """
+        reply, _ = await self.request_frames(peer, msg, timeout, frames=frames)
+        return reply
+
+    async def request_frames(
+        self, peer: str, msg: Request, timeout: float, *, frames: Sequence[Buffer] = ()
+    ) -> tuple[Message, list[zmq.Frame]]:
+        """request(), also returning the reply's extra frames."""
+        target = self.peers.get(peer)
+        if target is None:
+            raise PeerDeadError(peer, "not connected")
+        return await self._exchange(target.route, peer, msg, timeout, frames)
+
+    async def send(
+        self, peer: str, msg: Message, *, frames: Sequence[Buffer] = (), track: bool = False
+    ) -> zmq.MessageTracker | None:
+        """Send a one-way message to a registered peer (see messaging.send for track)."""
+        target = self.peers.get(peer)
+        if target is None:
+            raise PeerDeadError(peer, "not connected")
+        return await self._send(target.route, msg, frames, track=track)
+
+    async def emit(
+        self, socket: str, msg: Message, *, frames: Sequence[Buffer] = (), track: bool = False
+    ) -> zmq.MessageTracker | None:
+        """Publish (PUB) or push (PUSH) a one-way message on socket `socket`."""
+        if self._kinds.get(socket) not in (zmq.PUB, zmq.PUSH):
+            raise ValueError(f"emit needs an open PUB or PUSH socket; {socket!r} is not one")
+        sock = self._socks[socket]
+        return await messaging.send(sock, msg, head=self._sender, frames=frames, track=track)
+
+    async def _exchange(
+        self,
+        route: Route,
+        peer: str | None,
+        msg: Request,
+        timeout: float,
+        frames: Sequence[Buffer] = (),
+    ) -> tuple[Message, list[zmq.Frame]]:
+        request_id = next(self._request_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = _Pending(peer, route, future)
+        stamped = msgspec.structs.replace(msg, request_id=request_id)
+        label = peer or route.socket
+        try:
+            await asyncio.wait_for(self._send_then(future, route, stamped, frames), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"{label} sent no reply to {type(msg).__name__} within {timeout} s"
+            ) from None
+        finally:
+            del self._pending[request_id]
+        reply, reply_frames = future.result()
+        if isinstance(reply, Error):
+            raise RemoteError(label, reply)
+        return reply, reply_frames
+
+    async def _send_then(self, future, route, msg, frames) -> None:
+        try:
+            await self._send(route, msg, frames)
+        except (asyncio.CancelledError, zmq.ZMQError):
+            if not future.done():
+                raise
+            # else the peer was declared dead (its socket closed) mid-send: say so below
+        await future
+
+    async def _send(
+        self,
+        route: Route,
+        msg: Message | bytes,
+        frames: Sequence[Buffer] = (),
+        *,
+        track: bool = False,
+        flags: int = 0,
+    ) -> zmq.MessageTracker | None:
+        peer = self._peer_at.get(route)
+        sock = self._socks.get(route.socket)
+        if sock is None:
+            raise PeerDeadError(peer or route.socket, "its socket is closed")
+        try:
+            return await messaging.send(
+                sock, msg, head=route.identity, frames=frames, track=track, flags=flags
+            )
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            if peer is not None:
+                self._declare_dead(peer, "unreachable: its connection is gone")
+            raise PeerDeadError(peer or route.identity.hex(), "unreachable") from None
+
+    # --- receiving ---
+
+    async def _read(self, name: str, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            try:
+                await self._receive(name, frames)
+            except Exception:  # the last guard: a bug here must not stop the socket
+                self.log.exception("receive_failed", socket=name)
+
+    async def _receive(self, name: str, frames: list[zmq.Frame]) -> None:
+        kind = self._kinds[name]
+        route = Route(name, frames[0].bytes if kind == zmq.ROUTER else None)
+        peer = self._peer_at.get(route) if kind in REPLY_KINDS else None
+        if peer is not None:
+            self.peers[peer].last_seen = asyncio.get_running_loop().time()
+        try:
+            head, body, extra = messaging.split(kind, frames)
+        except MalformedMessage as exc:
+            await self._reject(Inbound(route, peer, []), exc.code, str(exc))
+            return
+        if peer is None and head is not None and kind != zmq.ROUTER:
+            peer = head.decode(errors="replace")
+        inbound = Inbound(route, peer, extra)
+        try:
+            msg = protocol.decode(body, self.config.max_message_size)
+        except MalformedMessage as exc:
+            header = protocol.peek_hello(body) if exc.code == ErrorCode.MALFORMED else None
+            if header is not None and header.version != PROTOCOL_VERSION:
+                await self._refuse_version(inbound, header.version, header.request_id)
+            else:
+                await self._reject(inbound, exc.code, str(exc))
+            return
+        if isinstance(msg, Reply):
+            self._resolve(msg, inbound)
+        elif isinstance(msg, Hello) and msg.version != PROTOCOL_VERSION:
+            await self._refuse_version(inbound, msg.version, msg.request_id)
+        elif not isinstance(msg, Heartbeat):  # a heartbeat's work is the last_seen above
+            refusal = self._refusal(kind, peer, msg)
+            if refusal is None:
+                self._spawn(self._handle(self._handlers[type(msg)], msg, inbound))
+            else:
+                request_id = msg.request_id if isinstance(msg, Request) else None
+                await self._reject(inbound, *refusal, request_id)
+
+    def _refusal(self, kind: int, peer: str | None, msg: Message) -> tuple[str, str] | None:
+        """(code, reason) when this decoded message must not reach a handler."""
+        name = type(msg).__name__
+        if kind == zmq.ROUTER and peer is None and not isinstance(msg, Hello):
+            return ErrorCode.NOT_REGISTERED, f"{name} from an unregistered peer; send Hello first"
+        if type(msg) not in self._handlers:
+            return (
+                ErrorCode.UNKNOWN_TYPE,
+                f"actor {self.actor_id} ({self.role}) has no {name} handler",
+            )
+        if not self._accepting:
+            return (
+                ErrorCode.SHUTTING_DOWN,
+                f"actor {self.actor_id} is draining and takes no new work",
+            )
+        return None
+
+    def _resolve(self, reply: Reply, inbound: Inbound) -> None:
+        if (
+            isinstance(reply, Error)
+            and reply.code == ErrorCode.NOT_REGISTERED
+            and inbound.route.identity is None
+            and inbound.peer is not None
+        ):
+            self._declare_dead(inbound.peer, "it no longer has us registered")
+            return
+        pending = self._pending.get(reply.in_reply_to)
+        if pending is not None and pending.route == inbound.route:
+            if not pending.future.done():
+                pending.future.set_result((reply, inbound.frames))
+        elif isinstance(reply, Error):
+            self.log.warning(
+                "error_received",
+                socket=inbound.socket,
+                peer=inbound.peer,
+                code=reply.code,
+                reason=reply.message,
+            )
+        else:
+            self.log.info("late_reply", peer=inbound.peer, in_reply_to=reply.in_reply_to)
+
+    async def _handle(self, handler: Handler, msg: Message, inbound: Inbound) -> None:
+        try:
+            result = await handler(msg, inbound)
+        except Exception as exc:
+            self.log.exception("handler_failed", message_type=type(msg).__name__, peer=inbound.peer)
+            result = Error(
+                code=ErrorCode.HANDLER_FAILED, message=f"{type(msg).__name__} handler: {exc!r}"
+            )
+        if not isinstance(msg, Request):
+            return
+        if result is None:
+            result = Error(
+                code=ErrorCode.NO_REPLY,
+                message=f"the {type(msg).__name__} handler returned no reply",
+            )
+        reply, frames = result if isinstance(result, tuple) else (result, ())
+        await self._reply(inbound, msg.request_id, reply, frames)
+
+    async def _reply(
+        self,
+        inbound: Inbound,
+        request_id: int | None,
+        reply: Reply,
+        frames: Sequence[Buffer] = (),
+    ) -> None:
+        if self._kinds[inbound.socket] not in REPLY_KINDS:
+            self.log.warning("reply_dropped", socket=inbound.socket, reason="no way back")
+            return
+        reply = msgspec.structs.replace(reply, in_reply_to=request_id)
+        try:
+            await self._send(inbound.route, reply, frames)
+        except PeerDeadError as exc:
+            self.log.info("reply_dropped", socket=inbound.socket, reason=str(exc))
+
+    async def _reject(
+        self, inbound: Inbound, code: str, reason: str, request_id: int | None = None
+    ) -> None:
+        """One log line, and an Error back where the socket has a way back."""
+        self.log.warning(
+            "message_rejected", socket=inbound.socket, peer=inbound.peer, code=code, reason=reason
+        )
+        if self._kinds[inbound.socket] in REPLY_KINDS:
+            await self._reply(inbound, request_id, Error(code=code, message=reason))
+
+    async def _refuse_version(self, inbound: Inbound, version: int, request_id: int) -> None:
+        await self._reject(
+            inbound,
+            ErrorCode.VERSION_MISMATCH,
+            f"peer speaks protocol version {version}, this actor speaks version {PROTOCOL_VERSION}",
+            request_id,
+        )
+
+    # --- peers and liveness ---
+
+    def _register(self, peer: Peer) -> None:
+        if peer.actor_id in self.peers:
+            self._declare_dead(peer.actor_id, "replaced by a new connection with its id")
+        peer.last_seen = asyncio.get_running_loop().time()
+        self.peers[peer.actor_id] = peer
+        self._peer_at[peer.route] = peer.actor_id
+        self.log.info("peer_registered", peer=peer.actor_id, peer_role=peer.role, node=peer.node)
+
+    def _declare_dead(self, peer_id: str, reason: str) -> None:
+        peer = self.peers.pop(peer_id, None)
+        if peer is None:
+            return
+        del self._peer_at[peer.route]
+        for pending in self._pending.values():
+            if pending.peer == peer_id and not pending.future.done():
+                pending.future.set_exception(PeerDeadError(peer_id, reason))
+        if peer.route.identity is None:  # our DEALER: nothing else uses it
+            self._close_socket(peer.route.socket)
+        self.log.warning("peer_dead", peer=peer_id, reason=reason)
+        self._spawn(self._run_hook(self.on_peer_dead(peer_id)))
+
+    async def _heartbeat(self) -> None:
+        interval = self.config.heartbeat_interval
+        limit = interval * self.config.liveness
+        loop = asyncio.get_running_loop()
+        last_tick = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            # After a stall of this loop, peers' heartbeats may sit unread in our
+            # sockets: judge nobody until the readers have had a turn.
+            stalled = now - last_tick > 2 * interval
+            last_tick = now
+            for peer in list(self.peers.values()):
+                silent = now - peer.last_seen
+                if silent > limit and not stalled:
+                    self._declare_dead(
+                        peer.actor_id,
+                        f"silent for {silent:.2f} s (liveness {self.config.liveness} x "
+                        f"{interval} s)",
+                    )
+                    continue
+                with contextlib.suppress(zmq.Again, PeerDeadError):
+                    await self._send(peer.route, _HEARTBEAT, flags=zmq.NOBLOCK)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_hook(self, hook: Awaitable[None]) -> None:
+        try:
+            await hook
+        except Exception:
+            self.log.exception("hook_failed")
+
+    # --- built-in handlers ---
+
+    async def on_hello(self, msg: Hello, inbound: Inbound) -> Welcome | Error:
+        """Register the connecting actor (its version was checked before dispatch)."""
+        if inbound.route.identity is None:
+            return Error(code=ErrorCode.MALFORMED, message="Hello goes to a ROUTER socket")
+        self._register(Peer.introduced(msg, inbound.route))
+        return Welcome(**self._card())
+
+    async def on_ping(self, msg: Ping, inbound: Inbound) -> Pong:
+        """Answer a liveness probe."""
+        return Pong()
+
+    async def on_shutdown(self, msg: Shutdown, inbound: Inbound) -> None:
+        """Drain and exit, as on SIGTERM."""
+        self.log.info("shutdown_requested", by=inbound.peer, reason=msg.reason)
+        self.stop()
+
+    def _card(self) -> dict:
+        """Who this actor is: the fields of its Hello and its Welcome."""
+        return dict(
+            version=PROTOCOL_VERSION,
+            actor_id=self.actor_id,
+            role=self.role,
+            node=self.config.node,
+            endpoints=dict(self.endpoints),
+        )

@@ -1,0 +1,208 @@
+"""kvmesh.protocol: every message round-trips, the wire form is tagged MessagePack, and
+the decoder turns any bad input into MalformedMessage and nothing else."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmesh.protocol import (
+    MAX_MESSAGE_SIZE,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    Hello,
+    HelloHeader,
+    MalformedMessage,
+    Message,
+    Ping,
+    Pong,
+    Shutdown,
+    Welcome,
+    decode,
+    encode,
+    peek_hello,
+    snake_name,
+)
+
+EXAMPLES = [  # one of each message type, with every field away from its default
+    Hello(
+        request_id=1,
+        version=PROTOCOL_VERSION,
+        actor_id="decode-0",
+        role="decode",
+        node="gpu-node-3",
+        endpoints={"from_peers": "tcp://127.0.0.1:5555", "events_out": "ipc:///tmp/d0"},
+    ),
+    Welcome(
+        in_reply_to=1,
+        version=PROTOCOL_VERSION,
+        actor_id="router",
+        role="router",
+        node="head",
+        endpoints={"from_peers": "tcp://10.0.0.1:7000"},
+    ),
+    Heartbeat(),
+    Ping(request_id=2),
+    Pong(in_reply_to=2),
+    Shutdown(reason="scale down"),
+    Error(code=ErrorCode.UNKNOWN_TYPE, message="no handler for Ping", in_reply_to=3),
+    BlockStored(block_hashes=[2**64 - 1, 7], parent_hash=5, tier="host"),
+    BlockRemoved(block_hashes=[7], tier="disk"),
+    AllBlocksCleared(tier="host"),
+]
+
+
+def make_wire(**fields) -> bytes:
+    """Raw MessagePack of a map, as a peer of any version (or an attacker) could send."""
+    return msgspec.msgpack.encode(fields)
+
+
+def test_examples_cover_every_message_type():
+    assert [type(msg) for msg in EXAMPLES] == list(MESSAGE_TYPES)
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda msg: type(msg).__name__)
+def test_every_message_round_trips(msg):
+    assert decode(encode(msg)) == msg
+
+
+@pytest.mark.parametrize(
+    "msg, wire",
+    [
+        (Ping(request_id=3), {"type": "Ping", "request_id": 3}),
+        (Heartbeat(), {"type": "Heartbeat"}),
+        (
+            Error(code="malformed", message="bad", in_reply_to=None),
+            {"type": "Error", "in_reply_to": None, "code": "malformed", "message": "bad"},
+        ),
+    ],
+)
+def test_wire_form_is_a_map_tagged_by_class_name(msg, wire):
+    assert msgspec.msgpack.decode(encode(msg)) == wire
+
+
+def test_messages_are_frozen():
+    with pytest.raises(AttributeError):
+        Ping(request_id=1).request_id = 2
+
+
+@pytest.mark.parametrize(
+    "data, code, text",
+    [
+        (b"", ErrorCode.MALFORMED, "Input data was truncated"),
+        (b"\xc1", ErrorCode.MALFORMED, "MessagePack data is malformed: invalid opcode '\\xc1'"),
+        (msgspec.msgpack.encode([1, 2]), ErrorCode.MALFORMED, "Expected `object`, got `array`"),
+        (make_wire(type="Nope"), ErrorCode.MALFORMED, "Invalid value 'Nope' - at `$.type`"),
+        (make_wire(request_id=1), ErrorCode.MALFORMED, "Object missing required field `type`"),
+        (make_wire(type="Ping", request_id="1"), ErrorCode.MALFORMED, "Expected `int`, got `str`"),
+        (
+            make_wire(type="Error", code="x"),
+            ErrorCode.MALFORMED,
+            "missing required field `message`",
+        ),
+        (encode(Ping()) + b"\x00", ErrorCode.MALFORMED, "trailing characters"),
+        (
+            b"\x00" * (MAX_MESSAGE_SIZE + 1),
+            ErrorCode.TOO_LARGE,
+            f"message of {MAX_MESSAGE_SIZE + 1} bytes exceeds the limit of {MAX_MESSAGE_SIZE}",
+        ),
+    ],
+    ids=[
+        "empty",
+        "not_messagepack",
+        "wrong_shape",
+        "unknown_tag",
+        "no_tag",
+        "wrong_field_type",
+        "missing_field",
+        "trailing_bytes",
+        "oversize",
+    ],
+)
+def test_bad_input_raises_malformed_message(data, code, text):
+    with pytest.raises(MalformedMessage) as caught:
+        decode(data)
+    assert caught.value.code == code
+    assert text in str(caught.value)
+
+
+def test_size_is_checked_before_parsing():
+    msg = Shutdown(reason="x" * 100)
+    data = encode(msg)
+    assert decode(data, max_size=len(data)) == msg
+    with pytest.raises(MalformedMessage) as caught:
+        decode(data, max_size=len(data) - 1)
+    assert caught.value.code == ErrorCode.TOO_LARGE
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_decode_or_raise_malformed_only(data):
+    try:
+        assert isinstance(decode(data), Message)
+    except MalformedMessage:
+        pass
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text()
+    | st.binary(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+tagged_maps = st.fixed_dictionaries(
+    {"type": st.sampled_from([t.__name__ for t in MESSAGE_TYPES] + ["Nope", ""])},
+    optional={
+        name: msgpack_values
+        for name in ("request_id", "in_reply_to", "version", "actor_id", "code", "block_hashes")
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(msgpack_values | tagged_maps)
+def test_well_formed_messagepack_of_any_shape_decodes_or_raises_malformed_only(value):
+    try:
+        assert isinstance(decode(msgspec.msgpack.encode(value)), Message)
+    except MalformedMessage:
+        pass
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (make_wire(type="Hello", version=99, request_id=4), HelloHeader("Hello", 99, 4)),
+        (
+            make_wire(type="Hello", version=2, request_id=4, brand_new_field=[1]),
+            HelloHeader("Hello", 2, 4),
+        ),
+        (make_wire(type="Hello", request_id=4), None),  # no version: not a Hello of any kind
+        (make_wire(type="Ping", version=2), None),
+        (b"\xc1", None),
+        (msgspec.msgpack.encode([1]), None),
+    ],
+)
+def test_peek_hello_reads_the_fields_every_version_shares(data, expected):
+    assert peek_hello(data) == expected
+
+
+@pytest.mark.parametrize(
+    "message_type, name",
+    [(Ping, "ping"), (BlockStored, "block_stored"), (AllBlocksCleared, "all_blocks_cleared")],
+)
+def test_snake_name_gives_the_handler_suffix(message_type, name):
+    assert snake_name(message_type) == name
