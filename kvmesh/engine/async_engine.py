@@ -1,0 +1,162 @@
+"""AsyncEngine: an Engine stepping on its own thread, driven from asyncio.
+
+Actors and the HTTP frontend live in an asyncio loop; the engine's step is blocking
+compute. One engine thread owns the Engine: asyncio callers never touch it directly
+but queue commands (add, abort) that the thread applies between steps, and the
+thread hands each step's outputs back to the loop, one asyncio.Queue per request.
+
+    loop thread:   generate() ──cmd──►  engine thread: apply cmds, step(), step() …
+                   queue.get() ◄──outputs (call_soon_threadsafe)──┘
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+import structlog
+
+from kvmesh.engine.engine import Engine, RequestOutput
+from kvmesh.engine.params import SamplingParams
+
+log = structlog.get_logger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (crashed or closed); requests in flight cannot finish."""
+
+
+class AsyncEngine:
+    """Streams RequestOutputs of an Engine that runs on a dedicated thread."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.streams: dict[str, asyncio.Queue] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+        self.wakeup = threading.Event()
+        self.stopping = False
+        self.error: BaseException | None = None
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    def start(self) -> None:
+        """Start the engine thread; call from inside the running event loop."""
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.thread.start()
+
+    async def close(self) -> None:
+        """Stop the engine thread; every open stream ends with EngineDeadError."""
+        self.stopping = True
+        self.wakeup.set()
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join)
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs step by step, the last one finished.
+
+        Bad input raises ValueError before anything is queued. Leaving the
+        iteration early (a client went away) aborts the request.
+        """
+        if self.error is not None or self.stopping:
+            raise EngineDeadError(f"engine is not running: {self.error or 'closed'}")
+        stream: asyncio.Queue = asyncio.Queue()
+        added: asyncio.Future = self.loop.create_future()
+        self.streams[request_id] = stream
+        self._submit(lambda: self._add(prompt, params, request_id, added))
+        finished = False
+        try:
+            await added
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if self.streams.pop(request_id, None) is not None and not finished:
+                self._submit(lambda: self.engine.abort_request(request_id))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends without a final output."""
+        stream = self.streams.pop(request_id, None)
+        self._submit(lambda: self.engine.abort_request(request_id))
+        if stream is not None:
+            stream.put_nowait(EngineDeadError(f"request {request_id} was aborted"))
+
+    def stats(self) -> dict:
+        scheduler = self.engine.scheduler
+        return {
+            "num_running": len(scheduler.running),
+            "num_waiting": len(scheduler.waiting),
+            "kv_usage": self.engine.pool.usage,
+            "num_preemptions": scheduler.num_preemptions,
+        }
+
+    # --- engine thread ---
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        self.commands.put(command)
+        self.wakeup.set()
+
+    def _add(self, prompt, params, request_id, added: asyncio.Future) -> None:
+        try:
+            self.engine.add_request(prompt, params, request_id)
+        except ValueError as exc:
+            self.loop.call_soon_threadsafe(_settle, added, exc)
+            self.streams.pop(request_id, None)
+        else:
+            self.loop.call_soon_threadsafe(_settle, added, None)
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping:
+                while not self.commands.empty():
+                    self.commands.get()()
+                if not self.engine.has_unfinished():
+                    self.wakeup.wait()
+                    self.wakeup.clear()
+                    continue
+                outputs = self.engine.step()
+                if outputs:
+                    self.loop.call_soon_threadsafe(self._deliver, outputs)
+        except BaseException as exc:  # noqa: BLE001 - reported to every waiting stream
+            log.exception("engine_thread_crashed")
+            self.error = exc
+        finally:
+            reason = EngineDeadError(f"engine stopped: {self.error or 'closed'}")
+            self.loop.call_soon_threadsafe(self._fail_all, reason)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self.streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        for stream in self.streams.values():
+            stream.put_nowait(error)
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
