@@ -50,6 +50,20 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class RemotePrefillTask:
+    """A prompt parked on this (decode) engine for another worker to prefill: it must
+    compute the prompt and write the KV of tokens num_cached_tokens.. into `block_ids`
+    (the prompt's blocks here, in order; the first num_cached_tokens // block_size
+    already hold the cached prefix)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    num_cached_tokens: int
+    block_ids: list[int]
+
+
 class Request:
     """Engine-side state of one request around its Sequence: detokenizer and stream cursors."""
 
@@ -105,6 +119,7 @@ class Engine:
         self.sampler = Sampler(device, seed)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
         self.requests: dict[str, Request] = {}
+        self.held: dict[str, Sequence] = {}  # finished, blocks kept until release()
         self._ids = itertools.count()
 
     @classmethod
@@ -131,17 +146,25 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        remote_prefill: bool = False,
+        hold_blocks: bool = False,
     ) -> str:
-        """Queue a request; returns its id. Bad input raises ValueError naming the field."""
+        """Queue a request; returns its id. Bad input raises ValueError naming the field.
+
+        remote_prefill: allocate the prompt's blocks but let another worker compute
+        them (see take_remote_prefills). hold_blocks: keep the blocks after the request
+        finishes, so they can be sent to a peer, until release(request_id).
+        """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompt_ids = self._prompt_ids(prompt)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.held:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        seq = Sequence(request_id, prompt_ids, params)
+        seq = Sequence(request_id, prompt_ids, params, remote_prefill, hold_blocks)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         self.requests[request_id] = Request(seq, detok)
         self.scheduler.add(seq)
@@ -185,6 +208,49 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    # --- disaggregation ---
+
+    def take_remote_prefills(self) -> list[RemotePrefillTask]:
+        """Prompts admitted for remote prefill since the last call (blocks allocated)."""
+        seqs, self.scheduler.new_remote = self.scheduler.new_remote, []
+        return [
+            RemotePrefillTask(s.request_id, s.token_ids[: s.num_prompt_tokens], s.params,
+                              s.num_computed_tokens, list(s.block_table))
+            for s in seqs
+        ]
+
+    def complete_remote_prefill(
+        self, request_id: str, token_id: int, logprobs: dict[int, float] | None = None
+    ) -> RequestOutput:
+        """The prompt's KV is in place and the prefill worker sampled `token_id`:
+        continue decoding here exactly as if the prompt had been computed locally."""
+        request = self.requests[request_id]
+        seq = request.seq
+        assert seq.request_id in self.scheduler.remote, f"{request_id} awaits no remote prefill"
+        self.scheduler.resume_remote(seq)
+        self.sampler.skip_draw(seq, self.config.vocab_size)
+        seq.append_token(token_id)
+        if seq.logprobs is not None and logprobs is not None:
+            seq.logprobs.append(logprobs)
+        self._check_stop(seq)
+        return self._output(request, seq)
+
+    def fail_remote_prefill(self, request_id: str) -> None:
+        """The prefill worker failed: compute the prompt here instead."""
+        request = self.requests.get(request_id)
+        if request is not None and request_id in self.scheduler.remote:
+            self.scheduler.compute_locally(request.seq)
+
+    def held_block_ids(self, request_id: str) -> list[int]:
+        """Blocks of a finished hold_blocks request (its prompt's KV, in order)."""
+        return list(self.held[request_id].block_table)
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks of a finished hold_blocks request."""
+        seq = self.held.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.block_manager.free(seq)
 
     # --- stepping ---
 
@@ -248,6 +314,8 @@ class Engine:
         request.num_sent_tokens = seq.num_output_tokens
         if finished:
             self.requests.pop(seq.request_id, None)
+            if seq.hold_blocks and seq.finish_reason != "abort":
+                self.held[seq.request_id] = seq
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],

@@ -50,6 +50,12 @@ class Sampler:
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
+    def skip_draw(self, seq: Sequence, vocab_size: int) -> None:
+        """Consume the draw a seeded sequence's first token took on another worker, so
+        its later samples equal a single-process run."""
+        if seq.params.seed is not None and not seq.params.greedy:
+            torch.empty(vocab_size, device=self.device).exponential_(generator=self._generator_for(seq))
+
     def _generator_for(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
             return self.generator

@@ -16,6 +16,12 @@ sequences (`max_num_seqs`). Policy, in order:
 
 A sequence too large for the whole pool is refused at add time; a lone running
 sequence that outgrows the pool is finished with reason "length".
+
+Disaggregation: a waiting sequence marked `remote_prefill` is admitted like any
+other (same queue, same prefix reuse) but gets blocks for its whole prompt at once
+and no compute: it parks in `remote` while a prefill worker writes its KV into
+those blocks, then `resume_remote` makes it a running decode. Parked sequences are
+never preempted, since a peer may be writing into their blocks.
 """
 
 from __future__ import annotations
@@ -46,25 +52,47 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.remote: dict[str, Sequence] = {}  # parked for a remote prefill
+        self.new_remote: list[Sequence] = []  # admitted since the engine last took them
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.remote)
 
     def abort(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.remote.pop(seq.request_id, None)
+        if seq in self.new_remote:
+            self.new_remote.remove(seq)
         self.finish(seq, "abort")
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.block_manager.free(seq)
+        if not seq.hold_blocks or reason == "abort":
+            self.block_manager.free(seq)
+
+    def resume_remote(self, seq: Sequence) -> None:
+        """The prompt's KV has landed in seq's blocks: it decodes from here."""
+        del self.remote[seq.request_id]
+        seq.remote_prefill = False  # if preempted later, it is recomputed here
+        seq.num_computed_tokens = seq.num_tokens
+        self.block_manager.cache_computed(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def compute_locally(self, seq: Sequence) -> None:
+        """The remote prefill failed: compute the prompt here, keeping the blocks it has."""
+        del self.remote[seq.request_id]
+        seq.remote_prefill = False
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -116,11 +144,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + len(self.remote) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.block_manager.find_prefix(seq)
             num_cached = len(hits) * self.block_manager.block_size
-            num_new = min(seq.num_tokens - num_cached, budget)
+            num_new = seq.num_tokens - num_cached
+            if not seq.remote_prefill:  # a remote prefill gets all its blocks, costs no budget
+                num_new = min(num_new, budget)
             if not self.block_manager.can_admit(seq, hits, num_new):
                 break
             self.waiting.popleft()
@@ -128,6 +158,11 @@ class Scheduler:
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = num_cached
             self.block_manager.append(seq, num_new)
+            if seq.remote_prefill:
+                seq.status = SequenceStatus.REMOTE_PREFILL
+                self.remote[seq.request_id] = seq
+                self.new_remote.append(seq)
+                continue
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.items.append((seq, num_new))

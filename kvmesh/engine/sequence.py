@@ -10,6 +10,7 @@ from kvmesh.gpu.block_pool import hash_blocks
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    REMOTE_PREFILL = "remote_prefill"  # blocks allocated, a prefill worker is filling them
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -18,9 +19,18 @@ class Sequence:
     """Tokens are prompt + generated. `num_computed_tokens` of them have K/V in the pool;
     when all have, the model's next-token logits are sampled and one token appended."""
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        remote_prefill: bool = False,
+        hold_blocks: bool = False,
+    ) -> None:
         self.request_id = request_id
         self.params = params
+        self.remote_prefill = remote_prefill  # another worker computes the prompt's KV
+        self.hold_blocks = hold_blocks  # keep the blocks after finishing, until released
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.status = SequenceStatus.WAITING
