@@ -4,7 +4,7 @@ Messages are frozen msgspec Structs tagged by class name and encoded as MessageP
 Bulk tensors never travel inside a message. Plain data: anything may import this
 module, and it must never import torch.
 
-Request-reply: a `Request` carries a `request_id` that the sender's runtime stamps
+Request-reply: a `Request` carries a `call_id` that the sender's runtime stamps
 (unique per sending actor); the answer is a `Reply` whose `in_reply_to` holds that id.
 Any Reply may answer any Request; an `Error` answers when the request failed.
 """
@@ -15,6 +15,8 @@ import re
 import typing
 
 import msgspec
+
+from kvmesh.engine.params import SamplingParams
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # bytes of one encoded message; bulk frames are apart
@@ -60,9 +62,9 @@ KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 class Request(Message, frozen=True, kw_only=True):
-    """A message that expects exactly one Reply. The runtime stamps request_id."""
+    """A message that expects exactly one Reply. The runtime stamps call_id."""
 
-    request_id: int = 0
+    call_id: int = 0
 
 
 class Reply(Message, frozen=True, kw_only=True):
@@ -74,7 +76,7 @@ class Reply(Message, frozen=True, kw_only=True):
 class Hello(Request, frozen=True, kw_only=True):
     """First message on a new connection: who the connecting actor is.
 
-    `version` and `request_id` keep their names and types in every protocol version, so
+    `version` and `call_id` keep their names and types in every protocol version, so
     a peer of any version can still read them and answer a mismatch (see peek_hello).
     """
 
@@ -138,13 +140,13 @@ class Error(Reply, frozen=True, kw_only=True):
 # --- KV data plane: blocks written into a peer's pool (bulk bytes travel apart) ---
 
 
-class KVPoolQuery(Request, frozen=True, kw_only=True):
+class KvPoolQuery(Request, frozen=True, kw_only=True):
     """Describe your KV pool; `backends` are the data plane backends the asker can write by."""
 
     backends: list[str]
 
 
-class KVPoolInfo(Reply, frozen=True, kw_only=True):
+class KvPoolInfo(Reply, frozen=True, kw_only=True):
     """A KV pool's layout and how to reach it: one tensor per layer, [2, num_blocks,
     block_size, num_kv_heads, head_dim] of `dtype`. shm_name/shm_token: the shared-memory
     segment holding it (same host only); ucx_address: the owner's UCX worker address."""
@@ -161,11 +163,11 @@ class KVPoolInfo(Reply, frozen=True, kw_only=True):
     ucx_address: bytes | None = None
 
 
-class KVWrite(Request, frozen=True, kw_only=True):
+class KvWrite(Request, frozen=True, kw_only=True):
     """Layers [first_layer, first_layer + num_layers) of transfer `transfer_id` are for
     your blocks `block_ids`. backend "shm": already written into your pool; "zmq": one
     extra frame, packed layer-major; "ucx": arriving as one UCX tag message `ucx_tag`.
-    Answered by KVWriteDone once the blocks are in place."""
+    Answered by KvWriteDone once the blocks are in place."""
 
     transfer_id: str
     block_ids: list[int]
@@ -175,11 +177,132 @@ class KVWrite(Request, frozen=True, kw_only=True):
     ucx_tag: int = 0
 
 
-class KVWriteDone(Reply, frozen=True, kw_only=True):
-    """The layers of a KVWrite are in the receiver's blocks."""
+class KvWriteDone(Reply, frozen=True, kw_only=True):
+    """The layers of a KvWrite are in the receiver's blocks."""
 
     transfer_id: str
 
+
+
+# --- serving: registration, load, routing, generation ---
+
+
+class RegisterWorker(Request, frozen=True, kw_only=True):
+    """A worker joins the router's registry. Refused (Error) when its model or block
+    size differs from the cluster's: a silent mismatch would make every KV hash miss."""
+
+    model: str
+    block_size: int
+    num_blocks: int
+    max_num_seqs: int
+    pid: int
+    events_endpoint: str  # where the worker PUBlishes KV events and LoadReports
+
+
+class Registered(Reply, frozen=True, kw_only=True):
+    router_id: str
+
+
+class LoadReport(Message, frozen=True, kw_only=True):
+    """A worker's load, published on its events socket after each busy step (and idly)."""
+
+    num_running: int
+    num_waiting: int
+    num_remote: int  # prompts parked for a remote prefill (decode) or held for sending
+    kv_usage: float
+    queued_prefill_tokens: int
+    prompt_tokens_total: int
+    cached_tokens_total: int
+
+
+class RouteRequest(Request, frozen=True, kw_only=True):
+    """Where should a prompt with these block hashes go?"""
+
+    block_hashes: list[int]
+    num_prompt_tokens: int
+
+
+class Placement(Reply, frozen=True, kw_only=True):
+    """The router's answer: decode here; prefill there first, or locally (None)."""
+
+    decode: str
+    decode_endpoint: str
+    prefill: str | None = None
+    prefill_endpoint: str | None = None
+    expected_cached_tokens: int = 0
+
+
+class ActorStatus(msgspec.Struct, frozen=True, kw_only=True):
+    actor_id: str
+    role: str
+    node: str
+    pid: int
+    endpoints: dict[str, str]
+    alive: bool
+    load: dict[str, float] = {}
+
+
+class StatusQuery(Request, frozen=True, kw_only=True):
+    """Ask the router for the registry (kvmesh status, frontend /health)."""
+
+
+class ClusterStatus(Reply, frozen=True, kw_only=True):
+    actors: list[ActorStatus]
+
+
+class Generate(Message, frozen=True, kw_only=True):
+    """Frontend -> decode worker: run this prompt and stream TokenBatches back."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prefill: str | None = None
+    prefill_endpoint: str | None = None
+
+
+class Abort(Message, frozen=True, kw_only=True):
+    """Stop a request (the client went away)."""
+
+    request_id: str
+
+
+class Delta(msgspec.Struct, frozen=True, kw_only=True):
+    """What one step added to one request; `error` ends the stream with a failure."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+class TokenBatch(Message, frozen=True, kw_only=True):
+    """Decode worker -> frontend: one step's deltas for that frontend's requests."""
+
+    deltas: list[Delta]
+
+
+class RemotePrefill(Request, frozen=True, kw_only=True):
+    """Decode -> prefill worker: compute this prompt and write the KV of tokens
+    num_cached_tokens.. into my blocks `block_ids` (the prompt's, in order)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    num_cached_tokens: int
+    block_ids: list[int]
+
+
+class RemotePrefillDone(Reply, frozen=True, kw_only=True):
+    """The KV is in the decode worker's blocks; the first token was sampled."""
+
+    request_id: str
+    token_id: int
+    logprobs: dict[int, float] | None = None
+    num_bytes: int = 0
 
 AnyMessage = (
     Hello
@@ -192,10 +315,22 @@ AnyMessage = (
     | BlockStored
     | BlockRemoved
     | AllBlocksCleared
-    | KVPoolQuery
-    | KVPoolInfo
-    | KVWrite
-    | KVWriteDone
+    | KvPoolQuery
+    | KvPoolInfo
+    | KvWrite
+    | KvWriteDone
+    | RegisterWorker
+    | Registered
+    | LoadReport
+    | RouteRequest
+    | Placement
+    | StatusQuery
+    | ClusterStatus
+    | Generate
+    | Abort
+    | TokenBatch
+    | RemotePrefill
+    | RemotePrefillDone
 )
 MESSAGE_TYPES: tuple[type[Message], ...] = typing.get_args(AnyMessage)
 
@@ -236,7 +371,7 @@ class HelloHeader(msgspec.Struct):
 
     type: str = ""
     version: int = -1
-    request_id: int = 0
+    call_id: int = 0
 
 
 _hello_header_decoder = msgspec.msgpack.Decoder(HelloHeader)

@@ -8,23 +8,42 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvmesh.engine.params import SamplingParams
 from kvmesh.protocol import (
     MAX_MESSAGE_SIZE,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    Abort,
+    ActorStatus,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    ClusterStatus,
+    Delta,
     Error,
     ErrorCode,
     Heartbeat,
+    Generate,
     Hello,
     HelloHeader,
+    KvPoolInfo,
+    KvPoolQuery,
+    KvWrite,
+    KvWriteDone,
+    LoadReport,
     MalformedMessage,
     Message,
     Ping,
+    Placement,
     Pong,
+    Registered,
+    RegisterWorker,
+    RemotePrefill,
+    RemotePrefillDone,
+    RouteRequest,
     Shutdown,
+    StatusQuery,
+    TokenBatch,
     Welcome,
     decode,
     encode,
@@ -34,7 +53,7 @@ from kvmesh.protocol import (
 
 EXAMPLES = [  # one of each message type, with every field away from its default
     Hello(
-        request_id=1,
+        call_id=1,
         version=PROTOCOL_VERSION,
         actor_id="decode-0",
         role="decode",
@@ -50,13 +69,43 @@ EXAMPLES = [  # one of each message type, with every field away from its default
         endpoints={"from_peers": "tcp://10.0.0.1:7000"},
     ),
     Heartbeat(),
-    Ping(request_id=2),
+    Ping(call_id=2),
     Pong(in_reply_to=2),
     Shutdown(reason="scale down"),
     Error(code=ErrorCode.UNKNOWN_TYPE, message="no handler for Ping", in_reply_to=3),
     BlockStored(block_hashes=[2**64 - 1, 7], parent_hash=5, tier="host"),
     BlockRemoved(block_hashes=[7], tier="disk"),
     AllBlocksCleared(tier="host"),
+    KvPoolQuery(call_id=4, backends=["shm", "zmq"]),
+    KvPoolInfo(in_reply_to=4, num_layers=4, num_blocks=64, block_size=16, num_kv_heads=2,
+               head_dim=32, dtype="bfloat16", node="n1", shm_name="kvmesh-d0", shm_token=b"t",
+               ucx_address=b"\x01\x02"),
+    KvWrite(call_id=5, transfer_id="t1", block_ids=[3, 1], first_layer=1, num_layers=2,
+            backend="ucx", ucx_tag=9),
+    KvWriteDone(in_reply_to=5, transfer_id="t1"),
+    RegisterWorker(call_id=6, model="tiny", block_size=16, num_blocks=512, max_num_seqs=64,
+                   pid=42, events_endpoint="tcp://127.0.0.1:7001"),
+    Registered(in_reply_to=6, router_id="router"),
+    LoadReport(num_running=3, num_waiting=1, num_remote=2, kv_usage=0.5,
+               queued_prefill_tokens=100, prompt_tokens_total=1000, cached_tokens_total=400),
+    RouteRequest(call_id=7, block_hashes=[1, 2**63], num_prompt_tokens=40),
+    Placement(in_reply_to=7, decode="decode-1", decode_endpoint="tcp://127.0.0.1:7002",
+              prefill="prefill-0", prefill_endpoint="tcp://127.0.0.1:7003",
+              expected_cached_tokens=32),
+    StatusQuery(call_id=8),
+    ClusterStatus(in_reply_to=8, actors=[ActorStatus(
+        actor_id="decode-0", role="decode", node="n1", pid=7, endpoints={"a": "b"}, alive=True,
+        load={"kv_usage": 0.25})]),
+    Generate(request_id="r1", prompt_token_ids=[1, 2], params=SamplingParams(max_tokens=3, seed=1),
+             prefill="prefill-0", prefill_endpoint="tcp://127.0.0.1:7003"),
+    Abort(request_id="r1"),
+    TokenBatch(deltas=[Delta(request_id="r1", new_token_ids=[5], new_text="a",
+                             new_logprobs=[{5: -0.1}], finish_reason="stop", num_prompt_tokens=2,
+                             num_cached_tokens=0, error="worker lost")]),
+    RemotePrefill(call_id=9, request_id="r1", prompt_token_ids=[1, 2, 3], params=SamplingParams(top_k=3),
+                  num_cached_tokens=16, block_ids=[4, 5]),
+    RemotePrefillDone(in_reply_to=9, request_id="r1", token_id=7, logprobs={7: -0.2},
+                      num_bytes=4096),
 ]
 
 
@@ -77,7 +126,7 @@ def test_every_message_round_trips(msg):
 @pytest.mark.parametrize(
     "msg, wire",
     [
-        (Ping(request_id=3), {"type": "Ping", "request_id": 3}),
+        (Ping(call_id=3), {"type": "Ping", "call_id": 3}),
         (Heartbeat(), {"type": "Heartbeat"}),
         (
             Error(code="malformed", message="bad", in_reply_to=None),
@@ -91,7 +140,7 @@ def test_wire_form_is_a_map_tagged_by_class_name(msg, wire):
 
 def test_messages_are_frozen():
     with pytest.raises(AttributeError):
-        Ping(request_id=1).request_id = 2
+        Ping(call_id=1).call_id = 2
 
 
 @pytest.mark.parametrize(
@@ -101,8 +150,8 @@ def test_messages_are_frozen():
         (b"\xc1", ErrorCode.MALFORMED, "MessagePack data is malformed: invalid opcode '\\xc1'"),
         (msgspec.msgpack.encode([1, 2]), ErrorCode.MALFORMED, "Expected `object`, got `array`"),
         (make_wire(type="Nope"), ErrorCode.MALFORMED, "Invalid value 'Nope' - at `$.type`"),
-        (make_wire(request_id=1), ErrorCode.MALFORMED, "Object missing required field `type`"),
-        (make_wire(type="Ping", request_id="1"), ErrorCode.MALFORMED, "Expected `int`, got `str`"),
+        (make_wire(call_id=1), ErrorCode.MALFORMED, "Object missing required field `type`"),
+        (make_wire(type="Ping", call_id="1"), ErrorCode.MALFORMED, "Expected `int`, got `str`"),
         (
             make_wire(type="Error", code="x"),
             ErrorCode.MALFORMED,
@@ -168,7 +217,7 @@ tagged_maps = st.fixed_dictionaries(
     {"type": st.sampled_from([t.__name__ for t in MESSAGE_TYPES] + ["Nope", ""])},
     optional={
         name: msgpack_values
-        for name in ("request_id", "in_reply_to", "version", "actor_id", "code", "block_hashes")
+        for name in ("call_id", "in_reply_to", "version", "actor_id", "code", "block_hashes")
     },
 )
 
@@ -185,12 +234,12 @@ def test_well_formed_messagepack_of_any_shape_decodes_or_raises_malformed_only(v
 @pytest.mark.parametrize(
     "data, expected",
     [
-        (make_wire(type="Hello", version=99, request_id=4), HelloHeader("Hello", 99, 4)),
+        (make_wire(type="Hello", version=99, call_id=4), HelloHeader("Hello", 99, 4)),
         (
-            make_wire(type="Hello", version=2, request_id=4, brand_new_field=[1]),
+            make_wire(type="Hello", version=2, call_id=4, brand_new_field=[1]),
             HelloHeader("Hello", 2, 4),
         ),
-        (make_wire(type="Hello", request_id=4), None),  # no version: not a Hello of any kind
+        (make_wire(type="Hello", call_id=4), None),  # no version: not a Hello of any kind
         (make_wire(type="Ping", version=2), None),
         (b"\xc1", None),
         (msgspec.msgpack.encode([1]), None),

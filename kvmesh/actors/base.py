@@ -187,7 +187,7 @@ class Actor:
         self._readers: dict[str, asyncio.Task] = {}
         self._peer_at: dict[Route, str] = {}
         self._pending: dict[int, _Pending] = {}
-        self._request_ids = itertools.count(1)
+        self._call_ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()  # handlers and hooks in progress
         self._heartbeat_task: asyncio.Task | None = None
         self._accepting = True
@@ -391,10 +391,10 @@ class Actor:
         timeout: float,
         frames: Sequence[Buffer] = (),
     ) -> tuple[Message, list[zmq.Frame]]:
-        request_id = next(self._request_ids)
+        call_id = next(self._call_ids)
         future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = _Pending(peer, route, future)
-        stamped = msgspec.structs.replace(msg, request_id=request_id)
+        self._pending[call_id] = _Pending(peer, route, future)
+        stamped = msgspec.structs.replace(msg, call_id=call_id)
         label = peer or route.socket
         try:
             await asyncio.wait_for(self._send_then(future, route, stamped, frames), timeout)
@@ -403,7 +403,7 @@ class Actor:
                 f"{label} sent no reply to {type(msg).__name__} within {timeout} s"
             ) from None
         finally:
-            del self._pending[request_id]
+            del self._pending[call_id]
         reply, reply_frames = future.result()
         if isinstance(reply, Error):
             raise RemoteError(label, reply)
@@ -471,21 +471,21 @@ class Actor:
         except MalformedMessage as exc:
             header = protocol.peek_hello(body) if exc.code == ErrorCode.MALFORMED else None
             if header is not None and header.version != PROTOCOL_VERSION:
-                await self._refuse_version(inbound, header.version, header.request_id)
+                await self._refuse_version(inbound, header.version, header.call_id)
             else:
                 await self._reject(inbound, exc.code, str(exc))
             return
         if isinstance(msg, Reply):
             self._resolve(msg, inbound)
         elif isinstance(msg, Hello) and msg.version != PROTOCOL_VERSION:
-            await self._refuse_version(inbound, msg.version, msg.request_id)
+            await self._refuse_version(inbound, msg.version, msg.call_id)
         elif not isinstance(msg, Heartbeat):  # a heartbeat's work is the last_seen above
             refusal = self._refusal(kind, peer, msg)
             if refusal is None:
                 self._spawn(self._handle(self._handlers[type(msg)], msg, inbound))
             else:
-                request_id = msg.request_id if isinstance(msg, Request) else None
-                await self._reject(inbound, *refusal, request_id)
+                call_id = msg.call_id if isinstance(msg, Request) else None
+                await self._reject(inbound, *refusal, call_id)
 
     def _refusal(self, kind: int, peer: str | None, msg: Message) -> tuple[str, str] | None:
         """(code, reason) when this decoded message must not reach a handler."""
@@ -544,40 +544,40 @@ class Actor:
                 message=f"the {type(msg).__name__} handler returned no reply",
             )
         reply, frames = result if isinstance(result, tuple) else (result, ())
-        await self._reply(inbound, msg.request_id, reply, frames)
+        await self._reply(inbound, msg.call_id, reply, frames)
 
     async def _reply(
         self,
         inbound: Inbound,
-        request_id: int | None,
+        call_id: int | None,
         reply: Reply,
         frames: Sequence[Buffer] = (),
     ) -> None:
         if self._kinds[inbound.socket] not in REPLY_KINDS:
             self.log.warning("reply_dropped", socket=inbound.socket, reason="no way back")
             return
-        reply = msgspec.structs.replace(reply, in_reply_to=request_id)
+        reply = msgspec.structs.replace(reply, in_reply_to=call_id)
         try:
             await self._send(inbound.route, reply, frames)
         except PeerDeadError as exc:
             self.log.info("reply_dropped", socket=inbound.socket, reason=str(exc))
 
     async def _reject(
-        self, inbound: Inbound, code: str, reason: str, request_id: int | None = None
+        self, inbound: Inbound, code: str, reason: str, call_id: int | None = None
     ) -> None:
         """One log line, and an Error back where the socket has a way back."""
         self.log.warning(
             "message_rejected", socket=inbound.socket, peer=inbound.peer, code=code, reason=reason
         )
         if self._kinds[inbound.socket] in REPLY_KINDS:
-            await self._reply(inbound, request_id, Error(code=code, message=reason))
+            await self._reply(inbound, call_id, Error(code=code, message=reason))
 
-    async def _refuse_version(self, inbound: Inbound, version: int, request_id: int) -> None:
+    async def _refuse_version(self, inbound: Inbound, version: int, call_id: int) -> None:
         await self._reject(
             inbound,
             ErrorCode.VERSION_MISMATCH,
             f"peer speaks protocol version {version}, this actor speaks version {PROTOCOL_VERSION}",
-            request_id,
+            call_id,
         )
 
     # --- peers and liveness ---

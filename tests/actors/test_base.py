@@ -221,10 +221,10 @@ HELLO_FIELDS = dict(actor_id="stranger", role="probe", node="n")
 @pytest.mark.parametrize(
     "hello, version",
     [
-        (encode(Hello(version=PROTOCOL_VERSION + 1, request_id=7, **HELLO_FIELDS)), 2),
-        (encode(Hello(version=0, request_id=7, **HELLO_FIELDS)), 0),
+        (encode(Hello(version=PROTOCOL_VERSION + 1, call_id=7, **HELLO_FIELDS)), 2),
+        (encode(Hello(version=0, call_id=7, **HELLO_FIELDS)), 0),
         # a future version's Hello whose other fields this version cannot decode
-        (msgspec.msgpack.encode({"type": "Hello", "version": 99, "request_id": 7}), 99),
+        (msgspec.msgpack.encode({"type": "Hello", "version": 99, "call_id": 7}), 99),
     ],
     ids=["newer", "older", "undecodable_newer"],
 )
@@ -232,7 +232,7 @@ def test_other_protocol_version_is_refused_and_not_registered(echo, zmq_context,
     dealer = raw_socket(zmq_context, zmq.DEALER, echo.endpoints["from_peers"])
     dealer.send(hello)
     refusal, _ = receive(dealer)
-    dealer.send(encode(Ping(request_id=8)))
+    dealer.send(encode(Ping(call_id=8)))
     after, _ = receive(dealer)
 
     assert refusal == Error(
@@ -315,7 +315,7 @@ class RouterDriver:
 
     def __init__(self, context, echo):
         self.sock = raw_socket(context, zmq.DEALER, echo.endpoints["from_peers"])
-        self.sock.send(encode(Hello(version=PROTOCOL_VERSION, request_id=1, **HELLO_FIELDS)))
+        self.sock.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1, **HELLO_FIELDS)))
         assert type(receive(self.sock)[0]) is Welcome
 
     def send(self, body_frames):
@@ -330,7 +330,7 @@ class RouterDriver:
         assert fragment in error.message
 
     def expect_serving(self, n):
-        self.send([encode(Ping(request_id=n))])
+        self.send([encode(Ping(call_id=n))])
         assert self.receive() == Pong(in_reply_to=n)
 
 
@@ -343,7 +343,7 @@ class DealerDriver(RouterDriver):
         self.sock.bind(echo.connect_to)
         hello, frames = receive(self.sock, timeout=10)
         self.identity = frames[0]
-        welcome = Welcome(version=PROTOCOL_VERSION, in_reply_to=hello.request_id, **HELLO_FIELDS)
+        welcome = Welcome(version=PROTOCOL_VERSION, in_reply_to=hello.call_id, **HELLO_FIELDS)
         self.sock.send_multipart([self.identity, encode(welcome)])
 
     def send(self, body_frames):
@@ -476,7 +476,7 @@ def test_curve_actor_with_the_key_is_answered(curve):
 def test_curve_client_without_the_key_gets_no_reply(curve, zmq_context, client, answered):
     echo, _, clients = curve
     dealer = raw_socket(zmq_context, zmq.DEALER, echo.endpoints["from_peers"], keys=clients[client])
-    dealer.send(encode(Hello(version=PROTOCOL_VERSION, request_id=1, **HELLO_FIELDS)))
+    dealer.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1, **HELLO_FIELDS)))
     assert bool(dealer.poll(window(answered) * 1000)) == answered
 
 

@@ -87,7 +87,7 @@ def test_send_delivers_head_body_and_tracked_extra_frames(tmp_path, transport):
             pull, endpoint = sockets.open(zmq.PULL, make_endpoint(transport, tmp_path), bind=True)
             push, _ = sockets.open(zmq.PUSH, endpoint, bind=False)
             tracker = await send(
-                push, Ping(request_id=3), head=b"me", frames=[payload, b"small"], track=True
+                push, Ping(call_id=3), head=b"me", frames=[payload, b"small"], track=True
             )
             frames = await pull.recv_multipart(copy=False)
             await asyncio.to_thread(tracker.wait, 5)  # raises zmq.NotDone if never released
@@ -96,7 +96,7 @@ def test_send_delivers_head_body_and_tracked_extra_frames(tmp_path, transport):
         finally:
             sockets.close_all()
 
-    assert asyncio.run(scenario()) == (b"me", Ping(request_id=3), [bytes(payload), b"small"])
+    assert asyncio.run(scenario()) == (b"me", Ping(call_id=3), [bytes(payload), b"small"])
 
 
 def test_send_returns_a_tracker_only_when_asked(tmp_path):
@@ -151,7 +151,7 @@ def test_curve_connects_only_holders_of_the_cluster_key(tmp_path, server, client
         try:
             router, endpoint = server_side.open(zmq.ROUTER, "tcp://127.0.0.1:0", bind=True)
             dealer, _ = client_side.open(zmq.DEALER, endpoint, bind=False)
-            await send(dealer, Ping(request_id=1))
+            await send(dealer, Ping(call_id=1))
             return bool(await router.poll(300))
         finally:
             client_side.close_all()
