@@ -15,13 +15,26 @@ import asyncio
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
-from kvmesh.engine.engine import Engine, RequestOutput
+from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
 from kvmesh.engine.params import SamplingParams
+from kvmesh.protocol import KVEvent
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class StepResult:
+    """What one engine step produced, for a worker actor's on_step callback."""
+
+    outputs: list[RequestOutput]
+    remote_prefills: list[RemotePrefillTask]
+    kv_events: list[KVEvent]
 
 
 class EngineDeadError(RuntimeError):
@@ -31,8 +44,11 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     """Streams RequestOutputs of an Engine that runs on a dedicated thread."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_step: Callable[[StepResult], None] | None = None) -> None:
+        """With `on_step`, every step's outputs, new remote-prefill tasks and KV events
+        go to that callback (on the event loop) instead of per-request streams."""
         self.engine = engine
+        self.on_step = on_step
         self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.streams: dict[str, asyncio.Queue] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -99,6 +115,21 @@ class AsyncEngine:
         if stream is not None:
             stream.put_nowait(EngineDeadError(f"request {request_id} was aborted"))
 
+    def call(self, fn: Callable[[Engine], T]) -> asyncio.Future[T]:
+        """Run fn(engine) on the engine thread between steps; await its result."""
+        future = self.loop.create_future()
+
+        def command() -> None:
+            try:
+                result = fn(self.engine)
+            except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
+                self.loop.call_soon_threadsafe(_settle, future, exc)
+            else:
+                self.loop.call_soon_threadsafe(_settle_result, future, result)
+
+        self._submit(command)
+        return future
+
     def stats(self) -> dict:
         scheduler = self.engine.scheduler
         return {
@@ -129,18 +160,26 @@ class AsyncEngine:
                 while not self.commands.empty():
                     self.commands.get()()
                 if not self.engine.has_unfinished():
+                    self._publish([])
                     self.wakeup.wait()
                     self.wakeup.clear()
                     continue
-                outputs = self.engine.step()
-                if outputs:
-                    self.loop.call_soon_threadsafe(self._deliver, outputs)
+                self._publish(self.engine.step())
         except BaseException as exc:  # noqa: BLE001 - reported to every waiting stream
             log.exception("engine_thread_crashed")
             self.error = exc
         finally:
             reason = EngineDeadError(f"engine stopped: {self.error or 'closed'}")
             self.loop.call_soon_threadsafe(self._fail_all, reason)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        if self.on_step is None:
+            if outputs:
+                self.loop.call_soon_threadsafe(self._deliver, outputs)
+            return
+        result = StepResult(outputs, self.engine.take_remote_prefills(), self.engine.take_kv_events())
+        if result.outputs or result.remote_prefills or result.kv_events:
+            self.loop.call_soon_threadsafe(self.on_step, result)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -151,6 +190,11 @@ class AsyncEngine:
     def _fail_all(self, error: EngineDeadError) -> None:
         for stream in self.streams.values():
             stream.put_nowait(error)
+
+
+def _settle_result(future: asyncio.Future, result) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

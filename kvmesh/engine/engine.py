@@ -21,7 +21,7 @@ from kvmesh.engine.sampler import Sampler
 from kvmesh.engine.scheduler import Scheduler
 from kvmesh.engine.sequence import Sequence
 from kvmesh.gpu.block_pool import BlockPool
-from kvmesh.gpu.kv_cache import allocate_kv_caches, default_num_blocks
+from kvmesh.gpu.kv_cache import allocate_kv_caches, default_num_blocks, kv_cache_shape
 from kvmesh.gpu.loader import load_model, torch_dtype
 from kvmesh.gpu.model_config import ModelConfig
 from kvmesh.protocol import KVEvent
@@ -94,7 +94,10 @@ class Engine:
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        kv_caches: list | None = None,
     ) -> None:
+        """kv_caches: a pool allocated by the caller (e.g. in shared memory for the data
+        plane), num_blocks blocks per layer; by default the engine allocates its own."""
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -114,7 +117,12 @@ class Engine:
         self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching)
         salt = f"{config.architecture}:{Path(config.path).name}".encode()
         self.scheduler = Scheduler(BlockManager(self.pool, salt), max_num_seqs, max_num_batched_tokens)
-        self.kv_caches = allocate_kv_caches(config, num_blocks, block_size, torch_dtype(dtype), device)
+        if kv_caches is None:
+            kv_caches = allocate_kv_caches(config, num_blocks, block_size, torch_dtype(dtype), device)
+        expected = kv_cache_shape(config, num_blocks, block_size)
+        if len(kv_caches) != config.num_layers or tuple(kv_caches[0].shape) != expected:
+            raise ValueError(f"kv_caches must be {config.num_layers} tensors of shape {expected}")
+        self.kv_caches = kv_caches
         self.runner = ModelRunner(model, self.kv_caches, block_size, device)
         self.sampler = Sampler(device, seed)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
