@@ -213,6 +213,8 @@ class LoadReport(Message, frozen=True, kw_only=True):
     queued_prefill_tokens: int
     prompt_tokens_total: int
     cached_tokens_total: int
+    remote_prefills_total: int = 0  # prompts prefilled elsewhere (decode) or here for others
+    transfer_bytes_total: int = 0  # KV bytes received (decode) or sent (prefill)
 
 
 class RouteRequest(Request, frozen=True, kw_only=True):
