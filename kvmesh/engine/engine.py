@@ -115,8 +115,8 @@ class Engine:
             raise ValueError(f"num_blocks must be a positive integer or None, got {num_blocks!r}")
         self.num_blocks = num_blocks
         self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching)
-        salt = f"{config.architecture}:{Path(config.path).name}".encode()
-        self.scheduler = Scheduler(BlockManager(self.pool, salt), max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(BlockManager(self.pool, config.hash_salt), max_num_seqs,
+                                   max_num_batched_tokens)
         if kv_caches is None:
             kv_caches = allocate_kv_caches(config, num_blocks, block_size, torch_dtype(dtype), device)
         expected = kv_cache_shape(config, num_blocks, block_size)
@@ -331,8 +331,8 @@ class Engine:
             text=seq.text,
             finish_reason=seq.finish_reason,
             num_cached_tokens=seq.num_cached_tokens or 0,
-            logprobs=seq.logprobs,
-            new_token_ids=new_ids,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None,  # a snapshot:
+            new_token_ids=new_ids,  # the engine thread keeps appending to the live list
             new_text=new_text,
         )
 

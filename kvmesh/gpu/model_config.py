@@ -44,6 +44,12 @@ class ModelConfig:
     def max_model_len(self) -> int:
         return self.max_position_embeddings
 
+    @property
+    def hash_salt(self) -> bytes:
+        """Salt of this model's KV block hashes: the same prompt under another model
+        (or another checkpoint directory) must never match."""
+        return f"{self.architecture}:{Path(self.path).name}".encode()
+
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
         """Read `path`/config.json; refuse what the engine cannot run, naming the field."""
