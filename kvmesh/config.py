@@ -134,8 +134,9 @@ class KVConfig(Table):
     """The [kv] table."""
 
     device_blocks: Annotated[int, doc(
-        "KV blocks in each worker's device pool; 0 = size the pool from free memory.",
-        ge=0)] = 0
+        "KV blocks in each worker's device pool; 0 = size the pool from free memory "
+        "(what a GPU node wants). 4096 blocks of the tiny model are 128 MiB per worker.",
+        ge=0)] = 4096
     transfer: Annotated[Literal["auto", "shm", "zmq", "ucx"], doc(
         "KV data plane between workers. auto: shm on one host, else ucx when installed, "
         "else zmq; naming one forces it.")] = "auto"

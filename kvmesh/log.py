@@ -15,6 +15,9 @@ def configure(level: str = "info", json: bool = False) -> None:
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
     numeric = getattr(logging, level.upper())
     logging.basicConfig(stream=sys.stderr, level=numeric, format="%(message)s")
+    # Libraries that log every HTTP call at info: keep them to warnings.
+    for noisy in ("httpx", "httpcore", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(
         colors=False
     )

@@ -1,0 +1,283 @@
+"""Routing policies: which worker decodes a request and which, if any, prefills it.
+
+Algorithm (policy "kv", the default). For a request of n prompt tokens whose full
+blocks hash to h_0..h_k-1 (block_size tokens each):
+
+1. One KVIndex lookup gives, per worker, the leading blocks it holds on device, host
+   and disk (nd, nh, nk).
+2. Every alive worker w of the role gets a cost in tokens, lower is better:
+
+       credit(w)   = block_size * (device_weight*nd + host_weight*nh + disk_weight*nk)
+       uncached(w) = max(0, n - credit(w))                 prefill work left on w
+       load(w)     = queued_tokens + kv_usage * capacity_tokens      (w's last report)
+                     + pending_tokens                       (router's own predictions)
+       cost(w)     = uncached(w) + load_weight * load(w)
+
+   temperature 0 takes the lowest cost, ties broken by lower load, then lower worker
+   id; temperature T > 0 samples w with probability ~ exp(-cost(w) / T) from a
+   seeded RNG (T is in tokens: a worker T tokens dearer is e times less likely).
+3. Decode worker D: the pick among alive "decode" workers (where the KV ends up).
+   No alive decode worker raises NoWorkerError("decode").
+4. Conditional disaggregation: suffix = n - block_size * (leading blocks D holds, any
+   tier). Prefill runs locally on D (prefill=None) when
+       suffix < disagg_min_tokens                         local_reason "short_suffix"
+       no alive "prefill" worker                          local_reason "no_prefill_worker"
+       every alive prefill worker is busy:                local_reason "prefill_busy"
+           queued_tokens + pending_tokens > prefill_busy_tokens
+   else the prefill worker P is the pick among the non-busy prefill workers, by the
+   same cost (P's own overlap credit plus its load).
+5. Predictions: `on_placed` adds n tokens to D's pending_tokens and P's tokens to
+   compute to P's; they count until the worker's next load report (`on_load_report`,
+   which then carries that load itself) or the request's end (`on_finished`),
+   whichever comes first. So a burst of equal requests spreads over the workers
+   instead of piling onto one before any report or KV event arrives.
+
+Baselines, for comparison: "round_robin" (each role cycles through its eligible
+workers in the order given), "random" (seeded uniform choice), "least_loaded" (lowest
+load(w), then id). They ignore the overlaps when picking, but step 4 still measures
+D's cached prefix, so every policy's disaggregation decisions and Placement numbers
+are comparable.
+
+Settings (RouterSettings): policy "kv"; device_weight 1.0, host_weight 0.75,
+disk_weight 0.25; load_weight 1.0; temperature 0.0; seed 0; disagg_min_tokens 1024;
+prefill_busy_tokens 32768.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Collection, Hashable, Sequence
+from dataclasses import dataclass
+
+import msgspec
+
+from kvmesh.router.kv_index import KVIndex, Overlap
+
+ROLES = ("prefill", "decode")
+POLICIES = ("kv", "round_robin", "random", "least_loaded")
+
+
+class NoWorkerError(Exception):
+    """No alive worker of `role` can take the request; the router replies with an error."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__(f"no alive {role} worker")
+        self.role = role
+
+
+class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The routing policy and its settings; see the module docstring for their meaning."""
+
+    policy: str = "kv"
+    device_weight: float = 1.0
+    host_weight: float = 0.75
+    disk_weight: float = 0.25
+    load_weight: float = 1.0
+    temperature: float = 0.0
+    seed: int = 0
+    disagg_min_tokens: int = 1024
+    prefill_busy_tokens: int = 32768
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        for name in ("device_weight", "host_weight", "disk_weight", "load_weight",
+                     "temperature", "disagg_min_tokens", "prefill_busy_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+@dataclass(slots=True)
+class WorkerState:
+    """What the router knows of one worker: registry facts and its last load report.
+
+    num_running is kept for status only: the running requests' KV is in kv_usage, which
+    counts as kv_usage * capacity_tokens tokens of load (nothing while capacity is 0).
+    """
+
+    worker_id: str
+    role: str
+    capacity_tokens: int = 0  # KV cache size in tokens
+    alive: bool = True
+    num_running: int = 0  # requests decoding or prefilling
+    num_queued_tokens: int = 0  # prompt tokens waiting to be prefilled
+    kv_usage: float = 0.0  # fraction of KV blocks referenced by running requests
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+
+
+class Placement(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a request goes: prefill worker (None: the decode worker prefills) and decode.
+
+    expected_cached_tokens: leading prompt tokens the decode worker holds (any tier).
+    prefill_tokens: prompt tokens the prefilling worker has to compute.
+    local_reason: why prefill is local ("short_suffix", "no_prefill_worker",
+    "prefill_busy"), None when remote. *_scores: what the policy compared per worker,
+    lower is better (cost for kv, load for least_loaded, empty for the others).
+    """
+
+    prefill: str | None
+    decode: str
+    num_prompt_tokens: int
+    expected_cached_tokens: int
+    prefill_tokens: int
+    local_reason: str | None
+    decode_scores: dict[str, float]
+    prefill_scores: dict[str, float]
+
+
+class Router:
+    """Places requests on workers with one policy, picked once here; keeps the router's
+    in-flight load predictions between load reports."""
+
+    def __init__(self, settings: RouterSettings | None = None) -> None:
+        self.settings = settings = settings or RouterSettings()
+        self._pick = {
+            "kv": self._pick_kv,
+            "round_robin": self._pick_round_robin,
+            "random": self._pick_random,
+            "least_loaded": self._pick_least_loaded,
+        }[settings.policy]
+        self._weights = (settings.device_weight, settings.host_weight, settings.disk_weight)
+        self._rng = random.Random(settings.seed)
+        self._cursors = dict.fromkeys(ROLES, 0)
+        self.pending_tokens: dict[str, int] = {}
+        self._report_epochs: dict[str, int] = {}
+        # request id -> [(worker id, predicted tokens, worker's report epoch when placed)]
+        self._in_flight: dict[Hashable, list[tuple[str, int, int]]] = {}
+
+    def choose(
+        self,
+        block_hashes: Sequence[int],
+        num_prompt_tokens: int,
+        block_size: int,
+        workers: Collection[WorkerState],
+        index: KVIndex | None,
+    ) -> Placement:
+        """The placement of one request; raises NoWorkerError when no decode worker is alive."""
+        decoders = [w for w in workers if w.alive and w.role == "decode"]
+        if not decoders:
+            raise NoWorkerError("decode")
+        overlaps = index.overlaps(block_hashes) if index is not None else {}
+        decode, decode_scores = self._pick(decoders, overlaps, num_prompt_tokens, block_size)
+        cached = min(num_prompt_tokens, block_size * _num_blocks(overlaps, decode))
+        prefill, prefill_scores, local_reason = None, {}, None
+        prefill_tokens = num_prompt_tokens - cached
+        if prefill_tokens < self.settings.disagg_min_tokens:
+            local_reason = "short_suffix"
+        else:
+            prefillers = [w for w in workers if w.alive and w.role == "prefill"]
+            idle = [w for w in prefillers if not self.is_busy(w)]
+            if not prefillers:
+                local_reason = "no_prefill_worker"
+            elif not idle:
+                local_reason = "prefill_busy"
+            else:
+                prefill, prefill_scores = self._pick(idle, overlaps, num_prompt_tokens, block_size)
+                prefill_tokens = num_prompt_tokens - min(
+                    num_prompt_tokens, block_size * _num_blocks(overlaps, prefill)
+                )
+        return Placement(
+            prefill=prefill.worker_id if prefill is not None else None,
+            decode=decode.worker_id,
+            num_prompt_tokens=num_prompt_tokens,
+            expected_cached_tokens=cached,
+            prefill_tokens=prefill_tokens,
+            local_reason=local_reason,
+            decode_scores=decode_scores,
+            prefill_scores=prefill_scores,
+        )
+
+    def load(self, worker: WorkerState) -> float:
+        """Tokens of work on `worker`: its last report plus the router's predictions since."""
+        return (worker.num_queued_tokens + worker.kv_usage * worker.capacity_tokens
+                + self.pending_tokens.get(worker.worker_id, 0))
+
+    def is_busy(self, worker: WorkerState) -> bool:
+        """A prefill worker whose queue (reported plus predicted) is over prefill_busy_tokens."""
+        queued = worker.num_queued_tokens + self.pending_tokens.get(worker.worker_id, 0)
+        return queued > self.settings.prefill_busy_tokens
+
+    def on_placed(self, request_id: Hashable, placement: Placement) -> None:
+        """The request was sent as placed: count it on its workers until they report."""
+        predictions = [(placement.decode, placement.num_prompt_tokens)]
+        if placement.prefill is not None:
+            predictions.append((placement.prefill, placement.prefill_tokens))
+        record = []
+        for worker_id, tokens in predictions:
+            self.pending_tokens[worker_id] = self.pending_tokens.get(worker_id, 0) + tokens
+            record.append((worker_id, tokens, self._report_epochs.get(worker_id, 0)))
+        self._in_flight[request_id] = record
+
+    def on_finished(self, request_id: Hashable) -> None:
+        """The request ended (done, failed or aborted): drop what is left of its prediction."""
+        for worker_id, tokens, epoch in self._in_flight.pop(request_id, ()):
+            if self._report_epochs.get(worker_id, 0) == epoch:
+                self.pending_tokens[worker_id] -= tokens
+
+    def on_load_report(self, worker: WorkerState, *, num_running: int, num_queued_tokens: int,
+                       kv_usage: float) -> None:
+        """A worker's load report: it now carries the load the router had predicted."""
+        worker.num_running = num_running
+        worker.num_queued_tokens = num_queued_tokens
+        worker.kv_usage = kv_usage
+        self._forget_predictions(worker.worker_id)
+
+    def on_worker_removed(self, worker_id: str) -> None:
+        """The worker left or died: its predictions no longer mean anything."""
+        self._forget_predictions(worker_id)
+        self.pending_tokens.pop(worker_id, None)
+
+    def _forget_predictions(self, worker_id: str) -> None:
+        self._report_epochs[worker_id] = self._report_epochs.get(worker_id, 0) + 1
+        self.pending_tokens[worker_id] = 0
+
+    # --- the policies: (candidates, overlaps, n, block_size) -> (pick, scores) ---
+
+    def _pick_kv(self, candidates: list[WorkerState], overlaps: dict[Hashable, Overlap],
+                 num_prompt_tokens: int, block_size: int) -> tuple[WorkerState, dict[str, float]]:
+        device_weight, host_weight, disk_weight = self._weights
+        load_weight = self.settings.load_weight
+        scores: dict[str, float] = {}
+        best, best_key = None, None
+        for worker in candidates:
+            worker_id = worker.worker_id
+            overlap = overlaps.get(worker_id)
+            uncached = num_prompt_tokens
+            if overlap is not None:
+                credit = block_size * (device_weight * overlap.device
+                                       + host_weight * overlap.host + disk_weight * overlap.disk)
+                uncached = max(0.0, num_prompt_tokens - credit)
+            load = self.load(worker)
+            cost = uncached + load_weight * load
+            scores[worker_id] = cost
+            key = (cost, load, worker_id)
+            if best_key is None or key < best_key:
+                best, best_key = worker, key
+        temperature = self.settings.temperature
+        if temperature == 0 or len(candidates) == 1:
+            return best, scores
+        lowest = best_key[0]
+        weights = [math.exp((lowest - scores[w.worker_id]) / temperature) for w in candidates]
+        return self._rng.choices(candidates, weights)[0], scores
+
+    def _pick_round_robin(self, candidates, overlaps, num_prompt_tokens, block_size):
+        role = candidates[0].role
+        cursor = self._cursors[role]
+        self._cursors[role] = cursor + 1
+        return candidates[cursor % len(candidates)], {}
+
+    def _pick_random(self, candidates, overlaps, num_prompt_tokens, block_size):
+        return self._rng.choice(candidates), {}
+
+    def _pick_least_loaded(self, candidates, overlaps, num_prompt_tokens, block_size):
+        scores = {w.worker_id: self.load(w) for w in candidates}
+        return min(candidates, key=lambda w: (scores[w.worker_id], w.worker_id)), scores
+
+
+def _num_blocks(overlaps: dict[Hashable, Overlap], worker: WorkerState) -> int:
+    overlap = overlaps.get(worker.worker_id)
+    return overlap.num_blocks if overlap is not None else 0
