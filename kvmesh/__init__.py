@@ -7,6 +7,8 @@ frontend process that imports only kvmesh.protocol starts in well under a second
 __version__ = "0.1.0"
 
 _LAZY = {
+    "AsyncClient": "kvmesh.client",
+    "Client": "kvmesh.client",
     "Engine": "kvmesh.engine.engine",
     "RequestOutput": "kvmesh.engine.engine",
     "SamplingParams": "kvmesh.engine.params",

@@ -220,8 +220,15 @@ class LoadReport(Message, frozen=True, kw_only=True):
 class RouteRequest(Request, frozen=True, kw_only=True):
     """Where should a prompt with these block hashes go?"""
 
+    request_id: str
     block_hashes: list[int]
     num_prompt_tokens: int
+
+
+class RequestDone(Message, frozen=True, kw_only=True):
+    """Frontend -> router: a placed request ended; its predicted load is gone."""
+
+    request_id: str
 
 
 class Placement(Reply, frozen=True, kw_only=True):
@@ -325,6 +332,7 @@ AnyMessage = (
     | Registered
     | LoadReport
     | RouteRequest
+    | RequestDone
     | Placement
     | StatusQuery
     | ClusterStatus

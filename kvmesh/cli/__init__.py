@@ -5,9 +5,11 @@ import click
 
 from kvmesh import __version__, log
 from kvmesh.cli.bench import bench
+from kvmesh.cli.cluster import actor, chat, status, up
 from kvmesh.cli.generate import generate
 from kvmesh.cli.keys import keys
 from kvmesh.cli.model import model
+from kvmesh.cli.serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,10 +34,15 @@ def cli(log_level: str, log_json: bool) -> None:
     log.configure(log_level, log_json)
 
 
+cli.add_command(up)
+cli.add_command(status)
+cli.add_command(chat)
+cli.add_command(actor)
 cli.add_command(model)
 cli.add_command(generate)
 cli.add_command(bench)
 cli.add_command(keys)
+cli.add_command(serve)
 
 
 def main() -> None:

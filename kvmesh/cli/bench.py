@@ -4,6 +4,9 @@ same run, plus JSON results. The commands live in kvmesh.bench.*."""
 import click
 
 from kvmesh.bench.engine import engine_command
+from kvmesh.bench.router_index import index_command
+from kvmesh.bench.serve import serve_group
+from kvmesh.bench.transfer import transfer_command
 
 
 @click.group()
@@ -12,3 +15,6 @@ def bench() -> None:
 
 
 bench.add_command(engine_command)
+bench.add_command(transfer_command)
+bench.add_command(index_command)
+bench.add_command(serve_group)

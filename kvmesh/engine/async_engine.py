@@ -35,6 +35,7 @@ class StepResult:
     outputs: list[RequestOutput]
     remote_prefills: list[RemotePrefillTask]
     kv_events: list[KVEvent]
+    load: dict[str, float]  # Engine.load() after the step
 
 
 class EngineDeadError(RuntimeError):
@@ -177,9 +178,9 @@ class AsyncEngine:
             if outputs:
                 self.loop.call_soon_threadsafe(self._deliver, outputs)
             return
-        result = StepResult(outputs, self.engine.take_remote_prefills(), self.engine.take_kv_events())
-        if result.outputs or result.remote_prefills or result.kv_events:
-            self.loop.call_soon_threadsafe(self.on_step, result)
+        result = StepResult(outputs, self.engine.take_remote_prefills(),
+                            self.engine.take_kv_events(), self.engine.load())
+        self.loop.call_soon_threadsafe(self.on_step, result)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

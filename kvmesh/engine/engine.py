@@ -370,6 +370,18 @@ class Engine:
         """Prefix-cache stored/removed events since the last call (for the router)."""
         return self.pool.take_events()
 
+    def load(self) -> dict[str, float]:
+        """What a router weighs: work queued and running, pool use. Engine thread only."""
+        scheduler = self.scheduler
+        return {
+            "num_running": len(scheduler.running),
+            "num_waiting": len(scheduler.waiting),
+            "num_remote": len(scheduler.remote) + len(self.held),
+            "kv_usage": self.pool.usage,
+            "queued_prefill_tokens": sum(s.num_tokens - s.num_computed_tokens
+                                         for s in scheduler.waiting),
+        }
+
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions

@@ -1,0 +1,226 @@
+"""The frontend actor: the OpenAI HTTP server, backed by the cluster.
+
+One asyncio loop runs both uvicorn (kvmesh.frontend.app) and this actor's sockets.
+For each request: hash the prompt's blocks, ask the router for a Placement, send
+Generate to the decode worker (connecting on first use), and turn the TokenBatches it
+streams back into Deltas. A client that goes away sends Abort; a decode worker that
+dies ends its requests with an error (request migration is the cache/fault issue's).
+Torch-free: this process starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+
+from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
+from kvmesh.engine.params import SamplingParams
+from kvmesh.frontend.backend import BackendUnavailable, OverloadedError
+from kvmesh.gpu.block_pool import hash_blocks
+from kvmesh.gpu.model_config import ModelConfig
+from kvmesh.protocol import (
+    Abort,
+    ClusterStatus,
+    Delta,
+    Generate,
+    Placement,
+    RequestDone,
+    RouteRequest,
+    StatusQuery,
+    TokenBatch,
+)
+from kvmesh.tokenizer import Tokenizer
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class FrontendSettings:
+    model_path: str
+    model_name: str
+    block_size: int
+    router_endpoint: str
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    expected_workers: int = 1  # /health is 200 once this many workers registered
+    max_num_requests: int = 1024  # in flight; beyond it requests get 429 + Retry-After
+    route_timeout: float = 10.0
+    connect_timeout: float = 60.0
+    status_interval: float = 0.5
+
+
+class FrontendActor(Actor):
+    """HTTP in, Generate out; also the cluster Backend that kvmesh.frontend.app calls."""
+
+    role = "frontend"
+
+    def __init__(self, config: ActorConfig, settings: FrontendSettings) -> None:
+        super().__init__(config)
+        self.settings = settings
+        model = ModelConfig.from_pretrained(settings.model_path)
+        self.model_name = settings.model_name
+        self.tokenizer = Tokenizer.from_pretrained(settings.model_path)
+        self.max_model_len = model.max_model_len
+        self.vocab_size = model.vocab_size
+        self.salt = model.hash_salt
+        self.router_id: str | None = None
+        self.status: ClusterStatus | None = None
+        self.streams: dict[str, asyncio.Queue] = {}
+        self.decode_of: dict[str, str] = {}  # request id -> decode worker
+        self._server = None
+        self._services: list[asyncio.Task] = []
+
+    # --- actor lifecycle ---
+
+    async def setup(self) -> None:
+        import uvicorn
+
+        from kvmesh.frontend.app import create_app
+
+        self.router_id = await self.connect("to_router", self.settings.router_endpoint,
+                                            self.settings.connect_timeout)
+        config = uvicorn.Config(create_app(self), host=self.settings.host,
+                                port=self.settings.http_port, log_level="warning",
+                                lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._services = [asyncio.create_task(self._server.serve()),
+                       asyncio.create_task(self._poll_status())]
+        self.endpoints["http"] = f"http://{self.settings.host}:{self.settings.http_port}"
+
+    async def drain(self) -> None:
+        """Stop taking HTTP requests; let the streams in flight finish."""
+        while self.streams:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        server, *others = self._services or [None]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*self._services, return_exceptions=True)
+        await super().close()
+
+    async def _poll_status(self) -> None:
+        while True:
+            try:
+                self.status = await self.request(self.router_id, StatusQuery(),
+                                                 timeout=self.settings.route_timeout)
+            except (PeerDeadError, RemoteError, TimeoutError) as exc:
+                log.warning("router_status_failed", error=str(exc))
+                self.status = None
+            await asyncio.sleep(self.settings.status_interval)
+
+    # --- Backend ---
+
+    def ready(self) -> bool:
+        if self.status is None:
+            return False
+        workers = [a for a in self.status.actors if a.role in ("prefill", "decode")]
+        return (len(workers) >= self.settings.expected_workers
+                and any(a.role == "decode" for a in workers))
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[Delta]:
+        if not self._accepting:
+            raise BackendUnavailable("the frontend is shutting down", retry_after=1.0)
+        if len(self.streams) >= self.settings.max_num_requests:
+            raise OverloadedError(f"{len(self.streams)} requests in flight; try again shortly")
+        placement = await self._place(request_id, prompt_token_ids)
+        decode = placement.decode
+        stream: asyncio.Queue = asyncio.Queue()
+        self.streams[request_id] = stream
+        self.decode_of[request_id] = decode
+        finished = False
+        try:
+            await self._ensure_connected(decode, placement.decode_endpoint)
+            await self.send(decode, Generate(
+                request_id=request_id, prompt_token_ids=prompt_token_ids, params=params,
+                prefill=placement.prefill, prefill_endpoint=placement.prefill_endpoint))
+            while not finished:
+                delta: Delta = await stream.get()
+                if delta.error is not None:
+                    finished = True
+                    raise _as_error(delta.error)
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            self.streams.pop(request_id, None)
+            self.decode_of.pop(request_id, None)
+            if not finished and decode in self.peers:
+                await self.send(decode, Abort(request_id=request_id))
+            if self.router_id in self.peers:
+                await self.send(self.router_id, RequestDone(request_id=request_id))
+
+    async def _place(self, request_id: str, prompt_token_ids: list[int]) -> Placement:
+        if self.router_id not in self.peers:
+            raise BackendUnavailable("the router is unreachable", retry_after=2.0)
+        hashes = hash_blocks(prompt_token_ids, self.settings.block_size, salt=self.salt)
+        try:
+            return await self.request(self.router_id, RouteRequest(
+                request_id=request_id, block_hashes=hashes,
+                num_prompt_tokens=len(prompt_token_ids)),
+                timeout=self.settings.route_timeout)
+        except RemoteError as exc:
+            raise BackendUnavailable(f"no placement: {exc.error.message}", retry_after=2.0) from exc
+        except (PeerDeadError, TimeoutError) as exc:
+            raise BackendUnavailable(f"the router did not answer: {exc}", retry_after=2.0) from exc
+
+    async def _ensure_connected(self, worker: str, endpoint: str) -> None:
+        if worker in self.peers:
+            return
+        try:
+            await self.connect(f"to_{worker}", endpoint, self.settings.connect_timeout)
+        except (TimeoutError, ConnectionError, ValueError) as exc:
+            raise BackendUnavailable(f"decode worker {worker} unreachable: {exc}") from exc
+
+    async def abort(self, request_id: str) -> None:
+        decode = self.decode_of.get(request_id)
+        stream = self.streams.pop(request_id, None)
+        if decode in self.peers:
+            await self.send(decode, Abort(request_id=request_id))
+        if stream is not None:
+            stream.put_nowait(Delta(request_id=request_id, new_token_ids=[], new_text="",
+                                    error="aborted"))
+
+    def metrics(self) -> dict:
+        workers = []
+        remote_prefills = transfer_bytes = 0
+        for actor in self.status.actors if self.status else []:
+            if actor.role not in ("prefill", "decode"):
+                continue
+            workers.append({"worker": actor.actor_id, "role": actor.role, **actor.load})
+            if actor.role == "decode":
+                remote_prefills += int(actor.load.get("remote_prefills_total", 0))
+                transfer_bytes += int(actor.load.get("transfer_bytes_total", 0))
+        return {"remote_prefill_total": remote_prefills, "kv_transfer_bytes_total": transfer_bytes,
+                "workers": workers}
+
+    # --- from the workers ---
+
+    async def on_token_batch(self, msg: TokenBatch, inbound) -> None:
+        """One step's tokens for some of our requests."""
+        for delta in msg.deltas:
+            stream = self.streams.get(delta.request_id)
+            if stream is not None:
+                stream.put_nowait(delta)
+
+    async def on_peer_dead(self, peer_id: str) -> None:
+        """A decode worker died: its requests end with an error."""
+        for request_id, decode in list(self.decode_of.items()):
+            if decode == peer_id and request_id in self.streams:
+                self.streams[request_id].put_nowait(Delta(
+                    request_id=request_id, new_token_ids=[], new_text="",
+                    error=f"unavailable: decode worker {peer_id} died"))
+        await super().on_peer_dead(peer_id)
+
+
+def _as_error(message: str) -> Exception:
+    """A worker's error for one request: bad input (ValueError) or the cluster's fault."""
+    if message.startswith("unavailable:") or message == "aborted":
+        return BackendUnavailable(message, retry_after=1.0)
+    return ValueError(message)

@@ -1,0 +1,82 @@
+"""One entry point per role: build the actor that cluster.toml names `actor_id`.
+
+`kvmesh actor ID` (what `kvmesh up` and Slurm scripts run) calls run_actor; each
+init_<role> maps config keys onto that actor's settings and imports only what the
+role needs, so a router or frontend never imports torch.
+"""
+
+from __future__ import annotations
+
+from kvmesh.actors.base import Actor, ActorConfig
+from kvmesh.config import ActorSpec, ClusterConfig, ConfigError
+
+WORKER_ROLES = ("prefill", "decode")
+
+
+def find_spec(cfg: ClusterConfig, actor_id: str) -> ActorSpec:
+    for spec in cfg.actors:
+        if spec.actor_id == actor_id:
+            return spec
+    known = ", ".join(spec.actor_id for spec in cfg.actors)
+    raise ConfigError(f"actor id {actor_id!r} is not in the cluster; its actors are {known}",
+                      key="nodes")
+
+
+def actor_config(cfg: ClusterConfig, spec: ActorSpec) -> ActorConfig:
+    return ActorConfig(
+        actor_id=spec.actor_id,
+        node=spec.node,
+        heartbeat_interval=cfg.cluster.heartbeat_interval,
+        liveness=cfg.cluster.liveness,
+        grace_period=cfg.cluster.grace_period,
+        key_dir=cfg.security.key_path,
+    )
+
+
+def init_router(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
+    from kvmesh.actors.router import RouterActor, RouterActorSettings
+    from kvmesh.router.policy import RouterSettings
+
+    fields = {name: getattr(cfg.router, name) for name in RouterSettings.__struct_fields__}
+    settings = RouterActorSettings(endpoint=spec.bind, model_name=cfg.model.served_name,
+                                   block_size=cfg.model.block_size,
+                                   policy=RouterSettings(**fields))
+    return RouterActor(actor_config(cfg, spec), settings)
+
+
+def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
+    from kvmesh.actors.frontend import FrontendActor, FrontendSettings
+
+    workers = sum(1 for a in cfg.actors if a.role in WORKER_ROLES)
+    settings = FrontendSettings(
+        model_path=str(cfg.model.resolved_path), model_name=cfg.model.served_name,
+        block_size=cfg.model.block_size, router_endpoint=cfg.router_endpoint,
+        host=cfg.cluster.host, http_port=cfg.frontend.http_port, expected_workers=workers,
+        max_num_requests=cfg.frontend.max_num_requests)
+    return FrontendActor(actor_config(cfg, spec), settings)
+
+
+def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
+    from kvmesh.actors.worker import DecodeWorker, PrefillWorker, WorkerSettings
+
+    settings = WorkerSettings(
+        model_path=str(cfg.model.resolved_path), model_name=cfg.model.served_name,
+        endpoint=spec.bind, events_endpoint=spec.events_bind,
+        router_endpoint=cfg.router_endpoint, device=spec.device, dtype=cfg.model.dtype,
+        block_size=cfg.model.block_size, num_blocks=cfg.kv.device_blocks or None,
+        max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
+        transfer=cfg.kv.transfer)
+    worker_class = PrefillWorker if spec.role == "prefill" else DecodeWorker
+    return worker_class(actor_config(cfg, spec), settings)
+
+
+INIT = {"router": init_router, "frontend": init_frontend, "prefill": init_worker,
+        "decode": init_worker}
+
+
+def build_actor(cfg: ClusterConfig, actor_id: str) -> Actor:
+    spec = find_spec(cfg, actor_id)
+    init = INIT.get(spec.role)
+    if init is None:
+        raise ConfigError(f"role {spec.role!r} of {actor_id} has no actor yet", key="nodes")
+    return init(cfg, spec)

@@ -1,0 +1,345 @@
+"""Prefill and decode workers: an Engine on its own thread behind an actor.
+
+Life of a disaggregated request (DESIGN.md, decode first):
+
+    frontend ──Generate(prefill=P)──► decode D: admit, allocate the prompt's blocks
+                                       (reusing D's prefix cache), park the prompt
+    D ──RemotePrefill(blocks)──► prefill P: compute the prompt (P's own prefix cache
+                                  helps), sample the first token, hold the blocks
+    P ══KV blocks (data plane: shm / zmq / ucx)══► D's blocks; KvWrite/KvWriteDone
+    P ──RemotePrefillDone(first token)──► D: resume the prompt as a running decode
+    D ──TokenBatch (one per step per frontend)──► frontend
+
+Without `prefill` in Generate, the decode worker prefills locally. When the prefill
+worker fails (dead, timeout, error) the prompt is computed locally instead.
+Both roles publish their KV events and a LoadReport on their events socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+
+import structlog
+import zmq
+
+from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
+from kvmesh.engine.async_engine import AsyncEngine, StepResult
+from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
+from kvmesh.engine.params import SamplingParams
+from kvmesh.protocol import (
+    Abort,
+    Delta,
+    Generate,
+    LoadReport,
+    RegisterWorker,
+    RemotePrefill,
+    RemotePrefillDone,
+    TokenBatch,
+)
+from kvmesh.transport.dataplane import DataPlaneHandlers, KVDataPlane, KVLayout, allocate_shared_pool
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs beyond ActorConfig; `kvmesh actor` fills it from cluster.toml."""
+
+    model_path: str
+    model_name: str
+    endpoint: str  # our ROUTER, for frontends and peers
+    events_endpoint: str  # our PUB, for the router
+    router_endpoint: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    transfer: str = "auto"
+    load_report_interval: float = 0.5
+    remote_prefill_timeout: float = 120.0
+    connect_timeout: float = 60.0
+
+
+def first_token_params(params: SamplingParams) -> SamplingParams:
+    """The prefill worker samples only the request's first token, with its settings;
+    stopping is the decode worker's business."""
+    fields = {name: getattr(params, name) for name in params.__struct_fields__}
+    return SamplingParams(**(fields | {"max_tokens": 1, "ignore_eos": True, "stop": []}))
+
+
+class EngineWorker(DataPlaneHandlers, Actor):
+    """What prefill and decode workers share: the engine, registration, events, load."""
+
+    def __init__(self, config: ActorConfig, settings: WorkerSettings) -> None:
+        super().__init__(config)
+        self.settings = settings
+        self.engine: AsyncEngine | None = None
+        self.kv_plane: KVDataPlane | None = None
+        self.router_id: str | None = None
+        self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
+        self.remote_prefills_total = 0
+        self.transfer_bytes_total = 0
+        self._events: asyncio.Queue = asyncio.Queue()  # KV events and load reports, in order
+        self.load: dict[str, float] = {}  # the engine's, after its last step
+        self._background: list[asyncio.Task] = []
+
+    async def setup(self) -> None:
+        engine, segment = await asyncio.to_thread(self._build_engine)
+        self.engine = AsyncEngine(engine, on_step=self._on_step)
+        self.engine.start()
+        self.kv_plane = KVDataPlane(self, engine.kv_caches, segment=segment,
+                                    backend=self.settings.transfer, node=self.config.node)
+        self.open("from_peers", zmq.ROUTER, self.settings.endpoint, bind=True)
+        events = self.open("events_out", zmq.PUB, self.settings.events_endpoint, bind=True)
+        self.router_id = await self.connect("to_router", self.settings.router_endpoint,
+                                            self.settings.connect_timeout)
+        await self.request(self.router_id, RegisterWorker(
+            model=self.settings.model_name, block_size=engine.block_size,
+            num_blocks=engine.num_blocks, max_num_seqs=engine.scheduler.max_num_seqs,
+            pid=os.getpid(), events_endpoint=events), timeout=self.settings.connect_timeout)
+        self._background = [asyncio.create_task(self._publish_events()),
+                            asyncio.create_task(self._report_load())]
+
+    def _build_engine(self) -> tuple[Engine, object]:
+        from kvmesh.gpu.kv_cache import default_num_blocks
+        from kvmesh.gpu.loader import load_model, torch_dtype
+        from kvmesh.gpu.model_config import ModelConfig
+        from kvmesh.tokenizer import Tokenizer
+
+        s = self.settings
+        config = ModelConfig.from_pretrained(s.model_path)
+        dtype = torch_dtype(s.dtype)
+        num_blocks = s.num_blocks or default_num_blocks(
+            config, s.block_size, dtype, s.device, s.max_num_seqs * config.max_model_len)
+        kv_caches = segment = None
+        if s.device == "cpu":  # a shared-memory pool, so same-host peers write straight in
+            layout = KVLayout(config.num_layers, num_blocks, s.block_size, config.num_kv_heads,
+                              config.head_dim, dtype)
+            kv_caches, segment = allocate_shared_pool(layout, self.actor_id)
+        engine = Engine(load_model(s.model_path, s.device, s.dtype), Tokenizer.from_pretrained(
+            s.model_path), config, device=s.device, dtype=s.dtype, block_size=s.block_size,
+            num_blocks=num_blocks, max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens, kv_caches=kv_caches)
+        return engine, segment
+
+    async def drain(self) -> None:
+        """Finish what is in flight: wait until the engine has nothing left to run."""
+        while self.engine is not None and self.engine.engine.has_unfinished():
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self.engine is not None:
+            await self.engine.close()
+        if self.kv_plane is not None:
+            await self.kv_plane.close()
+        await super().close()
+
+    # --- engine side ---
+
+    def _on_step(self, result: StepResult) -> None:
+        for event in result.kv_events:
+            self._events.put_nowait(event)
+        counts = ("num_running", "num_waiting", "num_remote")
+        changed = any(result.load.get(k) != self.load.get(k) for k in counts)
+        self.load = result.load
+        for out in result.outputs:
+            if out.finished:
+                self.prompt_tokens_total += len(out.prompt_token_ids)
+                self.cached_tokens_total += out.num_cached_tokens
+        if changed:  # the router's next decision should not see a finished request's load
+            self._events.put_nowait(self.load_report())
+        self.handle_outputs(result.outputs)
+        for task in result.remote_prefills:
+            self._spawn_tracked(self.remote_prefill(task))
+
+    def handle_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Role-specific: what to do with a step's outputs."""
+
+    async def remote_prefill(self, task: RemotePrefillTask) -> None:
+        """Role-specific: decode workers send parked prompts to a prefill worker."""
+
+    def _spawn_tracked(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.append(task)
+        task.add_done_callback(self._background.remove)
+
+    async def _publish_events(self) -> None:
+        while True:
+            event = await self._events.get()
+            await self.emit("events_out", event)
+
+    async def _report_load(self) -> None:
+        while True:
+            await self.emit("events_out", self.load_report())
+            await asyncio.sleep(self.settings.load_report_interval)
+
+    def load_report(self) -> LoadReport:
+        load = self.load
+        return LoadReport(
+            num_running=int(load.get("num_running", 0)),
+            num_waiting=int(load.get("num_waiting", 0)),
+            num_remote=int(load.get("num_remote", 0)),
+            kv_usage=load.get("kv_usage", 0.0),
+            queued_prefill_tokens=int(load.get("queued_prefill_tokens", 0)),
+            prompt_tokens_total=self.prompt_tokens_total,
+            cached_tokens_total=self.cached_tokens_total,
+            remote_prefills_total=self.remote_prefills_total,
+            transfer_bytes_total=self.transfer_bytes_total,
+        )
+
+
+class DecodeWorker(EngineWorker):
+    """Runs requests to completion and streams their tokens to the frontends."""
+
+    role = "decode"
+
+    def __init__(self, config: ActorConfig, settings: WorkerSettings) -> None:
+        super().__init__(config, settings)
+        self.frontend_of: dict[str, str] = {}  # request id -> frontend actor id
+        self.prefill_of: dict[str, tuple[str, str]] = {}  # request id -> (worker, endpoint)
+
+    async def on_generate(self, msg: Generate, inbound) -> None:
+        """Admit a request; remotely prefilled when the router named a prefill worker."""
+        self.frontend_of[msg.request_id] = inbound.peer
+        remote = msg.prefill is not None
+        if remote:
+            self.prefill_of[msg.request_id] = (msg.prefill, msg.prefill_endpoint)
+        try:
+            await self.engine.call(lambda e: e.add_request(
+                msg.prompt_token_ids, msg.params, msg.request_id, remote_prefill=remote))
+        except ValueError as exc:
+            self.frontend_of.pop(msg.request_id, None)
+            self.prefill_of.pop(msg.request_id, None)
+            delta = Delta(request_id=msg.request_id, new_token_ids=[], new_text="", error=str(exc))
+            await self.send(inbound.peer, TokenBatch(deltas=[delta]))
+
+    async def on_abort(self, msg: Abort, inbound) -> None:
+        """The client went away: stop the request and free its blocks."""
+        await self._abort(msg.request_id)
+
+    async def _abort(self, request_id: str) -> None:
+        self.frontend_of.pop(request_id, None)
+        self.prefill_of.pop(request_id, None)
+        await self.engine.call(lambda e: e.abort_request(request_id))
+
+    async def on_peer_dead(self, peer_id: str) -> None:
+        """A frontend died: its requests have nobody to stream to."""
+        for request_id, frontend in list(self.frontend_of.items()):
+            if frontend == peer_id:
+                await self._abort(request_id)
+        await super().on_peer_dead(peer_id)
+
+    def handle_outputs(self, outputs: list[RequestOutput]) -> None:
+        batches: dict[str, list[Delta]] = {}
+        for out in outputs:
+            frontend = self.frontend_of.get(out.request_id)
+            if frontend is None:
+                continue
+            if out.finished:
+                del self.frontend_of[out.request_id]
+            batches.setdefault(frontend, []).append(to_delta(out))
+        for frontend, deltas in batches.items():
+            self._spawn_tracked(self._stream(frontend, deltas))
+
+    async def _stream(self, frontend: str, deltas: list[Delta]) -> None:
+        try:
+            await self.send(frontend, TokenBatch(deltas=deltas))
+        except PeerDeadError:
+            for delta in deltas:
+                await self._abort(delta.request_id)
+
+    async def remote_prefill(self, task: RemotePrefillTask) -> None:
+        request_id = task.request_id
+        worker, endpoint = self.prefill_of.pop(request_id, (None, None))
+        try:
+            if worker not in self.peers:
+                await self.connect(f"to_{worker}", endpoint, self.settings.connect_timeout)
+            done = await self.request(worker, RemotePrefill(
+                request_id=request_id, prompt_token_ids=task.prompt_token_ids,
+                params=task.params, num_cached_tokens=task.num_cached_tokens,
+                block_ids=task.block_ids), timeout=self.settings.remote_prefill_timeout)
+        except (PeerDeadError, RemoteError, TimeoutError, ConnectionError, ValueError) as exc:
+            self.log.warning("remote_prefill_failed", request_id=request_id, prefill=worker,
+                             error=str(exc))
+            await self.engine.call(lambda e: e.fail_remote_prefill(request_id))
+            return
+        self.remote_prefills_total += 1
+        self.transfer_bytes_total += done.num_bytes
+        try:
+            out = await self.engine.call(
+                lambda e: e.complete_remote_prefill(request_id, done.token_id, done.logprobs))
+        except KeyError:
+            return  # aborted while the prefill ran
+        self.handle_outputs([out])
+
+
+class PrefillWorker(EngineWorker):
+    """Computes prompts for decode workers and writes their KV into the decode pool."""
+
+    role = "prefill"
+
+    def __init__(self, config: ActorConfig, settings: WorkerSettings) -> None:
+        super().__init__(config, settings)
+        self.first_token: dict[str, asyncio.Future] = {}
+        self.requester_of: dict[str, str] = {}
+
+    async def on_remote_prefill(self, msg: RemotePrefill, inbound) -> RemotePrefillDone:
+        """Compute the prompt, write its KV into the requester's blocks, then answer."""
+        request_id = msg.request_id
+        future = asyncio.get_running_loop().create_future()
+        self.first_token[request_id] = future
+        self.requester_of[request_id] = inbound.peer
+        try:
+            await self.engine.call(lambda e: e.add_request(
+                msg.prompt_token_ids, first_token_params(msg.params), request_id, hold_blocks=True))
+            out = await future
+        finally:
+            self.first_token.pop(request_id, None)
+            self.requester_of.pop(request_id, None)
+        try:
+            held = await self.engine.call(lambda e: e.held_block_ids(request_id))
+            start = msg.num_cached_tokens // self.settings.block_size
+            await self.kv_plane.write(inbound.peer, request_id, held[start:], msg.block_ids[start:])
+        finally:
+            await self.engine.call(lambda e: e.release(request_id))
+        num_bytes = self.kv_plane.layout.packed_bytes(len(msg.block_ids) - start,
+                                                      self.kv_plane.layout.num_layers)
+        self.remote_prefills_total += 1
+        self.transfer_bytes_total += num_bytes
+        logprobs = out.logprobs[0] if out.logprobs else None
+        return RemotePrefillDone(request_id=request_id, token_id=out.token_ids[0],
+                                 logprobs=logprobs, num_bytes=num_bytes)
+
+    def handle_outputs(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            future = self.first_token.get(out.request_id)
+            if out.finished and future is not None and not future.done():
+                future.set_result(out)
+
+    async def on_peer_dead(self, peer_id: str) -> None:
+        """A decode worker died: drop the prompts it was waiting for."""
+        for request_id, requester in list(self.requester_of.items()):
+            if requester == peer_id:
+                await self.engine.call(lambda e, r=request_id: e.abort_request(r))
+                future = self.first_token.get(request_id)
+                if future is not None and not future.done():
+                    future.set_exception(PeerDeadError(peer_id, "requester died"))
+        await super().on_peer_dead(peer_id)
+
+
+def to_delta(out: RequestOutput) -> Delta:
+    new_logprobs = None
+    if out.logprobs is not None and out.new_token_ids:
+        new_logprobs = out.logprobs[-len(out.new_token_ids):]
+    return Delta(
+        request_id=out.request_id, new_token_ids=out.new_token_ids, new_text=out.new_text,
+        new_logprobs=new_logprobs, finish_reason=out.finish_reason,
+        num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
+    )

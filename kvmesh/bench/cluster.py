@@ -1,0 +1,77 @@
+"""A whole cluster in subprocesses on 127.0.0.1 (`kvmesh up` with free ports), for the
+serving tests and `kvmesh bench serve`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port_range(count: int) -> int:
+    """A base port with `count` free ports above it (checked by binding each)."""
+    for _ in range(50):
+        base = 20000 + (os.getpid() * 37 + int(time.time() * 1000)) % 30000
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", port))
+                sockets.append(s)
+            return base
+        except OSError:
+            time.sleep(0.01)
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+@dataclass
+class Cluster:
+    process: subprocess.Popen
+    url: str
+    args: list[str]  # the --config/--set arguments that describe it
+    log: Path
+
+    def kvmesh(self, *command: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kvmesh", "--log-level", "warning",
+                               *command, *self.args], capture_output=True, text=True,
+                              timeout=timeout)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+def start_cluster(tmp_path: Path, model_dir: Path, *overrides: str, timeout: float = 240) -> Cluster:
+    base = free_port_range(24)
+    http_port = base + 22
+    args = ["--set", f"cluster.base_port={base}", "--set", f"frontend.http_port={http_port}",
+            "--set", f"model.path={model_dir}", "--set", "kv.device_blocks=512"]
+    for override in overrides:
+        args += ["--set", override]
+    log = tmp_path / "cluster.log"
+    process = subprocess.Popen([sys.executable, "-m", "kvmesh", "up", *args],
+                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    cluster = Cluster(process, f"http://127.0.0.1:{http_port}", args, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"kvmesh up exited {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{cluster.url}/health", timeout=1).status_code == 200:
+                return cluster
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    cluster.stop()
+    raise RuntimeError(f"cluster not healthy in {timeout} s:\n{log.read_text()[-3000:]}")

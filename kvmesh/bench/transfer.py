@@ -1,0 +1,237 @@
+"""`kvmesh bench transfer`: KV blocks between two real processes on each data plane
+backend, against baselines measured in the same run.
+
+Geometry: Llama-3-8B's KV (32 layers, block_size 16, 8 KV heads, head_dim 128, bfloat16:
+2 MiB per block across the layers). A receiver process holds a pool of the largest size
+in shared memory; this process holds a pool of the same layout, one tensor per layer.
+For each size, a transfer writes size / 2 MiB random source blocks into random distinct
+destination blocks and returns once the receiver answered KvWriteDone (every chunk in
+place). Each figure is the best of `repeats` timed runs after one untimed run (links,
+pages, numba), in GB/s (1 GB = 1e9 bytes).
+
+Baselines, same run, same bytes:
+  memcpy_gbps, pack_gbps, unpack_gbps  kvmesh.bench.pack.measure_pack, in this process
+  zmq_raw_gbps  one copy=False frame over a bare ZeroMQ DEALER -> ROUTER tcp loopback to
+                the receiver process, which answers one byte once it has the message
+Ratios printed: shm / memcpy (target >= 0.8), numba pack / memcpy (target >= 0.7),
+zmq / raw zmq (target >= 0.8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import threading
+import time
+from pathlib import Path
+
+import click
+
+LAYERS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 32, 16, 8, 128
+BLOCK_BYTES = 2 * LAYERS * BLOCK_SIZE * KV_HEADS * HEAD_DIM * 2  # bfloat16, all layers
+TARGETS = {"shm": 0.8, "numba": 0.7, "zmq": 0.8}
+
+
+@click.command("transfer")
+@click.option("--sizes", default="64,512", show_default=True,
+              help="Comma-separated sizes in MiB of KV blocks per transfer.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results here as JSON.")
+def transfer_command(sizes: str, repeats: int, json_path: Path | None) -> None:
+    """KV block transfer between two processes: shm, zmq, ucx vs memcpy and raw ZeroMQ."""
+    try:
+        sizes_mib = [int(s) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"must be integers in MiB, got {sizes!r}",
+                                 param_hint="--sizes") from None
+    if not sizes_mib or min(sizes_mib) < BLOCK_BYTES >> 20:
+        raise click.BadParameter(f"each size must be >= {BLOCK_BYTES >> 20} MiB (one block)",
+                                 param_hint="--sizes")
+    results = bench_transfer(sizes_mib, repeats)
+    for size, result in results.items():
+        click.echo(report(size, result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2))
+        click.echo(f"wrote {json_path}")
+
+
+def bench_transfer(sizes_mib: list[int], repeats: int) -> dict:
+    """{size in MiB (str): {"nbytes", "memcpy_gbps", "pack_gbps", "unpack_gbps",
+    "transfer_gbps": {backend: x or None}, "zmq_raw_gbps", "load_avg"}}."""
+    from kvmesh.bench.pack import measure_pack
+    from kvmesh.gpu.kv_pack import available_backends
+
+    num_blocks = max(sizes_mib) * (1 << 20) // BLOCK_BYTES
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    receiver = ctx.Process(target=_serve_receiver, args=(child, num_blocks), daemon=True)
+    receiver.start()
+    try:
+        if not parent.poll(120):
+            raise RuntimeError("the receiver process did not start within 120 s")
+        endpoints = parent.recv()
+        transfers = asyncio.run(_transfers(endpoints, num_blocks, sizes_mib, repeats))
+        results = {}
+        for size in sizes_mib:
+            nbytes = size * (1 << 20) // BLOCK_BYTES * BLOCK_BYTES
+            pack = measure_pack(nbytes, list(available_backends("cpu")), repeats=repeats)
+            results[str(size)] = {
+                "nbytes": nbytes,
+                "memcpy_gbps": pack["memcpy_gbps"],
+                "pack_gbps": pack["pack_gbps"],
+                "unpack_gbps": pack["unpack_gbps"],
+                "transfer_gbps": transfers[size]["transfer_gbps"],
+                "zmq_raw_gbps": _raw_zmq_gbps(endpoints["raw"], nbytes, repeats),
+                "load_avg": os.getloadavg()[0],
+            }
+    finally:
+        receiver.terminate()  # SIGTERM: the receiver drains and unlinks its segment
+        receiver.join(30)
+    return results
+
+
+def report(size: int, r: dict) -> str:
+    """The figures of one size, each ratio with its baseline and target."""
+    memcpy, raw, transfer = r["memcpy_gbps"], r["zmq_raw_gbps"], r["transfer_gbps"]
+    lines = [
+        f"{size} MiB of KV blocks ({r['nbytes'] / 1e6:.0f} MB), load average {r['load_avg']:.2f}",
+        f"  memcpy     {memcpy:6.2f} GB/s",
+    ]
+    for backend, gbps in r["pack_gbps"].items():
+        target = f", target >= {TARGETS[backend]}" if backend in TARGETS else ""
+        lines.append(f"  pack {backend:<5} {gbps:6.2f} GB/s  {gbps / memcpy:.2f}x memcpy{target}")
+    shm, zmq_, ucx = transfer["shm"], transfer["zmq"], transfer["ucx"]
+    lines += [
+        f"  shm        {shm:6.2f} GB/s  {shm / memcpy:.2f}x memcpy, target >= {TARGETS['shm']}",
+        f"  raw zmq    {raw:6.2f} GB/s",
+        f"  zmq        {zmq_:6.2f} GB/s  {zmq_ / raw:.2f}x raw zmq, target >= {TARGETS['zmq']}",
+        f"  ucx        {ucx:6.2f} GB/s" if ucx is not None else "  ucx        ucxx not installed",
+    ]
+    return "\n".join(lines)
+
+
+# --- this process: the sender ---
+
+
+async def _transfers(endpoints: dict, num_blocks: int, sizes_mib: list[int], repeats: int):
+    import numpy as np
+
+    from kvmesh.actors.base import Actor, ActorConfig
+    from kvmesh.transport import ucx
+    from kvmesh.transport.dataplane import KVDataPlane
+
+    kv_caches = _pool(num_blocks, shared=False)
+    backends = ["shm", "zmq"] + (["ucx"] if ucx.available() else [])
+    config = ActorConfig(actor_id="bench-sender", heartbeat_interval=1.0, liveness=10)
+    rng = np.random.default_rng(0)
+    results = {}
+    async with Actor(config) as sender:
+        await sender.connect("to_receiver", endpoints["actor"], timeout=30)
+        planes = {b: KVDataPlane(sender, kv_caches, backend=b) for b in backends}
+        for size in sizes_mib:
+            n = size * (1 << 20) // BLOCK_BYTES
+            src = rng.choice(num_blocks, n, replace=False)
+            dst = rng.choice(num_blocks, n, replace=False)
+            gbps = dict.fromkeys(["shm", "zmq", "ucx"])
+            for backend, plane in planes.items():
+                best = float("inf")
+                for i in range(repeats + 1):
+                    start = time.perf_counter()
+                    await plane.write("bench-receiver", f"{backend}-{size}-{i}", src, dst)
+                    if i:  # the first run is untimed
+                        best = min(best, time.perf_counter() - start)
+                gbps[backend] = n * BLOCK_BYTES / best / 1e9
+            results[size] = {"transfer_gbps": gbps}
+        for plane in planes.values():
+            await plane.close()
+    return results
+
+
+def _raw_zmq_gbps(endpoint: str, nbytes: int, repeats: int) -> float:
+    import numpy as np
+    import zmq
+
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoint)
+    payload = np.ones(nbytes, dtype=np.uint8)
+    best = float("inf")
+    try:
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            sock.send(payload, copy=False)
+            sock.recv()
+            if i:
+                best = min(best, time.perf_counter() - start)
+    finally:
+        context.destroy(linger=0)
+    return nbytes / best / 1e9
+
+
+def _pool(num_blocks: int, shared: bool, actor_id: str = ""):
+    import torch
+
+    from kvmesh.transport.dataplane import KVLayout, allocate_shared_pool
+
+    layout = KVLayout(LAYERS, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, torch.bfloat16)
+    if shared:
+        kv_caches, segment = allocate_shared_pool(layout, actor_id)
+    else:
+        shape = (2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+        kv_caches, segment = [torch.empty(shape, dtype=torch.bfloat16) for _ in range(LAYERS)], None
+    for cache in kv_caches:
+        cache.fill_(1.0)  # touch every page now, not in the first transfer
+    return (kv_caches, segment) if shared else kv_caches
+
+
+# --- the receiver process ---
+
+
+def _serve_receiver(conn, num_blocks: int) -> None:
+    """The receiving actor (pool in shared memory) and the raw ZeroMQ echo; serves until
+    SIGTERM."""
+    import zmq
+
+    from kvmesh import log
+    from kvmesh.actors.base import Actor, ActorConfig
+    from kvmesh.transport.dataplane import DataPlaneHandlers, KVDataPlane
+
+    log.configure("warning")
+
+    class Receiver(DataPlaneHandlers, Actor):
+        role = "bench-receiver"
+
+        async def setup(self) -> None:
+            kv_caches, segment = _pool(num_blocks, shared=True, actor_id=self.actor_id)
+            self.kv_plane = KVDataPlane(self, kv_caches, segment=segment)
+            endpoint = self.open("from_peers", zmq.ROUTER, "tcp://127.0.0.1:0", bind=True)
+            conn.send({"actor": endpoint, "raw": _start_raw_echo()})
+
+        async def close(self) -> None:
+            await super().close()
+            if hasattr(self, "kv_plane"):
+                await self.kv_plane.close()
+
+    config = ActorConfig(actor_id="bench-receiver", heartbeat_interval=1.0, liveness=10)
+    Receiver(config).run()
+
+
+def _start_raw_echo() -> str:
+    """A bare ROUTER on its own thread: answers b"k" to every message; returns its endpoint."""
+    import zmq
+
+    context = zmq.Context()
+    sock = context.socket(zmq.ROUTER)
+    sock.bind("tcp://127.0.0.1:0")
+
+    def echo() -> None:
+        while True:
+            identity, _ = sock.recv_multipart(copy=False)
+            sock.send_multipart([identity, b"k"])
+
+    threading.Thread(target=echo, daemon=True).start()
+    return sock.last_endpoint.decode()

@@ -1,0 +1,221 @@
+"""`kvmesh up`, `kvmesh actor`, `kvmesh status`, `kvmesh chat`: run and watch a cluster."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+import click
+
+CONFIG_OPTIONS = [
+    click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                 help="cluster.toml [default: the built-in one-machine cluster]."),
+    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                 help="Override one key, e.g. --set router.policy=round_robin (repeatable)."),
+    click.option("--model", "model_path", default=None, metavar="PATH",
+                 help="Shortcut for --set model.path=PATH."),
+    click.option("--http-port", type=int, default=None,
+                 help="Shortcut for --set frontend.http_port=N."),
+]
+
+
+def config_options(func):
+    for option in reversed(CONFIG_OPTIONS):
+        func = option(func)
+    return func
+
+
+def load(config_path, overrides, model_path, http_port):
+    """The cluster config plus the argument list that reproduces it in a child process."""
+    from kvmesh.config import ConfigError, load_config
+
+    overrides = list(overrides)
+    if model_path is not None:
+        overrides.append(f"model.path={model_path}")
+    if http_port is not None:
+        overrides.append(f"frontend.http_port={http_port}")
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    args = (["--config", config_path] if config_path else [])
+    for override in overrides:
+        args += ["--set", override]
+    return cfg, args
+
+
+@click.command()
+@config_options
+@click.option("--node", default=None, help="Which node of cluster.toml this host is "
+              "[default: the first, or $SLURM_NODEID's under Slurm].")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds to wait for the cluster to become ready.")
+@click.pass_context
+def up(ctx, config_path, overrides, model_path, http_port, node, timeout):
+    """Start every actor of this node and keep them running (Ctrl-C drains and stops).
+
+    \b
+    With no options: one machine, CPU, the bundled tiny model (made on first use),
+    a frontend + router, 1 prefill and 2 decode workers, serving on
+    http://127.0.0.1:8000/v1 (OpenAI API).
+    """
+    from kvmesh.launcher import Launcher
+
+    cfg, args = load(config_path, overrides, model_path, http_port)
+    node = node or _default_node(cfg)
+    if cfg.model.path == "":
+        from kvmesh.gpu.tiny import ensure_tiny
+
+        ensure_tiny(cfg.model.resolved_path)
+    root = ctx.find_root()
+    explicit = root.get_parameter_source("log_level") is not click.core.ParameterSource.DEFAULT
+    level = root.params["log_level"] if explicit else cfg.logging.level
+    json_flag = ["--log-json"] if root.params.get("log_json") or cfg.logging.json else []
+    launcher = Launcher(cfg, node, ["--log-level", level, *json_flag, "actor", *args])
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    launcher.start()
+    has_frontend = any(c.spec.role == "frontend" for c in launcher.children)
+    ready = not has_frontend
+    deadline = time.monotonic() + timeout
+    try:
+        while stop["signal"] is None:
+            launcher.supervise_once()
+            if not ready and _healthy(cfg.frontend_url):
+                ready = True
+                click.echo(f"kvmesh is up: {cfg.frontend_url}/v1  (model {cfg.model.served_name})")
+                _print_status(cfg, as_json=False)
+            elif not ready and time.monotonic() > deadline:
+                click.echo(f"cluster not ready after {timeout:.0f} s; stopping", err=True)
+                launcher.stop(cfg.cluster.grace_period)
+                sys.exit(1)
+            time.sleep(0.2)
+    finally:
+        if stop["signal"] is not None or not launcher.stopping:
+            click.echo("draining and stopping…", err=True)
+            launcher.stop(cfg.cluster.grace_period)
+
+
+def _default_node(cfg) -> str:
+    import os
+
+    slurm = os.environ.get("SLURM_NODEID")
+    if slurm is not None and slurm.isdigit() and int(slurm) < len(cfg.nodes):
+        return cfg.nodes[int(slurm)].name
+    return cfg.nodes[0].name
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@click.command()
+@click.argument("actor_id")
+@config_options
+def actor(actor_id, config_path, overrides, model_path, http_port):
+    """Run one actor of the cluster, ACTOR_ID as listed by `kvmesh status` (e.g. decode-0).
+
+    `kvmesh up` and Slurm scripts call this; it serves until SIGTERM/SIGINT.
+    """
+    from kvmesh.actors.roles import build_actor
+    from kvmesh.config import ConfigError
+
+    cfg, _ = load(config_path, overrides, model_path, http_port)
+    try:
+        process = build_actor(cfg, actor_id)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    sys.exit(process.run())
+
+
+@click.command()
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(config_path, overrides, model_path, http_port, as_json):
+    """List the cluster's actors: role, node, pid, endpoints, health, load, cache hits."""
+    cfg, _ = load(config_path, overrides, model_path, http_port)
+    if not _print_status(cfg, as_json):
+        sys.exit(1)
+
+
+def _print_status(cfg, as_json: bool) -> bool:
+    from kvmesh.actors.client import status as query
+
+    try:
+        cluster = query(cfg.router_endpoint, cfg.security.key_path)
+    except (TimeoutError, ConnectionError) as exc:
+        click.echo(f"no router answers at {cfg.router_endpoint}: {exc}", err=True)
+        return False
+    rows = []
+    for a in cluster.actors:
+        prompt = a.load.get("prompt_tokens_total", 0.0)
+        rows.append({
+            "actor": a.actor_id, "role": a.role, "node": a.node, "pid": a.pid,
+            "endpoints": a.endpoints, "health": "alive" if a.alive else "dead",
+            "running": int(a.load.get("num_running", 0)),
+            "waiting": int(a.load.get("num_waiting", 0)),
+            "kv_usage": round(a.load.get("kv_usage", 0.0), 3),
+            "prompt_tokens_total": int(prompt),
+            "cached_tokens_total": int(a.load.get("cached_tokens_total", 0)),
+            "remote_prefills_total": int(a.load.get("remote_prefills_total", 0)),
+            "cache_hit_rate": round(a.load.get("cached_tokens_total", 0.0) / prompt, 3)
+            if prompt else 0.0,
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return True
+    click.echo(f"{'actor':<12} {'role':<9} {'node':<10} {'pid':>7} {'health':<6} "
+               f"{'run':>4} {'wait':>4} {'kv':>6} {'hit':>6}  endpoint")
+    for r in rows:
+        endpoint = r["endpoints"].get("from_peers") or r["endpoints"].get("http", "")
+        click.echo(f"{r['actor']:<12} {r['role']:<9} {r['node']:<10} {r['pid']:>7} "
+                   f"{r['health']:<6} {r['running']:>4} {r['waiting']:>4} "
+                   f"{r['kv_usage']:>6.1%} {r['cache_hit_rate']:>6.1%}  {endpoint}")
+    return True
+
+
+@click.command()
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True,
+              help="The frontend's base URL.")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.7, show_default=True)
+@click.option("--system", default=None, help="A system message to start the conversation.")
+def chat(url, max_tokens, temperature, system):
+    """A small interactive chat with a running kvmesh (empty line or Ctrl-D quits)."""
+    from kvmesh.client import APIError, Client
+
+    client = Client(url)
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        click.echo("kvmesh> ", nl=False)
+        reply = ""
+        try:
+            for piece in client.chat(messages, stream=True, max_tokens=max_tokens,
+                                     temperature=temperature):
+                reply += piece
+                click.echo(piece, nl=False)
+        except APIError as exc:
+            click.echo(f"\n[error {exc.status}: {exc}]")
+            messages.pop()
+            continue
+        click.echo()
+        messages.append({"role": "assistant", "content": reply})

@@ -1,0 +1,161 @@
+"""Backend: what the HTTP frontend needs from whatever runs the model.
+
+The frontend validates, tokenizes and formats; a Backend turns prompt token ids into a
+stream of Deltas. LocalBackend wraps one AsyncEngine in this process; the cluster
+backend (router + prefill/decode workers) implements the same protocol, so the HTTP
+layer never knows which one it talks to.
+
+Torch-free at import: LocalBackend imports the engine only in `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from kvmesh.engine.params import SamplingParams
+from kvmesh.protocol import Delta
+from kvmesh.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kvmesh.engine.async_engine import AsyncEngine
+
+
+class OverloadedError(Exception):
+    """The backend is full right now; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot serve at all (not started, engine dead, no workers)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Backend(Protocol):
+    """Runs requests for the frontend.
+
+    generate() raises ValueError for a request the model cannot take (the message names
+    the field), OverloadedError when full and BackendUnavailable when it cannot serve;
+    these may surface at the first iteration. Leaving the iteration early ends the
+    request; abort() ends it from outside.
+
+    metrics() returns {"remote_prefill_total": int, "kv_transfer_bytes_total": int,
+    "workers": [{"worker": name, "role": role, <gauge name>: number, ...}, ...]}.
+    """
+
+    model_name: str
+    tokenizer: Tokenizer
+    max_model_len: int
+    vocab_size: int
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def ready(self) -> bool: ...
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[Delta]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def metrics(self) -> dict: ...
+
+
+class LocalBackend:
+    """One AsyncEngine in this process: the single-process server (`kvmesh serve`).
+
+    Admission: at most `max_num_requests` requests in flight (queued or running);
+    beyond that generate() raises OverloadedError instead of queueing without bound.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, model_name: str | None = None, max_num_requests: int = 1024
+    ) -> None:
+        self.engine = engine
+        config = engine.config
+        self.model_name = model_name or Path(config.path).name
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = config.max_model_len
+        self.vocab_size = config.vocab_size
+        self.max_num_requests = max_num_requests
+        self.num_requests = 0
+        self.started = False
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        num_blocks: int | None = None,
+        model_name: str | None = None,
+        **engine_kwargs,
+    ) -> LocalBackend:
+        """Load the model (this imports torch) into an AsyncEngine, not yet started."""
+        from kvmesh.engine.async_engine import AsyncEngine
+        from kvmesh.engine.engine import Engine
+
+        engine = Engine.from_pretrained(
+            path, device=device, dtype=dtype, num_blocks=num_blocks, **engine_kwargs
+        )
+        return cls(AsyncEngine(engine), model_name=model_name)
+
+    async def start(self) -> None:
+        self.engine.start()
+        self.started = True
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    def ready(self) -> bool:
+        engine = self.engine
+        alive = engine.thread is not None and engine.thread.is_alive()
+        return self.started and alive and engine.error is None and not engine.stopping
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[Delta]:
+        from kvmesh.engine.async_engine import EngineDeadError
+
+        if not self.started:
+            raise BackendUnavailable("the engine is not started")
+        if self.num_requests >= self.max_num_requests:
+            raise OverloadedError(f"{self.num_requests} requests in flight; try again shortly")
+        self.num_requests += 1
+        try:
+            async for out in self.engine.generate(prompt_token_ids, params, request_id):
+                num_new = len(out.new_token_ids)
+                new_logprobs = None
+                if out.logprobs is not None:
+                    # out.logprobs is the sequence's live list: slice by position, not from the end.
+                    end = len(out.token_ids)
+                    new_logprobs = out.logprobs[end - num_new : end]
+                yield Delta(
+                    request_id=request_id,
+                    new_token_ids=out.new_token_ids,
+                    new_text=out.new_text,
+                    new_logprobs=new_logprobs,
+                    finish_reason=out.finish_reason,
+                    num_prompt_tokens=len(out.prompt_token_ids),
+                    num_cached_tokens=out.num_cached_tokens,
+                )
+        except EngineDeadError as error:
+            raise BackendUnavailable(str(error)) from error
+        finally:
+            self.num_requests -= 1
+
+    async def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def metrics(self) -> dict:
+        worker = {"worker": "local", "role": "local", **self.engine.stats()}
+        return {"remote_prefill_total": 0, "kv_transfer_bytes_total": 0, "workers": [worker]}

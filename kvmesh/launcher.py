@@ -1,0 +1,115 @@
+"""Launcher: `kvmesh up` starts this node's actors as processes and keeps them running.
+
+Start order: router, then workers, then the frontend (each connects with retries,
+so order only shortens start-up). Readiness: the frontend's /health answers 200,
+which it does once every worker of the cluster has registered with the router.
+Supervision: an actor that exits while the cluster runs is restarted after a
+backoff (1 s, doubling to 30 s; reset once it has stayed up for 60 s), logged.
+Shutdown (SIGINT/SIGTERM): SIGTERM to the frontend first (it stops taking requests
+and finishes its streams), then workers, then the router; each group gets the grace
+period to drain, then SIGKILL. Nothing is left running.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from kvmesh.config import ActorSpec, ClusterConfig
+
+log = structlog.get_logger(__name__)
+
+START_ORDER = {"router": 0, "cache": 1, "prefill": 2, "decode": 2, "frontend": 3}
+BACKOFF_START, BACKOFF_MAX, STABLE_AFTER = 1.0, 30.0, 60.0
+
+
+@dataclass
+class Child:
+    spec: ActorSpec
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    backoff: float = BACKOFF_START
+    restart_at: float | None = None
+    restarts: int = 0
+    exits: list[int] = field(default_factory=list)
+
+
+class Launcher:
+    def __init__(self, cfg: ClusterConfig, node: str, actor_args: list[str]) -> None:
+        """actor_args: the global and config arguments every `kvmesh actor` child gets."""
+        self.cfg = cfg
+        self.node = node
+        self.actor_args = actor_args
+        specs = sorted(cfg.actors_on(node), key=lambda s: START_ORDER.get(s.role, 9))
+        self.children = [Child(spec) for spec in specs]
+        self.stopping = False
+
+    def start(self) -> None:
+        for child in self.children:
+            self._spawn(child)
+
+    def _spawn(self, child: Child) -> None:
+        command = [sys.executable, "-m", "kvmesh", *self.actor_args, child.spec.actor_id]
+        # Own session: a terminal's Ctrl-C reaches only the launcher, which then stops
+        # the actors in order. Parent-death signal: no actor outlives a killed launcher.
+        child.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        log.info("actor_spawned", actor=child.spec.actor_id, pid=child.process.pid)
+
+    def dead_children(self) -> list[Child]:
+        return [c for c in self.children if c.process is not None and c.process.poll() is not None]
+
+    def supervise_once(self) -> None:
+        """Notice exits, schedule restarts with backoff, start those that are due."""
+        now = time.monotonic()
+        for child in self.dead_children():
+            code = child.process.returncode
+            child.exits.append(code)
+            child.process = None
+            if now - child.started_at > STABLE_AFTER:
+                child.backoff = BACKOFF_START
+            child.restart_at = now + child.backoff
+            log.warning("actor_exited", actor=child.spec.actor_id, code=code,
+                        restart_in_s=child.backoff)
+            child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+        for child in self.children:
+            if child.process is None and child.restart_at is not None and now >= child.restart_at:
+                child.restarts += 1
+                self._spawn(child)
+
+    def stop(self, grace: float) -> None:
+        """Drain in reverse start order: frontend, workers, router; then SIGKILL leftovers."""
+        self.stopping = True
+        for order in sorted({START_ORDER.get(c.spec.role, 9) for c in self.children}, reverse=True):
+            group = [c for c in self.children
+                     if START_ORDER.get(c.spec.role, 9) == order and c.process is not None]
+            for child in group:
+                if child.process.poll() is None:
+                    child.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for child in group:
+                try:
+                    child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("actor_killed", actor=child.spec.actor_id, after_s=grace)
+                    child.process.kill()
+                    child.process.wait()
+        log.info("cluster_stopped")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM this process when the launcher dies (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: children are still stopped by stop(), just not on a SIGKILL

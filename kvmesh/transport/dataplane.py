@@ -1,0 +1,558 @@
+"""The KV data plane: write blocks of this actor's KV pool into blocks of a peer's pool,
+then tell the peer. The receiver owns the destination blocks; the sender writes them.
+
+    sender: write(peer, id, src, dst)                    receiver: expect(peer, id).wait()
+      ──KvPoolQuery(backends)──────────────────────────►   once per peer
+      ◄─KvPoolInfo(layout, shm name+token, ucx address)─
+      shm: copy the src blocks into the mapped peer pool
+      zmq: pack a chunk of layers ══ extra frame ══════►   unpack into the dst blocks
+      ucx: pack a chunk of layers ══ UCX tag message ══►   receive, unpack
+      ──KvWrite(id, dst, layers, backend)──────────────►   those layers have landed
+      ◄─KvWriteDone─────────────────────────────────────
+
+Backend, picked once per peer at the first write; setting `backend` (default "auto"):
+  shm  the peer's pool is a shared-memory segment this host maps (its token matches)
+  ucx  else, when ucxx imports here and the peer sent a UCX worker address
+  zmq  else: zero-copy frames on the control connection
+A forced backend that cannot reach the peer is a ValueError naming the setting.
+
+A write moves in chunks of whole layers, about chunk_bytes each. Copies run on the event
+loop's thread, one chunk at a time with the loop served in between: numba launches from
+another thread cost ~25 us more each (measured: a 32-layer copy at 18 instead of 24
+GB/s), and zmq and ucx move the bytes on threads of their own anyway; each copy uses
+shm.COPY_THREADS numba threads (one, see there). zmq and ucx send
+each chunk as its own KvWrite, at most `window` in flight: packing chunk k+1 overlaps
+the sending of chunk k and the peer's unpacking of chunk k-1, no message holds the
+control connection (and the heartbeats behind it) longer than one chunk takes, and
+chunks stay below glibc's 32 MiB mmap threshold, so ZeroMQ's receive buffers are reused
+instead of faulted in afresh. The receiver sees each chunk land: Incoming.wait_layer(l)
+returns once layer l is in place, before the last layer lands. shm copies all its
+(larger) chunks, then sends one KvWrite.
+write(..., layers=range(a, b)) sends only those layers, so a prefill worker can ship
+each layer as soon as it has computed it.
+
+Liveness: a write awaits its KvWriteDone through channel.request, which fails when the
+control plane declares the peer dead (or after `timeout`). The receiving actor calls
+peer_dead(peer) from its on_peer_dead hook (DataPlaneHandlers does), which fails that
+peer's Incoming transfers with TransferError and cancels its receives in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgspec
+import numpy as np
+import structlog
+import torch
+
+from kvmesh.gpu.kv_cache import kv_caches_from_buffer
+from kvmesh.gpu.kv_pack import pack_blocks, unpack_blocks
+from kvmesh.protocol import KvPoolInfo, KvPoolQuery, KvWrite, KvWriteDone, Message, Request
+from kvmesh.transport import shm, ucx
+from kvmesh.transport.shm import COPY_THREADS, SharedSegment, ShmLink, numba_threads
+from kvmesh.transport.zmq_plane import ZmqLink, frame_bytes
+
+log = structlog.get_logger(__name__)
+
+BACKENDS = ("shm", "zmq", "ucx")
+SETTINGS = ("auto", *BACKENDS)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHUNK_BYTES = 16 << 20  # zmq, ucx: bytes of one KvWrite
+SHM_CHUNK_BYTES = 64 << 20  # shm: bytes copied between turns of the event loop (~3 ms)
+WINDOW = 3
+MAX_UNCLAIMED = 1024  # landed transfers kept for an expect() that comes late
+
+
+class Channel(Protocol):
+    """The control plane as the data plane uses it; an Actor is one."""
+
+    actor_id: str
+
+    async def request(
+        self, peer: str, msg: Request, timeout: float, *, frames: Sequence = ()
+    ) -> Message: ...
+
+
+class TransferError(ConnectionError):
+    """An incoming transfer will not complete: its sender died, or this plane closed."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """A KV pool's shape: num_layers tensors of [2, num_blocks, block_size, num_kv_heads,
+    head_dim]. It has the fields kv_caches_from_buffer reads from a ModelConfig."""
+
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, kv_caches: list[torch.Tensor]) -> KVLayout:
+        _, num_blocks, block_size, num_kv_heads, head_dim = kv_caches[0].shape
+        return cls(len(kv_caches), num_blocks, block_size, num_kv_heads, head_dim,
+                   kv_caches[0].dtype)
+
+    @classmethod
+    def of_info(cls, info: KvPoolInfo) -> KVLayout:
+        if info.dtype not in DTYPES:
+            raise ValueError(f"KvPoolInfo.dtype must be one of {list(DTYPES)}, got {info.dtype!r}")
+        return cls(info.num_layers, info.num_blocks, info.block_size, info.num_kv_heads,
+                   info.head_dim, DTYPES[info.dtype])
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def packed_bytes(self, num_blocks: int, num_layers: int) -> int:
+        """Bytes of num_blocks blocks (K and V) of num_layers layers."""
+        return 2 * num_blocks * self.block_size * self.num_kv_heads * self.head_dim \
+            * num_layers * self.dtype.itemsize
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.packed_bytes(self.num_blocks, self.num_layers)
+
+    def mismatch(self, other: KVLayout) -> str | None:
+        """The first field (num_blocks aside) in which two pools differ, described."""
+        for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype"):
+            if getattr(self, name) != getattr(other, name):
+                return f"{name} is {getattr(other, name)} there, {getattr(self, name)} here"
+        return None
+
+
+def allocate_shared_pool(
+    layout: KVLayout, actor_id: str
+) -> tuple[list[torch.Tensor], SharedSegment]:
+    """A zeroed pool in a new shared-memory segment named for actor_id: per-layer views,
+    and the segment to hand to KVDataPlane (which unlinks it on close)."""
+    segment = SharedSegment.create(shm.segment_name(actor_id), layout.pool_bytes)
+    kv_caches = kv_caches_from_buffer(segment.pool, layout, layout.num_blocks,
+                                      layout.block_size, layout.dtype)
+    return kv_caches, segment
+
+
+class Incoming:
+    """A transfer this actor receives: wait() returns once every layer has landed."""
+
+    def __init__(self, peer: str, transfer_id: str, num_layers: int) -> None:
+        self.peer = peer
+        self.transfer_id = transfer_id
+        self.landed = [False] * num_layers
+        self.claimed = False
+        self.error: BaseException | None = None
+        self._changed = asyncio.Event()
+
+    def done(self) -> bool:
+        return all(self.landed)
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Until all layers are in place; raises TransferError, or TimeoutError."""
+        await self._until(self.done, timeout)
+
+    async def wait_layer(self, layer: int, timeout: float | None = None) -> None:
+        """Until layer `layer` is in place."""
+        await self._until(lambda: self.landed[layer], timeout)
+
+    async def _until(self, ready, timeout: float | None) -> None:
+        async def poll() -> None:
+            while not ready():
+                if self.error is not None:
+                    raise self.error
+                changed = self._changed
+                await changed.wait()
+
+        try:
+            await asyncio.wait_for(poll(), timeout)
+        except asyncio.TimeoutError:  # noqa: UP041 - not the builtin before 3.11
+            raise TimeoutError(
+                f"transfer {self.transfer_id!r} from {self.peer!r} incomplete after {timeout} s "
+                f"(layers landed: {sum(self.landed)}/{len(self.landed)})"
+            ) from None
+
+    def _land(self, layers: range) -> None:
+        for layer in layers:
+            self.landed[layer] = True
+        self._notify()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.done() and self.error is None:
+            self.error = error
+            self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+class Lease:
+    """A staging buffer taken for one chunk: `view` holds its nbytes."""
+
+    def __init__(self, buffer: torch.Tensor, nbytes: int) -> None:
+        self.buffer = buffer
+        self.nbytes = nbytes
+        self.view = buffer[:nbytes]
+        self.reusable = lambda: True  # the backend replaces it: e.g. ZeroMQ let go of it
+        self.never = False
+
+    def never_reuse(self) -> None:
+        """Some transfer may still touch the buffer (cancelled mid-way): drop it."""
+        self.never = True
+
+
+class Staging:
+    """Packing buffers kept for reuse, so a transfer does not fault in fresh pages."""
+
+    def __init__(self, keep: int = WINDOW + 1) -> None:
+        self.keep = keep
+        self._free: list[Lease] = []
+
+    def take(self, nbytes: int) -> Lease:
+        for i, lease in enumerate(self._free):
+            if lease.buffer.numel() >= nbytes and lease.reusable():
+                del self._free[i]
+                return Lease(lease.buffer, nbytes)
+        return Lease(torch.empty(nbytes, dtype=torch.uint8), nbytes)
+
+    def give(self, lease: Lease) -> None:
+        """Return a lease; it is handed out again once reusable() (never, if never_reuse)."""
+        if not lease.never:
+            self._free = [*self._free, lease][-self.keep :]
+
+
+class KVDataPlane:
+    """One actor's end of the data plane, sender and receiver both.
+
+    kv_caches is this actor's pool; segment, when given, is the shared-memory segment
+    it lives in (allocate_shared_pool), offered to same-host senders and unlinked on
+    close. backend: "auto" or a forced backend (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        kv_caches: list[torch.Tensor],
+        *,
+        segment: SharedSegment | None = None,
+        backend: str = "auto",
+        node: str | None = None,
+        timeout: float = 60.0,
+        chunk_bytes: int = CHUNK_BYTES,
+        window: int = WINDOW,
+    ) -> None:
+        if backend not in SETTINGS:
+            raise ValueError(f"backend must be one of {SETTINGS}, got {backend!r}")
+        if backend == "ucx" and not ucx.available():
+            raise ValueError(f"backend 'ucx' needs ucxx, which does not import: "
+                             f"{ucx.import_error()}")
+        self.channel = channel
+        self.kv_caches = kv_caches
+        self.layout = KVLayout.of(kv_caches)
+        self.segment = segment
+        self.backend = backend
+        self.node = node or platform.node()
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.window = window
+        self._links: dict[str, asyncio.Future] = {}
+        self._incoming: dict[tuple[str, str], Incoming] = {}  # expected or landing
+        self._unclaimed: OrderedDict[tuple[str, str], Incoming] = OrderedDict()
+        self._receiving: dict[str, set[asyncio.Task]] = {}
+        self._staging = Staging()
+
+    # --- sender side ---
+
+    async def write(
+        self,
+        peer: str,
+        transfer_id: str,
+        src_block_ids: Sequence[int] | np.ndarray,
+        dst_block_ids: Sequence[int] | np.ndarray,
+        *,
+        layers: range | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Write src blocks of this pool into dst blocks of peer's pool (K and V, every
+        layer or those in `layers`), then tell peer; return once peer has them.
+
+        Raises ValueError naming the field for bad ids or layers, or pools that differ;
+        ConnectionError when peer dies first; TimeoutError.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        link, peer_layout = await self.link(peer)
+        layers = _check_layers(layers, self.layout.num_layers)
+        src = _check_ids(src_block_ids, self.layout.num_blocks, "src_block_ids")
+        dst = _check_ids(dst_block_ids, peer_layout.num_blocks, "dst_block_ids", distinct=True)
+        if len(src) != len(dst):
+            raise ValueError(f"src_block_ids has {len(src)} ids, dst_block_ids {len(dst)}")
+        msg = KvWrite(transfer_id=transfer_id, block_ids=dst.tolist(), first_layer=layers.start,
+                      num_layers=len(layers), backend=link.backend)
+        chunk_bytes = self.chunk_bytes if link.chunked else SHM_CHUNK_BYTES
+        per_chunk = max(1, chunk_bytes // max(1, self.layout.packed_bytes(len(src), 1)))
+        chunks = [range(a, min(a + per_chunk, layers.stop))
+                  for a in range(layers.start, layers.stop, per_chunk)]
+        if not link.chunked:
+            await link.write(msg, self.kv_caches, src, dst, chunks, timeout)
+            return
+        window = asyncio.Semaphore(self.window)
+        tasks = [asyncio.ensure_future(self._write_chunk(link, msg, src, chunk, window, timeout))
+                 for chunk in chunks]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+
+    async def _write_chunk(self, link, msg: KvWrite, src, layers: range, window, timeout) -> None:
+        async with window:
+            lease = self._staging.take(self.layout.packed_bytes(len(src), len(layers)))
+            try:
+                with numba_threads(COPY_THREADS):
+                    pack_blocks(self._layers(layers), src, lease.view)
+                chunk = msgspec.structs.replace(msg, first_layer=layers.start,
+                                                num_layers=len(layers))
+                await link.send_packed(chunk, lease, timeout)
+            finally:
+                self._staging.give(lease)
+
+    async def link(self, peer: str) -> tuple[object, KVLayout]:
+        """The link to peer and peer's pool layout, made at the first call: pools
+        compared, backend picked."""
+        future = self._links.get(peer)
+        if future is None:
+            future = self._links[peer] = asyncio.ensure_future(self._connect(peer))
+        try:
+            return await asyncio.shield(future)
+        except BaseException:
+            if future.done() and self._links.get(peer) is future:
+                del self._links[peer]
+            raise
+
+    async def _connect(self, peer: str) -> tuple[object, KVLayout]:
+        wanted = [b for b in BACKENDS if self.backend in ("auto", b)
+                  and (b != "ucx" or ucx.available())]
+        # ucx is asked for only once shm is out: it makes the peer start a UCX worker.
+        info = await self._query(peer, [b for b in wanted if b != "ucx"])
+        layout = KVLayout.of_info(info)
+        mismatch = self.layout.mismatch(layout)
+        if mismatch is not None:
+            raise ValueError(f"peer {peer!r} has another KV pool layout: {mismatch}")
+        why = {}
+        if "shm" in wanted:
+            link = self._shm_link(peer, info, layout, why)
+            if link is not None:
+                return link, layout
+        if "ucx" in wanted:
+            address = (await self._query(peer, ["ucx"])).ucx_address
+            if address is not None:
+                link = ucx.UcxLink(self.channel, peer, ucx.worker(), address,
+                                   same_node=info.node == self.node)
+                return link, layout
+            why["ucx"] = "the peer offers no UCX worker address (no ucxx there?)"
+        if "zmq" in wanted:
+            return ZmqLink(self.channel, peer), layout
+        raise ValueError(
+            f"backend {self.backend!r} cannot reach peer {peer!r}: {why[self.backend]}"
+        )
+
+    async def _query(self, peer: str, backends: list[str]) -> KvPoolInfo:
+        info = await self.channel.request(peer, KvPoolQuery(backends=backends), self.timeout)
+        if not isinstance(info, KvPoolInfo):
+            raise ConnectionError(f"{peer} answered KvPoolQuery with {type(info).__name__}")
+        return info
+
+    def _shm_link(self, peer: str, info: KvPoolInfo, layout: KVLayout, why: dict):
+        """A ShmLink when peer's segment maps here, else None with the reason in why."""
+        if info.shm_name is None:
+            why["shm"] = "the peer offers no shared-memory pool"
+            return None
+        try:
+            segment = SharedSegment.attach(info.shm_name, info.shm_token or b"",
+                                           layout.pool_bytes)
+        except (OSError, ValueError) as exc:
+            why["shm"] = f"its segment does not map here ({exc})"
+            return None
+        caches = kv_caches_from_buffer(segment.pool, layout, layout.num_blocks,
+                                       layout.block_size, layout.dtype)
+        log.info("kv_link", peer=peer, backend="shm", segment=info.shm_name)
+        return ShmLink(self.channel, peer, segment, caches)
+
+    # --- receiver side ---
+
+    def pool_info(self, query: KvPoolQuery) -> KvPoolInfo:
+        """This pool's layout and the ways to it the asker can use."""
+        info = KvPoolInfo(
+            num_layers=self.layout.num_layers,
+            num_blocks=self.layout.num_blocks,
+            block_size=self.layout.block_size,
+            num_kv_heads=self.layout.num_kv_heads,
+            head_dim=self.layout.head_dim,
+            dtype=self.layout.dtype_name,
+            node=self.node,
+        )
+        if "shm" in query.backends and self.segment is not None:
+            info = msgspec.structs.replace(info, shm_name=self.segment.name,
+                                           shm_token=self.segment.token)
+        if "ucx" in query.backends and ucx.available():
+            info = msgspec.structs.replace(info, ucx_address=ucx.worker().address)
+        return info
+
+    def expect(self, peer: str, transfer_id: str) -> Incoming:
+        """The transfer transfer_id from peer: call before asking for it (or after; one
+        of the last MAX_UNCLAIMED transfers that landed unexpected is returned done)."""
+        incoming = self._unclaimed.pop((peer, transfer_id), None)
+        if incoming is None:
+            incoming = self._incoming_for(peer, transfer_id)
+        incoming.claimed = True
+        return incoming
+
+    async def receive(self, msg: KvWrite, peer: str, frames: list) -> KvWriteDone:
+        """Handle a KvWrite from peer: put its bytes in place (zmq, ucx), mark its layers
+        landed. Raises ValueError naming the field for a malformed one."""
+        layers = _check_layers(range(msg.first_layer, msg.first_layer + msg.num_layers),
+                               self.layout.num_layers, "KvWrite layers")
+        ids = _check_ids(msg.block_ids, self.layout.num_blocks, "KvWrite.block_ids",
+                         distinct=True)
+        nbytes = self.layout.packed_bytes(len(ids), len(layers))
+        if msg.backend == "shm":
+            if self.segment is None:
+                raise ValueError("KvWrite.backend is 'shm' but this pool is not shared")
+        elif msg.backend == "zmq":
+            packed = frame_bytes(frames, nbytes)
+            with numba_threads(COPY_THREADS):
+                unpack_blocks(packed, self._layers(layers), ids)
+        elif msg.backend == "ucx":
+            await self._receive_ucx(peer, msg.ucx_tag, nbytes, layers, ids)
+        else:
+            raise ValueError(f"KvWrite.backend must be one of {BACKENDS}, got {msg.backend!r}")
+        key = (peer, msg.transfer_id)
+        incoming = self._incoming_for(*key)
+        incoming._land(layers)
+        if incoming.done():
+            del self._incoming[key]
+            if not incoming.claimed:
+                self._unclaimed[key] = incoming
+                if len(self._unclaimed) > MAX_UNCLAIMED:
+                    self._unclaimed.popitem(last=False)
+        return KvWriteDone(transfer_id=msg.transfer_id)
+
+    async def _receive_ucx(self, peer: str, tag: int, nbytes: int, layers: range, ids) -> None:
+        if not ucx.available():
+            raise ValueError(f"KvWrite.backend is 'ucx' but ucxx does not import here: "
+                             f"{ucx.import_error()}")
+        lease = self._staging.take(nbytes)
+        receiving = self._receiving.setdefault(peer, set())
+        task = asyncio.current_task()
+        receiving.add(task)  # peer_dead cancels it: a dead sender's message never comes
+        try:
+            if nbytes:
+                await asyncio.wait_for(ucx.worker().recv(lease.view.numpy(), tag), self.timeout)
+            with numba_threads(COPY_THREADS):
+                unpack_blocks(lease.view, self._layers(layers), ids)
+        except BaseException:
+            lease.never_reuse()  # UCX may still write into it
+            raise
+        finally:
+            receiving.discard(task)
+            self._staging.give(lease)
+
+    def peer_dead(self, peer: str, reason: str = "declared dead") -> None:
+        """Fail peer's incoming transfers, stop receiving from it, drop the link to it."""
+        for (sender, _), incoming in list(self._incoming.items()):
+            if sender == peer:
+                incoming._fail(TransferError(
+                    f"transfer {incoming.transfer_id!r} from {peer!r} failed: peer {reason} "
+                    f"with {sum(incoming.landed)}/{len(incoming.landed)} layers landed"))
+                del self._incoming[(sender, incoming.transfer_id)]
+        for task in self._receiving.pop(peer, ()):
+            task.cancel()
+        future = self._links.pop(peer, None)
+        if future is not None:
+            asyncio.ensure_future(_close_link(future, peer_dead=True))
+
+    async def close(self) -> None:
+        """Fail what is incoming, drop every link, unlink the shared segment."""
+        for peer in {sender for sender, _ in self._incoming} | set(self._receiving):
+            self.peer_dead(peer, "unreachable: this data plane closed")
+        for future in self._links.values():
+            await _close_link(future, peer_dead=False)
+        self._links.clear()
+        if self.segment is not None:
+            self.segment.close()
+
+    # --- helpers ---
+
+    def _incoming_for(self, peer: str, transfer_id: str) -> Incoming:
+        key = (peer, transfer_id)
+        if key not in self._incoming:
+            self._incoming[key] = Incoming(peer, transfer_id, self.layout.num_layers)
+        return self._incoming[key]
+
+    def _layers(self, layers: range) -> list[torch.Tensor]:
+        return self.kv_caches[layers.start : layers.stop]
+
+
+class DataPlaneHandlers:
+    """Mix into an Actor that has `self.kv_plane`: its KV handlers and peer-death hook."""
+
+    kv_plane: KVDataPlane
+
+    async def on_kv_pool_query(self, msg: KvPoolQuery, inbound) -> KvPoolInfo:
+        """Describe this actor's KV pool to a would-be sender."""
+        return self.kv_plane.pool_info(msg)
+
+    async def on_kv_write(self, msg: KvWrite, inbound) -> KvWriteDone:
+        """Blocks of a transfer landed (or arrive now): put them in place."""
+        return await self.kv_plane.receive(msg, inbound.peer, inbound.frames)
+
+    async def on_peer_dead(self, peer_id: str) -> None:
+        self.kv_plane.peer_dead(peer_id)
+        await super().on_peer_dead(peer_id)
+
+
+async def _close_link(future: asyncio.Future, peer_dead: bool) -> None:
+    """Close the link a _connect future made, or stop the _connect."""
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled() and future.exception() is None:
+        link, _ = future.result()
+        await link.close(peer_dead)
+
+
+def _check_ids(ids, num_blocks: int, name: str, distinct: bool = False) -> np.ndarray:
+    """ids as a checked int64 array: 1-D integers in [0, num_blocks), distinct if asked."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.cpu().numpy()
+    array = np.asarray(ids)
+    if array.size == 0:
+        return np.empty(0, np.int64)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be a 1-D sequence of ints, got {array.dtype} "
+                         f"{list(array.shape)}")
+    array = np.ascontiguousarray(array, dtype=np.int64)
+    bad = array[(array < 0) | (array >= num_blocks)]
+    if bad.size:
+        raise ValueError(f"{name} out of range [0, {num_blocks}): {bad[:8].tolist()}")
+    if distinct and np.unique(array).size != array.size:
+        values, counts = np.unique(array, return_counts=True)
+        raise ValueError(f"{name} must be distinct, repeated: {values[counts > 1][:8].tolist()}")
+    return array
+
+
+def _check_layers(layers: range | None, num_layers: int, name: str = "layers") -> range:
+    if layers is None:
+        return range(num_layers)
+    if not isinstance(layers, range) or layers.step != 1 or layers.start < 0 \
+            or layers.stop > num_layers or len(layers) == 0:
+        raise ValueError(f"{name} must be a non-empty range(a, b) within [0, {num_layers}), "
+                         f"got {layers!r}")
+    return layers

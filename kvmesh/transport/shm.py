@@ -1,0 +1,277 @@
+"""Same-host KV transfer: the receiver's pool lives in a POSIX shared-memory segment; a
+sender maps it and copies its source blocks straight into the destination blocks (one
+copy in all, no staging buffer).
+
+One segment per receiving actor, /dev/shm/kvmesh-<actor>-<pid>-<random>:
+
+    0            HEADER_BYTES                                      HEADER_BYTES + pool
+    [magic|token][ layer 0 | layer 1 | ... | layer L-1 ]
+                   each [2, num_blocks, block_size, num_kv_heads, head_dim]
+
+The token is random per segment and travels in KvPoolInfo too: a sender that opens a
+segment of that name checks it, so a same-named segment in another host's (or
+container's) /dev/shm is never taken for the peer's pool.
+
+Cleanup: the owner unlinks on close. If it dies without closing (SIGKILL), the
+multiprocessing resource tracker, a helper process that outlives it, unlinks the name.
+A mapping stays valid after unlink, so a sender attached to a dead receiver never faults.
+Space is reserved at create (posix_fallocate): a full /dev/shm is a clear error then,
+not a SIGBUS on the first write into a hole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import mmap
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from multiprocessing import resource_tracker
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+# copy_blocks belongs next to pack_blocks; until it moves there it shares kv_pack's checks.
+from kvmesh.gpu.kv_pack import _as_words, _check_caches
+
+SHM_DIR = Path("/dev/shm")
+# numba threads per data plane copy. One: a parallel copy waits at its barrier for every
+# thread, and on a busy host (the engine, ZeroMQ and UCX threads, other actors) a
+# descheduled one stalls it: measured on 2 cores next to one busy process, a 64 MiB
+# copy's median fell from 18 GB/s (1 thread) to 9.5, its worst to 0.6 (2 threads).
+# Quiet, one thread copies at 0.85-0.9x np.copyto (itself one thread).
+COPY_THREADS = 1
+MAGIC = b"kvmesh-kv-pool\x00\x01"
+TOKEN_BYTES = 16
+HEADER_BYTES = 4096  # keeps the pool page-aligned
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def available() -> bool:
+    """Whether this host has POSIX shared memory at SHM_DIR (Linux)."""
+    return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
+
+
+def segment_name(actor_id: str) -> str:
+    """A fresh name for actor_id's segment: unique per process and per call."""
+    return f"kvmesh-{_UNSAFE.sub('_', actor_id)[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+class SharedSegment:
+    """One mapped shared-memory segment: `pool` is the flat uint8 view after the header.
+
+    `create` makes and owns it (unlinked on close, or by the resource tracker on crash);
+    `attach` maps a peer's, checking its token.
+    """
+
+    def __init__(self, name: str, mapping: mmap.mmap, token: bytes, owner: bool) -> None:
+        self.name = name
+        self.token = token
+        self.owner = owner
+        self._mapping = mapping
+        self.pool = torch.frombuffer(mapping, dtype=torch.uint8, offset=HEADER_BYTES)
+
+    @classmethod
+    def create(cls, name: str, pool_bytes: int) -> SharedSegment:
+        """A new segment holding pool_bytes of zeros, space reserved up front."""
+        path = SHM_DIR / name
+        size = HEADER_BYTES + pool_bytes
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            _track(name)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+                raise MemoryError(
+                    f"cannot reserve {size} bytes of shared memory in {SHM_DIR} for the KV "
+                    f"pool ({free} free): enlarge {SHM_DIR} (docker --shm-size) or set the "
+                    "data plane backend to 'zmq'"
+                ) from None
+            mapping = _map(fd, size)
+        except BaseException:
+            os.close(fd)
+            _unlink(name)
+            raise
+        os.close(fd)
+        token = secrets.token_bytes(TOKEN_BYTES)
+        mapping[: len(MAGIC) + TOKEN_BYTES] = MAGIC + token
+        return cls(name, mapping, token, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, token: bytes, pool_bytes: int) -> SharedSegment:
+        """Map a peer's segment. Raises FileNotFoundError when this host has no segment
+        of that name, ValueError when it is not the peer's (token) or not of pool_bytes."""
+        if not name or "/" in name:
+            raise ValueError(f"shm_name must be a plain segment name, got {name!r}")
+        fd = os.open(SHM_DIR / name, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size != HEADER_BYTES + pool_bytes:
+                raise ValueError(
+                    f"shm segment {name!r} holds {size - HEADER_BYTES} pool bytes; the peer's "
+                    f"KvPoolInfo describes {pool_bytes}"
+                )
+            mapping = _map(fd, size)
+        finally:
+            os.close(fd)
+        if mapping[: len(MAGIC) + TOKEN_BYTES] != MAGIC + token:
+            mapping.close()
+            raise ValueError(f"shm segment {name!r} is not the peer's pool (token differs)")
+        return cls(name, mapping, token, owner=False)
+
+    def close(self) -> None:
+        """Unlink (owner) and unmap. Tensors still viewing the pool keep the mapping
+        alive until they go; the name is gone at once. Closing twice is harmless."""
+        if self.owner and self.name is not None:
+            _unlink(self.name)
+        self.name = None
+        self.pool = None
+        try:
+            self._mapping.close()
+        except BufferError:
+            pass  # views of the pool are alive; the mapping goes with the last of them
+
+
+def _map(fd: int, size: int) -> mmap.mmap:
+    # MAP_POPULATE: the page tables are built now, not by faults in the first transfer.
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def _track(name: str) -> None:
+    resource_tracker.register(f"/{name}", "shared_memory")
+
+
+def _unlink(name: str) -> None:
+    try:
+        os.unlink(SHM_DIR / name)
+    except FileNotFoundError:
+        pass
+    resource_tracker.unregister(f"/{name}", "shared_memory")
+
+
+class ShmLink:
+    """Writes to one peer on this host: copies straight into its mapped pool, then
+    sends KvWrite (the blocks are already in place when it arrives)."""
+
+    backend = "shm"
+    chunked = False
+
+    def __init__(self, channel, peer: str, segment: SharedSegment, peer_caches) -> None:
+        self.channel = channel
+        self.peer = peer
+        self.segment = segment
+        self.peer_caches = peer_caches
+
+    async def write(self, msg, kv_caches, src_ids, dst_ids, chunks: list[range], timeout):
+        """Copy chunk after chunk of layers (serving the event loop in between), then
+        send msg; return once the peer answered KvWriteDone."""
+        for layers in chunks:
+            copy_blocks(kv_caches, src_ids, self.peer_caches, dst_ids, layers)
+            await asyncio.sleep(0)
+        await self.channel.request(self.peer, msg, timeout)
+
+    async def close(self, peer_dead: bool) -> None:
+        self.peer_caches = None
+        self.segment.close()
+
+
+# ---- block-to-block copy ---------------------------------------------------------------
+
+
+def copy_blocks(
+    src_caches: list[torch.Tensor],
+    src_block_ids: np.ndarray,
+    dst_caches: list[torch.Tensor],
+    dst_block_ids: np.ndarray,
+    layers: range,
+) -> None:
+    """dst block dst_block_ids[i] := src block src_block_ids[i], K and V, in `layers`.
+
+    Both pools have equal layouts but for num_blocks; ids are checked int64 arrays
+    (distinct in dst). One pass, no staging buffer:
+
+        src layer l, row kv * src_nb + src_ids[i]  ──►  dst layer l, row kv * dst_nb + dst_ids[i]
+
+    When both pools lie layer after layer in one allocation, all the layers' rows form
+    one group (G = 2 * len(layers) row blocks) and one kernel launch copies them.
+    """
+    _check_caches(src_caches, "src_caches")
+    _check_caches(dst_caches, "dst_caches")
+    if len(src_block_ids) == 0 or len(layers) == 0:
+        return
+    srcs = _row_groups(src_caches, layers)
+    dsts = _row_groups(dst_caches, layers)
+    if len(srcs) != len(dsts):  # one side is one allocation, the other is not
+        srcs = _row_groups(src_caches, layers, per_layer=True)
+        dsts = _row_groups(dst_caches, layers, per_layer=True)
+    src_nb, dst_nb = src_caches[0].shape[1], dst_caches[0].shape[1]
+    if src_caches[0].device.type == "cpu":
+        srcs, dsts = _as_words(srcs, dsts)
+        with numba_threads(COPY_THREADS):
+            for src, dst in zip(srcs, dsts, strict=True):
+                _copy_rows(src.numpy(), dst.numpy(), src_block_ids, dst_block_ids, src_nb,
+                           dst_nb)
+        return
+    for src, dst in zip(srcs, dsts, strict=True):  # CUDA (IPC-mapped pools): index kernels
+        groups = torch.arange(src.shape[0] // src_nb, device=src.device).unsqueeze(1)
+        src_rows = (groups * src_nb + torch.from_numpy(src_block_ids).to(src.device)).view(-1)
+        dst_rows = (groups * dst_nb + torch.from_numpy(dst_block_ids).to(src.device)).view(-1)
+        dst.index_copy_(0, dst_rows, src.index_select(0, src_rows))
+
+
+@contextlib.contextmanager
+def numba_threads(n: int) -> Iterator[None]:
+    """At most n numba threads for the parallel launches of this thread, inside."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def _row_groups(
+    kv_caches: list[torch.Tensor], layers: range, per_layer: bool = False
+) -> list[torch.Tensor]:
+    """[rows, block_elems] views of `layers`: one spanning them all when the layers lie
+    back to back in one storage (and not per_layer), else one per layer."""
+    first = kv_caches[layers.start]
+    block_elems = first[0, 0].numel()
+    rows_per_layer = 2 * first.shape[1]
+    layer_bytes = first.numel() * first.element_size()
+    start = first.data_ptr()
+    storage = first.untyped_storage()
+    spans = (
+        not per_layer
+        and all(kv_caches[layer].data_ptr() == start + i * layer_bytes
+                for i, layer in enumerate(layers))
+        and storage.data_ptr() + storage.nbytes() >= start + len(layers) * layer_bytes
+    )
+    if spans:
+        rows = len(layers) * rows_per_layer
+        return [torch.as_strided(first, (rows, block_elems), (block_elems, 1))]
+    return [kv_caches[layer].view(rows_per_layer, block_elems) for layer in layers]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _copy_rows(src, dst, src_ids, dst_ids, src_nb, dst_nb):  # pragma: no cover - compiled
+    n = src_ids.shape[0]
+    width = src.shape[1]
+    num_groups = src.shape[0] // src_nb
+    for t in prange(num_groups * n):
+        g = t // n
+        i = t - g * n
+        s = g * src_nb + src_ids[i]
+        d = g * dst_nb + dst_ids[i]
+        for j in range(width):
+            dst[d, j] = src[s, j]
