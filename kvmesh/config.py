@@ -189,6 +189,9 @@ class FrontendConfig(Table):
         "finishes.", ge=1)] = 1024
     request_timeout: Annotated[float, doc(
         "Seconds before a request is aborted and answered with an error.", gt=0)] = 600.0
+    max_migrations: Annotated[int, doc(
+        "Times one request may move to another decode worker when its worker dies "
+        "(prompt + tokens so far are replayed there); 0 = fail instead.", ge=0)] = 3
 
 
 class SecurityConfig(Table):

@@ -146,10 +146,26 @@ class KvPoolQuery(Request, frozen=True, kw_only=True):
     backends: list[str]
 
 
+class CudaIpcHandle(msgspec.Struct, frozen=True, kw_only=True):
+    """One layer of a CUDA KV pool as torch exports it for another process
+    (UntypedStorage._share_cuda_), plus the layer's element offset in that storage."""
+
+    device: int
+    handle: bytes
+    size_bytes: int
+    offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes | None
+    event_sync_required: bool
+    element_offset: int
+
+
 class KvPoolInfo(Reply, frozen=True, kw_only=True):
     """A KV pool's layout and how to reach it: one tensor per layer, [2, num_blocks,
     block_size, num_kv_heads, head_dim] of `dtype`. shm_name/shm_token: the shared-memory
-    segment holding it (same host only); ucx_address: the owner's UCX worker address."""
+    segment holding it (same host only); cuda_ipc: one handle per layer of a CUDA pool
+    (same host only); ucx_address: the owner's UCX worker address."""
 
     num_layers: int
     num_blocks: int
@@ -160,6 +176,7 @@ class KvPoolInfo(Reply, frozen=True, kw_only=True):
     node: str
     shm_name: str | None = None
     shm_token: bytes | None = None
+    cuda_ipc: list[CudaIpcHandle] | None = None
     ucx_address: bytes | None = None
 
 
@@ -223,6 +240,7 @@ class RouteRequest(Request, frozen=True, kw_only=True):
     request_id: str
     block_hashes: list[int]
     num_prompt_tokens: int
+    exclude: list[str] = []  # workers the asker saw die: never place there
 
 
 class RequestDone(Message, frozen=True, kw_only=True):
@@ -267,6 +285,10 @@ class Generate(Message, frozen=True, kw_only=True):
     params: SamplingParams
     prefill: str | None = None
     prefill_endpoint: str | None = None
+    # A migrated request: the tokens its dead worker generated and the characters of
+    # their text the client already has; generation resumes right after them.
+    output_token_ids: list[int] = []
+    num_sent_chars: int = 0
 
 
 class Abort(Message, frozen=True, kw_only=True):

@@ -171,6 +171,9 @@ class Actor:
     """
 
     role: ClassVar[str] = "actor"
+    # Messages still handled while draining: those that finish work already in flight
+    # (a stream's tokens, a transfer's blocks), as opposed to new work.
+    drain_accepts: ClassVar[frozenset[type[Message]]] = frozenset()
 
     def __init__(self, config: ActorConfig) -> None:
         self.config = config
@@ -192,6 +195,7 @@ class Actor:
         self._heartbeat_task: asyncio.Task | None = None
         self._accepting = True
         self._stop_requested = asyncio.Event()
+        self._connecting: dict[str, asyncio.Future] = {}  # peer id -> connect() under way
 
     def _dispatch_table(self) -> dict[type[Message], Handler]:
         handlers = {}
@@ -342,6 +346,18 @@ class Actor:
             raise ConnectionError(f"{endpoint} answered Hello with {type(welcome).__name__}")
         self._register(Peer.introduced(welcome, Route(name)))
         return welcome.actor_id
+
+    async def ensure_connected(self, peer: str, endpoint: str, timeout: float) -> None:
+        """Connect to `peer` at `endpoint` unless already connected; concurrent callers
+        for the same peer share one connection attempt."""
+        if peer in self.peers:
+            return
+        attempt = self._connecting.get(peer)
+        if attempt is None:
+            attempt = asyncio.ensure_future(self.connect(f"to_{peer}", endpoint, timeout))
+            self._connecting[peer] = attempt
+            attempt.add_done_callback(lambda _: self._connecting.pop(peer, None))
+        await asyncio.shield(attempt)
 
     # --- sending ---
 
@@ -497,7 +513,7 @@ class Actor:
                 ErrorCode.UNKNOWN_TYPE,
                 f"actor {self.actor_id} ({self.role}) has no {name} handler",
             )
-        if not self._accepting:
+        if not self._accepting and type(msg) not in self.drain_accepts:
             return (
                 ErrorCode.SHUTTING_DOWN,
                 f"actor {self.actor_id} is draining and takes no new work",

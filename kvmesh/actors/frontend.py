@@ -11,9 +11,11 @@ Torch-free: this process starts in well under a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
 import structlog
 
 from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
@@ -35,6 +37,7 @@ from kvmesh.protocol import (
 from kvmesh.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
+WORKER_DIED = "unavailable: died:"
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class FrontendSettings:
     http_port: int = 8000
     expected_workers: int = 1  # /health is 200 once this many workers registered
     max_num_requests: int = 1024  # in flight; beyond it requests get 429 + Retry-After
+    max_migrations: int = 3  # moves of one request off dead decode workers
     route_timeout: float = 10.0
     connect_timeout: float = 60.0
     status_interval: float = 0.5
@@ -56,6 +60,7 @@ class FrontendActor(Actor):
     """HTTP in, Generate out; also the cluster Backend that kvmesh.frontend.app calls."""
 
     role = "frontend"
+    drain_accepts = frozenset({TokenBatch})
 
     def __init__(self, config: ActorConfig, settings: FrontendSettings) -> None:
         super().__init__(config)
@@ -86,6 +91,9 @@ class FrontendActor(Actor):
                                 port=self.settings.http_port, log_level="warning",
                                 lifespan="off")
         self._server = uvicorn.Server(config)
+        # uvicorn must not take SIGTERM/SIGINT for itself: they are the actor's, which
+        # drains the streams in flight before telling uvicorn to exit.
+        self._server.capture_signals = contextlib.nullcontext
         self._services = [asyncio.create_task(self._server.serve()),
                        asyncio.create_task(self._poll_status())]
         self.endpoints["http"] = f"http://{self.settings.host}:{self.settings.http_port}"
@@ -103,6 +111,16 @@ class FrontendActor(Actor):
             task.cancel()
         await asyncio.gather(*self._services, return_exceptions=True)
         await super().close()
+
+    async def _reconnect_router(self) -> None:
+        while self._accepting:
+            try:
+                await self.connect("to_router", self.settings.router_endpoint,
+                                   self.settings.connect_timeout)
+                return
+            except (TimeoutError, ConnectionError) as exc:
+                log.warning("router_unreachable", error=str(exc))
+                await asyncio.sleep(1.0)
 
     async def _poll_status(self) -> None:
         while True:
@@ -126,28 +144,43 @@ class FrontendActor(Actor):
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[Delta]:
+        """Stream one request. When its decode worker dies, the request moves to another
+        (up to max_migrations times) with the tokens and text it already streamed, and
+        the client's stream goes on as if nothing happened."""
         if not self._accepting:
             raise BackendUnavailable("the frontend is shutting down", retry_after=1.0)
         if len(self.streams) >= self.settings.max_num_requests:
             raise OverloadedError(f"{len(self.streams)} requests in flight; try again shortly")
-        placement = await self._place(request_id, prompt_token_ids)
-        decode = placement.decode
         stream: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = stream
-        self.decode_of[request_id] = decode
+        outputs: list[int] = []
+        num_chars = 0
+        dead: list[str] = []
+        num_cached = None
         finished = False
+        decode = None
         try:
-            await self._ensure_connected(decode, placement.decode_endpoint)
-            await self.send(decode, Generate(
-                request_id=request_id, prompt_token_ids=prompt_token_ids, params=params,
-                prefill=placement.prefill, prefill_endpoint=placement.prefill_endpoint))
             while not finished:
-                delta: Delta = await stream.get()
-                if delta.error is not None:
-                    finished = True
-                    raise _as_error(delta.error)
-                finished = delta.finish_reason is not None
-                yield delta
+                decode = await self._start(request_id, prompt_token_ids, params, outputs,
+                                           num_chars, dead)
+                while True:
+                    delta: Delta = await stream.get()
+                    if delta.error is not None and delta.error.startswith(WORKER_DIED) and (
+                            len(dead) < self.settings.max_migrations):
+                        dead.append(decode)
+                        self.log.warning("request_migrating", request_id=request_id,
+                                         dead=decode, num_outputs=len(outputs))
+                        break
+                    if delta.error is not None:
+                        finished = True
+                        raise _as_error(delta.error)
+                    outputs += delta.new_token_ids
+                    num_chars += len(delta.new_text)
+                    num_cached = delta.num_cached_tokens if num_cached is None else num_cached
+                    finished = delta.finish_reason is not None
+                    yield msgspec.structs.replace(delta, num_cached_tokens=num_cached)
+                    if finished:
+                        break
         finally:
             self.streams.pop(request_id, None)
             self.decode_of.pop(request_id, None)
@@ -156,14 +189,29 @@ class FrontendActor(Actor):
             if self.router_id in self.peers:
                 await self.send(self.router_id, RequestDone(request_id=request_id))
 
-    async def _place(self, request_id: str, prompt_token_ids: list[int]) -> Placement:
+    async def _start(self, request_id, prompt_token_ids, params, outputs, num_chars, dead) -> str:
+        """Place the request (avoiding dead workers) and send it to its decode worker."""
+        placement = await self._place(request_id, prompt_token_ids + outputs, dead)
+        decode = placement.decode
+        self.decode_of[request_id] = decode
+        await self._ensure_connected(decode, placement.decode_endpoint)
+        resumed = bool(outputs)  # a resumed request is prefilled where it decodes
+        await self.send(decode, Generate(
+            request_id=request_id, prompt_token_ids=prompt_token_ids, params=params,
+            prefill=None if resumed else placement.prefill,
+            prefill_endpoint=None if resumed else placement.prefill_endpoint,
+            output_token_ids=outputs, num_sent_chars=num_chars))
+        return decode
+
+    async def _place(self, request_id: str, prompt_token_ids: list[int],
+                     exclude: list[str]) -> Placement:
         if self.router_id not in self.peers:
             raise BackendUnavailable("the router is unreachable", retry_after=2.0)
         hashes = hash_blocks(prompt_token_ids, self.settings.block_size, salt=self.salt)
         try:
             return await self.request(self.router_id, RouteRequest(
                 request_id=request_id, block_hashes=hashes,
-                num_prompt_tokens=len(prompt_token_ids)),
+                num_prompt_tokens=len(prompt_token_ids), exclude=exclude),
                 timeout=self.settings.route_timeout)
         except RemoteError as exc:
             raise BackendUnavailable(f"no placement: {exc.error.message}", retry_after=2.0) from exc
@@ -171,10 +219,8 @@ class FrontendActor(Actor):
             raise BackendUnavailable(f"the router did not answer: {exc}", retry_after=2.0) from exc
 
     async def _ensure_connected(self, worker: str, endpoint: str) -> None:
-        if worker in self.peers:
-            return
         try:
-            await self.connect(f"to_{worker}", endpoint, self.settings.connect_timeout)
+            await self.ensure_connected(worker, endpoint, self.settings.connect_timeout)
         except (TimeoutError, ConnectionError, ValueError) as exc:
             raise BackendUnavailable(f"decode worker {worker} unreachable: {exc}") from exc
 
@@ -210,12 +256,15 @@ class FrontendActor(Actor):
                 stream.put_nowait(delta)
 
     async def on_peer_dead(self, peer_id: str) -> None:
-        """A decode worker died: its requests end with an error."""
+        """A decode worker died: its requests move elsewhere (or end with an error).
+        The router died: reconnect to its successor."""
+        if peer_id == self.router_id and self._accepting:
+            self._services.append(asyncio.create_task(self._reconnect_router()))
         for request_id, decode in list(self.decode_of.items()):
             if decode == peer_id and request_id in self.streams:
                 self.streams[request_id].put_nowait(Delta(
                     request_id=request_id, new_token_ids=[], new_text="",
-                    error=f"unavailable: decode worker {peer_id} died"))
+                    error=f"{WORKER_DIED} {peer_id}"))
         await super().on_peer_dead(peer_id)
 
 

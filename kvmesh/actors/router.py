@@ -126,9 +126,9 @@ class RouterActor(Actor):
     async def on_route_request(self, msg: RouteRequest, inbound) -> Placement | Error:
         """Place one request: decode worker, and prefill worker or local prefill."""
         try:
+            workers = [w for w in self.workers.values() if w.worker_id not in msg.exclude]
             placed = self.policy.choose(msg.block_hashes, msg.num_prompt_tokens,
-                                        self.settings.block_size, self.workers.values(),
-                                        self.index)
+                                        self.settings.block_size, workers, self.index)
         except NoWorkerError as exc:
             return Error(code="no_worker", message=str(exc))
         self.num_routed += 1
@@ -169,6 +169,8 @@ class RouterActor(Actor):
         for peer in self.peers.values():
             if peer.role == "client":  # a `kvmesh status` asking, not a member
                 continue
+            if peer.role in ("prefill", "decode") and peer.actor_id not in self.workers:
+                continue  # connected but not (or not yet) registered: not serving
             registration = self.registrations.get(peer.actor_id)
             load = self.loads.get(peer.actor_id)
             actors.append(ActorStatus(

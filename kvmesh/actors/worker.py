@@ -30,6 +30,8 @@ from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
 from kvmesh.engine.params import SamplingParams
 from kvmesh.protocol import (
     Abort,
+    KvPoolQuery,
+    KvWrite,
     Delta,
     Generate,
     LoadReport,
@@ -74,6 +76,8 @@ def first_token_params(params: SamplingParams) -> SamplingParams:
 class EngineWorker(DataPlaneHandlers, Actor):
     """What prefill and decode workers share: the engine, registration, events, load."""
 
+    drain_accepts = frozenset({Abort, KvPoolQuery, KvWrite})
+
     def __init__(self, config: ActorConfig, settings: WorkerSettings) -> None:
         super().__init__(config)
         self.settings = settings
@@ -95,15 +99,36 @@ class EngineWorker(DataPlaneHandlers, Actor):
         self.kv_plane = KVDataPlane(self, engine.kv_caches, segment=segment,
                                     backend=self.settings.transfer, node=self.config.node)
         self.open("from_peers", zmq.ROUTER, self.settings.endpoint, bind=True)
-        events = self.open("events_out", zmq.PUB, self.settings.events_endpoint, bind=True)
+        self.open("events_out", zmq.PUB, self.settings.events_endpoint, bind=True)
+        await self._join_router()
+        self._background = [asyncio.create_task(self._publish_events()),
+                            asyncio.create_task(self._report_load())]
+
+    async def _join_router(self) -> None:
+        engine = self.engine.engine
         self.router_id = await self.connect("to_router", self.settings.router_endpoint,
                                             self.settings.connect_timeout)
         await self.request(self.router_id, RegisterWorker(
             model=self.settings.model_name, block_size=engine.block_size,
             num_blocks=engine.num_blocks, max_num_seqs=engine.scheduler.max_num_seqs,
-            pid=os.getpid(), events_endpoint=events), timeout=self.settings.connect_timeout)
-        self._background = [asyncio.create_task(self._publish_events()),
-                            asyncio.create_task(self._report_load())]
+            pid=os.getpid(), events_endpoint=self.endpoints["events_out"]),
+            timeout=self.settings.connect_timeout)
+
+    async def on_peer_dead(self, peer_id: str) -> None:
+        """The router died: keep trying to register with its successor."""
+        if peer_id == self.router_id and self._accepting:
+            self._spawn_tracked(self._reregister())
+        await super().on_peer_dead(peer_id)
+
+    async def _reregister(self) -> None:
+        while self._accepting:
+            try:
+                await self._join_router()
+                self.log.info("reregistered", router=self.router_id)
+                return
+            except (TimeoutError, ConnectionError, RemoteError) as exc:
+                self.log.warning("router_unreachable", error=str(exc))
+                await asyncio.sleep(1.0)
 
     def _build_engine(self) -> tuple[Engine, object]:
         from kvmesh.gpu.kv_cache import default_num_blocks
@@ -125,6 +150,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
             s.model_path), config, device=s.device, dtype=s.dtype, block_size=s.block_size,
             num_blocks=num_blocks, max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens, kv_caches=kv_caches)
+        warm_up(engine)
         return engine, segment
 
     async def drain(self) -> None:
@@ -211,9 +237,11 @@ class DecodeWorker(EngineWorker):
         remote = msg.prefill is not None
         if remote:
             self.prefill_of[msg.request_id] = (msg.prefill, msg.prefill_endpoint)
+        resume = (msg.output_token_ids, msg.num_sent_chars) if msg.output_token_ids else None
         try:
             await self.engine.call(lambda e: e.add_request(
-                msg.prompt_token_ids, msg.params, msg.request_id, remote_prefill=remote))
+                msg.prompt_token_ids, msg.params, msg.request_id, remote_prefill=remote,
+                resume_from=resume))
         except ValueError as exc:
             self.frontend_of.pop(msg.request_id, None)
             self.prefill_of.pop(msg.request_id, None)
@@ -259,8 +287,7 @@ class DecodeWorker(EngineWorker):
         request_id = task.request_id
         worker, endpoint = self.prefill_of.pop(request_id, (None, None))
         try:
-            if worker not in self.peers:
-                await self.connect(f"to_{worker}", endpoint, self.settings.connect_timeout)
+            await self.ensure_connected(worker, endpoint, self.settings.connect_timeout)
             done = await self.request(worker, RemotePrefill(
                 request_id=request_id, prompt_token_ids=task.prompt_token_ids,
                 params=task.params, num_cached_tokens=task.num_cached_tokens,
@@ -332,6 +359,14 @@ class PrefillWorker(EngineWorker):
                 if future is not None and not future.done():
                     future.set_exception(PeerDeadError(peer_id, "requester died"))
         await super().on_peer_dead(peer_id)
+
+
+def warm_up(engine: Engine) -> None:
+    """Compile the kernels (Numba) before serving: a first compile holds the GIL for a
+    second or more, long enough for peers to miss heartbeats. Leaves no trace."""
+    engine.generate([[engine.config.bos_token_id or 0] * 3], SamplingParams(max_tokens=2))
+    engine.pool.reset_prefix_cache()
+    engine.take_kv_events()
 
 
 def to_delta(out: RequestOutput) -> Delta:

@@ -157,12 +157,16 @@ class Engine:
         *,
         remote_prefill: bool = False,
         hold_blocks: bool = False,
+        resume_from: tuple[list[int], int] | None = None,
     ) -> str:
         """Queue a request; returns its id. Bad input raises ValueError naming the field.
 
         remote_prefill: allocate the prompt's blocks but let another worker compute
         them (see take_remote_prefills). hold_blocks: keep the blocks after the request
         finishes, so they can be sent to a peer, until release(request_id).
+        resume_from: (output token ids, characters of their text already streamed) of a
+        request that began on a worker that died: generation continues exactly where it
+        stopped (same text, stop strings and max_tokens; seeded sampling included).
         """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -174,9 +178,26 @@ class Engine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seq = Sequence(request_id, prompt_ids, params, remote_prefill, hold_blocks)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
-        self.requests[request_id] = Request(seq, detok)
+        request = Request(seq, detok)
+        if resume_from is not None:
+            self._resume(request, *resume_from)
+        self.requests[request_id] = request
         self.scheduler.add(seq)
         return request_id
+
+    def _resume(self, request: Request, output_ids: list[int], num_sent_chars: int) -> None:
+        seq = request.seq
+        outputs = self._prompt_ids(list(output_ids)) if output_ids else []
+        if len(outputs) >= seq.params.max_tokens or seq.remote_prefill:
+            raise ValueError("resume_from: needs fewer outputs than max_tokens and local prefill")
+        seq.token_ids += outputs
+        if seq.logprobs is not None:
+            seq.logprobs += [{} for _ in outputs]  # not known here; positions kept
+        for _ in outputs:
+            self.sampler.skip_draw(seq, self.config.vocab_size)
+        request.text = request.detokenizer.push(outputs)
+        request.num_sent_tokens = len(outputs)
+        request.num_sent_chars = num_sent_chars
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -1,0 +1,227 @@
+"""TieredStore: the cache actor's two tiers, host DRAM (shared memory) over disk.
+
+    worker ──reserve, write slot, commit──► host ──evicted: demote──► disk ──evicted: deleted
+    worker ◄──get_leading, read slots────── host ◄──disk hit: promote── disk
+
+Offload: a worker evicting a cached device block asks for a host slot (`reserve`), packs
+the block into it and reports back (`commit`). A full host evicts its policy's victim
+and demotes it to disk (copied from its slot before the slot is handed out); a full disk
+deletes its own victim. A block already held in either tier is not written again.
+
+Onboard: `get_leading` walks a request's hashes (those the device lacks) and returns
+the longest leading run held in either tier, each block as a host slot: a disk hit is
+promoted, read (checksum and all) into a host slot, and stays on disk too, so a later
+eviction from host costs no write. The walk stops at the first block held nowhere, and
+at a disk block that fails its checks (deleted, a miss). Blocks of the run are kept from
+eviction while the run is being assembled, so promoting one never evicts another.
+Workers read only host slots, one path for both tiers.
+
+Every change is a KV event with its tier (BlockStored / BlockRemoved / AllBlocksCleared),
+and per tier the store counts: offloaded (blocks stored into it: host from workers, disk
+demoted from host), queries (blocks looked up in it by get_leading; the disk is asked
+for those the host lacked), onboarded (the hits among them: blocks served from it) and
+evicted.
+
+One thread drives a store: the cache actor's. Disk I/O blocks, so an asyncio actor
+calls it off its event loop (asyncio.to_thread), one call at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from kvmesh.cache.disk_tier import DiskTier
+from kvmesh.cache.host_tier import HostTier
+from kvmesh.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+
+STORE_TIERS = ("host", "disk")
+
+
+class Hit(NamedTuple):
+    """A block of a leading run: the host slot it is in now, and where it was found."""
+
+    block_hash: int
+    slot: int
+    tier: str  # "host" or "disk"
+
+
+@dataclass
+class TierStats:
+    """Block counts of one tier since the store started (see the module doc)."""
+
+    offloaded: int = 0
+    onboarded: int = 0  # the hits of get_leading
+    queries: int = 0
+    evicted: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.onboarded / self.queries if self.queries else 0.0
+
+
+class TieredStore:
+    """Host tier over an optional disk tier; owns both. See the module doc."""
+
+    def __init__(self, host: HostTier, disk: DiskTier | None = None) -> None:
+        assert host.owner, "a TieredStore owns its host tier (HostTier.create)"
+        if disk is not None and disk.record_bytes != host.record_bytes:
+            raise ValueError(f"disk tier records are {disk.record_bytes} bytes, host tier "
+                             f"records {host.record_bytes}")
+        self.host = host
+        self.disk = disk
+        self.stats = {tier: TierStats() for tier in STORE_TIERS}
+        # staging for disk -> host (promote) and host -> disk (demote, inside a promote)
+        self._promoting = np.empty(host.record_bytes, dtype=np.uint8)
+        self._demoting = np.empty(host.record_bytes, dtype=np.uint8)
+        self._events: list[tuple[type, str, list[int]]] = []  # (kind, tier, hashes)
+
+    def tier_of(self, block_hash: int) -> str | None:
+        """The fastest tier holding block_hash (committed), or None."""
+        if block_hash in self.host:
+            return "host"
+        if self.disk is not None and block_hash in self.disk:
+            return "disk"
+        return None
+
+    def __contains__(self, block_hash: int) -> bool:
+        return self.tier_of(block_hash) is not None
+
+    # ---- offload ----------------------------------------------------------------------
+
+    def reserve(self, block_hash: int) -> int | None:
+        """A host slot for a worker to write block_hash into, then `commit` (or `abort`).
+        None when there is nothing to write (already held, or being written) or no slot
+        can be had (every one is being written)."""
+        if self.host.is_pending(block_hash) or block_hash in self.host:
+            return None
+        if self.disk is not None and block_hash in self.disk:
+            self.disk.touch(block_hash)
+            return None
+        return self._allocate(block_hash, keep=())
+
+    def commit(self, block_hash: int) -> bool:
+        """The worker wrote its reserved slot: publish it. False when the slot does not
+        hold the block (the write failed or the store was cleared meanwhile)."""
+        if not self.host.commit(block_hash):
+            return False
+        self.stats["host"].offloaded += 1
+        self._event(BlockStored, "host", block_hash)
+        return True
+
+    def abort(self, block_hash: int) -> None:
+        """The worker will not write its reserved slot."""
+        self.host.abort(block_hash)
+
+    def put(self, block_hash: int, payload) -> bool:
+        """reserve + write + commit in this process; False when nothing was stored."""
+        slot = self.reserve(block_hash)
+        if slot is None:
+            return False
+        self.host.write(slot, block_hash, payload)
+        return self.commit(block_hash)
+
+    # ---- onboard ----------------------------------------------------------------------
+
+    def get_leading(self, block_hashes: Sequence[int]) -> list[Hit]:
+        """The longest leading run of block_hashes held in either tier, as host slots."""
+        found = []
+        for block_hash in block_hashes:
+            tier = self.tier_of(block_hash)
+            if tier is None:
+                break
+            found.append((block_hash, tier))
+        keep = {block_hash for block_hash, _ in found}
+        hits = []
+        for block_hash, tier in found:
+            if tier == "host":
+                slot = self.host.lookup([block_hash])[0]
+            else:
+                slot = self._promote(block_hash, keep)
+                if slot is None:
+                    break
+            hits.append(Hit(block_hash, slot, tier))
+        num_host = sum(hit.tier == "host" for hit in hits)
+        self._count("host", len(block_hashes), num_host)
+        if self.disk is not None:
+            self._count("disk", len(block_hashes) - num_host, len(hits) - num_host)
+        return hits
+
+    # ---- all tiers --------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Forget every block (e.g. new weights): nothing held before comes back."""
+        self.host.clear()
+        self._events.append((AllBlocksCleared, "host", []))
+        if self.disk is not None:
+            self.disk.clear()
+            self._events.append((AllBlocksCleared, "disk", []))
+
+    def take_events(self) -> list[KVEvent]:
+        """KV events since the last call, oldest first; runs of one kind and tier merged."""
+        events, self._events = self._events, []
+        return [kind(tier=tier) if kind is AllBlocksCleared
+                else kind(block_hashes=hashes, tier=tier) for kind, tier, hashes in events]
+
+    def close(self) -> None:
+        self.host.close()
+
+    # ---- inside ----------------------------------------------------------------------
+
+    def _allocate(self, block_hash: int, keep: Container[int]) -> int | None:
+        """A host slot for block_hash, demoting the block evicted for it."""
+        got = self.host.allocate(block_hash, keep)
+        if got is None:
+            return None
+        slot, evicted = got
+        if evicted is not None:
+            self._demote(evicted, slot, keep)
+        return slot
+
+    def _demote(self, block_hash: int, slot: int, keep: Container[int]) -> None:
+        """block_hash left the host (still readable in slot): copy it to disk."""
+        self.stats["host"].evicted += 1
+        self._event(BlockRemoved, "host", block_hash)
+        if self.disk is None:
+            return
+        if block_hash in self.disk:
+            self.disk.touch(block_hash)
+            return
+        if not self.host.read_into(slot, block_hash, self._demoting):
+            return  # not intact in its slot: dropped, not demoted
+        stored, evicted = self.disk.write(block_hash, self._demoting, keep)
+        for dropped in evicted:
+            self.stats["disk"].evicted += 1
+            self._event(BlockRemoved, "disk", dropped)
+        if stored:
+            self.stats["disk"].offloaded += 1
+            self._event(BlockStored, "disk", block_hash)
+
+    def _promote(self, block_hash: int, keep: Container[int]) -> int | None:
+        """Copy a disk block into a host slot; None (a miss) if it fails its checks or
+        no slot can be had. Read first, so a corrupt block evicts nothing from host."""
+        if not self.disk.read_into(block_hash, self._promoting):
+            if block_hash not in self.disk:  # the failed read deleted it
+                self._event(BlockRemoved, "disk", block_hash)
+            return None
+        slot = self._allocate(block_hash, keep)
+        if slot is None:
+            return None
+        self.host.write(slot, block_hash, self._promoting)
+        committed = self.host.commit(block_hash)
+        assert committed, f"promoted block {block_hash:016x} did not commit to slot {slot}"
+        self._event(BlockStored, "host", block_hash)
+        return slot
+
+    def _count(self, tier: str, queries: int, hits: int) -> None:
+        self.stats[tier].queries += queries
+        self.stats[tier].onboarded += hits
+
+    def _event(self, kind: type, tier: str, block_hash: int) -> None:
+        if self._events and self._events[-1][:2] == (kind, tier):
+            self._events[-1][2].append(block_hash)
+        else:
+            self._events.append((kind, tier, [block_hash]))

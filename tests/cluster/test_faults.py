@@ -1,0 +1,137 @@
+"""Failures on a real cluster: a decode worker SIGKILLed mid-stream, the prefill worker
+SIGKILLed, SIGTERM to `kvmesh up` with streams in flight. Every request still ends
+exactly as the single-process Engine says."""
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from kvmesh import Engine, SamplingParams
+from kvmesh.bench.cluster import start_cluster
+
+
+def make_prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(16, 2048) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_model_dir):
+    c = start_cluster(tmp_path_factory.mktemp("faults"), tiny_model_dir,
+                      "router.disagg_min_tokens=0")
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return Engine.from_pretrained(tiny_model_dir, num_blocks=512)
+
+
+@pytest.fixture(scope="module")
+def model_name(cluster):
+    return httpx.get(f"{cluster.url}/v1/models").json()["data"][0]["id"]
+
+
+def actors(cluster) -> dict[str, dict]:
+    return {r["actor"]: r for r in json.loads(cluster.kvmesh("status", "--json").stdout)}
+
+
+class Stream(threading.Thread):
+    """One streaming completion; records its text and how many chunks have arrived."""
+
+    def __init__(self, url: str, model: str, prompt: list[int], max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                     "temperature": 0.0, "ignore_eos": True, "stream": True}
+        self.url = url
+        self.text = ""
+        self.chunks = 0
+        self.finish_reason = None
+        self.error = None
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/completions", json=self.body,
+                              timeout=180) as reply:
+                if reply.status_code != 200:
+                    self.error = f"HTTP {reply.status_code}: {reply.read()!r}"
+                    return
+                for line in reply.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        self.error = event["error"]
+                        continue
+                    for choice in event["choices"]:
+                        self.text += choice["text"]
+                        self.finish_reason = choice["finish_reason"] or self.finish_reason
+                    self.chunks += 1
+        except httpx.HTTPError as exc:
+            self.error = repr(exc)
+
+
+def run_streams(cluster, model_name, prompts, max_tokens, during=None):
+    streams = [Stream(cluster.url, model_name, p, max_tokens) for p in prompts]
+    for s in streams:
+        s.start()
+    if during is not None:
+        deadline = time.monotonic() + 120
+        while min(s.chunks for s in streams) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        during()
+    for s in streams:
+        s.join(timeout=240)
+    return streams
+
+
+def test_sigkill_of_a_decode_worker_loses_no_stream(cluster, model_name, engine):
+    prompts = [make_prompt(40 + 10 * i, seed=100 + i) for i in range(16)]
+    expected = engine.generate(prompts, SamplingParams(max_tokens=120, temperature=0.0,
+                                                       ignore_eos=True))
+    victim = actors(cluster)["decode-0"]["pid"]
+    streams = run_streams(cluster, model_name, prompts, 120,
+                          during=lambda: os.kill(victim, signal.SIGKILL))
+    assert [s.error for s in streams] == [None] * 16
+    assert [s.finish_reason for s in streams] == ["length"] * 16
+    assert [s.text for s in streams] == [o.text for o in expected]
+    # the launcher restarts the worker and it rejoins
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        row = actors(cluster).get("decode-0")
+        if row is not None and row["pid"] not in (0, victim):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("decode-0 did not come back")
+
+
+def test_sigkill_of_the_prefill_worker_still_finishes_requests(cluster, model_name, engine):
+    prompts = [make_prompt(300, seed=200 + i) for i in range(4)]
+    expected = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0,
+                                                       ignore_eos=True))
+    os.kill(actors(cluster)["prefill-0"]["pid"], signal.SIGKILL)
+    streams = run_streams(cluster, model_name, prompts, 16)
+    assert [s.error for s in streams] == [None] * 4
+    assert [s.text for s in streams] == [o.text for o in expected]
+
+
+def test_sigterm_drains_streams_in_flight(cluster, model_name, engine):
+    prompts = [make_prompt(30 + i, seed=300 + i) for i in range(4)]
+    expected = engine.generate(prompts, SamplingParams(max_tokens=150, temperature=0.0,
+                                                       ignore_eos=True))
+    codes = []
+    streams = run_streams(cluster, model_name, prompts, 150,
+                          during=lambda: codes.append(cluster.process.send_signal(signal.SIGTERM)))
+    assert [s.error for s in streams] == [None] * 4
+    assert [s.text for s in streams] == [o.text for o in expected]
+    assert cluster.process.wait(timeout=60) == 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{cluster.url}/health", timeout=2)
