@@ -52,8 +52,11 @@ def load(config_path, overrides, model_path, http_port):
               "[default: the first, or $SLURM_NODEID's under Slurm].")
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="Seconds to wait for the cluster to become ready.")
+@click.option("--ask", default=None, metavar="TEXT",
+              help="Once ready, send TEXT as a chat message and stream the answer here.")
+@click.option("--once", is_flag=True, help="With --ask: stop the cluster after the answer.")
 @click.pass_context
-def up(ctx, config_path, overrides, model_path, http_port, node, timeout):
+def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, once):
     """Start every actor of this node and keep them running (Ctrl-C drains and stops).
 
     \b
@@ -92,15 +95,34 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout):
                 ready = True
                 click.echo(f"kvmesh is up: {cfg.frontend_url}/v1  (model {cfg.model.served_name})")
                 _print_status(cfg, as_json=False)
+                if ask is not None:
+                    _ask(cfg.frontend_url, ask)
+                    if once:
+                        break
+                click.echo("serving; Ctrl-C drains and stops", err=True)
             elif not ready and time.monotonic() > deadline:
                 click.echo(f"cluster not ready after {timeout:.0f} s; stopping", err=True)
                 launcher.stop(cfg.cluster.grace_period)
                 sys.exit(1)
             time.sleep(0.2)
     finally:
-        if stop["signal"] is not None or not launcher.stopping:
+        if not launcher.stopping:
             click.echo("draining and stopping…", err=True)
             launcher.stop(cfg.cluster.grace_period)
+
+
+def _ask(url: str, text: str) -> None:
+    from kvmesh.client import APIError, Client
+
+    click.echo(f"\nyou> {text}\nkvmesh> ", nl=False)
+    try:
+        with Client(url) as client:
+            for delta in client.chat([{"role": "user", "content": text}], stream=True,
+                                     max_tokens=48, temperature=0.0):
+                click.echo(delta.text, nl=False)
+    except APIError as exc:
+        click.echo(f"[error: {exc}]", nl=False)
+    click.echo("\n")
 
 
 def _default_node(cfg) -> str:
@@ -211,8 +233,8 @@ def chat(url, max_tokens, temperature, system):
         try:
             for piece in client.chat(messages, stream=True, max_tokens=max_tokens,
                                      temperature=temperature):
-                reply += piece
-                click.echo(piece, nl=False)
+                reply += piece.text
+                click.echo(piece.text, nl=False)
         except APIError as exc:
             click.echo(f"\n[error {exc.status}: {exc}]")
             messages.pop()
