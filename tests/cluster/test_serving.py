@@ -170,3 +170,20 @@ def test_garbage_on_every_actor_endpoint_crashes_nothing(cluster, openai_client,
     assert reply.usage.completion_tokens == 4
     after = json.loads(cluster.kvmesh("status", "--json").stdout)
     assert sorted(r["actor"] for r in after) == sorted(r["actor"] for r in rows)
+
+
+def test_client_disconnect_cancels_the_request_on_its_worker(cluster, model_name):
+    body = {"model": model_name, "prompt": make_prompt(50, 9), "max_tokens": 3000,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, timeout=60) as reply:
+        for n, _ in enumerate(reply.iter_lines()):
+            if n > 5:
+                break  # leave mid-stream
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = json.loads(cluster.kvmesh("status", "--json").stdout)
+        if all(r["running"] == 0 for r in rows if r["role"] == "decode"):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the request kept running after the client left: {rows}")
