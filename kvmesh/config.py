@@ -33,6 +33,7 @@ import itertools
 import json
 import re
 import textwrap
+import tomllib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +41,6 @@ from typing import Annotated, Literal
 
 import msgspec
 import msgspec.inspect as mi
-import tomllib
 from msgspec import Meta, Struct
 
 Role = Literal["frontend", "router", "prefill", "decode", "cache"]

@@ -272,7 +272,7 @@ class Actor:
         self.log.info("draining", in_progress=len(self._tasks))
         try:
             await asyncio.wait_for(self._finish_work(), self.config.grace_period)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.log.warning("drain_timeout", unfinished=len(self._tasks))
 
     async def _finish_work(self) -> None:
@@ -414,7 +414,7 @@ class Actor:
         label = peer or route.socket
         try:
             await asyncio.wait_for(self._send_then(future, route, stamped, frames), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TimeoutError(
                 f"{label} sent no reply to {type(msg).__name__} within {timeout} s"
             ) from None

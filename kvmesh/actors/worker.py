@@ -30,17 +30,22 @@ from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
 from kvmesh.engine.params import SamplingParams
 from kvmesh.protocol import (
     Abort,
-    KvPoolQuery,
-    KvWrite,
     Delta,
     Generate,
+    KvPoolQuery,
+    KvWrite,
     LoadReport,
     RegisterWorker,
     RemotePrefill,
     RemotePrefillDone,
     TokenBatch,
 )
-from kvmesh.transport.dataplane import DataPlaneHandlers, KVDataPlane, KVLayout, allocate_shared_pool
+from kvmesh.transport.dataplane import (
+    DataPlaneHandlers,
+    KVDataPlane,
+    KVLayout,
+    allocate_shared_pool,
+)
 
 log = structlog.get_logger(__name__)
 

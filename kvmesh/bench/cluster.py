@@ -42,9 +42,12 @@ class Cluster:
     log: Path
 
     def kvmesh(self, *command: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "kvmesh", "--log-level", "warning",
-                               *command, *self.args], capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "kvmesh", "--log-level", "warning", *command, *self.args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
@@ -52,16 +55,29 @@ class Cluster:
         return self.process.wait(timeout=timeout)
 
 
-def start_cluster(tmp_path: Path, model_dir: Path, *overrides: str, timeout: float = 240) -> Cluster:
+def start_cluster(
+    tmp_path: Path, model_dir: Path, *overrides: str, timeout: float = 240
+) -> Cluster:
     base = free_port_range(24)
     http_port = base + 22
-    args = ["--set", f"cluster.base_port={base}", "--set", f"frontend.http_port={http_port}",
-            "--set", f"model.path={model_dir}", "--set", "kv.device_blocks=512"]
+    args = [
+        "--set",
+        f"cluster.base_port={base}",
+        "--set",
+        f"frontend.http_port={http_port}",
+        "--set",
+        f"model.path={model_dir}",
+        "--set",
+        "kv.device_blocks=512",
+    ]
     for override in overrides:
         args += ["--set", override]
     log = tmp_path / "cluster.log"
-    process = subprocess.Popen([sys.executable, "-m", "kvmesh", "up", *args],
-                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvmesh", "up", *args],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     cluster = Cluster(process, f"http://127.0.0.1:{http_port}", args, log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

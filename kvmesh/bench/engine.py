@@ -38,8 +38,10 @@ def run_engine(engine, workload) -> dict:
     from kvmesh.engine.params import SamplingParams
 
     start = time.perf_counter()
-    ids = [engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-           for p, n in workload]
+    ids = [
+        engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        for p, n in workload
+    ]
     first_token_at, finals = {}, {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -66,14 +68,21 @@ def run_hf(model, workload, pad_id: int) -> tuple[float, list]:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
         longest = max(n for _, n in batch)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
-                                 min_new_tokens=longest, do_sample=False, pad_token_id=pad_id)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=longest,
+                min_new_tokens=longest,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
         outputs += [out[row, width : width + n].tolist() for row, (_, n) in enumerate(batch)]
     return time.perf_counter() - start, outputs
 
 
-def bench_engine(model_path: str | None, seed: int, threads: int | None,
-                 num_requests: int = NUM_REQUESTS) -> dict:
+def bench_engine(
+    model_path: str | None, seed: int, threads: int | None, num_requests: int = NUM_REQUESTS
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -104,8 +113,11 @@ def bench_engine(model_path: str | None, seed: int, threads: int | None,
         "prompt_tokens": prompt_tokens,
         "useful_output_tokens": useful,
         "hf_generate": {"seconds": hf_s, "tokens_per_s": useful / hf_s, "batch": HF_BATCH},
-        "engine": {"seconds": cold["seconds"], "tokens_per_s": useful / cold["seconds"],
-                   "ttft_mean_s": cold["ttft_mean_s"]},
+        "engine": {
+            "seconds": cold["seconds"],
+            "tokens_per_s": useful / cold["seconds"],
+            "ttft_mean_s": cold["ttft_mean_s"],
+        },
         "engine_prefix_cached": {
             "seconds": warm["seconds"],
             "tokens_per_s": useful / warm["seconds"],
@@ -117,37 +129,64 @@ def bench_engine(model_path: str | None, seed: int, threads: int | None,
             "throughput": cold["seconds"] / warm["seconds"],
             "ttft_mean": cold["ttft_mean_s"] / warm["ttft_mean_s"],
         },
-        "greedy_outputs_equal_hf": sum(a == b for a, b in zip(cold["outputs"], hf_out)),
+        "greedy_outputs_equal_hf": sum(
+            a == b for a, b in zip(cold["outputs"], hf_out, strict=True)
+        ),
         "greedy_outputs_equal_cold_vs_cached": sum(
-            a == b for a, b in zip(cold["outputs"], warm["outputs"])
+            a == b for a, b in zip(cold["outputs"], warm["outputs"], strict=True)
         ),
     }
     return result
 
 
 @click.command("engine")
-@click.option("--model", "model_path", default=None, help="HF model directory [default: the tiny model]")
+@click.option(
+    "--model", "model_path", default=None, help="HF model directory [default: the tiny model]"
+)
 @click.option("--seed", default=0, show_default=True, help="Workload seed.")
 @click.option("--threads", type=int, default=None, help="torch threads [default: torch's choice].")
-@click.option("--requests", "num_requests", type=click.IntRange(1), default=NUM_REQUESTS,
-              show_default=True, help="Number of requests in the workload.")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
-              help="Also write the results to this JSON file.")
+@click.option(
+    "--requests",
+    "num_requests",
+    type=click.IntRange(1),
+    default=NUM_REQUESTS,
+    show_default=True,
+    help="Number of requests in the workload.",
+)
+@click.option(
+    "--json",
+    "json_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the results to this JSON file.",
+)
 def engine_command(model_path, seed, threads, num_requests, json_file) -> None:
     """Engine vs transformers generate (padded batches of 8): useful output tokens/s."""
     result = bench_engine(model_path, seed, threads, num_requests)
     hf, eng, warm = result["hf_generate"], result["engine"], result["engine_prefix_cached"]
-    click.echo(f"requests {result['requests']}, prompt tokens {result['prompt_tokens']}, "
-               f"useful output tokens {result['useful_output_tokens']}, threads {result['threads']}")
-    click.echo(f"transformers generate (batches of {HF_BATCH}): {hf['tokens_per_s']:8.1f} tok/s  ({hf['seconds']:.2f} s)")
-    click.echo(f"kvmesh Engine, cold:                      {eng['tokens_per_s']:8.1f} tok/s  "
-               f"({eng['seconds']:.2f} s, mean TTFT {eng['ttft_mean_s']:.2f} s)")
-    click.echo(f"kvmesh Engine, prefix cached:             {warm['tokens_per_s']:8.1f} tok/s  "
-               f"({warm['seconds']:.2f} s, mean TTFT {warm['ttft_mean_s']:.2f} s), "
-               f"{warm['cached_prompt_fraction']:.0%} of prompt tokens cached")
+    click.echo(
+        f"requests {result['requests']}, prompt tokens {result['prompt_tokens']}, "
+        f"useful output tokens {result['useful_output_tokens']}, threads {result['threads']}"
+    )
+    click.echo(
+        f"transformers generate (batches of {HF_BATCH}): {hf['tokens_per_s']:8.1f} tok/s  "
+        f"({hf['seconds']:.2f} s)"
+    )
+    click.echo(
+        f"kvmesh Engine, cold:                      {eng['tokens_per_s']:8.1f} tok/s  "
+        f"({eng['seconds']:.2f} s, mean TTFT {eng['ttft_mean_s']:.2f} s)"
+    )
+    click.echo(
+        f"kvmesh Engine, prefix cached:             {warm['tokens_per_s']:8.1f} tok/s  "
+        f"({warm['seconds']:.2f} s, mean TTFT {warm['ttft_mean_s']:.2f} s), "
+        f"{warm['cached_prompt_fraction']:.0%} of prompt tokens cached"
+    )
     gain = result["gain_prefix_cached_vs_cold"]
-    click.echo(f"ratio Engine / transformers: {result['ratio_engine_vs_hf']:.2f}x; "
-               f"prefix-cache gain: {gain['throughput']:.2f}x throughput, {gain['ttft_mean']:.2f}x TTFT; "
-               f"greedy outputs equal to transformers: {result['greedy_outputs_equal_hf']}/{result['requests']}")
+    click.echo(
+        f"ratio Engine / transformers: {result['ratio_engine_vs_hf']:.2f}x; "
+        f"prefix-cache gain: {gain['throughput']:.2f}x throughput, "
+        f"{gain['ttft_mean']:.2f}x TTFT; greedy outputs equal to transformers: "
+        f"{result['greedy_outputs_equal_hf']}/{result['requests']}"
+    )
     if json_file:
         Path(json_file).write_text(json.dumps(result, indent=2))

@@ -12,7 +12,9 @@ from kvmesh.gpu.model import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int, device: str):
+    def __init__(
+        self, model: CausalLM, kv_caches: list[torch.Tensor], block_size: int, device: str
+    ):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -63,7 +65,9 @@ class ModelRunner:
             meta.decode_tables = self._block_tables(decodes)
             meta.decode_ctx_lens = np.array([s.num_computed_tokens + 1 for s in decodes], np.int64)
         elif decodes:
-            ctx_lens = torch.tensor([s.num_computed_tokens + 1 for s in decodes], device=self.device)
+            ctx_lens = torch.tensor(
+                [s.num_computed_tokens + 1 for s in decodes], device=self.device
+            )
             tables = torch.from_numpy(self._block_tables(decodes)).to(self.device)
             meta.decode_slots, meta.decode_mask = self._padded_slots(tables, ctx_lens)
         for seq, q_start, num_new in prefills:

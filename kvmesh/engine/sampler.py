@@ -54,7 +54,9 @@ class Sampler:
         """Consume the draw a seeded sequence's first token took on another worker, so
         its later samples equal a single-process run."""
         if seq.params.seed is not None and not seq.params.greedy:
-            torch.empty(vocab_size, device=self.device).exponential_(generator=self._generator_for(seq))
+            torch.empty(vocab_size, device=self.device).exponential_(
+                generator=self._generator_for(seq)
+            )
 
     def _generator_for(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
@@ -63,7 +65,9 @@ class Sampler:
             seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
         return seq.generator
 
-    def _record_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> None:
+    def _record_logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
+    ) -> None:
         logprobs = logits.log_softmax(dim=-1)
         k = max(seq.params.logprobs or 0 for seq in seqs)
         top_values, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
@@ -75,7 +79,9 @@ class Sampler:
             entry = {token_list[row]: chosen[row]}
             n = seq.params.logprobs
             if n:
-                entry.update(zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(), strict=True))
+                entry.update(
+                    zip(top_ids[row, :n].tolist(), top_values[row, :n].tolist(), strict=True)
+                )
             seq.logprobs.append(entry)
 
 

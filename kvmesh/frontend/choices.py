@@ -26,8 +26,8 @@ import anyio
 
 from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import Backend, BackendUnavailable
-from kvmesh.protocol import Delta
 from kvmesh.frontend.metrics import Metrics
+from kvmesh.protocol import Delta
 
 
 class Choice:

@@ -24,7 +24,6 @@ from fastapi.responses import StreamingResponse
 
 from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import Backend, BackendUnavailable, OverloadedError
-from kvmesh.protocol import Delta
 from kvmesh.frontend.choices import Choice, ChoiceStreams
 from kvmesh.frontend.metrics import Metrics
 from kvmesh.frontend.schemas import (
@@ -50,6 +49,7 @@ from kvmesh.frontend.schemas import (
     Usage,
     now,
 )
+from kvmesh.protocol import Delta
 
 log = structlog.get_logger(__name__)
 

@@ -79,7 +79,9 @@ def paged_attention(
             q[: meta.num_decodes], kv_cache, meta.decode_tables, meta.decode_ctx_lens, scale
         )
     elif meta.num_decodes:
-        out[: meta.num_decodes] = _decode(q[: meta.num_decodes], kv_cache, meta, num_kv_heads, scale)
+        out[: meta.num_decodes] = _decode(
+            q[: meta.num_decodes], kv_cache, meta, num_kv_heads, scale
+        )
     for span in meta.prefills:
         rows = slice(span.q_start, span.q_start + span.q_len)
         out[rows] = _prefill(q[rows], k[rows], v[rows], kv_cache, span, num_heads, scale)

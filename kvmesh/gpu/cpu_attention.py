@@ -66,6 +66,7 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     out = np.empty((b, num_kv_heads, group, head_dim), np.float32)
     qn = q.contiguous().view(b, num_kv_heads, group, head_dim).numpy()
-    _paged_decode(qn, kv_cache[0].numpy(), kv_cache[1].numpy(), block_tables, ctx_lens,
-                  np.float32(scale), out)
+    _paged_decode(
+        qn, kv_cache[0].numpy(), kv_cache[1].numpy(), block_tables, ctx_lens, np.float32(scale), out
+    )
     return torch.from_numpy(out).view(b, num_heads, head_dim)

@@ -6,7 +6,6 @@ import math
 import os
 
 import numpy as np
-
 import structlog
 import torch
 
@@ -53,8 +52,9 @@ def allocate_kv_caches(
     if torch.device(device).type != "cpu":
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
     nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size() * config.num_layers
-    return kv_caches_from_buffer(torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)), config,
-                                 num_blocks, block_size, dtype)
+    return kv_caches_from_buffer(
+        torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)), config, num_blocks, block_size, dtype
+    )
 
 
 def available_memory(device: str) -> int:
@@ -69,7 +69,9 @@ def default_num_blocks(
     config: ModelConfig, block_size: int, dtype: torch.dtype, device: str, max_tokens: int
 ) -> int:
     """Blocks that fit the device's free memory, capped at what `max_tokens` can use."""
-    block_bytes = config.kv_bytes_per_block(block_size, torch.tensor([], dtype=dtype).element_size())
+    block_bytes = config.kv_bytes_per_block(
+        block_size, torch.tensor([], dtype=dtype).element_size()
+    )
     fit = available_memory(device) // block_bytes
     useful = -(-max_tokens // block_size)
     num_blocks = int(min(fit, useful))

@@ -27,7 +27,9 @@ def safetensors_files(path: Path) -> list[Path]:
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
-    raise ValueError(f"model path {str(path)!r} has no model.safetensors or model.safetensors.index.json")
+    raise ValueError(
+        f"model path {str(path)!r} has no model.safetensors or model.safetensors.index.json"
+    )
 
 
 def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -33,7 +33,9 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies per rotary pair, with linear or llama3 scaling applied."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    )
     scaling = config.rope_scaling
     if scaling is None:
         return inv_freq
@@ -77,7 +79,9 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias
+        )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
@@ -145,8 +149,13 @@ class CausalLM(nn.Module):
     def load_hf_weights(self, weights) -> None:
         """Copy (name, tensor) pairs in HF naming into this module, fusing q/k/v and gate/up."""
         params = dict(self.named_parameters())
-        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+        fused = {
+            "q_proj": ("qkv_proj", 0),
+            "k_proj": ("qkv_proj", 1),
+            "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0),
+            "up_proj": ("gate_up_proj", 1),
+        }
         loaded = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
@@ -159,7 +168,9 @@ class CausalLM(nn.Module):
                 parts[-2] = target
             target_name = ".".join(parts)
             if target_name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no place in {self.config.architecture}"
+                )
             param = params[target_name]
             with torch.no_grad():
                 self._copy_shard(param, tensor, parts[-2], shard)
@@ -169,16 +180,23 @@ class CausalLM(nn.Module):
             loaded.add("lm_head.weight")
         missing = sorted(set(params) - loaded)
         if missing:
-            raise ValueError(f"checkpoint at {self.config.path!r} lacks tensors: {', '.join(missing[:5])}")
+            raise ValueError(
+                f"checkpoint at {self.config.path!r} lacks tensors: {', '.join(missing[:5])}"
+            )
 
     def _copy_shard(self, param, tensor, module_name, shard):
         if shard is None:
             if param.shape != tensor.shape:
-                raise ValueError(f"{module_name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+                raise ValueError(
+                    f"{module_name}: checkpoint shape {tuple(tensor.shape)} != {tuple(param.shape)}"
+                )
             param.copy_(tensor)
             return
         if module_name == "qkv_proj":
-            q, kv = self.config.num_heads * self.config.head_dim, self.config.num_kv_heads * self.config.head_dim
+            q, kv = (
+                self.config.num_heads * self.config.head_dim,
+                self.config.num_kv_heads * self.config.head_dim,
+            )
             sizes = [q, kv, kv]
         else:
             sizes = [self.config.intermediate_size] * 2

@@ -56,7 +56,9 @@ class ModelConfig:
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise ValueError(f"model path {str(path)!r} has no config.json (not a HF model directory)")
+            raise ValueError(
+                f"model path {str(path)!r} has no config.json (not a HF model directory)"
+            )
         raw = json.loads(config_file.read_text())
         return cls.from_dict(raw, str(path))
 
@@ -71,7 +73,9 @@ class ModelConfig:
             )
         # transformers >= 5 writes `rope_parameters` (theta included) instead of `rope_scaling`.
         rope_scaling = raw.get("rope_scaling") or raw.get("rope_parameters")
-        rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+        rope_type = (rope_scaling or {}).get(
+            "rope_type", (rope_scaling or {}).get("type", "default")
+        )
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
                 f"rope_scaling.rope_type: {rope_type!r} is not supported; "
@@ -81,7 +85,9 @@ class ModelConfig:
         hidden = raw["hidden_size"]
         dtype = str(raw.get("torch_dtype") or raw.get("dtype") or "float32")
         max_len = raw.get("max_position_embeddings", 2048)
-        if raw.get("sliding_window") and raw.get("use_sliding_window", arch == "MistralForCausalLM"):
+        if raw.get("sliding_window") and raw.get(
+            "use_sliding_window", arch == "MistralForCausalLM"
+        ):
             # Without sliding-window attention the engine is exact only inside one window.
             max_len = min(max_len, raw["sliding_window"])
         eos = raw.get("eos_token_id")

@@ -91,7 +91,7 @@ async def emit_until_heard(probe: Probe, socket: str, timeout: float = 10.0) -> 
         await probe.emit(socket, MARKER)
         try:
             msg, _ = await asyncio.wait_for(probe.heard.get(), 0.05)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
         if msg == MARKER:
             return

@@ -80,7 +80,7 @@ def test_disaggregated_equals_single_engine(tiny_model_dir, params):
 def test_decode_side_prefix_cache_shrinks_the_transfer(tiny_model_dir):
     prompt = make_prompts(1, seed=8, low=200, high=200)[0]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    prefill, decode = make_engine(tiny_model_dir), make_engine(tiny_model_dir)
+    decode = make_engine(tiny_model_dir)
     decode.generate([prompt[:100]], params)  # decode now caches 6 full blocks of the prefix
     decode.add_request(prompt, params, request_id="r", remote_prefill=True)
     decode.step()

@@ -23,9 +23,15 @@ def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
     ids = torch.tensor([prompt])
     # an explicit mask: left to itself, generate would mask every token equal to pad_token_id
     with torch.inference_mode():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -143,21 +149,26 @@ def test_abort_frees_every_block(tiny_model_dir, reference):
 @pytest.mark.parametrize("seed", [0, 7])
 def test_seeded_sampling_is_reproducible_whatever_the_batch(engine, reference, seed):
     prompts, _ = reference
-    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=seed,
-                            ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=seed, ignore_eos=True
+    )
     alone = engine.generate([prompts[3]], params)[0].token_ids
-    crowd = engine.generate([prompts[1], prompts[3], prompts[5]],
-                            [SamplingParams(max_tokens=5, temperature=1.0), params, params])
+    crowd = engine.generate(
+        [prompts[1], prompts[3], prompts[5]],
+        [SamplingParams(max_tokens=5, temperature=1.0), params, params],
+    )
     assert crowd[1].token_ids == alone
-    other = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=seed + 1,
-                           ignore_eos=True)
+    other = SamplingParams(
+        max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=seed + 1, ignore_eos=True
+    )
     assert engine.generate([prompts[3]], other)[0].token_ids != alone
 
 
 def test_top_k_1_is_greedy(engine, reference):
     prompts, expected = reference
-    out = engine.generate([prompts[2]], SamplingParams(max_tokens=24, temperature=0.8, top_k=1,
-                                                       ignore_eos=True))[0]
+    out = engine.generate(
+        [prompts[2]], SamplingParams(max_tokens=24, temperature=0.8, top_k=1, ignore_eos=True)
+    )[0]
     assert out.token_ids == expected[2]
 
 
@@ -170,7 +181,7 @@ def test_logprobs_match_transformers(engine, hf_model, reference):
         ref = hf_model(full).logits[0, len(prompts[3]) - 1 : -1].log_softmax(-1)
     for step, entry in enumerate(out.logprobs):
         top = ref[step].topk(3)
-        assert list(entry)[: 1] == [expected[3][step]]
+        assert list(entry)[:1] == [expected[3][step]]
         assert set(entry) == set(top.indices.tolist()) | {expected[3][step]}
         for token, logprob in entry.items():
             assert logprob == pytest.approx(ref[step, token].item(), abs=1e-4)
@@ -253,7 +264,9 @@ def test_unknown_architecture_is_refused(tiny_model_dir, tmp_path):
     config = json.loads((broken / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="architectures: 'GPT2LMHeadModel' is not supported.*LlamaForCausalLM"):
+    with pytest.raises(
+        ValueError, match="architectures: 'GPT2LMHeadModel' is not supported.*LlamaForCausalLM"
+    ):
         Engine.from_pretrained(broken)
 
 

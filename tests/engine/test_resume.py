@@ -37,7 +37,7 @@ def test_resumed_stream_continues_exactly(tiny_model_dir, params, cut):
     prompt = make_prompt(90, seed=cut)
     first = Engine.from_pretrained(tiny_model_dir, num_blocks=64)
     first.add_request(prompt, params, "r")
-    ids, text, last = [], "", None
+    ids, text = [], ""
     while len(ids) < cut:  # stream until the worker "dies" after `cut` tokens
         for out in first.step():
             ids += out.new_token_ids

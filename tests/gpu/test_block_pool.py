@@ -115,7 +115,9 @@ def test_reset_forgets_every_hash():
     assert pool.take_events()[-1] == AllBlocksCleared()
 
 
-@pytest.mark.parametrize(("num_blocks", "block_size", "field"), [(0, 4, "num_blocks"), (4, 0, "block_size")])
+@pytest.mark.parametrize(
+    ("num_blocks", "block_size", "field"), [(0, 4, "num_blocks"), (4, 0, "block_size")]
+)
 def test_bad_sizes_are_refused(num_blocks, block_size, field):
     with pytest.raises(ValueError, match=field):
         BlockPool(num_blocks, block_size)

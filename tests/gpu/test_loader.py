@@ -18,15 +18,26 @@ ARCHITECTURES = {
 }
 
 
-def make_checkpoint(tmp_path, tiny_model_dir, arch: str, dtype=torch.float32, shard: bool = False,
-                    tie: bool = False):
+def make_checkpoint(
+    tmp_path, tiny_model_dir, arch: str, dtype=torch.float32, shard: bool = False, tie: bool = False
+):
     """A small random model of `arch` saved by transformers itself, with the tiny tokenizer."""
     import transformers
 
     config_cls, model_cls = (getattr(transformers, name) for name in ARCHITECTURES[arch])
-    config = config_cls(vocab_size=2048, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        initializer_range=0.3, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1)
+    config = config_cls(
+        vocab_size=2048,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        tie_word_embeddings=tie,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     torch.manual_seed(0)
     model = model_cls(config).to(dtype)
     path = tmp_path / f"{arch}-{str(dtype).split('.')[-1]}{'-sharded' if shard else ''}"
@@ -49,15 +60,26 @@ def hf_greedy(path, prompts, max_tokens, dtype=torch.float32):
     for prompt in prompts:
         ids = torch.tensor([prompt])
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-        outs.append(out[0, len(prompt):].tolist())
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        outs.append(out[0, len(prompt) :].tolist())
     return outs
 
 
 @pytest.mark.parametrize(
     ("arch", "shard", "tie"),
-    [("llama", False, True), ("mistral", True, False), ("qwen2", False, False), ("qwen2", True, True)],
+    [
+        ("llama", False, True),
+        ("mistral", True, False),
+        ("qwen2", False, False),
+        ("qwen2", True, True),
+    ],
 )
 def test_engine_equals_transformers(tmp_path, tiny_model_dir, arch, shard, tie):
     path = make_checkpoint(tmp_path, tiny_model_dir, arch, shard=shard, tie=tie)
@@ -79,7 +101,9 @@ def test_qwen2_has_qkv_bias(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("checkpoint_dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_checkpoint_loads_exactly_into_float32(tmp_path, tiny_model_dir, checkpoint_dtype):
+def test_half_precision_checkpoint_loads_exactly_into_float32(
+    tmp_path, tiny_model_dir, checkpoint_dtype
+):
     path = make_checkpoint(tmp_path, tiny_model_dir, "llama", dtype=checkpoint_dtype)
     prompts = make_prompts(3, seed=5)
     engine = Engine.from_pretrained(path, dtype="float32", num_blocks=64)
@@ -92,7 +116,9 @@ def test_half_precision_engine_tracks_float32_logprobs(tmp_path, tiny_model_dir,
     path = make_checkpoint(tmp_path, tiny_model_dir, "llama")
     prompt = make_prompts(1, seed=9)[0]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
-    full = Engine.from_pretrained(path, dtype="float32", num_blocks=32).generate([prompt], params)[0]
+    full = Engine.from_pretrained(path, dtype="float32", num_blocks=32).generate([prompt], params)[
+        0
+    ]
     half = Engine.from_pretrained(path, dtype=dtype, num_blocks=32)
     assert half.kv_caches[0].dtype == getattr(torch, dtype)
     out = half.generate([prompt], params)[0]
@@ -104,7 +130,10 @@ def test_half_precision_engine_tracks_float32_logprobs(tmp_path, tiny_model_dir,
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"architectures": ["GPT2LMHeadModel"]}, "architectures: 'GPT2LMHeadModel' is not supported"),
+        (
+            {"architectures": ["GPT2LMHeadModel"]},
+            "architectures: 'GPT2LMHeadModel' is not supported",
+        ),
         ({"architectures": []}, "architectures: None is not supported"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling.rope_type: 'yarn'"),
     ],
