@@ -72,6 +72,7 @@ class Launcher:
         for child in self.dead_children():
             code = child.process.returncode
             child.exits.append(code)
+            _release_segments(child.process.pid)
             child.process = None
             if now - child.started_at > STABLE_AFTER:
                 child.backoff = BACKOFF_START
@@ -102,6 +103,14 @@ class Launcher:
                     child.process.kill()
                     child.process.wait()
         log.info("cluster_stopped")
+
+
+def _release_segments(pid: int) -> None:
+    """A killed actor cannot unlink its shared-memory KV pool: do it for it."""
+    from kvmesh.transport.shm import unlink_segments_of
+
+    for name in unlink_segments_of(pid):
+        log.info("segment_released", pid=pid, segment=name)
 
 
 def _die_with_parent() -> None:

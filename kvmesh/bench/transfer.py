@@ -6,15 +6,18 @@ Geometry: Llama-3-8B's KV (32 layers, block_size 16, 8 KV heads, head_dim 128, b
 in shared memory; this process holds a pool of the same layout, one tensor per layer.
 For each size, a transfer writes size / 2 MiB random source blocks into random distinct
 destination blocks and returns once the receiver answered KvWriteDone (every chunk in
-place). Each figure is the best of `repeats` timed runs after one untimed run (links,
-pages, numba), in GB/s (1 GB = 1e9 bytes).
+place). GB/s are 1e9 bytes per second.
 
-Baselines, same run, same bytes:
-  memcpy_gbps, pack_gbps, unpack_gbps  kvmesh.bench.pack.measure_pack, in this process
-  zmq_raw_gbps  one copy=False frame over a bare ZeroMQ DEALER -> ROUTER tcp loopback to
-                the receiver process, which answers one byte once it has the message
-Ratios printed: shm / memcpy (target >= 0.8), numba pack / memcpy (target >= 0.7),
-zmq / raw zmq (target >= 0.8).
+Rounds, for a noisy machine: after one untimed round (links, pages, numba), each of
+`repeats` rounds runs every measurement once, back to back, and each figure is its best
+round. So a burst of load from elsewhere hits the baselines as much as the transfers.
+  memcpy_gbps   np.copyto of the same number of bytes in this process (one thread)
+  zmq_raw_gbps  the same bytes as one copy=False frame over a bare ZeroMQ DEALER ->
+                ROUTER tcp loopback to the receiver process, answered with one byte
+  transfer_gbps {"shm", "zmq", "ucx"}: kvmesh writes (ucx: null without ucxx)
+Then kvmesh.bench.pack.measure_pack gives pack_gbps / unpack_gbps with its own memcpy
+baseline, pack_memcpy_gbps (same call). Ratios printed: shm / memcpy (target >= 0.8),
+numba pack / pack_memcpy (target >= 0.7), zmq / raw zmq (target >= 0.8).
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ def transfer_command(sizes: str, repeats: int, json_path: Path | None) -> None:
 
 
 def bench_transfer(sizes_mib: list[int], repeats: int) -> dict:
-    """{size in MiB (str): {"nbytes", "memcpy_gbps", "pack_gbps", "unpack_gbps",
-    "transfer_gbps": {backend: x or None}, "zmq_raw_gbps", "load_avg"}}."""
+    """{size in MiB (str): {"nbytes", "memcpy_gbps", "zmq_raw_gbps", "transfer_gbps":
+    {backend: x or None}, "pack_gbps", "unpack_gbps", "pack_memcpy_gbps", "load_avg"}}."""
     from kvmesh.bench.pack import measure_pack
     from kvmesh.gpu.kv_pack import available_backends
 
@@ -73,50 +76,45 @@ def bench_transfer(sizes_mib: list[int], repeats: int) -> dict:
         if not parent.poll(120):
             raise RuntimeError("the receiver process did not start within 120 s")
         endpoints = parent.recv()
-        transfers = asyncio.run(_transfers(endpoints, num_blocks, sizes_mib, repeats))
-        results = {}
-        for size in sizes_mib:
-            nbytes = size * (1 << 20) // BLOCK_BYTES * BLOCK_BYTES
-            pack = measure_pack(nbytes, list(available_backends("cpu")), repeats=repeats)
-            results[str(size)] = {
-                "nbytes": nbytes,
-                "memcpy_gbps": pack["memcpy_gbps"],
-                "pack_gbps": pack["pack_gbps"],
-                "unpack_gbps": pack["unpack_gbps"],
-                "transfer_gbps": transfers[size]["transfer_gbps"],
-                "zmq_raw_gbps": _raw_zmq_gbps(endpoints["raw"], nbytes, repeats),
-                "load_avg": os.getloadavg()[0],
-            }
+        results = asyncio.run(_rounds(endpoints, num_blocks, sizes_mib, repeats))
     finally:
         receiver.terminate()  # SIGTERM: the receiver drains and unlinks its segment
         receiver.join(30)
+    for size in sizes_mib:
+        result = results[str(size)]
+        pack = measure_pack(result["nbytes"], list(available_backends("cpu")), repeats=repeats)
+        result.update(pack_gbps=pack["pack_gbps"], unpack_gbps=pack["unpack_gbps"],
+                      pack_memcpy_gbps=pack["memcpy_gbps"], load_avg=os.getloadavg()[0])
     return results
 
 
 def report(size: int, r: dict) -> str:
     """The figures of one size, each ratio with its baseline and target."""
     memcpy, raw, transfer = r["memcpy_gbps"], r["zmq_raw_gbps"], r["transfer_gbps"]
+    pack_memcpy = r["pack_memcpy_gbps"]
     lines = [
         f"{size} MiB of KV blocks ({r['nbytes'] / 1e6:.0f} MB), load average {r['load_avg']:.2f}",
         f"  memcpy     {memcpy:6.2f} GB/s",
+        f"  shm        {transfer['shm']:6.2f} GB/s  {transfer['shm'] / memcpy:.2f}x memcpy, "
+        f"target >= {TARGETS['shm']}",
+        f"  raw zmq    {raw:6.2f} GB/s",
+        f"  zmq        {transfer['zmq']:6.2f} GB/s  {transfer['zmq'] / raw:.2f}x raw zmq, "
+        f"target >= {TARGETS['zmq']}",
+        f"  ucx        {transfer['ucx']:6.2f} GB/s" if transfer["ucx"] is not None
+        else "  ucx        ucxx not installed",
+        f"  memcpy     {pack_memcpy:6.2f} GB/s  (measure_pack's baseline for pack/unpack)",
     ]
     for backend, gbps in r["pack_gbps"].items():
         target = f", target >= {TARGETS[backend]}" if backend in TARGETS else ""
-        lines.append(f"  pack {backend:<5} {gbps:6.2f} GB/s  {gbps / memcpy:.2f}x memcpy{target}")
-    shm, zmq_, ucx = transfer["shm"], transfer["zmq"], transfer["ucx"]
-    lines += [
-        f"  shm        {shm:6.2f} GB/s  {shm / memcpy:.2f}x memcpy, target >= {TARGETS['shm']}",
-        f"  raw zmq    {raw:6.2f} GB/s",
-        f"  zmq        {zmq_:6.2f} GB/s  {zmq_ / raw:.2f}x raw zmq, target >= {TARGETS['zmq']}",
-        f"  ucx        {ucx:6.2f} GB/s" if ucx is not None else "  ucx        ucxx not installed",
-    ]
+        lines.append(f"  pack {backend:<5} {gbps:6.2f} GB/s  {gbps / pack_memcpy:.2f}x memcpy"
+                     f"{target}; unpack {r['unpack_gbps'][backend]:.2f} GB/s")
     return "\n".join(lines)
 
 
 # --- this process: the sender ---
 
 
-async def _transfers(endpoints: dict, num_blocks: int, sizes_mib: list[int], repeats: int):
+async def _rounds(endpoints: dict, num_blocks: int, sizes_mib: list[int], repeats: int):
     import numpy as np
 
     from kvmesh.actors.base import Actor, ActorConfig
@@ -127,55 +125,66 @@ async def _transfers(endpoints: dict, num_blocks: int, sizes_mib: list[int], rep
     backends = ["shm", "zmq"] + (["ucx"] if ucx.available() else [])
     config = ActorConfig(actor_id="bench-sender", heartbeat_interval=1.0, liveness=10)
     rng = np.random.default_rng(0)
+    raw = _RawZmq(endpoints["raw"])
     results = {}
     async with Actor(config) as sender:
         await sender.connect("to_receiver", endpoints["actor"], timeout=30)
         planes = {b: KVDataPlane(sender, kv_caches, backend=b) for b in backends}
         for size in sizes_mib:
             n = size * (1 << 20) // BLOCK_BYTES
+            nbytes = n * BLOCK_BYTES
             src = rng.choice(num_blocks, n, replace=False)
             dst = rng.choice(num_blocks, n, replace=False)
-            gbps = dict.fromkeys(["shm", "zmq", "ucx"])
-            for backend, plane in planes.items():
-                best = float("inf")
-                for i in range(repeats + 1):
+            buffers = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+            best = dict.fromkeys(["memcpy", "zmq_raw", *planes], float("inf"))
+            for i in range(repeats + 1):  # round 0 is untimed
+                for name in best:
                     start = time.perf_counter()
-                    await plane.write("bench-receiver", f"{backend}-{size}-{i}", src, dst)
-                    if i:  # the first run is untimed
-                        best = min(best, time.perf_counter() - start)
-                gbps[backend] = n * BLOCK_BYTES / best / 1e9
-            results[size] = {"transfer_gbps": gbps}
+                    if name == "memcpy":
+                        np.copyto(buffers[1], buffers[0])
+                    elif name == "zmq_raw":
+                        raw.send(buffers[0])
+                    else:
+                        await planes[name].write("bench-receiver", f"{name}-{size}-{i}", src, dst)
+                    if i:
+                        best[name] = min(best[name], time.perf_counter() - start)
+            gbps = {name: nbytes / seconds / 1e9 for name, seconds in best.items()}
+            results[str(size)] = {
+                "nbytes": nbytes,
+                "memcpy_gbps": gbps["memcpy"],
+                "zmq_raw_gbps": gbps["zmq_raw"],
+                "transfer_gbps": {b: gbps.get(b) for b in ("shm", "zmq", "ucx")},
+            }
         for plane in planes.values():
             await plane.close()
+    raw.close()
     return results
 
 
-def _raw_zmq_gbps(endpoint: str, nbytes: int, repeats: int) -> float:
-    import numpy as np
-    import zmq
+class _RawZmq:
+    """The baseline: a bare DEALER sending one copy=False frame, waiting for the answer."""
 
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(endpoint)
-    payload = np.ones(nbytes, dtype=np.uint8)
-    best = float("inf")
-    try:
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            sock.send(payload, copy=False)
-            sock.recv()
-            if i:
-                best = min(best, time.perf_counter() - start)
-    finally:
-        context.destroy(linger=0)
-    return nbytes / best / 1e9
+    def __init__(self, endpoint: str) -> None:
+        import zmq
+
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(endpoint)
+
+    def send(self, payload) -> None:
+        self.sock.send(payload, copy=False)
+        self.sock.recv()
+
+    def close(self) -> None:
+        self.context.destroy(linger=0)
 
 
 def _pool(num_blocks: int, shared: bool, actor_id: str = ""):
     import torch
 
-    from kvmesh.transport.dataplane import KVLayout, allocate_shared_pool
+    from kvmesh.transport.dataplane import allocate_shared_pool
+    from kvmesh.transport.kv_layout import KVLayout
 
     layout = KVLayout(LAYERS, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, torch.bfloat16)
     if shared:

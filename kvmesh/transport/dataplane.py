@@ -11,25 +11,27 @@ then tell the peer. The receiver owns the destination blocks; the sender writes 
       ◄─KvWriteDone─────────────────────────────────────
 
 Backend, picked once per peer at the first write; setting `backend` (default "auto"):
-  shm  the peer's pool is a shared-memory segment this host maps (its token matches)
+  shm  the peer's pool is a shared-memory segment this host maps (its token matches);
+       between CUDA pools, CUDA IPC handles this process opens (cuda_ipc.py)
   ucx  else, when ucxx imports here and the peer sent a UCX worker address
   zmq  else: zero-copy frames on the control connection
 A forced backend that cannot reach the peer is a ValueError naming the setting.
 
-A write moves in chunks of whole layers, about chunk_bytes each. Copies run on the event
-loop's thread, one chunk at a time with the loop served in between: numba launches from
-another thread cost ~25 us more each (measured: a 32-layer copy at 18 instead of 24
-GB/s), and zmq and ucx move the bytes on threads of their own anyway; each copy uses
-shm.COPY_THREADS numba threads (one, see there). zmq and ucx send
-each chunk as its own KvWrite, at most `window` in flight: packing chunk k+1 overlaps
-the sending of chunk k and the peer's unpacking of chunk k-1, no message holds the
-control connection (and the heartbeats behind it) longer than one chunk takes, and
-chunks stay below glibc's 32 MiB mmap threshold, so ZeroMQ's receive buffers are reused
-instead of faulted in afresh. The receiver sees each chunk land: Incoming.wait_layer(l)
-returns once layer l is in place, before the last layer lands. shm copies all its
-(larger) chunks, then sends one KvWrite.
-write(..., layers=range(a, b)) sends only those layers, so a prefill worker can ship
-each layer as soon as it has computed it.
+Chunks. A write moves in chunks of whole layers. zmq and ucx send each chunk (about
+chunk_bytes) as its own KvWrite, at most `window` in flight: packing chunk k+1 overlaps
+the sending of chunk k and the peer's unpacking of chunk k-1; no message holds the
+control connection (and the heartbeats behind it) longer than one chunk takes; and
+chunks stay under glibc's 32 MiB mmap threshold, so ZeroMQ's receive buffers are reused,
+not faulted in afresh (measured: 64 MiB in one message 0.4 GB/s, in 16 MiB chunks 2.5).
+The receiver sees each chunk land: Incoming.wait_layer(l) returns once layer l is in
+place, before the last one lands. shm copies chunk after chunk (SHM_CHUNK_BYTES), then
+sends one KvWrite. write(..., layers=range(a, b)) sends only those layers, so a prefill
+worker can ship each layer as soon as it has computed it.
+
+Copies run on the event loop's thread, the loop served between chunks: numba launches
+from another thread cost ~25 us more each (a 32-layer copy ran at 18 instead of 24
+GB/s), and ZeroMQ and UCX move the bytes on threads of their own anyway. Each copy uses
+shm.COPY_THREADS numba threads (one; see there for why).
 
 Liveness: a write awaits its KvWriteDone through channel.request, which fails when the
 control plane declares the peer dead (or after `timeout`). The receiving actor calls
@@ -43,7 +45,6 @@ import asyncio
 import platform
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
@@ -52,20 +53,26 @@ import structlog
 import torch
 
 from kvmesh.gpu.kv_cache import kv_caches_from_buffer
-from kvmesh.gpu.kv_pack import pack_blocks, unpack_blocks
+from kvmesh.gpu.kv_pack import pack_blocks, packed_shape, unpack_blocks
 from kvmesh.protocol import KvPoolInfo, KvPoolQuery, KvWrite, KvWriteDone, Message, Request
-from kvmesh.transport import shm, ucx
-from kvmesh.transport.shm import COPY_THREADS, SharedSegment, ShmLink, numba_threads
+from kvmesh.transport import cuda_ipc, shm, ucx
+from kvmesh.transport.kv_layout import KVLayout, check_ids, check_layers
+from kvmesh.transport.shm import (
+    COPY_THREADS,
+    SharedSegment,
+    ShmLink,
+    copy_blocks,
+    numba_threads,
+)
+from kvmesh.transport.staging import WINDOW, Staging
 from kvmesh.transport.zmq_plane import ZmqLink, frame_bytes
 
 log = structlog.get_logger(__name__)
 
 BACKENDS = ("shm", "zmq", "ucx")
 SETTINGS = ("auto", *BACKENDS)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHUNK_BYTES = 16 << 20  # zmq, ucx: bytes of one KvWrite
 SHM_CHUNK_BYTES = 64 << 20  # shm: bytes copied between turns of the event loop (~3 ms)
-WINDOW = 3
 MAX_UNCLAIMED = 1024  # landed transfers kept for an expect() that comes late
 
 
@@ -81,52 +88,6 @@ class Channel(Protocol):
 
 class TransferError(ConnectionError):
     """An incoming transfer will not complete: its sender died, or this plane closed."""
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """A KV pool's shape: num_layers tensors of [2, num_blocks, block_size, num_kv_heads,
-    head_dim]. It has the fields kv_caches_from_buffer reads from a ModelConfig."""
-
-    num_layers: int
-    num_blocks: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-    @classmethod
-    def of(cls, kv_caches: list[torch.Tensor]) -> KVLayout:
-        _, num_blocks, block_size, num_kv_heads, head_dim = kv_caches[0].shape
-        return cls(len(kv_caches), num_blocks, block_size, num_kv_heads, head_dim,
-                   kv_caches[0].dtype)
-
-    @classmethod
-    def of_info(cls, info: KvPoolInfo) -> KVLayout:
-        if info.dtype not in DTYPES:
-            raise ValueError(f"KvPoolInfo.dtype must be one of {list(DTYPES)}, got {info.dtype!r}")
-        return cls(info.num_layers, info.num_blocks, info.block_size, info.num_kv_heads,
-                   info.head_dim, DTYPES[info.dtype])
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
-
-    def packed_bytes(self, num_blocks: int, num_layers: int) -> int:
-        """Bytes of num_blocks blocks (K and V) of num_layers layers."""
-        return 2 * num_blocks * self.block_size * self.num_kv_heads * self.head_dim \
-            * num_layers * self.dtype.itemsize
-
-    @property
-    def pool_bytes(self) -> int:
-        return self.packed_bytes(self.num_blocks, self.num_layers)
-
-    def mismatch(self, other: KVLayout) -> str | None:
-        """The first field (num_blocks aside) in which two pools differ, described."""
-        for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype"):
-            if getattr(self, name) != getattr(other, name):
-                return f"{name} is {getattr(other, name)} there, {getattr(self, name)} here"
-        return None
 
 
 def allocate_shared_pool(
@@ -193,41 +154,6 @@ class Incoming:
         self._changed = asyncio.Event()
 
 
-class Lease:
-    """A staging buffer taken for one chunk: `view` holds its nbytes."""
-
-    def __init__(self, buffer: torch.Tensor, nbytes: int) -> None:
-        self.buffer = buffer
-        self.nbytes = nbytes
-        self.view = buffer[:nbytes]
-        self.reusable = lambda: True  # the backend replaces it: e.g. ZeroMQ let go of it
-        self.never = False
-
-    def never_reuse(self) -> None:
-        """Some transfer may still touch the buffer (cancelled mid-way): drop it."""
-        self.never = True
-
-
-class Staging:
-    """Packing buffers kept for reuse, so a transfer does not fault in fresh pages."""
-
-    def __init__(self, keep: int = WINDOW + 1) -> None:
-        self.keep = keep
-        self._free: list[Lease] = []
-
-    def take(self, nbytes: int) -> Lease:
-        for i, lease in enumerate(self._free):
-            if lease.buffer.numel() >= nbytes and lease.reusable():
-                del self._free[i]
-                return Lease(lease.buffer, nbytes)
-        return Lease(torch.empty(nbytes, dtype=torch.uint8), nbytes)
-
-    def give(self, lease: Lease) -> None:
-        """Return a lease; it is handed out again once reusable() (never, if never_reuse)."""
-        if not lease.never:
-            self._free = [*self._free, lease][-self.keep :]
-
-
 class KVDataPlane:
     """One actor's end of the data plane, sender and receiver both.
 
@@ -250,9 +176,12 @@ class KVDataPlane:
     ) -> None:
         if backend not in SETTINGS:
             raise ValueError(f"backend must be one of {SETTINGS}, got {backend!r}")
-        if backend == "ucx" and not ucx.available():
+        # Importing ucxx takes ~0.7 s: here, not on the event loop of a serving actor.
+        has_ucx = backend in ("auto", "ucx") and ucx.available()
+        if backend == "ucx" and not has_ucx:
             raise ValueError(f"backend 'ucx' needs ucxx, which does not import: "
                              f"{ucx.import_error()}")
+        packed_shape(kv_caches, 0)  # checks the pool, naming what is wrong
         self.channel = channel
         self.kv_caches = kv_caches
         self.layout = KVLayout.of(kv_caches)
@@ -266,7 +195,10 @@ class KVDataPlane:
         self._incoming: dict[tuple[str, str], Incoming] = {}  # expected or landing
         self._unclaimed: OrderedDict[tuple[str, str], Incoming] = OrderedDict()
         self._receiving: dict[str, set[asyncio.Task]] = {}
-        self._staging = Staging()
+        self.on_cpu = kv_caches[0].device.type == "cpu"
+        self._staging = Staging(pin=not self.on_cpu)
+        if self.layout.num_blocks and self.on_cpu:
+            self._load_kernels()
 
     # --- sender side ---
 
@@ -287,10 +219,10 @@ class KVDataPlane:
         ConnectionError when peer dies first; TimeoutError.
         """
         timeout = self.timeout if timeout is None else timeout
+        layers = check_layers(layers, self.layout.num_layers)
+        src = check_ids(src_block_ids, self.layout.num_blocks, "src_block_ids")
         link, peer_layout = await self.link(peer)
-        layers = _check_layers(layers, self.layout.num_layers)
-        src = _check_ids(src_block_ids, self.layout.num_blocks, "src_block_ids")
-        dst = _check_ids(dst_block_ids, peer_layout.num_blocks, "dst_block_ids", distinct=True)
+        dst = check_ids(dst_block_ids, peer_layout.num_blocks, "dst_block_ids", distinct=True)
         if len(src) != len(dst):
             raise ValueError(f"src_block_ids has {len(src)} ids, dst_block_ids {len(dst)}")
         msg = KvWrite(transfer_id=transfer_id, block_ids=dst.tolist(), first_layer=layers.start,
@@ -316,8 +248,12 @@ class KVDataPlane:
         async with window:
             lease = self._staging.take(self.layout.packed_bytes(len(src), len(layers)))
             try:
-                with numba_threads(COPY_THREADS):
-                    pack_blocks(self._layers(layers), src, lease.view)
+                if self.on_cpu:
+                    with numba_threads(COPY_THREADS):
+                        pack_blocks(self._layers(layers), src, lease.view)
+                else:  # through host memory: ZeroMQ frames and host UCX buffers
+                    lease.view.copy_(pack_blocks(self._layers(layers), src).view(-1)
+                                     .view(torch.uint8))
                 chunk = msgspec.structs.replace(msg, first_layer=layers.start,
                                                 num_layers=len(layers))
                 await link.send_packed(chunk, lease, timeout)
@@ -338,6 +274,11 @@ class KVDataPlane:
             raise
 
     async def _connect(self, peer: str) -> tuple[object, KVLayout]:
+        link, layout = await self._pick(peer)
+        log.info("kv_link", peer=peer, backend=link.backend)
+        return link, layout
+
+    async def _pick(self, peer: str) -> tuple[object, KVLayout]:
         wanted = [b for b in BACKENDS if self.backend in ("auto", b)
                   and (b != "ucx" or ucx.available())]
         # ucx is asked for only once shm is out: it makes the peer start a UCX worker.
@@ -371,7 +312,20 @@ class KVDataPlane:
         return info
 
     def _shm_link(self, peer: str, info: KvPoolInfo, layout: KVLayout, why: dict):
-        """A ShmLink when peer's segment maps here, else None with the reason in why."""
+        """A ShmLink when peer's segment maps here (or, between CUDA pools, its CUDA IPC
+        handles open here), else None with the reason in why."""
+        if not self.on_cpu:
+            if info.cuda_ipc is None:
+                why["shm"] = "the peer offers no CUDA IPC handles (not a CUDA pool?)"
+                return None
+            shape = (2, layout.num_blocks, layout.block_size, layout.num_kv_heads,
+                     layout.head_dim)
+            try:
+                caches = cuda_ipc.open_handles(info.cuda_ipc, shape, layout.dtype)
+            except RuntimeError as exc:
+                why["shm"] = f"its CUDA IPC handles do not open here ({exc})"
+                return None
+            return ShmLink(self.channel, peer, None, caches)
         if info.shm_name is None:
             why["shm"] = "the peer offers no shared-memory pool"
             return None
@@ -383,7 +337,6 @@ class KVDataPlane:
             return None
         caches = kv_caches_from_buffer(segment.pool, layout, layout.num_blocks,
                                        layout.block_size, layout.dtype)
-        log.info("kv_link", peer=peer, backend="shm", segment=info.shm_name)
         return ShmLink(self.channel, peer, segment, caches)
 
     # --- receiver side ---
@@ -402,6 +355,8 @@ class KVDataPlane:
         if "shm" in query.backends and self.segment is not None:
             info = msgspec.structs.replace(info, shm_name=self.segment.name,
                                            shm_token=self.segment.token)
+        if "shm" in query.backends and not self.on_cpu:
+            info = msgspec.structs.replace(info, cuda_ipc=cuda_ipc.export_handles(self.kv_caches))
         if "ucx" in query.backends and ucx.available():
             info = msgspec.structs.replace(info, ucx_address=ucx.worker().address)
         return info
@@ -418,18 +373,16 @@ class KVDataPlane:
     async def receive(self, msg: KvWrite, peer: str, frames: list) -> KvWriteDone:
         """Handle a KvWrite from peer: put its bytes in place (zmq, ucx), mark its layers
         landed. Raises ValueError naming the field for a malformed one."""
-        layers = _check_layers(range(msg.first_layer, msg.first_layer + msg.num_layers),
+        layers = check_layers(range(msg.first_layer, msg.first_layer + msg.num_layers),
                                self.layout.num_layers, "KvWrite layers")
-        ids = _check_ids(msg.block_ids, self.layout.num_blocks, "KvWrite.block_ids",
+        ids = check_ids(msg.block_ids, self.layout.num_blocks, "KvWrite.block_ids",
                          distinct=True)
         nbytes = self.layout.packed_bytes(len(ids), len(layers))
         if msg.backend == "shm":
-            if self.segment is None:
+            if self.segment is None and self.on_cpu:
                 raise ValueError("KvWrite.backend is 'shm' but this pool is not shared")
         elif msg.backend == "zmq":
-            packed = frame_bytes(frames, nbytes)
-            with numba_threads(COPY_THREADS):
-                unpack_blocks(packed, self._layers(layers), ids)
+            self._unpack(frame_bytes(frames, nbytes), layers, ids)
         elif msg.backend == "ucx":
             await self._receive_ucx(peer, msg.ucx_tag, nbytes, layers, ids)
         else:
@@ -456,8 +409,7 @@ class KVDataPlane:
         try:
             if nbytes:
                 await asyncio.wait_for(ucx.worker().recv(lease.view.numpy(), tag), self.timeout)
-            with numba_threads(COPY_THREADS):
-                unpack_blocks(lease.view, self._layers(layers), ids)
+            self._unpack(lease.view, layers, ids)
         except BaseException:
             lease.never_reuse()  # UCX may still write into it
             raise
@@ -477,25 +429,42 @@ class KVDataPlane:
             task.cancel()
         future = self._links.pop(peer, None)
         if future is not None:
-            asyncio.ensure_future(_close_link(future, peer_dead=True))
+            _close_link(future, peer_dead=True)
 
     async def close(self) -> None:
         """Fail what is incoming, drop every link, unlink the shared segment."""
         for peer in {sender for sender, _ in self._incoming} | set(self._receiving):
             self.peer_dead(peer, "unreachable: this data plane closed")
         for future in self._links.values():
-            await _close_link(future, peer_dead=False)
+            _close_link(future, peer_dead=False)
         self._links.clear()
         if self.segment is not None:
             self.segment.close()
 
     # --- helpers ---
 
+    def _load_kernels(self) -> None:
+        """Load (or compile) the numba kernels now, on this pool's array types: a first
+        call takes ~0.5 s from numba's cache and seconds to compile, and on the event
+        loop of a serving actor that is silence its peers take for death. Block 0 is
+        copied onto itself and packed and unpacked in place: its bytes do not change."""
+        block_0 = np.zeros(1, np.int64)
+        copy_blocks(self.kv_caches, block_0, self.kv_caches, block_0, range(self.layout.num_layers))
+        with numba_threads(COPY_THREADS):
+            unpack_blocks(pack_blocks(self.kv_caches, block_0), self.kv_caches, block_0)
+
     def _incoming_for(self, peer: str, transfer_id: str) -> Incoming:
         key = (peer, transfer_id)
         if key not in self._incoming:
             self._incoming[key] = Incoming(peer, transfer_id, self.layout.num_layers)
         return self._incoming[key]
+
+    def _unpack(self, packed: torch.Tensor, layers: range, ids: np.ndarray) -> None:
+        if self.on_cpu:
+            with numba_threads(COPY_THREADS):
+                unpack_blocks(packed, self._layers(layers), ids)
+        else:
+            unpack_blocks(packed.to(self.kv_caches[0].device), self._layers(layers), ids)
 
     def _layers(self, layers: range) -> list[torch.Tensor]:
         return self.kv_caches[layers.start : layers.stop]
@@ -515,44 +484,15 @@ class DataPlaneHandlers:
         return await self.kv_plane.receive(msg, inbound.peer, inbound.frames)
 
     async def on_peer_dead(self, peer_id: str) -> None:
+        """Fail what peer_id was sending here, drop the link to it; then the Actor's hook."""
         self.kv_plane.peer_dead(peer_id)
         await super().on_peer_dead(peer_id)
 
 
-async def _close_link(future: asyncio.Future, peer_dead: bool) -> None:
+def _close_link(future: asyncio.Future, peer_dead: bool) -> None:
     """Close the link a _connect future made, or stop the _connect."""
     if not future.done():
         future.cancel()
     elif not future.cancelled() and future.exception() is None:
         link, _ = future.result()
-        await link.close(peer_dead)
-
-
-def _check_ids(ids, num_blocks: int, name: str, distinct: bool = False) -> np.ndarray:
-    """ids as a checked int64 array: 1-D integers in [0, num_blocks), distinct if asked."""
-    if isinstance(ids, torch.Tensor):
-        ids = ids.cpu().numpy()
-    array = np.asarray(ids)
-    if array.size == 0:
-        return np.empty(0, np.int64)
-    if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be a 1-D sequence of ints, got {array.dtype} "
-                         f"{list(array.shape)}")
-    array = np.ascontiguousarray(array, dtype=np.int64)
-    bad = array[(array < 0) | (array >= num_blocks)]
-    if bad.size:
-        raise ValueError(f"{name} out of range [0, {num_blocks}): {bad[:8].tolist()}")
-    if distinct and np.unique(array).size != array.size:
-        values, counts = np.unique(array, return_counts=True)
-        raise ValueError(f"{name} must be distinct, repeated: {values[counts > 1][:8].tolist()}")
-    return array
-
-
-def _check_layers(layers: range | None, num_layers: int, name: str = "layers") -> range:
-    if layers is None:
-        return range(num_layers)
-    if not isinstance(layers, range) or layers.step != 1 or layers.start < 0 \
-            or layers.stop > num_layers or len(layers) == 0:
-        raise ValueError(f"{name} must be a non-empty range(a, b) within [0, {num_layers}), "
-                         f"got {layers!r}")
-    return layers
+        link.close(peer_dead)

@@ -13,7 +13,9 @@ segment of that name checks it, so a same-named segment in another host's (or
 container's) /dev/shm is never taken for the peer's pool.
 
 Cleanup: the owner unlinks on close. If it dies without closing (SIGKILL), the
-multiprocessing resource tracker, a helper process that outlives it, unlinks the name.
+multiprocessing resource tracker, a helper process that outlives it, unlinks the name
+(processes started by multiprocessing share their parent's tracker, which waits for all
+of them: a supervisor calls unlink_segments_of(pid) when one of them dies).
 A mapping stays valid after unlink, so a sender attached to a dead receiver never faults.
 Space is reserved at create (posix_fallocate): a full /dev/shm is a clear error then,
 not a SIGBUS on the first write into a hole.
@@ -61,6 +63,18 @@ def available() -> bool:
 def segment_name(actor_id: str) -> str:
     """A fresh name for actor_id's segment: unique per process and per call."""
     return f"kvmesh-{_UNSAFE.sub('_', actor_id)[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def unlink_segments_of(pid: int) -> list[str]:
+    """Unlink the segments a dead process `pid` created; returns their names. For a
+    supervisor that started actors with multiprocessing: they share its resource
+    tracker, which cleans up only once every process sharing it has exited."""
+    names = []
+    for path in SHM_DIR.glob(f"kvmesh-*-{pid}-*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            names.append(path.name)
+    return names
 
 
 class SharedSegment:
@@ -160,13 +174,14 @@ def _unlink(name: str) -> None:
 
 
 class ShmLink:
-    """Writes to one peer on this host: copies straight into its mapped pool, then
-    sends KvWrite (the blocks are already in place when it arrives)."""
+    """Writes to one peer on this host: copies straight into its mapped pool (a shared
+    segment, or CUDA IPC-opened storages), then sends KvWrite (the blocks are already in
+    place when it arrives)."""
 
     backend = "shm"
     chunked = False
 
-    def __init__(self, channel, peer: str, segment: SharedSegment, peer_caches) -> None:
+    def __init__(self, channel, peer: str, segment: SharedSegment | None, peer_caches) -> None:
         self.channel = channel
         self.peer = peer
         self.segment = segment
@@ -175,14 +190,20 @@ class ShmLink:
     async def write(self, msg, kv_caches, src_ids, dst_ids, chunks: list[range], timeout):
         """Copy chunk after chunk of layers (serving the event loop in between), then
         send msg; return once the peer answered KvWriteDone."""
-        for layers in chunks:
-            copy_blocks(kv_caches, src_ids, self.peer_caches, dst_ids, layers)
-            await asyncio.sleep(0)
+        peer_caches = self.peer_caches  # close() may come between chunks; these views
+        for i, layers in enumerate(chunks):  # keep the mapping alive till the end
+            if i:
+                await asyncio.sleep(0)
+            copy_blocks(kv_caches, src_ids, peer_caches, dst_ids, layers)
+        if peer_caches[0].is_cuda:  # the peer may read them once KvWrite arrives
+            torch.cuda.current_stream(peer_caches[0].device).synchronize()
         await self.channel.request(self.peer, msg, timeout)
 
-    async def close(self, peer_dead: bool) -> None:
+    def close(self, peer_dead: bool) -> None:
+        """Unmap the peer's pool (once no write still holds views of it)."""
         self.peer_caches = None
-        self.segment.close()
+        if self.segment is not None:
+            self.segment.close()
 
 
 # ---- block-to-block copy ---------------------------------------------------------------
@@ -222,11 +243,15 @@ def copy_blocks(
                 _copy_rows(src.numpy(), dst.numpy(), src_block_ids, dst_block_ids, src_nb,
                            dst_nb)
         return
-    for src, dst in zip(srcs, dsts, strict=True):  # CUDA (IPC-mapped pools): index kernels
-        groups = torch.arange(src.shape[0] // src_nb, device=src.device).unsqueeze(1)
-        src_rows = (groups * src_nb + torch.from_numpy(src_block_ids).to(src.device)).view(-1)
-        dst_rows = (groups * dst_nb + torch.from_numpy(dst_block_ids).to(src.device)).view(-1)
-        dst.index_copy_(0, dst_rows, src.index_select(0, src_rows))
+    for src, dst in zip(srcs, dsts, strict=True):  # CUDA (IPC-opened pools): index kernels
+        dst.index_copy_(0, _rows(dst_block_ids, dst_nb, dst),
+                        src.index_select(0, _rows(src_block_ids, src_nb, src)).to(dst.device))
+
+
+def _rows(block_ids: np.ndarray, num_blocks: int, rows: torch.Tensor) -> torch.Tensor:
+    """Row of every (group, block) of a [G * num_blocks, block_elems] view, group-major."""
+    groups = torch.arange(rows.shape[0] // num_blocks, device=rows.device).unsqueeze(1)
+    return (groups * num_blocks + torch.from_numpy(block_ids).to(rows.device)).view(-1)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ ucxx has no remote memory access (put/rkey) in Python, so a chunk travels as one
 message from a packed staging buffer: the sender starts the tag send and sends KvWrite;
 the receiver posts a worker-level tag receive (no endpoint needed on its side), unpacks
 and answers KvWriteDone. A tag is the crc32 of the sender's actor id (high 32 bits) and
-the sender's running count (low 32 bits): unique per receiver in practice.
+the sending process's running count (low 32 bits): unique per receiver in practice.
 
 ucxx binds its one context to the event loop that first uses it (its notifier thread
 and progress tasks live there; a receive from another loop is cancelled): one event loop
@@ -53,6 +53,7 @@ def available() -> bool:
 
 
 _worker: UcxWorker | None = None
+_TAG_COUNT = itertools.count()  # per process: every link and plane here draws from it
 
 
 def worker() -> UcxWorker:
@@ -116,16 +117,14 @@ class UcxLink:
         self.address = address
         self.same_node = same_node
         self._tag_base = zlib.crc32(channel.actor_id.encode()) << 32
-        self._count = itertools.count()
 
     async def send_packed(self, msg: KvWrite, lease, timeout: float) -> None:
         """Send lease.view tagged, and msg; return once the peer answered KvWriteDone."""
-        tag = self._tag_base | (next(self._count) & 0xFFFFFFFF)
+        tag = self._tag_base | (next(_TAG_COUNT) & 0xFFFFFFFF)
         msg = msgspec.structs.replace(msg, ucx_tag=tag)
-        request = asyncio.ensure_future(self.channel.request(self.peer, msg, timeout))
-        tasks = {request}
-        if lease.nbytes:
-            ep = await self.worker.endpoint(self.address, self.same_node)
+        ep = await self.worker.endpoint(self.address, self.same_node) if lease.nbytes else None
+        tasks = {asyncio.ensure_future(self.channel.request(self.peer, msg, timeout))}
+        if ep is not None:
             tasks.add(asyncio.ensure_future(ep.send(lease.view.numpy(), tag=tag, force_tag=True)))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -139,7 +138,7 @@ class UcxLink:
                 raise ConnectionError(f"UCX send to peer {self.peer!r} failed: {exc}") from exc
             raise
 
-    async def close(self, peer_dead: bool) -> None:
+    def close(self, peer_dead: bool) -> None:
         """The endpoint is the process's: aborted only when the peer is dead."""
         if peer_dead:
             self.worker.forget(self.address)

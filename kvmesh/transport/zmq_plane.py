@@ -39,7 +39,7 @@ class ZmqLink:
         del frame
         await self.channel.request(self.peer, msg, timeout, frames=frames)
 
-    async def close(self, peer_dead: bool) -> None:
+    def close(self, peer_dead: bool) -> None:
         pass
 
 

@@ -38,13 +38,8 @@ import zmq
 
 from kvmesh import log
 from kvmesh.actors.base import Actor, ActorConfig
-from kvmesh.transport.dataplane import (
-    DTYPES,
-    DataPlaneHandlers,
-    KVDataPlane,
-    KVLayout,
-    allocate_shared_pool,
-)
+from kvmesh.transport.dataplane import DataPlaneHandlers, KVDataPlane, allocate_shared_pool
+from kvmesh.transport.kv_layout import DTYPES, KVLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Small, but every dimension distinct: a transposed index shows up as wrong bytes.
@@ -62,6 +57,13 @@ def fill_pool(kv_caches: list[torch.Tensor], seed: int) -> None:
         cache.copy_(torch.randn(cache.shape, generator=generator).to(cache.dtype))
 
 
+def make_cuda_pool(layout: KVLayout, device: str) -> list[torch.Tensor]:
+    """One allocation on the GPU, handed out per layer."""
+    shape = (layout.num_layers, 2, layout.num_blocks, layout.block_size, layout.num_kv_heads,
+             layout.head_dim)
+    return list(torch.zeros(shape, dtype=layout.dtype, device=device).unbind(0))
+
+
 def say(**event) -> None:
     print(json.dumps(event), flush=True)
 
@@ -75,7 +77,10 @@ class PeerActor(DataPlaneHandlers, Actor):
         super().__init__(config)
         self.args = args
         layout = make_layout(DTYPES[args.dtype], args.num_blocks)
-        self.kv_caches, segment = allocate_shared_pool(layout, config.actor_id)
+        if args.device == "cpu":
+            self.kv_caches, segment = allocate_shared_pool(layout, config.actor_id)
+        else:  # a CUDA pool: same-host writes go by CUDA IPC
+            self.kv_caches, segment = make_cuda_pool(layout, args.device), None
         fill_pool(self.kv_caches, args.seed)
         self.kv_plane = KVDataPlane(self, self.kv_caches, segment=segment)
         self.senders = {"auto": self.kv_plane}  # a write may force a backend
@@ -94,7 +99,8 @@ class PeerActor(DataPlaneHandlers, Actor):
 
     async def setup(self) -> None:
         endpoint = self.open("from_peers", zmq.ROUTER, "tcp://127.0.0.1:0", bind=True)
-        say(event="ready", endpoint=endpoint, shm=self.kv_plane.segment.name, pid=os.getpid())
+        segment = self.kv_plane.segment
+        say(event="ready", endpoint=endpoint, shm=segment and segment.name, pid=os.getpid())
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._read_stdin, args=(loop,), daemon=True).start()
 
@@ -117,14 +123,14 @@ class PeerActor(DataPlaneHandlers, Actor):
                 link, _ = await plane.link(cmd["to"])
                 say(event="written", id=cmd["id"], backend=link.backend)
             elif op == "resume":
-                self.resume.setdefault(cmd["id"], asyncio.Event()).set()
+                self.resume[cmd["id"]].set()
             elif op == "expect":
                 await self.kv_plane.expect(cmd["from"], cmd["id"]).wait(timeout=30)
                 say(event="landed", id=cmd["id"])
             elif op == "dump":
                 with open(cmd["path"], "wb") as out:
                     for cache in self.kv_caches:
-                        out.write(cache.view(-1).view(torch.uint8).numpy().tobytes())
+                        out.write(cache.cpu().view(-1).view(torch.uint8).numpy().tobytes())
                 say(event="dumped")
             elif op == "exit":
                 self.stop()
@@ -138,8 +144,10 @@ class PeerActor(DataPlaneHandlers, Actor):
             return
         for layer in range(NUM_LAYERS):
             if layer == pause_after:
+                resume = self.resume[cmd["id"]] = asyncio.Event()
                 say(event="paused", id=cmd["id"])
-                await self.resume.setdefault(cmd["id"], asyncio.Event()).wait()
+                await resume.wait()
+                del self.resume[cmd["id"]]
             await plane.write(cmd["to"], cmd["id"], cmd["src"], cmd["dst"],
                               layers=range(layer, layer + 1))
 
@@ -158,6 +166,7 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, default=0.1)
     parser.add_argument("--liveness", type=int, default=5)
     parser.add_argument("--stall-receive", action="store_true")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     log.configure("info")
     config = ActorConfig(actor_id=args.id, heartbeat_interval=args.heartbeat,
@@ -202,7 +211,8 @@ class PeerProcess:
     def expect(self, event: str, timeout: float = 10.0) -> dict:
         """The next JSON event; it must be `event` (an error event fails with its text)."""
         got = self.read_event(timeout)
-        assert got["event"] == event, f"expected {event!r} from the peer, got {got}"
+        assert got["event"] == event, f"expected {event!r} from the peer, got {got}; " \
+            f"{self.stderr()}"
         return got
 
     def read_event(self, timeout: float = 10.0) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from pathlib import Path
 
@@ -17,18 +18,20 @@ from kvmesh.actors.base import Actor, ActorConfig, RemoteError
 from kvmesh.protocol import KvWrite
 from kvmesh.transport import shm, ucx
 from kvmesh.transport.dataplane import (
+    CHUNK_BYTES,
     DataPlaneHandlers,
     KVDataPlane,
     TransferError,
     allocate_shared_pool,
 )
 from kvmesh.transport.shm import SHM_DIR, copy_blocks
-from tests.transport.peer import PeerProcess, fill_pool, make_layout
+from tests.transport.peer import PeerProcess, fill_pool, make_cuda_pool, make_layout
 
 pytestmark = pytest.mark.timeout(60)
 
-HEARTBEAT, LIVENESS = 0.1, 5
+HEARTBEAT, LIVENESS = 0.2, 5
 LIVENESS_TIMEOUT = HEARTBEAT * LIVENESS
+DEATH_NOTICE = LIVENESS_TIMEOUT + HEARTBEAT + 1.0  # the next heartbeat tick, and slack
 PEER_BLOCKS, OWN_BLOCKS = 16, 24  # the two pools differ in num_blocks only
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BACKENDS = [
@@ -38,6 +41,7 @@ BACKENDS = [
                                                  reason=f"ucxx: {ucx.import_error()}")),
 ]
 SRC, DST = [5, 0, 15, 7], [3, 23, 0, 8]  # peer -> own; reversed roles use DST -> SRC
+SIDE_IDS = itertools.count()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,23 +59,29 @@ def run(coro):
 
 
 class Side(DataPlaneHandlers, Actor):
-    """The test's end: a pool (in shared memory unless shared=False) and its plane."""
+    """The test's end: a pool (in shared memory unless shared=False) and its plane. Each
+    has a fresh actor id: the module's peers outlive it, and the runtime's liveness of
+    a previous Side must not reach this one."""
 
     role = "test"
 
     def __init__(self, dtype: torch.dtype, backend: str, shared: bool = True,
-                 num_layers: int | None = None) -> None:
-        super().__init__(ActorConfig(actor_id="test", heartbeat_interval=HEARTBEAT,
-                                     liveness=LIVENESS, grace_period=1.0, linger=0.2))
+                 device: str = "cpu", chunk_bytes: int = CHUNK_BYTES) -> None:
+        super().__init__(ActorConfig(actor_id=f"test-{next(SIDE_IDS)}",
+                                     heartbeat_interval=HEARTBEAT, liveness=LIVENESS,
+                                     grace_period=1.0, linger=0.2))
         layout = make_layout(dtype, OWN_BLOCKS)
-        if shared:
-            self.kv_caches, segment = allocate_shared_pool(layout, "test")
+        if device != "cpu":
+            self.kv_caches, segment = make_cuda_pool(layout, device), None
+        elif shared:
+            self.kv_caches, segment = allocate_shared_pool(layout, self.actor_id)
         else:
             segment = None
             self.kv_caches = [torch.empty((2, OWN_BLOCKS, *layout_tail()), dtype=dtype)
                               for _ in range(layout.num_layers)]
         fill_pool(self.kv_caches, seed=2)
-        self.kv_plane = KVDataPlane(self, self.kv_caches, segment=segment, backend=backend)
+        self.kv_plane = KVDataPlane(self, self.kv_caches, segment=segment, backend=backend,
+                                    chunk_bytes=chunk_bytes)
 
     async def close(self) -> None:
         await super().close()
@@ -148,13 +158,14 @@ def peer(request, tmp_path_factory):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_write_to_peer(peer, backend, tmp_path):
-    """This side's SRC blocks land in the peer's DST blocks; every other byte stays."""
+    """This side's SRC blocks land in the peer's DST blocks; every other byte stays. One
+    layer per chunk: zmq and ucx send 4 KvWrites, 3 in flight, from reused buffers."""
     src, dst = DST, [3, 15, 0, 8]
     before = dump(peer, tmp_path / "before", peer.dtype)
 
     async def scenario():
-        async with connected(peer, peer.dtype, backend) as side:
-            peer.command(op="expect", **{"from": "test", "id": f"to-{backend}"})
+        async with connected(peer, peer.dtype, backend, chunk_bytes=1) as side:
+            peer.command(op="expect", **{"from": side.actor_id, "id": f"to-{backend}"})
             await side.kv_plane.write("peer", f"to-{backend}", src, dst)
             await event(peer, "landed")
             link, _ = await side.kv_plane.link("peer")
@@ -175,7 +186,7 @@ def test_write_from_peer(peer, backend, tmp_path):
         async with connected(peer, peer.dtype, "auto") as side:
             before = [cache.clone() for cache in side.kv_caches]
             incoming = side.kv_plane.expect("peer", "from")
-            peer.command(op="write", to="test", id="from", src=SRC, dst=DST, backend=backend)
+            peer.command(op="write", to=side.actor_id, id="from", src=SRC, dst=DST, backend=backend)
             assert (await event(peer, "written"))["backend"] == backend
             await incoming.wait(timeout=5)
             assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST))
@@ -192,8 +203,8 @@ def test_layers_land_one_by_one(peer, backend, tmp_path):
         async with connected(peer, peer.dtype, "auto") as side:
             before = [cache.clone() for cache in side.kv_caches]
             incoming = side.kv_plane.expect("peer", "layers")
-            peer.command(op="write", to="test", id="layers", src=SRC, dst=DST, backend=backend,
-                         pause_after=2)
+            peer.command(op="write", to=side.actor_id, id="layers", src=SRC, dst=DST,
+                         backend=backend, pause_after=2)
             await event(peer, "paused")
             await incoming.wait_layer(1, timeout=5)
             assert incoming.landed == [True, True, False, False]
@@ -218,7 +229,7 @@ def test_sender_killed_mid_transfer(backend, tmp_path):
         async def scenario() -> float:
             async with connected(peer, torch.float32, "auto") as side:
                 incoming = side.kv_plane.expect("peer", "doomed")
-                peer.command(op="write", to="test", id="doomed", src=SRC, dst=DST,
+                peer.command(op="write", to=side.actor_id, id="doomed", src=SRC, dst=DST,
                              backend=backend, pause_after=2)
                 await event(peer, "paused")
                 await incoming.wait_layer(1, timeout=5)
@@ -228,7 +239,7 @@ def test_sender_killed_mid_transfer(backend, tmp_path):
                     await incoming.wait(timeout=10)
                 return time.monotonic() - start
 
-        assert run(scenario()) < LIVENESS_TIMEOUT + 1.0
+        assert run(scenario()) < DEATH_NOTICE
         assert segment_gone(peer.ready["shm"]), "the killed peer's segment is still there"
 
 
@@ -248,7 +259,7 @@ def test_receiver_killed_mid_transfer(backend, tmp_path):
                     await write
                 return time.monotonic() - start
 
-        assert run(scenario()) < LIVENESS_TIMEOUT + 1.0
+        assert run(scenario()) < DEATH_NOTICE
 
 
 # --- errors at the boundary ---
@@ -305,12 +316,12 @@ def test_receiver_checks_what_comes_off_the_wire(peer):
 
 def test_forced_shm_to_an_unshared_pool_names_the_setting(peer):
     async def scenario():
-        async with connected(peer, peer.dtype, "auto", shared=False):
-            peer.command(op="write", to="test", id="x", src=[0], dst=[0], backend="shm")
+        async with connected(peer, peer.dtype, "auto", shared=False) as side:
+            peer.command(op="write", to=side.actor_id, id="x", src=[0], dst=[0], backend="shm")
             got = await asyncio.to_thread(peer.expect, "error")
             assert got["type"] == "ValueError"
-            assert got["message"] == ("backend 'shm' cannot reach peer 'test': the peer offers "
-                                      "no shared-memory pool")
+            assert got["message"] == (f"backend 'shm' cannot reach peer {side.actor_id!r}: the "
+                                      "peer offers no shared-memory pool")
 
     run(scenario())
 
@@ -333,6 +344,19 @@ def test_segment_is_unlinked_on_close():
     assert not (SHM_DIR / name).exists()
 
 
+def test_a_supervisor_unlinks_the_segments_of_a_dead_pid():
+    mine = SHM_DIR / "kvmesh-a-999999999-0bad"
+    other = SHM_DIR / "kvmesh-a-9999999990-0bad"  # another pid that starts alike
+    mine.touch()
+    other.touch()
+    try:
+        assert shm.unlink_segments_of(999999999) == [mine.name]
+        assert not mine.exists() and other.exists()
+    finally:
+        mine.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)
+
+
 def make_pools(dtype, num_blocks, one_allocation, seed):
     shape = (2, num_blocks, *layout_tail())
     if one_allocation:
@@ -352,6 +376,37 @@ def test_copy_blocks_is_exact(dtype, src_one, dst_one, layers):
     want = expected(dst, src, SRC, DST, layers)
     copy_blocks(src, np.array(SRC), dst, np.array(DST), layers)
     assert_same_bytes(dst, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["shm", "zmq"])
+def test_cuda_pools_exchange_blocks(backend, tmp_path):
+    """CUDA pools on one host: shm is CUDA IPC (the peer's storages opened here), zmq
+    goes through host staging; bytes exact both ways."""
+    with spawn_peer(tmp_path, "bfloat16", "--device", "cuda") as peer:
+        source = dump(peer, tmp_path / "source", torch.bfloat16)
+
+        async def scenario():
+            async with connected(peer, torch.bfloat16, backend, device="cuda") as side:
+                link, _ = await side.kv_plane.link("peer")
+                assert link.backend == backend
+                before = [cache.cpu() for cache in side.kv_caches]
+                incoming = side.kv_plane.expect("peer", "from")
+                peer.command(op="write", to=side.actor_id, id="from", src=SRC, dst=DST,
+                             backend=backend)
+                await event(peer, "written")
+                await incoming.wait(timeout=10)
+                got = [cache.cpu() for cache in side.kv_caches]
+                assert_same_bytes(got, expected(before, source, SRC, DST))
+                peer.command(op="expect", **{"from": side.actor_id, "id": "to"})
+                await side.kv_plane.write("peer", "to", DST, [1, 2, 3, 4])
+                await event(peer, "landed")
+                return got
+
+        own = run(scenario())
+        after = dump(peer, tmp_path / "after", torch.bfloat16)
+        assert_same_bytes(after, expected(source, own, DST, [1, 2, 3, 4]))
 
 
 @pytest.mark.gpu
