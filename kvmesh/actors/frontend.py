@@ -51,6 +51,7 @@ class FrontendSettings:
     expected_workers: int = 1  # /health is 200 once this many workers registered
     max_num_requests: int = 1024  # in flight; beyond it requests get 429 + Retry-After
     max_migrations: int = 3  # moves of one request off dead decode workers
+    request_timeout: float = 600.0  # seconds; a request still running then is aborted
     route_timeout: float = 10.0
     connect_timeout: float = 60.0
     status_interval: float = 0.5
@@ -159,12 +160,13 @@ class FrontendActor(Actor):
         num_cached = None
         finished = False
         decode = None
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
         try:
             while not finished:
                 decode = await self._start(request_id, prompt_token_ids, params, outputs,
                                            num_chars, dead)
                 while True:
-                    delta: Delta = await stream.get()
+                    delta: Delta = await self._next(stream, deadline, request_id)
                     if delta.error is not None and delta.error.startswith(WORKER_DIED) and (
                             len(dead) < self.settings.max_migrations):
                         dead.append(decode)
@@ -188,6 +190,16 @@ class FrontendActor(Actor):
                 await self.send(decode, Abort(request_id=request_id))
             if self.router_id in self.peers:
                 await self.send(self.router_id, RequestDone(request_id=request_id))
+
+    async def _next(self, stream: asyncio.Queue, deadline: float, request_id: str) -> Delta:
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(stream.get(), max(left, 0.0))
+        except TimeoutError:
+            raise OverloadedError(
+                f"request {request_id} took longer than frontend.request_timeout "
+                f"({self.settings.request_timeout:g} s) and was aborted", retry_after=5.0
+            ) from None
 
     async def _start(self, request_id, prompt_token_ids, params, outputs, num_chars, dead) -> str:
         """Place the request (avoiding dead workers) and send it to its decode worker."""

@@ -53,7 +53,8 @@ def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         block_size=cfg.model.block_size, router_endpoint=cfg.router_endpoint,
         host=cfg.cluster.host, http_port=cfg.frontend.http_port, expected_workers=workers,
         max_num_requests=cfg.frontend.max_num_requests,
-        max_migrations=cfg.frontend.max_migrations)
+        max_migrations=cfg.frontend.max_migrations,
+        request_timeout=cfg.frontend.request_timeout)
     return FrontendActor(actor_config(cfg, spec), settings)
 
 

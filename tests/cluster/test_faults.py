@@ -135,3 +135,23 @@ def test_sigterm_drains_streams_in_flight(cluster, model_name, engine):
     assert cluster.process.wait(timeout=60) == 0
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{cluster.url}/health", timeout=2)
+
+
+def test_request_timeout_aborts_and_answers_429(tmp_path, tiny_model_dir):
+    c = start_cluster(tmp_path, tiny_model_dir, "frontend.request_timeout=1.0",
+                      "nodes.0.actors.2.count=0")
+    try:
+        name = httpx.get(f"{c.url}/v1/models").json()["data"][0]["id"]
+        slow = httpx.post(f"{c.url}/v1/completions", timeout=60, json={
+            "model": name, "prompt": make_prompt(20, 1), "max_tokens": 4000, "ignore_eos": True})
+        assert slow.status_code == 429, slow.text
+        assert "request_timeout" in slow.json()["error"]["message"]
+        assert float(slow.headers["retry-after"]) > 0
+        quick = httpx.post(f"{c.url}/v1/completions", timeout=60, json={
+            "model": name, "prompt": "hi", "max_tokens": 2})
+        assert quick.status_code == 200  # the timed-out request freed its worker
+        streamed = Stream(c.url, name, make_prompt(20, 2), 4000)
+        streamed.run()
+        assert streamed.error is not None and "request_timeout" in json.dumps(streamed.error)
+    finally:
+        assert c.stop() == 0
