@@ -99,7 +99,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
 
     async def setup(self) -> None:
         engine, segment = await asyncio.to_thread(self._build_engine)
-        self.engine = AsyncEngine(engine, on_step=self._on_step)
+        self.engine = AsyncEngine(engine, on_step=self._on_step, on_crash=self._on_engine_crash)
         self.engine.start()
         self.kv_plane = KVDataPlane(self, engine.kv_caches, segment=segment,
                                     backend=self.settings.transfer, node=self.config.node)
@@ -189,6 +189,12 @@ class EngineWorker(DataPlaneHandlers, Actor):
         self.handle_outputs(result.outputs)
         for task in result.remote_prefills:
             self._spawn_tracked(self.remote_prefill(task))
+
+    def _on_engine_crash(self, error: BaseException) -> None:
+        # Crash-only: a worker without an engine must not look alive. Exiting stops its
+        # heartbeats, so frontends migrate its requests and the launcher restarts it.
+        self.log.error("engine_crashed_exiting", error=repr(error))
+        os._exit(70)
 
     def handle_outputs(self, outputs: list[RequestOutput]) -> None:
         """Role-specific: what to do with a step's outputs."""

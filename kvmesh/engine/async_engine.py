@@ -45,11 +45,18 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     """Streams RequestOutputs of an Engine that runs on a dedicated thread."""
 
-    def __init__(self, engine: Engine, on_step: Callable[[StepResult], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        on_step: Callable[[StepResult], None] | None = None,
+        on_crash: Callable[[BaseException], None] | None = None,
+    ) -> None:
         """With `on_step`, every step's outputs, new remote-prefill tasks and KV events
-        go to that callback (on the event loop) instead of per-request streams."""
+        go to that callback (on the event loop) instead of per-request streams.
+        `on_crash` is called (on the event loop) if the engine thread dies of an error."""
         self.engine = engine
         self.on_step = on_step
+        self.on_crash = on_crash
         self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.streams: dict[str, asyncio.Queue] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -169,6 +176,8 @@ class AsyncEngine:
         except BaseException as exc:  # noqa: BLE001 - reported to every waiting stream
             log.exception("engine_thread_crashed")
             self.error = exc
+            if self.on_crash is not None:
+                self.loop.call_soon_threadsafe(self.on_crash, exc)
         finally:
             reason = EngineDeadError(f"engine stopped: {self.error or 'closed'}")
             self.loop.call_soon_threadsafe(self._fail_all, reason)

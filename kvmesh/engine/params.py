@@ -6,6 +6,11 @@ from __future__ import annotations
 import msgspec
 
 MAX_LOGPROBS = 20
+MAX_TOP_K = 2**31 - 1  # top_k beyond the vocabulary keeps everything; beyond this is an error
+# Temperatures this small are greedy: dividing float32 logits by them overflows (or the
+# value itself rounds to 0), which would turn the distribution into NaNs.
+GREEDY_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-8  # below this only the most likely token is kept anyway
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,7 +38,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         _check_number("top_p", self.top_p, low=0.0, high=1.0)
         if self.top_p == 0.0:
             raise ValueError("top_p must be in (0, 1], got 0")
-        _check_int("top_k", self.top_k, low=-1)
+        _check_int("top_k", self.top_k, low=-1, high=MAX_TOP_K)
         if self.seed is not None:
             _check_int("seed", self.seed, low=0, high=2**63 - 1)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
@@ -47,7 +52,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 def _check_int(field: str, value, low: int | None = None, high: int | None = None) -> None:

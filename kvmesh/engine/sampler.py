@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from kvmesh.engine.params import MIN_TOP_P
 from kvmesh.engine.sequence import Sequence
 
 
@@ -33,13 +34,13 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [seq.params for seq in seqs]
         temperature = torch.tensor(
-            [p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device
+            [1.0 if p.greedy else p.temperature for p in params], device=logits.device
         )
         scaled = logits / temperature.unsqueeze(1)
         top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
         if any(top_k):
             scaled = _apply_top_k(scaled, top_k)
-        top_p = [p.top_p for p in params]
+        top_p = [max(p.top_p, MIN_TOP_P) for p in params]
         if any(p < 1.0 for p in top_p):
             scaled = _apply_top_p(scaled, torch.tensor(top_p, device=logits.device))
         probs = scaled.softmax(dim=-1)
@@ -98,5 +99,6 @@ def _apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     # drop a token when the tokens ranked above it already reach top_p
     drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p.unsqueeze(1)
+    drop_sorted[:, 0] = False  # the most likely token always stays
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))

@@ -38,7 +38,8 @@ from kvmesh.frontend.serving import (
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
-STATUS_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
+STATUS_TYPES = {400: "invalid_request_error", 404: "not_found_error",
+                405: "invalid_request_error"}
 
 
 def create_app(backend: Backend) -> FastAPI:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
-from kvmesh.engine.params import MAX_LOGPROBS
+from kvmesh.engine.params import MAX_LOGPROBS, MAX_TOP_K
 
 MAX_N = 128
 MAX_SEED = 2**63 - 1
@@ -49,7 +49,7 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: list[str] = []
     n: int | None = Field(None, ge=1, le=MAX_N)

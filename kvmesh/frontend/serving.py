@@ -276,6 +276,13 @@ class Serving:
     def prompt_ids(self, body) -> list[list[int]]:
         raise NotImplementedError
 
+    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize text from the request; text the tokenizer refuses is the client's 400."""
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        except ValueError as error:
+            raise RequestError(400, f"{param}: {error}", param) from error
+
     def max_tokens(self, body) -> tuple[int | None, str]:
         raise NotImplementedError
 
@@ -311,7 +318,7 @@ class ChatServing(Serving):
         except ValueError as error:
             raise RequestError(400, str(error), "messages") from error
         # The template writes <s> itself.
-        return [self.check_prompt(self.tokenizer.encode(text, add_special_tokens=False), 0)]
+        return [self.check_prompt(self.encode(text, "messages", add_special_tokens=False), 0)]
 
     def max_tokens(self, body: ChatCompletionRequest) -> tuple[int | None, str]:
         if body.max_completion_tokens is not None:
@@ -391,7 +398,7 @@ class CompletionServing(Serving):
             if isinstance(prompt, str):
                 if not prompt:
                     raise RequestError(400, "prompt must not be empty", "prompt")
-                prompt = self.tokenizer.encode(prompt)
+                prompt = self.encode(prompt, "prompt")
             prompts.append(self.check_prompt(prompt, index))
         return prompts
 

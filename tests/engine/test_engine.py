@@ -236,6 +236,7 @@ def test_bad_prompt_is_refused_naming_the_field(engine, prompt, params, field):
         ({"temperature": -1.0}, "temperature must be >= 0"),
         ({"top_p": 1.5}, "top_p must be <= 1"),
         ({"top_k": -2}, "top_k must be >= -1"),
+        ({"top_k": 2**63}, "top_k must be <= 2147483647"),
         ({"logprobs": 50}, "logprobs must be <= 20"),
         ({"stop": "x"}, "stop must be a list"),
         ({"seed": -1}, "seed must be >= 0"),
