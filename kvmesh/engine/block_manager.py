@@ -8,19 +8,32 @@ A sequence's block table covers its computed tokens plus the ones scheduled now:
 
 Prefix hits never cover the whole sequence: at least one token is computed, so the
 model produces logits to sample from, and a shared block is never written.
+
+With a KV connector, the full blocks after the device hits may come from outside the
+pool (host DRAM, disk): they get fresh blocks at admission and count as computed; the
+engine loads them before the step runs and publishes them once loaded.
+
+    blocks    [ b7 (hit) | b2 (hit) | b4 (onboard) | b5 (onboard) | b9 (fresh) ]
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kvmesh.engine.sequence import Sequence
 from kvmesh.gpu.block_pool import BlockPool
 
+if TYPE_CHECKING:
+    from kvmesh.engine.kv_connector import KVConnector, Onboard
+
 
 class BlockManager:
-    def __init__(self, pool: BlockPool, salt: bytes = b"") -> None:
+    def __init__(self, pool: BlockPool, salt: bytes = b"",
+                 connector: KVConnector | None = None) -> None:
         self.pool = pool
         self.block_size = pool.block_size
         self.salt = salt
+        self.connector = connector
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -33,22 +46,38 @@ class BlockManager:
             hits = hits[:-1]
         return hits
 
-    def can_admit(self, seq: Sequence, hits: list[int], num_new_tokens: int) -> bool:
-        """Whether seq, starting from `hits`, can get blocks for `num_new_tokens` more tokens.
+    def find_onboard(self, seq: Sequence, num_hits: int) -> list[Onboard]:
+        """The connector's leading run of seq's full blocks after its `num_hits` device
+        hits, leaving at least one token to compute (as find_prefix does)."""
+        if self.connector is None or not self.pool.enable_caching:
+            return []
+        end = (seq.num_tokens - 1) // self.block_size
+        if end <= num_hits:
+            return []
+        hashes = seq.full_block_hashes(self.block_size, self.salt)
+        return list(self.connector.lookup(hashes[num_hits:end]))
+
+    def can_admit(self, seq: Sequence, hits: list[int], num_new_tokens: int,
+                  num_onboard: int = 0) -> bool:
+        """Whether seq, starting from `hits` and `num_onboard` blocks to load, can get
+        blocks for those and for `num_new_tokens` more tokens.
 
         Hit blocks nobody references sit in the free queue; taking them shrinks it too.
         """
-        num_tokens = len(hits) * self.block_size + num_new_tokens
+        num_tokens = (len(hits) + num_onboard) * self.block_size + num_new_tokens
         fresh = self.blocks_for(num_tokens) - len(hits)
         idle_hits = sum(1 for block_id in hits if self.pool.ref_counts[block_id] == 0)
         return fresh + idle_hits <= self.pool.num_free_blocks
 
-    def admit(self, seq: Sequence, hits: list[int]) -> None:
-        """Give seq its cached prefix blocks and mark those tokens computed."""
+    def admit(self, seq: Sequence, hits: list[int], num_onboard: int = 0) -> list[int]:
+        """Give seq its cached prefix blocks and fresh blocks for `num_onboard` more to be
+        loaded, and mark all their tokens computed; returns the blocks to load into."""
         self.pool.touch(hits)
-        seq.block_table = list(hits)
-        seq.num_computed_tokens = len(hits) * self.block_size
+        onboard_ids = self.pool.allocate(num_onboard)
+        seq.block_table = list(hits) + onboard_ids
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
         seq.num_registered_blocks = len(hits)
+        return onboard_ids
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)

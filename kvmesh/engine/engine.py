@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -18,7 +19,7 @@ from kvmesh.engine.block_manager import BlockManager
 from kvmesh.engine.model_runner import ModelRunner
 from kvmesh.engine.params import SamplingParams
 from kvmesh.engine.sampler import Sampler
-from kvmesh.engine.scheduler import Scheduler
+from kvmesh.engine.scheduler import ScheduledBatch, Scheduler
 from kvmesh.engine.sequence import Sequence
 from kvmesh.gpu.block_pool import BlockPool
 from kvmesh.gpu.kv_cache import allocate_kv_caches, default_num_blocks, kv_cache_shape
@@ -26,6 +27,9 @@ from kvmesh.gpu.loader import load_model, torch_dtype
 from kvmesh.gpu.model_config import ModelConfig
 from kvmesh.protocol import KVEvent
 from kvmesh.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from kvmesh.engine.kv_connector import KVConnector
 
 log = structlog.get_logger(__name__)
 
@@ -95,9 +99,12 @@ class Engine:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         kv_caches: list | None = None,
+        kv_connector: KVConnector | None = None,
     ) -> None:
         """kv_caches: a pool allocated by the caller (e.g. in shared memory for the data
-        plane), num_blocks blocks per layer; by default the engine allocates its own."""
+        plane), num_blocks blocks per layer; by default the engine allocates its own.
+        kv_connector: offloads evicted blocks and onboards prefixes the pool lacks
+        (kvmesh.engine.kv_connector); its block records must match this pool's."""
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -114,15 +121,21 @@ class Engine:
         elif isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive integer or None, got {num_blocks!r}")
         self.num_blocks = num_blocks
-        self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching)
-        self.scheduler = Scheduler(BlockManager(self.pool, config.hash_salt), max_num_seqs,
-                                   max_num_batched_tokens)
+        self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching,
+                              track_evictions=kv_connector is not None)
+        self.scheduler = Scheduler(BlockManager(self.pool, config.hash_salt, kv_connector),
+                                   max_num_seqs, max_num_batched_tokens)
         if kv_caches is None:
             kv_caches = allocate_kv_caches(config, num_blocks, block_size, torch_dtype(dtype), device)
         expected = kv_cache_shape(config, num_blocks, block_size)
         if len(kv_caches) != config.num_layers or tuple(kv_caches[0].shape) != expected:
             raise ValueError(f"kv_caches must be {config.num_layers} tensors of shape {expected}")
+        record_bytes = config.kv_bytes_per_block(block_size, kv_caches[0].element_size())
+        if kv_connector is not None and kv_connector.record_bytes != record_bytes:
+            raise ValueError(f"kv_connector holds block records of {kv_connector.record_bytes} "
+                             f"bytes; this pool's are {record_bytes}")
         self.kv_caches = kv_caches
+        self.kv_connector = kv_connector
         self.runner = ModelRunner(model, self.kv_caches, block_size, device)
         self.sampler = Sampler(device, seed)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
@@ -286,6 +299,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; return an output for every request that progressed or ended."""
         batch = self.scheduler.schedule()
+        if self.kv_connector is not None:
+            self._transfer_kv(batch)
         touched = list(batch.finished)
         if batch.items:
             logits, sample_seqs = self.runner.run(batch)
@@ -298,6 +313,15 @@ class Engine:
                     self._check_stop(seq)
                 touched += sample_seqs
         return [self._output(self.requests[seq.request_id], seq) for seq in touched]
+
+    def _transfer_kv(self, batch: ScheduledBatch) -> None:
+        """Offload the blocks this schedule evicted while they still hold their KV, then
+        load the admitted prefixes (which may land in those very blocks)."""
+        self.kv_connector.save(self.pool.take_evicted(), self.kv_caches)
+        for onboarding in batch.onboards:
+            num_loaded = self.kv_connector.load(onboarding.hits, onboarding.block_ids,
+                                                self.kv_caches)
+            self.scheduler.finish_onboard(onboarding, num_loaded)
 
     def _check_stop(self, seq: Sequence) -> None:
         request = self.requests[seq.request_id]

@@ -13,6 +13,11 @@ sequences (`max_num_seqs`). Policy, in order:
    Admission stops at the first sequence that does not fit, so a large request is
    never starved by smaller ones behind it; none are admitted in a step that
    preempted, so a sequence just preempted is not readmitted in the same breath.
+   With a KV connector, the blocks after the cached prefix that the connector holds
+   (host DRAM, disk) are admitted as computed too, cut to what the pool has room for
+   (a sequence that fits without them is never held back by them; they cost no token
+   budget). The batch lists them (`onboards`); the engine loads them before the step
+   runs and reports back through `finish_onboard`; what failed to load is computed.
 
 A sequence too large for the whole pool is refused at add time; a lone running
 sequence that outgrows the pool is finished with reason "length".
@@ -28,9 +33,23 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvmesh.engine.block_manager import BlockManager
 from kvmesh.engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from kvmesh.engine.kv_connector import Onboard
+
+
+@dataclass
+class Onboarding:
+    """Blocks admitted as computed that the connector must load before the step runs."""
+
+    seq: Sequence
+    hits: list[Onboard]  # the connector's blocks, in chain order
+    block_ids: list[int]  # where each of them goes
+    reported: bool  # seq.num_cached_tokens counts them (it was admitted the first time)
 
 
 @dataclass
@@ -39,6 +58,7 @@ class ScheduledBatch:
 
     items: list[tuple[Sequence, int]] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # ended by the scheduler itself
+    onboards: list[Onboarding] = field(default_factory=list)  # to load before running
 
     @property
     def num_tokens(self) -> int:
@@ -94,6 +114,17 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
+    def finish_onboard(self, onboarding: Onboarding, num_loaded: int) -> None:
+        """The connector loaded the first `num_loaded` blocks of `onboarding`: publish
+        them; the tokens of the rest are no longer computed (nor cached) and get computed
+        in their blocks, this step's chunk now starting that much earlier."""
+        seq = onboarding.seq
+        num_unloaded = (len(onboarding.block_ids) - num_loaded) * self.block_manager.block_size
+        seq.num_computed_tokens -= num_unloaded
+        if onboarding.reported:
+            seq.num_cached_tokens -= num_unloaded
+        self.block_manager.cache_computed(seq)
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
@@ -147,16 +178,17 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) + len(self.remote) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.block_manager.find_prefix(seq)
-            num_cached = len(hits) * self.block_manager.block_size
-            num_new = seq.num_tokens - num_cached
-            if not seq.remote_prefill:  # a remote prefill gets all its blocks, costs no budget
-                num_new = min(num_new, budget)
-            if not self.block_manager.can_admit(seq, hits, num_new):
+            if not self.block_manager.can_admit(seq, hits, self._num_new(seq, len(hits), budget)):
                 break
+            onboard = self._fit_onboard(seq, hits, budget)
+            num_new = self._num_new(seq, len(hits) + len(onboard), budget)
             self.waiting.popleft()
-            self.block_manager.admit(seq, hits)
+            onboard_ids = self.block_manager.admit(seq, hits, len(onboard))
+            if onboard:
+                batch.onboards.append(
+                    Onboarding(seq, onboard, onboard_ids, seq.num_cached_tokens is None))
             if seq.num_cached_tokens is None:
-                seq.num_cached_tokens = num_cached
+                seq.num_cached_tokens = seq.num_computed_tokens
             self.block_manager.append(seq, num_new)
             if seq.remote_prefill:
                 seq.status = SequenceStatus.REMOTE_PREFILL
@@ -167,3 +199,18 @@ class Scheduler:
             self.running.append(seq)
             batch.items.append((seq, num_new))
             budget -= num_new
+
+    def _num_new(self, seq: Sequence, num_cached_blocks: int, budget: int) -> int:
+        """Tokens seq computes in its first step, admitted with num_cached_blocks in place.
+        A remote prefill gets all its blocks at once and costs no budget."""
+        num_new = seq.num_tokens - num_cached_blocks * self.block_manager.block_size
+        return num_new if seq.remote_prefill else min(num_new, budget)
+
+    def _fit_onboard(self, seq: Sequence, hits: list[int], budget: int) -> list[Onboard]:
+        """The connector's blocks after `hits`, cut to what the pool has room for. Each one
+        dropped needs no more blocks than it took, so seq (known to fit without any) fits."""
+        onboard = self.block_manager.find_onboard(seq, len(hits))
+        while onboard and not self.block_manager.can_admit(
+                seq, hits, self._num_new(seq, len(hits) + len(onboard), budget), len(onboard)):
+            onboard.pop()
+        return onboard

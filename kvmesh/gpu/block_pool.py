@@ -16,6 +16,10 @@ joins the tail of the free queue; allocation pops from the head, so the least
 recently freed block is reused first (LRU over free blocks). A cache hit on a
 free block takes it out of the queue again. Blocks of one sequence are freed
 tail-first, so a sequence's last blocks are evicted before its shared prefix.
+
+With `track_evictions` (a KV connector is attached), every cached block that
+`allocate` evicts is also recorded as (block hash, block id): its KV is still intact
+until the engine runs the step, so the connector can offload it first.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ class BlockPool:
     the scheduler decides whom to preempt.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 track_evictions: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if block_size < 1:
@@ -73,6 +78,8 @@ class BlockPool:
         # Free blocks, least recently freed first; values unused (an ordered set).
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.events: list[KVEvent] = []
+        # (hash, block id) of cached blocks evicted since take_evicted; None: not tracked
+        self.evicted: list[tuple[int, int]] | None = [] if track_evictions else None
 
     @property
     def num_free_blocks(self) -> int:
@@ -151,11 +158,22 @@ class BlockPool:
         self.cached.clear()
         self.block_hashes = [None] * self.num_blocks
         self.events.append(AllBlocksCleared())
+        if self.evicted:
+            self.evicted.clear()  # stale KV (e.g. old weights): not worth offloading
 
     def take_events(self) -> list[KVEvent]:
         """Stored/removed events since the last call, oldest first."""
         events, self.events = self.events, []
         return events
+
+    def take_evicted(self) -> list[tuple[int, int]]:
+        """(block hash, block id) of cached blocks `allocate` evicted since the last call,
+        oldest first; their KV stays intact until the new owner writes. Empty when
+        evictions are not tracked."""
+        if not self.evicted:
+            return []
+        evicted, self.evicted = self.evicted, []
+        return evicted
 
     def _uncache(self, block_id: int) -> None:
         block_hash = self.block_hashes[block_id]
@@ -164,3 +182,5 @@ class BlockPool:
         self.block_hashes[block_id] = None
         del self.cached[block_hash]
         self.events.append(BlockRemoved(block_hashes=[block_hash]))
+        if self.evicted is not None:
+            self.evicted.append((block_hash, block_id))

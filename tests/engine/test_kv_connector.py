@@ -1,0 +1,385 @@
+"""The engine with a KV connector: evicted blocks offloaded, prefixes onboarded from host
+DRAM and disk, corruption and failed loads recomputed; output always equal to a plain
+engine's. Scheduler-level tests use a fake connector and assert exact block ids."""
+
+import random
+
+import pytest
+import torch
+
+from kvmesh import Engine, SamplingParams
+from kvmesh.cache.disk_tier import HEADER
+from kvmesh.cache.host_tier import pool_bytes
+from kvmesh.cache.store import Hit
+from kvmesh.engine.block_manager import BlockManager
+from kvmesh.engine.kv_connector import LocalTieredConnector
+from kvmesh.engine.scheduler import Scheduler
+from kvmesh.engine.sequence import Sequence, SequenceStatus
+from kvmesh.gpu.block_pool import BlockPool, hash_blocks
+from kvmesh.gpu.kv_pack import pack_blocks
+from kvmesh.gpu.model_config import ModelConfig
+
+BLOCK = 16
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def make_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(16, vocab_size) for _ in range(length)]
+
+
+@pytest.fixture(scope="module")
+def config(tiny_model_dir) -> ModelConfig:
+    return ModelConfig.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(config) -> dict[str, list[int]]:
+    """a: 6 full blocks and 4 tokens; b, c: unrelated, 15 full blocks each, so that either
+    one evicts every block a 16-block pool cached before it."""
+    return {name: make_prompt(config.vocab_size, n, seed)
+            for name, n, seed in (("a", 100, 1), ("b", 240, 2), ("c", 240, 3))}
+
+
+@pytest.fixture(scope="module")
+def a_hashes(config, prompts) -> list[int]:
+    """The engine's hashes of prompt a's 6 full blocks."""
+    return hash_blocks(prompts["a"], BLOCK, salt=config.hash_salt)
+
+
+@pytest.fixture(scope="module")
+def plain_engine(tiny_model_dir, prompts) -> Engine:
+    """A plain engine that ran each prompt alone (as the tests do), all still cached."""
+    engine = Engine.from_pretrained(tiny_model_dir, num_blocks=128)
+    for prompt in prompts.values():
+        engine.generate([prompt], GREEDY)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def reference(plain_engine, prompts) -> dict[str, list[int]]:
+    """The plain engine's greedy output for each prompt."""
+    return {name: plain_engine.generate([p], GREEDY)[0].token_ids for name, p in prompts.items()}
+
+
+def cached_kv(engine: Engine, block_hashes: list[int]) -> torch.Tensor:
+    """The KV of the blocks engine's prefix cache holds for block_hashes (all of them)."""
+    block_ids = engine.pool.match_prefix(block_hashes)
+    assert len(block_ids) == len(block_hashes), (len(block_ids), len(block_hashes))
+    return pack_blocks(engine.kv_caches, block_ids)
+
+
+@pytest.fixture
+def make_connector(config):
+    """make_connector(host_slots, disk_dir=None, disk_files=0) -> LocalTieredConnector
+    for the tiny model's float32 blocks; closed after the test."""
+    connectors = []
+    record = config.kv_bytes_per_block(BLOCK, 4)
+
+    def make(host_slots: int, disk_dir=None, disk_files: int = 0) -> LocalTieredConnector:
+        connector = LocalTieredConnector(record, pool_bytes(host_slots, record), disk_dir,
+                                         disk_files * (HEADER.size + record))
+        connectors.append(connector)
+        return connector
+
+    yield make
+    for connector in connectors:
+        connector.close()
+
+
+# A host tier that a's 6 blocks and b's 15 overflow (a goes to disk), yet big enough that
+# the step onboarding a (6 blocks promoted) can offload the 7 blocks it evicts without
+# evicting the promoted ones before they load: 13 = 6 + 7. A smaller one still gives
+# the same output, with fewer blocks onboarded (the rest fail their read and are computed).
+HOST_OVER_DISK = 13
+
+
+def make_engine(model_dir, connector, num_blocks: int = 16, **kwargs) -> Engine:
+    return Engine.from_pretrained(model_dir, num_blocks=num_blocks, kv_connector=connector,
+                                  **kwargs)
+
+
+def run(engine: Engine, prompt: list[int]):
+    return engine.generate([prompt], GREEDY)[0]
+
+
+# ---- the engine with a LocalTieredConnector ----------------------------------------------
+
+
+def test_evicted_prefix_comes_back_from_the_host_tier(tiny_model_dir, config, make_connector,
+                                                      prompts, a_hashes, plain_engine,
+                                                      reference):
+    connector = make_connector(host_slots=64)
+    engine = make_engine(tiny_model_dir, connector)
+    assert run(engine, prompts["a"]).num_cached_tokens == 0
+    run(engine, prompts["b"])  # needs all 16 blocks: a's 6 cached ones are evicted
+    assert engine.pool.match_prefix(a_hashes) == []
+    assert connector.metrics()["host"]["offloaded"] == 6
+    again = run(engine, prompts["a"])
+    assert again.num_cached_tokens == 96  # every full block but none computed on device
+    assert again.token_ids == reference["a"]
+    metrics = connector.metrics()
+    assert metrics["host"]["onboarded"] == 6 and metrics["host"]["failed"] == 0
+    assert metrics["disk"]["onboarded"] == 0
+    # the onboarded blocks are in the device prefix cache now, byte for byte the KV a
+    # plain engine computed; a third run hits them there
+    assert torch.equal(cached_kv(engine, a_hashes), cached_kv(plain_engine, a_hashes))
+    assert run(engine, prompts["a"]).num_cached_tokens == 96
+    assert connector.metrics()["host"]["onboarded"] == 6
+    # onboarding a evicted blocks of b and loaded a into them: they were offloaded before
+    # the load overwrote them, so b comes back intact as well
+    again = run(engine, prompts["b"])
+    assert again.token_ids == reference["b"]
+    assert connector.metrics()["host"]["onboarded"] > 6 and again.num_cached_tokens == 224
+    b_prefix = hash_blocks(prompts["b"], BLOCK, salt=config.hash_salt)[:14]
+    assert torch.equal(cached_kv(engine, b_prefix), cached_kv(plain_engine, b_prefix))
+
+
+def test_prefix_comes_back_from_disk_through_a_tiny_host_tier(tiny_model_dir, make_connector,
+                                                              prompts, a_hashes, plain_engine,
+                                                              reference, tmp_path):
+    connector = make_connector(host_slots=HOST_OVER_DISK, disk_dir=tmp_path, disk_files=64)
+    engine = make_engine(tiny_model_dir, connector)
+    for name in ("a", "b", "c"):  # b evicts a to host; c evicts b to host, a to disk
+        run(engine, prompts[name])
+    assert [connector.store.tier_of(h) for h in a_hashes] == ["disk"] * 6
+    again = run(engine, prompts["a"])
+    assert again.num_cached_tokens == 96
+    assert again.token_ids == reference["a"]
+    metrics = connector.metrics()
+    assert metrics["disk"]["onboarded"] == 6 and metrics["host"]["onboarded"] == 0
+    assert metrics["disk"]["offloaded"] > 0
+    assert torch.equal(cached_kv(engine, a_hashes), cached_kv(plain_engine, a_hashes))
+
+
+def test_host_tier_too_small_for_the_step_loses_hits_not_output(tiny_model_dir, make_connector,
+                                                                prompts, reference, tmp_path):
+    # 8 slots: the step onboarding a promotes its 6 blocks, then offloads the 7 blocks it
+    # evicts, which evicts a's from the host before they load: the first read fails.
+    connector = make_connector(host_slots=8, disk_dir=tmp_path, disk_files=64)
+    engine = make_engine(tiny_model_dir, connector)
+    for name in ("a", "b", "c"):
+        run(engine, prompts[name])
+    again = run(engine, prompts["a"])
+    assert again.num_cached_tokens == 0
+    assert again.token_ids == reference["a"]
+    metrics = connector.metrics()
+    assert (metrics["disk"]["hits"], metrics["disk"]["onboarded"]) == (6, 0)
+    assert metrics["disk"]["failed"] == 1
+
+
+def test_corrupted_disk_block_is_a_miss_and_the_rest_is_recomputed(tiny_model_dir,
+                                                                   make_connector, prompts,
+                                                                   a_hashes, plain_engine,
+                                                                   reference, tmp_path):
+    connector = make_connector(host_slots=HOST_OVER_DISK, disk_dir=tmp_path, disk_files=64)
+    engine = make_engine(tiny_model_dir, connector)
+    for name in ("a", "b", "c"):
+        run(engine, prompts[name])
+    bad = connector.store.disk.file_of(a_hashes[3])
+    data = bytearray(bad.read_bytes())
+    data[HEADER.size + 1000] ^= 0x01  # one bit of the payload
+    bad.write_bytes(bytes(data))
+    again = run(engine, prompts["a"])
+    assert again.num_cached_tokens == 48  # blocks 0-2 onboarded; 3 is a miss
+    assert again.token_ids == reference["a"]
+    assert connector.metrics()["disk"]["onboarded"] == 3
+    assert not bad.exists()  # the corrupt file is deleted, never served
+    assert torch.equal(cached_kv(engine, a_hashes[:3]), cached_kv(plain_engine, a_hashes[:3]))
+
+
+def test_host_slot_failing_its_checksum_at_load_is_recomputed(tiny_model_dir, make_connector,
+                                                              prompts, a_hashes, plain_engine,
+                                                              reference):
+    # The lookup finds all six blocks in the host tier; reading the fourth fails its
+    # checksum, so the load stops there and the engine computes blocks 3-5 instead.
+    connector = make_connector(host_slots=64)
+    engine = make_engine(tiny_model_dir, connector)
+    run(engine, prompts["a"])
+    run(engine, prompts["b"])
+    host = connector.store.host
+    slot = host.lookup([a_hashes[3]])[0]
+    host._payloads[slot, 1000] ^= 0x01
+    again = run(engine, prompts["a"])
+    assert again.num_cached_tokens == 48
+    assert again.token_ids == reference["a"]
+    metrics = connector.metrics()
+    assert (metrics["host"]["onboarded"], metrics["host"]["failed"]) == (3, 1)
+    # the loaded blocks were published; the recomputed ones were cached after the step
+    assert torch.equal(cached_kv(engine, a_hashes[:3]), cached_kv(plain_engine, a_hashes[:3]))
+    assert len(engine.pool.match_prefix(a_hashes)) == 6
+
+
+def test_preemption_with_a_connector_keeps_the_output(tiny_model_dir, make_connector, config):
+    lengths = [60, 90, 120, 150]
+    batch = [make_prompt(config.vocab_size, n, seed=10 + n) for n in lengths]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in
+                Engine.from_pretrained(tiny_model_dir, num_blocks=128).generate(batch, params)]
+    connector = make_connector(host_slots=64)
+    # 26 blocks: the four prompts (27 blocks with their outputs) cannot all run at once
+    engine = make_engine(tiny_model_dir, connector, num_blocks=26, max_num_batched_tokens=64)
+    outs = engine.generate(batch, params)
+    assert engine.num_preemptions > 0
+    assert [o.token_ids for o in outs] == expected
+    # blocks evicted while a preempted sequence waited came back from the host tier
+    metrics = connector.metrics()["host"]
+    assert metrics["offloaded"] > 0 and metrics["onboarded"] > 0 and metrics["failed"] == 0
+
+
+def test_connector_with_other_block_records_is_refused(tiny_model_dir):
+    connector = LocalTieredConnector(1000, pool_bytes(4, 1000))
+    try:
+        with pytest.raises(ValueError, match="block records of 1000 bytes; this pool's are 32768"):
+            make_engine(tiny_model_dir, connector)
+    finally:
+        connector.close()
+
+
+def test_no_connector_records_no_evictions(tiny_model_dir, a_hashes, prompts):
+    engine = make_engine(tiny_model_dir, None)
+    run(engine, prompts["a"])
+    run(engine, prompts["b"])
+    assert engine.pool.match_prefix(a_hashes) == []  # a's blocks were evicted
+    assert engine.pool.evicted is None and engine.pool.take_evicted() == []
+
+
+# ---- BlockPool: eviction records ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("track", [False, True])
+def test_pool_records_evicted_pairs_only_when_tracking(track):
+    pool = BlockPool(4, 2, track_evictions=track)
+    ids = pool.allocate(3)
+    pool.cache_blocks(ids, [11, 12, 13], None)
+    pool.free(ids)  # free queue: 3, 2, 1, 0 (tail first)
+    assert pool.allocate(3) == [3, 2, 1]  # 3 was never cached; 2 and 1 are evicted
+    assert pool.take_evicted() == ([(13, 2), (12, 1)] if track else [])
+    assert pool.take_evicted() == []
+    assert pool.evicted == ([] if track else None)
+
+
+# ---- Scheduler with a fake connector: exact block ids --------------------------------
+
+
+class FakeConnector:
+    """Holds the block hashes it is given; loads all but the blocks named in `fail`."""
+
+    record_bytes = 0
+
+    def __init__(self, held=(), fail=()) -> None:
+        self.held = list(held)
+        self.fail = set(fail)
+        self.lookups: list[list[int]] = []
+
+    def lookup(self, block_hashes):
+        self.lookups.append(list(block_hashes))
+        hits = []
+        for block_hash in block_hashes:
+            if block_hash not in self.held:
+                break
+            hits.append(Hit(block_hash, self.held.index(block_hash), "host"))
+        return hits
+
+    def load(self, hits, block_ids, kv_caches):
+        return next((i for i, hit in enumerate(hits) if hit.block_hash in self.fail), len(hits))
+
+
+SMALL = 4
+
+
+def make_seq(name: str, num_tokens: int, remote: bool = False) -> Sequence:
+    return Sequence(name, list(range(100, 100 + num_tokens)), SamplingParams(), remote)
+
+
+def make_scheduler(connector, num_blocks: int = 16, budget: int = 8) -> Scheduler:
+    pool = BlockPool(num_blocks, SMALL, track_evictions=connector is not None)
+    return Scheduler(BlockManager(pool, connector=connector), 8, budget)
+
+
+def test_onboarded_blocks_get_fresh_blocks_count_as_cached_and_cost_no_budget():
+    hashes = hash_blocks(list(range(100, 118)), SMALL)  # 18 tokens: 4 full blocks
+    connector = FakeConnector(held=hashes)
+    scheduler = make_scheduler(connector, budget=8)
+    seq = make_seq("a", 18)
+    scheduler.add(seq)
+    batch = scheduler.schedule()
+    [onboarding] = batch.onboards
+    assert onboarding.block_ids == [0, 1, 2, 3] and onboarding.reported
+    assert [hit.block_hash for hit in onboarding.hits] == hashes
+    assert [(s.request_id, n) for s, n in batch.items] == [("a", 2)]  # 16 + 2 tokens
+    assert seq.block_table == [0, 1, 2, 3, 4]
+    assert (seq.num_computed_tokens, seq.num_cached_tokens) == (16, 16)
+    assert scheduler.block_manager.pool.match_prefix(hashes) == []  # not before it loads
+    scheduler.finish_onboard(onboarding, 4)
+    assert scheduler.block_manager.pool.match_prefix(hashes) == [0, 1, 2, 3]
+    assert seq.num_registered_blocks == 4
+
+
+def test_a_failed_load_rewinds_to_the_loaded_blocks():
+    hashes = hash_blocks(list(range(100, 118)), SMALL)
+    scheduler = make_scheduler(FakeConnector(held=hashes, fail=[hashes[2]]), budget=8)
+    seq = make_seq("a", 18)
+    scheduler.add(seq)
+    batch = scheduler.schedule()
+    scheduler.finish_onboard(batch.onboards[0], 2)
+    assert (seq.num_computed_tokens, seq.num_cached_tokens) == (8, 8)
+    assert scheduler.block_manager.pool.match_prefix(hashes) == [0, 1]
+    assert [(s.request_id, n) for s, n in batch.items] == [("a", 2)]  # now tokens 8-9
+    assert seq.block_table == [0, 1, 2, 3, 4]  # the failed blocks get computed in place
+
+
+def test_whole_sequence_held_still_computes_its_last_block():
+    tokens = list(range(100, 116))  # exactly 4 blocks, all held
+    connector = FakeConnector(held=hash_blocks(tokens, SMALL))
+    scheduler = make_scheduler(connector)
+    seq = make_seq("a", 16)
+    scheduler.add(seq)
+    batch = scheduler.schedule()
+    assert connector.lookups == [hash_blocks(tokens, SMALL)[:3]]
+    assert len(batch.onboards[0].block_ids) == 3
+    assert [(s.request_id, n) for s, n in batch.items] == [("a", 4)]
+
+
+def test_onboarding_is_cut_to_the_room_in_the_pool():
+    tokens = list(range(100, 140))  # 10 full blocks, all held
+    connector = FakeConnector(held=hash_blocks(tokens, SMALL))
+    scheduler = make_scheduler(connector, num_blocks=6, budget=4)
+    seq = make_seq("a", 40)
+    scheduler.add(seq)
+    batch = scheduler.schedule()
+    # 5 blocks onboarded + 1 for the 4 tokens the budget allows: the pool's 6
+    assert batch.onboards[0].block_ids == [0, 1, 2, 3, 4]
+    assert [(s.request_id, n) for s, n in batch.items] == [("a", 4)]
+    assert seq.block_table == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_sequence_that_does_not_fit_is_not_looked_up():
+    connector = FakeConnector()
+    scheduler = make_scheduler(connector, num_blocks=4, budget=32)
+    scheduler.add(make_seq("a", 16))
+    scheduler.add(make_seq("b", 20))
+    batch = scheduler.schedule()
+    assert [(s.request_id, n) for s, n in batch.items] == [("a", 16)]
+    assert len(connector.lookups) == 1  # b waits without asking the connector
+
+
+def test_remote_prefill_onboards_and_reports_the_loaded_blocks_as_cached():
+    tokens = list(range(100, 118))
+    hashes = hash_blocks(tokens, SMALL)
+    scheduler = make_scheduler(FakeConnector(held=hashes[:2]))
+    seq = make_seq("a", 18, remote=True)
+    scheduler.add(seq)
+    batch = scheduler.schedule()
+    assert batch.items == [] and seq.status is SequenceStatus.REMOTE_PREFILL
+    scheduler.finish_onboard(batch.onboards[0], 2)
+    assert seq.block_table == [0, 1, 2, 3, 4] and seq.num_computed_tokens == 8
+
+
+def test_no_connector_admits_exactly_as_before():
+    scheduler = make_scheduler(None)
+    seq = make_seq("a", 18)
+    scheduler.add(seq)
+    batch = scheduler.schedule()
+    assert batch.onboards == [] and seq.block_table == [0, 1]
+    assert scheduler.block_manager.pool.ref_counts[:3] == [1, 1, 0]
