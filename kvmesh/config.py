@@ -141,10 +141,11 @@ class KVConfig(Table):
         "KV data plane between workers. auto: shm on one host, else ucx when installed, "
         "else zmq; naming one forces it.")] = "auto"
     host_gb: Annotated[float, doc(
-        "Host DRAM per cache actor for evicted blocks, GiB; 0 = no host tier.", ge=0)] = 0.0
+        "Host DRAM tier behind each worker's device pool, GiB: evicted blocks go there "
+        "and come back on a prefix hit; 0 = no host tier.", ge=0)] = 0.0
     disk_gb: Annotated[float, doc(
-        "Disk per cache actor for blocks evicted from DRAM, GiB; 0 = no disk tier.",
-        ge=0)] = 0.0
+        "SSD tier behind each worker's host tier (blocks evicted from DRAM, checksummed), "
+        "GiB; 0 = no disk tier. Needs host_gb > 0.", ge=0)] = 0.0
     disk_path: Annotated[str, doc(
         "Directory of the disk tier; required when disk_gb > 0.")] = ""
     eviction: Annotated[Literal["lru", "lfu", "fifo"], doc(
@@ -553,6 +554,9 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
     if roles["router"] > 1:
         second = next(key for key, spec in book if spec.actor_id == "router-1")
         fail(second, f"{roles['router']} routers; expected exactly one in the cluster")
+    if cfg.kv.disk_gb > 0 and cfg.kv.host_gb <= 0:
+        fail("kv.host_gb", f"expected > 0 when kv.disk_gb > 0 (disk blocks are read back "
+             f"through the host tier), got {cfg.kv.host_gb}")
     if cfg.kv.disk_gb > 0 and not cfg.kv.disk_path:
         fail("kv.disk_path", f"expected a directory when kv.disk_gb > 0 (it is "
              f'{cfg.kv.disk_gb}), got ""')

@@ -282,8 +282,11 @@ BROKEN = [  # (file text, message after "<path>: ")
     (f'[cluster]\nipc_dir = "/{"d" * 99}"\n',
      f' cluster.ipc_dir: "/{"d" * 99}" makes socket paths of 118 bytes; expected a '
      "directory whose paths fit in 107"),
-    ("[kv]\ndisk_gb = 10\n",
+    ("[kv]\nhost_gb = 1\ndisk_gb = 10\n",
      ' kv.disk_path: expected a directory when kv.disk_gb > 0 (it is 10.0), got ""'),
+    ("[kv]\ndisk_gb = 10\ndisk_path = \"/tmp/x\"\n",
+     " kv.host_gb: expected > 0 when kv.disk_gb > 0 (disk blocks are read back through the "
+     "host tier), got 0.0"),
 ]
 
 

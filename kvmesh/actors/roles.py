@@ -67,7 +67,8 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         router_endpoint=cfg.router_endpoint, device=spec.device, dtype=cfg.model.dtype,
         block_size=cfg.model.block_size, num_blocks=cfg.kv.device_blocks or None,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
-        transfer=cfg.kv.transfer)
+        transfer=cfg.kv.transfer, host_gb=cfg.kv.host_gb, disk_gb=cfg.kv.disk_gb,
+        disk_path=cfg.kv.disk_path, eviction=cfg.kv.eviction)
     worker_class = PrefillWorker if spec.role == "prefill" else DecodeWorker
     return worker_class(actor_config(cfg, spec), settings)
 

@@ -66,6 +66,10 @@ class WorkerSettings:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     transfer: str = "auto"
+    host_gb: float = 0.0  # per-worker host-DRAM tier behind the device pool (0 = none)
+    disk_gb: float = 0.0  # SSD tier behind the host tier, under disk_path/<actor id>
+    disk_path: str = ""
+    eviction: str = "lru"
     load_report_interval: float = 0.5
     remote_prefill_timeout: float = 120.0
     connect_timeout: float = 60.0
@@ -154,9 +158,22 @@ class EngineWorker(DataPlaneHandlers, Actor):
         engine = Engine(load_model(s.model_path, s.device, s.dtype), Tokenizer.from_pretrained(
             s.model_path), config, device=s.device, dtype=s.dtype, block_size=s.block_size,
             num_blocks=num_blocks, max_num_seqs=s.max_num_seqs,
-            max_num_batched_tokens=s.max_num_batched_tokens, kv_caches=kv_caches)
+            max_num_batched_tokens=s.max_num_batched_tokens, kv_caches=kv_caches,
+            kv_connector=self._tiers(config, dtype))
         warm_up(engine)
         return engine, segment
+
+    def _tiers(self, config, dtype):
+        """The host (and disk) tiers behind this worker's device pool, if configured."""
+        s = self.settings
+        if s.host_gb <= 0:
+            return None
+        from kvmesh.engine.kv_connector import LocalTieredConnector
+
+        record_bytes = config.kv_bytes_per_block(s.block_size, dtype.itemsize)
+        disk_dir = f"{s.disk_path}/{self.actor_id}" if s.disk_gb > 0 else None
+        return LocalTieredConnector(record_bytes, int(s.host_gb * 2**30), disk_dir,
+                                    int(s.disk_gb * 2**30), s.eviction)
 
     async def drain(self) -> None:
         """Finish what is in flight: wait until the engine has nothing left to run."""

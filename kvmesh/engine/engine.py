@@ -412,8 +412,12 @@ class Engine:
     # --- introspection ---
 
     def take_kv_events(self) -> list[KVEvent]:
-        """Prefix-cache stored/removed events since the last call (for the router)."""
-        return self.pool.take_events()
+        """Prefix-cache stored/removed events since the last call (for the router): the
+        device pool's, then the connector's host and disk tiers'."""
+        events = self.pool.take_events()
+        if self.kv_connector is not None:
+            events += self.kv_connector.take_events()
+        return events
 
     def load(self) -> dict[str, float]:
         """What a router weighs: work queued and running, pool use. Engine thread only."""
