@@ -256,7 +256,7 @@ class FrontendActor(Actor):
                 remote_prefills += int(actor.load.get("remote_prefills_total", 0))
                 transfer_bytes += int(actor.load.get("transfer_bytes_total", 0))
         return {"remote_prefill_total": remote_prefills, "kv_transfer_bytes_total": transfer_bytes,
-                "workers": workers}
+                "workers": workers, "tiers": sum_tiers(workers)}
 
     # --- from the workers ---
 
@@ -278,6 +278,18 @@ class FrontendActor(Actor):
                     request_id=request_id, new_token_ids=[], new_text="",
                     error=f"{WORKER_DIED} {peer_id}"))
         await super().on_peer_dead(peer_id)
+
+
+def sum_tiers(workers: list[dict]) -> dict[str, dict[str, float]]:
+    """Per tier, the workers' tier counters added up: {"host": {"offloaded": n, ...}}."""
+    tiers: dict[str, dict[str, float]] = {}
+    for worker in workers:
+        for key, value in worker.items():
+            name, _, tier = key.rpartition("_")
+            if tier in ("host", "disk") and name:
+                counters = tiers.setdefault(tier, {})
+                counters[name] = counters.get(name, 0.0) + value
+    return tiers
 
 
 def _as_error(message: str) -> Exception:

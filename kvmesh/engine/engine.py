@@ -429,7 +429,15 @@ class Engine:
             "kv_usage": self.pool.usage,
             "queued_prefill_tokens": sum(s.num_tokens - s.num_computed_tokens
                                          for s in scheduler.waiting),
-        }
+        } | self.tier_counters()
+
+    def tier_counters(self) -> dict[str, float]:
+        """The host/disk tiers' counters, flat: {"offloaded_host": n, "hits_disk": n, ...}."""
+        if self.kv_connector is None:
+            return {}
+        return {f"{name}_{tier}": float(value)
+                for tier, counters in self.kv_connector.metrics().items()
+                for name, value in counters.items()}
 
     @property
     def num_preemptions(self) -> int:

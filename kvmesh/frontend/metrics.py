@@ -85,6 +85,7 @@ class BackendCollector:
         stats = self.backend.metrics()
         for key, help_text in BACKEND_COUNTERS.items():
             yield CounterMetricFamily(f"kvmesh_{key}", help_text, value=stats.get(key, 0))
+        yield from tier_metrics(stats.get("tiers", {}))
         gauges: dict[str, GaugeMetricFamily] = {}
         for worker in stats.get("workers", []):
             labels = [str(worker.get("worker", "")), str(worker.get("role", ""))]
@@ -98,3 +99,21 @@ class BackendCollector:
                     )
                 gauges[key].add_metric(labels, value)
         yield from gauges.values()
+
+
+def tier_metrics(tiers: dict[str, dict[str, float]]):
+    """The KV cache tiers behind the device pools: blocks offloaded and onboarded per
+    tier, and each tier's hit rate (blocks found / blocks looked up)."""
+    offload = CounterMetricFamily("kvmesh_kv_offload_blocks", "KV blocks offloaded into a tier.",
+                                  labels=["tier"])
+    onboard = CounterMetricFamily("kvmesh_kv_onboard_blocks",
+                                  "KV blocks onboarded from a tier instead of recomputed.",
+                                  labels=["tier"])
+    hit_rate = GaugeMetricFamily("kvmesh_kv_hit_rate", "Blocks found in a tier / looked up.",
+                                 labels=["tier"])
+    for tier, counters in sorted(tiers.items()):
+        offload.add_metric([tier], counters.get("offloaded", 0.0))
+        onboard.add_metric([tier], counters.get("onboarded", 0.0))
+        lookups = counters.get("lookups", 0.0)
+        hit_rate.add_metric([tier], counters.get("hits", 0.0) / lookups if lookups else 0.0)
+    yield from (offload, onboard, hit_rate)

@@ -175,5 +175,12 @@ def test_evicted_prefix_comes_back_from_the_host_tier(tmp_path, tiny_model_dir, 
                            timeout=60).json()
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 288
         assert again["choices"][0]["text"] == want.text
+        time.sleep(1.0)  # a load report carries the tier counters to the router
+        metrics = dict(line.rsplit(" ", 1) for line in httpx.get(f"{c.url}/metrics").text
+                       .splitlines() if line.startswith("kvmesh_kv_"))
+        onboarded = float(metrics['kvmesh_kv_onboard_blocks_total{tier="host"}'])
+        assert 0 < onboarded <= 18  # the blocks the device pool lost, back from DRAM
+        assert float(metrics['kvmesh_kv_offload_blocks_total{tier="host"}']) >= onboarded
+        assert float(metrics['kvmesh_kv_hit_rate{tier="host"}']) > 0
     finally:
         assert c.stop() == 0
