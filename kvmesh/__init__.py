@@ -4,7 +4,16 @@ Heavy names (Engine pulls in torch) are imported on first use, so a router or
 frontend process that imports only kvmesh.protocol starts in well under a second.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# MKL may use fewer threads when the machine is busy (MKL_DYNAMIC), which changes the
+# summation order of a matmul and so the last bits of its result: the same request would
+# then decode differently under load. Fixed thread use keeps outputs reproducible. Set
+# here, before anything imports torch; a user's own setting wins.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
 
 _LAZY = {
     "AsyncClient": "kvmesh.client",

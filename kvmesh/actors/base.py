@@ -15,11 +15,11 @@ Connections, ROUTER/DEALER:
                        <--Welcome | Error----------   version checked; registered
            <--- Heartbeat every heartbeat_interval, both ways --->
 
-Then either side may send one-way messages and requests to the other. Any message from
-a peer counts as a sign of life; a peer silent for liveness x heartbeat_interval seconds
-is declared dead: `on_peer_dead(peer_id)` fires and every request pending on it raises
-PeerDeadError. Dead is final for that connection; `connect` again to reach a restarted
-actor. PUB/SUB and PUSH/PULL carry one-way messages with no registration.
+Then either side may send one-way messages and requests to the other; `Peers`
+(kvmesh/actors/peers.py) keeps who is registered, the requests pending on them, and
+liveness: a silent peer is declared dead, its pending requests raise PeerDeadError and
+`on_peer_dead(peer_id)` fires. PUB/SUB and PUSH/PULL carry one-way messages with no
+registration.
 
 Handlers are `async def on_<snake_case_type>(self, msg, inbound)`; each message runs in
 its own task, so a handler may itself await `request()`. A Request's handler returns
@@ -32,13 +32,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import itertools
 import platform
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import msgspec
 import structlog
@@ -46,6 +45,7 @@ import zmq
 import zmq.asyncio
 
 from kvmesh import protocol
+from kvmesh.actors.peers import Inbound, Peer, PeerDeadError, Peers, Route
 from kvmesh.protocol import (
     MAX_MESSAGE_SIZE,
     MESSAGE_TYPES,
@@ -72,15 +72,6 @@ HOOKS = frozenset({"on_peer_dead"})  # on_* names that are hooks, not message ha
 REPLY_KINDS = (zmq.ROUTER, zmq.DEALER)  # sockets where a message has a way back
 RECEIVE_KINDS = frozenset(messaging.HEAD_FRAMES)
 _HEARTBEAT = protocol.encode(Heartbeat())
-
-
-class PeerDeadError(ConnectionError):
-    """The peer was declared dead, or was never connected."""
-
-    def __init__(self, peer: str, reason: str) -> None:
-        super().__init__(f"peer {peer!r} is dead: {reason}")
-        self.peer = peer
-        self.reason = reason
 
 
 class RemoteError(Exception):
@@ -116,49 +107,6 @@ class ActorConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
-class Route(NamedTuple):
-    """The way to a peer: a socket name, plus the routing id when it is our ROUTER."""
-
-    socket: str
-    identity: bytes | None = None
-
-
-@dataclass(frozen=True)
-class Inbound:
-    """Where a message came from, and the extra frames that came with it."""
-
-    route: Route  # the way back
-    peer: str | None  # registered actor id (ROUTER/DEALER) or sender id (SUB/PULL)
-    frames: list[zmq.Frame]
-
-    @property
-    def socket(self) -> str:
-        return self.route.socket
-
-
-@dataclass
-class Peer:
-    """A registered actor at the other end of a ROUTER/DEALER connection."""
-
-    actor_id: str
-    role: str
-    node: str
-    endpoints: dict[str, str]
-    route: Route
-    last_seen: float = 0.0
-
-    @classmethod
-    def introduced(cls, card: Hello | Welcome, route: Route) -> Peer:
-        return cls(card.actor_id, card.role, card.node, card.endpoints, route)
-
-
-@dataclass
-class _Pending:
-    peer: str | None  # None while the Hello of connect() waits
-    route: Route
-    future: asyncio.Future
-
-
 Handler = Callable[[Message, Inbound], Awaitable[object]]
 
 
@@ -178,9 +126,9 @@ class Actor:
     def __init__(self, config: ActorConfig) -> None:
         self.config = config
         self.actor_id = config.actor_id
-        self.peers: dict[str, Peer] = {}
-        self.endpoints: dict[str, str] = {}  # bound sockets, announced in Hello/Welcome
         self.log = log.bind(actor=config.actor_id, role=self.role)
+        self.peers = Peers(config.heartbeat_interval, config.liveness, self.log, self._bury)
+        self.endpoints: dict[str, str] = {}  # bound sockets, announced in Hello/Welcome
         self._handlers = self._dispatch_table()
         self._keys = CurveKeys.load(config.key_dir) if config.key_dir is not None else None
         self._sender = config.actor_id.encode()
@@ -188,9 +136,6 @@ class Actor:
         self._socks: dict[str, zmq.asyncio.Socket] = {}
         self._kinds: dict[str, int] = {}
         self._readers: dict[str, asyncio.Task] = {}
-        self._peer_at: dict[Route, str] = {}
-        self._pending: dict[int, _Pending] = {}
-        self._call_ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()  # handlers and hooks in progress
         self._heartbeat_task: asyncio.Task | None = None
         self._accepting = True
@@ -225,7 +170,9 @@ class Actor:
         progress are awaited too, after this returns."""
 
     async def on_peer_dead(self, peer_id: str) -> None:
-        """A peer was declared dead; its pending requests already failed."""
+        """A peer was declared dead; its pending requests already failed. A new
+        connection under peer_id is registered only after this returns: spawn, do not
+        await, a reconnection to it."""
 
     # --- lifecycle ---
 
@@ -287,9 +234,7 @@ class Actor:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for pending in self._pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(ConnectionError(f"actor {self.actor_id} closed"))
+        self.peers.fail_pending(f"actor {self.actor_id} closed")
         if self._sockets is not None:
             self._sockets.close_all()
             self._sockets = None
@@ -332,6 +277,9 @@ class Actor:
         self.open(name, zmq.DEALER, endpoint, bind=False)
         try:
             welcome, _ = await self._exchange(Route(name), None, Hello(**self._card()), timeout)
+            if not isinstance(welcome, Welcome):
+                raise ConnectionError(f"{endpoint} answered Hello with {type(welcome).__name__}")
+            await self.peers.register(Peer.introduced(welcome, Route(name)))
         except TimeoutError:
             self._close_socket(name)
             raise TimeoutError(
@@ -341,10 +289,6 @@ class Actor:
         except BaseException:
             self._close_socket(name)
             raise
-        if not isinstance(welcome, Welcome):
-            self._close_socket(name)
-            raise ConnectionError(f"{endpoint} answered Hello with {type(welcome).__name__}")
-        self._register(Peer.introduced(welcome, Route(name)))
         return welcome.actor_id
 
     async def ensure_connected(self, peer: str, endpoint: str, timeout: float) -> None:
@@ -379,7 +323,7 @@ class Actor:
         target = self.peers.get(peer)
         if target is None:
             raise PeerDeadError(peer, "not connected")
-        return await self._exchange(target.route, peer, msg, timeout, frames)
+        return await self._exchange(target.route, target, msg, timeout, frames)
 
     async def send(
         self, peer: str, msg: Message, *, frames: Sequence[Buffer] = (), track: bool = False
@@ -402,16 +346,14 @@ class Actor:
     async def _exchange(
         self,
         route: Route,
-        peer: str | None,
+        peer: Peer | None,
         msg: Request,
         timeout: float,
         frames: Sequence[Buffer] = (),
     ) -> tuple[Message, list[zmq.Frame]]:
-        call_id = next(self._call_ids)
-        future = asyncio.get_running_loop().create_future()
-        self._pending[call_id] = _Pending(peer, route, future)
+        call_id, future = self.peers.expect(peer, route)
         stamped = msgspec.structs.replace(msg, call_id=call_id)
-        label = peer or route.socket
+        label = route.socket if peer is None else peer.actor_id
         try:
             await asyncio.wait_for(self._send_then(future, route, stamped, frames), timeout)
         except TimeoutError:
@@ -419,7 +361,7 @@ class Actor:
                 f"{label} sent no reply to {type(msg).__name__} within {timeout} s"
             ) from None
         finally:
-            del self._pending[call_id]
+            self.peers.forget(call_id)
         reply, reply_frames = future.result()
         if isinstance(reply, Error):
             raise RemoteError(label, reply)
@@ -443,10 +385,11 @@ class Actor:
         track: bool = False,
         flags: int = 0,
     ) -> zmq.MessageTracker | None:
-        peer = self._peer_at.get(route)
+        peer = self.peers.at(route)
+        label = route.socket if peer is None else peer.actor_id
         sock = self._socks.get(route.socket)
         if sock is None:
-            raise PeerDeadError(peer or route.socket, "its socket is closed")
+            raise PeerDeadError(label, "its socket is closed")
         try:
             return await messaging.send(
                 sock, msg, head=route.identity, frames=frames, track=track, flags=flags
@@ -454,9 +397,10 @@ class Actor:
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            if peer is not None:
-                self._declare_dead(peer, "unreachable: its connection is gone")
-            raise PeerDeadError(peer or route.identity.hex(), "unreachable") from None
+            if peer is None:
+                raise PeerDeadError(route.identity.hex(), "unreachable") from None
+            self.peers.declare_dead(peer, "unreachable: its connection is gone")
+            raise PeerDeadError(peer.actor_id, "unreachable") from None
 
     # --- receiving ---
 
@@ -471,9 +415,7 @@ class Actor:
     async def _receive(self, name: str, frames: list[zmq.Frame]) -> None:
         kind = self._kinds[name]
         route = Route(name, frames[0].bytes if kind == zmq.ROUTER else None)
-        peer = self._peer_at.get(route) if kind in REPLY_KINDS else None
-        if peer is not None:
-            self.peers[peer].last_seen = asyncio.get_running_loop().time()
+        peer = self.peers.touch(route) if kind in REPLY_KINDS else None
         try:
             head, body, extra = messaging.split(kind, frames)
         except MalformedMessage as exc:
@@ -492,7 +434,7 @@ class Actor:
                 await self._reject(inbound, exc.code, str(exc))
             return
         if isinstance(msg, Reply):
-            self._resolve(msg, inbound)
+            self.peers.resolve(msg, inbound)
         elif isinstance(msg, Hello) and msg.version != PROTOCOL_VERSION:
             await self._refuse_version(inbound, msg.version, msg.call_id)
         elif not isinstance(msg, Heartbeat):  # a heartbeat's work is the last_seen above
@@ -519,30 +461,6 @@ class Actor:
                 f"actor {self.actor_id} is draining and takes no new work",
             )
         return None
-
-    def _resolve(self, reply: Reply, inbound: Inbound) -> None:
-        if (
-            isinstance(reply, Error)
-            and reply.code == ErrorCode.NOT_REGISTERED
-            and inbound.route.identity is None
-            and inbound.peer is not None
-        ):
-            self._declare_dead(inbound.peer, "it no longer has us registered")
-            return
-        pending = self._pending.get(reply.in_reply_to)
-        if pending is not None and pending.route == inbound.route:
-            if not pending.future.done():
-                pending.future.set_result((reply, inbound.frames))
-        elif isinstance(reply, Error):
-            self.log.warning(
-                "error_received",
-                socket=inbound.socket,
-                peer=inbound.peer,
-                code=reply.code,
-                reason=reply.message,
-            )
-        else:
-            self.log.info("late_reply", peer=inbound.peer, in_reply_to=reply.in_reply_to)
 
     async def _handle(self, handler: Handler, msg: Message, inbound: Inbound) -> None:
         try:
@@ -598,30 +516,14 @@ class Actor:
 
     # --- peers and liveness ---
 
-    def _register(self, peer: Peer) -> None:
-        if peer.actor_id in self.peers:
-            self._declare_dead(peer.actor_id, "replaced by a new connection with its id")
-        peer.last_seen = asyncio.get_running_loop().time()
-        self.peers[peer.actor_id] = peer
-        self._peer_at[peer.route] = peer.actor_id
-        self.log.info("peer_registered", peer=peer.actor_id, peer_role=peer.role, node=peer.node)
-
-    def _declare_dead(self, peer_id: str, reason: str) -> None:
-        peer = self.peers.pop(peer_id, None)
-        if peer is None:
-            return
-        del self._peer_at[peer.route]
-        for pending in self._pending.values():
-            if pending.peer == peer_id and not pending.future.done():
-                pending.future.set_exception(PeerDeadError(peer_id, reason))
+    def _bury(self, peer: Peer) -> asyncio.Task:
+        """Peers declared `peer` dead: close our DEALER to it, run the on_peer_dead hook."""
         if peer.route.identity is None:  # our DEALER: nothing else uses it
             self._close_socket(peer.route.socket)
-        self.log.warning("peer_dead", peer=peer_id, reason=reason)
-        self._spawn(self._run_hook(self.on_peer_dead(peer_id)))
+        return self._spawn(self._run_hook(self.on_peer_dead(peer.actor_id)))
 
     async def _heartbeat(self) -> None:
         interval = self.config.heartbeat_interval
-        limit = interval * self.config.liveness
         loop = asyncio.get_running_loop()
         last_tick = loop.time()
         while True:
@@ -631,22 +533,15 @@ class Actor:
             # sockets: judge nobody until the readers have had a turn.
             stalled = now - last_tick > 2 * interval
             last_tick = now
-            for peer in list(self.peers.values()):
-                silent = now - peer.last_seen
-                if silent > limit and not stalled:
-                    self._declare_dead(
-                        peer.actor_id,
-                        f"silent for {silent:.2f} s (liveness {self.config.liveness} x "
-                        f"{interval} s)",
-                    )
-                    continue
+            for peer in self.peers.reap_silent(now, stalled):
                 with contextlib.suppress(zmq.Again, PeerDeadError):
                     await self._send(peer.route, _HEARTBEAT, flags=zmq.NOBLOCK)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _run_hook(self, hook: Awaitable[None]) -> None:
         try:
@@ -660,7 +555,7 @@ class Actor:
         """Register the connecting actor (its version was checked before dispatch)."""
         if inbound.route.identity is None:
             return Error(code=ErrorCode.MALFORMED, message="Hello goes to a ROUTER socket")
-        self._register(Peer.introduced(msg, inbound.route))
+        await self.peers.register(Peer.introduced(msg, inbound.route))
         return Welcome(**self._card())
 
     async def on_ping(self, msg: Ping, inbound: Inbound) -> Pong:

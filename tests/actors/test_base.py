@@ -605,6 +605,47 @@ def test_a_vanished_client_fires_on_peer_dead_on_the_server():
     assert asyncio.run(scenario()) == (["client"], {})
 
 
+class Sessions(Server):
+    """Keeps a session per peer from BlockStored; its death hook awaits (as one that
+    aborts work on an engine does) before dropping the dead peer's session."""
+
+    def __init__(self, config: ActorConfig) -> None:
+        super().__init__(config)
+        self.sessions: dict[str, int] = {}
+        self.num_stored = 0
+
+    async def on_block_stored(self, msg: BlockStored, inbound: Inbound) -> None:
+        self.sessions[inbound.peer] = msg.block_hashes[0]
+        self.num_stored += 1
+
+    async def on_peer_dead(self, peer_id: str) -> None:
+        await asyncio.sleep(0.3)
+        self.sessions.pop(peer_id, None)
+        self.dead.append(peer_id)
+
+
+def test_the_hook_of_a_replaced_connection_does_not_act_on_its_successor():
+    async def scenario():
+        async with (
+            Sessions(make_config("server")) as server,
+            Probe(make_config("client")) as old,
+            Probe(make_config("client")) as new,
+        ):
+            await old.send(await connected_pair(server, old), make_block(1))
+            for _ in range(100):  # hang guard: 5 s
+                if server.sessions:
+                    break
+                await asyncio.sleep(0.05)
+            await new.send(await connected_pair(server, new), make_block(2))  # replaces old
+            for _ in range(100):
+                if server.num_stored == 2 and server.dead:
+                    break
+                await asyncio.sleep(0.05)
+            return server.dead, server.sessions
+
+    assert asyncio.run(scenario()) == (["client"], {"client": 2})
+
+
 def test_shutdown_message_ends_serve():
     async def scenario():
         server = Server(make_config("server"))

@@ -1,0 +1,235 @@
+"""The peers of one Actor: who is registered on which route, the requests pending on
+them, and their liveness.
+
+Any message from a peer counts as a sign of life (`touch`); a peer silent for
+liveness x heartbeat_interval seconds is declared dead (`reap_silent`): every request
+pending on it raises PeerDeadError, then the actor's `bury` callback closes what
+belonged to the connection and spawns the `on_peer_dead(peer_id)` hook. Dead is final
+for that connection; `connect` again to reach a restarted actor.
+
+Each registration is its own Peer record, and everything here acts on the record, not
+on the id: a request waits on one connection, a death found on a route or by the
+heartbeat ends one connection. So when an actor comes back under the same id (a
+restart says Hello before its old connection went silent), the old connection's death
+fails only its own requests and never ends the new one. The hook takes only an id, so
+a new connection with that id is registered only after the old one's hook returned:
+the hook for the old connection cannot act on the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import zmq
+
+from kvmesh.protocol import Error, ErrorCode, Hello, Reply, Welcome
+
+
+class PeerDeadError(ConnectionError):
+    """The peer was declared dead, or was never connected."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"peer {peer!r} is dead: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+class Route(NamedTuple):
+    """The way to a peer: a socket name, plus the routing id when it is our ROUTER."""
+
+    socket: str
+    identity: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """Where a message came from, and the extra frames that came with it."""
+
+    route: Route  # the way back
+    peer: str | None  # registered actor id (ROUTER/DEALER) or sender id (SUB/PULL)
+    frames: list[zmq.Frame]
+
+    @property
+    def socket(self) -> str:
+        return self.route.socket
+
+
+@dataclass
+class Peer:
+    """A registered actor at the other end of a ROUTER/DEALER connection."""
+
+    actor_id: str
+    role: str
+    node: str
+    endpoints: dict[str, str]
+    route: Route
+    last_seen: float = 0.0
+
+    @classmethod
+    def introduced(cls, card: Hello | Welcome, route: Route) -> Peer:
+        return cls(card.actor_id, card.role, card.node, card.endpoints, route)
+
+
+@dataclass
+class _Pending:
+    peer: Peer | None  # None while the Hello of connect() waits
+    route: Route
+    future: asyncio.Future
+
+
+class Peers(Mapping[str, Peer]):
+    """The registered peers of one actor, by actor id (read-only as a mapping), with
+    their routes, the requests pending on them, and their liveness.
+
+    `bury(peer)` is the actor's part of a death; it returns the task running the
+    on_peer_dead hook, which a re-registration under that id waits for.
+    """
+
+    def __init__(
+        self,
+        heartbeat_interval: float,
+        liveness: int,
+        log,
+        bury: Callable[[Peer], asyncio.Task],
+    ) -> None:
+        self._interval = heartbeat_interval
+        self._liveness = liveness
+        self._log = log
+        self._bury = bury
+        self._by_id: dict[str, Peer] = {}
+        self._at: dict[Route, Peer] = {}
+        self._burying: dict[str, asyncio.Task] = {}  # actor id -> on_peer_dead in progress
+        self._pending: dict[int, _Pending] = {}
+        self._call_ids = itertools.count(1)
+
+    # --- the mapping: actor id -> Peer ---
+
+    def __getitem__(self, actor_id: str) -> Peer:
+        return self._by_id[actor_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, actor_id: object) -> bool:
+        return actor_id in self._by_id
+
+    def __repr__(self) -> str:
+        return f"Peers({sorted(self._by_id)})"
+
+    # --- registry ---
+
+    def at(self, route: Route) -> Peer | None:
+        """The peer registered on route, if any."""
+        return self._at.get(route)
+
+    def touch(self, route: Route) -> str | None:
+        """A message came on route: a sign of life from its peer, whose id is returned."""
+        peer = self._at.get(route)
+        if peer is None:
+            return None
+        peer.last_seen = asyncio.get_running_loop().time()
+        return peer.actor_id
+
+    async def register(self, peer: Peer) -> None:
+        """Register a new connection. One already registered under its id is declared
+        dead, and the new one waits until that one's on_peer_dead hook has returned
+        (unless the hook itself is registering)."""
+        while True:
+            old = self._by_id.get(peer.actor_id)
+            if old is not None:
+                self.declare_dead(old, "replaced by a new connection with its id")
+            hook = self._burying.get(peer.actor_id)
+            if hook is None or hook is asyncio.current_task():
+                break
+            await asyncio.wait({hook})  # cancelling the wait leaves the hook running
+        peer.last_seen = asyncio.get_running_loop().time()
+        self._by_id[peer.actor_id] = peer
+        self._at[peer.route] = peer
+        self._log.info("peer_registered", peer=peer.actor_id, peer_role=peer.role, node=peer.node)
+
+    def declare_dead(self, peer: Peer, reason: str) -> None:
+        """End this connection: fail its pending requests, then bury it. A no-op when it
+        is already dead or replaced."""
+        if self._by_id.get(peer.actor_id) is not peer:
+            return
+        del self._by_id[peer.actor_id]
+        if self._at.get(peer.route) is peer:
+            del self._at[peer.route]
+        for pending in self._pending.values():
+            if pending.peer is peer and not pending.future.done():
+                pending.future.set_exception(PeerDeadError(peer.actor_id, reason))
+        self._log.warning("peer_dead", peer=peer.actor_id, reason=reason)
+        hook = self._bury(peer)
+        self._burying[peer.actor_id] = hook
+        hook.add_done_callback(partial(self._buried, peer.actor_id))
+
+    def _buried(self, actor_id: str, hook: asyncio.Task) -> None:
+        if self._burying.get(actor_id) is hook:
+            del self._burying[actor_id]
+
+    # --- liveness ---
+
+    def reap_silent(self, now: float, stalled: bool) -> list[Peer]:
+        """Declare dead every peer silent past liveness, unless the actor's own loop
+        stalled (their heartbeats may sit unread); return the living."""
+        limit = self._interval * self._liveness
+        living = []
+        for peer in list(self._by_id.values()):
+            silent = now - peer.last_seen
+            if silent > limit and not stalled:
+                self.declare_dead(
+                    peer,
+                    f"silent for {silent:.2f} s (liveness {self._liveness} x {self._interval} s)",
+                )
+            else:
+                living.append(peer)
+        return living
+
+    # --- pending requests ---
+
+    def expect(self, peer: Peer | None, route: Route) -> tuple[int, asyncio.Future]:
+        """A fresh call id, and the future that its reply on route resolves."""
+        call_id = next(self._call_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = _Pending(peer, route, future)
+        return call_id, future
+
+    def forget(self, call_id: int) -> None:
+        del self._pending[call_id]
+
+    def resolve(self, reply: Reply, inbound: Inbound) -> None:
+        """Hand a reply to the request it answers; an Error saying the peer no longer
+        has us registered ends our connection to it."""
+        if isinstance(reply, Error) and reply.code == ErrorCode.NOT_REGISTERED:
+            peer = self._at.get(inbound.route)
+            if peer is not None and inbound.route.identity is None:
+                self.declare_dead(peer, "it no longer has us registered")
+                return
+        pending = self._pending.get(reply.in_reply_to)
+        if pending is not None and pending.route == inbound.route:
+            if not pending.future.done():
+                pending.future.set_result((reply, inbound.frames))
+        elif isinstance(reply, Error):
+            self._log.warning(
+                "error_received",
+                socket=inbound.socket,
+                peer=inbound.peer,
+                code=reply.code,
+                reason=reply.message,
+            )
+        else:
+            self._log.info("late_reply", peer=inbound.peer, in_reply_to=reply.in_reply_to)
+
+    def fail_pending(self, reason: str) -> None:
+        """Fail every request still waiting (the actor is closing)."""
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(ConnectionError(reason))
