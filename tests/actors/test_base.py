@@ -554,26 +554,27 @@ async def connected_pair(server: Server, client: Probe) -> str:
 
 
 @pytest.mark.parametrize(
-    "ping_delay, ping_error, raised, text",
+    "ping_delay, ping_error, timeout, raised, text",
     [
-        (5.0, None, TimeoutError, "server sent no reply to Ping within 0.2 s"),
-        (
+        (5.0, None, 0.2, TimeoutError, "server sent no reply to Ping within 0.2 s"),
+        (  # a generous timeout: logging the handler's traceback takes a while on a busy box
             0.0,
             RuntimeError("boom"),
+            10.0,
             RemoteError,
             "server answered handler_failed: Ping handler: RuntimeError('boom')",
         ),
     ],
     ids=["timeout", "handler_raises"],
 )
-def test_request_failures_are_clear_errors(ping_delay, ping_error, raised, text):
+def test_request_failures_are_clear_errors(ping_delay, ping_error, timeout, raised, text):
     async def scenario():
         server = Server(make_config("server"))
         server.ping_delay, server.ping_error = ping_delay, ping_error
         async with server, Probe(make_config("client")) as client:
             peer = await connected_pair(server, client)
             with pytest.raises(raised) as caught:
-                await client.request(peer, Ping(), timeout=0.2)
+                await client.request(peer, Ping(), timeout=timeout)
             return str(caught.value)
 
     assert asyncio.run(scenario()) == text
