@@ -328,12 +328,13 @@ class DecodeWorker(EngineWorker):
             return
         self.remote_prefills_total += 1
         self.transfer_bytes_total += done.num_bytes
+        # The first token must reach the frontend before the tokens of later steps: it
+        # goes out with the next step's outputs, in the engine thread's own order.
         try:
-            out = await self.engine.call(
-                lambda e: e.complete_remote_prefill(request_id, done.token_id, done.logprobs))
+            await self.engine.call(lambda e: self.engine.emit(
+                e.complete_remote_prefill(request_id, done.token_id, done.logprobs)))
         except KeyError:
             return  # aborted while the prefill ran
-        self.handle_outputs([out])
 
 
 class PrefillWorker(EngineWorker):

@@ -18,7 +18,9 @@ import httpx
 def free_port_range(count: int) -> int:
     """A base port with `count` free ports above it (checked by binding each)."""
     for _ in range(50):
-        base = 20000 + (os.getpid() * 37 + int(time.time() * 1000)) % 30000
+        # below Linux's ephemeral range (32768-60999), where outgoing connections take
+        # their local ports and could steal ours between this check and the bind
+        base = 20000 + (os.getpid() * 37 + int(time.time() * 1000)) % 12000
         sockets = []
         try:
             for port in range(base, base + count):

@@ -57,6 +57,7 @@ class AsyncEngine:
         self.engine = engine
         self.on_step = on_step
         self.on_crash = on_crash
+        self.emitted: list[RequestOutput] = []  # outputs of commands, for the next on_step
         self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.streams: dict[str, asyncio.Queue] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -138,6 +139,11 @@ class AsyncEngine:
         self._submit(command)
         return future
 
+    def emit(self, output: RequestOutput) -> None:
+        """From a command on the engine thread: deliver `output` with the next on_step,
+        ahead of the outputs of steps that come after the command (order preserved)."""
+        self.emitted.append(output)
+
     def stats(self) -> dict:
         scheduler = self.engine.scheduler
         return {
@@ -187,6 +193,8 @@ class AsyncEngine:
             if outputs:
                 self.loop.call_soon_threadsafe(self._deliver, outputs)
             return
+        if self.emitted:
+            outputs, self.emitted = self.emitted + outputs, []
         result = StepResult(outputs, self.engine.take_remote_prefills(),
                             self.engine.take_kv_events(), self.engine.load())
         self.loop.call_soon_threadsafe(self.on_step, result)
