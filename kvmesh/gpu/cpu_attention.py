@@ -43,14 +43,19 @@ def _paged_decode(q, k_cache, v_cache, block_tables, ctx_lens, scale, out):  # p
             for t in range(ctx_len):
                 scores[g, t] = np.exp(scores[g, t] - peak)
                 total += scores[g, t]
-            acc = np.zeros(head_dim, np.float32)
             for t in range(ctx_len):
-                v = v_cache[block_tables[b, t // block_size], t % block_size, h]
+                scores[g, t] /= total
+        # one pass over V, each row shared by the group's query heads
+        acc = np.zeros((group, head_dim), np.float32)
+        for t in range(ctx_len):
+            v = v_cache[block_tables[b, t // block_size], t % block_size, h]
+            for g in range(group):
                 w = scores[g, t]
                 for d in range(head_dim):
-                    acc[d] += w * v[d]
+                    acc[g, d] += w * v[d]
+        for g in range(group):
             for d in range(head_dim):
-                out[b, h, g, d] = acc[d] / total
+                out[b, h, g, d] = acc[g, d]
 
 
 def paged_decode_attention(
