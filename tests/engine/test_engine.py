@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvmesh import Engine, SamplingParams
+from tests.reference import hf_greedy
 
 
 def make_prompts(vocab_size: int, lengths: list[int], seed: int) -> list[list[int]]:
@@ -17,21 +18,6 @@ def make_prompts(vocab_size: int, lengths: list[int], seed: int) -> list[list[in
 
 def greedy(max_tokens: int, **kwargs) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kwargs)
-
-
-def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    # an explicit mask: left to itself, generate would mask every token equal to pad_token_id
-    with torch.inference_mode():
-        out = hf_model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")

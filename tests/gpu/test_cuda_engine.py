@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvmesh import Engine, SamplingParams
+from tests.reference import hf_greedy
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,10 +29,7 @@ def test_cuda_engine_equals_transformers_on_cpu(tiny_model_dir):
     outs = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     for prompt, out in zip(prompts, outs, strict=True):
-        ids = torch.tensor([prompt])
-        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
-                          min_new_tokens=16, do_sample=False, pad_token_id=0)
-        assert out.token_ids == ref[0, len(prompt):].tolist()
+        assert out.token_ids == hf_greedy(hf, prompt, 16)
 
 
 def test_cuda_bfloat16_engine_runs_with_prefix_cache(tiny_model_dir):

@@ -10,6 +10,7 @@ import torch
 
 from kvmesh import Engine, SamplingParams
 from kvmesh.gpu.model_config import ModelConfig
+from tests.reference import hf_greedy
 
 ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
@@ -52,24 +53,11 @@ def make_prompts(n: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(16, 2048) for _ in range(rng.randint(5, 80))] for _ in range(n)]
 
 
-def hf_greedy(path, prompts, max_tokens, dtype=torch.float32):
+def hf_greedy_all(path, prompts, max_tokens, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    outs = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        outs.append(out[0, len(prompt) :].tolist())
-    return outs
+    return [hf_greedy(model, prompt, max_tokens) for prompt in prompts]
 
 
 @pytest.mark.parametrize(
@@ -88,7 +76,7 @@ def test_engine_equals_transformers(tmp_path, tiny_model_dir, arch, shard, tie):
     prompts = make_prompts(4, seed=len(arch))
     engine = Engine.from_pretrained(path, num_blocks=64, block_size=8)
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
-    expected = hf_greedy(path, prompts, 12)
+    expected = hf_greedy_all(path, prompts, 12)
     assert [o.token_ids for o in outs] == expected
     assert len({t for ids in expected for t in ids}) > 8
 
@@ -108,7 +96,7 @@ def test_half_precision_checkpoint_loads_exactly_into_float32(
     prompts = make_prompts(3, seed=5)
     engine = Engine.from_pretrained(path, dtype="float32", num_blocks=64)
     outs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    assert [o.token_ids for o in outs] == hf_greedy(path, prompts, 8)
+    assert [o.token_ids for o in outs] == hf_greedy_all(path, prompts, 8)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
