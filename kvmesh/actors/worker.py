@@ -27,7 +27,7 @@ import zmq
 from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
 from kvmesh.engine.async_engine import AsyncEngine, StepResult
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
-from kvmesh.engine.params import SamplingParams
+from kvmesh.engine.params import SamplingParams, first_token_params
 from kvmesh.protocol import (
     Abort,
     Delta,
@@ -73,13 +73,6 @@ class WorkerSettings:
     load_report_interval: float = 0.5
     remote_prefill_timeout: float = 120.0
     connect_timeout: float = 60.0
-
-
-def first_token_params(params: SamplingParams) -> SamplingParams:
-    """The prefill worker samples only the request's first token, with its settings;
-    stopping is the decode worker's business."""
-    fields = {name: getattr(params, name) for name in params.__struct_fields__}
-    return SamplingParams(**(fields | {"max_tokens": 1, "ignore_eos": True, "stop": []}))
 
 
 class EngineWorker(DataPlaneHandlers, Actor):

@@ -11,7 +11,6 @@ a cold pass, and a second pass whose prompts are all in the prefix cache.
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -25,12 +24,9 @@ HF_BATCH = 8
 
 def make_workload(vocab_size: int, seed: int, num_requests: int = NUM_REQUESTS):
     """(prompt token ids, output length) pairs; ids avoid the low (special) range."""
-    rng = random.Random(seed)
-    workload = []
-    for _ in range(num_requests):
-        prompt = [rng.randrange(16, vocab_size) for _ in range(rng.randint(*PROMPT_LENS))]
-        workload.append((prompt, rng.randint(*OUTPUT_LENS)))
-    return workload
+    from kvmesh.bench.trace import random_workload
+
+    return random_workload(vocab_size, seed, num_requests, PROMPT_LENS, OUTPUT_LENS)
 
 
 def run_engine(engine, workload) -> dict:

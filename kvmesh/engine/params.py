@@ -72,3 +72,10 @@ def _check_range(field, value, low, high) -> None:
         raise ValueError(f"{field} must be >= {low}, got {value!r}")
     if high is not None and value > high:
         raise ValueError(f"{field} must be <= {high}, got {value!r}")
+
+
+def first_token_params(params: SamplingParams) -> SamplingParams:
+    """What a prefill worker samples with: only the request's first token, with its
+    settings (seed included); stopping is the decode worker's business."""
+    fields = {name: getattr(params, name) for name in params.__struct_fields__}
+    return SamplingParams(**(fields | {"max_tokens": 1, "ignore_eos": True, "stop": []}))

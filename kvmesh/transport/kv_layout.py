@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvmesh.gpu.model_config import DTYPES as MODEL_DTYPES
 from kvmesh.protocol import KvPoolInfo
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}  # name -> torch dtype
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from kvmesh import Engine, SamplingParams
+from kvmesh.engine.params import first_token_params
 from kvmesh.gpu.kv_pack import pack_blocks, unpack_blocks
 
 
@@ -26,7 +27,7 @@ def serve_disaggregated(prefill: Engine, decode: Engine, prompts, params) -> lis
     while decode.has_unfinished():
         for task in decode.take_remote_prefills():
             first = None
-            prefill.add_request(task.prompt_token_ids, _first_token(task.params),
+            prefill.add_request(task.prompt_token_ids, first_token_params(task.params),
                                 request_id=task.request_id, hold_blocks=True)
             while prefill.has_unfinished():
                 for out in prefill.step():
@@ -45,12 +46,6 @@ def serve_disaggregated(prefill: Engine, decode: Engine, prompts, params) -> lis
             if out.finished:
                 finals[out.request_id] = out
     return [finals[i] for i in ids]
-
-
-def _first_token(params: SamplingParams) -> SamplingParams:
-    """The prefill worker samples only the first token, as the request would."""
-    fields = {f: getattr(params, f) for f in params.__struct_fields__}
-    return SamplingParams(**(fields | {"max_tokens": 1, "ignore_eos": True, "stop": []}))
 
 
 @pytest.mark.parametrize(
