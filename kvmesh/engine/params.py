@@ -11,6 +11,10 @@ MAX_TOP_K = 2**31 - 1  # top_k beyond the vocabulary keeps everything; beyond th
 # value itself rounds to 0), which would turn the distribution into NaNs.
 GREEDY_TEMPERATURE = 1e-5
 MIN_TOP_P = 1e-8  # below this only the most likely token is kept anyway
+# Priority levels name classes of traffic (Triton numbers its levels 1..N; vLLM users
+# pass small ints). A bound this loose fits any such scheme and still catches a value
+# that is no level at all, such as a timestamp or a deadline in milliseconds.
+MAX_PRIORITY = 1000
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -19,6 +23,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     temperature 0 is greedy. top_k 0 (or -1) and top_p 1.0 disable those filters.
     `seed` makes one request's samples reproducible whatever else is in the batch.
     `logprobs`: None for none; k >= 0 for the sampled token's logprob plus the top k.
+    `priority`: admission order, lower first (vLLM's convention), in
+    [-MAX_PRIORITY, MAX_PRIORITY]; equal priorities are first come first served.
     """
 
     max_tokens: int = 16
@@ -31,6 +37,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    priority: int = 0
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1)
@@ -49,6 +56,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             _check_int("stop_token_ids", token_id, low=0)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        _check_int("priority", self.priority, low=-MAX_PRIORITY, high=MAX_PRIORITY)
 
     @property
     def greedy(self) -> bool:

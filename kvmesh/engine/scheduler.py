@@ -1,23 +1,32 @@
-"""Scheduler: continuous batching with chunked prefill and preemption by recompute.
+"""Scheduler: continuous batching with chunked prefill, priority levels and preemption
+by recompute.
 
 Each step has a token budget (`max_num_batched_tokens`) and a cap on running
-sequences (`max_num_seqs`). Policy, in order:
+sequences (`max_num_seqs`). Every sequence has a priority (`SamplingParams.priority`,
+lower is served sooner, as in vLLM); both queues are kept in (priority, arrival) order,
+arrival being when the sequence joined that queue. Policy, in order:
 
-1. Running sequences, oldest first, get what they need: one token if decoding,
+1. Running sequences, in that order, get what they need: one token if decoding,
    the next chunk of their prompt if prefilling, cut to the budget left.
-   When the pool has no block for one, the newest running sequence is preempted:
-   its blocks are freed and it goes back to the *front* of the waiting queue to be
-   recomputed later (its cached prefix usually survives in the prefix cache).
-2. Then waiting sequences, first come first served, are admitted while the budget,
+   When the pool has no block for one, the last running sequence not yet scheduled
+   this step (the lowest priority, newest of its level) is preempted: its blocks are
+   freed and it goes back to the *front of its priority level* in the waiting queue,
+   to be recomputed later (its cached prefix usually survives in the prefix cache).
+2. Then waiting sequences, in (priority, arrival) order, are admitted while the budget,
    the sequence cap and the pool allow; each starts from its longest cached prefix.
    Admission stops at the first sequence that does not fit, so a large request is
-   never starved by smaller ones behind it; none are admitted in a step that
-   preempted, so a sequence just preempted is not readmitted in the same breath.
+   never starved by smaller ones behind it, of its priority or lower; none are admitted
+   in a step that preempted, so a sequence just preempted is not readmitted in the same
+   breath. Priority is strict, as in Triton's priority levels: a level waits while a
+   higher one has work waiting, and admission never preempts a running sequence for a
+   waiting one of higher priority (it waits for room, so nothing is recomputed for it).
    With a KV connector, the blocks after the cached prefix that the connector holds
    (host DRAM, disk) are admitted as computed too, cut to what the pool has room for
    (a sequence that fits without them is never held back by them; they cost no token
    budget). The batch lists them (`onboards`); the engine loads them before the step
    runs and reports back through `finish_onboard`; what failed to load is computed.
+
+With every priority equal (the default 0) this is first come first served.
 
 A sequence too large for the whole pool is refused at add time; a lone running
 sequence that outgrows the pool is finished with reason "length".
@@ -31,7 +40,10 @@ never preempted, since a peer may be writing into their blocks.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -65,13 +77,82 @@ class ScheduledBatch:
         return sum(n for _, n in self.items)
 
 
+def priority(seq: Sequence) -> int:
+    return seq.params.priority
+
+
+class WaitingQueue:
+    """Sequences waiting for admission, in (priority, arrival) order, with a deque's
+    interface: one FIFO per priority level present, the levels kept sorted.
+
+    append (a new arrival) and appendleft (a preempted sequence: before the others of its
+    level) are O(1), as is taking the head, plus a bisect over the levels present when a
+    level appears or empties; remove (an abort) is linear in its level, as a deque's is.
+    """
+
+    def __init__(self) -> None:
+        self.levels: dict[int, deque[Sequence]] = {}
+        self.priorities: list[int] = []  # the keys of `levels`, ascending
+        self.num_seqs = 0
+
+    def __len__(self) -> int:
+        return self.num_seqs
+
+    def __iter__(self) -> Iterator[Sequence]:
+        for level in self.priorities:
+            yield from self.levels[level]
+
+    def __contains__(self, seq: Sequence) -> bool:
+        return seq in self.levels.get(priority(seq), ())
+
+    def __getitem__(self, index: int) -> Sequence:
+        """The index-th sequence in admission order; [0], the next one, is O(1)."""
+        if not 0 <= index < self.num_seqs:
+            raise IndexError(f"waiting queue index {index} out of range [0, {self.num_seqs})")
+        return next(itertools.islice(self, index, None))
+
+    def append(self, seq: Sequence) -> None:
+        self._level(seq).append(seq)
+        self.num_seqs += 1
+
+    def appendleft(self, seq: Sequence) -> None:
+        self._level(seq).appendleft(seq)
+        self.num_seqs += 1
+
+    def popleft(self) -> Sequence:
+        seq = self.levels[self.priorities[0]].popleft()
+        self._taken(seq)
+        return seq
+
+    def remove(self, seq: Sequence) -> None:
+        self.levels[priority(seq)].remove(seq)
+        self._taken(seq)
+
+    def _level(self, seq: Sequence) -> deque[Sequence]:
+        level = priority(seq)
+        if level not in self.levels:
+            bisect.insort(self.priorities, level)
+            self.levels[level] = deque()
+        return self.levels[level]
+
+    def _taken(self, seq: Sequence) -> None:
+        self.num_seqs -= 1
+        level = priority(seq)
+        if not self.levels[level]:
+            del self.levels[level]
+            self.priorities.pop(bisect.bisect_left(self.priorities, level))
+
+
 class Scheduler:
+    """Decides each step's batch: which sequences run, how many tokens each computes, which
+    are admitted and which preempted (the policy is in the module docstring)."""
+
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting = WaitingQueue()
+        self.running: list[Sequence] = []  # in (priority, arrival) order: see _run
         self.remote: dict[str, Sequence] = {}  # parked for a remote prefill
         self.new_remote: list[Sequence] = []  # admitted since the engine last took them
         self.num_preemptions = 0
@@ -104,15 +185,13 @@ class Scheduler:
         seq.remote_prefill = False  # if preempted later, it is recomputed here
         seq.num_computed_tokens = seq.num_tokens
         self.block_manager.cache_computed(seq)
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        self._run(seq)
 
     def compute_locally(self, seq: Sequence) -> None:
         """The remote prefill failed: compute the prompt here, keeping the blocks it has."""
         del self.remote[seq.request_id]
         seq.remote_prefill = False
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        self._run(seq)
 
     def finish_onboard(self, onboarding: Onboarding, num_loaded: int) -> None:
         """The connector loaded the first `num_loaded` blocks of `onboarding`: publish
@@ -175,7 +254,8 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) + len(self.remote) < self.max_num_seqs:
+        while (self.waiting and budget > 0
+               and len(self.running) + len(self.remote) < self.max_num_seqs):
             seq = self.waiting[0]
             hits = self.block_manager.find_prefix(seq)
             if not self.block_manager.can_admit(seq, hits, self._num_new(seq, len(hits), budget)):
@@ -195,10 +275,16 @@ class Scheduler:
                 self.remote[seq.request_id] = seq
                 self.new_remote.append(seq)
                 continue
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            self._run(seq)
             batch.items.append((seq, num_new))
             budget -= num_new
+
+    def _run(self, seq: Sequence) -> None:
+        """Join the running set after the others of seq's priority and before lower ones,
+        so _schedule_running serves in (priority, arrival) order and its victim, the last
+        one not yet served, is the lowest priority and the newest of its level."""
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=priority)
 
     def _num_new(self, seq: Sequence, num_cached_blocks: int, budget: int) -> int:
         """Tokens seq computes in its first step, admitted with num_cached_blocks in place.

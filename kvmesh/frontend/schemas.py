@@ -3,7 +3,9 @@
 Requests are strict (a string where a number belongs is an error, never coerced) and
 ignore fields they do not know, as OpenAI clients send extras such as `user`. Fields
 that would change the output but are not implemented (penalties, tools, ...) are
-refused by name rather than silently ignored. `top_k` and `ignore_eos` are extensions.
+refused by name rather than silently ignored. `top_k`, `ignore_eos` and `priority`
+(lower is admitted sooner, as in vLLM; the openai client sends it in `extra_body`) are
+extensions.
 Nullable fields mean "the default", as in the OpenAI spec.
 """
 
@@ -14,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
-from kvmesh.engine.params import MAX_LOGPROBS, MAX_TOP_K
+from kvmesh.engine.params import MAX_LOGPROBS, MAX_PRIORITY, MAX_TOP_K
 
 MAX_N = 128
 MAX_SEED = 2**63 - 1
@@ -56,6 +58,7 @@ class SamplingRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False
+    priority: int | None = Field(None, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
     frequency_penalty: Any = None
     presence_penalty: Any = None
     logit_bias: Any = None

@@ -249,6 +249,7 @@ class Serving:
                 stop=body.stop,
                 ignore_eos=bool(body.ignore_eos),
                 logprobs=self.num_logprobs(body),
+                priority=body.priority or 0,
             )
         except ValueError as error:
             raise RequestError(400, str(error), self.param_named(str(error), body)) from error
