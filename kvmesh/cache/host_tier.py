@@ -124,7 +124,10 @@ class HostTier:
             raise ValueError(
                 f"a host tier of {capacity_bytes} bytes (kv.host_gb) holds no block record "
                 f"of {record_bytes} bytes")
-        segment = shm.SharedSegment.create(name, pool_bytes(num_slots, record_bytes))
+        # Not populated: a process maps the pages it touches (the owner, the slot
+        # headers; a worker, the slots it reads and writes), not the whole tier.
+        segment = shm.SharedSegment.create(name, pool_bytes(num_slots, record_bytes),
+                                           populate=False)
         return cls(segment, num_slots, record_bytes, policy)
 
     @classmethod
@@ -132,7 +135,8 @@ class HostTier:
         """A worker's view of the owner's tier (FileNotFoundError / ValueError as
         SharedSegment.attach)."""
         segment = shm.SharedSegment.attach(
-            info.shm_name, info.shm_token, pool_bytes(info.num_slots, info.record_bytes))
+            info.shm_name, info.shm_token, pool_bytes(info.num_slots, info.record_bytes),
+            populate=False)
         return cls(segment, info.num_slots, info.record_bytes, policy=None)
 
     @property
@@ -189,6 +193,10 @@ class HostTier:
 
     def __contains__(self, block_hash: int) -> bool:
         return block_hash in self._slots
+
+    def __iter__(self) -> Iterator[int]:
+        """The hashes of the blocks held (committed)."""
+        return iter(list(self._slots))
 
     def is_pending(self, block_hash: int) -> bool:
         """Whether block_hash has a slot being written (allocated, not yet committed)."""

@@ -13,7 +13,9 @@ the longest leading run held in either tier, each block as a host slot: a disk h
 promoted, read (checksum and all) into a host slot, and stays on disk too, so a later
 eviction from host costs no write. The walk stops at the first block held nowhere, and
 at a disk block that fails its checks (deleted, a miss). Blocks of the run are kept from
-eviction while the run is being assembled, so promoting one never evicts another.
+eviction while the run is being assembled, so promoting one never evicts another; so are
+the blocks the caller passes as `keep`, and `reserve` takes a `keep` too: a worker's
+hits not yet loaded (looked up in the same step as the evictions it offloads).
 Workers read only host slots, one path for both tiers.
 
 Every change is a KV event with its tier (BlockStored / BlockRemoved / AllBlocksCleared),
@@ -28,7 +30,8 @@ calls it off its event loop (asyncio.to_thread), one call at a time.
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+import itertools
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -90,18 +93,26 @@ class TieredStore:
     def __contains__(self, block_hash: int) -> bool:
         return self.tier_of(block_hash) is not None
 
+    def held(self, tier: str, limit: int | None = None) -> list[int]:
+        """The block hashes `tier` holds (committed), at most `limit` of them."""
+        blocks = self.host if tier == "host" else self.disk if tier == "disk" else None
+        if tier not in STORE_TIERS:
+            raise ValueError(f"tier {tier!r}: expected one of {STORE_TIERS}")
+        return list(itertools.islice(blocks if blocks is not None else (), limit))
+
     # ---- offload ----------------------------------------------------------------------
 
-    def reserve(self, block_hash: int) -> int | None:
+    def reserve(self, block_hash: int, keep: Container[int] = ()) -> int | None:
         """A host slot for a worker to write block_hash into, then `commit` (or `abort`).
-        None when there is nothing to write (already held, or being written) or no slot
-        can be had (every one is being written)."""
+        Never evicts a block in `keep` (the worker's hits it has yet to load). None when
+        there is nothing to write (already held, or being written) or no slot can be had
+        (every one is being written or kept)."""
         if self.host.is_pending(block_hash) or block_hash in self.host:
             return None
         if self.disk is not None and block_hash in self.disk:
             self.disk.touch(block_hash)
             return None
-        return self._allocate(block_hash, keep=())
+        return self._allocate(block_hash, keep)
 
     def commit(self, block_hash: int) -> bool:
         """The worker wrote its reserved slot: publish it. False when the slot does not
@@ -126,15 +137,17 @@ class TieredStore:
 
     # ---- onboard ----------------------------------------------------------------------
 
-    def get_leading(self, block_hashes: Sequence[int]) -> list[Hit]:
-        """The longest leading run of block_hashes held in either tier, as host slots."""
+    def get_leading(self, block_hashes: Sequence[int], keep: Iterable[int] = ()) -> list[Hit]:
+        """The longest leading run of block_hashes held in either tier, as host slots.
+        Promoting evicts neither a block of the run nor one in `keep` (runs the caller
+        looked up before and has yet to load)."""
         found = []
         for block_hash in block_hashes:
             tier = self.tier_of(block_hash)
             if tier is None:
                 break
             found.append((block_hash, tier))
-        keep = {block_hash for block_hash, _ in found}
+        keep = {block_hash for block_hash, _ in found}.union(keep)
         hits = []
         for block_hash, tier in found:
             if tier == "host":
@@ -167,7 +180,11 @@ class TieredStore:
                 else kind(block_hashes=hashes, tier=tier) for kind, tier, hashes in events]
 
     def close(self) -> None:
+        """Unlink the host tier's shared memory and stop the disk tier's helper thread
+        (its block files stay)."""
         self.host.close()
+        if self.disk is not None:
+            self.disk.close()
 
     # ---- inside ----------------------------------------------------------------------
 

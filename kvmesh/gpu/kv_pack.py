@@ -100,6 +100,25 @@ def unpack_blocks(
         scatter(_packed_groups(packed, len(pool_rows)), pool_rows, ids, first.shape[1])
 
 
+def unpack_records(
+    records: torch.Tensor,
+    kv_caches: list[torch.Tensor],
+    block_ids: BlockIds,
+    backend: str = "auto",
+) -> None:
+    """unpack_blocks for n blocks packed one at a time (pack_blocks(kv_caches, [b]) each,
+    e.g. host-tier records) and laid back to back: [n, num_layers, 2, 1, block_size,
+    num_kv_heads, head_dim] in the pool's dtype, or a flat uint8 buffer of that many bytes.
+
+    One reorder into pack_blocks' layer-major layout (a copy on records' device, none
+    for n = 1), then one unpack_blocks, instead of n launches.
+    """
+    first = _check_caches(kv_caches, "kv_caches")
+    ids = _as_block_ids(block_ids, first.shape[1], distinct=True)
+    records = _as_buffer(records, (len(ids), *_packed_shape(kv_caches, 1)), first, "records")
+    unpack_blocks(records.squeeze(3).movedim(0, 2).contiguous(), kv_caches, ids, backend)
+
+
 def pack_layer(
     kv_cache: torch.Tensor,
     block_ids: BlockIds,

@@ -92,8 +92,10 @@ class SharedSegment:
         self.pool = torch.frombuffer(mapping, dtype=torch.uint8, offset=HEADER_BYTES)
 
     @classmethod
-    def create(cls, name: str, pool_bytes: int) -> SharedSegment:
-        """A new segment holding pool_bytes of zeros, space reserved up front."""
+    def create(cls, name: str, pool_bytes: int, *, populate: bool = True) -> SharedSegment:
+        """A new segment holding pool_bytes of zeros, space reserved up front. populate:
+        map every page now (see _map); False leaves this process's page tables to fill
+        as pages are touched (a large tier that one process barely touches)."""
         path = SHM_DIR / name
         size = HEADER_BYTES + pool_bytes
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -110,7 +112,7 @@ class SharedSegment:
                     f"pool ({free} free): enlarge {SHM_DIR} (docker --shm-size) or set the "
                     "data plane backend to 'zmq'"
                 ) from None
-            mapping = _map(fd, size)
+            mapping = _map(fd, size, populate)
         except BaseException:
             os.close(fd)
             _unlink(name)
@@ -121,7 +123,8 @@ class SharedSegment:
         return cls(name, mapping, token, owner=True)
 
     @classmethod
-    def attach(cls, name: str, token: bytes, pool_bytes: int) -> SharedSegment:
+    def attach(cls, name: str, token: bytes, pool_bytes: int, *,
+               populate: bool = True) -> SharedSegment:
         """Map a peer's segment. Raises FileNotFoundError when this host has no segment
         of that name, ValueError when it is not the peer's (token) or not of pool_bytes."""
         if not name or "/" in name:
@@ -134,7 +137,7 @@ class SharedSegment:
                     f"shm segment {name!r} holds {size - HEADER_BYTES} pool bytes; the peer's "
                     f"KvPoolInfo describes {pool_bytes}"
                 )
-            mapping = _map(fd, size)
+            mapping = _map(fd, size, populate)
         finally:
             os.close(fd)
         if mapping[: len(MAGIC) + TOKEN_BYTES] != MAGIC + token:
@@ -155,9 +158,9 @@ class SharedSegment:
             pass  # views of the pool are alive; the mapping goes with the last of them
 
 
-def _map(fd: int, size: int) -> mmap.mmap:
+def _map(fd: int, size: int, populate: bool = True) -> mmap.mmap:
     # MAP_POPULATE: the page tables are built now, not by faults in the first transfer.
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
     return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 

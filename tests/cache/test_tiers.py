@@ -1,14 +1,16 @@
 """The cache tiers: HostTier across processes and under concurrent rewrites, DiskTier
-against every corruption, TieredStore demotion, promotion, leading runs and events."""
+against every corruption and crash, its file reuse and spares, TieredStore demotion,
+promotion, kept blocks, leading runs and events."""
 
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kvmesh.cache import host_tier
+from kvmesh.cache import disk_tier, host_tier
 from kvmesh.cache.disk_tier import HEADER, DiskTier
 from kvmesh.cache.host_tier import GEN, HASH, HostTier, num_slots_for, pool_bytes
 from kvmesh.cache.store import Hit, TieredStore
@@ -40,8 +42,34 @@ def make_host():
         tier.close()
 
 
+_disks: list[DiskTier] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_disks():
+    """Stop the spare-making thread of every disk tier a test opened."""
+    yield
+    while _disks:
+        _disks.pop().close()
+
+
 def make_disk(path: Path, num_files: int = 4, policy: str = "lru") -> DiskTier:
-    return DiskTier(path, RECORD, num_files * (HEADER.size + RECORD), policy)
+    disk = DiskTier(path, RECORD, num_files * (HEADER.size + RECORD), policy)
+    _disks.append(disk)
+    return disk
+
+
+def listing(path: Path) -> list[str]:
+    """The directory's entries, less the spare files a disk tier makes in the background."""
+    return sorted(name for name in os.listdir(path)
+                  if name != ".spares" and not name.startswith(".spare."))
+
+
+def wait_for_spares(disk: DiskTier, num_spares: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(disk.spares) < num_spares:
+        assert time.monotonic() < deadline, f"{len(disk.spares)} spares, {num_spares} wanted"
+        time.sleep(0.01)
 
 
 def put(host: HostTier, block_hash: int) -> int:
@@ -213,7 +241,7 @@ def test_disk_round_trip_and_miss(tmp_path):
     assert disk.write(A, make_record(A)) == (True, [])
     assert disk.read(A) == make_record(A)
     assert disk.read(B) is None
-    assert sorted(os.listdir(tmp_path)) == [f"{A:016x}.kv"]
+    assert listing(tmp_path) == [f"{A:016x}.kv"]
 
 
 def _flip_payload_byte(path: Path) -> None:
@@ -264,11 +292,16 @@ def test_scan_after_restart_finds_good_blocks_only(tmp_path):
     _flip_payload_byte(disk.file_of(E))  # the header is fine: found, then fails its read
     (tmp_path / f".{X:016x}.123.tmp").write_bytes(b"half a write")
     (tmp_path / "notes.txt").write_text("not the tier's")
+    disk.close()
+    (tmp_path / ".spare.123.4.tmp").write_bytes(b"")  # a spare left by a crash
+    (tmp_path / ".spares" / "5").write_bytes(b"")  # one being made
 
     restarted = make_disk(tmp_path, num_files=8)
     assert len(restarted) == 3
-    assert sorted(os.listdir(tmp_path)) == sorted(
+    assert listing(tmp_path) == sorted(
         [f"{A:016x}.kv", f"{E:016x}.kv", f"{F:016x}.kv", "notes.txt"])
+    assert not (tmp_path / ".spare.123.4.tmp").exists()
+    assert not (tmp_path / ".spares" / "5").exists()
     assert restarted.read(A) == make_record(A)
     assert restarted.read(F) == make_record(F)
     assert restarted.read(E) is None and not restarted.file_of(E).exists()
@@ -282,6 +315,7 @@ def test_scan_evicts_down_to_a_smaller_capacity(tmp_path):
     os.utime(disk.file_of(A), ns=(1, 3_000_000_000))  # the oldest file: C, then B, then A
     os.utime(disk.file_of(B), ns=(1, 2_000_000_000))
     os.utime(disk.file_of(C), ns=(1, 1_000_000_000))
+    disk.close()
     restarted = make_disk(tmp_path, num_files=2)
     assert (A in restarted, B in restarted, C in restarted) == (True, True, False)
     assert not disk.file_of(C).exists()
@@ -298,6 +332,65 @@ def test_disk_capacity_evicts_by_policy(tmp_path):
     assert disk.write(E, make_record(E), keep={C, D}) == (True, [A])
     assert disk.write(F, make_record(F), keep={C, D, E}) == (False, [])
     assert sorted(h for h in (A, B, C, D, E, F) if h in disk) == [C, D, E]
+
+
+def test_full_disk_tier_writes_into_the_victims_file(tmp_path):
+    disk = make_disk(tmp_path, num_files=2)
+    disk.write(A, make_record(A))
+    disk.write(B, make_record(B))
+    inode = os.stat(disk.file_of(A)).st_ino
+    assert disk.write(C, make_record(C)) == (True, [A])
+    assert os.stat(disk.file_of(C)).st_ino == inode  # renamed and overwritten, not created
+    assert not disk.file_of(A).exists()
+    assert disk.read(C) == make_record(C) and disk.read(A) is None
+    assert listing(tmp_path) == [f"{B:016x}.kv", f"{C:016x}.kv"]
+
+
+def test_filling_disk_tier_writes_into_spares_made_ahead(tmp_path):
+    disk = make_disk(tmp_path, num_files=3)
+    wait_for_spares(disk, 3)  # no more than the tier has room for
+    spares = {os.stat(tmp_path / name).st_ino: name for name in os.listdir(tmp_path)
+              if name.startswith(".spare.")}
+    assert len(spares) == 3
+    disk.write(A, make_record(A))
+    assert os.stat(disk.file_of(A)).st_ino in spares
+    assert disk.read(A) == make_record(A)
+    disk.close()
+    assert listing(tmp_path) == [f"{A:016x}.kv"] and os.listdir(tmp_path / ".spares") == []
+    assert not any(name.startswith(".spare.") for name in os.listdir(tmp_path))
+    disk.write(B, make_record(B))  # closed: the file is created
+    assert disk.read(B) == make_record(B)
+
+
+def test_write_cut_short_stores_nothing_and_leaves_no_file(tmp_path, monkeypatch):
+    disk = make_disk(tmp_path, num_files=1)
+    disk.write(A, make_record(A))
+    monkeypatch.setattr(disk_tier.os, "writev", lambda fd, buffers: os.write(fd, buffers[0]))
+    assert disk.write(B, make_record(B)) == (False, [A])
+    assert A not in disk and B not in disk
+    assert listing(tmp_path) == []
+    monkeypatch.undo()
+    assert disk.write(B, make_record(B)) == (True, [])
+    assert disk.read(B) == make_record(B)
+
+
+@pytest.mark.parametrize("crash", ["victim renamed", "spare renamed", "header only"])
+def test_write_interrupted_by_a_crash_is_a_miss_after_restart(tmp_path, crash):
+    disk = make_disk(tmp_path, num_files=2)
+    disk.write(A, make_record(A))
+    disk.write(B, make_record(B))
+    disk.close()
+    path = disk.file_of(C)
+    if crash == "victim renamed":  # A's file under C's name, not yet rewritten
+        os.replace(disk.file_of(A), path)
+    elif crash == "spare renamed":
+        path.write_bytes(b"")
+    else:  # C's header, A's payload
+        header = HEADER.pack(disk_tier.MAGIC, disk_tier.VERSION, 0, C, RECORD, 12345)
+        path.write_bytes(header + disk.file_of(A).read_bytes()[HEADER.size:])
+    restarted = make_disk(tmp_path, num_files=2)
+    assert restarted.read(C) is None and not path.exists()
+    assert restarted.read(B) == make_record(B)
 
 
 # ---- TieredStore -----------------------------------------------------------------------
@@ -388,6 +481,20 @@ def test_run_is_cut_when_the_host_cannot_hold_it(make_host, tmp_path):
     assert [store.tier_of(h) for h in (A, B, C, D)] == ["disk", "disk", "host", "host"]
 
 
+def test_reserve_and_promotion_never_evict_kept_blocks(make_host, tmp_path):
+    store = make_store(make_host, tmp_path, host_slots=2)
+    fill(store, A, B, C)  # A on disk; B, C on host
+    assert store.reserve(D, keep=frozenset({B, C})) is None  # every slot kept
+    assert store.get_leading([A], keep={B, C}) == []
+    slot = store.reserve(D, keep=frozenset({B}))  # C goes, though B is older
+    assert [store.tier_of(h) for h in (B, C)] == ["host", "disk"]
+    store.host.write(slot, D, make_record(D))
+    assert store.commit(D)
+    hits = store.get_leading([A], keep={B})  # D goes, though B is older
+    assert [(hit.block_hash, hit.tier) for hit in hits] == [(A, "disk")]
+    assert [store.tier_of(h) for h in (B, D)] == ["host", "disk"]
+
+
 def test_clear_forgets_every_tier(make_host, tmp_path):
     store = make_store(make_host, tmp_path, host_slots=2)
     fill(store, A, B, C)
@@ -398,7 +505,7 @@ def test_clear_forgets_every_tier(make_host, tmp_path):
     store.host.write(slot, D, make_record(D))
     assert store.commit(D) is False
     assert store.get_leading([A, B, C, D]) == []
-    assert os.listdir(tmp_path) == []
+    assert listing(tmp_path) == []
 
 
 # ---- with the packing kernels: what a worker does ---------------------------------------
@@ -426,3 +533,22 @@ def test_worker_packs_into_a_slot_and_unpacks_from_it(make_host):
     for layer in range(2):
         assert torch.equal(dst[layer][:, 3], src[layer][:, 1])
         assert not dst[layer][:, :3].any()
+
+
+@pytest.mark.parametrize("layout", ["one tensor per layer", "one allocation"])
+@pytest.mark.parametrize(("packed_ids", "block_ids"), [([4, 0, 2], [1, 5, 3]), ([4], [1])])
+def test_records_packed_one_by_one_unpack_in_one_call(layout, packed_ids, block_ids):
+    torch = pytest.importorskip("torch")
+    from kvmesh.gpu.kv_pack import pack_blocks, unpack_records
+
+    shape = (2, 6, 2, 1, 8)  # [2, num_blocks, block_size, num_kv_heads, head_dim], 3 layers
+    if layout == "one allocation":
+        src, dst = list(torch.randn(3, *shape).unbind(0)), list(torch.zeros(3, *shape).unbind(0))
+    else:
+        src, dst = [torch.randn(shape) for _ in range(3)], [torch.zeros(shape) for _ in range(3)]
+    records = torch.cat([pack_blocks(src, [b]).view(-1).view(torch.uint8) for b in packed_ids])
+    unpack_records(records, dst, block_ids)
+    untouched = [b for b in range(6) if b not in block_ids]
+    for layer in range(3):
+        assert torch.equal(dst[layer][:, block_ids], src[layer][:, packed_ids])
+        assert not dst[layer][:, untouched].any()
