@@ -141,15 +141,20 @@ class KVConfig(Table):
         "KV data plane between workers. auto: shm on one host, else ucx when installed, "
         "else zmq; naming one forces it.")] = "auto"
     host_gb: Annotated[float, doc(
-        "Host DRAM tier behind each worker's device pool, GiB: evicted blocks go there "
-        "and come back on a prefix hit; 0 = no host tier.", ge=0)] = 0.0
+        "Host DRAM tier of each node's cache actor, GiB, shared by the node's workers: "
+        "blocks a worker evicts go there and come back on a prefix hit. Reserved in "
+        "/dev/shm at start. Needs > 0 where a cache actor runs.", ge=0)] = 0.5
     disk_gb: Annotated[float, doc(
-        "SSD tier behind each worker's host tier (blocks evicted from DRAM, checksummed), "
-        "GiB; 0 = no disk tier. Needs host_gb > 0.", ge=0)] = 0.0
+        "SSD tier behind each cache actor's host tier (blocks evicted from DRAM, one "
+        "checksummed file each, kept across restarts), GiB; 0 = no disk tier.", ge=0)] = 0.0
     disk_path: Annotated[str, doc(
-        "Directory of the disk tier; required when disk_gb > 0.")] = ""
-    eviction: Annotated[Literal["lru", "lfu", "fifo"], doc(
-        "Which unreferenced block a full tier evicts first.")] = "lru"
+        "Directory of the disk tiers (each cache actor uses <disk_path>/<its id>); "
+        "required when disk_gb > 0.")] = ""
+    host_eviction: Annotated[Literal["lru", "lfu", "fifo"], doc(
+        "Which block a full host tier evicts (demotes to disk) first: least recently "
+        "used, least frequently used, or first in.")] = "lru"
+    disk_eviction: Annotated[Literal["lru", "lfu", "fifo"], doc(
+        "Which block a full disk tier deletes first.")] = "lru"
 
 
 class RouterConfig(Table):
@@ -190,6 +195,11 @@ class FrontendConfig(Table):
         "finishes.", ge=1)] = 1024
     request_timeout: Annotated[float, doc(
         "Seconds before a request is aborted and answered with an error.", gt=0)] = 600.0
+    keep_alive: Annotated[float, doc(
+        "Seconds an idle client connection stays open for its next request. Longer than "
+        "a busy client may take to read a response's end and send again: a connection "
+        "closed under that next request fails it before it reaches the server.",
+        gt=0)] = 30.0
     max_migrations: Annotated[int, doc(
         "Times one request may move to another decode worker when its worker dies "
         "(prompt + tokens so far are replayed there); 0 = fail instead.", ge=0)] = 3
@@ -242,7 +252,7 @@ class NodeConfig(Table):
 
 DEFAULT_NODE = NodeConfig("local", "127.0.0.1", (
     ActorGroup("frontend"), ActorGroup("router"), ActorGroup("prefill"),
-    ActorGroup("decode", count=2),
+    ActorGroup("decode", count=2), ActorGroup("cache"),
 ))
 
 
@@ -554,9 +564,11 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
     if roles["router"] > 1:
         second = next(key for key, spec in book if spec.actor_id == "router-1")
         fail(second, f"{roles['router']} routers; expected exactly one in the cluster")
-    if cfg.kv.disk_gb > 0 and cfg.kv.host_gb <= 0:
-        fail("kv.host_gb", f"expected > 0 when kv.disk_gb > 0 (disk blocks are read back "
-             f"through the host tier), got {cfg.kv.host_gb}")
+    if roles["cache"] and cfg.kv.host_gb <= 0:
+        cache = next(key for key, spec in book if spec.role == "cache")
+        fail("kv.host_gb", f"expected > 0 where a cache actor runs ({cache}: its host tier "
+             f"is where workers offload to, and disk blocks are read back through it), "
+             f"got {cfg.kv.host_gb}")
     if cfg.kv.disk_gb > 0 and not cfg.kv.disk_path:
         fail("kv.disk_path", f"expected a directory when kv.disk_gb > 0 (it is "
              f'{cfg.kv.disk_gb}), got ""')

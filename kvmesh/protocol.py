@@ -85,6 +85,7 @@ class Hello(Request, frozen=True, kw_only=True):
     role: str
     node: str
     endpoints: dict[str, str] = msgspec.field(default_factory=dict)
+    pid: int = 0  # its process, for `kvmesh status` (0: not told)
 
 
 class Welcome(Reply, frozen=True, kw_only=True):
@@ -95,6 +96,7 @@ class Welcome(Reply, frozen=True, kw_only=True):
     role: str
     node: str
     endpoints: dict[str, str] = msgspec.field(default_factory=dict)
+    pid: int = 0  # its process, for `kvmesh status` (0: not told)
 
 
 class Heartbeat(Message, frozen=True):
@@ -201,6 +203,94 @@ class KvWriteDone(Reply, frozen=True, kw_only=True):
 
 
 
+# --- the node's KV cache actor: host DRAM (shared memory) over disk ---
+
+
+class CacheAttach(Request, frozen=True, kw_only=True):
+    """A worker joins its node's cache actor; its block records are record_bytes long
+    (refused with an Error when the cache's records differ: another model or dtype)."""
+
+    record_bytes: int
+
+
+class CacheInfo(Reply, frozen=True, kw_only=True):
+    """Where the host tier's slots are: the shared-memory segment a worker maps."""
+
+    shm_name: str
+    shm_token: bytes
+    num_slots: int
+    record_bytes: int
+
+
+class CacheLookup(Request, frozen=True, kw_only=True):
+    """The longest leading run of these block hashes held in the node's tiers?"""
+
+    block_hashes: list[int]
+
+
+class CacheHit(msgspec.Struct, frozen=True, array_like=True):
+    """One block of a CacheLookup's run: the host slot holding it now, and the tier it
+    was found in ("host", or "disk": promoted into a host slot for this read)."""
+
+    block_hash: int
+    slot: int
+    tier: str
+
+
+class CacheHits(Reply, frozen=True, kw_only=True):
+    """A CacheLookup's run, in the host tier of segment shm_name."""
+
+    hits: list[CacheHit]
+    shm_name: str
+
+
+class CacheReserve(Request, frozen=True, kw_only=True):
+    """Host slots to offload these evicted blocks into, one per hash; never evicting a
+    block of `keep` for them (blocks the same step is about to load)."""
+
+    block_hashes: list[int]
+    keep: list[int] = []
+
+
+class CacheSlots(Reply, frozen=True, kw_only=True):
+    """Per CacheReserve hash: a slot of segment shm_name to write, then CacheCommit; or
+    None when there is nothing to write (held already) or no slot to be had."""
+
+    slots: list[int | None]
+    shm_name: str
+
+
+class CacheCommit(Message, frozen=True, kw_only=True):
+    """A worker wrote (committed) or gave up (aborted) the slots it reserved."""
+
+    committed: list[int]
+    aborted: list[int] = []
+
+
+class RegisterCache(Request, frozen=True, kw_only=True):
+    """A cache actor joins the router: its KV events are its node's workers' host and
+    disk tiers. Answered by Registered."""
+
+    events_endpoint: str
+
+
+class CacheReport(Message, frozen=True, kw_only=True):
+    """A cache actor's counters, published on its events socket now and then:
+    {"offloaded_host": n, "lookups_disk": n, "blocks_host": n, ...}."""
+
+    tiers: dict[str, float]
+
+
+class CacheSnapshotQuery(Request, frozen=True, kw_only=True):
+    """Router -> cache actor: every block you hold (after (re)registering, so blocks
+    kept from before, such as the disk tier's files, are credited too)."""
+
+
+class CacheSnapshot(Reply, frozen=True, kw_only=True):
+    host: list[int]
+    disk: list[int]
+
+
 # --- serving: registration, load, routing, generation ---
 
 
@@ -212,7 +302,6 @@ class RegisterWorker(Request, frozen=True, kw_only=True):
     block_size: int
     num_blocks: int
     max_num_seqs: int
-    pid: int
     events_endpoint: str  # where the worker PUBlishes KV events and LoadReports
 
 
@@ -364,6 +453,17 @@ AnyMessage = (
     | TokenBatch
     | RemotePrefill
     | RemotePrefillDone
+    | CacheAttach
+    | CacheInfo
+    | CacheLookup
+    | CacheHits
+    | CacheReserve
+    | CacheSlots
+    | CacheCommit
+    | RegisterCache
+    | CacheReport
+    | CacheSnapshotQuery
+    | CacheSnapshot
 )
 MESSAGE_TYPES: tuple[type[Message], ...] = typing.get_args(AnyMessage)
 

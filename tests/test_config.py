@@ -77,6 +77,7 @@ def test_default_cluster_is_one_cpu_machine_with_the_tiny_model():
         ("prefill-0", "local", "cpu"),
         ("decode-0", "local", "cpu"),
         ("decode-1", "local", "cpu"),
+        ("cache-0", "local", "cpu"),
     ]
     assert cfg.address_book == {
         "frontend-0": "tcp://127.0.0.1:5600",
@@ -84,9 +85,10 @@ def test_default_cluster_is_one_cpu_machine_with_the_tiny_model():
         "prefill-0": "tcp://127.0.0.1:5604",
         "decode-0": "tcp://127.0.0.1:5606",
         "decode-1": "tcp://127.0.0.1:5608",
+        "cache-0": "tcp://127.0.0.1:5610",
     }
     assert [a.events_endpoint for a in cfg.actors] == [
-        f"tcp://127.0.0.1:{port}" for port in (5601, 5603, 5605, 5607, 5609)]
+        f"tcp://127.0.0.1:{port}" for port in (5601, 5603, 5605, 5607, 5609, 5611)]
     assert [(a.bind, a.events_bind) for a in cfg.actors] == [
         (a.endpoint, a.events_endpoint) for a in cfg.actors]
     assert cfg.cluster.host == "127.0.0.1"
@@ -162,9 +164,9 @@ def test_parse_override(text, path, value):
     ("router.load_weight=2", lambda c: c.router.load_weight, 2.0),
     ("logging.json=true", lambda c: c.logging.json, True),
     ("model.path=/models/llama", lambda c: c.model.served_name, "llama"),
-    ("nodes.0.actors.3.count=3", lambda c: list(c.address_book)[-1], "decode-2"),
+    ("nodes.0.actors.3.count=3", lambda c: list(c.address_book)[-2], "decode-2"),
     ("nodes.0.actors.2.count=0", lambda c: list(c.address_book),
-     ["frontend-0", "router-0", "decode-0", "decode-1"]),
+     ["frontend-0", "router-0", "decode-0", "decode-1", "cache-0"]),
     ("cluster.ipc_dir=/tmp/kvm", lambda c: c.router_endpoint, "ipc:///tmp/kvm/router-0"),
 ])
 def test_override_sets_one_key(override, read, value):
@@ -230,8 +232,8 @@ BROKEN = [  # (file text, message after "<path>: ")
     ("[cluster]\nheartbeat_interval = 0\n",
      " cluster.heartbeat_interval: expected a number > 0, got 0"),
     ("[cluster]\nbase_port = 65533\n",
-     " cluster.base_port: 65533 gives the 5 actors ports up to 65542; expected an integer "
-     "from 1 to 65526"),
+     " cluster.base_port: 65533 gives the 6 actors ports up to 65544; expected an integer "
+     "from 1 to 65524"),
     ('[cluster]\nname = ""\n', ' cluster.name: expected a non-empty string, got ""'),
     ("[nodes]\n", " nodes: expected an array of tables, got a table"),
     ("nodes = []\n", " nodes: expected at least one [[nodes]] table, got none"),
@@ -284,9 +286,9 @@ BROKEN = [  # (file text, message after "<path>: ")
      "directory whose paths fit in 107"),
     ("[kv]\nhost_gb = 1\ndisk_gb = 10\n",
      ' kv.disk_path: expected a directory when kv.disk_gb > 0 (it is 10.0), got ""'),
-    ("[kv]\ndisk_gb = 10\ndisk_path = \"/tmp/x\"\n",
-     " kv.host_gb: expected > 0 when kv.disk_gb > 0 (disk blocks are read back through the "
-     "host tier), got 0.0"),
+    ("[kv]\nhost_gb = 0\n",
+     " kv.host_gb: expected > 0 where a cache actor runs (nodes.0.actors.4: its host tier is "
+     "where workers offload to, and disk blocks are read back through it), got 0.0"),
 ]
 
 
@@ -327,7 +329,7 @@ def test_actors_on_expands_counts_with_stable_ids_and_distinct_endpoints(tmp_pat
 
 def test_ipc_endpoints_are_paths_named_by_actor():
     cfg = load_config(overrides=["cluster.ipc_dir=/run/kvm/"])
-    decode = cfg.actors[-1]
+    decode = cfg.actors[-2]
     assert (decode.endpoint, decode.events_endpoint) == (
         "ipc:///run/kvm/decode-1", "ipc:///run/kvm/decode-1.events")
     assert [(a.bind, a.events_bind) for a in cfg.actors] == [

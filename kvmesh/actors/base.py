@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import platform
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -575,4 +576,5 @@ class Actor:
             role=self.role,
             node=self.config.node,
             endpoints=dict(self.endpoints),
+            pid=os.getpid(),
         )

@@ -52,6 +52,7 @@ class FrontendSettings:
     max_num_requests: int = 1024  # in flight; beyond it requests get 429 + Retry-After
     max_migrations: int = 3  # moves of one request off dead decode workers
     request_timeout: float = 600.0  # seconds; a request still running then is aborted
+    keep_alive: float = 30.0  # seconds an idle HTTP connection stays open
     route_timeout: float = 10.0
     connect_timeout: float = 60.0
     status_interval: float = 0.5
@@ -90,7 +91,7 @@ class FrontendActor(Actor):
                                             self.settings.connect_timeout)
         config = uvicorn.Config(create_app(self), host=self.settings.host,
                                 port=self.settings.http_port, log_level="warning",
-                                lifespan="off")
+                                lifespan="off", timeout_keep_alive=self.settings.keep_alive)
         self._server = uvicorn.Server(config)
         # uvicorn must not take SIGTERM/SIGINT for itself: they are the actor's, which
         # drains the streams in flight before telling uvicorn to exit.
@@ -246,9 +247,11 @@ class FrontendActor(Actor):
                                     error="aborted"))
 
     def metrics(self) -> dict:
-        workers = []
+        workers, caches = [], []
         remote_prefills = transfer_bytes = 0
         for actor in self.status.actors if self.status else []:
+            if actor.role == "cache":
+                caches.append(actor.load)
             if actor.role not in ("prefill", "decode"):
                 continue
             workers.append({"worker": actor.actor_id, "role": actor.role, **actor.load})
@@ -256,7 +259,7 @@ class FrontendActor(Actor):
                 remote_prefills += int(actor.load.get("remote_prefills_total", 0))
                 transfer_bytes += int(actor.load.get("transfer_bytes_total", 0))
         return {"remote_prefill_total": remote_prefills, "kv_transfer_bytes_total": transfer_bytes,
-                "workers": workers, "tiers": sum_tiers(workers)}
+                "workers": workers, "tiers": sum_tiers(workers + caches)}
 
     # --- from the workers ---
 
@@ -281,7 +284,8 @@ class FrontendActor(Actor):
 
 
 def sum_tiers(workers: list[dict]) -> dict[str, dict[str, float]]:
-    """Per tier, the workers' tier counters added up: {"host": {"offloaded": n, ...}}."""
+    """Per tier, the tier counters of workers (onboarded, failed) and cache actors
+    (offloaded, lookups, hits, evicted, blocks) added up: {"host": {"offloaded": n, ...}}."""
     tiers: dict[str, dict[str, float]] = {}
     for worker in workers:
         for key, value in worker.items():

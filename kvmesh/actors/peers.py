@@ -69,10 +69,11 @@ class Peer:
     endpoints: dict[str, str]
     route: Route
     last_seen: float = 0.0
+    pid: int = 0
 
     @classmethod
     def introduced(cls, card: Hello | Welcome, route: Route) -> Peer:
-        return cls(card.actor_id, card.role, card.node, card.endpoints, route)
+        return cls(card.actor_id, card.role, card.node, card.endpoints, route, pid=card.pid)
 
 
 @dataclass

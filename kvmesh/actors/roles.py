@@ -54,27 +54,49 @@ def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         host=cfg.cluster.host, http_port=cfg.frontend.http_port, expected_workers=workers,
         max_num_requests=cfg.frontend.max_num_requests,
         max_migrations=cfg.frontend.max_migrations,
-        request_timeout=cfg.frontend.request_timeout)
+        request_timeout=cfg.frontend.request_timeout, keep_alive=cfg.frontend.keep_alive)
     return FrontendActor(actor_config(cfg, spec), settings)
 
 
 def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     from kvmesh.actors.worker import DecodeWorker, PrefillWorker, WorkerSettings
 
+    cache = node_cache(cfg, spec.node)
     settings = WorkerSettings(
         model_path=str(cfg.model.resolved_path), model_name=cfg.model.served_name,
         endpoint=spec.bind, events_endpoint=spec.events_bind,
         router_endpoint=cfg.router_endpoint, device=spec.device, dtype=cfg.model.dtype,
         block_size=cfg.model.block_size, num_blocks=cfg.kv.device_blocks or None,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
-        transfer=cfg.kv.transfer, host_gb=cfg.kv.host_gb, disk_gb=cfg.kv.disk_gb,
-        disk_path=cfg.kv.disk_path, eviction=cfg.kv.eviction)
+        transfer=cfg.kv.transfer, cache_id=cache.actor_id if cache else None,
+        cache_endpoint=cache.endpoint if cache else None)
     worker_class = PrefillWorker if spec.role == "prefill" else DecodeWorker
     return worker_class(actor_config(cfg, spec), settings)
 
 
-INIT = {"router": init_router, "frontend": init_frontend, "prefill": init_worker,
-        "decode": init_worker}
+def init_cache(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
+    from kvmesh.actors.cache import CacheActor, CacheSettings
+    from kvmesh.gpu.model_config import DTYPE_BYTES, ModelConfig
+
+    model = ModelConfig.from_pretrained(cfg.model.resolved_path)
+    settings = CacheSettings(
+        endpoint=spec.bind, events_endpoint=spec.events_bind,
+        router_endpoint=cfg.router_endpoint,
+        record_bytes=model.kv_bytes_per_block(cfg.model.block_size,
+                                              DTYPE_BYTES[cfg.model.dtype]),
+        host_bytes=int(cfg.kv.host_gb * 2**30), disk_path=cfg.kv.disk_path,
+        disk_bytes=int(cfg.kv.disk_gb * 2**30),
+        host_eviction=cfg.kv.host_eviction, disk_eviction=cfg.kv.disk_eviction)
+    return CacheActor(actor_config(cfg, spec), settings)
+
+
+def node_cache(cfg: ClusterConfig, node: str) -> ActorSpec | None:
+    """The cache actor of `node` (at most one), or None."""
+    return next((a for a in cfg.actors if a.role == "cache" and a.node == node), None)
+
+
+INIT = {"router": init_router, "cache": init_cache, "frontend": init_frontend,
+        "prefill": init_worker, "decode": init_worker}
 
 
 def build_actor(cfg: ClusterConfig, actor_id: str) -> Actor:

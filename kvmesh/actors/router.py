@@ -7,6 +7,12 @@ policy's load). Frontends ask RouteRequest and get a Placement; the decision its
 is kvmesh.router.policy's. StatusQuery lists every actor for `kvmesh status` and the
 frontend's /health. A worker declared dead (heartbeats lost) leaves the index and is
 never chosen again; when it restarts it registers anew.
+
+A node's cache actor registers too (RegisterCache). Its KV events describe the node's
+host and disk tiers, which every worker of the node reads: the router applies each to
+all of them, and replays what the cache holds to a worker that registers later. Once
+the cache's events arrive (its first CacheReport), the router asks it for a snapshot,
+so blocks it held before registering (disk files kept across a restart) count too.
 """
 
 from __future__ import annotations
@@ -18,16 +24,20 @@ from dataclasses import dataclass
 
 import zmq
 
-from kvmesh.actors.base import Actor, ActorConfig
+from kvmesh.actors.base import Actor, ActorConfig, RemoteError
 from kvmesh.protocol import (
     ActorStatus,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    CacheReport,
+    CacheSnapshot,
+    CacheSnapshotQuery,
     ClusterStatus,
     Error,
     LoadReport,
     Placement,
+    RegisterCache,
     Registered,
     RegisterWorker,
     RequestDone,
@@ -59,9 +69,13 @@ class RouterActor(Actor):
         self.index = KVIndex()
         self.policy = Router(settings.policy)
         self.workers: dict[str, WorkerState] = {}
-        self.registrations: dict[str, RegisterWorker] = {}
         self.loads: dict[str, LoadReport] = {}
         self.num_routed = 0
+        # node -> its cache actor; cache actor -> per tier, the blocks it holds
+        self.cache_of: dict[str, str] = {}
+        self.node_of_cache: dict[str, str] = {}
+        self.cache_blocks: dict[str, dict[str, set[int]]] = {}
+        self.cache_reports: dict[str, CacheReport] = {}
         # (when, request key), oldest first: predictions a lost RequestDone would leave
         self.placed: deque[tuple[float, str]] = deque()
 
@@ -87,13 +101,57 @@ class RouterActor(Actor):
             self._forget(worker_id)
         self.workers[worker_id] = WorkerState(worker_id, peer.role,
                                               capacity_tokens=msg.num_blocks * msg.block_size)
-        self.registrations[worker_id] = msg
-        socket = f"events_{worker_id}"
-        self._close_socket(socket)
-        self.open(socket, zmq.SUB, msg.events_endpoint, bind=False)
+        self._subscribe(worker_id, msg.events_endpoint)
+        cache = self.cache_of.get(peer.node)
+        for tier, blocks in self.cache_blocks.get(cache, {}).items():
+            if blocks:  # the node's tiers hold these for this worker too
+                self.index.apply(worker_id, BlockStored(block_hashes=list(blocks), tier=tier))
         self.log.info("worker_registered", worker=worker_id, role=peer.role,
                       num_blocks=msg.num_blocks)
         return Registered(router_id=self.actor_id)
+
+    async def on_register_cache(self, msg: RegisterCache, inbound) -> Registered | Error:
+        """A node's cache actor: its events are the node's host and disk tiers."""
+        peer = self.peers.get(inbound.peer)
+        if peer is None or peer.role != "cache":
+            return Error(code="refused", message="registration refused: RegisterCache is "
+                         f"for cache actors, not {peer and peer.role!r}")
+        cache_id = inbound.peer
+        old = self.cache_of.get(peer.node)
+        if old is not None:  # a restarted (or replaced) cache: what it held is gone
+            self._forget_cache(old)
+        self.cache_of[peer.node] = cache_id
+        self.node_of_cache[cache_id] = peer.node
+        self.cache_blocks[cache_id] = {"host": set(), "disk": set()}
+        self._subscribe(cache_id, msg.events_endpoint)
+        self.log.info("cache_registered", cache=cache_id, node=peer.node)
+        return Registered(router_id=self.actor_id)
+
+    async def on_cache_report(self, msg: CacheReport, inbound) -> None:
+        """A cache actor's counters; the first one says its events reach us: time to
+        ask for what it held before."""
+        cache_id = inbound.peer
+        if cache_id not in self.cache_blocks:
+            return
+        first = cache_id not in self.cache_reports
+        self.cache_reports[cache_id] = msg
+        if first:
+            try:
+                snapshot = await self.request(cache_id, CacheSnapshotQuery(), timeout=30.0)
+            except (TimeoutError, ConnectionError, RemoteError) as exc:
+                self.log.warning("cache_snapshot_failed", cache=cache_id, error=str(exc))
+                self.cache_reports.pop(cache_id, None)  # ask again on the next report
+                return
+            assert isinstance(snapshot, CacheSnapshot)
+            for tier in ("host", "disk"):
+                blocks = getattr(snapshot, tier)
+                if blocks:
+                    self._index(cache_id, BlockStored(block_hashes=blocks, tier=tier))
+
+    def _subscribe(self, actor_id: str, events_endpoint: str) -> None:
+        socket = f"events_{actor_id}"
+        self._close_socket(socket)
+        self.open(socket, zmq.SUB, events_endpoint, bind=False)
 
     async def on_block_stored(self, msg: BlockStored, inbound) -> None:
         """A worker cached blocks: index them."""
@@ -107,11 +165,47 @@ class RouterActor(Actor):
         """A worker dropped its whole prefix cache."""
         self._index(inbound.peer, msg)
 
-    def _index(self, worker_id: str, event) -> None:
-        if worker_id in self.workers:
-            self.index.apply(worker_id, event)
-            self.log.debug("kv_event", worker=worker_id, kind=type(event).__name__,
-                           num_blocks=len(getattr(event, "block_hashes", ())))
+    def _index(self, actor_id: str, event) -> None:
+        if actor_id in self.workers:
+            self.index.apply(actor_id, event)
+        elif actor_id in self.cache_blocks:  # the node's tiers: every worker of the node
+            self._track_cache(actor_id, event)
+            self._index_node(actor_id, event)
+        else:
+            return
+        self.log.debug("kv_event", actor=actor_id, kind=type(event).__name__,
+                       num_blocks=len(getattr(event, "block_hashes", ())))
+
+    def _track_cache(self, cache_id: str, event) -> None:
+        blocks = self.cache_blocks[cache_id].get(event.tier)
+        if blocks is None:
+            return
+        if isinstance(event, BlockStored):
+            blocks.update(event.block_hashes)
+        elif isinstance(event, BlockRemoved):
+            blocks.difference_update(event.block_hashes)
+        else:
+            blocks.clear()
+
+    def _forget_cache(self, cache_id: str) -> None:
+        """The node's tiers are gone: out of every worker's index entry, not routed on."""
+        blocks = self.cache_blocks.pop(cache_id, None)
+        self.cache_reports.pop(cache_id, None)
+        self._close_socket(f"events_{cache_id}")
+        if blocks is not None:
+            for tier in blocks:
+                self._index_node(cache_id, AllBlocksCleared(tier=tier))
+        node = self.node_of_cache.pop(cache_id, None)
+        if self.cache_of.get(node) == cache_id:
+            del self.cache_of[node]
+
+    def _index_node(self, cache_id: str, event) -> None:
+        """Apply a cache actor's event to every worker on its node."""
+        node = self.node_of_cache.get(cache_id)
+        for worker_id in self.workers:
+            worker = self.peers.get(worker_id)
+            if worker is not None and worker.node == node:
+                self.index.apply(worker_id, event)
 
     async def on_load_report(self, msg: LoadReport, inbound) -> None:
         """A worker's load: replaces the router's predictions for it."""
@@ -171,12 +265,12 @@ class RouterActor(Actor):
                 continue
             if peer.role in ("prefill", "decode") and peer.actor_id not in self.workers:
                 continue  # connected but not (or not yet) registered: not serving
-            registration = self.registrations.get(peer.actor_id)
             load = self.loads.get(peer.actor_id)
+            report = self.cache_reports.get(peer.actor_id)
             actors.append(ActorStatus(
-                actor_id=peer.actor_id, role=peer.role, node=peer.node,
-                pid=registration.pid if registration else 0, endpoints=dict(peer.endpoints),
-                alive=True, load=_load_dict(load) if load else {}))
+                actor_id=peer.actor_id, role=peer.role, node=peer.node, pid=peer.pid,
+                endpoints=dict(peer.endpoints), alive=True,
+                load=_load_dict(load) if load else dict(report.tiers) if report else {}))
         return ClusterStatus(actors=actors)
 
     async def on_peer_dead(self, peer_id: str) -> None:
@@ -186,8 +280,10 @@ class RouterActor(Actor):
             self._forget(peer_id)
             self._close_socket(f"events_{peer_id}")
             del self.workers[peer_id]
-            self.registrations.pop(peer_id, None)
             self.loads.pop(peer_id, None)
+        if peer_id in self.cache_blocks:
+            self.log.warning("cache_dead", cache=peer_id)
+            self._forget_cache(peer_id)
         await super().on_peer_dead(peer_id)
 
     def _forget(self, worker_id: str) -> None:

@@ -25,6 +25,7 @@ import structlog
 import zmq
 
 from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
+from kvmesh.actors.cache import CacheClient
 from kvmesh.engine.async_engine import AsyncEngine, StepResult
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
 from kvmesh.engine.params import SamplingParams, first_token_params
@@ -49,6 +50,8 @@ from kvmesh.transport.dataplane import (
 
 log = structlog.get_logger(__name__)
 
+CACHE_ATTACH_WAIT = 10.0  # seconds setup waits for the cache actor before serving without
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
@@ -66,10 +69,8 @@ class WorkerSettings:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     transfer: str = "auto"
-    host_gb: float = 0.0  # per-worker host-DRAM tier behind the device pool (0 = none)
-    disk_gb: float = 0.0  # SSD tier behind the host tier, under disk_path/<actor id>
-    disk_path: str = ""
-    eviction: str = "lru"
+    cache_id: str | None = None  # the node's cache actor (host and disk KV tiers), if any
+    cache_endpoint: str | None = None
     load_report_interval: float = 0.5
     remote_prefill_timeout: float = 120.0
     connect_timeout: float = 60.0
@@ -93,6 +94,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
         self._events: asyncio.Queue = asyncio.Queue()  # KV events and load reports, in order
         self.load: dict[str, float] = {}  # the engine's, after its last step
         self._background: list[asyncio.Task] = []
+        self.cache: CacheClient | None = None  # set while building the engine, if any
 
     async def setup(self) -> None:
         engine, segment = await asyncio.to_thread(self._build_engine)
@@ -102,9 +104,13 @@ class EngineWorker(DataPlaneHandlers, Actor):
                                     backend=self.settings.transfer, node=self.config.node)
         self.open("from_peers", zmq.ROUTER, self.settings.endpoint, bind=True)
         self.open("events_out", zmq.PUB, self.settings.events_endpoint, bind=True)
+        if self.cache is not None:  # usually up already (it starts first); else later
+            attach = asyncio.create_task(self._attach_cache())
+            self._background.append(attach)
+            await asyncio.wait([attach], timeout=CACHE_ATTACH_WAIT)
         await self._join_router()
-        self._background = [asyncio.create_task(self._publish_events()),
-                            asyncio.create_task(self._report_load())]
+        self._background += [asyncio.create_task(self._publish_events()),
+                             asyncio.create_task(self._report_load())]
 
     async def _join_router(self) -> None:
         engine = self.engine.engine
@@ -113,13 +119,18 @@ class EngineWorker(DataPlaneHandlers, Actor):
         await self.request(self.router_id, RegisterWorker(
             model=self.settings.model_name, block_size=engine.block_size,
             num_blocks=engine.num_blocks, max_num_seqs=engine.scheduler.max_num_seqs,
-            pid=os.getpid(), events_endpoint=self.endpoints["events_out"]),
+            events_endpoint=self.endpoints["events_out"]),
             timeout=self.settings.connect_timeout)
 
     async def on_peer_dead(self, peer_id: str) -> None:
-        """The router died: keep trying to register with its successor."""
+        """The router died: keep trying to register with its successor. The cache actor
+        died: no tiers until its successor is attached."""
         if peer_id == self.router_id and self._accepting:
             self._spawn_tracked(self._reregister())
+        if self.cache is not None and peer_id == self.cache.cache_id:
+            self.cache.detach()
+            if self._accepting:
+                self._spawn_tracked(self._attach_cache())
         await super().on_peer_dead(peer_id)
 
     async def _reregister(self) -> None:
@@ -157,16 +168,30 @@ class EngineWorker(DataPlaneHandlers, Actor):
         return engine, segment
 
     def _tiers(self, config, dtype):
-        """The host (and disk) tiers behind this worker's device pool, if configured."""
+        """The connector to the node's cache actor (attached once the actor runs)."""
         s = self.settings
-        if s.host_gb <= 0:
+        if s.cache_id is None:
             return None
-        from kvmesh.engine.kv_connector import LocalTieredConnector
+        from kvmesh.engine.kv_connector import CacheActorConnector
 
         record_bytes = config.kv_bytes_per_block(s.block_size, dtype.itemsize)
-        disk_dir = f"{s.disk_path}/{self.actor_id}" if s.disk_gb > 0 else None
-        return LocalTieredConnector(record_bytes, int(s.host_gb * 2**30), disk_dir,
-                                    int(s.disk_gb * 2**30), s.eviction)
+        self.cache = CacheClient(self, s.cache_id, s.cache_endpoint)
+        return CacheActorConnector(record_bytes, self.cache)
+
+    async def _attach_cache(self) -> None:
+        """Map the node's host tier; retried until the cache actor answers (meanwhile
+        every lookup misses and nothing is offloaded)."""
+        connector = self.engine.engine.kv_connector
+        while self._accepting:
+            try:
+                await self.cache.attach(connector, CACHE_ATTACH_WAIT)
+                self.log.info("cache_attached", cache=self.settings.cache_id,
+                              slots=connector.host.num_slots)
+                return
+            except (TimeoutError, ConnectionError, RemoteError, OSError, ValueError) as exc:
+                self.log.warning("cache_unreachable", cache=self.settings.cache_id,
+                                 error=str(exc))
+                await asyncio.sleep(1.0)
 
     async def drain(self) -> None:
         """Finish what is in flight: wait until the engine has nothing left to run."""

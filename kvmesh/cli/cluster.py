@@ -182,6 +182,9 @@ def _print_status(cfg, as_json: bool) -> bool:
         return False
     rows = []
     for a in cluster.actors:
+        if a.role == "cache":
+            rows.append(_cache_row(a))
+            continue
         prompt = a.load.get("prompt_tokens_total", 0.0)
         rows.append({
             "actor": a.actor_id, "role": a.role, "node": a.node, "pid": a.pid,
@@ -206,6 +209,21 @@ def _print_status(cfg, as_json: bool) -> bool:
                    f"{r['health']:<6} {r['running']:>4} {r['waiting']:>4} "
                    f"{r['kv_usage']:>6.1%} {r['cache_hit_rate']:>6.1%}  {endpoint}")
     return True
+
+
+def _cache_row(a) -> dict:
+    """A cache actor's row: kv = its host tier's fill, hit = blocks found (in host or
+    disk) / blocks looked up; "tiers" holds every counter."""
+    load = a.load
+    capacity = load.get("capacity_host", 0.0)
+    lookups = load.get("lookups_host", 0.0)
+    hits = load.get("hits_host", 0.0) + load.get("hits_disk", 0.0)
+    return {"actor": a.actor_id, "role": a.role, "node": a.node, "pid": a.pid,
+            "endpoints": a.endpoints, "health": "alive" if a.alive else "dead",
+            "running": 0, "waiting": 0,
+            "kv_usage": round(load.get("blocks_host", 0.0) / capacity, 3) if capacity else 0.0,
+            "cache_hit_rate": round(hits / lookups, 3) if lookups else 0.0,
+            "tiers": {key: int(value) for key, value in load.items()}}
 
 
 @click.command()

@@ -126,7 +126,8 @@ class Engine:
         self.scheduler = Scheduler(BlockManager(self.pool, config.hash_salt, kv_connector),
                                    max_num_seqs, max_num_batched_tokens)
         if kv_caches is None:
-            kv_caches = allocate_kv_caches(config, num_blocks, block_size, torch_dtype(dtype), device)
+            kv_caches = allocate_kv_caches(config, num_blocks, block_size, torch_dtype(dtype),
+                                           device)
         expected = kv_cache_shape(config, num_blocks, block_size)
         if len(kv_caches) != config.num_layers or tuple(kv_caches[0].shape) != expected:
             raise ValueError(f"kv_caches must be {config.num_layers} tensors of shape {expected}")
@@ -226,7 +227,8 @@ class Engine:
                     f"prompt token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
                 )
         else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+            raise ValueError("prompt must be a string or a list of token ids, got "
+                             f"{type(prompt).__name__}")
         if not ids:
             raise ValueError("prompt must not be empty")
         if len(ids) >= self.max_model_len:

@@ -7,8 +7,10 @@ new request's prefix needs that the pool no longer holds. One step, with a conne
                  admission: device hits, then lookup() of the full blocks after them;
                  those get fresh blocks and count as computed (batch.onboards)
     save()       pack every evicted block into a host slot, before anything overwrites it
-    load()       per admitted run: copy block after block into its device block; stop at
-                 the first failed read (its tokens and the rest's are computed instead)
+    load()       per admitted run: read its records into one staging buffer, stopping at
+                 the first failed read (its tokens and the rest's are computed instead),
+                 and unpack those read into their device blocks in one call (one per
+                 STAGING_BYTES of records)
     run()        the model writes the step's tokens, into evicted blocks too
 
 Offload on eviction, not write-through: a block is copied out only when the device is
@@ -23,14 +25,25 @@ schedule evicted. Loads happen in the engine, not in the scheduler, so the sched
 stays free of tensors and the connector may later run them asynchronously; a failed
 load is reported back and the scheduler rewinds (as vLLM's KV connectors do).
 
-The host slots a lookup returns are not pinned until loaded: the same step's save (or,
-across processes, another worker's offload) may evict one first. The read then fails
-its generation/checksum check and the block is computed: correct, but a lost hit, so
-the host tier should hold a step's onboarded run plus its evictions many times over.
+The host slots a lookup returns are not pinned until loaded, but this connector's own
+offloads keep them: it remembers the hashes its lookups returned since the last save
+(this step's runs, none loaded yet) and reserves with them as `keep`, so saving the
+step's evictions never evicts a block about to be loaded (with no other slot to take, an
+evicted block is not offloaded instead); LocalTieredConnector's later lookups of the
+step promote from disk under the same keep. The set is dropped at every save, so a run
+the scheduler cut is kept for that step only. Not covered: another worker's offload
+(across processes), and the cache actor's promotions for a later lookup of the same
+step (its lookup request carries no keep). Such a hit's read fails its generation/
+checksum check and the block is computed: correct, but a lost hit.
 
-The engine thread calls every method, synchronously. LocalTieredConnector keeps the
-blocks in this process (a TieredStore: host DRAM, optionally disk); a connector backed
-by the node's cache actor implements the same protocol.
+The engine thread calls every method, synchronously. Two connectors share the slot
+copying (HostSlotConnector) and differ in who owns the tiers:
+
+    LocalTieredConnector   a TieredStore in this process (host DRAM, optionally disk):
+                           the in-process Engine, `kvmesh bench tiers`
+    CacheActorConnector    the node's cache actor (kvmesh.actors.cache) owns them; lookup
+                           and reserve are requests to it, the slots are read and written
+                           here, in its shared memory. What a cluster's workers use.
 """
 
 from __future__ import annotations
@@ -39,13 +52,12 @@ import os
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from kvmesh.cache.disk_tier import DiskTier
 from kvmesh.cache.host_tier import HostTier
 from kvmesh.cache.store import STORE_TIERS, Hit, TieredStore
-from kvmesh.gpu.kv_pack import pack_blocks, unpack_blocks
+from kvmesh.gpu.kv_pack import pack_blocks, unpack_records
 from kvmesh.protocol import KVEvent
 from kvmesh.transport import shm
 
@@ -53,6 +65,10 @@ from kvmesh.transport import shm
 # in (for the counters). The host slot of a TieredStore hit is all a worker needs to
 # read it, in this process or (shared memory) in any other on the node.
 Onboard = Hit
+
+# Host memory a load stages at most: the records of a longer run are read and unpacked
+# this many bytes at a time (2048 blocks of the tiny model, 32 of an 8B model's 2 MiB).
+STAGING_BYTES = 64 << 20
 
 
 class KVConnector(Protocol):
@@ -76,20 +92,136 @@ class KVConnector(Protocol):
         """Offload (block hash, block id) pairs the pool is about to overwrite."""
 
 
-class LocalTieredConnector:
+class HostSlotConnector:
+    """load/save by copying block records through host-tier slots; subclasses say where
+    the slots come from (`_lookup`, `_reserve`, `_finish`) and which tier they are in
+    (`host`, None while there is none: every lookup misses, nothing is saved).
+
+    Counters per tier it keeps itself: onboarded (loaded into the device pool, by the
+    tier they were found in) and failed (found, but their read failed its checks at
+    load: overwritten or corrupted since; recomputed).
+    """
+
+    host: HostTier | None
+
+    def __init__(self, record_bytes: int) -> None:
+        self.record_bytes = record_bytes
+        self.num_onboarded = dict.fromkeys(STORE_TIERS, 0)
+        self.num_failed = dict.fromkeys(STORE_TIERS, 0)
+        self._unloaded: set[int] = set()  # hashes looked up since the last save, not loaded
+        # host slots -> device blocks, one record a row; grown to the longest run loaded,
+        # up to STAGING_BYTES
+        self._staging = torch.empty((0, record_bytes), dtype=torch.uint8)
+
+    def lookup(self, block_hashes: list[int]) -> list[Onboard]:
+        if self.host is None or not block_hashes:
+            return []
+        hits = self._lookup(block_hashes)
+        self._unloaded.update(hit.block_hash for hit in hits)
+        return hits
+
+    def load(self, hits: Sequence[Onboard], block_ids: Sequence[int],
+             kv_caches: list[torch.Tensor]) -> int:
+        assert len(hits) == len(block_ids), (len(hits), len(block_ids))
+        self._unloaded.difference_update(hit.block_hash for hit in hits)
+        chunk = max(STAGING_BYTES // self.record_bytes, 1)
+        num_loaded = 0
+        for start in range(0, len(hits), chunk):
+            some = hits[start : start + chunk]
+            num_read = self._load_some(some, block_ids[start : start + chunk], kv_caches)
+            num_loaded += num_read
+            if num_read < len(some):
+                break
+        return num_loaded
+
+    def save(self, evicted: Sequence[tuple[int, int]], kv_caches: list[torch.Tensor]) -> None:
+        # the runs this step looked up load after this save: evict none of them; the set
+        # is dropped here, so a run cut or never admitted is kept for this step only
+        keep, self._unloaded = list(self._unloaded), set()
+        host = self.host
+        if host is None or not evicted:
+            return
+        slots = self._reserve([block_hash for block_hash, _ in evicted], keep)
+        on_cpu = kv_caches[0].device.type == "cpu"
+        written: list[int] = []
+        todo = [(block_hash, block_id, slot)
+                for (block_hash, block_id), slot in zip(evicted, slots, strict=True)
+                if slot is not None]
+        try:
+            for block_hash, block_id, slot in todo:
+                with host.writing(slot, block_hash) as payload:
+                    out = torch.from_numpy(payload)
+                    if on_cpu:
+                        pack_blocks(kv_caches, [block_id], out=out)
+                    else:  # pack on the device, then one copy to the host slot
+                        out.copy_(pack_blocks(kv_caches, [block_id]).view(-1).view(torch.uint8))
+                written.append(block_hash)
+        finally:  # slots not written (an exception midway) are given back
+            self._finish(written, [block_hash for block_hash, _, _ in todo[len(written):]])
+
+    def _load_some(self, hits: Sequence[Onboard], block_ids: Sequence[int],
+                   kv_caches: list[torch.Tensor]) -> int:
+        # read_into checks generation and checksum after its copy, so a record is
+        # unpacked only once known intact: a slot rewritten since lookup is a miss.
+        host = self.host
+        device = kv_caches[0].device
+        staging = self._staging_for(len(hits), device)
+        rows = staging.numpy()
+        num_read = 0
+        for hit in hits:
+            if host is None or not host.read_into(hit.slot, hit.block_hash, rows[num_read]):
+                self.num_failed[hit.tier] += 1
+                break
+            num_read += 1
+        if num_read:
+            records = staging[:num_read].view(-1).to(device)  # no copy on CPU
+            unpack_records(records, kv_caches, block_ids[:num_read])
+            for hit in hits[:num_read]:
+                self.num_onboarded[hit.tier] += 1
+        return num_read
+
+    def _staging_for(self, num_records: int, device: torch.device) -> torch.Tensor:
+        """The staging buffer, at least num_records rows; page-locked when loading to a
+        GPU, so the run crosses in one DMA copy."""
+        staging = self._staging
+        pin = device.type == "cuda"
+        if len(staging) < num_records or (pin and not staging.is_pinned()):
+            staging = torch.empty((max(num_records, len(staging)), self.record_bytes),
+                                  dtype=torch.uint8, pin_memory=pin)
+            self._staging = staging
+        return staging[:num_records]
+
+    def _lookup(self, block_hashes: list[int]) -> list[Onboard]:
+        raise NotImplementedError
+
+    def _reserve(self, block_hashes: list[int], keep: list[int]) -> list[int | None]:
+        """A slot (or None) per hash, evicting none of `keep` (hits not yet loaded)."""
+        raise NotImplementedError
+
+    def _finish(self, committed: list[int], aborted: list[int]) -> None:
+        raise NotImplementedError
+
+    def take_events(self) -> list[KVEvent]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class LocalTieredConnector(HostSlotConnector):
     """KVConnector over a TieredStore in this process: a host tier it creates (shared
     memory, `host_bytes`) over an optional disk tier (`disk_dir`, `disk_bytes`).
 
     Offloading a block already held in either tier copies nothing. Counters per tier
-    (`metrics`): offloaded (blocks stored into it: host from this engine, disk demoted
-    from host), lookups (blocks looked up in it), hits (found there), onboarded (loaded
-    into the device pool, by the tier they were found in) and failed (found, but their
-    read failed its checks at load: overwritten or corrupted since; recomputed).
+    (`metrics`): the store's offloaded (blocks stored into it: host from this engine,
+    disk demoted from host), lookups (blocks looked up in it) and hits (found there),
+    and this connector's onboarded and failed (see HostSlotConnector).
     """
 
     def __init__(self, record_bytes: int, host_bytes: int,
                  disk_dir: str | os.PathLike | None = None, disk_bytes: int = 0,
                  policy: str = "lru") -> None:
+        super().__init__(record_bytes)
         host = HostTier.create(shm.segment_name("kv-connector"), record_bytes, host_bytes, policy)
         try:
             disk = None if disk_dir is None else DiskTier(disk_dir, record_bytes, disk_bytes,
@@ -98,46 +230,21 @@ class LocalTieredConnector:
             host.close()
             raise
         self.store = TieredStore(host, disk)
-        self.record_bytes = record_bytes
-        self.num_onboarded = dict.fromkeys(STORE_TIERS, 0)
-        self.num_failed = dict.fromkeys(STORE_TIERS, 0)
-        self._staging = np.empty(record_bytes, dtype=np.uint8)  # host slot -> device block
+        self.host = host
 
-    def lookup(self, block_hashes: list[int]) -> list[Onboard]:
-        return self.store.get_leading(block_hashes)
+    def _lookup(self, block_hashes: list[int]) -> list[Onboard]:
+        # promoting from disk must not evict the runs this step looked up before
+        return self.store.get_leading(block_hashes, self._unloaded)
 
-    def load(self, hits: Sequence[Onboard], block_ids: Sequence[int],
-             kv_caches: list[torch.Tensor]) -> int:
-        # read_into checks generation and checksum after its copy, so the staging buffer
-        # is unpacked only once known intact: a slot rewritten since lookup is a miss.
-        device = kv_caches[0].device
-        staging = torch.from_numpy(self._staging)
-        for num_loaded, (hit, block_id) in enumerate(zip(hits, block_ids, strict=True)):
-            if not self.store.host.read_into(hit.slot, hit.block_hash, self._staging):
-                self.num_failed[hit.tier] += 1
-                return num_loaded
-            unpack_blocks(staging.to(device), kv_caches, [block_id])  # no copy on CPU
-            self.num_onboarded[hit.tier] += 1
-        return len(hits)
+    def _reserve(self, block_hashes: list[int], keep: list[int]) -> list[int | None]:
+        kept = frozenset(keep)
+        return [self.store.reserve(block_hash, kept) for block_hash in block_hashes]
 
-    def save(self, evicted: Sequence[tuple[int, int]], kv_caches: list[torch.Tensor]) -> None:
-        host = self.store.host
-        on_cpu = kv_caches[0].device.type == "cpu"
-        for block_hash, block_id in evicted:
-            slot = self.store.reserve(block_hash)
-            if slot is None:  # held already, or no slot free of writers
-                continue
-            try:
-                with host.writing(slot, block_hash) as payload:
-                    out = torch.from_numpy(payload)
-                    if on_cpu:
-                        pack_blocks(kv_caches, [block_id], out=out)
-                    else:  # pack on the device, then one copy to the host slot
-                        out.copy_(pack_blocks(kv_caches, [block_id]).view(-1).view(torch.uint8))
-            except BaseException:
-                self.store.abort(block_hash)
-                raise
+    def _finish(self, committed: list[int], aborted: list[int]) -> None:
+        for block_hash in committed:
             self.store.commit(block_hash)
+        for block_hash in aborted:
+            self.store.abort(block_hash)
 
     def metrics(self) -> dict[str, dict[str, int]]:
         """Counters per tier ("host", "disk"); see the class doc."""
@@ -155,3 +262,60 @@ class LocalTieredConnector:
     def close(self) -> None:
         """Unlink the host tier's shared memory (the disk tier's files stay)."""
         self.store.close()
+
+
+class CacheChannel(Protocol):
+    """The worker's line to its node's cache actor, called from the engine thread; each
+    call blocks until answered. Any failure (cache actor dead, timeout) is an empty
+    answer: no hits, no slots."""
+
+    def lookup(self, block_hashes: list[int]) -> tuple[list[Onboard], str]:
+        """The leading run held by the cache, and the shm name of the segment it is in."""
+
+    def reserve(self, block_hashes: list[int],
+                keep: list[int]) -> tuple[list[int | None], str]:
+        """A slot (or None) per hash, evicting none of `keep`, and the shm name of the
+        segment they are in."""
+
+    def finish(self, committed: list[int], aborted: list[int]) -> None:
+        """Tell the cache which reserved slots were written (one-way, does not wait)."""
+
+
+class CacheActorConnector(HostSlotConnector):
+    """KVConnector over the node's cache actor (see the module doc). The worker attaches
+    `host` (the cache's host tier, mapped by name) and sets it back to None when the
+    cache actor dies; answers that name another segment than `host`'s are misses.
+
+    The tiers' own counters (offloaded, lookups, hits) are the cache actor's; this
+    connector counts what it onboarded and what failed at load.
+    """
+
+    def __init__(self, record_bytes: int, channel: CacheChannel) -> None:
+        super().__init__(record_bytes)
+        self.channel = channel
+        self.host = None
+
+    def _lookup(self, block_hashes: list[int]) -> list[Onboard]:
+        hits, shm_name = self.channel.lookup(block_hashes)
+        return hits if self._current(shm_name) else []
+
+    def _reserve(self, block_hashes: list[int], keep: list[int]) -> list[int | None]:
+        slots, shm_name = self.channel.reserve(block_hashes, keep)
+        if self._current(shm_name):
+            return slots
+        reserved = [h for h, slot in zip(block_hashes, slots, strict=False) if slot is not None]
+        if reserved:
+            self.channel.finish([], reserved)
+        return [None] * len(block_hashes)
+
+    def _finish(self, committed: list[int], aborted: list[int]) -> None:
+        if committed or aborted:
+            self.channel.finish(committed, aborted)
+
+    def _current(self, shm_name: str) -> bool:
+        host = self.host
+        return host is not None and host.segment.name == shm_name
+
+    def metrics(self) -> dict[str, dict[str, int]]:
+        return {tier: {"onboarded": self.num_onboarded[tier], "failed": self.num_failed[tier]}
+                for tier in STORE_TIERS}

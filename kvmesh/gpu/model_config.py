@@ -14,7 +14,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": True,
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # weights and KV cache dtypes
+DTYPES = tuple(DTYPE_BYTES)
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,7 @@ def test_routing_kv_caches_more_than_round_robin(tmp_path, tiny_model_dir):
         assert len(run["samples"]["ttft_s"]) == 24
         assert sum(run["samples"]["cached_tokens"]) == run["cached_tokens"]
         assert run["cached_fraction"] <= result["cached_fraction_bound"] + 1e-9
-        assert_cpu_accounted(run, ["decode", "decode", "frontend", "prefill", "router"])
+        assert_cpu_accounted(run, ["cache", "decode", "decode", "frontend", "prefill", "router"])
     # kv sends each group to the worker holding its prefix: one miss per group; round
     # robin alternates workers, so each group misses once on each
     assert kv["cached_fraction"] > rr["cached_fraction"]
@@ -137,8 +137,8 @@ def test_disagg_moves_prefill_off_the_decode_workers(tmp_path, tiny_model_dir):
     assert dis["remote_prefill_total"] >= 2 + dis["long_prompts_sent"]
     assert dis["kv_transfer_bytes_total"] > 0
     assert agg["remote_prefill_total"] == 0  # no prefill worker at all
-    assert_cpu_accounted(dis, ["decode", "decode", "frontend", "prefill", "router"])
-    assert_cpu_accounted(agg, ["decode", "decode", "frontend", "router"])
+    assert_cpu_accounted(dis, ["cache", "decode", "decode", "frontend", "prefill", "router"])
+    assert_cpu_accounted(agg, ["cache", "decode", "decode", "frontend", "router"])
     assert result["ratio_disagg_vs_agg"]["itl_p99"] == pytest.approx(
         dis["itl_p99_s"] / agg["itl_p99_s"])
     assert "ratio disaggregated / aggregated: ITL p99" in result["stdout"]
@@ -159,5 +159,5 @@ def test_overhead_cluster_outputs_equal_the_engine(tmp_path, tiny_model_dir):
     for r in rounds:
         assert r["output_tokens"] >= 6 * 8
         assert r["remote_prefill_total"] >= 1  # prompts of 128+ tokens go to the prefill worker
-        assert_cpu_accounted(r, ["decode", "frontend", "prefill", "router"])
+        assert_cpu_accounted(r, ["cache", "decode", "frontend", "prefill", "router"])
     assert "outputs equal to the Engine's: 12/12" in result["stdout"]

@@ -137,9 +137,12 @@ def test_status_lists_every_actor(cluster):
     proc = cluster.kvmesh("status", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert sorted(r["role"] for r in rows) == ["decode", "decode", "frontend", "prefill", "router"]
+    assert sorted(r["role"] for r in rows) == ["cache", "decode", "decode", "frontend",
+                                               "prefill", "router"]
     assert all(r["health"] == "alive" for r in rows)
-    assert all(r["pid"] > 0 for r in rows if r["role"] in ("prefill", "decode"))
+    assert all(r["pid"] > 0 for r in rows)  # every actor says its pid in its Hello
+    cache = next(r for r in rows if r["role"] == "cache")
+    assert cache["tiers"]["capacity_host"] > 0  # 0.5 GiB of 32 KiB blocks
 
 
 GARBAGE = [
@@ -154,7 +157,8 @@ GARBAGE = [
 def test_garbage_on_every_actor_endpoint_crashes_nothing(cluster, openai_client, model_name):
     rows = json.loads(cluster.kvmesh("status", "--json").stdout)
     endpoints = [e for r in rows for name, e in r["endpoints"].items() if e.startswith("tcp://")]
-    assert len(endpoints) == 7  # the ROUTERs of router and three workers, their three PUBs
+    # the ROUTERs of router, cache actor and three workers; the PUBs of all but the router
+    assert len(endpoints) == 9
     ctx = zmq.Context()
     for endpoint in endpoints:
         sock = ctx.socket(zmq.DEALER)

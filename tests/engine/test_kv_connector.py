@@ -11,6 +11,7 @@ from kvmesh import Engine, SamplingParams
 from kvmesh.cache.disk_tier import HEADER
 from kvmesh.cache.host_tier import pool_bytes
 from kvmesh.cache.store import Hit
+from kvmesh.engine import kv_connector
 from kvmesh.engine.block_manager import BlockManager
 from kvmesh.engine.kv_connector import LocalTieredConnector
 from kvmesh.engine.scheduler import Scheduler
@@ -87,10 +88,9 @@ def make_connector(config):
         connector.close()
 
 
-# A host tier that a's 6 blocks and b's 15 overflow (a goes to disk), yet big enough that
-# the step onboarding a (6 blocks promoted) can offload the 7 blocks it evicts without
-# evicting the promoted ones before they load: 13 = 6 + 7. A smaller one still gives
-# the same output, with fewer blocks onboarded (the rest fail their read and are computed).
+# A host tier that a's 6 blocks and b's 15 overflow (a goes to disk), big enough that the
+# step onboarding a (6 blocks promoted) offloads all 7 blocks it evicts too: 13 = 6 + 7.
+# With fewer slots the promoted blocks are kept and some evicted ones are not offloaded.
 HOST_OVER_DISK = 13
 
 
@@ -152,20 +152,47 @@ def test_prefix_comes_back_from_disk_through_a_tiny_host_tier(tiny_model_dir, ma
     assert torch.equal(cached_kv(engine, a_hashes), cached_kv(plain_engine, a_hashes))
 
 
-def test_host_tier_too_small_for_the_step_loses_hits_not_output(tiny_model_dir, make_connector,
-                                                                prompts, reference, tmp_path):
-    # 8 slots: the step onboarding a promotes its 6 blocks, then offloads the 7 blocks it
-    # evicts, which evicts a's from the host before they load: the first read fails.
+def test_step_keeps_the_hits_it_loads_from_its_own_offloads(tiny_model_dir, make_connector,
+                                                           prompts, a_hashes, reference,
+                                                           tmp_path):
+    # 8 slots: the step onboarding a promotes its 6 blocks into the host tier, then offloads
+    # the 7 blocks it evicts. a's blocks are kept (looked up, not yet loaded): 2 of the 7
+    # take the other 2 slots, 5 are not offloaded, and all of a loads.
     connector = make_connector(host_slots=8, disk_dir=tmp_path, disk_files=64)
     engine = make_engine(tiny_model_dir, connector)
     for name in ("a", "b", "c"):
         run(engine, prompts[name])
+    offloaded = connector.metrics()["host"]["offloaded"]
     again = run(engine, prompts["a"])
-    assert again.num_cached_tokens == 0
+    assert again.num_cached_tokens == 96
     assert again.token_ids == reference["a"]
     metrics = connector.metrics()
-    assert (metrics["disk"]["hits"], metrics["disk"]["onboarded"]) == (6, 0)
-    assert metrics["disk"]["failed"] == 1
+    assert (metrics["disk"]["hits"], metrics["disk"]["onboarded"]) == (6, 6)
+    assert metrics["disk"]["failed"] == metrics["host"]["failed"] == 0
+    assert metrics["host"]["offloaded"] - offloaded == 2
+    assert [connector.store.tier_of(h) for h in a_hashes] == ["host"] * 6
+
+
+def test_host_tier_too_small_for_the_run_loses_hits_not_output(tiny_model_dir, make_connector,
+                                                               prompts, a_hashes, reference,
+                                                               tmp_path):
+    # 4 slots, and prefill chunks of 4 blocks, so that no step evicts more blocks than the
+    # host tier can take: a ends up on disk whole. Promoting a stops at its fifth block
+    # (every slot holds one of the run) and the step's offloads find no slot that is not
+    # kept: 4 blocks load, the rest are computed.
+    connector = make_connector(host_slots=4, disk_dir=tmp_path, disk_files=64)
+    engine = make_engine(tiny_model_dir, connector, max_num_batched_tokens=4 * BLOCK)
+    for name in ("a", "b", "c"):
+        run(engine, prompts[name])
+    assert [connector.store.tier_of(h) for h in a_hashes] == ["disk"] * 6
+    offloaded = connector.metrics()["host"]["offloaded"]
+    again = run(engine, prompts["a"])
+    assert again.num_cached_tokens == 64
+    assert again.token_ids == reference["a"]
+    metrics = connector.metrics()
+    assert (metrics["disk"]["hits"], metrics["disk"]["onboarded"]) == (4, 4)
+    assert metrics["disk"]["failed"] == 0
+    assert metrics["host"]["offloaded"] == offloaded
 
 
 def test_corrupted_disk_block_is_a_miss_and_the_rest_is_recomputed(tiny_model_dir,
@@ -242,6 +269,81 @@ def test_no_connector_records_no_evictions(tiny_model_dir, a_hashes, prompts):
     run(engine, prompts["b"])
     assert engine.pool.match_prefix(a_hashes) == []  # a's blocks were evicted
     assert engine.pool.evicted is None and engine.pool.take_evicted() == []
+
+
+# ---- LocalTieredConnector alone, on a small pool -------------------------------------------
+
+H = [0xB0 + i for i in range(8)]  # block hashes; H[i] is offloaded from device block i
+KV_SHAPE = (2, 8, 2, 1, 4)  # [2, num_blocks, block_size, num_kv_heads, head_dim], 2 layers
+KV_RECORD = 2 * 2 * 2 * 1 * 4 * 4  # layers * K/V * block_size * heads * dim * float32
+
+
+def make_kv(fill: bool = True) -> list[torch.Tensor]:
+    """Two float32 layers of 8 blocks; every element distinct when filled, else zeros."""
+    n = torch.Size(KV_SHAPE).numel()
+    return [torch.arange(layer * n, (layer + 1) * n, dtype=torch.float32).view(KV_SHAPE)
+            if fill else torch.zeros(KV_SHAPE) for layer in range(2)]
+
+
+@pytest.fixture
+def small_connector():
+    """small_connector(host_slots) -> a LocalTieredConnector for make_kv's blocks."""
+    connectors = []
+
+    def make(host_slots: int) -> LocalTieredConnector:
+        connector = LocalTieredConnector(KV_RECORD, pool_bytes(host_slots, KV_RECORD))
+        connectors.append(connector)
+        return connector
+
+    yield make
+    for connector in connectors:
+        connector.close()
+
+
+def test_save_keeps_the_hits_looked_up_before_it(small_connector):
+    connector = small_connector(host_slots=4)
+    kv = make_kv()
+    connector.save([(H[i], i) for i in range(4)], kv)  # the host tier is full
+    hits = connector.lookup(H[:2])  # LRU order now: H2, H3, H0, H1
+    connector.save([(H[i], i) for i in (4, 5, 6)], kv)  # H4, H5 evict H2, H3; H6 gets none
+    assert [connector.store.tier_of(h) for h in H[:7]] == [
+        "host", "host", None, None, "host", "host", None]
+    dst = make_kv(fill=False)
+    assert connector.load(hits, [6, 7], dst) == 2
+    for layer in range(2):
+        assert torch.equal(dst[layer][:, 6:], kv[layer][:, :2])
+    assert connector.metrics()["host"]["onboarded"] == 2
+
+
+def test_hits_never_loaded_are_kept_for_one_save_only(small_connector):
+    connector = small_connector(host_slots=2)
+    kv = make_kv()
+    connector.save([(H[0], 0), (H[1], 1)], kv)
+    connector.lookup(H[:2])  # a run the scheduler then cut: never loaded
+    connector.save([(H[2], 2)], kv)  # this step's save: every slot is kept
+    assert connector.store.tier_of(H[2]) is None
+    connector.save([(H[3], 3)], kv)  # the next step's: H0 may go
+    assert [connector.store.tier_of(h) for h in H[:4]] == [None, "host", None, "host"]
+
+
+@pytest.mark.parametrize("staged", [1, 3, None])  # records staged at once; None: all
+def test_load_reads_the_run_and_unpacks_the_blocks_before_the_first_bad_one(
+        small_connector, monkeypatch, staged):
+    if staged is not None:
+        monkeypatch.setattr(kv_connector, "STAGING_BYTES", staged * KV_RECORD)
+    connector = small_connector(host_slots=8)
+    kv = make_kv()
+    connector.save([(H[i], i) for i in range(4)], kv)
+    hits = connector.lookup(H[:4])
+    host = connector.store.host
+    host._payloads[hits[2].slot, 5] ^= 0x01
+    dst = make_kv(fill=False)
+    assert connector.load(hits, [7, 5, 6, 4], dst) == 2
+    for layer in range(2):
+        assert torch.equal(dst[layer][:, [7, 5]], kv[layer][:, [0, 1]])
+        assert not dst[layer][:, [4, 6]].any()  # the bad one and the one after: untouched
+    metrics = connector.metrics()["host"]
+    assert (metrics["onboarded"], metrics["failed"]) == (2, 1)
 
 
 # ---- BlockPool: eviction records ---------------------------------------------------------

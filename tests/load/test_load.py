@@ -213,17 +213,15 @@ def assert_sample_equals_engine(engine: Engine, jobs: list[Job], result: LoadRes
 
 
 def cluster_pids(cluster: Cluster) -> dict[str, int]:
-    """Every process of the cluster: "up" (the launcher) and each actor by id. `kvmesh
-    status` gives the pids of the actors that register one (router, workers) and 0 for
-    the frontend, which is therefore found among the launcher's children by its argv."""
+    """Every process of the cluster: "up" (the launcher) and each actor by id, as
+    `kvmesh status` gives them; each must be the launcher's child of that actor's argv."""
     status = cluster.kvmesh("status", "--json")
     assert status.returncode == 0, status.stderr
     children = launcher_children(cluster.process.pid)
     pids = {"up": cluster.process.pid}
     for row in json.loads(status.stdout):
-        pid = row["pid"] or children.get(row["actor"], 0)
-        assert pid == children.get(row["actor"]), (row, children)
-        pids[row["actor"]] = pid
+        assert row["pid"] == children.get(row["actor"]), (row, children)
+        pids[row["actor"]] = row["pid"]
     assert set(pids) == {"up", *children}, (pids, children)
     return pids
 

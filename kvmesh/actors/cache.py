@@ -1,0 +1,313 @@
+"""The cache actor: one per node, owning the node's host-DRAM and disk KV tiers.
+
+    worker ──CacheAttach──► cache: the host tier's shared-memory segment (name, token)
+    worker ──CacheLookup(hashes)──► cache: leading run held, as host slots (disk hits
+                                    are promoted into a slot first)      ──► CacheHits
+    worker reads the slots itself, in shared memory (seqlock + checksum: a slot
+           rewritten meanwhile is a miss, never another block's data)
+    worker ──CacheReserve(evicted hashes)──► cache: a slot per block     ──► CacheSlots
+    worker writes the slots itself, then ──CacheCommit──► cache (one-way)
+    cache ══BlockStored/BlockRemoved(tier host|disk), CacheReport══► router (PUB)
+
+The store (kvmesh.cache.store.TieredStore) does the bookkeeping; this actor puts it
+behind messages, one call at a time and in arrival order (disk I/O runs off the event
+loop). Bytes never travel in messages: workers copy records in and out of the slots.
+
+A worker that dies with slots reserved leaves them pending; its death (heartbeats)
+aborts them. So does RESERVATION_TTL passing without a CacheCommit (a worker whose
+CacheReserve timed out drops the late answer, and with it the slots).
+
+The router learns which blocks the node holds from this actor's KV events and credits
+them to every worker of the node; after (re)registering with a router it is asked for a
+snapshot, so blocks kept from before (the disk tier's files survive a restart: the tier
+rescans its directory) are credited too.
+
+The worker side is CacheClient: the engine thread's blocking CacheChannel
+(kvmesh.engine.kv_connector) over this actor's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import zmq
+
+from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
+from kvmesh.cache.disk_tier import DiskTier
+from kvmesh.cache.host_tier import HostTier, HostTierInfo
+from kvmesh.cache.store import Hit, TieredStore
+from kvmesh.protocol import (
+    CacheAttach,
+    CacheCommit,
+    CacheHit,
+    CacheHits,
+    CacheInfo,
+    CacheLookup,
+    CacheReport,
+    CacheReserve,
+    CacheSlots,
+    CacheSnapshot,
+    CacheSnapshotQuery,
+    Error,
+    RegisterCache,
+)
+from kvmesh.transport import shm
+
+log = structlog.get_logger(__name__)
+
+RESERVATION_TTL = 30.0  # seconds a reserved slot waits for its CacheCommit
+SNAPSHOT_MAX_BLOCKS = 1_000_000  # per tier; a larger snapshot would pass the message limit
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What a cache actor needs beyond ActorConfig; `kvmesh actor` fills it from cluster.toml."""
+
+    endpoint: str  # our ROUTER, for the node's workers (and the router's snapshot query)
+    events_endpoint: str  # our PUB, for the router
+    router_endpoint: str | None  # None: serve the workers without telling a router
+    record_bytes: int  # one KV block of the cluster's model, packed
+    host_bytes: int
+    disk_path: str = ""  # the disk tier's directory ("" = no disk tier)
+    disk_bytes: int = 0
+    host_eviction: str = "lru"
+    disk_eviction: str = "lru"
+    report_interval: float = 1.0
+    connect_timeout: float = 60.0
+
+
+class CacheActor(Actor):
+    """A TieredStore behind messages; see the module doc."""
+
+    role = "cache"
+    # Lookups, reservations and commits finish work in flight on the workers.
+    drain_accepts = frozenset({CacheAttach, CacheLookup, CacheReserve, CacheCommit,
+                               CacheSnapshotQuery})
+
+    def __init__(self, config: ActorConfig, settings: CacheSettings) -> None:
+        super().__init__(config)
+        self.settings = settings
+        self.store: TieredStore | None = None
+        self.router_id: str | None = None
+        # worker -> the hashes it holds slots for -> when reserved (loop time)
+        self.reserved: dict[str, dict[int, float]] = {}
+        self._lock = asyncio.Lock()  # one store call at a time, in arrival order
+        self._background: list[asyncio.Task] = []
+        self._reported: dict[str, float] = {}
+
+    async def setup(self) -> None:
+        s = self.settings
+        host = HostTier.create(shm.segment_name(f"kv-{self.actor_id}"), s.record_bytes,
+                               s.host_bytes, s.host_eviction)
+        try:
+            disk = None
+            if s.disk_bytes > 0:
+                disk = await asyncio.to_thread(DiskTier, Path(s.disk_path) / self.actor_id,
+                                               s.record_bytes, s.disk_bytes, s.disk_eviction)
+        except BaseException:
+            host.close()
+            raise
+        self.store = TieredStore(host, disk)
+        self.log.info("tiers_ready", host_slots=host.num_slots,
+                      disk_blocks=len(disk) if disk is not None else None,
+                      record_bytes=s.record_bytes)
+        self.open("from_peers", zmq.ROUTER, s.endpoint, bind=True)
+        self.open("events_out", zmq.PUB, s.events_endpoint, bind=True)
+        self._background = [asyncio.create_task(self._report())]
+        if s.router_endpoint is not None:
+            self._background.append(asyncio.create_task(self._join_router()))
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await super().close()
+        if self.store is not None:
+            self.store.close()
+
+    # --- the router ---
+
+    async def _join_router(self) -> None:
+        """Register (again, after the router restarts) until it takes us."""
+        while self._accepting:
+            try:
+                self.router_id = await self.connect("to_router", self.settings.router_endpoint,
+                                                    self.settings.connect_timeout)
+                await self.request(self.router_id, RegisterCache(
+                    events_endpoint=self.endpoints["events_out"]),
+                    timeout=self.settings.connect_timeout)
+                self.log.info("registered", router=self.router_id)
+                return
+            except (TimeoutError, ConnectionError, RemoteError) as exc:
+                self.log.warning("router_unreachable", error=str(exc))
+                await asyncio.sleep(1.0)
+
+    async def on_peer_dead(self, peer_id: str) -> None:
+        """A worker died: the slots it reserved will never be written. The router died:
+        register with its successor."""
+        async with self._lock:
+            for block_hash in self.reserved.pop(peer_id, ()):
+                self.store.abort(block_hash)
+        if peer_id == self.router_id and self._accepting:
+            self.router_id = None
+            self._background.append(asyncio.create_task(self._join_router()))
+        await super().on_peer_dead(peer_id)
+
+    async def on_cache_snapshot_query(self, msg: CacheSnapshotQuery, inbound) -> CacheSnapshot:
+        """Every block held, per tier (the router asks after registering us)."""
+        return CacheSnapshot(host=self.store.held("host", SNAPSHOT_MAX_BLOCKS),
+                             disk=self.store.held("disk", SNAPSHOT_MAX_BLOCKS))
+
+    async def _report(self) -> None:
+        """The counters, every report_interval (the router's sign that it hears us); and
+        reservations past RESERVATION_TTL given up."""
+        while True:
+            await self.emit("events_out", CacheReport(tiers=self.counters()))
+            await self._expire_reservations(asyncio.get_running_loop().time() - RESERVATION_TTL)
+            await asyncio.sleep(self.settings.report_interval)
+
+    async def _expire_reservations(self, before: float) -> None:
+        async with self._lock:
+            for mine in self.reserved.values():
+                for block_hash in [h for h, when in mine.items() if when < before]:
+                    del mine[block_hash]
+                    self.store.abort(block_hash)
+
+    async def _publish_events(self) -> None:
+        """The store's KV events since the last call, in order (under the store lock)."""
+        for event in self.store.take_events():
+            await self.emit("events_out", event)
+
+    def counters(self) -> dict[str, float]:
+        """Per tier: offloaded, lookups, hits, evicted; blocks held now, and capacity."""
+        out: dict[str, float] = {}
+        for tier, stats in self.store.stats.items():
+            if tier == "disk" and self.store.disk is None:
+                continue
+            out |= {f"offloaded_{tier}": stats.offloaded, f"lookups_{tier}": stats.queries,
+                    f"hits_{tier}": stats.onboarded, f"evicted_{tier}": stats.evicted}
+        out["blocks_host"] = len(self.store.host)
+        out["capacity_host"] = self.store.host.num_slots
+        if self.store.disk is not None:
+            out["blocks_disk"] = len(self.store.disk)
+            out["capacity_disk"] = self.store.disk.num_files
+        return {key: float(value) for key, value in out.items()}
+
+    # --- the workers ---
+
+    async def on_cache_attach(self, msg: CacheAttach, inbound) -> CacheInfo | Error:
+        """Where the host tier is; refused when the worker's block records differ."""
+        info: HostTierInfo = self.store.host.info
+        if msg.record_bytes != info.record_bytes:
+            return Error(code="refused", message=(
+                f"block records of {msg.record_bytes} bytes; this cache holds "
+                f"{info.record_bytes}-byte records (another model, dtype or block size)"))
+        return CacheInfo(shm_name=info.shm_name, shm_token=info.shm_token,
+                         num_slots=info.num_slots, record_bytes=info.record_bytes)
+
+    async def on_cache_lookup(self, msg: CacheLookup, inbound) -> CacheHits:
+        hits: list[Hit] = await self._call(self.store.get_leading, msg.block_hashes)
+        return CacheHits(hits=[CacheHit(*hit) for hit in hits],
+                         shm_name=self.store.host.segment.name)
+
+    async def on_cache_reserve(self, msg: CacheReserve, inbound) -> CacheSlots:
+        keep = frozenset(msg.keep)
+        slots = await self._call(lambda: [self.store.reserve(h, keep) for h in msg.block_hashes])
+        mine = self.reserved.setdefault(inbound.peer, {})
+        now = asyncio.get_running_loop().time()
+        mine.update((h, now) for h, slot in zip(msg.block_hashes, slots, strict=True)
+                    if slot is not None)
+        return CacheSlots(slots=slots, shm_name=self.store.host.segment.name)
+
+    async def on_cache_commit(self, msg: CacheCommit, inbound) -> None:
+        mine = self.reserved.get(inbound.peer, {})
+        async with self._lock:
+            for block_hash in msg.committed:
+                if mine.pop(block_hash, None) is not None:
+                    self.store.commit(block_hash)
+            for block_hash in msg.aborted:
+                if mine.pop(block_hash, None) is not None:
+                    self.store.abort(block_hash)
+            await self._publish_events()
+
+    async def _call(self, fn: Callable, *args):
+        """fn(*args) on the store, after every call that arrived before it; off the
+        event loop when there is a disk tier (its reads and writes block)."""
+        async with self._lock:
+            if self.store.disk is None:
+                result = fn(*args)
+            else:
+                result = await asyncio.to_thread(fn, *args)
+            await self._publish_events()
+            return result
+
+
+class CacheClient:
+    """A worker's CacheChannel to its node's cache actor: the engine thread calls it,
+    the actor's event loop does the messaging. Attach/detach are loop-side."""
+
+    def __init__(self, actor: Actor, cache_id: str, endpoint: str,
+                 timeout: float = 2.0) -> None:
+        self.actor = actor
+        self.cache_id = cache_id
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.connector = None  # the CacheActorConnector whose host this client attaches
+
+    async def attach(self, connector, connect_timeout: float) -> None:
+        """Connect, learn the host tier's segment, map it into the connector."""
+        self.loop = asyncio.get_running_loop()
+        self.connector = connector
+        await self.actor.ensure_connected(self.cache_id, self.endpoint, connect_timeout)
+        info = await self.actor.request(self.cache_id, CacheAttach(
+            record_bytes=connector.record_bytes), timeout=connect_timeout)
+        host = HostTier.attach(HostTierInfo(info.shm_name, info.shm_token, info.num_slots,
+                                            info.record_bytes))
+        connector.host = host  # the engine thread sees it from its next lookup on
+
+    def detach(self) -> None:
+        """The cache actor died: lookups miss, nothing is saved, until attached again.
+        The old mapping is dropped, not closed: the engine thread may be reading it."""
+        if self.connector is not None:
+            self.connector.host = None
+
+    # --- engine thread ---
+
+    def lookup(self, block_hashes: list[int]) -> tuple[list[Hit], str]:
+        reply = self._ask(CacheLookup(block_hashes=block_hashes))
+        if reply is None:
+            return [], ""
+        return [Hit(h.block_hash, h.slot, h.tier) for h in reply.hits], reply.shm_name
+
+    def reserve(self, block_hashes: list[int],
+                keep: list[int]) -> tuple[list[int | None], str]:
+        reply = self._ask(CacheReserve(block_hashes=block_hashes, keep=keep))
+        if reply is None:
+            return [None] * len(block_hashes), ""
+        return reply.slots, reply.shm_name
+
+    def finish(self, committed: list[int], aborted: list[int]) -> None:
+        msg = CacheCommit(committed=committed, aborted=aborted)
+        future = asyncio.run_coroutine_threadsafe(self.actor.send(self.cache_id, msg), self.loop)
+        future.add_done_callback(_log_failure)
+
+    def _ask(self, msg):
+        """The actor's reply to msg, or None (logged) when the cache is not there."""
+        future = asyncio.run_coroutine_threadsafe(
+            self.actor.request(self.cache_id, msg, timeout=self.timeout), self.loop)
+        try:
+            return future.result(self.timeout + 1.0)
+        except (PeerDeadError, RemoteError, TimeoutError, ConnectionError) as exc:
+            future.cancel()
+            log.warning("cache_unavailable", cache=self.cache_id, error=str(exc),
+                        message_type=type(msg).__name__)
+            return None
+
+
+def _log_failure(future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("cache_commit_lost", error=str(future.exception()))

@@ -1,0 +1,252 @@
+"""The cache actor with real ZeroMQ sockets, in one process: a worker attaches to its
+host tier, offloads blocks through reserved slots, looks them up again (from host, and
+promoted from disk), is refused with other block records, and a worker that dies with
+slots reserved gets them released."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import zmq
+
+from kvmesh.actors.base import Actor, ActorConfig, RemoteError
+from kvmesh.actors.cache import CacheActor, CacheClient, CacheSettings
+from kvmesh.actors.router import RouterActor, RouterActorSettings
+from kvmesh.cache.host_tier import pool_bytes
+from kvmesh.engine.kv_connector import CacheActorConnector
+from kvmesh.protocol import CacheAttach, RegisterWorker, StatusQuery
+
+pytestmark = pytest.mark.timeout(60)
+
+RECORD = 4096
+
+
+def make_config(actor_id: str) -> ActorConfig:
+    return ActorConfig(actor_id=actor_id, heartbeat_interval=0.1, liveness=5,
+                       grace_period=2.0, linger=0.5)
+
+
+def make_cache(host_slots: int, disk_path=None, disk_blocks: int = 0) -> CacheActor:
+    settings = CacheSettings(
+        endpoint="tcp://127.0.0.1:0", events_endpoint="tcp://127.0.0.1:0",
+        router_endpoint=None, record_bytes=RECORD,
+        host_bytes=pool_bytes(host_slots, RECORD),
+        disk_path=str(disk_path or ""), disk_bytes=disk_blocks * (RECORD + 40))
+    return CacheActor(make_config("cache-0"), settings)
+
+
+class Worker(Actor):
+    """Stands in for a prefill/decode worker: just the cache client and its connector."""
+
+    role = "decode"
+
+    async def setup(self) -> None:
+        self.open("from_peers", zmq.ROUTER, "tcp://127.0.0.1:0", bind=True)
+
+    async def attach(self, cache: CacheActor) -> CacheClient:
+        client = CacheClient(self, cache.actor_id, cache.endpoints["from_peers"])
+        await client.attach(CacheActorConnector(RECORD, client), connect_timeout=5)
+        return client
+
+
+def record(block_hash: int) -> np.ndarray:
+    return np.random.default_rng(block_hash).integers(0, 256, RECORD, dtype=np.uint8)
+
+
+async def offload(client: CacheClient, hashes: list[int]) -> list[int]:
+    """What save() does: reserve, write the slots in shared memory, commit."""
+    slots, shm_name = await asyncio.to_thread(client.reserve, hashes, [])
+    host = client.connector.host
+    assert shm_name == host.segment.name
+    written = []
+    for block_hash, slot in zip(hashes, slots, strict=True):
+        if slot is not None:
+            host.write(slot, block_hash, record(block_hash))
+            written.append(block_hash)
+    client.finish(written, [])
+    return written
+
+
+async def read_back(client: CacheClient, hashes: list[int]) -> list[tuple[int, str, bool]]:
+    """(hash, tier, bytes intact) of each block of the leading run the cache holds."""
+    hits, _ = await asyncio.to_thread(client.lookup, hashes)
+    out = np.empty(RECORD, dtype=np.uint8)
+    result = []
+    for hit in hits:
+        ok = client.connector.host.read_into(hit.slot, hit.block_hash, out)
+        intact = ok and np.array_equal(out, record(hit.block_hash))
+        result.append((hit.block_hash, hit.tier, intact))
+    return result
+
+
+async def settle(cache: CacheActor, committed: int) -> None:
+    for _ in range(200):  # the commit is one-way: wait for the cache to take it
+        if len(cache.store.host) >= committed:
+            return
+        await asyncio.sleep(0.01)
+
+
+def test_offloaded_blocks_come_back_through_shared_memory():
+    async def scenario():
+        async with make_cache(host_slots=8) as cache, Worker(make_config("decode-0")) as worker:
+            client = await worker.attach(cache)
+            assert await offload(client, [11, 12, 13]) == [11, 12, 13]
+            await settle(cache, 3)
+            assert await offload(client, [12]) == []  # held already: nothing to write
+            return (await read_back(client, [11, 12, 13, 14]),
+                    await read_back(client, [99, 11]), cache.counters())
+
+    run, miss, counters = asyncio.run(scenario())
+    assert run == [(11, "host", True), (12, "host", True), (13, "host", True)]
+    assert miss == []  # a run stops at the first block held nowhere
+    assert counters["offloaded_host"] == 3 and counters["blocks_host"] == 3
+    assert counters["hits_host"] == 3 and counters["lookups_host"] == 6
+
+
+def test_blocks_evicted_from_host_are_promoted_back_from_disk(tmp_path):
+    async def scenario():
+        async with (make_cache(host_slots=4, disk_path=tmp_path, disk_blocks=16) as cache,
+                    Worker(make_config("decode-0")) as worker):
+            client = await worker.attach(cache)
+            for block_hash in range(1, 7):  # one at a time: LRU demotes 1 and 2 to disk
+                await offload(client, [block_hash])
+                await settle(cache, min(block_hash, 4))
+            on_disk = sorted(cache.store.held("disk"))
+            return on_disk, await read_back(client, [1, 2, 3, 4]), cache.counters()
+
+    on_disk, run, counters = asyncio.run(scenario())
+    assert on_disk == [1, 2]
+    assert run == [(1, "disk", True), (2, "disk", True), (3, "host", True), (4, "host", True)]
+    assert counters["offloaded_disk"] >= 2 and counters["hits_disk"] == 2
+
+
+def test_a_worker_with_other_block_records_is_refused():
+    async def scenario():
+        async with make_cache(host_slots=4) as cache, Worker(make_config("decode-0")) as worker:
+            await worker.connect("to_cache", cache.endpoints["from_peers"], timeout=5)
+            with pytest.raises(RemoteError) as caught:
+                await worker.request("cache-0", CacheAttach(record_bytes=RECORD + 1), timeout=5)
+            return str(caught.value)
+
+    message = asyncio.run(scenario())
+    assert f"block records of {RECORD + 1} bytes; this cache holds {RECORD}-byte" in message
+
+
+def test_slots_of_a_worker_that_died_are_released():
+    async def scenario():
+        async with make_cache(host_slots=2) as cache:
+            async with Worker(make_config("decode-0")) as worker:
+                client = await worker.attach(cache)
+                slots, _ = await asyncio.to_thread(client.reserve, [5, 6], [])
+                assert None not in slots
+                pending = [cache.store.host.is_pending(h) for h in (5, 6)]
+            for _ in range(200):  # the worker is gone: its heartbeats stop
+                if not cache.reserved.get("decode-0"):
+                    break
+                await asyncio.sleep(0.05)
+            released = [cache.store.host.is_pending(h) for h in (5, 6)]
+            async with Worker(make_config("decode-1")) as other:  # the slots are free again
+                client = await other.attach(cache)
+                written = await offload(client, [7, 8])
+            return pending, released, written
+
+    assert asyncio.run(scenario()) == ([True, True], [False, False], [7, 8])
+
+
+# ---- the router credits the cache actor's blocks to the workers of its node ----------
+
+
+class RegisteredWorker(Worker):
+    """A worker that registers with the router (its events socket stays quiet)."""
+
+    async def setup(self) -> None:
+        await super().setup()
+        self.open("events_out", zmq.PUB, "tcp://127.0.0.1:0", bind=True)
+
+    async def register(self, router: RouterActor) -> None:
+        await self.connect("to_router", router.endpoints["from_peers"], timeout=5)
+        await self.request(router.actor_id, RegisterWorker(
+            model="m", block_size=16, num_blocks=64, max_num_seqs=8,
+            events_endpoint=self.endpoints["events_out"]), timeout=5)
+
+
+def node_config(actor_id: str, node: str) -> ActorConfig:
+    return ActorConfig(actor_id=actor_id, node=node, heartbeat_interval=0.1, liveness=5,
+                       grace_period=2.0, linger=0.5)
+
+
+async def until(check, what: str, timeout: float = 10.0):
+    for _ in range(int(timeout / 0.02)):
+        if value := check():
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_router_credits_the_node_tiers_to_every_worker_of_the_node(tmp_path):
+    async def scenario():
+        router = RouterActor(node_config("router-0", "a"), RouterActorSettings(
+            endpoint="tcp://127.0.0.1:0", model_name="m", block_size=16))
+        async with router:
+            settings = CacheSettings(
+                endpoint="tcp://127.0.0.1:0", events_endpoint="tcp://127.0.0.1:0",
+                router_endpoint=router.endpoints["from_peers"], record_bytes=RECORD,
+                host_bytes=pool_bytes(8, RECORD), disk_path=str(tmp_path),
+                disk_bytes=16 * (RECORD + 40))
+            async with (
+                CacheActor(node_config("cache-0", "a"), settings) as cache,
+                RegisteredWorker(node_config("decode-0", "a")) as near,
+                RegisteredWorker(node_config("decode-1", "b")) as far,
+                RegisteredWorker(node_config("decode-2", "a")) as late,
+            ):
+                await until(lambda: router.cache_reports.get("cache-0"), "the cache report")
+                await near.register(router)
+                await far.register(router)
+                client = await near.attach(cache)
+                await offload(client, [1, 2, 3])
+                held = await until(lambda: router.index.num_blocks("decode-0", "host") == 3
+                                   and router.index.overlaps([1, 2, 3]), "host credit")
+                await late.register(router)  # joins after: the node's blocks are replayed
+                late_held = router.index.num_blocks("decode-2", "host")
+                status = await near.request(router.actor_id, StatusQuery(), timeout=5)
+            # the cache actor is gone: its blocks leave every worker's entry
+            cleared = await until(lambda: "cache-0" not in router.cache_blocks
+                                  and router.index.num_blocks("decode-0") == 0, "forgetting")
+            return held, late_held, status, cleared
+
+    held, late_held, status, cleared = asyncio.run(scenario())
+    # decode-0 (node a) holds the three blocks in its node's host tier; decode-1 is on
+    # node b, whose tiers are others
+    assert {worker: overlap.host for worker, overlap in held.items()} == {"decode-0": 3}
+    assert late_held == 3
+    cache_row = next(a for a in status.actors if a.actor_id == "cache-0")
+    assert cache_row.role == "cache" and cache_row.pid > 0
+    assert cleared
+
+
+def test_router_learns_the_blocks_a_restarted_cache_kept_on_disk(tmp_path):
+    async def scenario():
+        settings = CacheSettings(
+            endpoint="tcp://127.0.0.1:0", events_endpoint="tcp://127.0.0.1:0",
+            router_endpoint=None, record_bytes=RECORD, host_bytes=pool_bytes(2, RECORD),
+            disk_path=str(tmp_path), disk_bytes=16 * (RECORD + 40))
+        async with CacheActor(node_config("cache-0", "a"), settings) as cache, \
+                Worker(node_config("decode-0", "a")) as worker:
+            client = await worker.attach(cache)
+            for block_hash in (1, 2, 3, 4):  # 2 host slots: 1 and 2 are demoted to disk
+                await offload(client, [block_hash])
+                await until(lambda h=block_hash: h in cache.store.held("host"), "commit")
+        router = RouterActor(node_config("router-0", "a"), RouterActorSettings(
+            endpoint="tcp://127.0.0.1:0", model_name="m", block_size=16))
+        async with router, RegisteredWorker(node_config("decode-0", "a")) as worker:
+            await worker.register(router)
+            restarted = CacheSettings(**{**settings.__dict__,
+                                         "router_endpoint": router.endpoints["from_peers"]})
+            async with CacheActor(node_config("cache-0", "a"), restarted):
+                return await until(lambda: router.index.num_blocks("decode-0", "disk") >= 2
+                                   and router.index.num_blocks("decode-0", "disk"),
+                                   "the snapshot")
+
+    assert asyncio.run(scenario()) == 2
