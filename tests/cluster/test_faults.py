@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from kvmesh import Engine, SamplingParams
+from kvmesh import SamplingParams
 from kvmesh.bench.cluster import start_cluster
 
 
@@ -29,14 +29,6 @@ def cluster(tmp_path_factory, tiny_model_dir):
     c.stop()
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return Engine.from_pretrained(tiny_model_dir, num_blocks=512)
-
-
-@pytest.fixture(scope="module")
-def model_name(cluster):
-    return httpx.get(f"{cluster.url}/v1/models").json()["data"][0]["id"]
 
 
 def actors(cluster) -> dict[str, dict]:

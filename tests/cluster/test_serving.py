@@ -10,7 +10,7 @@ import httpx
 import pytest
 import zmq
 
-from kvmesh import Engine, SamplingParams
+from kvmesh import SamplingParams
 
 
 def make_prompt(n: int, seed: int) -> list[int]:
@@ -22,10 +22,6 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return Engine.from_pretrained(tiny_model_dir, num_blocks=256)
-
 
 @pytest.fixture(scope="module")
 def openai_client(cluster):
@@ -33,10 +29,6 @@ def openai_client(cluster):
 
     return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
 
-
-@pytest.fixture(scope="module")
-def model_name(cluster):
-    return httpx.get(f"{cluster.url}/v1/models").json()["data"][0]["id"]
 
 
 def metric(cluster, name: str) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kvmesh import Engine, SamplingParams
+from kvmesh import SamplingParams
 from kvmesh.bench.cluster import start_cluster
 from kvmesh.cache.host_tier import pool_bytes
 
@@ -43,14 +43,6 @@ def cluster(tmp_path_factory, tiny_model_dir, disk_dir):
     assert c.stop() == 0
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return Engine.from_pretrained(tiny_model_dir, num_blocks=512)
-
-
-@pytest.fixture(scope="module")
-def model_name(cluster):
-    return httpx.get(f"{cluster.url}/v1/models").json()["data"][0]["id"]
 
 
 def make_prompt(seed: int) -> list[int]:
