@@ -55,7 +55,7 @@ from kvmesh.protocol import (
     Error,
     RegisterCache,
 )
-from kvmesh.transport import shm
+from kvmesh.transport.segment import segment_name
 
 log = structlog.get_logger(__name__)
 
@@ -101,7 +101,7 @@ class CacheActor(Actor):
 
     async def setup(self) -> None:
         s = self.settings
-        host = HostTier.create(shm.segment_name(f"kv-{self.actor_id}"), s.record_bytes,
+        host = HostTier.create(segment_name(f"kv-{self.actor_id}"), s.record_bytes,
                                s.host_bytes, s.host_eviction)
         try:
             disk = None

@@ -40,7 +40,7 @@ import numpy as np
 import xxhash
 
 from kvmesh.cache.eviction import make_policy
-from kvmesh.transport import shm
+from kvmesh.transport.segment import SharedSegment
 
 HEADER_WORDS = 4
 GEN, HASH, LENGTH, CHECKSUM = range(HEADER_WORDS)
@@ -93,13 +93,13 @@ class HostTier:
     Out of slots (all being written) is a normal answer: `allocate` returns None.
     """
 
-    def __init__(self, segment: shm.SharedSegment, num_slots: int, record_bytes: int,
+    def __init__(self, segment: SharedSegment, num_slots: int, record_bytes: int,
                  policy: str | None) -> None:
         self.segment = segment
         self.num_slots = num_slots
         self.record_bytes = record_bytes
         self.owner = segment.owner
-        pool = segment.pool.numpy()
+        pool = segment.pool
         table = _round_up(num_slots * HEADER_BYTES, TABLE_ALIGN)
         stride = _round_up(record_bytes, PAYLOAD_ALIGN)
         self._headers = pool[: num_slots * HEADER_BYTES].view(np.uint64).reshape(
@@ -126,7 +126,7 @@ class HostTier:
                 f"of {record_bytes} bytes")
         # Not populated: a process maps the pages it touches (the owner, the slot
         # headers; a worker, the slots it reads and writes), not the whole tier.
-        segment = shm.SharedSegment.create(name, pool_bytes(num_slots, record_bytes),
+        segment = SharedSegment.create(name, pool_bytes(num_slots, record_bytes),
                                            populate=False)
         return cls(segment, num_slots, record_bytes, policy)
 
@@ -134,7 +134,7 @@ class HostTier:
     def attach(cls, info: HostTierInfo) -> HostTier:
         """A worker's view of the owner's tier (FileNotFoundError / ValueError as
         SharedSegment.attach)."""
-        segment = shm.SharedSegment.attach(
+        segment = SharedSegment.attach(
             info.shm_name, info.shm_token, pool_bytes(info.num_slots, info.record_bytes),
             populate=False)
         return cls(segment, info.num_slots, info.record_bytes, policy=None)

@@ -59,7 +59,7 @@ from kvmesh.cache.host_tier import HostTier
 from kvmesh.cache.store import STORE_TIERS, Hit, TieredStore
 from kvmesh.gpu.kv_pack import pack_blocks, unpack_records
 from kvmesh.protocol import KVEvent
-from kvmesh.transport import shm
+from kvmesh.transport.segment import segment_name
 
 # A block found outside the pool: its hash, where it is now, and the tier it was found
 # in (for the counters). The host slot of a TieredStore hit is all a worker needs to
@@ -222,7 +222,7 @@ class LocalTieredConnector(HostSlotConnector):
                  disk_dir: str | os.PathLike | None = None, disk_bytes: int = 0,
                  policy: str = "lru") -> None:
         super().__init__(record_bytes)
-        host = HostTier.create(shm.segment_name("kv-connector"), record_bytes, host_bytes, policy)
+        host = HostTier.create(segment_name("kv-connector"), record_bytes, host_bytes, policy)
         try:
             disk = None if disk_dir is None else DiskTier(disk_dir, record_bytes, disk_bytes,
                                                           policy)

@@ -96,7 +96,7 @@ def allocate_shared_pool(
     """A zeroed pool in a new shared-memory segment named for actor_id: per-layer views,
     and the segment to hand to KVDataPlane (which unlinks it on close)."""
     segment = SharedSegment.create(shm.segment_name(actor_id), layout.pool_bytes)
-    kv_caches = kv_caches_from_buffer(segment.pool, layout, layout.num_blocks,
+    kv_caches = kv_caches_from_buffer(torch.from_numpy(segment.pool), layout, layout.num_blocks,
                                       layout.block_size, layout.dtype)
     return kv_caches, segment
 
@@ -335,7 +335,7 @@ class KVDataPlane:
         except (OSError, ValueError) as exc:
             why["shm"] = f"its segment does not map here ({exc})"
             return None
-        caches = kv_caches_from_buffer(segment.pool, layout, layout.num_blocks,
+        caches = kv_caches_from_buffer(torch.from_numpy(segment.pool), layout, layout.num_blocks,
                                        layout.block_size, layout.dtype)
         return ShmLink(self.channel, peer, segment, caches)
 

@@ -1,38 +1,22 @@
-"""Same-host KV transfer: the receiver's pool lives in a POSIX shared-memory segment; a
-sender maps it and copies its source blocks straight into the destination blocks (one
-copy in all, no staging buffer).
+"""Same-host KV transfer: the receiver's pool lives in a POSIX shared-memory segment
+(kvmesh.transport.segment); a sender maps it and copies its source blocks straight into
+the destination blocks (one copy in all, no staging buffer).
 
-One segment per receiving actor, /dev/shm/kvmesh-<actor>-<pid>-<random>:
+One segment per receiving actor, its pool laid out layer after layer:
 
     0            HEADER_BYTES                                      HEADER_BYTES + pool
     [magic|token][ layer 0 | layer 1 | ... | layer L-1 ]
                    each [2, num_blocks, block_size, num_kv_heads, head_dim]
 
-The token is random per segment and travels in KvPoolInfo too: a sender that opens a
-segment of that name checks it, so a same-named segment in another host's (or
-container's) /dev/shm is never taken for the peer's pool.
-
-Cleanup: the owner unlinks on close. If it dies without closing (SIGKILL), the
-multiprocessing resource tracker, a helper process that outlives it, unlinks the name
-(processes started by multiprocessing share their parent's tracker, which waits for all
-of them: a supervisor calls unlink_segments_of(pid) when one of them dies).
-A mapping stays valid after unlink, so a sender attached to a dead receiver never faults.
-Space is reserved at create (posix_fallocate): a full /dev/shm is a clear error then,
-not a SIGBUS on the first write into a hole.
+The segment's name and token travel in KvPoolInfo; cleanup, the token check and the
+space reservation are the segment module's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import mmap
-import os
-import re
-import secrets
 from collections.abc import Iterator
-from multiprocessing import resource_tracker
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -41,139 +25,21 @@ from numba import njit, prange
 
 # copy_blocks belongs next to pack_blocks; until it moves there it shares kv_pack's checks.
 from kvmesh.gpu.kv_pack import _as_words, _check_caches
+from kvmesh.transport.segment import (  # noqa: F401  (shm.X names kept for callers)
+    HEADER_BYTES,
+    SHM_DIR,
+    SharedSegment,
+    available,
+    segment_name,
+    unlink_segments_of,
+)
 
-SHM_DIR = Path("/dev/shm")
 # numba threads per data plane copy. One: a parallel copy waits at its barrier for every
 # thread, and on a busy host (the engine, ZeroMQ and UCX threads, other actors) a
 # descheduled one stalls it: measured on 2 cores next to one busy process, a 64 MiB
 # copy's median fell from 18 GB/s (1 thread) to 9.5, its worst to 0.6 (2 threads).
 # Quiet, one thread copies at 0.85-0.9x np.copyto (itself one thread).
 COPY_THREADS = 1
-MAGIC = b"kvmesh-kv-pool\x00\x01"
-TOKEN_BYTES = 16
-HEADER_BYTES = 4096  # keeps the pool page-aligned
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-def available() -> bool:
-    """Whether this host has POSIX shared memory at SHM_DIR (Linux)."""
-    return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
-
-
-def segment_name(actor_id: str) -> str:
-    """A fresh name for actor_id's segment: unique per process and per call."""
-    return f"kvmesh-{_UNSAFE.sub('_', actor_id)[:64]}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def unlink_segments_of(pid: int) -> list[str]:
-    """Unlink the segments a dead process `pid` created; returns their names. For a
-    supervisor that started actors with multiprocessing: they share its resource
-    tracker, which cleans up only once every process sharing it has exited."""
-    names = []
-    for path in SHM_DIR.glob(f"kvmesh-*-{pid}-*"):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            names.append(path.name)
-    return names
-
-
-class SharedSegment:
-    """One mapped shared-memory segment: `pool` is the flat uint8 view after the header.
-
-    `create` makes and owns it (unlinked on close, or by the resource tracker on crash);
-    `attach` maps a peer's, checking its token.
-    """
-
-    def __init__(self, name: str, mapping: mmap.mmap, token: bytes, owner: bool) -> None:
-        self.name = name
-        self.token = token
-        self.owner = owner
-        self._mapping = mapping
-        self.pool = torch.frombuffer(mapping, dtype=torch.uint8, offset=HEADER_BYTES)
-
-    @classmethod
-    def create(cls, name: str, pool_bytes: int, *, populate: bool = True) -> SharedSegment:
-        """A new segment holding pool_bytes of zeros, space reserved up front. populate:
-        map every page now (see _map); False leaves this process's page tables to fill
-        as pages are touched (a large tier that one process barely touches)."""
-        path = SHM_DIR / name
-        size = HEADER_BYTES + pool_bytes
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            _track(name)
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
-                raise MemoryError(
-                    f"cannot reserve {size} bytes of shared memory in {SHM_DIR} for the KV "
-                    f"pool ({free} free): enlarge {SHM_DIR} (docker --shm-size) or set the "
-                    "data plane backend to 'zmq'"
-                ) from None
-            mapping = _map(fd, size, populate)
-        except BaseException:
-            os.close(fd)
-            _unlink(name)
-            raise
-        os.close(fd)
-        token = secrets.token_bytes(TOKEN_BYTES)
-        mapping[: len(MAGIC) + TOKEN_BYTES] = MAGIC + token
-        return cls(name, mapping, token, owner=True)
-
-    @classmethod
-    def attach(cls, name: str, token: bytes, pool_bytes: int, *,
-               populate: bool = True) -> SharedSegment:
-        """Map a peer's segment. Raises FileNotFoundError when this host has no segment
-        of that name, ValueError when it is not the peer's (token) or not of pool_bytes."""
-        if not name or "/" in name:
-            raise ValueError(f"shm_name must be a plain segment name, got {name!r}")
-        fd = os.open(SHM_DIR / name, os.O_RDWR)
-        try:
-            size = os.fstat(fd).st_size
-            if size != HEADER_BYTES + pool_bytes:
-                raise ValueError(
-                    f"shm segment {name!r} holds {size - HEADER_BYTES} pool bytes; the peer's "
-                    f"KvPoolInfo describes {pool_bytes}"
-                )
-            mapping = _map(fd, size, populate)
-        finally:
-            os.close(fd)
-        if mapping[: len(MAGIC) + TOKEN_BYTES] != MAGIC + token:
-            mapping.close()
-            raise ValueError(f"shm segment {name!r} is not the peer's pool (token differs)")
-        return cls(name, mapping, token, owner=False)
-
-    def close(self) -> None:
-        """Unlink (owner) and unmap. Tensors still viewing the pool keep the mapping
-        alive until they go; the name is gone at once. Closing twice is harmless."""
-        if self.owner and self.name is not None:
-            _unlink(self.name)
-        self.name = None
-        self.pool = None
-        try:
-            self._mapping.close()
-        except BufferError:
-            pass  # views of the pool are alive; the mapping goes with the last of them
-
-
-def _map(fd: int, size: int, populate: bool = True) -> mmap.mmap:
-    # MAP_POPULATE: the page tables are built now, not by faults in the first transfer.
-    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-
-
-def _track(name: str) -> None:
-    resource_tracker.register(f"/{name}", "shared_memory")
-
-
-def _unlink(name: str) -> None:
-    try:
-        os.unlink(SHM_DIR / name)
-    except FileNotFoundError:
-        pass
-    resource_tracker.unregister(f"/{name}", "shared_memory")
 
 
 class ShmLink:

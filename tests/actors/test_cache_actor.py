@@ -6,6 +6,8 @@ slots reserved gets them released."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -250,3 +252,15 @@ def test_router_learns_the_blocks_a_restarted_cache_kept_on_disk(tmp_path):
                                    "the snapshot")
 
     assert asyncio.run(scenario()) == 2
+
+
+def test_the_cache_actor_runs_without_torch(tmp_path, tiny_model_dir):
+    # It maps segments and moves files; loading torch would cost it ~300 MiB of RSS.
+    code = ("import sys\n"
+            "from kvmesh.actors.roles import build_actor\n"
+            "from kvmesh.config import load_config\n"
+            f"cfg = load_config(overrides=['model.path={tiny_model_dir}'])\n"
+            "actor = build_actor(cfg, 'cache-0')\n"
+            "assert actor.settings.record_bytes == 32768, actor.settings\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
