@@ -1,0 +1,150 @@
+"""The address book (every actor's id, node, device and endpoints, derived the same way
+by every process from the same config) and the rules across keys that no single key's
+type can state: nodes, roles, devices, addresses, ports (see kvmesh.config)."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import re
+from collections import Counter
+from pathlib import Path
+
+from kvmesh.config.schema import ActorSpec, ClusterConfig, ConfigError, host_port, shown
+
+ENGINE_ROLES = ("prefill", "decode")  # the roles that run a model on a device
+REQUIRED_ROLES = ("frontend", "router", "decode")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+PORTS_PER_ACTOR = 2  # endpoint (ROUTER) and events_endpoint (PUB)
+UNIX_PATH_MAX = 107  # bytes of a Unix socket path (sun_path less its NUL)
+
+
+def expand(cfg: ClusterConfig) -> list[tuple[str, ActorSpec]]:
+    """(key of the [[nodes.actors]] entry, spec) for every actor, in address book order."""
+    book: list[tuple[str, ActorSpec]] = []
+    counts: Counter[str] = Counter()
+    for n, node in enumerate(cfg.nodes):
+        named = {int(m[1]) for g in node.actors if (m := re.fullmatch(r"cuda:(\d+)", g.device))}
+        free_gpus = (k for k in itertools.count() if k not in named)
+        for a, group in enumerate(node.actors):
+            for _ in range(group.count):
+                actor_id = f"{group.role}-{counts[group.role]}"
+                counts[group.role] += 1
+                device = f"cuda:{next(free_gpus)}" if group.device == "cuda" else group.device
+                if cfg.cluster.ipc_dir:
+                    path = Path(cfg.cluster.ipc_dir) / actor_id
+                    connect = bind = [f"ipc://{path}", f"ipc://{path}.events"]
+                else:
+                    port = cfg.cluster.base_port + PORTS_PER_ACTOR * len(book)
+                    connect = [f"tcp://{host_port(node.address, port + k)}" for k in (0, 1)]
+                    bind = [f"tcp://{host_port(cfg.cluster.host, port + k)}" for k in (0, 1)]
+                book.append((f"nodes.{n}.actors.{a}", ActorSpec(
+                    actor_id, group.role, node.name, device, group.max_num_seqs,
+                    group.max_num_batched_tokens, *connect, *bind)))
+    return book
+
+
+def check(cfg: ClusterConfig, where: str = "") -> None:
+    """The rules no single key can break: nodes, roles, devices, addresses, ports."""
+
+    def fail(key: str, problem: str) -> None:
+        raise ConfigError(f"{where}{key}: {problem}", key)
+
+    if not cfg.nodes:
+        fail("nodes", "expected at least one [[nodes]] table, got none")
+    first: dict[str, int] = {}
+    for n, node in enumerate(cfg.nodes):
+        if not NAME.fullmatch(node.name):
+            fail(f"nodes.{n}.name", "expected a name of letters, digits, '.', '_' and '-', "
+                 f"got {shown(node.name)}")
+        if node.name in first:
+            fail(f"nodes.{n}.name", f"duplicate node name {shown(node.name)} (also "
+                 f"nodes.{first[node.name]}.name); expected a name unique in the cluster")
+        first[node.name] = n
+        if not node.address:
+            fail(f"nodes.{n}.address", 'expected a host name or IP address, got ""')
+        if not node.actors:
+            fail(f"nodes.{n}.actors", "expected at least one [[nodes.actors]] table, got none")
+        for a, group in enumerate(node.actors):
+            key = f"nodes.{n}.actors.{a}.device"
+            if not DEVICE.fullmatch(group.device):
+                fail(key, f'expected "cpu", "cuda" or "cuda:N", got {shown(group.device)}')
+            if group.role not in ENGINE_ROLES and group.device != "cpu":
+                fail(key, f'a {group.role} runs no model; expected "cpu", '
+                     f"got {shown(group.device)}")
+        caches = sum(group.count for group in node.actors if group.role == "cache")
+        if caches > 1:
+            fail(f"nodes.{n}.actors", f"{caches} cache actors on node {shown(node.name)}; "
+                 "expected at most one per node")
+    book = expand(cfg)
+    roles = Counter(spec.role for _, spec in book)
+    for role in REQUIRED_ROLES:
+        if not roles[role]:
+            fail("nodes", f"no {role} actor; expected at least one [[nodes.actors]] with "
+                 f'role = "{role}" and count >= 1')
+    if roles["router"] > 1:
+        second = next(key for key, spec in book if spec.actor_id == "router-1")
+        fail(second, f"{roles['router']} routers; expected exactly one in the cluster")
+    if roles["cache"] and cfg.kv.host_gb <= 0:
+        cache = next(key for key, spec in book if spec.role == "cache")
+        fail("kv.host_gb", f"expected > 0 where a cache actor runs ({cache}: its host tier "
+             f"is where workers offload to, and disk blocks are read back through it), "
+             f"got {cfg.kv.host_gb}")
+    if cfg.kv.disk_gb > 0 and not cfg.kv.disk_path:
+        fail("kv.disk_path", f"expected a directory when kv.disk_gb > 0 (it is "
+             f'{cfg.kv.disk_gb}), got ""')
+    check_network(cfg, book, fail)
+
+
+def check_network(cfg: ClusterConfig, book: list[tuple[str, ActorSpec]], fail) -> None:
+    settings = cfg.cluster
+    address = {node.name: node.address for node in cfg.nodes}
+    if is_loopback(settings.host):
+        for n, node in enumerate(cfg.nodes):
+            if not is_loopback(node.address):
+                fail("cluster.host", f"{shown(settings.host)} accepts connections from this "
+                     f"host only, but nodes.{n}.address is {shown(node.address)}; expected "
+                     'an address other hosts reach, such as "0.0.0.0"')
+    taken: dict[tuple[str, int], str] = {}
+    if settings.ipc_dir:
+        if len(set(address.values())) > 1:
+            fail("cluster.ipc_dir", f"ipc:// reaches one host only, but the nodes have "
+                 f"addresses {', '.join(sorted(set(address.values())))}; expected \"\" "
+                 "(tcp://) or every node on one address")
+        longest = max(len(spec.events_bind.encode()) - len("ipc://") for _, spec in book)
+        if longest > UNIX_PATH_MAX:
+            fail("cluster.ipc_dir", f"{shown(settings.ipc_dir)} makes socket paths of "
+                 f"{longest} bytes; expected a directory whose paths fit in {UNIX_PATH_MAX}")
+    else:
+        num_ports = PORTS_PER_ACTOR * len(book)
+        last = settings.base_port + num_ports - 1
+        if last > 65535:
+            fail("cluster.base_port", f"{settings.base_port} gives the {len(book)} actors "
+                 f"ports up to {last}; expected an integer from 1 to {65536 - num_ports}")
+        for i in range(num_ports):
+            spec = book[i // PORTS_PER_ACTOR][1]
+            taken[address[spec.node], settings.base_port + i] = spec.actor_id
+    http_port = cfg.frontend.http_port
+    serving: dict[tuple[str, int], str] = {}  # frontends' HTTP (address, port)
+    for key, spec in book:
+        if spec.role != "frontend":
+            continue
+        place = (address[spec.node], http_port)
+        if place in serving:
+            fail(key, f"{spec.actor_id} would serve HTTP on {host_port(*place)} like "
+                 f"{serving[place]}; expected one frontend per node address")
+        if place in taken:
+            fail("frontend.http_port", f"{http_port} on {place[0]} is also the port of "
+                 f"{taken[place]} (actors have ports from cluster.base_port = "
+                 f"{settings.base_port}); expected another port")
+        serving[place] = spec.actor_id
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
