@@ -99,7 +99,7 @@ def run_conversations(engine, workload: MultiTurn, messages: list[list[list[int]
     import numpy as np
 
     history: list[list[int]] = [[] for _ in messages]
-    ttfts, outputs, cached, prompt_tokens = [], [], 0, 0
+    ttfts, outputs, texts, cached, prompt_tokens = [], [], [], 0, 0
     start = time.perf_counter()
     for turn in range(workload.turns):
         for chat, chat_messages in enumerate(messages):
@@ -108,6 +108,7 @@ def run_conversations(engine, workload: MultiTurn, messages: list[list[list[int]
             history[chat] = prompt + out.token_ids
             ttfts.append(ttft)
             outputs.append(out.token_ids)
+            texts.append(out.text)
             cached += out.num_cached_tokens
             prompt_tokens += len(prompt)
     return {
@@ -119,6 +120,7 @@ def run_conversations(engine, workload: MultiTurn, messages: list[list[list[int]
         "ttft_p90_s": float(np.percentile(ttfts, 90)),
         "ttft_s": ttfts,
         "outputs": outputs,
+        "texts": texts,
     }
 
 
@@ -135,7 +137,7 @@ def make_connector(record_bytes: int, host_blocks: int, disk_dir: str | None = N
 
 def bench_tiers(model_path: str | None, seed: int, threads: int | None, workload: MultiTurn,
                 pool_blocks: int, host_blocks: int | None = None, repeats: int = 1,
-                disk_dir: str | None = None) -> dict:
+                disk_dir: str | None = None, cluster: bool = False) -> dict:
     """Every configuration on the same workload; see the module doc."""
     import torch
 
@@ -166,10 +168,17 @@ def bench_tiers(model_path: str | None, seed: int, threads: int | None, workload
     bench.disk_root = Path(tempfile.mkdtemp(prefix="kvmesh-bench-tiers-", dir=disk_dir))
     try:
         bench.warm_up()
-        best, equal = bench.rounds(workload, workload.user_messages(config.vocab_size, seed),
-                                   tiers, repeats)
+        messages = workload.user_messages(config.vocab_size, seed)
+        best, equal = bench.rounds(workload, messages, tiers, repeats)
     finally:
         shutil.rmtree(bench.disk_root, ignore_errors=True)
+    through_clusters = None
+    if cluster:
+        from kvmesh.bench.tiers_cluster import bench_tiers_cluster
+
+        through_clusters = bench_tiers_cluster(
+            Path(path), messages, bench.reference, workload.turns, workload.output_tokens,
+            pool_blocks, tiers, bench.record_bytes, disk_dir)
     device = best["device"]
     return {
         "model": path,
@@ -189,6 +198,7 @@ def bench_tiers(model_path: str | None, seed: int, threads: int | None, workload
         "greedy_outputs_equal_device": equal,
         "greedy_outputs_all_equal": all(n == workload.conversations * workload.turns
                                         for n in equal.values()),
+        "cluster": through_clusters,
     }
 
 
@@ -202,6 +212,7 @@ class TiersBench:
         self.pool_blocks = pool_blocks
         self.record_bytes = record_bytes
         self.disk_root = Path(tempfile.gettempdir())
+        self.reference: tuple[list[list[int]], list[str]] | None = None
 
     def run(self, workload: MultiTurn, messages, host_blocks: int, disk_blocks: int,
             name: str, pool_blocks: int | None = None) -> dict:
@@ -251,8 +262,10 @@ class TiersBench:
             for name, (host_blocks, disk_blocks) in tiers.items():
                 result = self.run(workload, messages, host_blocks, disk_blocks, name)
                 outputs = result.pop("outputs")
+                texts = result.pop("texts")
                 if reference is None:
                     reference = outputs
+                    self.reference = (outputs, texts)  # device only's: what --cluster replays
                 elif name != "device":
                     same = sum(a == b for a, b in zip(reference, outputs, strict=True))
                     equal[name] = min(equal.get(name, same), same)
@@ -292,6 +305,10 @@ def report(result: dict) -> str:
         f"{result['target_ttft_mean_host_disk_vs_device']}x); greedy outputs equal to "
         f"device only: host {equal['host']}/{result['requests']}, "
         f"host_disk {equal['host_disk']}/{result['requests']}")
+    if result.get("cluster"):
+        from kvmesh.bench.tiers_cluster import report_cluster
+
+        lines.append(report_cluster(result["cluster"]))
     return "\n".join(lines)
 
 
@@ -319,14 +336,18 @@ def report(result: dict) -> str:
               help="Rounds of every configuration; each keeps its best round.")
 @click.option("--disk-dir", type=click.Path(file_okay=False), default=None,
               help="Parent of the disk tier's temp dir, deleted after [default: the system's].")
+@click.option("--cluster", is_flag=True,
+              help="Also replay the chats through real clusters (`kvmesh up`: one decode "
+                   "worker, the cache actor holding the tiers), one per configuration.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
               help="Also write the results to this JSON file.")
 def tiers_command(model_path, seed, threads, conversations, turns, first_tokens, user_tokens,
-                  output_tokens, pool_blocks, host_blocks, repeats, disk_dir, json_file) -> None:
+                  output_tokens, pool_blocks, host_blocks, repeats, disk_dir, cluster,
+                  json_file) -> None:
     """Tiered KV cache on multi-turn chats: device only vs + host vs + host + disk."""
     workload = MultiTurn(conversations, turns, first_tokens, user_tokens, output_tokens)
     result = bench_tiers(model_path, seed, threads, workload, pool_blocks, host_blocks,
-                         repeats, disk_dir)
+                         repeats, disk_dir, cluster)
     click.echo(report(result))
     if json_file:
         Path(json_file).write_text(json.dumps(result, indent=2))

@@ -97,3 +97,24 @@ def test_pool_too_small_is_a_clear_error(tiny_model_dir, tmp_path):
     assert result.exit_code == 2
     assert "--pool-blocks" in result.output
     assert not out_file.exists()
+
+
+def test_through_clusters_the_cache_actor_serves_the_same_prefixes(tiny_model_dir, tmp_path):
+    # The same chats through `kvmesh up` clusters, the tiers held by the cache actor:
+    # every reply equals the in-process Engine's, and the cache actor brings back exactly
+    # the prefixes the in-process tiers did.
+    result, out_file = run_bench(tiny_model_dir, tmp_path, *SMALL, "--repeats", "1",
+                                 "--disk-dir", str(tmp_path / "disk"), "--cluster")
+    assert result.exit_code == 0, result.output
+    assert "through clusters" in result.output
+    clusters = json.loads(out_file.read_text())["cluster"]
+    device, host, host_disk = (clusters["configs"][name]
+                               for name in ("device", "host", "host_disk"))
+    for config in (device, host, host_disk):
+        assert config["outputs_equal_engine"] == NUM_REQUESTS
+        assert config["prompt_tokens"] == PROMPT_TOKENS
+    assert device["cached_tokens"] < WHOLE_PREFIX_CACHED
+    assert host["cached_tokens"] == host_disk["cached_tokens"] == WHOLE_PREFIX_CACHED
+    assert "nodes.0.actors.4.count=0" in device["overrides"]
+    assert any(o.startswith("kv.disk_gb=") for o in host_disk["overrides"])
+    assert list((tmp_path / "disk").iterdir()) == []
