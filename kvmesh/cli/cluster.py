@@ -61,7 +61,8 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
 
     \b
     With no options: one machine, CPU, the bundled tiny model (made on first use),
-    a frontend + router, 1 prefill and 2 decode workers, serving on
+    a frontend + router, 1 prefill and 2 decode workers, and the cache actor (a
+    0.5 GiB host-DRAM KV tier the workers share), serving on
     http://127.0.0.1:8000/v1 (OpenAI API).
     """
     from kvmesh.launcher import Launcher
