@@ -220,7 +220,9 @@ class RouterActor(Actor):
     async def on_route_request(self, msg: RouteRequest, inbound) -> Placement | Error:
         """Place one request: decode worker, and prefill worker or local prefill."""
         try:
-            workers = [w for w in self.workers.values() if w.worker_id not in msg.exclude]
+            # a worker out of `peers` is dead, its death hook not yet run: not a candidate
+            workers = [w for w in self.workers.values()
+                       if w.worker_id not in msg.exclude and w.worker_id in self.peers]
             placed = self.policy.choose(msg.block_hashes, msg.num_prompt_tokens,
                                         self.settings.block_size, workers, self.index)
         except NoWorkerError as exc:

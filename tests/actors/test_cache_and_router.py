@@ -1,7 +1,8 @@
-"""The cache actor with real ZeroMQ sockets, in one process: a worker attaches to its
-host tier, offloads blocks through reserved slots, looks them up again (from host, and
-promoted from disk), is refused with other block records, and a worker that dies with
-slots reserved gets them released."""
+"""The cache actor and the router actor with real ZeroMQ sockets, in one process: a worker
+attaches to the cache's host tier, offloads blocks through reserved slots, looks them up
+again (from host, and promoted from disk), is refused with other block records; a worker
+that dies with slots reserved gets them released; the router credits a node's tiers to
+that node's workers, and never places a request on a worker declared dead."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import zmq
 
 from kvmesh.actors.base import Actor, ActorConfig, RemoteError
 from kvmesh.actors.cache import CacheActor, CacheClient, CacheSettings
+from kvmesh.actors.peers import Inbound, Route
 from kvmesh.actors.router import RouterActor, RouterActorSettings
 from kvmesh.cache.host_tier import pool_bytes
 from kvmesh.engine.kv_connector import CacheActorConnector
-from kvmesh.protocol import CacheAttach, RegisterWorker, StatusQuery
+from kvmesh.protocol import CacheAttach, RegisterWorker, RouteRequest, StatusQuery
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -264,3 +266,26 @@ def test_the_cache_actor_runs_without_torch(tmp_path, tiny_model_dir):
             "assert actor.settings.record_bytes == 32768, actor.settings\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
+
+
+def test_a_worker_declared_dead_is_never_placed_before_its_hook_runs():
+    # Between the heartbeat declaring a worker dead and the router's hook dropping it from
+    # the registry, a RouteRequest must not pick it (its endpoint is gone with the peer).
+    async def scenario():
+        router = RouterActor(node_config("router-0", "a"), RouterActorSettings(
+            endpoint="tcp://127.0.0.1:0", model_name="m", block_size=16))
+        async with (router, RegisteredWorker(node_config("decode-0", "a")) as alive,
+                    RegisteredWorker(node_config("decode-1", "a")) as dying):
+            await alive.register(router)
+            await dying.register(router)
+            placements = []
+            router.peers.declare_dead(router.peers["decode-1"], "test")
+            assert "decode-1" in router.workers  # its hook has not run yet
+            for n in range(4):
+                inbound = Inbound(Route("from_peers"), "frontend-0", [])
+                placements.append(await router.on_route_request(RouteRequest(
+                    request_id=f"r{n}", block_hashes=[], num_prompt_tokens=16), inbound))
+            return placements
+
+    placements = asyncio.run(scenario())
+    assert [p.decode for p in placements] == ["decode-0"] * 4
