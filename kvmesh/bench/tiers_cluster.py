@@ -20,16 +20,19 @@ usage.prompt_tokens_details.cached_tokens / prompt tokens.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
 from kvmesh.bench.cluster import start_cluster
-from kvmesh.bench.trace import stats
+from kvmesh.bench.trace import (
+    FIRST_TOKEN_ID,
+    StreamRecord,
+    http_client,
+    stats,
+    stream_completion,
+)
 
 CACHE_GROUP = 4  # the default node's [[nodes.actors]] entry of the cache actor
 
@@ -64,26 +67,16 @@ def cluster_overrides(name: str, pool_blocks: int, host_blocks: int, disk_blocks
     return overrides
 
 
-def serve_streaming(http: httpx.Client, model: str, prompt: list[int],
-                    max_tokens: int) -> tuple[float, str, int]:
-    """One streaming completion: (seconds to its first token's event, text, cached tokens)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    ttft, text, cached = None, "", 0
-    with http.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: "):])
-            if event.get("choices"):
-                if ttft is None:
-                    ttft = time.perf_counter() - start
-                text += event["choices"][0]["text"]
-            if event.get("usage"):
-                cached = event["usage"]["prompt_tokens_details"]["cached_tokens"]
-    return ttft, text, cached
+async def replay_in_order(url: str, prompts: list[list[int]], max_tokens: int
+                          ) -> list[StreamRecord]:
+    """Every prompt as a streaming completion, one at a time, in order (after one small
+    request that connects the frontend to the worker)."""
+    async with http_client(url) as http:
+        model = (await http.get("/v1/models")).json()["data"][0]["id"]
+        await stream_completion(http, model, [FIRST_TOKEN_ID] * 3, 2)
+        # logprobs: every token is an event, so the first one is timed even without text
+        return [await stream_completion(http, model, prompt, max_tokens, logprobs=True)
+                for prompt in prompts]
 
 
 def run_cluster(name: str, model_path: Path, overrides: list[str], prompts: list[list[int]],
@@ -91,18 +84,16 @@ def run_cluster(name: str, model_path: Path, overrides: list[str], prompts: list
     """One configuration's cluster serving every prompt in order."""
     cluster = start_cluster(work_dir, model_path, *overrides)
     try:
-        with httpx.Client(base_url=cluster.url, timeout=120) as http:
-            model = http.get("/v1/models").json()["data"][0]["id"]
-            serve_streaming(http, model, [1, 2, 3], 2)  # connects frontend and worker
-            ttfts, cached, equal = [], 0, 0
-            for prompt, expected in zip(prompts, texts, strict=True):
-                ttft, text, num_cached = serve_streaming(http, model, prompt, max_tokens)
-                ttfts.append(ttft)
-                cached += num_cached
-                equal += text == expected
+        records = asyncio.run(replay_in_order(cluster.url, prompts, max_tokens))
     finally:
         cluster.stop()
+    failed = [r.error for r in records if r.error is not None]
+    if failed:
+        raise RuntimeError(f"{name}: {len(failed)} requests failed, e.g. {failed[0]}")
     prompt_tokens = sum(len(p) for p in prompts)
+    cached = sum(r.usage["prompt_tokens_details"]["cached_tokens"] for r in records)
+    equal = sum(r.text == expected for r, expected in zip(records, texts, strict=True))
+    ttfts = [r.ttft for r in records]
     return {"hit_rate": cached / prompt_tokens, "cached_tokens": cached,
             "prompt_tokens": prompt_tokens, "outputs_equal_engine": equal,
             **stats(ttfts, "ttft"), "ttft_s": ttfts, "overrides": overrides}
