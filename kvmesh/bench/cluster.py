@@ -3,6 +3,7 @@ serving tests and `kvmesh bench serve`."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -50,6 +51,13 @@ class Cluster:
             text=True,
             timeout=timeout,
         )
+
+    def status(self) -> dict[str, dict]:
+        """`kvmesh status --json` by actor id (raises if the router does not answer)."""
+        proc = self.kvmesh("status", "--json")
+        if proc.returncode != 0:
+            raise RuntimeError(f"kvmesh status failed: {proc.stderr}")
+        return {row["actor"]: row for row in json.loads(proc.stdout)}
 
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:

@@ -31,10 +31,6 @@ def cluster(tmp_path_factory, tiny_model_dir):
 
 
 
-def actors(cluster) -> dict[str, dict]:
-    return {r["actor"]: r for r in json.loads(cluster.kvmesh("status", "--json").stdout)}
-
-
 class Stream(threading.Thread):
     """One streaming completion; records its text and how many chunks have arrived."""
 
@@ -88,7 +84,7 @@ def test_sigkill_of_a_decode_worker_loses_no_stream(cluster, model_name, engine)
     prompts = [make_prompt(40 + 10 * i, seed=100 + i) for i in range(16)]
     expected = engine.generate(prompts, SamplingParams(max_tokens=120, temperature=0.0,
                                                        ignore_eos=True))
-    victim = actors(cluster)["decode-0"]["pid"]
+    victim = cluster.status()["decode-0"]["pid"]
     streams = run_streams(cluster, model_name, prompts, 120,
                           during=lambda: os.kill(victim, signal.SIGKILL))
     assert [s.error for s in streams] == [None] * 16
@@ -97,7 +93,7 @@ def test_sigkill_of_a_decode_worker_loses_no_stream(cluster, model_name, engine)
     # the launcher restarts the worker and it rejoins
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        row = actors(cluster).get("decode-0")
+        row = cluster.status().get("decode-0")
         if row is not None and row["pid"] not in (0, victim):
             break
         time.sleep(0.5)
@@ -109,7 +105,7 @@ def test_sigkill_of_the_prefill_worker_still_finishes_requests(cluster, model_na
     prompts = [make_prompt(300, seed=200 + i) for i in range(4)]
     expected = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0,
                                                        ignore_eos=True))
-    os.kill(actors(cluster)["prefill-0"]["pid"], signal.SIGKILL)
+    os.kill(cluster.status()["prefill-0"]["pid"], signal.SIGKILL)
     streams = run_streams(cluster, model_name, prompts, 16)
     assert [s.error for s in streams] == [None] * 4
     assert [s.text for s in streams] == [o.text for o in expected]

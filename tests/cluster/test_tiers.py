@@ -7,7 +7,6 @@ One decode worker with 24 device blocks: a 300-token prompt (18 full blocks) is 
 by the next one. The host tier has 20 slots, so a third prompt's evictions push the
 first prompt's blocks on to disk; the disk tier holds them all."""
 
-import json
 import os
 import random
 import signal
@@ -83,10 +82,6 @@ def wait_for(check, timeout: float = 30.0):
         time.sleep(0.25)
 
 
-def actors(cluster) -> dict[str, dict]:
-    return {r["actor"]: r for r in json.loads(cluster.kvmesh("status", "--json").stdout)}
-
-
 def evict_through_tiers(cluster, model, seeds: tuple[int, int, int]) -> list[int]:
     """Run three fresh prompts; the first one's blocks end up in the host and disk tiers.
     Returns the first prompt, extended by a token (a new request with its prefix)."""
@@ -137,13 +132,13 @@ def test_corrupted_ssd_block_is_detected_and_recomputed(cluster, model_name, eng
 
 
 def test_sigkilled_cache_actor_costs_hits_not_requests(cluster, model_name, engine):
-    before = actors(cluster)["cache-0"]["pid"]
+    before = cluster.status()["cache-0"]["pid"]
     os.kill(before, signal.SIGKILL)
     # Requests go on while the cache actor is down (and as it comes back).
     prompt = make_prompt(27)
     result = complete(cluster, model_name, prompt)
     assert result["choices"][0]["text"] == expected_text(engine, prompt)
-    restarted = wait_for(lambda: (pid := actors(cluster).get("cache-0", {}).get("pid"))
+    restarted = wait_for(lambda: (pid := cluster.status().get("cache-0", {}).get("pid"))
                          and pid != before and pid, timeout=60)
     assert restarted, "the launcher did not restart the cache actor"
     # The worker attaches to the new cache actor once it sees the old one dead: evicted
