@@ -187,8 +187,8 @@ class CacheActor(Actor):
         for tier, stats in self.store.stats.items():
             if tier == "disk" and self.store.disk is None:
                 continue
-            out |= {f"offloaded_{tier}": stats.offloaded, f"lookups_{tier}": stats.queries,
-                    f"hits_{tier}": stats.onboarded, f"evicted_{tier}": stats.evicted}
+            counters = stats.counters() | {"evicted": stats.evicted}
+            out |= {f"{name}_{tier}": value for name, value in counters.items()}
         out["blocks_host"] = len(self.store.host)
         out["capacity_host"] = self.store.host.num_slots
         if self.store.disk is not None:

@@ -65,6 +65,10 @@ class TierStats:
     def hit_rate(self) -> float:
         return self.onboarded / self.queries if self.queries else 0.0
 
+    def counters(self) -> dict[str, int]:
+        """In the names the metrics read (kvmesh_kv_*{tier}): offloaded, lookups, hits."""
+        return {"offloaded": self.offloaded, "lookups": self.queries, "hits": self.onboarded}
+
 
 class TieredStore:
     """Host tier over an optional disk tier; owns both. See the module doc."""

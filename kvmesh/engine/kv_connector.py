@@ -249,9 +249,8 @@ class LocalTieredConnector(HostSlotConnector):
     def metrics(self) -> dict[str, dict[str, int]]:
         """Counters per tier ("host", "disk"); see the class doc."""
         return {
-            tier: {"offloaded": stats.offloaded, "lookups": stats.queries,
-                   "hits": stats.onboarded, "onboarded": self.num_onboarded[tier],
-                   "failed": self.num_failed[tier]}
+            tier: stats.counters() | {"onboarded": self.num_onboarded[tier],
+                                      "failed": self.num_failed[tier]}
             for tier, stats in self.store.stats.items()
         }
 
