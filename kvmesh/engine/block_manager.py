@@ -83,6 +83,11 @@ class BlockManager:
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         return self.pool.can_allocate(max(needed, 0))
 
+    def can_ever_hold(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Whether the whole pool, every other sequence's blocks freed, holds seq's
+        computed tokens and `num_new_tokens` more."""
+        return self.blocks_for(seq.num_computed_tokens + num_new_tokens) <= self.pool.num_blocks
+
     def append(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow seq's block table to hold `num_new_tokens` more computed tokens."""
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)

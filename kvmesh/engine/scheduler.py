@@ -28,8 +28,12 @@ arrival being when the sequence joined that queue. Policy, in order:
 
 With every priority equal (the default 0) this is first come first served.
 
-A sequence too large for the whole pool is refused at add time; a lone running
-sequence that outgrows the pool is finished with reason "length".
+A sequence too large for the whole pool is refused at add time; a running sequence
+that outgrows the whole pool is finished with reason "length". One that merely finds
+the pool full of blocks it may not take (sequences already served this step, prompts
+parked for a remote prefill, finished prompts held for a transfer) is preempted like
+any other and waits for room: those blocks are freed in time, and a "length" finish
+there would cut a reply short of max_tokens.
 
 Disaggregation: a waiting sequence marked `remote_prefill` is admitted like any
 other (same queue, same prefix reuse) but gets blocks for its whole prompt at once
@@ -224,7 +228,7 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.can_append(seq, num_new):
                 victim = queue.pop() if queue else seq
-                if victim is seq and not scheduled:
+                if victim is seq and not self.block_manager.can_ever_hold(seq, num_new):
                     self._finish_alone(seq, batch)
                     break
                 preempted = True
@@ -239,7 +243,9 @@ class Scheduler:
         return preempted
 
     def _finish_alone(self, seq: Sequence, batch: ScheduledBatch) -> None:
-        # The pool cannot hold this sequence even with everything else evicted.
+        # The pool cannot hold this sequence even with every other block free. (Short of
+        # that, blocks held by parked remote prefills or by sequences served this step
+        # are only held for a while: seq is preempted and waits for them instead.)
         self.running.remove(seq)
         self.finish(seq, "length")
         batch.finished.append(seq)

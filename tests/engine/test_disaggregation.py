@@ -108,3 +108,36 @@ def test_abort_while_parked_frees_the_blocks(tiny_model_dir):
     assert decode.take_remote_prefills() and decode.pool.num_free_blocks < 64
     decode.abort_request("r")
     assert decode.pool.num_free_blocks == 64 and not decode.has_unfinished()
+
+
+def test_pool_full_of_parked_prompts_preempts_instead_of_cutting_short(tiny_model_dir):
+    """A running sequence that needs a block while parked prompts (awaiting their remote
+    prefill) hold the rest of the pool waits for room: it gets every one of its max_tokens,
+    the single Engine's tokens, never a 'length' finish at 17 of 23 (issue 18)."""
+    local, parked = make_prompts(2, seed=31, low=60, high=60)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    expected = make_engine(tiny_model_dir).generate([local, parked], params)
+    decode = make_engine(tiny_model_dir, num_blocks=10)  # local needs 7 blocks, parked 4
+    decode.add_request(local, params, request_id="local")
+    outs = {o.request_id: o for o in decode.step()}
+    decode.add_request(parked, params, request_id="parked", remote_prefill=True)
+    prefill = make_engine(tiny_model_dir)
+    while decode.has_unfinished():
+        for out in decode.step():
+            outs[out.request_id] = out
+        if decode.scheduler.remote and not decode.scheduler.running:  # local waits for room
+            (task,) = decode.take_remote_prefills()
+            prefill.add_request(task.prompt_token_ids, first_token_params(task.params),
+                                request_id=task.request_id, hold_blocks=True)
+            first = None
+            while prefill.has_unfinished():
+                first = next((o for o in prefill.step() if o.finished), first)
+            unpack_blocks(pack_blocks(prefill.kv_caches, prefill.held_block_ids("parked")),
+                          decode.kv_caches, task.block_ids)
+            prefill.release("parked")
+            outs["parked"] = decode.complete_remote_prefill("parked", first.token_ids[0])
+    assert outs["local"].finish_reason == "length"
+    assert outs["local"].token_ids == expected[0].token_ids  # all 40, not cut short
+    assert outs["parked"].token_ids == expected[1].token_ids
+    assert decode.scheduler.num_preemptions >= 1
+    assert decode.pool.num_free_blocks == decode.num_blocks
