@@ -190,6 +190,7 @@ class CacheActor(Actor):
             counters = stats.counters() | {"evicted": stats.evicted}
             out |= {f"{name}_{tier}": value for name, value in counters.items()}
         out["blocks_host"] = len(self.store.host)
+        out["reserved_host"] = sum(len(mine) for mine in self.reserved.values())
         out["capacity_host"] = self.store.host.num_slots
         if self.store.disk is not None:
             out["blocks_disk"] = len(self.store.disk)

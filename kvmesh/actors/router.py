@@ -261,7 +261,9 @@ class RouterActor(Actor):
         """Every actor known to the router (itself included), with load where reported."""
         actors = [ActorStatus(actor_id=self.actor_id, role=self.role, node=self.config.node,
                               pid=os.getpid(), endpoints=dict(self.endpoints), alive=True,
-                              load={"routed_total": float(self.num_routed)})]
+                              load={"routed_total": float(self.num_routed),
+                                    "pending_tokens": float(self.policy.num_pending_tokens),
+                                    "pending_placements": float(self.policy.num_in_flight)})]
         for peer in self.peers.values():
             if peer.role == "client":  # a `kvmesh status` asking, not a member
                 continue

@@ -462,13 +462,22 @@ def routing_command(model_path, seed, overrides, threads, json_file, plot_file, 
                    f"{r['ttft_p99_s'] * 1000:7.1f} ms; cached {r['cached_fraction']:5.1%}; "
                    f"{r['output_tokens_per_s']:6.1f} output tok/s; "
                    f"{r['remote_prefill_total']:.0f} remote prefills")
-        if r["short_outputs"]:
-            click.echo(f"warning: {len(r['short_outputs'])} requests got other than max_tokens "
-                       f"tokens: {r['short_outputs'][:3]}")
     ratio = result["ratio_kv_vs_round_robin"]
     click.echo(f"ratio kv / round_robin: TTFT mean {ratio['ttft_mean']:.2f}x, "
                f"p99 {ratio['ttft_p99']:.2f}x, output tok/s {ratio['output_tokens_per_s']:.2f}x")
     write(result, json_file, plot_file, plot_routing)
+    check_lengths(result)
+
+
+def check_lengths(result: dict) -> None:
+    """Every replayed request ignores EOS and fits the context, so a reply of other than
+    max_tokens tokens is a lost or invented token: the run fails, whatever its speed."""
+    short = {policy: result[policy]["short_outputs"] for policy in ROUTING_POLICIES
+             if result[policy]["short_outputs"]}
+    if short:
+        raise click.ClickException(
+            "replies of other than max_tokens tokens (a correctness bug): " + "; ".join(
+                f"{policy}: {len(rows)} requests, first {rows[:3]}" for policy, rows in short.items()))
 
 
 @serve_group.command("disagg")

@@ -199,7 +199,9 @@ def _print_status(cfg, as_json: bool) -> bool:
             "cache_hit_rate": round(a.load.get("cached_tokens_total", 0.0) / prompt, 3)
             if prompt else 0.0,
         })
-    if as_json:
+    if as_json:  # every row also carries the actor's whole load, as reported
+        for row, a in zip(rows, cluster.actors, strict=True):
+            row["load"] = dict(a.load)
         click.echo(json.dumps(rows, indent=2))
         return True
     click.echo(f"{'actor':<12} {'role':<9} {'node':<10} {'pid':>7} {'health':<6} "

@@ -191,6 +191,16 @@ class Router:
             prefill_scores=prefill_scores,
         )
 
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens predicted on workers that have not reported since (0 once all have)."""
+        return sum(self.pending_tokens.values())
+
+    @property
+    def num_in_flight(self) -> int:
+        """Placements whose request has not ended (RequestDone) nor expired."""
+        return len(self._in_flight)
+
     def load(self, worker: WorkerState) -> float:
         """Tokens of work on `worker`: its last report plus the router's predictions since."""
         return (worker.num_queued_tokens + worker.kv_usage * worker.capacity_tokens

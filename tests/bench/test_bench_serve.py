@@ -89,6 +89,17 @@ def test_trace_errors_name_the_problem(tmp_path):
         load_trace(bad)
 
 
+def test_a_reply_short_of_max_tokens_fails_the_routing_bench():
+    import click
+
+    from kvmesh.bench.serve import check_lengths
+
+    short = {"request": 149, "max_tokens": 23, "tokens": 17, "finish_reason": "length"}
+    check_lengths({"kv": {"short_outputs": []}, "round_robin": {"short_outputs": []}})
+    with pytest.raises(click.ClickException, match=r"round_robin: 1 requests, first \[\{'request': 149"):
+        check_lengths({"kv": {"short_outputs": []}, "round_robin": {"short_outputs": [short]}})
+
+
 def test_missing_default_trace_is_a_clear_cli_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "kvmesh", "bench", "serve", "routing", "--trace",
