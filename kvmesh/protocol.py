@@ -321,6 +321,7 @@ class LoadReport(Message, frozen=True, kw_only=True):
     cached_tokens_total: int
     remote_prefills_total: int = 0  # prompts prefilled elsewhere (decode) or here for others
     transfer_bytes_total: int = 0  # KV bytes received (decode) or sent (prefill)
+    preemptions_total: int = 0  # sequences preempted for room (recomputed later)
     tiers: dict[str, float] = {}  # host/disk tier counters: offloaded_host, hits_disk, ...
 
 

@@ -298,5 +298,5 @@ class RouterActor(Actor):
 def _load_dict(load: LoadReport) -> dict[str, float]:
     fields = ("num_running", "num_waiting", "num_remote", "kv_usage", "queued_prefill_tokens",
               "prompt_tokens_total", "cached_tokens_total", "remote_prefills_total",
-              "transfer_bytes_total")
+              "transfer_bytes_total", "preemptions_total")
     return {name: float(getattr(load, name)) for name in fields} | load.tiers

@@ -264,6 +264,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
             cached_tokens_total=self.cached_tokens_total,
             remote_prefills_total=self.remote_prefills_total,
             transfer_bytes_total=self.transfer_bytes_total,
+            preemptions_total=int(load.get("preemptions_total", 0)),
             tiers={k: v for k, v in load.items() if k.endswith(("_host", "_disk"))},
         )
 

@@ -41,10 +41,12 @@ from pathlib import Path
 import click
 
 BLOCK_SIZE = 16
-DEVICE_BLOCKS = 64  # per worker: 1024 tokens, so a few long sessions already thrash
-MAX_SEQ_TOKENS = 640  # prompt + max_tokens of any request: well inside one pool
+DEVICE_BLOCKS = 32  # per worker: 512 tokens, so two or three sessions already thrash
+MAX_SEQ_TOKENS = 384  # prompt + max_tokens of any request: inside one pool
 TIERS = ["kv.host_gb=0.0005", "kv.disk_gb=0.002"]  # ~16 host slots, ~64 disk files
 REQUEST_TIMEOUT = 180.0  # s: a reply not done by then is a stuck request
+PRESSURE = ("preemptions", "remote_prefills", "onboarded_blocks")
+KILL_WINDOW = (0.5, 5.0)  # s into the load: when the SIGKILL lands (load ending sooner: then)
 IDLE_TIMEOUT = 30.0  # s for the cluster to report every invariant once the load is over
 
 # name -> (overrides, kill a worker mid-run); actors: frontend, router, prefill, decode, cache
@@ -157,7 +159,7 @@ def make_workload(engine, seed: int, num_sessions: int, max_turns: int) -> list[
             room = MAX_SEQ_TOKENS - len(histories[s])
             if turn >= turns[s] or room < 8:
                 continue
-            max_tokens = rng.randint(4, min(48, room))
+            max_tokens = rng.randint(4, min(64, room))
             streamed = rng.random() < 0.8
             disconnect = rng.randint(1, 4) if streamed and rng.random() < 0.15 else None
             wave.append(StressRequest(len(requests) + len(wave), list(histories[s]),
@@ -317,6 +319,20 @@ def idle_problems(cluster) -> list[str]:
     return problems
 
 
+def pressure(cluster) -> dict[str, int]:
+    """What the round made the cluster do, from the workers' counters (a killed worker's
+    died with it): preemptions, remote prefills, blocks onboarded from the tiers."""
+    totals = dict.fromkeys(PRESSURE, 0)
+    for row in cluster.status().values():
+        load = row.get("load", {})
+        if row["role"] == "decode":  # a remote prefill counts on both of its workers
+            totals["remote_prefills"] += int(load.get("remote_prefills_total", 0))
+        totals["preemptions"] += int(load.get("preemptions_total", 0))
+        totals["onboarded_blocks"] += int(load.get("onboarded_host", 0)
+                                          + load.get("onboarded_disk", 0))
+    return totals
+
+
 def wait_idle(cluster, timeout: float = IDLE_TIMEOUT) -> list[str]:
     """The idle invariants, polled until they hold or `timeout` passes (load reports and
     aborts take a moment to land); what still fails then."""
@@ -364,7 +380,7 @@ class Killer:
 
 
 def stress_round(engine, model_dir: Path, scenario: str, seed: int, num_sessions: int = 12,
-                 max_turns: int = 3, spread: float = 3.0, log=print) -> dict:
+                 max_turns: int = 3, spread: float = 1.0, log=print) -> dict:
     """One scenario on one seeded workload; raises StressFailure naming both."""
     import httpx
 
@@ -379,37 +395,46 @@ def stress_round(engine, model_dir: Path, scenario: str, seed: int, num_sessions
                                 *TIERS, f"kv.disk_path={tmp}/tiers", f"router.seed={seed}",
                                 *overrides, timeout=120)
         problems: list[str] = []
+        did = dict.fromkeys(PRESSURE, 0)
         try:
             model = httpx.get(f"{cluster.url}/v1/models").json()["data"][0]["id"]
-            killer = Killer(cluster, seed, random.Random(seed).uniform(0.5, spread)) \
+            killer = Killer(cluster, seed, random.Random(seed).uniform(*KILL_WINDOW)) \
                 if kill else None
             replies = asyncio.run(drive(cluster.url, model, requests, spread, seed, killer))
+            if killer is not None:
+                killer(float("inf"))  # the load ended first: the restart is still checked
             problems += compare(engine, requests, replies)
             if killer is not None:
                 killer.wait_back()
             problems += wait_idle(cluster)
+            did = pressure(cluster)
         finally:
             code = cluster.stop()
-            log_tail = cluster.log.read_text()[-3000:]
         if code != 0:
-            problems.append(f"kvmesh up exited {code} on SIGTERM:\n{log_tail}")
-    left = shm_segments() - before
-    if left:
-        problems.append(f"shared-memory segments left in /dev/shm: {sorted(left)}")
+            problems.append(f"kvmesh up exited {code} on SIGTERM")
+        left = shm_segments() - before
+        if left:
+            problems.append(f"shared-memory segments left in /dev/shm: {sorted(left)}")
+        kept = Path(tempfile.gettempdir()) / f"kvmesh-stress-{scenario}-{seed}.log"
+        if problems:  # the cluster's log outlives its directory
+            kept.write_bytes(cluster.log.read_bytes())
     result = {"scenario": scenario, "seed": seed, "requests": len(requests),
               "choices": sum(r.body["n"] for r in requests),
               "disconnects": sum(r.disconnect_after is not None for r in requests),
               "killed": killer.victim if kill else None, "seconds": time.monotonic() - t0,
               "problems": problems}
+    result |= did
     log(f"{scenario:26s} seed {seed:<6d} {result['requests']:3d} requests "
         f"({result['choices']} choices, {result['disconnects']} disconnects"
-        f"{', killed ' + result['killed'] if kill else ''}) in {result['seconds']:.0f} s: "
+        f"{', killed ' + result['killed'] if kill else ''}; {did['preemptions']} preemptions, "
+        f"{did['remote_prefills']} remote prefills, {did['onboarded_blocks']} blocks onboarded)"
+        f" in {result['seconds']:.0f} s: "
         f"{'ok' if not problems else f'{len(problems)} PROBLEMS'}")
     if problems:
         raise StressFailure(
             f"stress scenario {scenario!r}, seed {seed}: {len(problems)} problems "
             f"(reproduce: kvmesh bench stress --scenario {scenario} --seed {seed} "
-            f"--rounds 1)\n" + "\n".join(problems[:20]))
+            f"--rounds 1; the cluster's log: {kept})\n" + "\n".join(problems[:20]))
     return result
 
 

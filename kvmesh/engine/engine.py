@@ -431,6 +431,7 @@ class Engine:
             "kv_usage": self.pool.usage,
             "queued_prefill_tokens": sum(s.num_tokens - s.num_computed_tokens
                                          for s in scheduler.waiting),
+            "preemptions_total": scheduler.num_preemptions,
         } | self.tier_counters()
 
     def tier_counters(self) -> dict[str, float]:

@@ -335,6 +335,8 @@ class ChatServing(Serving):
         return (body.top_logprobs or 0) if body.logprobs else None
 
     def logprobs(self, ids: list[int], entries, k: int | None) -> ChatLogprobs | None:
+        """Entries may be None with no ids: a finish that sampled nothing (a sequence that
+        outgrew the pool) carries no logprobs."""
         if k is None:
             return None
         return ChatLogprobs(content=[
@@ -342,7 +344,7 @@ class ChatServing(Serving):
                 **self.top_logprob(token_id, entry[token_id]).model_dump(),
                 top_logprobs=[self.top_logprob(t, lp) for t, lp in self.top(entry, k)],
             )
-            for token_id, entry in zip(ids, entries, strict=True)
+            for token_id, entry in zip(ids, entries or (), strict=True)
         ])
 
     def top_logprob(self, token_id: int, logprob: float) -> TopLogprob:
@@ -416,7 +418,7 @@ class CompletionServing(Serving):
         if k is None:
             return None
         result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-        for token_id, entry in zip(ids, entries, strict=True):
+        for token_id, entry in zip(ids, entries or (), strict=True):
             text = self.token_text(token_id)
             result.tokens.append(text)
             result.token_logprobs.append(max(entry[token_id], MIN_LOGPROB))

@@ -6,6 +6,7 @@ import random
 import time
 
 import httpx
+import msgspec
 import pytest
 
 from kvmesh import Engine, SamplingParams
@@ -371,6 +372,9 @@ class StubBackend:
         for i, item in enumerate(self.script):
             if isinstance(item, Exception):
                 raise item
+            if isinstance(item, Delta):
+                yield msgspec.structs.replace(item, request_id=request_id)
+                continue
             last = i == len(self.script) - 1
             yield Delta(request_id=request_id, new_token_ids=[7], new_text=item, new_logprobs=None,
                         finish_reason="stop" if last else None,
@@ -426,6 +430,35 @@ def test_error_after_the_stream_began_is_sent_in_band(stub, stub_http):
     assert events[2]["error"]["message"] == "decode worker d0 died"
     assert events[3] == "[DONE]"
     assert stub.aborted[-1].endswith("-0")
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"logprobs": 1}),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 1}),
+])
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_finish_without_a_new_token_has_no_logprobs_to_show(stub, stub_http, path, body,
+                                                               stream):
+    """A worker may end a request without sampling (a sequence that outgrew the pool):
+    that delta has no tokens and no logprobs; it was a 500 when logprobs were asked for."""
+    def delta(ids, logprobs, finish):
+        return Delta(request_id="", new_token_ids=ids, new_text="x" * len(ids),
+                     new_logprobs=logprobs, finish_reason=finish, num_prompt_tokens=3,
+                     num_cached_tokens=0)
+
+    stub.script = [delta([7], [{7: -0.5, 9: -1.5}], None), delta([], None, "length")]
+    request = {"model": "stub", "max_tokens": 4, "stream": stream, **body} | (
+        {"prompt": "hi"} if path == "/v1/completions" else
+        {"messages": [{"role": "user", "content": "hi"}]})
+    response = stub_http.post(path, json=request)
+    assert response.status_code == 200, response.text
+    if stream:
+        events = sse_events(response)
+        assert not [e for e in events if "error" in e]
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+    else:
+        assert response.json()["choices"][0]["finish_reason"] == "length"
+        assert response.json()["usage"]["completion_tokens"] == 1
 
 
 def test_health_follows_ready_and_metrics_come_from_the_backend(stub, stub_http):
