@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -245,7 +246,9 @@ def root_url(base_url: str) -> str:
 
 
 def headers(api_key: str | None) -> dict[str, str]:
-    return {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+    """The API key given, else $KVMESH_API_KEY, as a bearer token (none: no header)."""
+    api_key = api_key or os.environ.get("KVMESH_API_KEY")
+    return {} if not api_key else {"Authorization": f"Bearer {api_key}"}
 
 
 def request_body(model: str, fields: dict, stream: bool, params: dict) -> dict:

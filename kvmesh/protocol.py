@@ -133,10 +133,13 @@ class ErrorCode:
 
 
 class Error(Reply, frozen=True, kw_only=True):
-    """A request failed, or a message was rejected (then in_reply_to may be None)."""
+    """A request failed, or a message was rejected (then in_reply_to may be None, and
+    request_id names the request a rejected one-way message was about, e.g. a Generate
+    a draining worker refused, so its owner can end or move it at once)."""
 
     code: str
     message: str
+    request_id: str | None = None
 
 
 # --- KV data plane: blocks written into a peer's pool (bulk bytes travel apart) ---

@@ -235,7 +235,8 @@ def test_every_message_round_trips(msg):
         (Heartbeat(), {"type": "Heartbeat"}),
         (
             Error(code="malformed", message="bad", in_reply_to=None),
-            {"type": "Error", "in_reply_to": None, "code": "malformed", "message": "bad"},
+            {"type": "Error", "in_reply_to": None, "code": "malformed", "message": "bad",
+             "request_id": None},
         ),
     ],
 )

@@ -436,6 +436,8 @@ class Actor:
             return
         if isinstance(msg, Reply):
             self.peers.resolve(msg, inbound)
+            if isinstance(msg, Error) and msg.in_reply_to is None and msg.request_id:
+                self.request_refused(msg, inbound)
         elif isinstance(msg, Hello) and msg.version != PROTOCOL_VERSION:
             await self._refuse_version(inbound, msg.version, msg.call_id)
         elif not isinstance(msg, Heartbeat):  # a heartbeat's work is the last_seen above
@@ -444,7 +446,7 @@ class Actor:
                 self._spawn(self._handle(self._handlers[type(msg)], msg, inbound))
             else:
                 call_id = msg.call_id if isinstance(msg, Request) else None
-                await self._reject(inbound, *refusal, call_id)
+                await self._reject(inbound, *refusal, call_id, getattr(msg, "request_id", None))
 
     def _refusal(self, kind: int, peer: str | None, msg: Message) -> tuple[str, str] | None:
         """(code, reason) when this decoded message must not reach a handler."""
@@ -498,14 +500,20 @@ class Actor:
             self.log.info("reply_dropped", socket=inbound.socket, reason=str(exc))
 
     async def _reject(
-        self, inbound: Inbound, code: str, reason: str, call_id: int | None = None
+        self, inbound: Inbound, code: str, reason: str, call_id: int | None = None,
+        request_id: str | None = None,
     ) -> None:
         """One log line, and an Error back where the socket has a way back."""
         self.log.warning(
             "message_rejected", socket=inbound.socket, peer=inbound.peer, code=code, reason=reason
         )
         if self._kinds[inbound.socket] in REPLY_KINDS:
-            await self._reply(inbound, call_id, Error(code=code, message=reason))
+            await self._reply(inbound, call_id, Error(code=code, message=reason,
+                                                      request_id=request_id))
+
+    def request_refused(self, error: Error, inbound: Inbound) -> None:
+        """A peer refused a one-way message about request `error.request_id` (it was
+        draining, or did not know us): actors that own requests end or move it here."""
 
     async def _refuse_version(self, inbound: Inbound, version: int, call_id: int) -> None:
         await self._reject(

@@ -21,6 +21,7 @@ import structlog
 from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
 from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import BackendUnavailable, OverloadedError
+from kvmesh.frontend.limits import HTTPLimits
 from kvmesh.gpu.block_pool import hash_blocks
 from kvmesh.gpu.model_config import ModelConfig
 from kvmesh.protocol import (
@@ -38,6 +39,8 @@ from kvmesh.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
 WORKER_DIED = "unavailable: died:"
+GENERATE_BYTES_PER_TOKEN = 5  # MessagePack of a token id below 2**32
+GENERATE_SLACK = 64 * 1024  # the rest of a Generate: parameters, stop strings, ids
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class FrontendSettings:
     max_migrations: int = 3  # moves of one request off dead decode workers
     request_timeout: float = 600.0  # seconds; a request still running then is aborted
     keep_alive: float = 30.0  # seconds an idle HTTP connection stays open
+    max_model_len: int = 0  # cap on prompt + output tokens; 0 = the model's context
+    limits: HTTPLimits = HTTPLimits()
+    max_connections: int = 4096  # open HTTP connections; more are answered 503
     route_timeout: float = 10.0
     connect_timeout: float = 60.0
     status_interval: float = 0.5
@@ -70,7 +76,7 @@ class FrontendActor(Actor):
         model = ModelConfig.from_pretrained(settings.model_path)
         self.model_name = settings.model_name
         self.tokenizer = Tokenizer.from_pretrained(settings.model_path)
-        self.max_model_len = model.max_model_len
+        self.max_model_len = capped_context(model.max_model_len, settings.max_model_len)
         self.vocab_size = model.vocab_size
         self.salt = model.hash_salt
         self.router_id: str | None = None
@@ -89,9 +95,10 @@ class FrontendActor(Actor):
 
         self.router_id = await self.connect("to_router", self.settings.router_endpoint,
                                             self.settings.connect_timeout)
-        config = uvicorn.Config(create_app(self), host=self.settings.host,
+        config = uvicorn.Config(create_app(self, self.settings.limits), host=self.settings.host,
                                 port=self.settings.http_port, log_level="warning",
-                                lifespan="off", timeout_keep_alive=self.settings.keep_alive)
+                                lifespan="off", timeout_keep_alive=self.settings.keep_alive,
+                                limit_concurrency=self.settings.max_connections)
         self._server = uvicorn.Server(config)
         # uvicorn must not take SIGTERM/SIGINT for itself: they are the actor's, which
         # drains the streams in flight before telling uvicorn to exit.
@@ -204,6 +211,13 @@ class FrontendActor(Actor):
 
     async def _start(self, request_id, prompt_token_ids, params, outputs, num_chars, dead) -> str:
         """Place the request (avoiding dead workers) and send it to its decode worker."""
+        # a Generate past the message size limit would be refused unread by the worker
+        # (no request id to answer with): refuse it here, naming the limit
+        size = GENERATE_BYTES_PER_TOKEN * (len(prompt_token_ids) + len(outputs)) + GENERATE_SLACK
+        if size > self.config.max_message_size:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens, too many for one message to a "
+                f"worker (about {size} bytes; the limit is {self.config.max_message_size})")
         placement = await self._place(request_id, prompt_token_ids + outputs, dead)
         decode = placement.decode
         self.decode_of[request_id] = decode
@@ -270,6 +284,15 @@ class FrontendActor(Actor):
             if stream is not None:
                 stream.put_nowait(delta)
 
+    def request_refused(self, error, inbound) -> None:
+        """A decode worker refused a Generate (draining, or it no longer knows us): the
+        request never started there, so it moves on as from a dead worker."""
+        stream = self.streams.get(error.request_id)
+        if stream is not None and self.decode_of.get(error.request_id) == inbound.peer:
+            stream.put_nowait(Delta(
+                request_id=error.request_id, new_token_ids=[], new_text="",
+                error=f"{WORKER_DIED} {inbound.peer} refused it ({error.code}: {error.message})"))
+
     async def on_peer_dead(self, peer_id: str) -> None:
         """A decode worker died: its requests move elsewhere (or end with an error).
         The router died: reconnect to its successor."""
@@ -301,3 +324,8 @@ def _as_error(message: str) -> Exception:
     if message.startswith("unavailable:") or message == "aborted":
         return BackendUnavailable(message, retry_after=1.0)
     return ValueError(message)
+
+
+def capped_context(model_len: int, cap: int) -> int:
+    """model.max_model_len applied: 0 keeps the model's context; a cap never exceeds it."""
+    return min(model_len, cap) if cap else model_len

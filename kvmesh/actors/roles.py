@@ -7,8 +7,13 @@ role needs, so a router or frontend never imports torch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from kvmesh.actors.base import Actor, ActorConfig
 from kvmesh.config import ActorSpec, ClusterConfig, ConfigError
+
+if TYPE_CHECKING:
+    from kvmesh.frontend.limits import HTTPLimits
 
 WORKER_ROLES = ("prefill", "decode")
 
@@ -54,8 +59,25 @@ def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         host=cfg.cluster.host, http_port=cfg.frontend.http_port, expected_workers=workers,
         max_num_requests=cfg.frontend.max_num_requests,
         max_migrations=cfg.frontend.max_migrations,
-        request_timeout=cfg.frontend.request_timeout, keep_alive=cfg.frontend.keep_alive)
+        request_timeout=cfg.frontend.request_timeout, keep_alive=cfg.frontend.keep_alive,
+        max_model_len=cfg.model.max_model_len, max_connections=cfg.frontend.max_connections,
+        limits=http_limits(cfg.frontend))
     return FrontendActor(actor_config(cfg, spec), settings)
+
+
+def http_limits(frontend) -> HTTPLimits:
+    """The [frontend] table's HTTP limits; the API key file is read here, at start."""
+    from kvmesh.frontend.limits import HTTPLimits, parse_hosts, read_api_keys
+
+    try:
+        keys = read_api_keys(frontend.api_key_file) if frontend.api_key_file else frozenset()
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="frontend.api_key_file") from None
+    return HTTPLimits(
+        max_body_bytes=frontend.max_body_bytes, body_timeout=frontend.body_timeout,
+        max_choices=frontend.max_choices, default_max_tokens=frontend.default_max_tokens,
+        api_keys=keys, metrics_auth=frontend.metrics_auth,
+        allowed_hosts=parse_hosts(frontend.allowed_hosts))
 
 
 def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
@@ -69,7 +91,7 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         block_size=cfg.model.block_size, num_blocks=cfg.kv.device_blocks or None,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         transfer=cfg.kv.transfer, cache_id=cache.actor_id if cache else None,
-        cache_endpoint=cache.endpoint if cache else None)
+        cache_endpoint=cache.endpoint if cache else None, max_model_len=cfg.model.max_model_len)
     worker_class = PrefillWorker if spec.role == "prefill" else DecodeWorker
     return worker_class(actor_config(cfg, spec), settings)
 

@@ -72,6 +72,7 @@ class WorkerSettings:
     cache_id: str | None = None  # the node's cache actor (host and disk KV tiers), if any
     cache_endpoint: str | None = None
     load_report_interval: float = 0.5
+    max_model_len: int = 0  # cap on prompt + output tokens; 0 = the model's context
     remote_prefill_timeout: float = 120.0
     connect_timeout: float = 60.0
 
@@ -163,7 +164,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
             s.model_path), config, device=s.device, dtype=s.dtype, block_size=s.block_size,
             num_blocks=num_blocks, max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens, kv_caches=kv_caches,
-            kv_connector=self._tiers(config, dtype))
+            kv_connector=self._tiers(config, dtype), max_model_len=s.max_model_len or None)
         warm_up(engine)
         return engine, segment
 

@@ -475,9 +475,10 @@ def check_lengths(result: dict) -> None:
     short = {policy: result[policy]["short_outputs"] for policy in ROUTING_POLICIES
              if result[policy]["short_outputs"]}
     if short:
+        rows = "; ".join(f"{policy}: {len(rows)} requests, first {rows[:3]}"
+                         for policy, rows in short.items())
         raise click.ClickException(
-            "replies of other than max_tokens tokens (a correctness bug): " + "; ".join(
-                f"{policy}: {len(rows)} requests, first {rows[:3]}" for policy, rows in short.items()))
+            f"replies of other than max_tokens tokens (a correctness bug): {rows}")
 
 
 @serve_group.command("disagg")

@@ -69,6 +69,7 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
 
     cfg, args = load(config_path, overrides, model_path, http_port)
     node = node or _default_node(cfg)
+    api_key = _api_key(cfg)
     if cfg.model.path == "":
         from kvmesh.gpu.tiny import ensure_tiny
 
@@ -97,7 +98,7 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
                 click.echo(f"kvmesh is up: {cfg.frontend_url}/v1  (model {cfg.model.served_name})")
                 _print_status(cfg, as_json=False)
                 if ask is not None:
-                    _ask(cfg.frontend_url, ask)
+                    _ask(cfg.frontend_url, ask, api_key)
                     if once:
                         break
                 click.echo("serving; Ctrl-C drains and stops", err=True)
@@ -112,12 +113,25 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
             launcher.stop(cfg.cluster.grace_period)
 
 
-def _ask(url: str, text: str) -> None:
+def _api_key(cfg) -> str | None:
+    """One of frontend.api_key_file's keys (for --ask); a file that cannot serve is a
+    usage error now, not a frontend that fails to start."""
+    if not cfg.frontend.api_key_file:
+        return None
+    from kvmesh.frontend.limits import read_api_keys
+
+    try:
+        return min(read_api_keys(cfg.frontend.api_key_file))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _ask(url: str, text: str, api_key: str | None = None) -> None:
     from kvmesh.client import APIError, Client
 
     click.echo(f"\nyou> {text}\nkvmesh> ", nl=False)
     try:
-        with Client(url) as client:
+        with Client(url, api_key=api_key) as client:
             for delta in client.chat([{"role": "user", "content": text}], stream=True,
                                      max_tokens=48, temperature=0.0):
                 click.echo(delta.text, nl=False)
@@ -235,11 +249,13 @@ def _cache_row(a) -> dict:
 @click.option("--max-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--system", default=None, help="A system message to start the conversation.")
-def chat(url, max_tokens, temperature, system):
+@click.option("--api-key", envvar="KVMESH_API_KEY", default=None,
+              help="API key, when the cluster has frontend.api_key_file [env: KVMESH_API_KEY].")
+def chat(url, max_tokens, temperature, system, api_key):
     """A small interactive chat with a running kvmesh (empty line or Ctrl-D quits)."""
     from kvmesh.client import APIError, Client
 
-    client = Client(url)
+    client = Client(url, api_key=api_key)
     messages = [{"role": "system", "content": system}] if system else []
     while True:
         try:

@@ -71,7 +71,9 @@ class ModelConfig(Table):
         "Tokens per KV block, the unit of prefix caching, routing and transfer.",
         ge=1)] = 16
     max_model_len: Annotated[int, doc(
-        "Cap on prompt + output tokens; 0 = the model's own context length.", ge=0)] = 0
+        "Cap on prompt + output tokens, enforced by the frontend and every worker; 0 = "
+        "the model's own context length (a larger cap than that is the model's).",
+        ge=0)] = 0
 
     @property
     def resolved_path(self) -> Path:
@@ -160,6 +162,29 @@ class FrontendConfig(Table):
     max_migrations: Annotated[int, doc(
         "Times one request may move to another decode worker when its worker dies "
         "(prompt + tokens so far are replayed there); 0 = fail instead.", ge=0)] = 3
+    max_body_bytes: Annotated[int, doc(
+        "Largest HTTP request body, bytes; a larger one is refused (413) before it is "
+        "read or parsed.", ge=1024)] = 4 * 1024 * 1024
+    body_timeout: Annotated[float, doc(
+        "Seconds a client may take to send a request body (408 after).", gt=0)] = 30.0
+    max_connections: Annotated[int, doc(
+        "Open HTTP connections the server takes at once; more are answered 503.",
+        ge=1)] = 4096
+    max_choices: Annotated[int, doc(
+        "Choices one request may ask for: prompts x n.", ge=1)] = 128
+    default_max_tokens: Annotated[int, doc(
+        "max_tokens of a chat request that names none (cut to the context left).",
+        ge=1)] = 1024
+    api_key_file: Annotated[str, doc(
+        "File of API keys, one per line; when set, every request but /health needs "
+        "`Authorization: Bearer <key>` (401 without). \"\" = no keys. A file, not a key "
+        "here, so cluster.toml can be shared without its secrets.")] = ""
+    metrics_auth: Annotated[bool, doc(
+        "With API keys: /metrics needs a key too (false: Prometheus scrapes it "
+        "freely).")] = False
+    allowed_hosts: Annotated[str, doc(
+        "Comma-separated host names the HTTP server answers to (the Host header; others "
+        "get 400, against DNS rebinding); \"\" = any.")] = ""
 
 
 class SecurityConfig(Table):

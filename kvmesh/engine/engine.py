@@ -100,11 +100,13 @@ class Engine:
         seed: int = 0,
         kv_caches: list | None = None,
         kv_connector: KVConnector | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         """kv_caches: a pool allocated by the caller (e.g. in shared memory for the data
         plane), num_blocks blocks per layer; by default the engine allocates its own.
         kv_connector: offloads evicted blocks and onboards prefixes the pool lacks
-        (kvmesh.engine.kv_connector); its block records must match this pool's."""
+        (kvmesh.engine.kv_connector); its block records must match this pool's.
+        max_model_len: a cap on prompt + output tokens below the model's context."""
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -113,7 +115,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
         self.block_size = block_size
-        self.max_model_len = config.max_model_len
+        self.max_model_len = min(config.max_model_len, max_model_len or config.max_model_len)
         if num_blocks is None:
             num_blocks = default_num_blocks(
                 config, block_size, torch_dtype(dtype), device, max_num_seqs * self.max_model_len

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 
 from kvmesh import __version__
 from kvmesh.frontend.backend import Backend, BackendUnavailable, OverloadedError
+from kvmesh.frontend.limits import Gate, HTTPLimits
 from kvmesh.frontend.metrics import CONTENT_TYPE, Metrics
 from kvmesh.frontend.schemas import (
     ChatCompletionRequest,
@@ -42,8 +43,10 @@ STATUS_TYPES = {400: "invalid_request_error", 404: "not_found_error",
                 405: "invalid_request_error"}
 
 
-def create_app(backend: Backend) -> FastAPI:
-    """The app starts the backend when the server starts and closes it on shutdown."""
+def create_app(backend: Backend, limits: HTTPLimits | None = None) -> FastAPI:
+    """The app starts the backend when the server starts and closes it on shutdown.
+    `limits` (kvmesh.frontend.limits) bound what a request may ask for and cost."""
+    limits = limits or HTTPLimits()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -55,8 +58,8 @@ def create_app(backend: Backend) -> FastAPI:
 
     app = FastAPI(title="kvmesh", version=__version__, lifespan=lifespan)
     metrics = Metrics(backend)
-    chat = ChatServing(backend, metrics)
-    completions = CompletionServing(backend, metrics)
+    chat = ChatServing(backend, metrics, limits)
+    completions = CompletionServing(backend, metrics, limits)
     app.state.backend = backend
     app.state.metrics = metrics
 
@@ -90,6 +93,7 @@ def create_app(backend: Backend) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     add_error_handlers(app, metrics)
+    app.add_middleware(Gate, limits=limits)
     return app
 
 

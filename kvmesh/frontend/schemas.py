@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 from kvmesh.engine.params import MAX_LOGPROBS, MAX_PRIORITY, MAX_TOP_K
 
 MAX_N = 128
+MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_STOP_CHARS = 256  # each; streaming holds back that many characters
 MAX_SEED = 2**63 - 1
 
 # field -> the value that means "not used"; anything else is refused
@@ -76,6 +78,12 @@ class SamplingRequest(BaseModel):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if len(value) > MAX_STOP:
+            raise ValueError(f"stop has {len(value)} strings; at most {MAX_STOP}")
+        longest = max(len(s) for s in value) if value else 0
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"stop has a string of {longest} characters; at most "
+                             f"{MAX_STOP_CHARS}")
         return value
 
     @field_validator(*UNSUPPORTED)

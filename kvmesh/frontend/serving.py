@@ -25,6 +25,7 @@ from fastapi.responses import StreamingResponse
 from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import Backend, BackendUnavailable, OverloadedError
 from kvmesh.frontend.choices import Choice, ChoiceStreams
+from kvmesh.frontend.limits import HTTPLimits
 from kvmesh.frontend.metrics import Metrics
 from kvmesh.frontend.schemas import (
     MAX_SEED,
@@ -146,9 +147,10 @@ class Serving:
     id_prefix = ""
     prompt_param = ""
 
-    def __init__(self, backend: Backend, metrics: Metrics) -> None:
+    def __init__(self, backend: Backend, metrics: Metrics, limits: HTTPLimits) -> None:
         self.backend = backend
         self.metrics = metrics
+        self.limits = limits
         self.tokenizer = backend.tokenizer
 
     async def __call__(self, request: Request, body: SamplingRequest) -> Response:
@@ -157,8 +159,11 @@ class Serving:
                 404, f"model {body.model!r} does not exist; this server serves "
                 f"{self.backend.model_name!r}", "model", code="model_not_found",
             )
-        prompts = self.prompt_ids(body)
         n = body.n or 1
+        self.check_choices(body, n)
+        # tokenizing and templating a large body takes a while: off the event loop, which
+        # also carries the actor's heartbeats and every other stream
+        prompts = await asyncio.to_thread(self.prompt_ids, body)
         params = [self.sampling_params(body, len(ids), j) for ids in prompts for j in range(n)]
         response_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         run = ChoiceStreams(
@@ -208,6 +213,17 @@ class Serving:
         yield "data: [DONE]\n\n"
 
     # --- shared pieces ---
+
+    def check_choices(self, body, n: int) -> None:
+        num_prompts = self.num_prompts(body)
+        if num_prompts * n > self.limits.max_choices:
+            raise RequestError(
+                400, f"{num_prompts} prompts x n={n} ask for {num_prompts * n} choices; at "
+                f"most {self.limits.max_choices} (frontend.max_choices)",
+                "n" if num_prompts == 1 else self.prompt_param)
+
+    def num_prompts(self, body) -> int:
+        return 1
 
     def check_prompt(self, ids: list[int], index: int) -> list[int]:
         param = self.prompt_param
@@ -327,7 +343,9 @@ class ChatServing(Serving):
         return body.max_tokens, "max_tokens"
 
     def default_max_tokens(self, room: int) -> int:
-        return room  # OpenAI chat: until the model stops or the context is full
+        # OpenAI chat runs until the model stops or the context is full; a bound keeps one
+        # request that names no max_tokens from holding a worker for the whole context
+        return min(room, self.limits.default_max_tokens)
 
     def num_logprobs(self, body: ChatCompletionRequest) -> int | None:
         if body.top_logprobs is not None and not body.logprobs:
@@ -394,6 +412,9 @@ class CompletionServing(Serving):
 
     id_prefix = "cmpl"
     prompt_param = "prompt"
+
+    def num_prompts(self, body: CompletionRequest) -> int:
+        return len(body.prompt)
 
     def prompt_ids(self, body: CompletionRequest) -> list[list[int]]:
         prompts = []

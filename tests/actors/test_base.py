@@ -713,3 +713,30 @@ def test_actor_config_names_the_bad_field(overrides, text):
     with pytest.raises(ValueError) as caught:
         make_config(**overrides)
     assert str(caught.value) == text
+
+
+def test_a_refused_one_way_message_names_its_request(echo):
+    """A Generate the peer cannot take (here: no handler; in a cluster, a draining worker)
+    comes back as an Error naming its request_id, handed to request_refused, so the
+    request's owner can end or move it at once instead of waiting for its timeout."""
+    from kvmesh.engine.params import SamplingParams
+    from kvmesh.protocol import Generate
+
+    class Owner(Probe):
+        def __init__(self, config):
+            super().__init__(config)
+            self.refused: asyncio.Queue = asyncio.Queue()
+
+        def request_refused(self, error, inbound):
+            self.refused.put_nowait((error, inbound.peer))
+
+    async def scenario():
+        async with Owner(make_config("probe-refused")) as owner:
+            peer = await owner.connect("to_echo", echo.endpoints["from_peers"], timeout=10)
+            await owner.send(peer, Generate(request_id="r-7", prompt_token_ids=[1, 2],
+                                            params=SamplingParams()))
+            return await asyncio.wait_for(owner.refused.get(), 10)
+
+    error, peer = asyncio.run(scenario())
+    assert (error.request_id, error.code, peer) == ("r-7", ErrorCode.UNKNOWN_TYPE, "echo")
+    assert error.in_reply_to is None

@@ -96,7 +96,8 @@ def test_a_reply_short_of_max_tokens_fails_the_routing_bench():
 
     short = {"request": 149, "max_tokens": 23, "tokens": 17, "finish_reason": "length"}
     check_lengths({"kv": {"short_outputs": []}, "round_robin": {"short_outputs": []}})
-    with pytest.raises(click.ClickException, match=r"round_robin: 1 requests, first \[\{'request': 149"):
+    with pytest.raises(click.ClickException,
+                       match=r"round_robin: 1 requests, first \[\{'request': 149"):
         check_lengths({"kv": {"short_outputs": []}, "round_robin": {"short_outputs": [short]}})
 
 

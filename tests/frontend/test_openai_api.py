@@ -6,7 +6,6 @@ import random
 import time
 
 import httpx
-import msgspec
 import pytest
 
 from kvmesh import Engine, SamplingParams
@@ -14,7 +13,7 @@ from kvmesh.frontend.app import create_app
 from kvmesh.frontend.backend import BackendUnavailable, LocalBackend, OverloadedError
 from kvmesh.protocol import Delta
 from kvmesh.tokenizer import Tokenizer
-from tests.frontend import running_server
+from tests.frontend import StubBackend, running_server
 
 MODEL = "tiny"
 TEXTS = ["Once upon a time", "The capital of France is"]
@@ -344,48 +343,6 @@ def test_health_models_and_metrics(http):
 
 
 # --- a stub Backend: overload, outage, errors mid-stream ---
-
-
-class StubBackend:
-    """A Backend without a model that plays `script`: Deltas' texts, or exceptions."""
-
-    model_name = "stub"
-    max_model_len = 64
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.vocab_size = tokenizer.vocab_size
-        self.script: list = ["done"]
-        self.is_ready = True
-        self.aborted: list[str] = []
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    def ready(self) -> bool:
-        return self.is_ready
-
-    async def generate(self, request_id, prompt_token_ids, params):
-        for i, item in enumerate(self.script):
-            if isinstance(item, Exception):
-                raise item
-            if isinstance(item, Delta):
-                yield msgspec.structs.replace(item, request_id=request_id)
-                continue
-            last = i == len(self.script) - 1
-            yield Delta(request_id=request_id, new_token_ids=[7], new_text=item, new_logprobs=None,
-                        finish_reason="stop" if last else None,
-                        num_prompt_tokens=len(prompt_token_ids), num_cached_tokens=0)
-
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
-
-    def metrics(self) -> dict:
-        return {"remote_prefill_total": 3, "kv_transfer_bytes_total": 4096,
-                "workers": [{"worker": "d0", "role": "decode", "num_running": 2}]}
 
 
 @pytest.fixture(scope="module")
