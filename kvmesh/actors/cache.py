@@ -55,6 +55,7 @@ from kvmesh.protocol import (
     Error,
     RegisterCache,
 )
+from kvmesh.transport.private_dir import private_dir
 from kvmesh.transport.segment import segment_name
 
 log = structlog.get_logger(__name__)
@@ -76,6 +77,7 @@ class CacheSettings:
     disk_bytes: int = 0
     host_eviction: str = "lru"
     disk_eviction: str = "lru"
+    fingerprint: str = ""  # the model's (ModelConfig.fingerprint): a disk tier of another is wiped
     report_interval: float = 1.0
     connect_timeout: float = 60.0
 
@@ -106,8 +108,10 @@ class CacheActor(Actor):
         try:
             disk = None
             if s.disk_bytes > 0:
+                private_dir(s.disk_path, "kv.disk_path")  # the tiers' parent, too
                 disk = await asyncio.to_thread(DiskTier, Path(s.disk_path) / self.actor_id,
-                                               s.record_bytes, s.disk_bytes, s.disk_eviction)
+                                               s.record_bytes, s.disk_bytes, s.disk_eviction,
+                                               s.fingerprint)
         except BaseException:
             host.close()
             raise

@@ -49,6 +49,7 @@ class FrontendSettings:
     model_name: str
     block_size: int
     router_endpoint: str
+    dtype: str = "float32"  # the workers' KV dtype: part of every block hash
     host: str = "127.0.0.1"
     http_port: int = 8000
     expected_workers: int = 1  # /health is 200 once this many workers registered
@@ -78,7 +79,7 @@ class FrontendActor(Actor):
         self.tokenizer = Tokenizer.from_pretrained(settings.model_path)
         self.max_model_len = capped_context(model.max_model_len, settings.max_model_len)
         self.vocab_size = model.vocab_size
-        self.salt = model.hash_salt
+        self.salt = model.kv_salt(settings.dtype, settings.block_size)
         self.router_id: str | None = None
         self.status: ClusterStatus | None = None
         self.streams: dict[str, asyncio.Queue] = {}

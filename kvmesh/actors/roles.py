@@ -56,7 +56,8 @@ def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     settings = FrontendSettings(
         model_path=str(cfg.model.resolved_path), model_name=cfg.model.served_name,
         block_size=cfg.model.block_size, router_endpoint=cfg.router_endpoint,
-        host=cfg.cluster.host, http_port=cfg.frontend.http_port, expected_workers=workers,
+        dtype=cfg.model.dtype, host=cfg.cluster.host, http_port=cfg.frontend.http_port,
+        expected_workers=workers,
         max_num_requests=cfg.frontend.max_num_requests,
         max_migrations=cfg.frontend.max_migrations,
         request_timeout=cfg.frontend.request_timeout, keep_alive=cfg.frontend.keep_alive,
@@ -106,6 +107,7 @@ def init_cache(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         router_endpoint=cfg.router_endpoint,
         record_bytes=model.kv_bytes_per_block(cfg.model.block_size,
                                               DTYPE_BYTES[cfg.model.dtype]),
+        fingerprint=model.fingerprint(cfg.model.dtype, cfg.model.block_size),
         host_bytes=int(cfg.kv.host_gb * 2**30), disk_path=cfg.kv.disk_path,
         disk_bytes=int(cfg.kv.disk_gb * 2**30),
         host_eviction=cfg.kv.host_eviction, disk_eviction=cfg.kv.disk_eviction)
@@ -126,4 +128,11 @@ def build_actor(cfg: ClusterConfig, actor_id: str) -> Actor:
     init = INIT.get(spec.role)
     if init is None:
         raise ConfigError(f"role {spec.role!r} of {actor_id} has no actor yet", key="nodes")
+    if cfg.cluster.ipc_dir:  # its sockets are this user's alone, as the disk tier is
+        from kvmesh.transport.private_dir import private_dir
+
+        try:
+            private_dir(cfg.cluster.ipc_dir, "cluster.ipc_dir")
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="cluster.ipc_dir") from None
     return init(cfg, spec)

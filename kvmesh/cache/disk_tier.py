@@ -27,6 +27,15 @@ another block's name), the length, the file's size and the payload's checksum. A
 mismatch, a missing file included, is a miss; the file is deleted and forgotten, so a
 corrupt block never comes back as output and is recomputed instead.
 
+Trust. The directory is this user's alone (0700, not a symlink, not another user's:
+kvmesh.transport.private_dir), files are 0600 and opened without following symlinks,
+and one process holds it at a time (flock on <dir>/.lock): a second cluster on the same
+kv.disk_path fails at start, naming the holder's pid. <dir>/manifest.json names the model
+fingerprint (ModelConfig.fingerprint: config, weights, KV dtype, block size, format) the
+blocks were computed under; a tier opened under another fingerprint, or holding blocks
+without a manifest, deletes them first (logged), so KV of another model, dtype or block
+size is never served. (Block hashes are salted with the same fingerprint besides.)
+
 Capacity is a number of files (kv.disk_gb // file size), evicted by the tier's policy.
 Opening a tier scans its directory: leftover temp files (spares included, and whatever
 is in .spares) are deleted, files with a bad header or size are deleted, the rest are
@@ -37,7 +46,9 @@ on every read.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
+import json
 import os
 import struct
 import threading
@@ -51,6 +62,7 @@ import xxhash
 
 from kvmesh.cache.eviction import make_policy
 from kvmesh.cache.host_tier import as_bytes
+from kvmesh.transport.private_dir import private_dir
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +70,9 @@ MAGIC = b"KVMBLOCK"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQQ")  # magic, version, reserved, hash, length, checksum
 SUFFIX = ".kv"
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 TMP_SUFFIX = ".tmp"
 SPARE_FILES = 64  # empty files made ahead, for a burst of writes into a tier not yet full
 SPARE_NICE = 19  # the spare-making thread's nice value: it runs when the CPUs are idle
@@ -70,7 +85,7 @@ class DiskTier:
     """
 
     def __init__(self, path: str | os.PathLike, record_bytes: int, capacity_bytes: int,
-                 policy: str = "lru") -> None:
+                 policy: str = "lru", fingerprint: str = "") -> None:
         if record_bytes < 1:
             raise ValueError(f"record_bytes must be >= 1, got {record_bytes}")
         self.path = Path(path)
@@ -83,8 +98,15 @@ class DiskTier:
                 f"{self.file_bytes} bytes")
         self._policy_name = policy
         self._policy = make_policy(policy)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.scan()
+        self.path = private_dir(self.path, "kv.disk_path")
+        self._lock_fd = lock(self.path)
+        try:
+            self.fingerprint = fingerprint
+            self._check_manifest()
+            self.scan()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self.spares = SpareFiles(self.path)
         self._want_spares()
 
@@ -142,7 +164,7 @@ class DiskTier:
         if dst.size != self.record_bytes:
             raise ValueError(f"out holds {dst.size} bytes, a block record {self.record_bytes}")
         try:
-            with open(self.file_of(block_hash), "rb", buffering=0) as f:
+            with open(self.file_of(block_hash), "rb", buffering=0, opener=_nofollow) as f:
                 header = f.read(HEADER.size)
                 ok = (self._header_ok(header, block_hash)
                       and _read_full(f, dst) == dst.size and f.read(1) == b""
@@ -178,9 +200,32 @@ class DiskTier:
         return dropped
 
     def close(self) -> None:
-        """Stop the spare-making thread and delete the spares (block files stay). Writes
-        after it create their files. Closing twice is harmless."""
+        """Stop the spare-making thread and delete the spares (block files stay), and
+        let the directory go (its lock). Closing twice is harmless."""
         self.spares.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _check_manifest(self) -> None:
+        """Blocks of another fingerprint (or of none recorded) are deleted, then this
+        tier's fingerprint is recorded."""
+        manifest = self.path / MANIFEST
+        try:
+            with open(manifest, "rb", opener=_nofollow) as f:
+                recorded = json.loads(f.read()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded != self.fingerprint:
+            stale = [e.path for e in os.scandir(self.path) if _hash_of(e.name) is not None]
+            if stale:
+                log.warning("disk_tier_stale_blocks_deleted", path=str(self.path),
+                            blocks=len(stale), recorded=recorded, fingerprint=self.fingerprint)
+            for file in stale:
+                _unlink(file)
+            fd = os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"fingerprint": self.fingerprint, "format": VERSION}, f)
 
     def scan(self) -> int:
         """Rebuild the index from the directory (see the module doc); blocks found."""
@@ -195,7 +240,7 @@ class DiskTier:
             if block_hash is None or not entry.is_file(follow_symlinks=False):
                 continue
             try:
-                with open(entry.path, "rb") as f:
+                with open(entry.path, "rb", opener=_nofollow) as f:
                     header = f.read(HEADER.size)
                 stat = entry.stat(follow_symlinks=False)
             except OSError:
@@ -238,7 +283,7 @@ class DiskTier:
                     claimed = _rename(self.file_of(victim), path)
             while not claimed and (spare := self.spares.take()) is not None:
                 claimed = _rename(spare, path)  # False: a scan() deleted it meanwhile
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)  # creates it if unclaimed
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | NOFOLLOW, 0o600)  # new if unclaimed
             try:
                 written = os.writev(fd, [header, memoryview(src)])
             finally:
@@ -271,7 +316,7 @@ class SpareFiles:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.workdir = path / ".spares"
-        self.workdir.mkdir(exist_ok=True)
+        self.workdir.mkdir(mode=0o700, exist_ok=True)
         for leftover in os.scandir(self.workdir):  # a crash's half-made spare
             _unlink(leftover.path)
         self._ready: deque[str] = deque()  # made, not taken: thread-safe append/popleft
@@ -318,13 +363,35 @@ class SpareFiles:
                 made = self.workdir / str(n)
                 spare = self.path / f".spare.{os.getpid()}.{n}{TMP_SUFFIX}"
                 try:
-                    os.close(os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                    os.close(os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW,
+                                     0o600))
                     os.replace(made, spare)
                 except OSError as exc:
                     log.warning("disk_tier_spares_stopped", path=str(made), error=str(exc))
                     _unlink(made)
                     return
                 self._ready.append(str(spare))
+
+
+def lock(path: Path) -> int:
+    """An exclusive flock on <path>/.lock, held by the returned fd; a held one is an
+    error naming its holder (its pid is in the file)."""
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ValueError(f"kv.disk_path: the disk tier {str(path)!r} is in use by another "
+                         f"process (pid {holder}); two clusters cannot share one tier "
+                         "directory") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _nofollow(path, flags: int) -> int:
+    return os.open(path, flags | NOFOLLOW)
 
 
 def _hash_of(name: str) -> int | None:

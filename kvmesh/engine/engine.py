@@ -125,7 +125,8 @@ class Engine:
         self.num_blocks = num_blocks
         self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching,
                               track_evictions=kv_connector is not None)
-        self.scheduler = Scheduler(BlockManager(self.pool, config.hash_salt, kv_connector),
+        self.scheduler = Scheduler(BlockManager(self.pool, config.kv_salt(dtype, block_size),
+                                                kv_connector),
                                    max_num_seqs, max_num_batched_tokens)
         if kv_caches is None:
             kv_caches = allocate_kv_caches(config, num_blocks, block_size, torch_dtype(dtype),

@@ -220,12 +220,12 @@ class LocalTieredConnector(HostSlotConnector):
 
     def __init__(self, record_bytes: int, host_bytes: int,
                  disk_dir: str | os.PathLike | None = None, disk_bytes: int = 0,
-                 policy: str = "lru") -> None:
+                 policy: str = "lru", fingerprint: str = "") -> None:
         super().__init__(record_bytes)
         host = HostTier.create(segment_name("kv-connector"), record_bytes, host_bytes, policy)
         try:
             disk = None if disk_dir is None else DiskTier(disk_dir, record_bytes, disk_bytes,
-                                                          policy)
+                                                          policy, fingerprint)
         except BaseException:
             host.close()
             raise

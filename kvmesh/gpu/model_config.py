@@ -16,6 +16,9 @@ SUPPORTED_ARCHITECTURES = {
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # weights and KV cache dtypes
 DTYPES = tuple(DTYPE_BYTES)
+KV_FORMAT_VERSION = 1  # the layout of a KV block record; a change invalidates stored ones
+WEIGHT_SAMPLE_BYTES = 1 << 20  # read at a weight file's start, middle and end
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,39 @@ class ModelConfig:
     def max_model_len(self) -> int:
         return self.max_position_embeddings
 
-    @property
-    def hash_salt(self) -> bytes:
-        """Salt of this model's KV block hashes: the same prompt under another model
-        (or another checkpoint directory) must never match."""
-        return f"{self.architecture}:{Path(self.path).name}".encode()
+    def kv_salt(self, dtype: str, block_size: int) -> bytes:
+        """Salt of this model's KV block hashes: the same prompt under another model,
+        other weights, another KV dtype or block size must never match (router, workers
+        and tiers all key blocks by these hashes)."""
+        return f"{self.architecture}:{self.fingerprint(dtype, block_size)}".encode()
+
+    def fingerprint(self, dtype: str, block_size: int) -> str:
+        """What stored KV must have been computed under to be reused: config.json, the
+        weight files (names, sizes, and samples of their bytes: new weights of the same
+        shapes differ there), the KV dtype, the block size and the record format. Hex."""
+        import xxhash
+
+        digest = xxhash.xxh3_128()
+        for part in (f"kv-format:{KV_FORMAT_VERSION}", f"dtype:{dtype}",
+                     f"block_size:{block_size}", self._config_text()):
+            digest.update(part.encode() + b"\0")
+        root = Path(self.path)
+        weights = sorted(p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES) \
+            if self.path and root.is_dir() else []
+        for file in weights:
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}\0".encode())
+            with file.open("rb") as f:
+                for at in (0, size // 2, max(size - WEIGHT_SAMPLE_BYTES, 0)):
+                    f.seek(at)
+                    digest.update(f.read(WEIGHT_SAMPLE_BYTES))
+        return digest.hexdigest()
+
+    def _config_text(self) -> str:
+        config_file = Path(self.path) / "config.json" if self.path else None
+        if config_file is not None and config_file.is_file():
+            return json.dumps(json.loads(config_file.read_text()), sort_keys=True)
+        return repr(self)  # a config made from a dict: its fields are all there is
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:

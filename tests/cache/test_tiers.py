@@ -60,9 +60,11 @@ def make_disk(path: Path, num_files: int = 4, policy: str = "lru") -> DiskTier:
 
 
 def listing(path: Path) -> list[str]:
-    """The directory's entries, less the spare files a disk tier makes in the background."""
+    """The directory's block files and leftovers, less what a disk tier keeps beside them:
+    spares (made in the background), its lock and its manifest."""
     return sorted(name for name in os.listdir(path)
-                  if name != ".spares" and not name.startswith(".spare."))
+                  if name not in (".spares", ".lock", "manifest.json")
+                  and not name.startswith(".spare."))
 
 
 def wait_for_spares(disk: DiskTier, num_spares: int) -> None:

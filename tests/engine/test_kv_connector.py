@@ -45,7 +45,7 @@ def prompts(config) -> dict[str, list[int]]:
 @pytest.fixture(scope="module")
 def a_hashes(config, prompts) -> list[int]:
     """The engine's hashes of prompt a's 6 full blocks."""
-    return hash_blocks(prompts["a"], BLOCK, salt=config.hash_salt)
+    return hash_blocks(prompts["a"], BLOCK, salt=config.kv_salt("float32", BLOCK))
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_evicted_prefix_comes_back_from_the_host_tier(tiny_model_dir, config, ma
     again = run(engine, prompts["b"])
     assert again.token_ids == reference["b"]
     assert connector.metrics()["host"]["onboarded"] > 6 and again.num_cached_tokens == 224
-    b_prefix = hash_blocks(prompts["b"], BLOCK, salt=config.hash_salt)[:14]
+    b_prefix = hash_blocks(prompts["b"], BLOCK, salt=config.kv_salt("float32", BLOCK))[:14]
     assert torch.equal(cached_kv(engine, b_prefix), cached_kv(plain_engine, b_prefix))
 
 
