@@ -219,7 +219,8 @@ class FrontendActor(Actor):
             raise ValueError(
                 f"prompt has {len(prompt_token_ids)} tokens, too many for one message to a "
                 f"worker (about {size} bytes; the limit is {self.config.max_message_size})")
-        placement = await self._place(request_id, prompt_token_ids + outputs, dead)
+        placement = await self._place(request_id, prompt_token_ids + outputs,
+                                      params.salted(self.salt), dead)
         decode = placement.decode
         self.decode_of[request_id] = decode
         await self._ensure_connected(decode, placement.decode_endpoint)
@@ -231,11 +232,11 @@ class FrontendActor(Actor):
             output_token_ids=outputs, num_sent_chars=num_chars))
         return decode
 
-    async def _place(self, request_id: str, prompt_token_ids: list[int],
+    async def _place(self, request_id: str, prompt_token_ids: list[int], salt: bytes,
                      exclude: list[str]) -> Placement:
         if self.router_id not in self.peers:
             raise BackendUnavailable("the router is unreachable", retry_after=2.0)
-        hashes = hash_blocks(prompt_token_ids, self.settings.block_size, salt=self.salt)
+        hashes = hash_blocks(prompt_token_ids, self.settings.block_size, salt=salt)
         try:
             return await self.request(self.router_id, RouteRequest(
                 request_id=request_id, block_hashes=hashes,

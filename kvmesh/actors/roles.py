@@ -78,7 +78,8 @@ def http_limits(frontend) -> HTTPLimits:
         max_body_bytes=frontend.max_body_bytes, body_timeout=frontend.body_timeout,
         max_choices=frontend.max_choices, default_max_tokens=frontend.default_max_tokens,
         api_keys=keys, metrics_auth=frontend.metrics_auth,
-        allowed_hosts=parse_hosts(frontend.allowed_hosts))
+        allowed_hosts=parse_hosts(frontend.allowed_hosts),
+        salt_by_api_key=frontend.salt_by_api_key)
 
 
 def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:

@@ -182,6 +182,10 @@ class FrontendConfig(Table):
     metrics_auth: Annotated[bool, doc(
         "With API keys: /metrics needs a key too (false: Prometheus scrapes it "
         "freely).")] = False
+    salt_by_api_key: Annotated[bool, doc(
+        "Requests share cached KV blocks only with requests of the same API key (each "
+        "key's digest salts its block hashes), so one tenant's cached_tokens reveal "
+        "nothing of another's prompts.")] = False
     allowed_hosts: Annotated[str, doc(
         "Comma-separated host names the HTTP server answers to (the Host header; others "
         "get 400, against DNS rebinding); \"\" = any.")] = ""

@@ -35,13 +35,17 @@ class BlockManager:
         self.salt = salt
         self.connector = connector
 
+    def hashes(self, seq: Sequence) -> list[int]:
+        """seq's full-block hashes, salted with the model's salt and its cache_salt."""
+        return seq.full_block_hashes(self.block_size, seq.params.salted(self.salt))
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def find_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding seq's leading full blocks (for a seq holding no blocks)."""
         assert not seq.block_table, f"{seq.request_id} already holds blocks"
-        hits = self.pool.match_prefix(seq.full_block_hashes(self.block_size, self.salt))
+        hits = self.pool.match_prefix(self.hashes(seq))
         if len(hits) * self.block_size >= seq.num_tokens:
             hits = hits[:-1]
         return hits
@@ -54,7 +58,7 @@ class BlockManager:
         end = (seq.num_tokens - 1) // self.block_size
         if end <= num_hits:
             return []
-        hashes = seq.full_block_hashes(self.block_size, self.salt)
+        hashes = self.hashes(seq)
         return list(self.connector.lookup(hashes[num_hits:end]))
 
     def can_admit(self, seq: Sequence, hits: list[int], num_new_tokens: int,
@@ -105,7 +109,7 @@ class BlockManager:
         start = seq.num_registered_blocks
         if num_full <= start:
             return
-        hashes = seq.full_block_hashes(self.block_size, self.salt)
+        hashes = self.hashes(seq)
         parent = hashes[start - 1] if start else None
         self.pool.cache_blocks(seq.block_table[start:num_full], hashes[start:num_full], parent)
         seq.num_registered_blocks = num_full

@@ -15,6 +15,7 @@ MIN_TOP_P = 1e-8  # below this only the most likely token is kept anyway
 # pass small ints). A bound this loose fits any such scheme and still catches a value
 # that is no level at all, such as a timestamp or a deadline in milliseconds.
 MAX_PRIORITY = 1000
+MAX_CACHE_SALT = 256  # characters
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -25,6 +26,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     `logprobs`: None for none; k >= 0 for the sampled token's logprob plus the top k.
     `priority`: admission order, lower first (vLLM's convention), in
     [-MAX_PRIORITY, MAX_PRIORITY]; equal priorities are first come first served.
+    `cache_salt`: requests share cached KV blocks only when their salts are equal (one
+    tenant's, say): it enters every block hash, so another tenant's prefix is never hit
+    and cached_tokens tells nothing of what others sent.
     """
 
     max_tokens: int = 16
@@ -38,6 +42,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int | None = None
     skip_special_tokens: bool = True
     priority: int = 0
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1)
@@ -57,6 +62,17 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         _check_int("priority", self.priority, low=-MAX_PRIORITY, high=MAX_PRIORITY)
+        if self.cache_salt is not None and (
+                not isinstance(self.cache_salt, str) or not 0 < len(self.cache_salt)
+                <= MAX_CACHE_SALT):
+            raise ValueError(f"cache_salt must be a string of 1 to {MAX_CACHE_SALT} "
+                             f"characters, got {self.cache_salt!r}")
+
+    def salted(self, salt: bytes) -> bytes:
+        """The block-hash salt of this request: the model's, plus its cache_salt."""
+        if self.cache_salt is None:
+            return salt
+        return salt + b"\0cache_salt:" + self.cache_salt.encode("utf-8", "surrogatepass")
 
     @property
     def greedy(self) -> bool:

@@ -38,6 +38,7 @@ class HTTPLimits:
     api_keys: frozenset[str] = field(default_factory=frozenset)
     metrics_auth: bool = False  # /metrics needs a key too (when keys are configured)
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)  # empty: any
+    salt_by_api_key: bool = False  # each API key's requests share cached blocks only
 
 
 def read_api_keys(path: str | Path) -> frozenset[str]:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
-from kvmesh.engine.params import MAX_LOGPROBS, MAX_PRIORITY, MAX_TOP_K
+from kvmesh.engine.params import MAX_CACHE_SALT, MAX_LOGPROBS, MAX_PRIORITY, MAX_TOP_K
 
 MAX_N = 128
 MAX_STOP = 4  # stop strings per request, as OpenAI
@@ -61,6 +61,7 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False
     priority: int | None = Field(None, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)
     frequency_penalty: Any = None
     presence_penalty: Any = None
     logit_bias: Any = None

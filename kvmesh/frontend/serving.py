@@ -14,6 +14,7 @@ A client that disconnects cancels its choices on the backend, streaming or not.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 
@@ -164,7 +165,9 @@ class Serving:
         # tokenizing and templating a large body takes a while: off the event loop, which
         # also carries the actor's heartbeats and every other stream
         prompts = await asyncio.to_thread(self.prompt_ids, body)
-        params = [self.sampling_params(body, len(ids), j) for ids in prompts for j in range(n)]
+        cache_salt = self.cache_salt(request, body)
+        params = [self.sampling_params(body, len(ids), j, cache_salt)
+                  for ids in prompts for j in range(n)]
         response_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         run = ChoiceStreams(
             self.backend, self.metrics, response_id, [ids for ids in prompts for _ in range(n)],
@@ -242,7 +245,19 @@ class Serving:
             )
         return ids
 
-    def sampling_params(self, body, num_prompt_tokens: int, index: int) -> SamplingParams:
+    def cache_salt(self, request: Request, body) -> str | None:
+        """The request's cache_salt; with frontend.salt_by_api_key, prefixed by its API
+        key's digest, so tenants never share cached blocks whatever they send."""
+        if not self.limits.salt_by_api_key:
+            return body.cache_salt
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return body.cache_salt
+        tenant = hashlib.sha256(key.strip().encode()).hexdigest()[:32]
+        return f"key:{tenant}:{body.cache_salt or ''}"
+
+    def sampling_params(self, body, num_prompt_tokens: int, index: int,
+                        cache_salt: str | None = None) -> SamplingParams:
         """Index counts the choices of one prompt: a seeded request's choices differ."""
         max_tokens, param = self.max_tokens(body)
         room = self.backend.max_model_len - num_prompt_tokens
@@ -266,6 +281,7 @@ class Serving:
                 ignore_eos=bool(body.ignore_eos),
                 logprobs=self.num_logprobs(body),
                 priority=body.priority or 0,
+                cache_salt=cache_salt,
             )
         except ValueError as error:
             raise RequestError(400, str(error), self.param_named(str(error), body)) from error
