@@ -183,7 +183,8 @@ async def send(http, model: str, request: StressRequest, reply: Reply) -> None:
     """One request as a client sends it; what came back lands in `reply`."""
     import httpx
 
-    from kvmesh.client import COMPLETIONS, DONE, APIError, chunk_deltas, error_of, event_data
+    from kvmesh.bench.trace import sse_events
+    from kvmesh.client import COMPLETIONS, APIError, chunk_deltas, error_of
 
     body = {"model": model, "prompt": request.prompt, **request.body,
             "stream": request.stream}
@@ -200,16 +201,8 @@ async def send(http, model: str, request: StressRequest, reply: Reply) -> None:
             reply.usage = raw["usage"]
             return
         chunks = 0
-        async with http.stream("POST", COMPLETIONS, json=body) as response:
-            if response.is_error:
-                await response.aread()
-                raise error_of(response)
-            async for line in response.aiter_lines():
-                data = event_data(line)
-                if data is DONE:
-                    break
-                if data is None:
-                    continue
+        async with contextlib.aclosing(sse_events(http, body)) as events:
+            async for data in events:
                 for delta in chunk_deltas(COMPLETIONS, data):
                     take(reply, delta.index, delta.text, delta.finish_reason, delta.logprobs)
                 reply.usage = data.get("usage") or reply.usage

@@ -28,6 +28,7 @@ stays instant.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     import httpx
 
 MOONCAKE_BLOCK_TOKENS = 512
@@ -206,6 +209,23 @@ def http_client(url: str) -> httpx.AsyncClient:
         max_connections=None, max_keepalive_connections=64))
 
 
+async def sse_events(http: httpx.AsyncClient, body: dict) -> AsyncIterator[dict]:
+    """The JSON events of one streamed completion, until [DONE]; an error status raises
+    APIError. Close it (contextlib.aclosing) to leave early: that closes the connection."""
+    from kvmesh.client import COMPLETIONS, DONE, error_of, event_data
+
+    async with http.stream("POST", COMPLETIONS, json=body) as response:
+        if response.is_error:
+            await response.aread()
+            raise error_of(response)
+        async for line in response.aiter_lines():
+            data = event_data(line)
+            if data is DONE:
+                return
+            if data is not None:
+                yield data
+
+
 async def stream_completion(http: httpx.AsyncClient, model: str, prompt: list[int],
                             max_tokens: int, logprobs: bool = False,
                             record: StreamRecord | None = None) -> StreamRecord:
@@ -216,7 +236,7 @@ async def stream_completion(http: httpx.AsyncClient, model: str, prompt: list[in
     character sends nothing); with logprobs every token is sent and counted exactly."""
     import httpx
 
-    from kvmesh.client import COMPLETIONS, DONE, APIError, chunk_deltas, error_of, event_data
+    from kvmesh.client import COMPLETIONS, APIError, chunk_deltas
 
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
@@ -225,16 +245,8 @@ async def stream_completion(http: httpx.AsyncClient, model: str, prompt: list[in
     record = record or StreamRecord()
     record.sent = time.perf_counter()
     try:
-        async with http.stream("POST", COMPLETIONS, json=body) as response:
-            if response.is_error:
-                await response.aread()
-                raise error_of(response)
-            async for line in response.aiter_lines():
-                data = event_data(line)
-                if data is DONE:
-                    break
-                if data is None:
-                    continue
+        async with contextlib.aclosing(sse_events(http, body)) as events:
+            async for data in events:
                 now = time.perf_counter()
                 for choice in chunk_deltas(COMPLETIONS, data):
                     n = (len(choice.logprobs["tokens"]) if choice.logprobs
