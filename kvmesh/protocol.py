@@ -130,6 +130,7 @@ class ErrorCode:
     SHUTTING_DOWN = "shutting_down"  # the actor is draining and takes no new work
     HANDLER_FAILED = "handler_failed"  # the handler raised
     NO_REPLY = "no_reply"  # the handler of a Request returned nothing
+    OVERLOADED = "overloaded"  # the actor has max_handlers handlers running already
 
 
 class Error(Reply, frozen=True, kw_only=True):

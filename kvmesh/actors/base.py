@@ -96,14 +96,23 @@ class ActorConfig:
     grace_period: float = 10.0  # bound on drain at shutdown
     linger: float = 1.0  # bound on flushing unsent messages at close
     key_dir: Path | None = None  # CurveZMQ on every socket when set
+    # A frame above this drops its sender's connection in ZeroMQ itself, unread (a
+    # message up to it but over max_message_size is refused with an Error); 0 = four
+    # times max_message_size. Workers raise it to their largest KV data-plane frame.
+    max_frame_size: int = 0
+    max_handlers: int = 4096  # handlers running at once; beyond, messages are refused
+
+    @property
+    def frame_limit(self) -> int:
+        return self.max_frame_size or 4 * self.max_message_size
 
     def __post_init__(self) -> None:
         if not self.actor_id:
             raise ValueError("actor_id must be a non-empty string")
-        for name in ("heartbeat_interval", "liveness", "max_message_size"):
+        for name in ("heartbeat_interval", "liveness", "max_message_size", "max_handlers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("grace_period", "linger"):
+        for name in ("grace_period", "linger", "max_frame_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -186,7 +195,7 @@ class Actor:
 
     async def start(self) -> None:
         """Create the sockets' context, run setup(), start heartbeating."""
-        self._sockets = Sockets(self._keys, self.config.linger)
+        self._sockets = Sockets(self._keys, self.config.linger, self.config.frame_limit)
         self._heartbeat_task = asyncio.create_task(self._heartbeat())
         await self.setup()
         self.log.info("actor_started", endpoints=self.endpoints)
@@ -462,6 +471,12 @@ class Actor:
             return (
                 ErrorCode.SHUTTING_DOWN,
                 f"actor {self.actor_id} is draining and takes no new work",
+            )
+        if len(self._tasks) >= self.config.max_handlers:
+            return (
+                ErrorCode.OVERLOADED,
+                f"actor {self.actor_id} has {len(self._tasks)} handlers running "
+                f"(max_handlers); {name} refused",
             )
         return None
 

@@ -23,7 +23,7 @@ from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import BackendUnavailable, OverloadedError
 from kvmesh.frontend.limits import HTTPLimits
 from kvmesh.gpu.block_pool import hash_blocks
-from kvmesh.gpu.model_config import ModelConfig
+from kvmesh.gpu.model_config import ModelConfig, capped_context
 from kvmesh.protocol import (
     Abort,
     ClusterStatus,
@@ -326,8 +326,3 @@ def _as_error(message: str) -> Exception:
     if message.startswith("unavailable:") or message == "aborted":
         return BackendUnavailable(message, retry_after=1.0)
     return ValueError(message)
-
-
-def capped_context(model_len: int, cap: int) -> int:
-    """model.max_model_len applied: 0 keeps the model's context; a cap never exceeds it."""
-    return min(model_len, cap) if cap else model_len

@@ -27,7 +27,7 @@ def find_spec(cfg: ClusterConfig, actor_id: str) -> ActorSpec:
                       key="nodes")
 
 
-def actor_config(cfg: ClusterConfig, spec: ActorSpec) -> ActorConfig:
+def actor_config(cfg: ClusterConfig, spec: ActorSpec, max_frame_size: int = 0) -> ActorConfig:
     return ActorConfig(
         actor_id=spec.actor_id,
         node=spec.node,
@@ -35,7 +35,22 @@ def actor_config(cfg: ClusterConfig, spec: ActorSpec) -> ActorConfig:
         liveness=cfg.cluster.liveness,
         grace_period=cfg.cluster.grace_period,
         key_dir=cfg.security.key_path,
+        max_frame_size=max_frame_size,
     )
+
+
+def worker_frame_size(cfg: ClusterConfig) -> int:
+    """The largest frame a worker takes: a KV data-plane chunk holds whole layers, so
+    one layer of the longest prompt's blocks, or 4 x the message limit if that is more."""
+    from kvmesh.gpu.model_config import DTYPE_BYTES, ModelConfig, capped_context
+    from kvmesh.protocol import MAX_MESSAGE_SIZE
+
+    model = ModelConfig.from_pretrained(cfg.model.resolved_path)
+    block_size = cfg.model.block_size
+    layer_block = model.kv_bytes_per_block(block_size, DTYPE_BYTES[cfg.model.dtype]) \
+        // model.num_layers
+    max_blocks = -(-capped_context(model.max_model_len, cfg.model.max_model_len) // block_size)
+    return max(4 * MAX_MESSAGE_SIZE, max_blocks * layer_block + (1 << 20))
 
 
 def init_router(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
@@ -95,7 +110,7 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         transfer=cfg.kv.transfer, cache_id=cache.actor_id if cache else None,
         cache_endpoint=cache.endpoint if cache else None, max_model_len=cfg.model.max_model_len)
     worker_class = PrefillWorker if spec.role == "prefill" else DecodeWorker
-    return worker_class(actor_config(cfg, spec), settings)
+    return worker_class(actor_config(cfg, spec, worker_frame_size(cfg)), settings)
 
 
 def init_cache(cfg: ClusterConfig, spec: ActorSpec) -> Actor:

@@ -149,3 +149,8 @@ class ModelConfig:
         """Bytes of K and V for one block across all layers."""
         per_layer = 2 * block_size * self.num_kv_heads * self.head_dim * dtype_bytes
         return per_layer * self.num_layers
+
+
+def capped_context(model_len: int, cap: int) -> int:
+    """model.max_model_len applied: 0 keeps the model's context; a cap never exceeds it."""
+    return min(model_len, cap) if cap else model_len

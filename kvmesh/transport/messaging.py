@@ -103,10 +103,14 @@ class Sockets:
     Every socket gets a bounded linger, and CURVE by direction when keys are given.
     """
 
-    def __init__(self, keys: CurveKeys | None = None, linger: float = 1.0) -> None:
+    def __init__(self, keys: CurveKeys | None = None, linger: float = 1.0,
+                 max_frame_size: int = -1) -> None:
+        """max_frame_size: ZeroMQ drops a peer that sends a larger frame, before any of
+        it is held in memory (ZMQ_MAXMSGSIZE); -1 = no limit."""
         self.context = zmq.asyncio.Context()
         self.keys = keys
         self._linger_ms = int(linger * 1000)
+        self._max_frame_size = max_frame_size
         self._open: list[zmq.asyncio.Socket] = []
         self._auth: AsyncioAuthenticator | None = None
         if keys is not None:
@@ -119,6 +123,7 @@ class Sockets:
         (`tcp://127.0.0.1:0` binds an ephemeral port)."""
         sock = self.context.socket(kind)
         sock.linger = self._linger_ms
+        sock.maxmsgsize = self._max_frame_size
         if kind == zmq.ROUTER:
             sock.router_mandatory = 1  # a send to a vanished peer fails instead of vanishing
         if kind == zmq.SUB:

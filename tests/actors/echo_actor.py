@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, default=65536)
     parser.add_argument("--heartbeat", type=float, default=0.1)
     parser.add_argument("--liveness", type=int, default=10)
+    parser.add_argument("--max-handlers", type=int, default=4096)
+    parser.add_argument("--max-frame", type=int, default=4 << 20)  # extra frames: 1 MiB
     args = parser.parse_args()
     log.configure("info")
     config = ActorConfig(
@@ -102,6 +104,8 @@ def main() -> None:
         heartbeat_interval=args.heartbeat,
         liveness=args.liveness,
         max_message_size=args.max_size,
+        max_handlers=args.max_handlers,
+        max_frame_size=args.max_frame,
         grace_period=5.0,
         linger=1.0,
         key_dir=args.key_dir,

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 import zmq
 import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
 
 from kvmesh.actors.base import (
     Actor,
@@ -45,6 +46,7 @@ pytestmark = pytest.mark.timeout(60)
 
 MARKER = BlockStored(block_hashes=[0])  # sync traffic; payloads use hashes >= 1
 ECHO_MAX_SIZE = 65536  # the echo actor's --max-size default
+ECHO_MAX_FRAME = 4 << 20  # its --max-frame default
 FRAMES = [  # extra frames: empty, small, 1 MiB random, a memoryview of a bytearray
     b"",
     bytes(range(256)),
@@ -740,3 +742,70 @@ def test_a_refused_one_way_message_names_its_request(echo):
     error, peer = asyncio.run(scenario())
     assert (error.request_id, error.code, peer) == ("r-7", ErrorCode.UNKNOWN_TYPE, "echo")
     assert error.in_reply_to is None
+
+
+# --- ZeroMQ limits: frames, handlers, replays ---
+
+def test_sockets_carry_the_frame_limit():
+    async def scenario():
+        async with Probe(make_config("probe-frames", max_message_size=1000)) as probe:
+            sock, _ = probe._sockets.open(zmq.DEALER, "tcp://127.0.0.1:9", bind=False)
+            return sock.maxmsgsize
+
+    assert asyncio.run(scenario()) == 4000
+    assert make_config(max_frame_size=123).frame_limit == 123
+
+
+def test_a_frame_over_the_limit_drops_its_sender_unread(echo, zmq_context):
+    """Past max_frame_size ZeroMQ cuts the connection before holding the frame (a 1 GB
+    frame costs the actor nothing); the actor goes on serving."""
+    sock = raw_socket(zmq_context, zmq.DEALER, echo.endpoints["from_peers"])
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    sock.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1, **HELLO_FIELDS)))
+    assert type(receive(sock)[0]) is Welcome
+    sock.send(b"\x00" * (ECHO_MAX_FRAME + 1))
+    assert monitor.poll(10_000), "the oversized frame did not cut the connection"
+    assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+
+    async def still_serving():
+        async with Probe(make_config("probe-after-frame")) as probe:
+            peer = await probe.connect("to_echo", echo.endpoints["from_peers"], timeout=10)
+            return await probe.request(peer, Ping(), timeout=10)
+
+    assert isinstance(asyncio.run(still_serving()), Pong)
+
+
+def test_handlers_past_max_handlers_are_refused_and_serving_goes_on(tmp_path):
+    async def scenario(echo):
+        async with Probe(make_config("probe-flood")) as probe:
+            peer = await probe.connect("to_echo", echo.endpoints["from_peers"], timeout=10)
+            pings = [asyncio.create_task(probe.request(peer, Ping(), timeout=30))
+                     for _ in range(6)]
+            results = await asyncio.gather(*pings, return_exceptions=True)
+            after = await probe.request(peer, Ping(), timeout=30)
+            return results, after
+
+    with EchoProcess(tmp_path, "--ping-delay", "1", "--max-handlers", "2") as echo:
+        results, after = asyncio.run(scenario(echo))
+    refused = [r for r in results if isinstance(r, RemoteError)]
+    assert 0 < len(refused) < 6 and all(isinstance(r, Pong | RemoteError) for r in results)
+    assert all(r.error.code == ErrorCode.OVERLOADED and "max_handlers" in r.error.message
+               for r in refused)
+    assert isinstance(after, Pong)
+
+
+def test_replayed_frames_are_answered_or_ignored_never_a_crash(echo, zmq_context):
+    """A captured request sent again is just another request; a replayed or forged reply
+    answers nothing pending and is dropped; the actor serves on."""
+    sock = raw_socket(zmq_context, zmq.DEALER, echo.endpoints["from_peers"])
+    sock.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1, **HELLO_FIELDS)))
+    assert type(receive(sock)[0]) is Welcome
+    ping = encode(Ping(call_id=7))
+    for _ in range(3):
+        sock.send(ping)
+    assert [receive(sock)[0] for _ in range(3)] == [Pong(in_reply_to=7)] * 3
+    sock.send(encode(Pong(in_reply_to=7)))  # a reply to nothing the echo asked
+    sock.send(encode(Welcome(in_reply_to=1, version=PROTOCOL_VERSION, actor_id="x", role="y",
+                             node="z")))
+    sock.send(encode(Ping(call_id=8)))
+    assert receive(sock)[0] == Pong(in_reply_to=8)

@@ -272,7 +272,7 @@ def test_kv_events_report_stored_blocks(tiny_model_dir, reference):
 def test_max_model_len_caps_prompt_and_output(tiny_model_dir):
     """model.max_model_len: a worker's engine enforces the cap itself (the frontend does
     too), so a cluster configured for 64 tokens never runs a 100-token prompt."""
-    from kvmesh.actors.frontend import capped_context
+    from kvmesh.gpu.model_config import capped_context
 
     engine = Engine.from_pretrained(tiny_model_dir, num_blocks=64, max_model_len=64)
     assert engine.max_model_len == 64
