@@ -103,12 +103,13 @@ def test_evicted_prefix_comes_back_from_host_and_ssd(cluster, model_name, engine
     # prompt's evictions pushed the first one's out of it).
     offload = 'kvmesh_kv_offload_blocks_total{tier="%s"}'
 
-    def settled():  # the cache actor's counters come in its periodic reports
-        m = tier_metrics(cluster)
+    def settled():  # the cache actor's counters come in its periodic reports, apart from
+        m = tier_metrics(cluster)  # the workers' (its disk hits once came a report late)
         onboarded = sum(m.get(onboard % t, 0) - before.get(onboard % t, 0)
                         for t in ("host", "disk"))
         return (onboarded >= FULL_BLOCKS and m.get(offload % "host", 0) >= FULL_BLOCKS
-                and m.get(offload % "disk", 0) > 0 and m)
+                and m.get(offload % "disk", 0) > 0
+                and m.get('kvmesh_kv_hit_rate{tier="disk"}', 0) > 0 and m)
 
     metrics = wait_for(settled) or tier_metrics(cluster)
     assert metrics[onboard % "disk"] - before.get(onboard % "disk", 0) > 0
