@@ -22,7 +22,7 @@ maybe a worker SIGKILLed at a random moment), and holds every reply to the Engin
                running; after SIGTERM the cluster exits 0 and leaves no shared memory
 
 A failure raises StressFailure naming the seed and scenario that reproduce it:
-`kvmesh bench stress --seed S --scenario NAME --rounds 1`.
+`kvmesh bench stress --scenario NAME --seed S --sessions N --turns T --rounds 1`.
 """
 
 from __future__ import annotations
@@ -427,7 +427,8 @@ def stress_round(engine, model_dir: Path, scenario: str, seed: int, num_sessions
         raise StressFailure(
             f"stress scenario {scenario!r}, seed {seed}: {len(problems)} problems "
             f"(reproduce: kvmesh bench stress --scenario {scenario} --seed {seed} "
-            f"--rounds 1; the cluster's log: {kept})\n" + "\n".join(problems[:20]))
+            f"--sessions {num_sessions} --turns {max_turns} --rounds 1; the cluster's log: "
+            f"{kept})\n" + "\n".join(problems[:20]))
     return result
 
 
