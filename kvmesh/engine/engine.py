@@ -24,7 +24,7 @@ from kvmesh.engine.sequence import Sequence
 from kvmesh.gpu.block_pool import BlockPool
 from kvmesh.gpu.kv_cache import allocate_kv_caches, default_num_blocks, kv_cache_shape
 from kvmesh.gpu.loader import load_model, torch_dtype
-from kvmesh.gpu.model_config import ModelConfig
+from kvmesh.gpu.model_config import ModelConfig, capped_context
 from kvmesh.protocol import KVEvent
 from kvmesh.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -115,7 +115,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = device
         self.block_size = block_size
-        self.max_model_len = min(config.max_model_len, max_model_len or config.max_model_len)
+        self.max_model_len = capped_context(config.max_model_len, max_model_len or 0)
         if num_blocks is None:
             num_blocks = default_num_blocks(
                 config, block_size, torch_dtype(dtype), device, max_num_seqs * self.max_model_len

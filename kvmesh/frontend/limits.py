@@ -56,6 +56,12 @@ def read_api_keys(path: str | Path) -> frozenset[str]:
     return keys
 
 
+def bearer_key(authorization: str) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header value; None for any other."""
+    scheme, _, key = authorization.partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
+
+
 def parse_hosts(text: str) -> frozenset[str]:
     """"api.example.com, localhost" -> the set of host names (no ports), lower case."""
     return frozenset(h.strip().lower() for h in text.split(",") if h.strip())
@@ -106,10 +112,9 @@ class Gate:
         path = scope["path"]
         if limits.api_keys and path not in OPEN_PATHS and (
                 path != "/metrics" or limits.metrics_auth):
-            scheme, _, key = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not any(
-                    hmac.compare_digest(key.strip().encode(), k.encode())
-                    for k in limits.api_keys):
+            key = bearer_key(headers.get("authorization", ""))
+            if key is None or not any(hmac.compare_digest(key.encode(), k.encode())
+                                      for k in limits.api_keys):
                 return (401, "a valid API key is required: send 'Authorization: Bearer "
                         "<key>'", "invalid_request_error", "invalid_api_key")
         if scope["method"] == "POST":

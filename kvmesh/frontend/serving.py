@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import Backend, BackendUnavailable, OverloadedError
 from kvmesh.frontend.choices import Choice, ChoiceStreams
-from kvmesh.frontend.limits import HTTPLimits
+from kvmesh.frontend.limits import HTTPLimits, bearer_key
 from kvmesh.frontend.metrics import Metrics
 from kvmesh.frontend.schemas import (
     MAX_SEED,
@@ -250,10 +250,10 @@ class Serving:
         key's digest, so tenants never share cached blocks whatever they send."""
         if not self.limits.salt_by_api_key:
             return body.cache_salt
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        key = bearer_key(request.headers.get("authorization", ""))
+        if key is None:
             return body.cache_salt
-        tenant = hashlib.sha256(key.strip().encode()).hexdigest()[:32]
+        tenant = hashlib.sha256(key.encode()).hexdigest()[:32]
         return f"key:{tenant}:{body.cache_salt or ''}"
 
     def sampling_params(self, body, num_prompt_tokens: int, index: int,
