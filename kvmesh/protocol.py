@@ -131,6 +131,7 @@ class ErrorCode:
     HANDLER_FAILED = "handler_failed"  # the handler raised
     NO_REPLY = "no_reply"  # the handler of a Request returned nothing
     OVERLOADED = "overloaded"  # the actor has max_handlers handlers running already
+    FORBIDDEN = "forbidden"  # the sender's role may not send this (or its key is not its id)
 
 
 class Error(Reply, frozen=True, kw_only=True):
@@ -471,6 +472,37 @@ AnyMessage = (
     | CacheSnapshot
 )
 MESSAGE_TYPES: tuple[type[Message], ...] = typing.get_args(AnyMessage)
+
+# Who may send each message, by the sender's role: the role its key names when the
+# cluster has keys (kvmesh/transport/keys.py), else the role its Hello claimed. A type
+# not listed may come from any registered peer: Hello (checked against the key itself),
+# Heartbeat, Ping, and every Reply (it must answer a request this actor sent, on the
+# route it went out on).
+WORKERS = frozenset({"prefill", "decode"})
+SENDERS: dict[type[Message], frozenset[str]] = {
+    Shutdown: frozenset({"operator"}),
+    BlockStored: WORKERS | {"cache"},
+    BlockRemoved: WORKERS | {"cache"},
+    AllBlocksCleared: WORKERS | {"cache"},
+    KvPoolQuery: WORKERS,
+    KvWrite: WORKERS,  # and only for a transfer the receiver granted (dataplane.py)
+    RegisterWorker: WORKERS,
+    LoadReport: WORKERS,
+    RouteRequest: frozenset({"frontend"}),
+    RequestDone: frozenset({"frontend"}),
+    StatusQuery: frozenset({"frontend", "operator"}),
+    Generate: frozenset({"frontend"}),
+    Abort: frozenset({"frontend"}),  # and only the frontend that sent the Generate
+    TokenBatch: frozenset({"decode"}),  # and only for requests placed on that worker
+    RemotePrefill: frozenset({"decode"}),
+    CacheAttach: WORKERS,
+    CacheLookup: WORKERS,
+    CacheReserve: WORKERS,
+    CacheCommit: WORKERS,
+    RegisterCache: frozenset({"cache"}),
+    CacheReport: frozenset({"cache"}),
+    CacheSnapshotQuery: frozenset({"router"}),
+}
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyMessage)

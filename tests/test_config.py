@@ -56,7 +56,8 @@ def two_nodes(tmp_path: Path) -> Path:
     b = ("[[nodes]]\nname = \"b\"\naddress = \"10.0.0.2\"\n"
          "[[nodes.actors]]\nrole = \"prefill\"\ndevice = \"cuda:1\"\n"
          "[[nodes.actors]]\nrole = \"decode\"\ncount = 2\ndevice = \"cuda\"\n")
-    return write_config(tmp_path, '[cluster]\nhost = "0.0.0.0"\nbase_port = 7000\n' + a + b)
+    return write_config(tmp_path, '[cluster]\nhost = "0.0.0.0"\nbase_port = 7000\n'
+                        '[security]\nkey_dir = "/k"\n' + a + b)
 
 
 def spec(actor_id: str, node: str, device: str, address: str, port: int) -> ActorSpec:
@@ -286,6 +287,18 @@ BROKEN = [  # (file text, message after "<path>: ")
      "directory whose paths fit in 107"),
     ("[kv]\nhost_gb = 1\ndisk_gb = 10\n",
      ' kv.disk_path: expected a directory when kv.disk_gb > 0 (it is 10.0), got ""'),
+    ('[cluster]\nhost = "0.0.0.0"\n',
+     ' security.key_dir: cluster.host = "0.0.0.0" opens the actor sockets to other hosts, '
+     "and without keys anyone reaching them could join as any actor; expected a key "
+     "directory: make one with `kvmesh keys generate DIR --config cluster.toml` and set "
+     "security.key_dir = DIR (or, on a network only you can reach, security.insecure = "
+     "true)"),
+    ('[cluster]\nhost = "0.0.0.0"\n' + BASIC + node_toml("b", "10.0.0.2", decode=1),
+     ' security.key_dir: cluster.host = "0.0.0.0" opens the actor sockets to other hosts, '
+     "and without keys anyone reaching them could join as any actor; expected a key "
+     "directory: make one with `kvmesh keys generate DIR --config cluster.toml` and set "
+     "security.key_dir = DIR (or, on a network only you can reach, security.insecure = "
+     "true)"),
     ("[kv]\nhost_gb = 0\n",
      " kv.host_gb: expected > 0 where a cache actor runs (nodes.0.actors.4: its host tier is "
      "where workers offload to, and disk blocks are read back through it), got 0.0"),

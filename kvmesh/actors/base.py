@@ -51,6 +51,7 @@ from kvmesh.protocol import (
     MAX_MESSAGE_SIZE,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    SENDERS,
     Error,
     ErrorCode,
     Heartbeat,
@@ -65,7 +66,8 @@ from kvmesh.protocol import (
     Welcome,
 )
 from kvmesh.transport import messaging
-from kvmesh.transport.messaging import Buffer, CurveKeys, Sockets
+from kvmesh.transport.keys import KeyRing
+from kvmesh.transport.messaging import Buffer, Sockets
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +98,7 @@ class ActorConfig:
     grace_period: float = 10.0  # bound on drain at shutdown
     linger: float = 1.0  # bound on flushing unsent messages at close
     key_dir: Path | None = None  # CurveZMQ on every socket when set
+    key_name: str = ""  # whose secret key this process holds; "" = actor_id's
     # A frame above this drops its sender's connection in ZeroMQ itself, unread (a
     # message up to it but over max_message_size is refused with an Error); 0 = four
     # times max_message_size. Workers raise it to their largest KV data-plane frame.
@@ -132,6 +135,9 @@ class Actor:
     # Messages still handled while draining: those that finish work already in flight
     # (a stream's tokens, a transfer's blocks), as opposed to new work.
     drain_accepts: ClassVar[frozenset[type[Message]]] = frozenset()
+    # Which roles may send which messages (protocol.SENDERS); an actor that tests the
+    # runtime alone may clear it.
+    senders: ClassVar[dict[type[Message], frozenset[str]]] = SENDERS
 
     def __init__(self, config: ActorConfig) -> None:
         self.config = config
@@ -140,17 +146,29 @@ class Actor:
         self.peers = Peers(config.heartbeat_interval, config.liveness, self.log, self._bury)
         self.endpoints: dict[str, str] = {}  # bound sockets, announced in Hello/Welcome
         self._handlers = self._dispatch_table()
-        self._keys = CurveKeys.load(config.key_dir) if config.key_dir is not None else None
+        self._keys = self._load_keys(config)
         self._sender = config.actor_id.encode()
         self._sockets: Sockets | None = None
         self._socks: dict[str, zmq.asyncio.Socket] = {}
         self._kinds: dict[str, int] = {}
+        self._socket_peer: dict[str, str] = {}  # connected SUB/PULL -> the actor it reaches
         self._readers: dict[str, asyncio.Task] = {}
         self._tasks: set[asyncio.Task] = set()  # handlers and hooks in progress
         self._heartbeat_task: asyncio.Task | None = None
         self._accepting = True
         self._stop_requested = asyncio.Event()
         self._connecting: dict[str, asyncio.Future] = {}  # peer id -> connect() under way
+
+    def _load_keys(self, config: ActorConfig) -> KeyRing | None:
+        """The key ring, when the cluster has keys; this actor's own key must name it."""
+        if config.key_dir is None:
+            return None
+        ring = KeyRing(config.key_dir, config.key_name or config.actor_id)
+        if not ring.own.admits(config.actor_id, self.role):
+            raise ValueError(
+                f"key {ring.own.name!r} is for {ring.own.role} {ring.own.name}, not for "
+                f"{self.role} {config.actor_id}")
+        return ring
 
     def _dispatch_table(self) -> dict[type[Message], Handler]:
         handlers = {}
@@ -197,7 +215,11 @@ class Actor:
         """Create the sockets' context, run setup(), start heartbeating."""
         self._sockets = Sockets(self._keys, self.config.linger, self.config.frame_limit)
         self._heartbeat_task = asyncio.create_task(self._heartbeat())
-        await self.setup()
+        try:
+            await self.setup()
+        except BaseException:  # nothing half-open left behind (a context never ended hangs)
+            await self.close()
+            raise
         self.log.info("actor_started", endpoints=self.endpoints)
 
     def stop(self) -> None:
@@ -254,17 +276,24 @@ class Actor:
 
     # --- sockets ---
 
-    def open(self, name: str, kind: int, endpoint: str, *, bind: bool) -> str:
+    def open(self, name: str, kind: int, endpoint: str, *, bind: bool,
+             peer: str | None = None) -> str:
         """Open socket `name` (by direction: from_peers, events_out, to_router, ...) of a
-        zmq kind, bound or connected to endpoint; returns the real endpoint."""
+        zmq kind, bound or connected to endpoint; returns the real endpoint.
+
+        peer: the actor a connecting socket reaches (with keys, only its key completes
+        the connection). What a connected SUB or PULL receives is that actor's, whatever
+        its frames say."""
         assert self._sockets is not None, f"open({name!r}) before start()"
         if name in self._socks:
             raise ValueError(f"socket {name!r} is already open")
-        sock, endpoint = self._sockets.open(kind, endpoint, bind=bind)
+        sock, endpoint = self._sockets.open(kind, endpoint, bind=bind, server=peer)
         self._socks[name] = sock
         self._kinds[name] = kind
         if bind:
             self.endpoints[name] = endpoint
+        elif kind in (zmq.SUB, zmq.PULL) and peer is not None:
+            self._socket_peer[name] = peer
         if kind in RECEIVE_KINDS:
             self._readers[name] = asyncio.create_task(self._read(name, sock))
         return endpoint
@@ -277,18 +306,23 @@ class Actor:
         if sock is not None:
             self._sockets.close(sock, linger=0)
         self.endpoints.pop(name, None)
+        self._socket_peer.pop(name, None)
 
-    async def connect(self, name: str, endpoint: str, timeout: float) -> str:
+    async def connect(self, name: str, endpoint: str, timeout: float,
+                      peer: str | None = None) -> str:
         """Open DEALER `name` to a peer's ROUTER, say Hello; returns the peer's actor id.
 
-        Raises RemoteError if the peer refuses (e.g. another protocol version) and
-        TimeoutError if no Welcome comes (nobody there, or other keys).
+        peer: the actor meant (required with keys): a Welcome from anyone else is a
+        ConnectionError. Raises RemoteError if the peer refuses (e.g. another protocol
+        version, or a key that is not our id) and TimeoutError if no Welcome comes
+        (nobody there, or other keys).
         """
-        self.open(name, zmq.DEALER, endpoint, bind=False)
+        self.open(name, zmq.DEALER, endpoint, bind=False, peer=peer)
         try:
             welcome, _ = await self._exchange(Route(name), None, Hello(**self._card()), timeout)
             if not isinstance(welcome, Welcome):
                 raise ConnectionError(f"{endpoint} answered Hello with {type(welcome).__name__}")
+            self._check_welcome(welcome, endpoint, peer)
             await self.peers.register(Peer.introduced(welcome, Route(name)))
         except TimeoutError:
             self._close_socket(name)
@@ -301,6 +335,14 @@ class Actor:
             raise
         return welcome.actor_id
 
+    def _check_welcome(self, welcome: Welcome, endpoint: str, peer: str | None) -> None:
+        if peer is not None and welcome.actor_id != peer:
+            raise ConnectionError(f"{endpoint} is {welcome.actor_id}, not {peer}")
+        if self._keys is not None and not self._keys.identity(peer).admits(
+                welcome.actor_id, welcome.role):
+            raise ConnectionError(f"{endpoint} says it is {welcome.role} {welcome.actor_id}, "
+                                  f"but its key is {self._keys.identity(peer).role}'s")
+
     async def ensure_connected(self, peer: str, endpoint: str, timeout: float) -> None:
         """Connect to `peer` at `endpoint` unless already connected; concurrent callers
         for the same peer share one connection attempt."""
@@ -308,7 +350,7 @@ class Actor:
             return
         attempt = self._connecting.get(peer)
         if attempt is None:
-            attempt = asyncio.ensure_future(self.connect(f"to_{peer}", endpoint, timeout))
+            attempt = asyncio.ensure_future(self.connect(f"to_{peer}", endpoint, timeout, peer))
             self._connecting[peer] = attempt
             attempt.add_done_callback(lambda _: self._connecting.pop(peer, None))
         await asyncio.shield(attempt)
@@ -426,14 +468,22 @@ class Actor:
         kind = self._kinds[name]
         route = Route(name, frames[0].bytes if kind == zmq.ROUTER else None)
         peer = self.peers.touch(route) if kind in REPLY_KINDS else None
+        user = messaging.user_of(frames[0]) if self._keys is not None else None
         try:
             head, body, extra = messaging.split(kind, frames)
         except MalformedMessage as exc:
-            await self._reject(Inbound(route, peer, []), exc.code, str(exc))
+            await self._reject(Inbound(route, peer, [], user), exc.code, str(exc))
             return
-        if peer is None and head is not None and kind != zmq.ROUTER:
-            peer = head.decode(errors="replace")
-        inbound = Inbound(route, peer, extra)
+        if kind in (zmq.SUB, zmq.PULL):
+            # the connection says who sent it; the sender's own head frame only has to agree
+            peer = self._socket_peer.get(name) or user or head.decode(errors="replace")
+            if head != peer.encode():
+                self.log.warning("message_rejected", socket=name, peer=peer,
+                                 code=ErrorCode.FORBIDDEN,
+                                 reason=f"sent as {head.decode(errors='replace')!r} on "
+                                        f"{peer}'s connection")
+                return
+        inbound = Inbound(route, peer, extra, user)
         try:
             msg = protocol.decode(body, self.config.max_message_size)
         except MalformedMessage as exc:
@@ -462,6 +512,12 @@ class Actor:
         name = type(msg).__name__
         if kind == zmq.ROUTER and peer is None and not isinstance(msg, Hello):
             return ErrorCode.NOT_REGISTERED, f"{name} from an unregistered peer; send Hello first"
+        senders = self.senders.get(type(msg))
+        if senders is not None:
+            role = self.role_of(peer)
+            if role not in senders:
+                return (ErrorCode.FORBIDDEN, f"{name} may come from {', '.join(sorted(senders))}, "
+                        f"not from {peer} (role {role})")
         if type(msg) not in self._handlers:
             return (
                 ErrorCode.UNKNOWN_TYPE,
@@ -526,6 +582,18 @@ class Actor:
             await self._reply(inbound, call_id, Error(code=code, message=reason,
                                                       request_id=request_id))
 
+    def role_of(self, peer: str | None) -> str | None:
+        """The role of a sender: its key's with keys, else what its Hello or Welcome
+        said; None for an actor not registered here."""
+        if peer is None:
+            return None
+        if self._keys is not None:
+            with contextlib.suppress(ValueError):
+                return self._keys.identity(peer.partition(":")[0]).role
+            return None
+        registered = self.peers.get(peer)
+        return registered.role if registered is not None else None
+
     def request_refused(self, error: Error, inbound: Inbound) -> None:
         """A peer refused a one-way message about request `error.request_id` (it was
         draining, or did not know us): actors that own requests end or move it here."""
@@ -576,9 +644,18 @@ class Actor:
     # --- built-in handlers ---
 
     async def on_hello(self, msg: Hello, inbound: Inbound) -> Welcome | Error:
-        """Register the connecting actor (its version was checked before dispatch)."""
+        """Register the connecting actor (its version was checked before dispatch); with
+        keys, only under the id and role its key names."""
         if inbound.route.identity is None:
             return Error(code=ErrorCode.MALFORMED, message="Hello goes to a ROUTER socket")
+        if self._keys is not None:
+            identity = self._keys.identity(inbound.user) if inbound.user else None
+            if identity is None or not identity.admits(msg.actor_id, msg.role):
+                reason = (f"key {inbound.user!r} ({identity.role if identity else 'unknown'}) "
+                          f"may not say Hello as {msg.role} {msg.actor_id!r}")
+                self.log.warning("hello_refused", claimed=msg.actor_id, role=msg.role,
+                                 key=inbound.user, reason=reason)
+                return Error(code=ErrorCode.FORBIDDEN, message=reason)
         await self.peers.register(Peer.introduced(msg, inbound.route))
         return Welcome(**self._card())
 

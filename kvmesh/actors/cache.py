@@ -73,6 +73,7 @@ class CacheSettings:
     router_endpoint: str | None  # None: serve the workers without telling a router
     record_bytes: int  # one KV block of the cluster's model, packed
     host_bytes: int
+    router_id: str | None = None  # the actor at router_endpoint (required with keys)
     disk_path: str = ""  # the disk tier's directory ("" = no disk tier)
     disk_bytes: int = 0
     host_eviction: str = "lru"
@@ -139,7 +140,8 @@ class CacheActor(Actor):
         while self._accepting:
             try:
                 self.router_id = await self.connect("to_router", self.settings.router_endpoint,
-                                                    self.settings.connect_timeout)
+                                                    self.settings.connect_timeout,
+                                                    self.settings.router_id)
                 await self.request(self.router_id, RegisterCache(
                     events_endpoint=self.endpoints["events_out"]),
                     timeout=self.settings.connect_timeout)

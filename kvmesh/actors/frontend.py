@@ -49,6 +49,7 @@ class FrontendSettings:
     model_name: str
     block_size: int
     router_endpoint: str
+    router_id: str | None = None  # the actor at router_endpoint (required with keys)
     dtype: str = "float32"  # the workers' KV dtype: part of every block hash
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -95,7 +96,8 @@ class FrontendActor(Actor):
         from kvmesh.frontend.app import create_app
 
         self.router_id = await self.connect("to_router", self.settings.router_endpoint,
-                                            self.settings.connect_timeout)
+                                            self.settings.connect_timeout,
+                                            self.settings.router_id)
         config = uvicorn.Config(create_app(self, self.settings.limits), host=self.settings.host,
                                 port=self.settings.http_port, log_level="warning",
                                 lifespan="off", timeout_keep_alive=self.settings.keep_alive,
@@ -126,7 +128,7 @@ class FrontendActor(Actor):
         while self._accepting:
             try:
                 await self.connect("to_router", self.settings.router_endpoint,
-                                   self.settings.connect_timeout)
+                                   self.settings.connect_timeout, self.settings.router_id)
                 return
             except (TimeoutError, ConnectionError) as exc:
                 log.warning("router_unreachable", error=str(exc))
@@ -280,11 +282,16 @@ class FrontendActor(Actor):
     # --- from the workers ---
 
     async def on_token_batch(self, msg: TokenBatch, inbound) -> None:
-        """One step's tokens for some of our requests."""
+        """One step's tokens for some of our requests (only those placed on the sender)."""
         for delta in msg.deltas:
             stream = self.streams.get(delta.request_id)
-            if stream is not None:
-                stream.put_nowait(delta)
+            if stream is None:
+                continue
+            if self.decode_of.get(delta.request_id) != inbound.peer:
+                self.log.warning("tokens_refused", request_id=delta.request_id,
+                                 sender=inbound.peer, reason="not placed on the sender")
+                continue
+            stream.put_nowait(delta)
 
     def request_refused(self, error, inbound) -> None:
         """A decode worker refused a Generate (draining, or it no longer knows us): the

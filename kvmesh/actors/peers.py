@@ -51,8 +51,9 @@ class Inbound:
     """Where a message came from, and the extra frames that came with it."""
 
     route: Route  # the way back
-    peer: str | None  # registered actor id (ROUTER/DEALER) or sender id (SUB/PULL)
+    peer: str | None  # registered actor id (ROUTER/DEALER) or sending actor (SUB/PULL)
     frames: list[zmq.Frame]
+    user: str | None = None  # the key name ZAP authenticated the connection as (keys only)
 
     @property
     def socket(self) -> str:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from kvmesh.actors.base import Actor, ActorConfig
 from kvmesh.config import ActorSpec, ClusterConfig, ConfigError
+from kvmesh.config.book import exposure
 
 if TYPE_CHECKING:
     from kvmesh.frontend.limits import HTTPLimits
@@ -71,8 +72,8 @@ def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     settings = FrontendSettings(
         model_path=str(cfg.model.resolved_path), model_name=cfg.model.served_name,
         block_size=cfg.model.block_size, router_endpoint=cfg.router_endpoint,
-        dtype=cfg.model.dtype, host=cfg.cluster.host, http_port=cfg.frontend.http_port,
-        expected_workers=workers,
+        router_id=cfg.router_id, dtype=cfg.model.dtype, host=cfg.cluster.host,
+        http_port=cfg.frontend.http_port, expected_workers=workers,
         max_num_requests=cfg.frontend.max_num_requests,
         max_migrations=cfg.frontend.max_migrations,
         request_timeout=cfg.frontend.request_timeout, keep_alive=cfg.frontend.keep_alive,
@@ -104,7 +105,8 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     settings = WorkerSettings(
         model_path=str(cfg.model.resolved_path), model_name=cfg.model.served_name,
         endpoint=spec.bind, events_endpoint=spec.events_bind,
-        router_endpoint=cfg.router_endpoint, device=spec.device, dtype=cfg.model.dtype,
+        router_endpoint=cfg.router_endpoint, router_id=cfg.router_id, device=spec.device,
+        dtype=cfg.model.dtype,
         block_size=cfg.model.block_size, num_blocks=cfg.kv.device_blocks or None,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         transfer=cfg.kv.transfer, cache_id=cache.actor_id if cache else None,
@@ -120,7 +122,7 @@ def init_cache(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     model = ModelConfig.from_pretrained(cfg.model.resolved_path)
     settings = CacheSettings(
         endpoint=spec.bind, events_endpoint=spec.events_bind,
-        router_endpoint=cfg.router_endpoint,
+        router_endpoint=cfg.router_endpoint, router_id=cfg.router_id,
         record_bytes=model.kv_bytes_per_block(cfg.model.block_size,
                                               DTYPE_BYTES[cfg.model.dtype]),
         fingerprint=model.fingerprint(cfg.model.dtype, cfg.model.block_size),
@@ -144,6 +146,14 @@ def build_actor(cfg: ClusterConfig, actor_id: str) -> Actor:
     init = INIT.get(spec.role)
     if init is None:
         raise ConfigError(f"role {spec.role!r} of {actor_id} has no actor yet", key="nodes")
+    exposed = exposure(cfg)
+    if exposed and not cfg.security.key_dir:  # allowed by security.insecure (check())
+        import structlog
+
+        structlog.get_logger(__name__).warning(
+            "insecure", actor=actor_id, reason=f"{exposed} opens this actor's sockets to "
+            "other hosts without keys (security.insecure = true): anyone reaching them "
+            "can join the cluster as any actor")
     if cfg.cluster.ipc_dir:  # its sockets are this user's alone, as the disk tier is
         from kvmesh.transport.private_dir import private_dir
 

@@ -151,7 +151,7 @@ class RouterActor(Actor):
     def _subscribe(self, actor_id: str, events_endpoint: str) -> None:
         socket = f"events_{actor_id}"
         self._close_socket(socket)
-        self.open(socket, zmq.SUB, events_endpoint, bind=False)
+        self.open(socket, zmq.SUB, events_endpoint, bind=False, peer=actor_id)
 
     async def on_block_stored(self, msg: BlockStored, inbound) -> None:
         """A worker cached blocks: index them."""
@@ -265,7 +265,7 @@ class RouterActor(Actor):
                                     "pending_tokens": float(self.policy.num_pending_tokens),
                                     "pending_placements": float(self.policy.num_in_flight)})]
         for peer in self.peers.values():
-            if peer.role == "client":  # a `kvmesh status` asking, not a member
+            if peer.role == "operator":  # a `kvmesh status` asking, not a member
                 continue
             if peer.role in ("prefill", "decode") and peer.actor_id not in self.workers:
                 continue  # connected but not (or not yet) registered: not serving

@@ -62,6 +62,7 @@ class WorkerSettings:
     endpoint: str  # our ROUTER, for frontends and peers
     events_endpoint: str  # our PUB, for the router
     router_endpoint: str
+    router_id: str | None = None  # the actor at router_endpoint (required with keys)
     device: str = "cpu"
     dtype: str = "float32"
     block_size: int = 16
@@ -116,7 +117,8 @@ class EngineWorker(DataPlaneHandlers, Actor):
     async def _join_router(self) -> None:
         engine = self.engine.engine
         self.router_id = await self.connect("to_router", self.settings.router_endpoint,
-                                            self.settings.connect_timeout)
+                                            self.settings.connect_timeout,
+                                            self.settings.router_id)
         await self.request(self.router_id, RegisterWorker(
             model=self.settings.model_name, block_size=engine.block_size,
             num_blocks=engine.num_blocks, max_num_seqs=engine.scheduler.max_num_seqs,
@@ -282,6 +284,14 @@ class DecodeWorker(EngineWorker):
 
     async def on_generate(self, msg: Generate, inbound) -> None:
         """Admit a request; remotely prefilled when the router named a prefill worker."""
+        owner = self.frontend_of.get(msg.request_id)
+        if owner is not None:  # a request id is its frontend's: never take over another's
+            self.log.warning("generate_refused", request_id=msg.request_id, by=inbound.peer,
+                             owner=owner, reason="request id in use")
+            delta = Delta(request_id=msg.request_id, new_token_ids=[], new_text="",
+                          error=f"request id {msg.request_id!r} is already running here")
+            await self.send(inbound.peer, TokenBatch(deltas=[delta]))
+            return
         self.frontend_of[msg.request_id] = inbound.peer
         remote = msg.prefill is not None
         if remote:
@@ -298,7 +308,14 @@ class DecodeWorker(EngineWorker):
             await self.send(inbound.peer, TokenBatch(deltas=[delta]))
 
     async def on_abort(self, msg: Abort, inbound) -> None:
-        """The client went away: stop the request and free its blocks."""
+        """The client went away: stop the request and free its blocks (only the frontend
+        that sent the request may)."""
+        owner = self.frontend_of.get(msg.request_id)
+        if owner != inbound.peer:
+            if owner is not None:
+                self.log.warning("abort_refused", request_id=msg.request_id, by=inbound.peer,
+                                 owner=owner)
+            return
         await self._abort(msg.request_id)
 
     async def _abort(self, request_id: str) -> None:
@@ -335,6 +352,7 @@ class DecodeWorker(EngineWorker):
     async def remote_prefill(self, task: RemotePrefillTask) -> None:
         request_id = task.request_id
         worker, endpoint = self.prefill_of.pop(request_id, (None, None))
+        self.kv_plane.grant(worker, request_id, task.block_ids)  # its KvWrites, ours alone
         try:
             await self.ensure_connected(worker, endpoint, self.settings.connect_timeout)
             done = await self.request(worker, RemotePrefill(
@@ -346,6 +364,8 @@ class DecodeWorker(EngineWorker):
                              error=str(exc))
             await self.engine.call(lambda e: e.fail_remote_prefill(request_id))
             return
+        finally:
+            self.kv_plane.revoke(worker, request_id)
         self.remote_prefills_total += 1
         self.transfer_bytes_total += done.num_bytes
         # The first token must reach the frontend before the tokens of later steps: it

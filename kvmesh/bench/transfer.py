@@ -127,7 +127,10 @@ async def _rounds(endpoints: dict, num_blocks: int, sizes_mib: list[int], repeat
     rng = np.random.default_rng(0)
     raw = _RawZmq(endpoints["raw"])
     results = {}
-    async with Actor(config) as sender:
+    class Sender(Actor):
+        role = "prefill"  # KvPoolQuery and KvWrite come from workers only
+
+    async with Sender(config) as sender:
         await sender.connect("to_receiver", endpoints["actor"], timeout=30)
         planes = {b: KVDataPlane(sender, kv_caches, backend=b) for b in backends}
         for size in sizes_mib:
@@ -212,11 +215,12 @@ def _serve_receiver(conn, num_blocks: int) -> None:
     log.configure("warning")
 
     class Receiver(DataPlaneHandlers, Actor):
-        role = "bench-receiver"
+        role = "decode"
 
         async def setup(self) -> None:
             kv_caches, segment = _pool(num_blocks, shared=True, actor_id=self.actor_id)
-            self.kv_plane = KVDataPlane(self, kv_caches, segment=segment)
+            # the bytes alone are measured: writes need no grant here
+            self.kv_plane = KVDataPlane(self, kv_caches, segment=segment, require_grants=False)
             endpoint = self.open("from_peers", zmq.ROUTER, "tcp://127.0.0.1:0", bind=True)
             conn.send({"actor": endpoint, "raw": _start_raw_echo()})
 

@@ -191,9 +191,12 @@ def _print_status(cfg, as_json: bool) -> bool:
     from kvmesh.actors.client import status as query
 
     try:
-        cluster = query(cfg.router_endpoint, cfg.security.key_path)
+        cluster = query(cfg.router_endpoint, cfg.router_id, cfg.security.key_path)
     except (TimeoutError, ConnectionError) as exc:
         click.echo(f"no router answers at {cfg.router_endpoint}: {exc}", err=True)
+        return False
+    except ValueError as exc:  # the keys: none for the operator, or not this user's
+        click.echo(f"cannot ask the router: {exc}", err=True)
         return False
     rows = []
     for a in cluster.actors:

@@ -1,25 +1,51 @@
-"""`kvmesh keys …`: the CurveZMQ keys that secure actor sockets."""
+"""`kvmesh keys …`: the CurveZMQ keys that say which process is which actor."""
 
 from pathlib import Path
 
 import click
 
+from kvmesh.cli.cluster import CONFIG_OPTIONS
+
 
 @click.group()
 def keys() -> None:
-    """CurveZMQ keys: one cluster keypair that every actor of a cluster reads."""
+    """CurveZMQ keys: one keypair per actor of a cluster, and one per operator.
+
+    A cluster with `security.key_dir` set admits on its actor sockets only the holders
+    of these keys, each as the one actor (and role) its key names."""
 
 
 @keys.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--force", is_flag=True, help="Replace an existing keypair in DIRECTORY.")
-def generate(directory: Path, force: bool) -> None:
-    """Write the cluster keypair into DIRECTORY: cluster.key (public) and
-    cluster.key_secret (owner-only). Give every actor the same directory (key_dir)."""
-    from kvmesh.transport.messaging import generate_keys
+@CONFIG_OPTIONS[0]
+@CONFIG_OPTIONS[1]
+@click.option("--operator", "operators", multiple=True, metavar="NAME",
+              help="Another operator key besides `operator` (the one `kvmesh status` "
+              "uses), e.g. one per person; repeatable.")
+@click.option("--force", is_flag=True, help="Replace keys that exist (cuts off every process "
+              "holding the old ones).")
+def generate(directory: Path, config_path, overrides, operators, force: bool) -> None:
+    """Write a keypair for every actor of the cluster into DIRECTORY.
 
+    Each actor gets NAME.key (public) and NAME.key_secret (mode 600), NAME being its id
+    (decode-0, ...). Keys already there are kept, so after adding nodes to cluster.toml,
+    running this again writes only the new actors' keys.
+
+    To distribute: every node needs every .key file, and the .key_secret files of the
+    actors it runs (plus operator.key_secret where `kvmesh status` runs). Running actors
+    pick up public keys added later without a restart.
+    """
+    from kvmesh.cli.cluster import load
+    from kvmesh.transport.keys import OPERATOR, check_name, generate
+
+    cfg, _ = load(config_path, overrides, None, None)
     try:
-        public, secret = generate_keys(directory, force=force)
-    except FileExistsError as exc:
-        raise click.ClickException(f"{exc}; pass --force to replace it") from None
-    click.echo(f"wrote {public} (public) and {secret} (secret, mode 600)")
+        identities = [(spec.actor_id, spec.role) for spec in cfg.actors]
+        identities += [(check_name(name), OPERATOR) for name in (OPERATOR, *operators)]
+        written = generate(directory, identities, force=force)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    kept = [name for name, _ in identities if name not in written]
+    click.echo(f"wrote {len(written)} keypair(s) into {directory}: {', '.join(written) or '-'}")
+    if kept:
+        click.echo(f"kept {len(kept)} existing: {', '.join(kept)} (--force replaces them)")

@@ -106,6 +106,7 @@ def check_network(cfg: ClusterConfig, book: list[tuple[str, ActorSpec]], fail) -
                 fail("cluster.host", f"{shown(settings.host)} accepts connections from this "
                      f"host only, but nodes.{n}.address is {shown(node.address)}; expected "
                      'an address other hosts reach, such as "0.0.0.0"')
+    check_exposure(cfg, fail)
     taken: dict[tuple[str, int], str] = {}
     if settings.ipc_dir:
         if len(set(address.values())) > 1:
@@ -139,6 +140,29 @@ def check_network(cfg: ClusterConfig, book: list[tuple[str, ActorSpec]], fail) -
                  f"{taken[place]} (actors have ports from cluster.base_port = "
                  f"{settings.base_port}); expected another port")
         serving[place] = spec.actor_id
+
+
+def exposure(cfg: ClusterConfig) -> str | None:
+    """`key = host` of the first setting that opens the actor sockets (tcp://) beyond
+    this host, or None."""
+    if cfg.cluster.ipc_dir:
+        return None
+    hosts = [("cluster.host", cfg.cluster.host)]
+    hosts += [(f"nodes.{n}.address", node.address) for n, node in enumerate(cfg.nodes)]
+    return next((f"{key} = {shown(host)}" for key, host in hosts if not is_loopback(host)),
+                None)
+
+
+def check_exposure(cfg: ClusterConfig, fail) -> None:
+    """Actor sockets other hosts reach need keys: without them, anyone who reaches a
+    socket is a full member of the cluster."""
+    exposed = exposure(cfg)
+    if exposed and not cfg.security.key_dir and not cfg.security.insecure:
+        fail("security.key_dir", f"{exposed} opens the actor sockets to other hosts, and "
+             "without keys anyone reaching them could join as any actor; expected a key "
+             "directory: make one with `kvmesh keys generate DIR --config cluster.toml` and "
+             "set security.key_dir = DIR (or, on a network only you can reach, "
+             "security.insecure = true)")
 
 
 def is_loopback(host: str) -> bool:

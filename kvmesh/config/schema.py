@@ -195,8 +195,12 @@ class SecurityConfig(Table):
     """The [security] table."""
 
     key_dir: Annotated[str, doc(
-        "Directory of CurveZMQ keys (`kvmesh keys generate DIR`); \"\" = plain "
-        "ZeroMQ.")] = ""
+        "Directory of the actors' CurveZMQ keys (`kvmesh keys generate DIR --config "
+        "cluster.toml`): every actor socket then admits only the holder of an actor's "
+        "key, as that actor; \"\" = plain ZeroMQ, allowed on loopback (or ipc_dir) only.")] = ""
+    insecure: Annotated[bool, doc(
+        "Allow actor sockets beyond loopback without key_dir (a network only you can "
+        "reach); every actor logs a warning at start.")] = False
 
     @property
     def key_path(self) -> Path | None:
@@ -303,6 +307,10 @@ class ClusterConfig(Table):
     @property
     def router_endpoint(self) -> str:
         return next(spec.endpoint for spec in self.actors if spec.role == "router")
+
+    @property
+    def router_id(self) -> str:
+        return next(spec.actor_id for spec in self.actors if spec.role == "router")
 
     @property
     def frontend_url(self) -> str:

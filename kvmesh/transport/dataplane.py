@@ -33,6 +33,14 @@ from another thread cost ~25 us more each (a 32-layer copy ran at 18 instead of 
 GB/s), and ZeroMQ and UCX move the bytes on threads of their own anyway. Each copy uses
 shm.COPY_THREADS numba threads (one; see there for why).
 
+Grants: a receiver takes a KvWrite only for a transfer it granted to that peer
+(grant(peer, id, blocks) before asking for it, revoke after), and only into the granted
+blocks; anything else is refused (PermissionError, a `forbidden` Error to the sender)
+before a byte is unpacked. A shm write has already copied into the mapped pool when its
+KvWrite comes: the segment is only offered (KvPoolQuery, workers only) to same-host
+actors of this user, who are trusted with it; the grant still keeps them from marking
+another transfer's layers landed.
+
 Liveness: a write awaits its KvWriteDone through channel.request, which fails when the
 control plane declares the peer dead (or after `timeout`). The receiving actor calls
 peer_dead(peer) from its on_peer_dead hook (DataPlaneHandlers does), which fails that
@@ -54,7 +62,16 @@ import torch
 
 from kvmesh.gpu.kv_cache import kv_caches_from_buffer
 from kvmesh.gpu.kv_pack import pack_blocks, packed_shape, unpack_blocks
-from kvmesh.protocol import KvPoolInfo, KvPoolQuery, KvWrite, KvWriteDone, Message, Request
+from kvmesh.protocol import (
+    Error,
+    ErrorCode,
+    KvPoolInfo,
+    KvPoolQuery,
+    KvWrite,
+    KvWriteDone,
+    Message,
+    Request,
+)
 from kvmesh.transport import cuda_ipc, shm, ucx
 from kvmesh.transport.kv_layout import KVLayout, check_ids, check_layers
 from kvmesh.transport.shm import (
@@ -173,7 +190,10 @@ class KVDataPlane:
         timeout: float = 60.0,
         chunk_bytes: int = CHUNK_BYTES,
         window: int = WINDOW,
+        require_grants: bool = True,
     ) -> None:
+        """require_grants=False takes writes from anyone (the transfer benchmark and
+        tests of the bytes only)."""
         if backend not in SETTINGS:
             raise ValueError(f"backend must be one of {SETTINGS}, got {backend!r}")
         # Importing ucxx takes ~0.7 s: here, not on the event loop of a serving actor.
@@ -195,6 +215,8 @@ class KVDataPlane:
         self._incoming: dict[tuple[str, str], Incoming] = {}  # expected or landing
         self._unclaimed: OrderedDict[tuple[str, str], Incoming] = OrderedDict()
         self._receiving: dict[str, set[asyncio.Task]] = {}
+        self._grants: dict[tuple[str, str], frozenset[int]] = {}
+        self.require_grants = require_grants
         self.on_cpu = kv_caches[0].device.type == "cpu"
         self._staging = Staging(pin=not self.on_cpu)
         if self.layout.num_blocks and self.on_cpu:
@@ -361,6 +383,26 @@ class KVDataPlane:
             info = msgspec.structs.replace(info, ucx_address=ucx.worker().address)
         return info
 
+    def grant(self, peer: str, transfer_id: str, block_ids: Sequence[int]) -> None:
+        """Let peer write transfer transfer_id into these blocks of this pool."""
+        self._grants[(peer, transfer_id)] = frozenset(int(i) for i in block_ids)
+
+    def revoke(self, peer: str, transfer_id: str) -> None:
+        """The transfer is over (done or failed): no more writes for it."""
+        self._grants.pop((peer, transfer_id), None)
+
+    def _check_grant(self, peer: str, transfer_id: str, ids: np.ndarray) -> None:
+        if not self.require_grants:
+            return
+        granted = self._grants.get((peer, transfer_id))
+        if granted is None:
+            raise PermissionError(f"KvWrite of transfer {transfer_id!r} from {peer!r}: no "
+                                  "such transfer was granted to it")
+        stray = sorted(set(ids.tolist()) - granted)
+        if stray:
+            raise PermissionError(f"KvWrite of transfer {transfer_id!r} from {peer!r}: blocks "
+                                  f"{stray[:8]} were not granted to it")
+
     def expect(self, peer: str, transfer_id: str) -> Incoming:
         """The transfer transfer_id from peer: call before asking for it (or after; one
         of the last MAX_UNCLAIMED transfers that landed unexpected is returned done)."""
@@ -377,6 +419,7 @@ class KVDataPlane:
                                self.layout.num_layers, "KvWrite layers")
         ids = check_ids(msg.block_ids, self.layout.num_blocks, "KvWrite.block_ids",
                          distinct=True)
+        self._check_grant(peer, msg.transfer_id, ids)
         nbytes = self.layout.packed_bytes(len(ids), len(layers))
         if msg.backend == "shm":
             if self.segment is None and self.on_cpu:
@@ -479,9 +522,13 @@ class DataPlaneHandlers:
         """Describe this actor's KV pool to a would-be sender."""
         return self.kv_plane.pool_info(msg)
 
-    async def on_kv_write(self, msg: KvWrite, inbound) -> KvWriteDone:
-        """Blocks of a transfer landed (or arrive now): put them in place."""
-        return await self.kv_plane.receive(msg, inbound.peer, inbound.frames)
+    async def on_kv_write(self, msg: KvWrite, inbound) -> KvWriteDone | Error:
+        """Blocks of a transfer landed (or arrive now): put them in place, if granted."""
+        try:
+            return await self.kv_plane.receive(msg, inbound.peer, inbound.frames)
+        except PermissionError as exc:
+            log.warning("kv_write_refused", peer=inbound.peer, reason=str(exc))
+            return Error(code=ErrorCode.FORBIDDEN, message=str(exc))
 
     async def on_peer_dead(self, peer_id: str) -> None:
         """Fail what peer_id was sending here, drop the link to it; then the Actor's hook."""

@@ -11,89 +11,61 @@ Wire frames (one ZeroMQ multipart message; no REQ-style empty delimiter):
             max_message_size bytes, checked before it is parsed
     extra = raw bulk frames (KV blocks, tensors), sent with copy=False and never parsed
 
-Security. One cluster keypair, `<key dir>/cluster.key` (public) and
-`cluster.key_secret` (public + secret), written by `kvmesh keys generate DIR`. Every
-actor of a cluster reads the same key directory, so each actor is both a CURVE server
-and a CURVE client with that one keypair; separate server and client keypairs would buy
-nothing, since every actor needs both secrets anyway. The rule is by direction:
+Security (kvmesh/transport/keys.py says who holds which key). With a KeyRing every
+socket speaks CURVE, by direction:
 
-    bind    -> curve_server; a ZAP handler (AsyncioAuthenticator) admits only clients
-               whose public key is one of the `*.key` files in the key directory
-    connect -> curve_client with curve_serverkey = the cluster public key, so it only
-               completes a handshake with a holder of the cluster secret
+    bind    -> curve_server; the ZAP handler admits only clients whose public key is
+               in the ring, and names the connection after the key: every message
+               received on it carries the key's name (`user_of(frame)`)
+    connect -> curve_client pinned to the public key of the actor it means to reach
+               (`server=`), so it never talks to anyone else
 
-So a peer without the secret gets no reply from a ROUTER, cannot feed a bound SUB or
-PULL (its handshake is refused), receives nothing from a bound PUB or PUSH, and a
-connecting SUB/PULL never talks to an impostor publisher. Which side binds does not
-matter for security. Granting an outside client (an SDK user) access means dropping its
-public `.key` file into the directory.
+So a peer without a key of the ring gets no reply from a ROUTER, cannot feed a bound
+SUB or PULL, receives nothing from a bound PUB or PUSH, and a connecting socket never
+talks to an impostor. Which side binds does not matter for security.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import zmq
 import zmq.asyncio
-import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.utils import z85
 
 from kvmesh import protocol
 from kvmesh.protocol import ErrorCode, MalformedMessage, Message
+from kvmesh.transport.keys import KeyRing
 
-KEY_NAME = "cluster"
 # Frames before the body: the ROUTER identity, or the sender id on SUB/PULL.
 HEAD_FRAMES = {zmq.ROUTER: 1, zmq.DEALER: 0, zmq.SUB: 1, zmq.PULL: 1}
 
 Buffer = bytes | bytearray | memoryview | zmq.Frame
 
 
-@dataclass(frozen=True)
-class CurveKeys:
-    """The cluster keypair and the directory of public keys allowed to connect."""
+class RingAuthenticator(AsyncioAuthenticator):
+    """ZAP: a CURVE client is admitted when its key is in the ring, under the key's name."""
 
-    public: bytes
-    secret: bytes
-    allowed_dir: Path
+    def __init__(self, context: zmq.asyncio.Context, ring: KeyRing) -> None:
+        super().__init__(context)
+        self.ring = ring
 
-    @classmethod
-    def load(cls, key_dir: Path) -> CurveKeys:
-        secret_file = Path(key_dir) / f"{KEY_NAME}.key_secret"
-        if not secret_file.is_file():
-            raise FileNotFoundError(
-                f"key_dir {str(key_dir)!r} has no {secret_file.name}; "
-                "write one with `kvmesh keys generate DIR`"
-            )
-        public, secret = zmq.auth.load_certificate(secret_file)
-        if secret is None:
-            raise ValueError(f"{secret_file} holds no secret-key")
-        return cls(public=public, secret=secret, allowed_dir=Path(key_dir))
+    def callback(self, domain: str, z85_public: bytes) -> bool:  # the credentials provider
+        return self.ring.by_public(z85_public) is not None
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.ring.by_public(z85.encode(client_public_key)).name
 
 
-def generate_keys(key_dir: Path, *, force: bool = False) -> tuple[Path, Path]:
-    """Write the cluster keypair into key_dir; returns (public file, secret file).
-
-    The secret file is readable by its owner only. Refuses to replace an existing
-    keypair unless force, since every actor of the cluster must hold the same one.
-    """
-    key_dir = Path(key_dir)
-    public = key_dir / f"{KEY_NAME}.key"
-    secret = key_dir / f"{KEY_NAME}.key_secret"
-    if not force and (public.exists() or secret.exists()):
-        raise FileExistsError(
-            f"{secret} already exists; replacing it cuts off every actor holding the old keys"
-        )
-    key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    previous = os.umask(0o077)  # no moment where the secret is readable by others
+def user_of(frame: zmq.Frame) -> str | None:
+    """The key name ZAP gave the connection a received frame came on (bound sockets
+    with keys only), else None."""
     try:
-        zmq.auth.create_certificates(key_dir, KEY_NAME)
-    finally:
-        os.umask(previous)
-    public.chmod(0o644)
-    return public, secret
+        user = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return user or None
 
 
 class Sockets:
@@ -103,7 +75,7 @@ class Sockets:
     Every socket gets a bounded linger, and CURVE by direction when keys are given.
     """
 
-    def __init__(self, keys: CurveKeys | None = None, linger: float = 1.0,
+    def __init__(self, keys: KeyRing | None = None, linger: float = 1.0,
                  max_frame_size: int = -1) -> None:
         """max_frame_size: ZeroMQ drops a peer that sends a larger frame, before any of
         it is held in memory (ZMQ_MAXMSGSIZE); -1 = no limit."""
@@ -112,15 +84,17 @@ class Sockets:
         self._linger_ms = int(linger * 1000)
         self._max_frame_size = max_frame_size
         self._open: list[zmq.asyncio.Socket] = []
-        self._auth: AsyncioAuthenticator | None = None
+        self._auth: RingAuthenticator | None = None
         if keys is not None:
-            self._auth = AsyncioAuthenticator(self.context)
+            self._auth = RingAuthenticator(self.context, keys)
             self._auth.start()
-            self._auth.configure_curve(domain="*", location=str(keys.allowed_dir))
+            self._auth.configure_curve_callback(domain="*", credentials_provider=self._auth)
 
-    def open(self, kind: int, endpoint: str, *, bind: bool) -> tuple[zmq.asyncio.Socket, str]:
+    def open(self, kind: int, endpoint: str, *, bind: bool,
+             server: str | None = None) -> tuple[zmq.asyncio.Socket, str]:
         """A socket bound or connected to endpoint, and the endpoint it really has
-        (`tcp://127.0.0.1:0` binds an ephemeral port)."""
+        (`tcp://127.0.0.1:0` binds an ephemeral port). With keys, a connecting socket
+        names the actor it reaches (server): only that actor's key completes it."""
         sock = self.context.socket(kind)
         sock.linger = self._linger_ms
         sock.maxmsgsize = self._max_frame_size
@@ -129,12 +103,20 @@ class Sockets:
         if kind == zmq.SUB:
             sock.subscribe(b"")
         if self.keys is not None:
-            sock.curve_publickey = self.keys.public
+            sock.curve_publickey = self.keys.own.public
             sock.curve_secretkey = self.keys.secret
             if bind:
                 sock.curve_server = True
+            elif server is None:
+                sock.close(linger=0)
+                raise ValueError(f"connecting to {endpoint} with keys needs the actor id "
+                                 "it should reach, to pin its public key")
             else:
-                sock.curve_serverkey = self.keys.public
+                try:
+                    sock.curve_serverkey = self.keys.identity(server).public
+                except ValueError:
+                    sock.close(linger=0)
+                    raise
         try:
             if bind:
                 sock.bind(endpoint)

@@ -54,8 +54,10 @@ class EchoActor(Actor):
     """Answers Ping, relays BlockStored, reports its life on stdout."""
 
     role = "echo"
+    senders = {}  # the runtime alone is tested here: no role may send only some messages
 
     def __init__(self, config: ActorConfig, args: argparse.Namespace) -> None:
+        self.role = args.role  # with keys, the role its key names
         super().__init__(config)
         self.args = args
 
@@ -90,6 +92,7 @@ def main() -> None:
     parser.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--key-dir", type=Path)
+    parser.add_argument("--role", default="echo")
     parser.add_argument("--connect")
     parser.add_argument("--ping-delay", type=float, default=0.0)
     parser.add_argument("--max-size", type=int, default=65536)

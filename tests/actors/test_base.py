@@ -39,7 +39,7 @@ from kvmesh.protocol import (
     decode,
     encode,
 )
-from kvmesh.transport.messaging import KEY_NAME, generate_keys
+from kvmesh.transport.keys import KeyRing, generate
 from tests.actors.echo_actor import EchoProcess
 
 pytestmark = pytest.mark.timeout(60)
@@ -68,16 +68,17 @@ class Probe(Actor):
     """The test's side: opens the sockets it is given, records what it hears."""
 
     role = "probe"
+    senders = {}  # the runtime alone is tested here: no role may send only some messages
 
     def __init__(self, config: ActorConfig, sockets: list[tuple] = ()) -> None:
         super().__init__(config)
-        self.socket_specs = sockets  # (name, kind, endpoint, bind)
+        self.socket_specs = sockets  # (name, kind, endpoint, bind[, peer])
         self.heard: asyncio.Queue[tuple[BlockStored, Inbound]] = asyncio.Queue()
         self.dead: list[str] = []
 
     async def setup(self) -> None:
-        for name, kind, endpoint, bind in self.socket_specs:
-            self.open(name, kind, endpoint, bind=bind)
+        for name, kind, endpoint, bind, *peer in self.socket_specs:
+            self.open(name, kind, endpoint, bind=bind, peer=peer[0] if peer else None)
 
     async def on_block_stored(self, msg: BlockStored, inbound: Inbound) -> None:
         self.heard.put_nowait((msg, inbound))
@@ -437,7 +438,7 @@ def test_signal_drains_the_handler_in_progress_and_exits_0(tmp_path, signum):
     )
 
 
-# --- CurveZMQ ---
+# --- CurveZMQ: one key per actor ---
 
 
 def window(expected: bool) -> float:
@@ -446,61 +447,114 @@ def window(expected: bool) -> float:
     return 5.0 if expected else 0.5
 
 
+class KeyedProbe(Probe):
+    role = "decode"  # the role its key, decode-0's, names
+
+
 @pytest.fixture(scope="module")
 def curve(tmp_path_factory):
-    """An echo actor with CURVE on every socket, and the key material of three clients."""
+    """An echo actor holding cache-0's key, and the key material of three clients: a key
+    of the ring (decode-0's), a stranger's, none."""
     directory = tmp_path_factory.mktemp("curve")
-    generate_keys(directory / "keys")
-    public, secret = zmq.auth.load_certificate(directory / "keys" / f"{KEY_NAME}.key_secret")
+    keys = directory / "keys"
+    generate(keys, [("cache-0", "cache"), ("decode-0", "decode"), ("decode-1", "decode")])
+    ring = KeyRing(keys, "decode-0")
+    server = ring.identity("cache-0").public
     clients = {
-        "cluster": (public, secret, public),
-        "stranger": (*zmq.curve_keypair(), public),
+        "ring": (ring.own.public, ring.secret, server),
+        "stranger": (*zmq.curve_keypair(), server),
         "plain": None,
     }
-    with EchoProcess(directory, "--key-dir", str(directory / "keys")) as echo:
-        yield echo, directory / "keys", clients
+    with EchoProcess(directory, "--key-dir", str(keys), "--id", "cache-0",
+                     "--role", "cache") as echo:
+        yield echo, keys, clients
 
 
-def test_curve_actor_with_the_key_is_answered(curve):
+def test_curve_actor_with_a_ring_key_is_answered(curve):
     echo, key_dir, _ = curve
 
     async def scenario():
-        async with Probe(make_config("probe-curve", key_dir=key_dir)) as probe:
-            peer = await probe.connect("to_echo", echo.endpoints["from_peers"], timeout=10)
-            return await probe.request(peer, Ping(), timeout=10)
+        async with KeyedProbe(make_config("decode-0", key_dir=key_dir)) as probe:
+            peer = await probe.connect("to_echo", echo.endpoints["from_peers"], timeout=10,
+                                       peer="cache-0")
+            return peer, await probe.request(peer, Ping(), timeout=10)
 
-    assert asyncio.run(scenario()) == Pong(in_reply_to=2)
+    assert asyncio.run(scenario()) == ("cache-0", Pong(in_reply_to=2))
+
+
+def test_curve_connect_refuses_a_peer_that_is_not_the_actor_meant(curve):
+    """decode-1's key pinned for the echo's endpoint: the echo (cache-0) cannot complete
+    the handshake, so no Welcome ever comes."""
+    echo, key_dir, _ = curve
+
+    async def scenario():
+        async with KeyedProbe(make_config("decode-0", key_dir=key_dir)) as probe:
+            with pytest.raises(TimeoutError):
+                await probe.connect("to_echo", echo.endpoints["from_peers"], timeout=1,
+                                    peer="decode-1")
+            return list(probe.peers)
+
+    assert asyncio.run(scenario()) == []
 
 
 @pytest.mark.parametrize(
-    "client, answered", [("cluster", True), ("stranger", False), ("plain", False)]
+    "client, answered", [("ring", True), ("stranger", False), ("plain", False)]
 )
-def test_curve_client_without_the_key_gets_no_reply(curve, zmq_context, client, answered):
+def test_curve_client_without_a_ring_key_gets_no_reply(curve, zmq_context, client, answered):
     echo, _, clients = curve
     dealer = raw_socket(zmq_context, zmq.DEALER, echo.endpoints["from_peers"], keys=clients[client])
-    dealer.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1, **HELLO_FIELDS)))
+    dealer.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1, actor_id="decode-0",
+                             role="decode", node="n")))
     assert bool(dealer.poll(window(answered) * 1000)) == answered
 
 
+@pytest.mark.parametrize("actor_id, role", [("decode-1", "decode"), ("decode-0", "prefill"),
+                                            ("cache-0", "cache")])
+def test_curve_hello_as_another_actor_or_role_than_the_key_is_refused(curve, zmq_context,
+                                                                      actor_id, role):
+    """decode-0's key may say Hello only as decode 'decode-0': not as another worker (to
+    take its traffic or have it declared dead), not in another role."""
+    echo, _, clients = curve
+    dealer = raw_socket(zmq_context, zmq.DEALER, echo.endpoints["from_peers"],
+                        keys=clients["ring"])
+    dealer.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1, actor_id=actor_id,
+                             role=role, node="n")))
+    reply, _ = receive(dealer)
+    dealer.send(encode(Ping(call_id=2)))
+    after, _ = receive(dealer)
+
+    assert reply == Error(code=ErrorCode.FORBIDDEN, in_reply_to=1, message=(
+        f"key 'decode-0' (decode) may not say Hello as {role} {actor_id!r}"))
+    assert (after.code, after.in_reply_to) == (ErrorCode.NOT_REGISTERED, 2)
+    assert "hello_refused" in echo.stderr() and f"claimed={actor_id}" in echo.stderr()
+
+
 @pytest.mark.parametrize(
-    "client, heard", [("cluster", True), ("stranger", False), ("plain", False)]
+    "client, head, heard",
+    [("ring", b"decode-0", True), ("ring", b"decode-1", False), ("stranger", b"decode-0", False),
+     ("plain", b"decode-0", False)],
 )
-def test_curve_publisher_without_the_key_is_not_heard(curve, zmq_context, client, heard):
+def test_curve_publisher_is_heard_only_with_a_ring_key_and_as_itself(curve, zmq_context,
+                                                                      client, head, heard):
+    """The echo's SUB is bound: ZAP admits ring keys only, and each message is the key's
+    actor's; one whose sender frame names another actor is dropped."""
     echo, key_dir, clients = curve
-    sockets = [
-        ("events_out", zmq.PUB, echo.endpoints["events_in"], False),
-        ("events_in", zmq.SUB, echo.endpoints["events_out"], False),
-    ]
+    sockets = [("events_in", zmq.SUB, echo.endpoints["events_out"], False, "cache-0")]
 
     async def scenario():
-        async with Probe(make_config("probe-curve-pub", key_dir=key_dir), sockets) as probe:
-            await emit_until_heard(probe, "events_out")
+        async with KeyedProbe(make_config("decode-0", key_dir=key_dir), sockets) as probe:
             publisher = raw_socket(
                 zmq_context, zmq.PUB, echo.endpoints["events_in"], keys=clients[client]
             )
+            if client == "ring":
+                while True:  # joined once the echo relays decode-0's own marker
+                    publisher.send_multipart([b"decode-0", encode(MARKER)])
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        if (await asyncio.wait_for(probe.heard.get(), 0.05))[0] == MARKER:
+                            break
             deadline = asyncio.get_running_loop().time() + window(heard)
             while asyncio.get_running_loop().time() < deadline:
-                publisher.send_multipart([b"intruder", encode(make_block(666))])
+                publisher.send_multipart([head, encode(make_block(666))])
                 with contextlib.suppress(asyncio.TimeoutError):
                     if (await next_payload(probe, timeout=0.05))[0] == make_block(666):
                         return True
@@ -510,17 +564,17 @@ def test_curve_publisher_without_the_key_is_not_heard(curve, zmq_context, client
 
 
 @pytest.mark.parametrize(
-    "client, hears", [("cluster", True), ("stranger", False), ("plain", False)]
+    "client, hears", [("ring", True), ("stranger", False), ("plain", False)]
 )
-def test_curve_subscriber_without_the_key_hears_nothing(curve, zmq_context, client, hears):
+def test_curve_subscriber_without_a_ring_key_hears_nothing(curve, zmq_context, client, hears):
     echo, key_dir, clients = curve
     subscriber = raw_socket(
         zmq_context, zmq.SUB, echo.endpoints["events_out"], keys=clients[client]
     )
-    sockets = [("events_out", zmq.PUB, echo.endpoints["events_in"], False)]
+    sockets = [("events_out", zmq.PUB, echo.endpoints["events_in"], False, "cache-0")]
 
     async def scenario():
-        async with Probe(make_config("probe-curve-sub", key_dir=key_dir), sockets) as probe:
+        async with KeyedProbe(make_config("decode-0", key_dir=key_dir), sockets) as probe:
             deadline = asyncio.get_running_loop().time() + window(hears)
             while asyncio.get_running_loop().time() < deadline:
                 await probe.emit("events_out", make_block(1))

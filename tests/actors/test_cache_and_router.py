@@ -16,11 +16,12 @@ import zmq
 
 from kvmesh.actors.base import Actor, ActorConfig, RemoteError
 from kvmesh.actors.cache import CacheActor, CacheClient, CacheSettings
+from kvmesh.actors.client import query_status
 from kvmesh.actors.peers import Inbound, Route
 from kvmesh.actors.router import RouterActor, RouterActorSettings
 from kvmesh.cache.host_tier import pool_bytes
 from kvmesh.engine.kv_connector import CacheActorConnector
-from kvmesh.protocol import CacheAttach, RegisterWorker, RouteRequest, StatusQuery
+from kvmesh.protocol import CacheAttach, RegisterWorker, RouteRequest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -214,7 +215,7 @@ def test_router_credits_the_node_tiers_to_every_worker_of_the_node(tmp_path):
                                    and router.index.overlaps([1, 2, 3]), "host credit")
                 await late.register(router)  # joins after: the node's blocks are replayed
                 late_held = router.index.num_blocks("decode-2", "host")
-                status = await near.request(router.actor_id, StatusQuery(), timeout=5)
+                status = await query_status(router.endpoints["from_peers"])  # an operator
             # the cache actor is gone: its blocks leave every worker's entry
             cleared = await until(lambda: "cache-0" not in router.cache_blocks
                                   and router.index.num_blocks("decode-0") == 0, "forgetting")

@@ -71,7 +71,7 @@ def say(**event) -> None:
 class PeerActor(DataPlaneHandlers, Actor):
     """A pool in shared memory, its data plane, and the test's commands."""
 
-    role = "kvpeer"
+    role = "prefill"
 
     def __init__(self, config: ActorConfig, args: argparse.Namespace) -> None:
         super().__init__(config)
@@ -82,7 +82,8 @@ class PeerActor(DataPlaneHandlers, Actor):
         else:  # a CUDA pool: same-host writes go by CUDA IPC
             self.kv_caches, segment = make_cuda_pool(layout, args.device), None
         fill_pool(self.kv_caches, args.seed)
-        self.kv_plane = KVDataPlane(self, self.kv_caches, segment=segment)
+        # the tests write here to check bytes; grants are tested with Side as receiver
+        self.kv_plane = KVDataPlane(self, self.kv_caches, segment=segment, require_grants=False)
         self.senders = {"auto": self.kv_plane}  # a write may force a backend
         self.resume: dict[str, asyncio.Event] = {}
 

@@ -63,10 +63,11 @@ class Side(DataPlaneHandlers, Actor):
     has a fresh actor id: the module's peers outlive it, and the runtime's liveness of
     a previous Side must not reach this one."""
 
-    role = "test"
+    role = "decode"  # KvPoolQuery and KvWrite come from workers only
 
     def __init__(self, dtype: torch.dtype, backend: str, shared: bool = True,
-                 device: str = "cpu", chunk_bytes: int = CHUNK_BYTES) -> None:
+                 device: str = "cpu", chunk_bytes: int = CHUNK_BYTES,
+                 require_grants: bool = False) -> None:
         super().__init__(ActorConfig(actor_id=f"test-{next(SIDE_IDS)}",
                                      heartbeat_interval=HEARTBEAT, liveness=LIVENESS,
                                      grace_period=1.0, linger=0.2))
@@ -81,7 +82,7 @@ class Side(DataPlaneHandlers, Actor):
                               for _ in range(layout.num_layers)]
         fill_pool(self.kv_caches, seed=2)
         self.kv_plane = KVDataPlane(self, self.kv_caches, segment=segment, backend=backend,
-                                    chunk_bytes=chunk_bytes)
+                                    chunk_bytes=chunk_bytes, require_grants=require_grants)
 
     async def close(self) -> None:
         await super().close()
@@ -192,6 +193,44 @@ def test_write_from_peer(peer, backend, tmp_path):
             assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST))
 
     run(scenario())
+
+
+@pytest.mark.parametrize("backend", ["zmq", "shm"])
+def test_a_write_needs_a_grant_from_the_receiver(peer, backend, tmp_path):
+    """Ungranted, or into blocks beyond the grant: refused before a byte is unpacked
+    (zmq) and never marked landed; granted: it lands."""
+    source = dump(peer, tmp_path / "source", peer.dtype)
+
+    async def attempt(side, transfer_id: str) -> dict:
+        peer.command(op="write", to=side.actor_id, id=transfer_id, src=SRC, dst=DST,
+                     backend=backend)
+        return await asyncio.to_thread(peer.read_event, 10)
+
+    async def scenario():
+        async with connected(peer, peer.dtype, "auto", require_grants=True) as side:
+            before = [cache.clone() for cache in side.kv_caches]
+            ungranted = await attempt(side, "stranger")
+            side.kv_plane.grant("peer", "short", DST[:-1])
+            beyond = await attempt(side, "short")
+            if backend == "zmq":  # shm copies into the mapped pool before its KvWrite
+                assert_same_bytes(side.kv_caches, before)
+            side.kv_plane.grant("peer", "granted", DST)
+            incoming = side.kv_plane.expect("peer", "granted")
+            granted = await attempt(side, "granted")
+            await incoming.wait(timeout=5)
+            assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST))
+            stray = [side.kv_plane.expect("peer", t).done() for t in ("stranger", "short")]
+            return ungranted, beyond, granted, stray
+
+    ungranted, beyond, granted, stray = run(scenario())
+    assert (ungranted["event"], ungranted["type"]) == ("error", "RemoteError")
+    assert ungranted["message"].endswith(
+        "forbidden: KvWrite of transfer 'stranger' from 'peer': no such transfer was "
+        "granted to it")
+    assert beyond["event"] == "error" and f"blocks [{DST[-1]}] were not granted" in beyond[
+        "message"]
+    assert granted["event"] == "written"
+    assert stray == [False, False]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,14 +14,8 @@ import zmq
 import zmq.auth
 
 from kvmesh.protocol import MalformedMessage, Ping, decode
-from kvmesh.transport.messaging import (
-    KEY_NAME,
-    CurveKeys,
-    Sockets,
-    generate_keys,
-    send,
-    split,
-)
+from kvmesh.transport.keys import Identity, KeyRing, generate
+from kvmesh.transport.messaging import Sockets, send, split, user_of
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -30,11 +24,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def make_endpoint(transport: str, directory: Path) -> str:
     return "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{directory}/t.sock"
-
-
-def make_keys(directory: Path) -> CurveKeys:
-    generate_keys(directory)
-    return CurveKeys.load(directory)
 
 
 def make_frames(*parts: bytes) -> list[zmq.Frame]:
@@ -129,66 +118,133 @@ def test_open_names_the_endpoint_it_cannot_bind():
     assert text == f"cannot bind endpoint {endpoint!r}: Address already in use"
 
 
-# --- CurveZMQ ---
+# --- CurveZMQ: one key per actor ---
+
+
+def make_ring(directory: Path, own: str, identities=(("router-0", "router"),
+                                                      ("decode-0", "decode"),
+                                                      ("operator", "operator"))) -> KeyRing:
+    generate(directory, list(identities))
+    return KeyRing(directory, own)
 
 
 @pytest.mark.parametrize(
-    "server, client, delivered",
+    "client_dir, pinned, delivered",
     [
-        ("cluster", "cluster", True),
-        ("cluster", "other", False),  # ZAP refuses a key not in the key directory
-        ("cluster", None, False),  # a plain client cannot talk to a CURVE server
-        ("other", "cluster", False),  # the client refuses a server without the cluster key
-        (None, "cluster", False),
+        ("ring", "router-0", True),
+        ("stranger", "router-0", False),  # ZAP refuses a key not in the ring
+        (None, None, False),  # a plain client cannot talk to a CURVE server
+        ("ring", "operator", False),  # pinned to another actor's key: no handshake
     ],
 )
-def test_curve_connects_only_holders_of_the_cluster_key(tmp_path, server, client, delivered):
-    keys = {"cluster": make_keys(tmp_path / "cluster"), "other": make_keys(tmp_path / "other")}
+def test_curve_connects_only_ring_keys_to_the_actor_they_pin(tmp_path, client_dir, pinned,
+                                                             delivered):
+    server_ring = make_ring(tmp_path / "ring", "router-0")
+    rings = {"ring": make_ring(tmp_path / "ring", "decode-0"),
+             "stranger": make_ring(tmp_path / "stranger", "decode-0")}
 
     async def scenario():
-        server_side = Sockets(keys.get(server), linger=0)
-        client_side = Sockets(keys.get(client), linger=0)
+        server_side = Sockets(server_ring, linger=0)
+        client_side = Sockets(rings.get(client_dir), linger=0)
         try:
             router, endpoint = server_side.open(zmq.ROUTER, "tcp://127.0.0.1:0", bind=True)
-            dealer, _ = client_side.open(zmq.DEALER, endpoint, bind=False)
+            dealer, _ = client_side.open(zmq.DEALER, endpoint, bind=False, server=pinned)
             await send(dealer, Ping(call_id=1))
-            return bool(await router.poll(300))
+            if not await router.poll(300 if not delivered else 5000):
+                return False, None
+            return True, user_of((await router.recv_multipart(copy=False))[0])
         finally:
             client_side.close_all()
             server_side.close_all()
 
-    assert asyncio.run(scenario()) == delivered
+    assert asyncio.run(scenario()) == ((True, "decode-0") if delivered else (False, None))
 
 
-def test_curve_keys_load_names_the_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError) as caught:
-        CurveKeys.load(tmp_path)
+def test_connecting_with_keys_names_the_actor_it_reaches(tmp_path):
+    ring = make_ring(tmp_path, "decode-0")
+
+    async def scenario():
+        sockets = Sockets(ring, linger=0)
+        try:
+            with pytest.raises(ValueError) as unnamed:
+                sockets.open(zmq.DEALER, "tcp://127.0.0.1:9", bind=False)
+            with pytest.raises(ValueError) as unknown:
+                sockets.open(zmq.DEALER, "tcp://127.0.0.1:9", bind=False, server="decode-9")
+            return str(unnamed.value), str(unknown.value)
+        finally:
+            sockets.close_all()
+
+    assert asyncio.run(scenario()) == (
+        "connecting to tcp://127.0.0.1:9 with keys needs the actor id it should reach, to "
+        "pin its public key",
+        f"security.key_dir {str(tmp_path)!r} has no decode-9.key: no key says who "
+        "'decode-9' is")
+
+
+def test_key_ring_needs_its_own_owner_only_secret(tmp_path):
+    generate(tmp_path, [("decode-0", "decode")])
+    with pytest.raises(ValueError) as missing:
+        KeyRing(tmp_path, "decode-1")
+    (tmp_path / "decode-0.key_secret").chmod(0o644)
+    with pytest.raises(ValueError) as readable:
+        KeyRing(tmp_path, "decode-0")
+
+    assert str(missing.value) == (
+        f"security.key_dir {str(tmp_path)!r} has no decode-1.key_secret: make the cluster's "
+        "keys with `kvmesh keys generate DIR --config cluster.toml` and copy "
+        "decode-1.key_secret to this node")
+    assert str(readable.value).startswith(
+        f"{tmp_path}/decode-0.key_secret must be this user's and mode 600 (it is 644")
+
+
+def test_key_ring_refuses_a_directory_others_can_write(tmp_path):
+    generate(tmp_path / "keys", [("decode-0", "decode")])
+    (tmp_path / "keys").chmod(0o777)
+    with pytest.raises(ValueError) as caught:
+        KeyRing(tmp_path / "keys", "decode-0")
     assert str(caught.value) == (
-        f"key_dir {str(tmp_path)!r} has no cluster.key_secret; "
-        "write one with `kvmesh keys generate DIR`"
-    )
+        f"security.key_dir: {str(tmp_path / 'keys')!r} is writable by others (mode 777): "
+        "anyone could add a key; chmod 700 it")
 
 
-def test_generate_keys_writes_one_keypair_with_an_owner_only_secret(tmp_path):
-    public, secret = generate_keys(tmp_path / "keys")
-
-    assert (public.name, secret.name) == (f"{KEY_NAME}.key", f"{KEY_NAME}.key_secret")
-    modes = [path.stat().st_mode & 0o777 for path in (tmp_path / "keys", public, secret)]
-    assert modes == [0o700, 0o644, 0o600]
-    public_key, no_secret = zmq.auth.load_certificate(public)
-    keys = CurveKeys.load(tmp_path / "keys")
-    assert (no_secret, keys.public) == (None, public_key)
-    assert zmq.curve_public(keys.secret) == keys.public
+def test_key_ring_reads_keys_added_later(tmp_path, monkeypatch):
+    ring = make_ring(tmp_path, "decode-0")
+    with pytest.raises(ValueError):
+        ring.identity("decode-7")
+    generate(tmp_path, [("decode-7", "decode")])
+    monkeypatch.setattr(ring, "_loaded_at", ring._loaded_at - 2.0)  # its reread is due
+    assert ring.identity("decode-7").role == "decode"
 
 
-def test_generate_keys_replaces_only_when_forced(tmp_path):
-    generate_keys(tmp_path)
-    before = CurveKeys.load(tmp_path)
-    with pytest.raises(FileExistsError):
-        generate_keys(tmp_path)
-    assert CurveKeys.load(tmp_path) == before
-    generate_keys(tmp_path, force=True)
-    assert CurveKeys.load(tmp_path).public != before.public
+@pytest.mark.parametrize("name, role, actor_id, claimed, admitted", [
+    ("decode-0", "decode", "decode-0", "decode", True),
+    ("decode-0", "decode", "decode-1", "decode", False),
+    ("decode-0", "decode", "decode-0", "prefill", False),
+    ("operator", "operator", "operator:123", "operator", True),
+    ("operator", "operator", "operatorx", "operator", False),
+    ("decode-0", "decode", "decode-0:1", "decode", False),
+])
+def test_identity_admits_only_its_own_id_and_role(name, role, actor_id, claimed, admitted):
+    assert Identity(name, role, b"x" * 40).admits(actor_id, claimed) is admitted
+
+
+def test_generate_writes_a_keypair_per_name_owner_only_and_keeps_existing(tmp_path):
+    directory = tmp_path / "keys"
+    assert generate(directory, [("router-0", "router"), ("decode-0", "decode")]) == [
+        "router-0", "decode-0"]
+    before = (directory / "decode-0.key").read_text()
+    assert generate(directory, [("decode-0", "decode"), ("decode-1", "decode")]) == [
+        "decode-1"]
+    modes = {path.name: path.stat().st_mode & 0o777 for path in directory.iterdir()}
+    ring = KeyRing(directory, "decode-0")
+
+    assert (directory.stat().st_mode & 0o777, (directory / "decode-0.key").read_text()) == (
+        0o700, before)
+    assert modes == {f"{n}.key": 0o644 for n in ("router-0", "decode-0", "decode-1")} | {
+        f"{n}.key_secret": 0o600 for n in ("router-0", "decode-0", "decode-1")}
+    assert zmq.curve_public(ring.secret) == ring.own.public
+    assert generate(directory, [("decode-0", "decode")], force=True) == ["decode-0"]
+    assert (directory / "decode-0.key").read_text() != before
 
 
 def kvmesh_cli(*args: str) -> subprocess.CompletedProcess:
@@ -201,22 +257,16 @@ def kvmesh_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_keys_generate_writes_the_files_and_refuses_to_overwrite(tmp_path):
+def test_cli_keys_generate_writes_every_actor_of_the_cluster_and_keeps_existing(tmp_path):
     directory = tmp_path / "keys"
     first = kvmesh_cli("keys", "generate", str(directory))
-    again = kvmesh_cli("keys", "generate", str(directory))
+    again = kvmesh_cli("keys", "generate", str(directory), "--operator", "alice")
 
+    actors = "frontend-0, router-0, prefill-0, decode-0, decode-1, cache-0"
     assert (first.returncode, first.stdout) == (
-        0,
-        f"wrote {directory}/cluster.key (public) and {directory}/cluster.key_secret "
-        "(secret, mode 600)\n",
-    )
-    assert sorted(path.name for path in directory.iterdir()) == [
-        "cluster.key",
-        "cluster.key_secret",
-    ]
-    assert (again.returncode, again.stderr) == (
-        1,
-        f"Error: {directory}/cluster.key_secret already exists; replacing it cuts off every "
-        "actor holding the old keys; pass --force to replace it\n",
-    )
+        0, f"wrote 7 keypair(s) into {directory}: {actors}, operator\n")
+    assert (again.returncode, again.stdout) == (
+        0, f"wrote 1 keypair(s) into {directory}: alice\n"
+           f"kept 7 existing: {actors}, operator (--force replaces them)\n")
+    names = {path.name.split(".")[0] for path in directory.iterdir()}
+    assert names == {*actors.split(", "), "operator", "alice"}
