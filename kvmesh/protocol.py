@@ -228,9 +228,14 @@ class CacheInfo(Reply, frozen=True, kw_only=True):
 
 
 class CacheLookup(Request, frozen=True, kw_only=True):
-    """The longest leading run of these block hashes held in the node's tiers?"""
+    """The longest leading run of these block hashes held in the node's tiers? Its first
+    window is staged in host slots, evicting no block of `keep` (the worker's hits not
+    yet loaded). staging: the unstaged rest of a run looked up before, now that the
+    worker has read the blocks before it (not counted again)."""
 
     block_hashes: list[int]
+    keep: list[int] = []
+    staging: bool = False
 
 
 class CacheHit(msgspec.Struct, frozen=True, array_like=True):
@@ -243,10 +248,13 @@ class CacheHit(msgspec.Struct, frozen=True, array_like=True):
 
 
 class CacheHits(Reply, frozen=True, kw_only=True):
-    """A CacheLookup's run, in the host tier of segment shm_name."""
+    """A CacheLookup's run, in the host tier of segment shm_name: `hits` staged in host
+    slots, then the blocks held but not staged (the host had no room for more at once),
+    by the tier they were found in: the lookup's next len(unstaged) hashes."""
 
     hits: list[CacheHit]
     shm_name: str
+    unstaged: list[str] = []
 
 
 class CacheReserve(Request, frozen=True, kw_only=True):

@@ -5,6 +5,8 @@
                                     are promoted into a slot first)      ──► CacheHits
     worker reads the slots itself, in shared memory (seqlock + checksum: a slot
            rewritten meanwhile is a miss, never another block's data)
+    worker ──CacheLookup(rest, staging)──► cache: the next window of a run longer than
+                                    the host tier, once the one before is read ──► CacheHits
     worker ──CacheReserve(evicted hashes)──► cache: a slot per block     ──► CacheSlots
     worker writes the slots itself, then ──CacheCommit──► cache (one-way)
     cache ══BlockStored/BlockRemoved(tier host|disk), CacheReport══► router (PUB)
@@ -29,7 +31,8 @@ The worker side is CacheClient: the engine thread's blocking CacheChannel
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,9 +219,15 @@ class CacheActor(Actor):
                          num_slots=info.num_slots, record_bytes=info.record_bytes)
 
     async def on_cache_lookup(self, msg: CacheLookup, inbound) -> CacheHits:
-        hits: list[Hit] = await self._call(self.store.get_leading, msg.block_hashes)
-        return CacheHits(hits=[CacheHit(*hit) for hit in hits],
-                         shm_name=self.store.host.segment.name)
+        """The leading run held, its first window staged in host slots (TieredStore
+        .get_leading); with `staging`, the next window of a run looked up before
+        (TieredStore.stage, not counted again)."""
+        find = self.store.stage if msg.staging else self.store.get_leading
+        hits: list[Hit] = await self._call(find, msg.block_hashes, frozenset(msg.keep))
+        staged = list(itertools.takewhile(lambda hit: hit.slot is not None, hits))
+        return CacheHits(hits=[CacheHit(*hit) for hit in staged],
+                         shm_name=self.store.host.segment.name,
+                         unstaged=[hit.tier for hit in hits[len(staged):]])
 
     async def on_cache_reserve(self, msg: CacheReserve, inbound) -> CacheSlots:
         keep = frozenset(msg.keep)
@@ -284,11 +293,16 @@ class CacheClient:
 
     # --- engine thread ---
 
-    def lookup(self, block_hashes: list[int]) -> tuple[list[Hit], str]:
-        reply = self._ask(CacheLookup(block_hashes=block_hashes))
+    def lookup(self, block_hashes: list[int], keep: Sequence[int] = (),
+               staging: bool = False) -> tuple[list[Hit], str]:
+        reply = self._ask(CacheLookup(block_hashes=block_hashes, keep=list(keep),
+                                      staging=staging))
         if reply is None:
             return [], ""
-        return [Hit(h.block_hash, h.slot, h.tier) for h in reply.hits], reply.shm_name
+        hits = [Hit(h.block_hash, h.slot, h.tier) for h in reply.hits]
+        hits += [Hit(block_hash, None, tier) for block_hash, tier
+                 in zip(block_hashes[len(hits):], reply.unstaged, strict=False)]
+        return hits, reply.shm_name
 
     def reserve(self, block_hashes: list[int],
                 keep: list[int]) -> tuple[list[int | None], str]:

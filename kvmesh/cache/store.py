@@ -9,14 +9,31 @@ and demotes it to disk (copied from its slot before the slot is handed out); a f
 deletes its own victim. A block already held in either tier is not written again.
 
 Onboard: `get_leading` walks a request's hashes (those the device lacks) and returns
-the longest leading run held in either tier, each block as a host slot: a disk hit is
-promoted, read (checksum and all) into a host slot, and stays on disk too, so a later
-eviction from host costs no write. The walk stops at the first block held nowhere, and
-at a disk block that fails its checks (deleted, a miss). Blocks of the run are kept from
-eviction while the run is being assembled, so promoting one never evicts another; so are
-the blocks the caller passes as `keep`, and `reserve` takes a `keep` too: a worker's
-hits not yet loaded (looked up in the same step as the evictions it offloads).
-Workers read only host slots, one path for both tiers.
+the longest leading run held in either tier, the blocks of its first window staged in
+host slots: a disk hit is promoted, read (checksum and all) into a host slot, and stays
+on disk too, so a later eviction from host costs no write. The walk stops at the first
+block held nowhere, and at a disk block that fails its checks as it is staged (deleted,
+a miss). Workers read only host slots, one path for both tiers.
+
+A run may be longer than the host tier has slots: it is staged a window at a time.
+
+    run       [ d0 d1 h2 d3 | d4 h5 d6 d7 | d8 d9 ]        d: on disk, h: in host
+    call 1    [ s  s  s  s  | -  -  -  -  | -  - ]  get_leading: slots for the window
+    call 2                  [ s  s  s  s  | -  - ]  stage(the rest), once 0-3 are read
+    call 3                                [ s  s ]  stage(the rest)
+              s: staged (Hit.slot), -: held, not staged yet (Hit.slot None)
+
+A window is at most host.num_slots blocks; staging stops early at a block no slot can be
+had for (every slot kept or being written): that block and the rest come unstaged, to
+be staged by a later `stage` call, when the worker has read the window before them
+(kvmesh.engine.kv_connector). While a window is staged its blocks are kept from host
+eviction, so promoting one never evicts another; the run's later blocks are not (a
+block of theirs in host may go: to disk, found there by its own window; dropped, a lost
+hit, when the disk has no room), but the whole run is kept from disk eviction, so what
+the walk found on disk stays there. `get_leading` counts the whole run in the tiers'
+stats; `stage` counts nothing (counted once). Both take a `keep` that is never evicted,
+from either tier, and so does `reserve`: a worker's hits not yet loaded (looked up in
+the same step as the evictions it offloads).
 
 Every change is a KV event with its tier (BlockStored / BlockRemoved / AllBlocksCleared),
 and per tier the store counts: offloaded (blocks stored into it: host from workers, disk
@@ -45,10 +62,11 @@ STORE_TIERS = ("host", "disk")
 
 
 class Hit(NamedTuple):
-    """A block of a leading run: the host slot it is in now, and where it was found."""
+    """A block of a leading run: the host slot it is in now (None: held, not staged yet;
+    see the module doc), and the tier it was found in."""
 
     block_hash: int
-    slot: int
+    slot: int | None
     tier: str  # "host" or "disk"
 
 
@@ -142,29 +160,44 @@ class TieredStore:
     # ---- onboard ----------------------------------------------------------------------
 
     def get_leading(self, block_hashes: Sequence[int], keep: Iterable[int] = ()) -> list[Hit]:
-        """The longest leading run of block_hashes held in either tier, as host slots.
-        Promoting evicts neither a block of the run nor one in `keep` (runs the caller
-        looked up before and has yet to load)."""
+        """The longest leading run of block_hashes held in either tier, counted in the
+        tiers' stats; its first window staged in host slots, the rest unstaged (see the
+        module doc). Evicts no block of `keep` (runs the caller looked up before and has
+        yet to load)."""
+        hits = self.stage(block_hashes, keep)
+        num_host = sum(hit.tier == "host" for hit in hits)
+        self._count("host", len(block_hashes), num_host)
+        if self.disk is not None:
+            self._count("disk", len(block_hashes) - num_host, len(hits) - num_host)
+        return hits
+
+    def stage(self, block_hashes: Sequence[int], keep: Iterable[int] = ()) -> list[Hit]:
+        """get_leading, uncounted: for the unstaged rest of a run it returned, once the
+        blocks before them are read. The run comes back shorter when a block of it went
+        since (a miss, as any failed read)."""
         found = []
         for block_hash in block_hashes:
             tier = self.tier_of(block_hash)
             if tier is None:
                 break
             found.append((block_hash, tier))
-        keep = {block_hash for block_hash, _ in found}.union(keep)
-        hits = []
+        window = self.host.num_slots
+        keep = set(keep)
+        host_keep = keep.union(block_hash for block_hash, _ in found[:window])
+        disk_keep = keep.union(block_hash for block_hash, _ in found)
+        hits: list[Hit] = []
+        staging = True
         for block_hash, tier in found:
-            if tier == "host":
+            slot = None
+            staging = staging and len(hits) < window
+            if staging and tier == "host":
                 slot = self.host.lookup([block_hash])[0]
-            else:
-                slot = self._promote(block_hash, keep)
-                if slot is None:
+            elif staging:
+                if not self._fetch(block_hash):
                     break
+                slot = self._promote(block_hash, host_keep, disk_keep)
+                staging = slot is not None
             hits.append(Hit(block_hash, slot, tier))
-        num_host = sum(hit.tier == "host" for hit in hits)
-        self._count("host", len(block_hashes), num_host)
-        if self.disk is not None:
-            self._count("disk", len(block_hashes) - num_host, len(hits) - num_host)
         return hits
 
     # ---- all tiers --------------------------------------------------------------------
@@ -192,14 +225,16 @@ class TieredStore:
 
     # ---- inside ----------------------------------------------------------------------
 
-    def _allocate(self, block_hash: int, keep: Container[int]) -> int | None:
-        """A host slot for block_hash, demoting the block evicted for it."""
+    def _allocate(self, block_hash: int, keep: Container[int],
+                  disk_keep: Container[int] | None = None) -> int | None:
+        """A host slot for block_hash, demoting the block evicted for it; no block of
+        `keep` is evicted from host, nor of `disk_keep` (default: keep) from disk."""
         got = self.host.allocate(block_hash, keep)
         if got is None:
             return None
         slot, evicted = got
         if evicted is not None:
-            self._demote(evicted, slot, keep)
+            self._demote(evicted, slot, keep if disk_keep is None else disk_keep)
         return slot
 
     def _demote(self, block_hash: int, slot: int, keep: Container[int]) -> None:
@@ -221,14 +256,19 @@ class TieredStore:
             self.stats["disk"].offloaded += 1
             self._event(BlockStored, "disk", block_hash)
 
-    def _promote(self, block_hash: int, keep: Container[int]) -> int | None:
-        """Copy a disk block into a host slot; None (a miss) if it fails its checks or
-        no slot can be had. Read first, so a corrupt block evicts nothing from host."""
-        if not self.disk.read_into(block_hash, self._promoting):
-            if block_hash not in self.disk:  # the failed read deleted it
-                self._event(BlockRemoved, "disk", block_hash)
-            return None
-        slot = self._allocate(block_hash, keep)
+    def _fetch(self, block_hash: int) -> bool:
+        """Read a disk block into the promotion buffer; False (a miss) if it fails its
+        checks. Read before a slot is allocated, so a corrupt block evicts nothing."""
+        if self.disk.read_into(block_hash, self._promoting):
+            return True
+        if block_hash not in self.disk:  # the failed read deleted it
+            self._event(BlockRemoved, "disk", block_hash)
+        return False
+
+    def _promote(self, block_hash: int, keep: Container[int],
+                 disk_keep: Container[int]) -> int | None:
+        """Copy the fetched block into a host slot; None when no slot can be had."""
+        slot = self._allocate(block_hash, keep, disk_keep)
         if slot is None:
             return None
         self.host.write(slot, block_hash, self._promoting)

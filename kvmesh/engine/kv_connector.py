@@ -10,7 +10,8 @@ new request's prefix needs that the pool no longer holds. One step, with a conne
     load()       per admitted run: read its records into one staging buffer, stopping at
                  the first failed read (its tokens and the rest's are computed instead),
                  and unpack those read into their device blocks in one call (one per
-                 STAGING_BYTES of records)
+                 STAGING_BYTES of records); a run longer than the host tier is staged
+                 in host slots a window at a time (below)
     run()        the model writes the step's tokens, into evicted blocks too
 
 Offload on eviction, not write-through: a block is copied out only when the device is
@@ -25,15 +26,31 @@ schedule evicted. Loads happen in the engine, not in the scheduler, so the sched
 stays free of tensors and the connector may later run them asynchronously; a failed
 load is reported back and the scheduler rewinds (as vLLM's KV connectors do).
 
-The host slots a lookup returns are not pinned until loaded, but this connector's own
-offloads keep them: it remembers the hashes its lookups returned since the last save
-(this step's runs, none loaded yet) and reserves with them as `keep`, so saving the
-step's evictions never evicts a block about to be loaded (with no other slot to take, an
-evicted block is not offloaded instead); LocalTieredConnector's later lookups of the
-step promote from disk under the same keep. The set is dropped at every save, so a run
-the scheduler cut is kept for that step only. Not covered: another worker's offload
-(across processes), and the cache actor's promotions for a later lookup of the same
-step (its lookup request carries no keep). Such a hit's read fails its generation/
+A cached prefix may be longer than the host tier has slots (a small host tier over a
+large disk): a lookup returns the whole run, but only its first window staged in host
+slots (kvmesh.cache.store); the rest come unstaged (Onboard.slot None) and count as
+computed all the same. Load streams such a run through the host tier:
+
+    hits      [ s s s s | - - - - | - - ]     s: in a host slot, -: unstaged
+    load()    read 0-3 into their device blocks
+              stage(4..)    the tiers promote the next window into host slots
+              read 4-7,     stage(8..),   read 8-9
+
+all before the step runs (the model reads every loaded block). Each window is read as
+any other (generation and checksum: never another block's data), and a window that
+cannot be staged (a block gone since, no slot to be had) stops the load there like a
+failed read: the scheduler rewinds and the rest is computed. Staging a window may evict
+from host the blocks just read (they are on disk too), never the step's other runs.
+
+The host slots a lookup returns are not pinned until loaded, but this connector keeps
+them from its own offloads and lookups: it remembers the hashes its lookups returned
+since the last save (this step's runs, none loaded yet) and passes them as `keep` to
+its reserves (so saving the step's evictions never evicts a block about to be loaded:
+with no other slot to take, an evicted block is not offloaded instead) and to its later
+lookups of the step (promoting from disk). At the save the set becomes the keep of the
+step's loads (staging one run evicts none of the runs loaded after it), dropped at the
+next save, so a run the scheduler cut is kept for that step only. Not covered: another
+worker's offload or lookup (across processes). Such a hit's read fails its generation/
 checksum check and the block is computed: correct, but a lost hit.
 
 The engine thread calls every method, synchronously. Two connectors share the slot
@@ -48,6 +65,7 @@ copying (HostSlotConnector) and differ in who owns the tiers:
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from typing import Protocol
@@ -81,12 +99,14 @@ class KVConnector(Protocol):
     record_bytes: int
 
     def lookup(self, block_hashes: list[int]) -> list[Onboard]:
-        """The longest leading run of block_hashes held outside the device pool."""
+        """The longest leading run of block_hashes held outside the device pool (its
+        blocks past the first window the host tier holds unstaged: slot None)."""
 
     def load(self, hits: Sequence[Onboard], block_ids: Sequence[int],
              kv_caches: list[torch.Tensor]) -> int:
-        """Copy hits[i] into block block_ids[i], in order; how many leading ones made it
-        (the first failed read or checksum stops it)."""
+        """Copy hits[i] into block block_ids[i], in order, staging the unstaged ones a
+        window at a time; how many leading ones made it (the first failed read, checksum
+        or staging stops it)."""
 
     def save(self, evicted: Sequence[tuple[int, int]], kv_caches: list[torch.Tensor]) -> None:
         """Offload (block hash, block id) pairs the pool is about to overwrite."""
@@ -94,8 +114,8 @@ class KVConnector(Protocol):
 
 class HostSlotConnector:
     """load/save by copying block records through host-tier slots; subclasses say where
-    the slots come from (`_lookup`, `_reserve`, `_finish`) and which tier they are in
-    (`host`, None while there is none: every lookup misses, nothing is saved).
+    the slots come from (`_lookup`, `_stage`, `_reserve`, `_finish`) and which tier they
+    are in (`host`, None while there is none: every lookup misses, nothing is saved).
 
     Counters per tier it keeps itself: onboarded (loaded into the device pool, by the
     tier they were found in) and failed (found, but their read failed its checks at
@@ -109,6 +129,7 @@ class HostSlotConnector:
         self.num_onboarded = dict.fromkeys(STORE_TIERS, 0)
         self.num_failed = dict.fromkeys(STORE_TIERS, 0)
         self._unloaded: set[int] = set()  # hashes looked up since the last save, not loaded
+        self._loading: set[int] = set()  # looked up before the last save, not loaded
         # host slots -> device blocks, one record a row; grown to the longest run loaded,
         # up to STAGING_BYTES
         self._staging = torch.empty((0, record_bytes), dtype=torch.uint8)
@@ -123,21 +144,37 @@ class HostSlotConnector:
     def load(self, hits: Sequence[Onboard], block_ids: Sequence[int],
              kv_caches: list[torch.Tensor]) -> int:
         assert len(hits) == len(block_ids), (len(hits), len(block_ids))
-        self._unloaded.difference_update(hit.block_hash for hit in hits)
+        run = [hit.block_hash for hit in hits]
+        self._unloaded.difference_update(run)
+        self._loading.difference_update(run)
+        hits = list(hits)
+        tiers = [hit.tier for hit in hits]  # as looked up: a block may go before staged
+        keep = list(self._loading | self._unloaded)  # the step's other runs
         chunk = max(STAGING_BYTES // self.record_bytes, 1)
         num_loaded = 0
-        for start in range(0, len(hits), chunk):
-            some = hits[start : start + chunk]
-            num_read = self._load_some(some, block_ids[start : start + chunk], kv_caches)
+        while num_loaded < len(run):
+            if num_loaded < len(hits) and hits[num_loaded].slot is None:
+                # the host had no room for it at lookup: stage the next window now; the
+                # run comes back shorter when a block of it went since
+                hits[num_loaded:] = self._stage(run[num_loaded:], keep)
+            some = list(itertools.takewhile(lambda hit: hit.slot is not None,
+                                            hits[num_loaded : num_loaded + chunk]))
+            if not some:  # went since lookup, or still no slot to stage it in
+                self.num_failed[tiers[num_loaded]] += 1
+                break
+            num_read = self._load_some(some, block_ids[num_loaded : num_loaded + len(some)],
+                                       kv_caches)
             num_loaded += num_read
             if num_read < len(some):
                 break
         return num_loaded
 
     def save(self, evicted: Sequence[tuple[int, int]], kv_caches: list[torch.Tensor]) -> None:
-        # the runs this step looked up load after this save: evict none of them; the set
-        # is dropped here, so a run cut or never admitted is kept for this step only
-        keep, self._unloaded = list(self._unloaded), set()
+        # the runs this step looked up load after this save: evict none of them, here nor
+        # while staging them; the set is dropped at the next save, so a run cut or never
+        # admitted is kept for this step only
+        self._loading, self._unloaded = self._unloaded, set()
+        keep = list(self._loading)
         host = self.host
         if host is None or not evicted:
             return
@@ -192,6 +229,12 @@ class HostSlotConnector:
         return staging[:num_records]
 
     def _lookup(self, block_hashes: list[int]) -> list[Onboard]:
+        """The leading run held (counted), staging it evicting none of `_unloaded`."""
+        raise NotImplementedError
+
+    def _stage(self, block_hashes: list[int], keep: list[int]) -> list[Onboard]:
+        """The unstaged rest of a looked-up run: the leading run of block_hashes still
+        held, its first window staged (uncounted), evicting none of `keep`."""
         raise NotImplementedError
 
     def _reserve(self, block_hashes: list[int], keep: list[int]) -> list[int | None]:
@@ -236,6 +279,9 @@ class LocalTieredConnector(HostSlotConnector):
         # promoting from disk must not evict the runs this step looked up before
         return self.store.get_leading(block_hashes, self._unloaded)
 
+    def _stage(self, block_hashes: list[int], keep: list[int]) -> list[Onboard]:
+        return self.store.stage(block_hashes, keep)
+
     def _reserve(self, block_hashes: list[int], keep: list[int]) -> list[int | None]:
         kept = frozenset(keep)
         return [self.store.reserve(block_hash, kept) for block_hash in block_hashes]
@@ -268,8 +314,11 @@ class CacheChannel(Protocol):
     call blocks until answered. Any failure (cache actor dead, timeout) is an empty
     answer: no hits, no slots."""
 
-    def lookup(self, block_hashes: list[int]) -> tuple[list[Onboard], str]:
-        """The leading run held by the cache, and the shm name of the segment it is in."""
+    def lookup(self, block_hashes: list[int], keep: Sequence[int] = (),
+               staging: bool = False) -> tuple[list[Onboard], str]:
+        """The leading run held by the cache (its first window staged, evicting none of
+        `keep`), and the shm name of the segment it is in. staging: the unstaged rest of
+        a run looked up before (TieredStore.stage: not counted again)."""
 
     def reserve(self, block_hashes: list[int],
                 keep: list[int]) -> tuple[list[int | None], str]:
@@ -295,7 +344,11 @@ class CacheActorConnector(HostSlotConnector):
         self.host = None
 
     def _lookup(self, block_hashes: list[int]) -> list[Onboard]:
-        hits, shm_name = self.channel.lookup(block_hashes)
+        hits, shm_name = self.channel.lookup(block_hashes, list(self._unloaded))
+        return hits if self._current(shm_name) else []
+
+    def _stage(self, block_hashes: list[int], keep: list[int]) -> list[Onboard]:
+        hits, shm_name = self.channel.lookup(block_hashes, keep, staging=True)
         return hits if self._current(shm_name) else []
 
     def _reserve(self, block_hashes: list[int], keep: list[int]) -> list[int | None]:

@@ -475,19 +475,71 @@ def test_corrupt_disk_block_breaks_the_run(make_host, tmp_path):
     assert [store.tier_of(h) for h in (C, D, F)] == ["host", "host", "host"]
 
 
-def test_run_is_cut_when_the_host_cannot_hold_it(make_host, tmp_path):
+def test_run_longer_than_the_host_is_staged_a_window_at_a_time(make_host, tmp_path):
     store = make_store(make_host, tmp_path, host_slots=2)
     fill(store, A, B, C, D)  # A, B on disk; C, D on host
-    hits = store.get_leading([A, B, C, D])
-    assert hits == []  # every host slot holds a block of the run: nothing to promote into
+    store.take_events()
+    hits = store.get_leading([A, B, C, D, X])
+    # the whole run, its first window (2 slots) staged: C and D, later in the run, made
+    # room for it (demoted to disk, where the next window finds them)
+    assert hits == [Hit(A, 0, "disk"), Hit(B, 1, "disk"), Hit(C, None, "host"),
+                    Hit(D, None, "host")]
+    assert read_hits(store, hits[:2]) == [make_record(A), make_record(B)]
+    assert [store.tier_of(h) for h in (A, B, C, D)] == ["host", "host", "disk", "disk"]
+    host, disk = store.stats["host"], store.stats["disk"]
+    assert (host.queries, host.onboarded, disk.queries, disk.onboarded) == (5, 2, 3, 2)
+    # the worker read A and B: the next window evicts them (held on disk already)
+    rest = store.stage([C, D])
+    assert [(hit.block_hash, hit.tier) for hit in rest] == [(C, "disk"), (D, "disk")]
+    assert read_hits(store, rest) == [make_record(C), make_record(D)]
     assert [store.tier_of(h) for h in (A, B, C, D)] == ["disk", "disk", "host", "host"]
+    assert (host.queries, host.onboarded, disk.queries, disk.onboarded) == (5, 2, 3, 2)
+    assert store.take_events() == [
+        BlockRemoved(block_hashes=[C], tier="host"),
+        BlockStored(block_hashes=[C], tier="disk"),
+        BlockStored(block_hashes=[A], tier="host"),
+        BlockRemoved(block_hashes=[D], tier="host"),
+        BlockStored(block_hashes=[D], tier="disk"),
+        BlockStored(block_hashes=[B], tier="host"),
+        BlockRemoved(block_hashes=[A], tier="host"),
+        BlockStored(block_hashes=[C], tier="host"),
+        BlockRemoved(block_hashes=[B], tier="host"),
+        BlockStored(block_hashes=[D], tier="host"),
+    ]
+
+
+def test_a_block_gone_before_its_window_is_staged_ends_the_run(make_host, tmp_path):
+    store = make_store(make_host, tmp_path, host_slots=2)
+    fill(store, A, B, C, D, E, F)  # A-D on disk; E, F on host
+    hits = store.get_leading([A, B, C, D])
+    assert [hit.slot is None for hit in hits] == [False, False, True, True]
+    _flip_payload_byte(store.disk.file_of(D))
+    store.take_events()
+    rest = store.stage([C, D])
+    assert [(hit.block_hash, hit.tier) for hit in rest] == [(C, "disk")]
+    assert read_hits(store, rest) == [make_record(C)]
+    assert store.tier_of(D) is None and not store.disk.file_of(D).exists()
+    assert BlockRemoved(block_hashes=[D], tier="disk") in store.take_events()
+
+
+def test_staging_a_window_keeps_the_rest_of_the_run_on_disk(make_host, tmp_path):
+    store = make_store(make_host, tmp_path, host_slots=2, disk_files=4)
+    fill(store, A, B, C, D, E, F)  # A-D on disk (full); E, F on host, on no disk
+    hits = store.get_leading([A, B, C, D])
+    assert [(hit.block_hash, hit.slot is None) for hit in hits] == [
+        (A, False), (B, False), (C, True), (D, True)]
+    # promoting A and B evicted E and F from host; the disk had no room for them but
+    # C's and D's files, the run's next window: E and F are dropped, C and D stay
+    assert [store.tier_of(h) for h in (A, B, C, D, E, F)] == [
+        "host", "host", "disk", "disk", None, None]
+    assert read_hits(store, store.stage([C, D])) == [make_record(C), make_record(D)]
 
 
 def test_reserve_and_promotion_never_evict_kept_blocks(make_host, tmp_path):
     store = make_store(make_host, tmp_path, host_slots=2)
     fill(store, A, B, C)  # A on disk; B, C on host
     assert store.reserve(D, keep=frozenset({B, C})) is None  # every slot kept
-    assert store.get_leading([A], keep={B, C}) == []
+    assert store.get_leading([A], keep={B, C}) == [Hit(A, None, "disk")]  # held, no slot
     slot = store.reserve(D, keep=frozenset({B}))  # C goes, though B is older
     assert [store.tier_of(h) for h in (B, C)] == ["host", "disk"]
     store.host.write(slot, D, make_record(D))

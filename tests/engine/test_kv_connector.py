@@ -2,7 +2,6 @@
 DRAM and disk, corruption and failed loads recomputed; output always equal to a plain
 engine's. Scheduler-level tests use a fake connector and assert exact block ids."""
 
-import random
 
 import pytest
 import torch
@@ -18,20 +17,10 @@ from kvmesh.engine.scheduler import Scheduler
 from kvmesh.engine.sequence import Sequence, SequenceStatus
 from kvmesh.gpu.block_pool import BlockPool, hash_blocks
 from kvmesh.gpu.kv_pack import pack_blocks
-from kvmesh.gpu.model_config import ModelConfig
+from tests.engine import make_prompt
 
 BLOCK = 16
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-
-
-def make_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, vocab_size) for _ in range(length)]
-
-
-@pytest.fixture(scope="module")
-def config(tiny_model_dir) -> ModelConfig:
-    return ModelConfig.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +162,12 @@ def test_step_keeps_the_hits_it_loads_from_its_own_offloads(tiny_model_dir, make
     assert [connector.store.tier_of(h) for h in a_hashes] == ["host"] * 6
 
 
-def test_host_tier_too_small_for_the_run_loses_hits_not_output(tiny_model_dir, make_connector,
-                                                               prompts, a_hashes, reference,
-                                                               tmp_path):
+def test_host_tier_smaller_than_the_run_stages_it_a_window_at_a_time(
+        tiny_model_dir, make_connector, prompts, a_hashes, plain_engine, reference, tmp_path):
     # 4 slots, and prefill chunks of 4 blocks, so that no step evicts more blocks than the
-    # host tier can take: a ends up on disk whole. Promoting a stops at its fifth block
-    # (every slot holds one of the run) and the step's offloads find no slot that is not
-    # kept: 4 blocks load, the rest are computed.
+    # host tier can take: a ends up on disk whole. The lookup stages a's first 4 blocks
+    # (every slot holds one of the run, so the step's offloads find no slot that is not
+    # kept); the load reads them, then stages and reads the last 2: all 6 load.
     connector = make_connector(host_slots=4, disk_dir=tmp_path, disk_files=64)
     engine = make_engine(tiny_model_dir, connector, max_num_batched_tokens=4 * BLOCK)
     for name in ("a", "b", "c"):
@@ -187,12 +175,13 @@ def test_host_tier_too_small_for_the_run_loses_hits_not_output(tiny_model_dir, m
     assert [connector.store.tier_of(h) for h in a_hashes] == ["disk"] * 6
     offloaded = connector.metrics()["host"]["offloaded"]
     again = run(engine, prompts["a"])
-    assert again.num_cached_tokens == 64
+    assert again.num_cached_tokens == 96
     assert again.token_ids == reference["a"]
     metrics = connector.metrics()
-    assert (metrics["disk"]["hits"], metrics["disk"]["onboarded"]) == (4, 4)
+    assert (metrics["disk"]["hits"], metrics["disk"]["onboarded"]) == (6, 6)
     assert metrics["disk"]["failed"] == 0
     assert metrics["host"]["offloaded"] == offloaded
+    assert torch.equal(cached_kv(engine, a_hashes), cached_kv(plain_engine, a_hashes))
 
 
 def test_corrupted_disk_block_is_a_miss_and_the_rest_is_recomputed(tiny_model_dir,
@@ -287,11 +276,13 @@ def make_kv(fill: bool = True) -> list[torch.Tensor]:
 
 @pytest.fixture
 def small_connector():
-    """small_connector(host_slots) -> a LocalTieredConnector for make_kv's blocks."""
+    """small_connector(host_slots, disk_dir=None, disk_files=64) -> a LocalTieredConnector
+    for make_kv's blocks (over a disk tier of disk_files files in disk_dir)."""
     connectors = []
 
-    def make(host_slots: int) -> LocalTieredConnector:
-        connector = LocalTieredConnector(KV_RECORD, pool_bytes(host_slots, KV_RECORD))
+    def make(host_slots: int, disk_dir=None, disk_files: int = 64) -> LocalTieredConnector:
+        connector = LocalTieredConnector(KV_RECORD, pool_bytes(host_slots, KV_RECORD),
+                                         disk_dir, disk_files * (HEADER.size + KV_RECORD))
         connectors.append(connector)
         return connector
 
@@ -344,6 +335,45 @@ def test_load_reads_the_run_and_unpacks_the_blocks_before_the_first_bad_one(
         assert not dst[layer][:, [4, 6]].any()  # the bad one and the one after: untouched
     metrics = connector.metrics()["host"]
     assert (metrics["onboarded"], metrics["failed"]) == (2, 1)
+
+
+def test_two_runs_longer_than_the_host_tier_both_load_in_one_step(small_connector, tmp_path):
+    connector = small_connector(host_slots=2, disk_dir=tmp_path)
+    kv = make_kv()
+    for i in range(6):  # one block a step: each gets a slot, the older ones go to disk
+        connector.save([(H[i], i)], kv)
+    first, second = connector.lookup(H[:3]), connector.lookup(H[3:6])
+    # the first run's window takes both slots (kept): the second waits for its load
+    assert [hit.slot is None for hit in first + second] == [False, False, True] + [True] * 3
+    connector.save([], kv)
+    dst = make_kv(fill=False)
+    assert connector.load(first, [0, 1, 2], dst) == 3
+    assert connector.load(second, [3, 4, 5], dst) == 3
+    for layer in range(2):
+        assert torch.equal(dst[layer][:, :6], kv[layer][:, :6])
+    metrics = connector.metrics()
+    assert (metrics["disk"]["onboarded"], metrics["host"]["onboarded"]) == (6, 0)
+    assert metrics["disk"]["failed"] == metrics["host"]["failed"] == 0
+
+
+def test_staging_a_run_at_load_evicts_none_of_the_step_s_other_runs(small_connector,
+                                                                    tmp_path):
+    connector = small_connector(host_slots=2, disk_dir=tmp_path, disk_files=2)
+    kv = make_kv()
+    for i in range(4):  # disk (full): H0, H1; host: H2, H3, on no disk
+        connector.save([(H[i], i)], kv)
+    first = connector.lookup([H[2], H[3], H[1]])  # H1 comes after the 2-slot window
+    second = connector.lookup([H[0]])  # no slot left that is not kept: unstaged
+    assert [hit.slot is None for hit in first + second] == [False, False, True, True]
+    connector.save([], kv)
+    dst = make_kv(fill=False)
+    # staging H1 evicts H2 from host; the full disk may not drop H0 (the second run)
+    # for it, so H2 is dropped instead
+    assert connector.load(first, [2, 3, 1], dst) == 3
+    assert [connector.store.tier_of(h) for h in H[:4]] == ["disk", "host", None, "host"]
+    assert connector.load(second, [0], dst) == 1
+    for layer in range(2):
+        assert torch.equal(dst[layer][:, :4], kv[layer][:, :4])
 
 
 # ---- BlockPool: eviction records ---------------------------------------------------------
