@@ -316,6 +316,7 @@ class RegisterWorker(Request, frozen=True, kw_only=True):
     num_blocks: int
     max_num_seqs: int
     events_endpoint: str  # where the worker PUBlishes KV events and LoadReports
+    salt_id: str = ""  # block_pool.salt_id of its block-hash salt ("" = not told)
 
 
 class Registered(Reply, frozen=True, kw_only=True):
@@ -345,6 +346,7 @@ class RouteRequest(Request, frozen=True, kw_only=True):
     block_hashes: list[int]
     num_prompt_tokens: int
     exclude: list[str] = []  # workers the asker saw die: never place there
+    salt_id: str = ""  # the asker's block-hash salt (block_pool.salt_id; "" = not told)
 
 
 class RequestDone(Message, frozen=True, kw_only=True):

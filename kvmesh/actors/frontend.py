@@ -22,7 +22,7 @@ from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
 from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import BackendUnavailable, OverloadedError
 from kvmesh.frontend.limits import HTTPLimits
-from kvmesh.gpu.block_pool import hash_blocks
+from kvmesh.gpu.block_pool import hash_blocks, salt_id, wire_hashes
 from kvmesh.gpu.model_config import ModelConfig, capped_context
 from kvmesh.protocol import (
     Abort,
@@ -36,6 +36,7 @@ from kvmesh.protocol import (
     TokenBatch,
 )
 from kvmesh.tokenizer import Tokenizer
+from kvmesh.transport.keys import hash_key
 
 log = structlog.get_logger(__name__)
 WORKER_DIED = "unavailable: died:"
@@ -50,6 +51,7 @@ class FrontendSettings:
     block_size: int
     router_endpoint: str
     router_id: str | None = None  # the actor at router_endpoint (required with keys)
+    hash_key: bytes | None = None  # the cluster's block-hash key; None: this user's
     dtype: str = "float32"  # the workers' KV dtype: part of every block hash
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -80,7 +82,9 @@ class FrontendActor(Actor):
         self.tokenizer = Tokenizer.from_pretrained(settings.model_path)
         self.max_model_len = capped_context(model.max_model_len, settings.max_model_len)
         self.vocab_size = model.vocab_size
-        self.salt = model.kv_salt(settings.dtype, settings.block_size)
+        key = settings.hash_key if settings.hash_key is not None else hash_key(None)
+        self.salt = model.kv_salt(settings.dtype, settings.block_size, key)
+        self.salt_id = salt_id(self.salt)
         self.router_id: str | None = None
         self.status: ClusterStatus | None = None
         self.streams: dict[str, asyncio.Queue] = {}
@@ -238,11 +242,12 @@ class FrontendActor(Actor):
                      exclude: list[str]) -> Placement:
         if self.router_id not in self.peers:
             raise BackendUnavailable("the router is unreachable", retry_after=2.0)
-        hashes = hash_blocks(prompt_token_ids, self.settings.block_size, salt=salt)
+        hashes = wire_hashes(hash_blocks(prompt_token_ids, self.settings.block_size, salt=salt))
         try:
             return await self.request(self.router_id, RouteRequest(
                 request_id=request_id, block_hashes=hashes,
-                num_prompt_tokens=len(prompt_token_ids), exclude=exclude),
+                num_prompt_tokens=len(prompt_token_ids), exclude=exclude,
+                salt_id=self.salt_id),
                 timeout=self.settings.route_timeout)
         except RemoteError as exc:
             raise BackendUnavailable(f"no placement: {exc.error.message}", retry_after=2.0) from exc

@@ -72,7 +72,8 @@ def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     settings = FrontendSettings(
         model_path=str(cfg.model.resolved_path), model_name=cfg.model.served_name,
         block_size=cfg.model.block_size, router_endpoint=cfg.router_endpoint,
-        router_id=cfg.router_id, dtype=cfg.model.dtype, host=cfg.cluster.host,
+        router_id=cfg.router_id, hash_key=cluster_hash_key(cfg), dtype=cfg.model.dtype,
+        host=cfg.cluster.host,
         http_port=cfg.frontend.http_port, expected_workers=workers,
         max_num_requests=cfg.frontend.max_num_requests,
         max_migrations=cfg.frontend.max_migrations,
@@ -80,6 +81,16 @@ def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         max_model_len=cfg.model.max_model_len, max_connections=cfg.frontend.max_connections,
         limits=http_limits(cfg.frontend))
     return FrontendActor(actor_config(cfg, spec), settings)
+
+
+def cluster_hash_key(cfg: ClusterConfig) -> bytes:
+    """The secret keying block hashes: security.key_dir's, or this user's."""
+    from kvmesh.transport.keys import hash_key
+
+    try:
+        return hash_key(cfg.security.key_path)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key="security.key_dir") from None
 
 
 def http_limits(frontend) -> HTTPLimits:
@@ -105,8 +116,8 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     settings = WorkerSettings(
         model_path=str(cfg.model.resolved_path), model_name=cfg.model.served_name,
         endpoint=spec.bind, events_endpoint=spec.events_bind,
-        router_endpoint=cfg.router_endpoint, router_id=cfg.router_id, device=spec.device,
-        dtype=cfg.model.dtype,
+        router_endpoint=cfg.router_endpoint, router_id=cfg.router_id,
+        hash_key=cluster_hash_key(cfg), device=spec.device, dtype=cfg.model.dtype,
         block_size=cfg.model.block_size, num_blocks=cfg.kv.device_blocks or None,
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         transfer=cfg.kv.transfer, cache_id=cache.actor_id if cache else None,
@@ -123,8 +134,8 @@ def init_cache(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     settings = CacheSettings(
         endpoint=spec.bind, events_endpoint=spec.events_bind,
         router_endpoint=cfg.router_endpoint, router_id=cfg.router_id,
-        record_bytes=model.kv_bytes_per_block(cfg.model.block_size,
-                                              DTYPE_BYTES[cfg.model.dtype]),
+        record_bytes=model.kv_record_bytes(cfg.model.block_size,
+                                           DTYPE_BYTES[cfg.model.dtype]),
         fingerprint=model.fingerprint(cfg.model.dtype, cfg.model.block_size),
         host_bytes=int(cfg.kv.host_gb * 2**30), disk_path=cfg.kv.disk_path,
         disk_bytes=int(cfg.kv.disk_gb * 2**30),

@@ -58,6 +58,12 @@ class RouterActorSettings:
     policy: RouterSettings = RouterSettings()
 
 
+SALT_MISMATCH = (
+    "{who} block hashes are salted {salt}, the workers' {cluster}: their model files, "
+    "dtype, block size or hash key (security.key_dir's cluster.hash_key, or the per-user "
+    "one without keys) differ, so no prefix would ever be found")
+
+
 class RouterActor(Actor):
     """Registry + KV index + policy behind one ROUTER socket."""
 
@@ -78,6 +84,7 @@ class RouterActor(Actor):
         self.cache_reports: dict[str, CacheReport] = {}
         # (when, request key), oldest first: predictions a lost RequestDone would leave
         self.placed: deque[tuple[float, str]] = deque()
+        self.salt_id = ""  # the workers' block-hash salt, as the first one registered
 
     async def setup(self) -> None:
         self.open("from_peers", zmq.ROUTER, self.settings.endpoint, bind=True)
@@ -93,10 +100,13 @@ class RouterActor(Actor):
         elif msg.block_size != self.settings.block_size:
             problem = (f"block_size {msg.block_size} differs from the cluster's "
                        f"{self.settings.block_size}: its KV hashes would never match")
+        elif msg.salt_id and self.salt_id and msg.salt_id != self.salt_id:
+            problem = SALT_MISMATCH.format(who="its", salt=msg.salt_id, cluster=self.salt_id)
         if problem is not None:
             self.log.warning("registration_refused", worker=inbound.peer, reason=problem)
             return Error(code="refused", message=f"registration refused: {problem}")
         worker_id = inbound.peer
+        self.salt_id = self.salt_id or msg.salt_id
         if worker_id in self.workers:  # a restarted worker: forget what the old one held
             self._forget(worker_id)
         self.workers[worker_id] = WorkerState(worker_id, peer.role,
@@ -219,6 +229,9 @@ class RouterActor(Actor):
 
     async def on_route_request(self, msg: RouteRequest, inbound) -> Placement | Error:
         """Place one request: decode worker, and prefill worker or local prefill."""
+        if msg.salt_id and self.salt_id and msg.salt_id != self.salt_id:
+            return Error(code="refused", message=SALT_MISMATCH.format(
+                who=f"{inbound.peer}'s", salt=msg.salt_id, cluster=self.salt_id))
         try:
             # a worker out of `peers` is dead, its death hook not yet run: not a candidate
             workers = [w for w in self.workers.values()

@@ -63,6 +63,7 @@ class WorkerSettings:
     events_endpoint: str  # our PUB, for the router
     router_endpoint: str
     router_id: str | None = None  # the actor at router_endpoint (required with keys)
+    hash_key: bytes | None = None  # the cluster's block-hash key; None: this user's
     device: str = "cpu"
     dtype: str = "float32"
     block_size: int = 16
@@ -122,7 +123,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
         await self.request(self.router_id, RegisterWorker(
             model=self.settings.model_name, block_size=engine.block_size,
             num_blocks=engine.num_blocks, max_num_seqs=engine.scheduler.max_num_seqs,
-            events_endpoint=self.endpoints["events_out"]),
+            events_endpoint=self.endpoints["events_out"], salt_id=engine.salt_id),
             timeout=self.settings.connect_timeout)
 
     async def on_peer_dead(self, peer_id: str) -> None:
@@ -166,7 +167,8 @@ class EngineWorker(DataPlaneHandlers, Actor):
             s.model_path), config, device=s.device, dtype=s.dtype, block_size=s.block_size,
             num_blocks=num_blocks, max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens, kv_caches=kv_caches,
-            kv_connector=self._tiers(config, dtype), max_model_len=s.max_model_len or None)
+            kv_connector=self._tiers(config, dtype), max_model_len=s.max_model_len or None,
+            hash_key=s.hash_key)
         warm_up(engine)
         return engine, segment
 
@@ -177,7 +179,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
             return None
         from kvmesh.engine.kv_connector import CacheActorConnector
 
-        record_bytes = config.kv_bytes_per_block(s.block_size, dtype.itemsize)
+        record_bytes = config.kv_record_bytes(s.block_size, dtype.itemsize)
         self.cache = CacheClient(self, s.cache_id, s.cache_endpoint)
         return CacheActorConnector(record_bytes, self.cache)
 

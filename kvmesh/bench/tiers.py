@@ -159,7 +159,7 @@ def bench_tiers(model_path: str | None, seed: int, threads: int | None, workload
             f"a chat's final context ({workload.context_tokens} tokens) does not fit a pool "
             f"of {pool_blocks} blocks of {BLOCK_SIZE}", param_hint="--pool-blocks")
     bench = TiersBench(load_model(path), Tokenizer.from_pretrained(path), config, pool_blocks,
-                       config.kv_bytes_per_block(BLOCK_SIZE, torch_dtype("float32").itemsize))
+                       config.kv_record_bytes(BLOCK_SIZE, torch_dtype("float32").itemsize))
     whole = workload.working_set_blocks + pool_blocks  # "holds the whole working set"
     tiers = {"device": (0, 0), "host": (whole, 0),
              "host_disk": (pool_blocks if host_blocks is None else host_blocks, whole)}

@@ -21,7 +21,7 @@ from kvmesh.engine.params import SamplingParams
 from kvmesh.engine.sampler import Sampler
 from kvmesh.engine.scheduler import ScheduledBatch, Scheduler
 from kvmesh.engine.sequence import Sequence
-from kvmesh.gpu.block_pool import BlockPool
+from kvmesh.gpu.block_pool import BlockPool, salt_id
 from kvmesh.gpu.kv_cache import allocate_kv_caches, default_num_blocks, kv_cache_shape
 from kvmesh.gpu.loader import load_model, torch_dtype
 from kvmesh.gpu.model_config import ModelConfig, capped_context
@@ -101,12 +101,14 @@ class Engine:
         kv_caches: list | None = None,
         kv_connector: KVConnector | None = None,
         max_model_len: int | None = None,
+        hash_key: bytes | None = None,
     ) -> None:
         """kv_caches: a pool allocated by the caller (e.g. in shared memory for the data
         plane), num_blocks blocks per layer; by default the engine allocates its own.
         kv_connector: offloads evicted blocks and onboards prefixes the pool lacks
         (kvmesh.engine.kv_connector); its block records must match this pool's.
-        max_model_len: a cap on prompt + output tokens below the model's context."""
+        max_model_len: a cap on prompt + output tokens below the model's context.
+        hash_key: the secret keying block hashes (the cluster's); None: this user's."""
         for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -125,7 +127,12 @@ class Engine:
         self.num_blocks = num_blocks
         self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching,
                               track_evictions=kv_connector is not None)
-        self.scheduler = Scheduler(BlockManager(self.pool, config.kv_salt(dtype, block_size),
+        if hash_key is None:
+            from kvmesh.transport.keys import hash_key as user_hash_key
+
+            hash_key = user_hash_key(None)
+        self.scheduler = Scheduler(BlockManager(self.pool,
+                                                config.kv_salt(dtype, block_size, hash_key),
                                                 kv_connector),
                                    max_num_seqs, max_num_batched_tokens)
         if kv_caches is None:
@@ -134,12 +141,13 @@ class Engine:
         expected = kv_cache_shape(config, num_blocks, block_size)
         if len(kv_caches) != config.num_layers or tuple(kv_caches[0].shape) != expected:
             raise ValueError(f"kv_caches must be {config.num_layers} tensors of shape {expected}")
-        record_bytes = config.kv_bytes_per_block(block_size, kv_caches[0].element_size())
+        record_bytes = config.kv_record_bytes(block_size, kv_caches[0].element_size())
         if kv_connector is not None and kv_connector.record_bytes != record_bytes:
             raise ValueError(f"kv_connector holds block records of {kv_connector.record_bytes} "
                              f"bytes; this pool's are {record_bytes}")
         self.kv_caches = kv_caches
         self.kv_connector = kv_connector
+        self.salt_id = salt_id(self.scheduler.block_manager.salt)  # as the router compares
         self.runner = ModelRunner(model, self.kv_caches, block_size, device)
         self.sampler = Sampler(device, seed)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)

@@ -53,6 +53,13 @@ next save, so a run the scheduler cut is kept for that step only. Not covered: a
 worker's offload or lookup (across processes). Such a hit's read fails its generation/
 checksum check and the block is computed: correct, but a lost hit.
 
+Hashes. The engine names blocks by their full 128-bit hashes (kvmesh.gpu.block_pool);
+the tiers, here or in the cache actor, by their 64-bit wire hashes. So each record
+begins with a tag, the full hash it was written for, and a load compares it before
+unpacking: two blocks that share a wire hash are a miss, never each other's KV.
+
+    record   [ full hash, 16 bytes | K and V of every layer, packed (pack_blocks) ]
+
 The engine thread calls every method, synchronously. Two connectors share the slot
 copying (HostSlotConnector) and differ in who owns the tiers:
 
@@ -70,12 +77,15 @@ import os
 from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from kvmesh.cache.disk_tier import DiskTier
 from kvmesh.cache.host_tier import HostTier
 from kvmesh.cache.store import STORE_TIERS, Hit, TieredStore
+from kvmesh.gpu.block_pool import wire_hash, wire_hashes
 from kvmesh.gpu.kv_pack import pack_blocks, unpack_records
+from kvmesh.gpu.model_config import RECORD_TAG_BYTES
 from kvmesh.protocol import KVEvent
 from kvmesh.transport.segment import segment_name
 
@@ -92,8 +102,9 @@ STAGING_BYTES = 64 << 20
 class KVConnector(Protocol):
     """Where the engine offloads evicted blocks and onboards prefixes from.
 
-    Block records are one block packed alone, [num_layers, 2, 1, block_size,
-    num_kv_heads, head_dim] in the pool's dtype: `record_bytes` bytes.
+    Block records are the block's full hash (RECORD_TAG_BYTES), then the block packed
+    alone, [num_layers, 2, 1, block_size, num_kv_heads, head_dim] in the pool's dtype:
+    `record_bytes` bytes in all (ModelConfig.kv_record_bytes). Hashes are full ones.
     """
 
     record_bytes: int
@@ -125,10 +136,14 @@ class HostSlotConnector:
     host: HostTier | None
 
     def __init__(self, record_bytes: int) -> None:
+        if record_bytes <= RECORD_TAG_BYTES:
+            raise ValueError(f"record_bytes must exceed the {RECORD_TAG_BYTES}-byte tag, "
+                             f"got {record_bytes}")
         self.record_bytes = record_bytes
         self.num_onboarded = dict.fromkeys(STORE_TIERS, 0)
         self.num_failed = dict.fromkeys(STORE_TIERS, 0)
-        self._unloaded: set[int] = set()  # hashes looked up since the last save, not loaded
+        # wire hashes (they go to the tiers as `keep`):
+        self._unloaded: set[int] = set()  # looked up since the last save, not loaded
         self._loading: set[int] = set()  # looked up before the last save, not loaded
         # host slots -> device blocks, one record a row; grown to the longest run loaded,
         # up to STAGING_BYTES
@@ -137,16 +152,16 @@ class HostSlotConnector:
     def lookup(self, block_hashes: list[int]) -> list[Onboard]:
         if self.host is None or not block_hashes:
             return []
-        hits = self._lookup(block_hashes)
-        self._unloaded.update(hit.block_hash for hit in hits)
+        hits = _named(self._lookup(wire_hashes(block_hashes)), block_hashes)
+        self._unloaded.update(wire_hashes(hit.block_hash for hit in hits))
         return hits
 
     def load(self, hits: Sequence[Onboard], block_ids: Sequence[int],
              kv_caches: list[torch.Tensor]) -> int:
         assert len(hits) == len(block_ids), (len(hits), len(block_ids))
         run = [hit.block_hash for hit in hits]
-        self._unloaded.difference_update(run)
-        self._loading.difference_update(run)
+        self._unloaded.difference_update(wire_hashes(run))
+        self._loading.difference_update(wire_hashes(run))
         hits = list(hits)
         tiers = [hit.tier for hit in hits]  # as looked up: a block may go before staged
         keep = list(self._loading | self._unloaded)  # the step's other runs
@@ -156,7 +171,8 @@ class HostSlotConnector:
             if num_loaded < len(hits) and hits[num_loaded].slot is None:
                 # the host had no room for it at lookup: stage the next window now; the
                 # run comes back shorter when a block of it went since
-                hits[num_loaded:] = self._stage(run[num_loaded:], keep)
+                rest = run[num_loaded:]
+                hits[num_loaded:] = _named(self._stage(wire_hashes(rest), keep), rest)
             some = list(itertools.takewhile(lambda hit: hit.slot is not None,
                                             hits[num_loaded : num_loaded + chunk]))
             if not some:  # went since lookup, or still no slot to stage it in
@@ -178,7 +194,7 @@ class HostSlotConnector:
         host = self.host
         if host is None or not evicted:
             return
-        slots = self._reserve([block_hash for block_hash, _ in evicted], keep)
+        slots = self._reserve(wire_hashes(block_hash for block_hash, _ in evicted), keep)
         on_cpu = kv_caches[0].device.type == "cpu"
         written: list[int] = []
         todo = [(block_hash, block_id, slot)
@@ -186,33 +202,38 @@ class HostSlotConnector:
                 if slot is not None]
         try:
             for block_hash, block_id, slot in todo:
-                with host.writing(slot, block_hash) as payload:
-                    out = torch.from_numpy(payload)
+                with host.writing(slot, wire_hash(block_hash)) as payload:
+                    payload[:RECORD_TAG_BYTES] = np.frombuffer(_tag(block_hash), np.uint8)
+                    out = torch.from_numpy(payload[RECORD_TAG_BYTES:])
                     if on_cpu:
                         pack_blocks(kv_caches, [block_id], out=out)
                     else:  # pack on the device, then one copy to the host slot
                         out.copy_(pack_blocks(kv_caches, [block_id]).view(-1).view(torch.uint8))
-                written.append(block_hash)
+                written.append(wire_hash(block_hash))
         finally:  # slots not written (an exception midway) are given back
-            self._finish(written, [block_hash for block_hash, _, _ in todo[len(written):]])
+            self._finish(written, wire_hashes(h for h, _, _ in todo[len(written):]))
 
     def _load_some(self, hits: Sequence[Onboard], block_ids: Sequence[int],
                    kv_caches: list[torch.Tensor]) -> int:
-        # read_into checks generation and checksum after its copy, so a record is
-        # unpacked only once known intact: a slot rewritten since lookup is a miss.
+        # read_into checks generation and checksum after its copy, and the tag names the
+        # full hash, so a record is unpacked only once known intact and this block's: a
+        # slot rewritten since lookup, or another block's under the same wire hash, is a
+        # miss.
         host = self.host
         device = kv_caches[0].device
         staging = self._staging_for(len(hits), device)
         rows = staging.numpy()
         num_read = 0
         for hit in hits:
-            if host is None or not host.read_into(hit.slot, hit.block_hash, rows[num_read]):
+            row = rows[num_read]
+            if (host is None or not host.read_into(hit.slot, wire_hash(hit.block_hash), row)
+                    or row[:RECORD_TAG_BYTES].tobytes() != _tag(hit.block_hash)):
                 self.num_failed[hit.tier] += 1
                 break
             num_read += 1
         if num_read:
-            records = staging[:num_read].view(-1).to(device)  # no copy on CPU
-            unpack_records(records, kv_caches, block_ids[:num_read])
+            records = staging[:num_read, RECORD_TAG_BYTES:].to(device).contiguous()
+            unpack_records(records.view(-1), kv_caches, block_ids[:num_read])
             for hit in hits[:num_read]:
                 self.num_onboarded[hit.tier] += 1
         return num_read
@@ -249,6 +270,17 @@ class HostSlotConnector:
 
     def close(self) -> None:
         pass
+
+
+def _tag(block_hash: int) -> bytes:
+    return block_hash.to_bytes(RECORD_TAG_BYTES, "little")
+
+
+def _named(hits: list[Onboard], block_hashes: Sequence[int]) -> list[Onboard]:
+    """Hits the tiers returned under wire hashes, named by the full hashes they were
+    asked for (a leading run: hit i answers block_hashes[i])."""
+    return [hit._replace(block_hash=full)
+            for hit, full in zip(hits, block_hashes, strict=False)]
 
 
 class LocalTieredConnector(HostSlotConnector):

@@ -3,13 +3,22 @@
 The router, the cache actor and every worker import this module, so it must not
 import torch. The tensors themselves live in kvmesh.gpu.kv_cache.
 
-Block hash contract (DESIGN.md): one hash per *full* block of `block_size` tokens,
+Block hash contract: one 128-bit hash per *full* block of `block_size` tokens,
 
-    hash_i = XXH3-64( le64(hash_{i-1}) || le32(tok_0) || ... || le32(tok_{bs-1}) || salt )
+    hash_i = BLAKE2b-128( salt || le128(hash_{i-1}) || le32(tok_0) || ... || le32(tok_bs-1) )
 
 with hash_{-1} = 0. The chain makes a block's hash identify the whole prefix up to
 and including it, so "the longest run of leading blocks a pool holds" is a walk
-down the request's hash list. The salt separates models (and LoRA adapters).
+down the request's hash list. The salt separates models (and LoRA adapters, and
+tenants: SamplingParams.cache_salt) and ends with the cluster's secret hash key, so
+the hash is keyed: a client cannot compute one, let alone aim a prompt at another's.
+
+On the wire (KV events, routing, the cache actor's tiers) a block is named by the low
+64 bits of its hash, `wire_hash`: enough to route by, and never trusted with KV. The
+device pool keys blocks by the full hash, and every host/disk record carries the full
+hash it was written for, which the worker compares before loading it
+(kvmesh.engine.kv_connector): two blocks that share a wire hash are a miss, never
+another block's KV. (Was XXH3-64, unkeyed; DESIGN.md's contract predates this.)
 
 Eviction policy: a block whose reference count drops to zero keeps its hash and
 joins the tail of the free queue; allocation pops from the head, so the least
@@ -24,22 +33,49 @@ until the engine runs the step, so the connector can offload it first.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-import xxhash
-
 from kvmesh.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 ROOT_PARENT_HASH = 0
+HASH_BYTES = 16
+WIRE_MASK = (1 << 64) - 1
+
+
+@functools.lru_cache(maxsize=1024)
+def _salted(salt: bytes) -> hashlib.blake2b:
+    """BLAKE2b-128 with the salt (secret key included) absorbed: copied per block, so
+    the salt is hashed once per salt, not once per block. BLAKE2 has no length
+    extension, so a secret prefix keys it as well as its key parameter would."""
+    return hashlib.blake2b(salt, digest_size=HASH_BYTES, person=b"kvmesh-block")
 
 
 def hash_block(parent_hash: int | None, token_ids: Sequence[int], salt: bytes = b"") -> int:
-    """XXH3-64 of the parent block's hash, the block's token ids and the salt."""
+    """The 128-bit hash of a block: its parent's hash, its token ids, under the salt."""
     parent = ROOT_PARENT_HASH if parent_hash is None else parent_hash
-    data = struct.pack(f"<Q{len(token_ids)}I", parent, *token_ids) + salt
-    return xxhash.xxh3_64_intdigest(data)
+    digest = _salted(salt).copy()
+    digest.update(struct.pack(f"<QQ{len(token_ids)}I", parent & WIRE_MASK, parent >> 64,
+                              *token_ids))
+    return int.from_bytes(digest.digest(), "little")
+
+
+def wire_hash(block_hash: int) -> int:
+    """What names the block on the wire: the low 64 bits of its hash."""
+    return block_hash & WIRE_MASK
+
+
+def wire_hashes(block_hashes: Iterable[int]) -> list[int]:
+    return [block_hash & WIRE_MASK for block_hash in block_hashes]
+
+
+def salt_id(salt: bytes) -> str:
+    """A name for a salt that gives nothing of it away: frontends and workers of one
+    cluster must hash alike, and the router compares their salt ids."""
+    return hashlib.blake2b(salt, digest_size=8, person=b"kvmesh-saltid").hexdigest()
 
 
 def hash_blocks(
@@ -59,6 +95,7 @@ def hash_blocks(
 class BlockPool:
     """Reference-counted KV blocks with a prefix cache (hash -> block) and LRU reuse.
 
+    Keyed by full block hashes; its KV events name blocks by wire hash.
     Out of blocks is a normal answer (`can_allocate` is False), not an exception:
     the scheduler decides whom to preempt.
     """
@@ -151,7 +188,9 @@ class BlockPool:
         if stored:
             first = block_hashes.index(stored[0])
             parent = parent_hash if first == 0 else block_hashes[first - 1]
-            self.events.append(BlockStored(block_hashes=stored, parent_hash=parent))
+            self.events.append(BlockStored(block_hashes=wire_hashes(stored),
+                                           parent_hash=None if parent is None
+                                           else wire_hash(parent)))
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (e.g. after new weights); blocks in use stay allocated."""
@@ -181,6 +220,6 @@ class BlockPool:
             return
         self.block_hashes[block_id] = None
         del self.cached[block_hash]
-        self.events.append(BlockRemoved(block_hashes=[block_hash]))
+        self.events.append(BlockRemoved(block_hashes=[wire_hash(block_hash)]))
         if self.evicted is not None:
             self.evicted.append((block_hash, block_id))

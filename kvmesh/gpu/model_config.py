@@ -16,7 +16,8 @@ SUPPORTED_ARCHITECTURES = {
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # weights and KV cache dtypes
 DTYPES = tuple(DTYPE_BYTES)
-KV_FORMAT_VERSION = 1  # the layout of a KV block record; a change invalidates stored ones
+KV_FORMAT_VERSION = 2  # the layout of a KV block record; a change invalidates stored ones
+RECORD_TAG_BYTES = 16  # a record starts with its block's full hash (block_pool.HASH_BYTES)
 WEIGHT_SAMPLE_BYTES = 1 << 20  # read at a weight file's start, middle and end
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
@@ -48,11 +49,13 @@ class ModelConfig:
     def max_model_len(self) -> int:
         return self.max_position_embeddings
 
-    def kv_salt(self, dtype: str, block_size: int) -> bytes:
+    def kv_salt(self, dtype: str, block_size: int, hash_key: bytes) -> bytes:
         """Salt of this model's KV block hashes: the same prompt under another model,
         other weights, another KV dtype or block size must never match (router, workers
-        and tiers all key blocks by these hashes)."""
-        return f"{self.architecture}:{self.fingerprint(dtype, block_size)}".encode()
+        and tiers all key blocks by these hashes). hash_key, the cluster's secret
+        (kvmesh.transport.keys.hash_key), makes them a keyed hash: nobody without it can
+        compute a block's hash, let alone aim a prompt at a collision."""
+        return f"{self.architecture}:{self.fingerprint(dtype, block_size)}:".encode() + hash_key
 
     def fingerprint(self, dtype: str, block_size: int) -> str:
         """What stored KV must have been computed under to be reused: config.json, the
@@ -144,6 +147,11 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
+
+    def kv_record_bytes(self, block_size: int, dtype_bytes: int) -> int:
+        """Bytes of one block's record in the host and disk tiers: its hash tag, then
+        its K and V."""
+        return RECORD_TAG_BYTES + self.kv_bytes_per_block(block_size, dtype_bytes)
 
     def kv_bytes_per_block(self, block_size: int, dtype_bytes: int) -> int:
         """Bytes of K and V for one block across all layers."""

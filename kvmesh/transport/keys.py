@@ -7,6 +7,11 @@ A key directory (cluster.toml's `security.key_dir`, written by `kvmesh keys gene
     <name>.key_secret   the same plus the secret key, mode 0600; a node holds only the
                         secrets of the actors it runs (and the operator's, where
                         `kvmesh status` runs)
+    cluster.hash_key    the secret that keys every KV block hash (kvmesh.gpu.block_pool),
+                        mode 0600; every node needs it (frontends and workers must hash
+                        alike). Without a key directory, a per-user one is made on first
+                        use ($XDG_CACHE_HOME/kvmesh/hash_key): a one-host cluster's actors
+                        all read the same.
 
 `name` is an actor id of the cluster (router-0, decode-1, ...) with that actor's role,
 or an operator (role "operator": `kvmesh status`, a person's tools), whose connections
@@ -32,6 +37,7 @@ The directory must be this user's and not writable by anyone else (whoever can a
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import time
 import tomllib
@@ -44,6 +50,8 @@ OPERATOR = "operator"
 ACTOR_ROLES = ("router", "frontend", "prefill", "decode", "cache")
 KEY_ROLES = (*ACTOR_ROLES, OPERATOR)
 RELOAD_INTERVAL = 1.0  # seconds between rereads of the directory for an unknown key
+HASH_KEY_FILE = "cluster.hash_key"
+HASH_KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -99,12 +107,61 @@ def _write(path: Path, text: str, mode: int) -> None:
 def generate(key_dir: Path, identities: list[tuple[str, str]], *,
              force: bool = False) -> list[str]:
     """Keypairs for every (name, role) that has none in key_dir (all of them with
-    force); returns the names written. The directory is made 0700."""
+    force), and the block-hash key if there is none (a new one with force: every
+    cached block then misses); returns the names written. The directory is made 0700."""
     key_dir = Path(key_dir)
     key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     check_dir(key_dir)
-    return [name for name, role in identities
-            if write_identity(key_dir, name, role, force=force)]
+    written = [name for name, role in identities
+               if write_identity(key_dir, name, role, force=force)]
+    if force or not (key_dir / HASH_KEY_FILE).exists():
+        _write(key_dir / HASH_KEY_FILE, secrets.token_hex(HASH_KEY_BYTES) + "\n", 0o600)
+    return written
+
+
+def hash_key(key_dir: str | os.PathLike | None) -> bytes:
+    """The secret keying KV block hashes: key_dir's cluster.hash_key, or without a key
+    directory this user's own (made on first use)."""
+    if key_dir is None:
+        path = _user_hash_key()
+    else:
+        check_dir(Path(key_dir))
+        path = Path(key_dir) / HASH_KEY_FILE
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist: make it with `kvmesh keys generate DIR` "
+                         "and give it to every node") from None
+    if info.st_mode & 0o077 or info.st_uid != os.getuid() or not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path} must be this user's regular file, mode 600 (it is "
+                         f"{info.st_mode & 0o777:o}, uid {info.st_uid})")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as f:
+        text = f.read().strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != HASH_KEY_BYTES:
+        raise ValueError(f"{path}: expected {2 * HASH_KEY_BYTES} hex digits")
+    return key
+
+
+def _user_hash_key() -> Path:
+    from kvmesh.transport.private_dir import private_dir
+
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    path = private_dir(Path(base) / "kvmesh" / "keys", "the per-user hash key") / "hash_key"
+    if not path.exists():  # whole or not at all: written aside, then linked in once
+        temporary = path.with_name(f".hash_key.{os.getpid()}")
+        _write(temporary, secrets.token_hex(HASH_KEY_BYTES) + "\n", 0o600)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process made it first: everyone reads that one
+        finally:
+            temporary.unlink()
+    return path
 
 
 def check_dir(key_dir: Path) -> None:

@@ -290,3 +290,45 @@ def test_a_worker_declared_dead_is_never_placed_before_its_hook_runs():
 
     placements = asyncio.run(scenario())
     assert [p.decode for p in placements] == ["decode-0"] * 4
+
+
+def test_router_refuses_workers_and_frontends_whose_block_hashes_are_salted_otherwise():
+    """The first worker's salt id is the cluster's: a worker or a frontend hashing under
+    another salt (another hash key, model files, dtype) would never find a prefix, so it
+    is refused by name instead of silently missing."""
+    class SaltedWorker(RegisteredWorker):
+        salt = ""
+
+        async def register(self, router: RouterActor):
+            await self.connect("to_router", router.endpoints["from_peers"], timeout=5)
+            return await self.request(router.actor_id, RegisterWorker(
+                model="m", block_size=16, num_blocks=64, max_num_seqs=8,
+                events_endpoint=self.endpoints["events_out"], salt_id=self.salt), timeout=5)
+
+    async def scenario():
+        router = RouterActor(make_config("router-0"), RouterActorSettings(
+            endpoint="tcp://127.0.0.1:0", model_name="m", block_size=16))
+        async with router:
+            first = SaltedWorker(make_config("decode-0"))
+            other = SaltedWorker(make_config("decode-1"))
+            first.salt, other.salt = "aaaa", "bbbb"
+            async with first, other:
+                await first.register(router)
+                with pytest.raises(RemoteError) as refused:
+                    await other.register(router)
+                inbound = Inbound(Route("from_peers"), "frontend-0", [])
+                ask = dict(request_id="r", block_hashes=[], num_prompt_tokens=16)
+                wrong = await router.on_route_request(RouteRequest(**ask, salt_id="bbbb"),
+                                                      inbound)
+                right = await router.on_route_request(RouteRequest(**ask, salt_id="aaaa"),
+                                                      inbound)
+                return refused.value.error.message, wrong, right, sorted(router.workers)
+
+    refused, wrong, right, workers = asyncio.run(scenario())
+    assert refused == (
+        "registration refused: its block hashes are salted bbbb, the workers' aaaa: their "
+        "model files, dtype, block size or hash key (security.key_dir's cluster.hash_key, or "
+        "the per-user one without keys) differ, so no prefix would ever be found")
+    assert (wrong.code, wrong.message.split(":")[0]) == (
+        "refused", "frontend-0's block hashes are salted bbbb, the workers' aaaa")
+    assert right.decode == "decode-0" and workers == ["decode-0"]

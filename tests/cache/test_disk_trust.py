@@ -15,6 +15,8 @@ from kvmesh.gpu.block_pool import hash_blocks
 from kvmesh.gpu.model_config import ModelConfig
 from kvmesh.transport.private_dir import private_dir
 
+KEY = bytes(32)  # the block-hash key: fixed, so only what the test varies differs
+
 RECORD = 256
 CAPACITY = 8 * (RECORD + 64)
 
@@ -72,8 +74,8 @@ def test_the_fingerprint_tells_dtype_block_size_and_weights_apart(tmp_path, tiny
     weights.write_bytes(bytes(data))
     assert ModelConfig.from_pretrained(model_dir).fingerprint("float32", 16) != base
     prompt = list(range(16, 48))
-    assert hash_blocks(prompt, 16, salt=config.kv_salt("float32", 16)) != hash_blocks(
-        prompt, 16, salt=config.kv_salt("float16", 16))
+    assert hash_blocks(prompt, 16, salt=config.kv_salt("float32", 16, KEY)) != hash_blocks(
+        prompt, 16, salt=config.kv_salt("float16", 16, KEY))
 
 
 def test_the_cache_actor_opens_its_tier_under_the_clusters_fingerprint(tiny_model_dir,

@@ -263,9 +263,10 @@ def test_kv_events_report_stored_blocks(tiny_model_dir, reference):
     engine.generate([prompts[4]], greedy(1))  # 63 prompt tokens + 1 computed: 3 full blocks
     events = engine.take_kv_events()
     stored = [h for e in events if type(e).__name__ == "BlockStored" for h in e.block_hashes]
-    from kvmesh.gpu.block_pool import hash_blocks
+    from kvmesh.gpu.block_pool import hash_blocks, wire_hashes
 
-    assert stored == hash_blocks(prompts[4], 16, salt=engine.scheduler.block_manager.salt)[:3]
+    salt = engine.scheduler.block_manager.salt
+    assert stored == wire_hashes(hash_blocks(prompts[4], 16, salt=salt))[:3]  # on the wire
     assert engine.take_kv_events() == []
 
 

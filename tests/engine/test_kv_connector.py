@@ -15,8 +15,10 @@ from kvmesh.engine.block_manager import BlockManager
 from kvmesh.engine.kv_connector import LocalTieredConnector
 from kvmesh.engine.scheduler import Scheduler
 from kvmesh.engine.sequence import Sequence, SequenceStatus
-from kvmesh.gpu.block_pool import BlockPool, hash_blocks
+from kvmesh.gpu.block_pool import BlockPool, hash_blocks, wire_hash, wire_hashes
 from kvmesh.gpu.kv_pack import pack_blocks
+from kvmesh.gpu.model_config import RECORD_TAG_BYTES
+from kvmesh.transport.keys import hash_key
 from tests.engine import make_prompt
 
 BLOCK = 16
@@ -34,7 +36,7 @@ def prompts(config) -> dict[str, list[int]]:
 @pytest.fixture(scope="module")
 def a_hashes(config, prompts) -> list[int]:
     """The engine's hashes of prompt a's 6 full blocks."""
-    return hash_blocks(prompts["a"], BLOCK, salt=config.kv_salt("float32", BLOCK))
+    return hash_blocks(prompts["a"], BLOCK, salt=config.kv_salt("float32", BLOCK, hash_key(None)))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def make_connector(config):
     """make_connector(host_slots, disk_dir=None, disk_files=0) -> LocalTieredConnector
     for the tiny model's float32 blocks; closed after the test."""
     connectors = []
-    record = config.kv_bytes_per_block(BLOCK, 4)
+    record = config.kv_record_bytes(BLOCK, 4)
 
     def make(host_slots: int, disk_dir=None, disk_files: int = 0) -> LocalTieredConnector:
         connector = LocalTieredConnector(record, pool_bytes(host_slots, record), disk_dir,
@@ -120,7 +122,8 @@ def test_evicted_prefix_comes_back_from_the_host_tier(tiny_model_dir, config, ma
     again = run(engine, prompts["b"])
     assert again.token_ids == reference["b"]
     assert connector.metrics()["host"]["onboarded"] > 6 and again.num_cached_tokens == 224
-    b_prefix = hash_blocks(prompts["b"], BLOCK, salt=config.kv_salt("float32", BLOCK))[:14]
+    salt = config.kv_salt("float32", BLOCK, hash_key(None))
+    b_prefix = hash_blocks(prompts["b"], BLOCK, salt=salt)[:14]
     assert torch.equal(cached_kv(engine, b_prefix), cached_kv(plain_engine, b_prefix))
 
 
@@ -131,7 +134,7 @@ def test_prefix_comes_back_from_disk_through_a_tiny_host_tier(tiny_model_dir, ma
     engine = make_engine(tiny_model_dir, connector)
     for name in ("a", "b", "c"):  # b evicts a to host; c evicts b to host, a to disk
         run(engine, prompts[name])
-    assert [connector.store.tier_of(h) for h in a_hashes] == ["disk"] * 6
+    assert [connector.store.tier_of(h) for h in wire_hashes(a_hashes)] == ["disk"] * 6
     again = run(engine, prompts["a"])
     assert again.num_cached_tokens == 96
     assert again.token_ids == reference["a"]
@@ -159,7 +162,7 @@ def test_step_keeps_the_hits_it_loads_from_its_own_offloads(tiny_model_dir, make
     assert (metrics["disk"]["hits"], metrics["disk"]["onboarded"]) == (6, 6)
     assert metrics["disk"]["failed"] == metrics["host"]["failed"] == 0
     assert metrics["host"]["offloaded"] - offloaded == 2
-    assert [connector.store.tier_of(h) for h in a_hashes] == ["host"] * 6
+    assert [connector.store.tier_of(h) for h in wire_hashes(a_hashes)] == ["host"] * 6
 
 
 def test_host_tier_smaller_than_the_run_stages_it_a_window_at_a_time(
@@ -172,7 +175,7 @@ def test_host_tier_smaller_than_the_run_stages_it_a_window_at_a_time(
     engine = make_engine(tiny_model_dir, connector, max_num_batched_tokens=4 * BLOCK)
     for name in ("a", "b", "c"):
         run(engine, prompts[name])
-    assert [connector.store.tier_of(h) for h in a_hashes] == ["disk"] * 6
+    assert [connector.store.tier_of(h) for h in wire_hashes(a_hashes)] == ["disk"] * 6
     offloaded = connector.metrics()["host"]["offloaded"]
     again = run(engine, prompts["a"])
     assert again.num_cached_tokens == 96
@@ -192,7 +195,7 @@ def test_corrupted_disk_block_is_a_miss_and_the_rest_is_recomputed(tiny_model_di
     engine = make_engine(tiny_model_dir, connector)
     for name in ("a", "b", "c"):
         run(engine, prompts[name])
-    bad = connector.store.disk.file_of(a_hashes[3])
+    bad = connector.store.disk.file_of(wire_hash(a_hashes[3]))
     data = bytearray(bad.read_bytes())
     data[HEADER.size + 1000] ^= 0x01  # one bit of the payload
     bad.write_bytes(bytes(data))
@@ -214,7 +217,7 @@ def test_host_slot_failing_its_checksum_at_load_is_recomputed(tiny_model_dir, ma
     run(engine, prompts["a"])
     run(engine, prompts["b"])
     host = connector.store.host
-    slot = host.lookup([a_hashes[3]])[0]
+    slot = host.lookup([wire_hash(a_hashes[3])])[0]
     host._payloads[slot, 1000] ^= 0x01
     again = run(engine, prompts["a"])
     assert again.num_cached_tokens == 48
@@ -246,7 +249,7 @@ def test_preemption_with_a_connector_keeps_the_output(tiny_model_dir, make_conne
 def test_connector_with_other_block_records_is_refused(tiny_model_dir):
     connector = LocalTieredConnector(1000, pool_bytes(4, 1000))
     try:
-        with pytest.raises(ValueError, match="block records of 1000 bytes; this pool's are 32768"):
+        with pytest.raises(ValueError, match="block records of 1000 bytes; this pool's are 32784"):
             make_engine(tiny_model_dir, connector)
     finally:
         connector.close()
@@ -264,7 +267,8 @@ def test_no_connector_records_no_evictions(tiny_model_dir, a_hashes, prompts):
 
 H = [0xB0 + i for i in range(8)]  # block hashes; H[i] is offloaded from device block i
 KV_SHAPE = (2, 8, 2, 1, 4)  # [2, num_blocks, block_size, num_kv_heads, head_dim], 2 layers
-KV_RECORD = 2 * 2 * 2 * 1 * 4 * 4  # layers * K/V * block_size * heads * dim * float32
+# the full-hash tag, then layers * K/V * block_size * heads * dim * float32
+KV_RECORD = RECORD_TAG_BYTES + 2 * 2 * 2 * 1 * 4 * 4
 
 
 def make_kv(fill: bool = True) -> list[torch.Tensor]:
@@ -289,6 +293,26 @@ def small_connector():
     yield make
     for connector in connectors:
         connector.close()
+
+
+def test_a_record_of_another_block_under_the_same_wire_hash_is_a_miss(small_connector):
+    """Two full hashes that share their low 64 bits (the tiers' key): the second block's
+    lookup finds the first one's record, and its load refuses it (the record's tag is
+    the other full hash) instead of unpacking another block's KV."""
+    connector = small_connector(host_slots=4)
+    kv = make_kv()
+    stored, other = H[0], H[0] | (7 << 100)  # wire_hash(other) == stored
+    connector.save([(stored, 3)], kv)
+    hits = connector.lookup([other])
+    target = make_kv(fill=False)
+    loaded = connector.load(hits, [5], target)
+
+    assert [hit.block_hash for hit in hits] == [other]  # the tiers cannot tell them apart
+    assert (loaded, connector.num_failed["host"]) == (0, 1)
+    assert all(not layer.any() for layer in target)  # nothing unpacked
+    again = connector.lookup([stored])
+    assert connector.load(again, [5], target) == 1  # its own block loads
+    assert all(torch.equal(t[:, 5], k[:, 3]) for t, k in zip(target, kv, strict=True))
 
 
 def test_save_keeps_the_hits_looked_up_before_it(small_connector):

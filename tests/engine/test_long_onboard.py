@@ -19,7 +19,8 @@ from kvmesh.bench.cluster import start_cluster
 from kvmesh.cache.disk_tier import HEADER
 from kvmesh.cache.host_tier import pool_bytes
 from kvmesh.engine.kv_connector import CacheActorConnector, LocalTieredConnector
-from kvmesh.gpu.block_pool import hash_blocks
+from kvmesh.gpu.block_pool import hash_blocks, wire_hash, wire_hashes
+from kvmesh.transport.keys import hash_key
 from tests.engine import make_prompt
 
 BLOCK = 16
@@ -34,7 +35,7 @@ CHUNK_TOKENS = HOST_SLOTS * BLOCK
 
 @pytest.fixture(scope="module")
 def record_bytes(config) -> int:
-    return config.kv_bytes_per_block(BLOCK, 4)
+    return config.kv_record_bytes(BLOCK, 4)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def prompts(config) -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def long_hashes(config, prompts) -> list[int]:
-    return hash_blocks(prompts["long"], BLOCK, salt=config.kv_salt("float32", BLOCK))
+    salt = config.kv_salt("float32", BLOCK, hash_key(None))
+    return hash_blocks(prompts["long"], BLOCK, salt=salt)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +90,8 @@ def test_prefix_longer_than_the_host_tier_comes_back_whole(tiny_model_dir, local
     engine = make_engine(tiny_model_dir, local_connector)
     evict_through_tiers(engine, prompts)
     assert engine.pool.match_prefix(long_hashes) == []
-    assert all(h not in local_connector.store.host for h in long_hashes)
-    assert all(h in local_connector.store.disk for h in long_hashes)
+    assert all(h not in local_connector.store.host for h in wire_hashes(long_hashes))
+    assert all(h in local_connector.store.disk for h in wire_hashes(long_hashes))
     again = run(engine, prompts["long"])
     assert again.num_cached_tokens == LONG_BLOCKS * BLOCK
     assert again.token_ids == reference
@@ -102,7 +104,7 @@ def test_a_block_failing_its_checks_in_a_later_window_rewinds_the_rest(
         tiny_model_dir, local_connector, prompts, long_hashes, reference):
     engine = make_engine(tiny_model_dir, local_connector)
     evict_through_tiers(engine, prompts)
-    bad = local_connector.store.disk.file_of(long_hashes[10])  # in the third window
+    bad = local_connector.store.disk.file_of(wire_hash(long_hashes[10]))  # in the third window
     data = bytearray(bad.read_bytes())
     data[HEADER.size + 1000] ^= 0x01  # one bit of the payload
     bad.write_bytes(bytes(data))
@@ -147,7 +149,7 @@ def test_prefix_longer_than_the_host_tier_comes_back_whole_through_the_cache_act
             await client.attach(connector, connect_timeout=5)
             engine = await asyncio.to_thread(make_engine, tiny_model_dir, connector)
             await asyncio.to_thread(evict_through_tiers, engine, prompts)
-            where = [cache.store.tier_of(h) for h in long_hashes]
+            where = [cache.store.tier_of(h) for h in wire_hashes(long_hashes)]
             again = await asyncio.to_thread(run, engine, prompts["long"])
             return where, again, cache.counters(), connector.metrics()
 

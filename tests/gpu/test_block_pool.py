@@ -1,13 +1,13 @@
 """BlockPool and the block-hash contract, with exact block ids and free-queue order."""
 
+import hashlib
 import struct
 import subprocess
 import sys
 
 import pytest
-import xxhash
 
-from kvmesh.gpu.block_pool import BlockPool, hash_block, hash_blocks
+from kvmesh.gpu.block_pool import WIRE_MASK, BlockPool, hash_block, hash_blocks, wire_hashes
 from kvmesh.protocol import AllBlocksCleared, BlockRemoved, BlockStored
 
 
@@ -15,11 +15,28 @@ def make_pool(num_blocks: int = 6, block_size: int = 4, caching: bool = True) ->
     return BlockPool(num_blocks, block_size, enable_caching=caching)
 
 
-def test_hash_is_xxh3_of_parent_tokens_and_salt():
-    expected = xxhash.xxh3_64_intdigest(struct.pack("<Q4I", 0, 1, 2, 3, 4) + b"m")
+def blake2b_128(salt: bytes, data: bytes) -> int:
+    digest = hashlib.blake2b(salt + data, digest_size=16, person=b"kvmesh-block").digest()
+    return int.from_bytes(digest, "little")
+
+
+def test_hash_is_blake2b_128_of_salt_parent_and_tokens():
+    expected = blake2b_128(b"m", struct.pack("<QQ4I", 0, 0, 1, 2, 3, 4))
     assert hash_block(None, [1, 2, 3, 4], b"m") == expected
-    child = xxhash.xxh3_64_intdigest(struct.pack("<Q4I", expected, 5, 6, 7, 8) + b"m")
+    child = blake2b_128(b"m", struct.pack("<QQ4I", expected & WIRE_MASK, expected >> 64,
+                                          5, 6, 7, 8))
     assert hash_blocks([1, 2, 3, 4, 5, 6, 7, 8, 9], 4, salt=b"m") == [expected, child]
+    assert expected >= 1 << 64 or child >= 1 << 64  # 128 bits, not 64
+
+
+def test_the_hash_key_in_the_salt_changes_every_hash():
+    """Two clusters (two keys) hash the same prompt apart: nobody without the key can
+    compute a block's hash."""
+    tokens = list(range(64))
+    one = hash_blocks(tokens, 16, salt=b"model:" + b"\1" * 32)
+    two = hash_blocks(tokens, 16, salt=b"model:" + b"\2" * 32)
+    assert len(set(one) | set(two)) == 8
+    assert wire_hashes(one) == [h & WIRE_MASK for h in one]
 
 
 def test_hash_is_stable_across_processes():
@@ -63,8 +80,8 @@ def test_cached_blocks_are_reused_by_hash_and_evicted_lru():
     assert pool.allocate(3) == [2, 3, 1]  # block 1 evicted, block 0 pinned
     assert pool.match_prefix(hashes) == [0]
     assert pool.take_events() == [
-        BlockStored(block_hashes=hashes, parent_hash=None),
-        BlockRemoved(block_hashes=[hashes[1]]),
+        BlockStored(block_hashes=wire_hashes(hashes), parent_hash=None),  # on the wire
+        BlockRemoved(block_hashes=wire_hashes([hashes[1]])),
     ]
     assert pool.take_events() == []
 

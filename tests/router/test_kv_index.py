@@ -249,7 +249,10 @@ def test_bench_index_command_writes_json(tmp_path):
                                              "--no-dynamo", "--json", str(out)])
     assert run.exit_code == 0, run.output
     assert "lookups/s ratio: kvmesh vs naive" in run.output
-    assert json.loads(out.read_text())["requests"] == 8
+    assert "block hash (16-token blocks, frontends and workers): keyed BLAKE2b-128" in run.output
+    result = json.loads(out.read_text())
+    assert result["requests"] == 8
+    assert result["block_hash"]["keyed_blake2b_128_ns"] > 0 < result["block_hash"]["xxh3_64_ns"]
 
 
 def test_bench_index_command_names_a_missing_trace(tmp_path):

@@ -4,6 +4,7 @@ direction, the key files and `kvmesh keys generate`."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import zmq
 import zmq.auth
 
 from kvmesh.protocol import MalformedMessage, Ping, decode
-from kvmesh.transport.keys import Identity, KeyRing, generate
+from kvmesh.transport.keys import Identity, KeyRing, generate, hash_key
 from kvmesh.transport.messaging import Sockets, send, split, user_of
 
 pytestmark = pytest.mark.timeout(30)
@@ -241,7 +242,8 @@ def test_generate_writes_a_keypair_per_name_owner_only_and_keeps_existing(tmp_pa
     assert (directory.stat().st_mode & 0o777, (directory / "decode-0.key").read_text()) == (
         0o700, before)
     assert modes == {f"{n}.key": 0o644 for n in ("router-0", "decode-0", "decode-1")} | {
-        f"{n}.key_secret": 0o600 for n in ("router-0", "decode-0", "decode-1")}
+        f"{n}.key_secret": 0o600 for n in ("router-0", "decode-0", "decode-1")} | {
+        "cluster.hash_key": 0o600}
     assert zmq.curve_public(ring.secret) == ring.own.public
     assert generate(directory, [("decode-0", "decode")], force=True) == ["decode-0"]
     assert (directory / "decode-0.key").read_text() != before
@@ -269,4 +271,24 @@ def test_cli_keys_generate_writes_every_actor_of_the_cluster_and_keeps_existing(
         0, f"wrote 1 keypair(s) into {directory}: alice\n"
            f"kept 7 existing: {actors}, operator (--force replaces them)\n")
     names = {path.name.split(".")[0] for path in directory.iterdir()}
-    assert names == {*actors.split(", "), "operator", "alice"}
+    assert names == {*actors.split(", "), "operator", "alice", "cluster"}  # cluster.hash_key
+    assert len(hash_key(directory)) == 32
+
+
+def test_the_hash_key_is_the_directorys_or_one_per_user_made_once(tmp_path, monkeypatch):
+    generate(tmp_path / "keys", [])
+    keyed = hash_key(tmp_path / "keys")
+    assert (tmp_path / "keys" / "cluster.hash_key").stat().st_mode & 0o777 == 0o600
+    generate(tmp_path / "keys", [])  # kept
+    assert hash_key(tmp_path / "keys") == keyed
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    mine = hash_key(None)
+    path = tmp_path / "cache" / "kvmesh" / "keys" / "hash_key"
+    assert (hash_key(None), path.stat().st_mode & 0o777) == (mine, 0o600)
+    assert mine != keyed and len(mine) == 32
+    path.chmod(0o644)
+    with pytest.raises(ValueError) as caught:
+        hash_key(None)
+    assert str(caught.value) == (f"{path} must be this user's regular file, mode 600 (it is "
+                                 "644, uid 0)".replace("uid 0", f"uid {os.getuid()}"))
