@@ -264,7 +264,7 @@ def test_the_cache_actor_runs_without_torch(tmp_path, tiny_model_dir):
             "from kvmesh.config import load_config\n"
             f"cfg = load_config(overrides=['model.path={tiny_model_dir}'])\n"
             "actor = build_actor(cfg, 'cache-0')\n"
-            "assert actor.settings.record_bytes == 32768, actor.settings\n"
+            "assert actor.settings.record_bytes == 16 + 32768, actor.settings  # tag + KV\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
 
