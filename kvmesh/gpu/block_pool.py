@@ -84,11 +84,24 @@ def hash_blocks(
     parent_hash: int | None = None,
     salt: bytes = b"",
 ) -> list[int]:
-    """Chained hashes of every full block of `token_ids`; a partial tail is not hashed."""
+    """Chained hashes of every full block of `token_ids`; a partial tail is not hashed.
+    hash_block's, block after block, with the tokens packed once and each digest fed to
+    the next as its parent's bytes (le128 of the hash is its digest): half the time."""
+    num_tokens = len(token_ids) // block_size * block_size
+    if not num_tokens:
+        return []
+    data = memoryview(struct.pack(f"<{num_tokens}I", *token_ids[:num_tokens]))
+    salted = _salted(salt)
+    parent = (ROOT_PARENT_HASH if parent_hash is None else parent_hash).to_bytes(HASH_BYTES,
+                                                                                 "little")
+    step = 4 * block_size
     hashes = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent_hash = hash_block(parent_hash, token_ids[start : start + block_size], salt)
-        hashes.append(parent_hash)
+    for start in range(0, len(data), step):
+        digest = salted.copy()
+        digest.update(parent)
+        digest.update(data[start : start + step])
+        parent = digest.digest()
+        hashes.append(int.from_bytes(parent, "little"))
     return hashes
 
 
