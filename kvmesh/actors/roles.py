@@ -111,6 +111,7 @@ def http_limits(frontend) -> HTTPLimits:
 
 def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     from kvmesh.actors.worker import DecodeWorker, PrefillWorker, WorkerSettings
+    from kvmesh.gpu.kv_cache import configured_num_blocks
 
     cache = node_cache(cfg, spec.node)
     settings = WorkerSettings(
@@ -118,7 +119,8 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         endpoint=spec.bind, events_endpoint=spec.events_bind,
         router_endpoint=cfg.router_endpoint, router_id=cfg.router_id,
         hash_key=cluster_hash_key(cfg), device=spec.device, dtype=cfg.model.dtype,
-        block_size=cfg.model.block_size, num_blocks=cfg.kv.device_blocks or None,
+        block_size=cfg.model.block_size,
+        num_blocks=configured_num_blocks(cfg.kv.device_blocks, spec.device),
         max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
         transfer=cfg.kv.transfer, cache_id=cache.actor_id if cache else None,
         cache_endpoint=cache.endpoint if cache else None, max_model_len=cfg.model.max_model_len)

@@ -156,6 +156,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
         s = self.settings
         config = ModelConfig.from_pretrained(s.model_path)
         dtype = torch_dtype(s.dtype)
+        model = load_model(s.model_path, s.device, s.dtype)  # first: the pool takes what is left
         num_blocks = s.num_blocks or default_num_blocks(
             config, s.block_size, dtype, s.device, s.max_num_seqs * config.max_model_len)
         kv_caches = segment = None
@@ -163,9 +164,10 @@ class EngineWorker(DataPlaneHandlers, Actor):
             layout = KVLayout(config.num_layers, num_blocks, s.block_size, config.num_kv_heads,
                               config.head_dim, dtype)
             kv_caches, segment = allocate_shared_pool(layout, self.actor_id)
-        engine = Engine(load_model(s.model_path, s.device, s.dtype), Tokenizer.from_pretrained(
-            s.model_path), config, device=s.device, dtype=s.dtype, block_size=s.block_size,
-            num_blocks=num_blocks, max_num_seqs=s.max_num_seqs,
+        engine = Engine(
+            model, Tokenizer.from_pretrained(s.model_path), config, device=s.device,
+            dtype=s.dtype, block_size=s.block_size, num_blocks=num_blocks,
+            max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens, kv_caches=kv_caches,
             kv_connector=self._tiers(config, dtype), max_model_len=s.max_model_len or None,
             hash_key=s.hash_key)

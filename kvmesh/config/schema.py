@@ -93,9 +93,10 @@ class KVConfig(Table):
     """The [kv] table."""
 
     device_blocks: Annotated[int, doc(
-        "KV blocks in each worker's device pool; 0 = size the pool from free memory "
-        "(what a GPU node wants). 4096 blocks of the tiny model are 128 MiB per worker.",
-        ge=0)] = 4096
+        "KV blocks in each worker's device pool; 0 = auto: a CUDA worker takes 85% of its "
+        "GPU's free memory (capped at what max_num_seqs full-length sequences use), a CPU "
+        "worker 4096 blocks (128 MiB per worker for the tiny model; CPU workers share the "
+        "node's RAM).", ge=0)] = 0
     transfer: Annotated[Literal["auto", "shm", "zmq", "ucx"], doc(
         "KV data plane between workers. auto: shm on one host, else ucx when installed, "
         "else zmq; naming one forces it.")] = "auto"

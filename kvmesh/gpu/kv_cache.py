@@ -17,6 +17,10 @@ log = structlog.get_logger(__name__)
 # pool shares RAM with everything else on the node, so it takes less.
 CUDA_MEMORY_FRACTION = 0.85
 CPU_MEMORY_FRACTION = 0.25
+# A CPU worker's pool when cluster.toml leaves kv.device_blocks at 0 (auto): fixed, since
+# a node's CPU workers share its RAM (their pools live in /dev/shm) with each other and
+# with everything else; 128 MiB per worker for the tiny model.
+CPU_AUTO_BLOCKS = 4096
 
 
 def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -63,6 +67,15 @@ def available_memory(device: str) -> int:
         return int(free * CUDA_MEMORY_FRACTION)
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(free * CPU_MEMORY_FRACTION)
+
+
+def configured_num_blocks(device_blocks: int, device: str) -> int | None:
+    """A worker's pool size from cluster.toml's kv.device_blocks: the count given; for 0
+    (auto), CPU_AUTO_BLOCKS on "cpu" and None on "cuda:N", where the worker sizes its pool
+    from the GPU's free memory (default_num_blocks)."""
+    if device_blocks:
+        return device_blocks
+    return CPU_AUTO_BLOCKS if device == "cpu" else None
 
 
 def default_num_blocks(

@@ -338,8 +338,11 @@ def test_health_models_and_metrics(http):
         "kvmesh_kv_transfer_bytes_total 0.0",
         'kvmesh_worker_num_running{role="local",worker="local"} 0.0',
         'kvmesh_worker_kv_usage{role="local",worker="local"}',
+        "# TYPE kvmesh_worker_preemptions_total counter",
+        'kvmesh_worker_preemptions_total{role="local",worker="local"} 0.0',
     ):
         assert line in text, line
+    assert "untyped" not in text  # every field of the engine's stats is described
 
 
 # --- a stub Backend: overload, outage, errors mid-stream ---
