@@ -16,6 +16,8 @@ from pathlib import Path
 
 import click
 
+from kvmesh.progress import Progress
+
 NUM_REQUESTS = 64
 PROMPT_LENS = (32, 1024)
 OUTPUT_LENS = (16, 256)
@@ -92,15 +94,17 @@ def bench_engine(
     workload = make_workload(engine.config.vocab_size, seed, num_requests)
     useful = sum(n for _, n in workload)
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    run_hf(hf, workload[:2], pad_id=0)  # warm-up
-    hf_s, hf_out = run_hf(hf, workload, pad_id=0)
+    with Progress("baseline: transformers generate, warm-up then measured"):
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        hf.generation_config.eos_token_id = None
+        run_hf(hf, workload[:2], pad_id=0)  # warm-up
+        hf_s, hf_out = run_hf(hf, workload, pad_id=0)
 
-    run_engine(engine, make_workload(engine.config.vocab_size, seed + 1, 4))  # warm-up
-    engine.pool.reset_prefix_cache()
-    cold = run_engine(engine, workload)
-    warm = run_engine(engine, workload)
+    with Progress("kvmesh Engine: warm-up, cold, prefix cached"):
+        run_engine(engine, make_workload(engine.config.vocab_size, seed + 1, 4))  # warm-up
+        engine.pool.reset_prefix_cache()
+        cold = run_engine(engine, workload)
+        warm = run_engine(engine, workload)
     prompt_tokens = sum(len(p) for p, _ in workload)
     result = {
         "model": path,

@@ -41,12 +41,15 @@ from pathlib import Path
 import click
 import xxhash
 
+from kvmesh.bench.trace import default_trace_path
+from kvmesh.progress import Progress
 from kvmesh.protocol import TIERS, AllBlocksCleared, BlockRemoved, BlockStored
 from kvmesh.router.kv_index import KVIndex, Overlap
 from kvmesh.router.policy import Router, RouterSettings, WorkerState
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[2].parent / "shared/traces/synthetic_trace.jsonl"
 TRACE_BLOCK_TOKENS = 512  # Mooncake: one hash id per 512 prompt tokens
+DYNAMO_INSTALL_HINT = ("to compare with it, pip install ai-dynamo-runtime "
+                       "(or kvmesh[bench]; Linux x86_64/aarch64 wheels, ~75 MB)")
 
 
 def load_trace(trace_path: Path) -> list[list[int]]:
@@ -203,16 +206,18 @@ def bench_index(trace_path: Path | str | None = None, *, workers: int = 4,
                 dynamo: bool = True) -> dict:
     """Lookups/s and events/s of KVIndex, the naive index and (if importable) Dynamo's
     RadixTree on one op stream built from the trace; see the module docstring."""
-    trace_path = Path(trace_path) if trace_path is not None else DEFAULT_TRACE
+    trace_path = Path(trace_path) if trace_path is not None else default_trace_path()
     requests = load_trace(trace_path)
-    ops, stats = make_ops(requests, workers, capacity_blocks, in_flight)
+    with Progress("routing the trace (untimed)"):
+        ops, stats = make_ops(requests, workers, capacity_blocks, in_flight)
     indexes = {"kvmesh": (KVIndex, {}), "naive": (NaiveIndex, {})}
     dynamo_reason = _add_dynamo(indexes, ops) if dynamo else "disabled (--no-dynamo)"
     result = {"trace": str(trace_path), "workers": workers, "capacity_blocks": capacity_blocks,
               "in_flight": in_flight, "repeats": repeats, **stats}
     reference = None
     for name, (make_index, options) in indexes.items():
-        runs = [replay(make_index(), ops, **options) for _ in range(repeats)]
+        with Progress(f"replaying into {name} (replays)", total=repeats) as progress:
+            runs = [replay(make_index(), ops, **options) for _ in progress.track(range(repeats))]
         lookup_s = min(run["lookup_s"] for run in runs)
         event_s = min(run["event_s"] for run in runs)
         totals = [_totals(answer) for answer in runs[0]["answers"]]
@@ -279,7 +284,8 @@ def _add_dynamo(indexes: dict, ops: list[tuple]) -> str | None:
     try:
         from dynamo.llm import RadixTree
     except Exception as exc:  # ImportError, or a native library failing to load
-        return f"cannot import dynamo.llm.RadixTree: {type(exc).__name__}: {exc}"
+        return (f"cannot import dynamo.llm.RadixTree ({type(exc).__name__}: {exc}); "
+                f"{DYNAMO_INSTALL_HINT}")
 
     class DynamoIndex:
         def __init__(self) -> None:
@@ -328,7 +334,7 @@ def _hash_id(trace_id: int) -> int:
 @click.command("index")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Mooncake JSONL trace with hash_ids "
-              "[default: <repo>/../shared/traces/synthetic_trace.jsonl].")
+              "[default: the packaged kvmesh/bench/traces/mooncake_like.jsonl].")
 @click.option("--workers", type=click.IntRange(1), default=4, show_default=True,
               help="Simulated workers the requests are routed to.")
 @click.option("--capacity-blocks", type=click.IntRange(1), default=2048, show_default=True,

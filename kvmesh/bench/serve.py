@@ -47,6 +47,7 @@ from kvmesh.bench.trace import (
     summarize_replay,
     warm_up,
 )
+from kvmesh.progress import Progress
 
 ROUTING_POLICIES = ("kv", "round_robin")  # measured, then the baseline
 DISAGG_MODES = {  # measured, then the baseline
@@ -71,7 +72,9 @@ def running_cluster(model_dir: Path, overrides: list[str], threads: int | None):
     with tempfile.TemporaryDirectory(prefix="kvmesh-bench-") as tmp, thread_env(threads):
         for attempt in range(START_ATTEMPTS):
             try:
-                cluster = start_cluster(Path(tmp), model_dir, *overrides, timeout=START_TIMEOUT)
+                with Progress("starting a cluster"):
+                    cluster = start_cluster(Path(tmp), model_dir, *overrides,
+                                            timeout=START_TIMEOUT)
                 break
             except RuntimeError as exc:  # e.g. a port of the range taken before its bind
                 if attempt + 1 == START_ATTEMPTS:
@@ -80,8 +83,9 @@ def running_cluster(model_dir: Path, overrides: list[str], threads: int | None):
                            err=True)
         try:
             model = httpx.get(f"{cluster.url}/v1/models").json()["data"][0]["id"]
-            check_errors(asyncio.run(warm_up(cluster.url, model, model_shape(model_dir)[0])),
-                         "warm-up")
+            with Progress("warming the cluster up"):
+                warm = asyncio.run(warm_up(cluster.url, model, model_shape(model_dir)[0]))
+            check_errors(warm, "warm-up")
             yield cluster, model
         finally:
             if cluster.stop() != 0:
@@ -431,7 +435,8 @@ def serve_group() -> None:
 @serve_group.command("routing")
 @common_options
 @click.option("--trace", type=click.Path(dir_okay=False), default=None,
-              help="Mooncake JSONL trace [default: <repo>/../shared/traces/synthetic_trace.jsonl].")
+              help="Mooncake JSONL trace "
+              "[default: the packaged kvmesh/bench/traces/mooncake_like.jsonl].")
 @click.option("--start", default=0, show_default=True, help="Trace requests to skip first.")
 @click.option("--requests", "num_requests", type=click.IntRange(1), default=300,
               show_default=True, help="Trace requests to replay.")

@@ -43,6 +43,7 @@ from pathlib import Path
 import click
 
 from kvmesh.bench.trace import random_prompt, stats
+from kvmesh.progress import Progress
 
 CONFIGS = ("device", "host", "host_disk")
 TARGET_HOST_DISK_TTFT = 0.5  # TTFT mean with host + disk, x device only
@@ -167,7 +168,8 @@ def bench_tiers(model_path: str | None, seed: int, threads: int | None, workload
         Path(disk_dir).mkdir(parents=True, exist_ok=True)
     bench.disk_root = Path(tempfile.mkdtemp(prefix="kvmesh-bench-tiers-", dir=disk_dir))
     try:
-        bench.warm_up()
+        with Progress("warming up (kernels compile)"):
+            bench.warm_up()
         messages = workload.user_messages(config.vocab_size, seed)
         best, equal = bench.rounds(workload, messages, tiers, repeats)
     finally:
@@ -258,8 +260,10 @@ class TiersBench:
         hits all of them; each keeps its round of lowest TTFT mean. Returns those and, per
         tier configuration, its fewest greedy outputs equal to device only's first round."""
         best, equal, reference = {}, {}, None
-        for _ in range(repeats):
-            for name, (host_blocks, disk_blocks) in tiers.items():
+        runs = [name for _ in range(repeats) for name in tiers]
+        with Progress("measuring (configurations run)", total=len(runs)) as progress:
+            for name in progress.track(runs):
+                host_blocks, disk_blocks = tiers[name]
                 result = self.run(workload, messages, host_blocks, disk_blocks, name)
                 outputs = result.pop("outputs")
                 texts = result.pop("texts")

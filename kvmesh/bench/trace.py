@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvmesh.progress import Progress
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
@@ -71,8 +73,10 @@ class Workload:
 
 
 def default_trace_path() -> Path:
-    """<repo>/../shared/traces/synthetic_trace.jsonl: the trace stays outside the repo."""
-    return Path(__file__).resolve().parents[3] / "shared" / "traces" / "synthetic_trace.jsonl"
+    """The trace shipped in the package (kvmesh/bench/traces/mooncake_like.jsonl)."""
+    from kvmesh.bench.traces import DEFAULT_TRACE
+
+    return DEFAULT_TRACE
 
 
 def load_trace(path: str | Path, start: int = 0, num_requests: int | None = None
@@ -273,18 +277,28 @@ async def replay(url: str, model: str, requests: list[ReplayRequest]
         async def send(request: ReplayRequest) -> StreamRecord:
             await asyncio.sleep(max(0.0, t0 + request.arrival_s - time.perf_counter()))
             lags.append(time.perf_counter() - t0 - request.arrival_s)
-            return await stream_completion(http, model, request.prompt_token_ids,
-                                           request.max_tokens)
+            record = await stream_completion(http, model, request.prompt_token_ids,
+                                             request.max_tokens)
+            progress.advance()
+            return record
 
-        records = await asyncio.gather(*(send(r) for r in requests))
+        with Progress("replaying the trace (requests done)", total=len(requests)) as progress:
+            records = await asyncio.gather(*(send(r) for r in requests))
     return records, max(lags)
 
 
 async def send_all(url: str, model: str, workload: list[tuple[list[int], int]]
                    ) -> list[StreamRecord]:
     """Every (prompt, output length) at once."""
+    async def send(http: httpx.AsyncClient, prompt: list[int], max_tokens: int
+                   ) -> StreamRecord:
+        record = await stream_completion(http, model, prompt, max_tokens)
+        progress.advance()
+        return record
+
     async with http_client(url) as http:
-        return await asyncio.gather(*(stream_completion(http, model, p, n) for p, n in workload))
+        with Progress("sending (requests done)", total=len(workload)) as progress:
+            return await asyncio.gather(*(send(http, p, n) for p, n in workload))
 
 
 async def warm_up(url: str, model: str, vocab_size: int) -> list[StreamRecord]:

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from kvmesh.gpu.model import CausalLM, rope_inv_freq
 from kvmesh.gpu.model_config import DTYPES, ModelConfig
+from kvmesh.progress import Progress
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -43,9 +44,10 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") ->
     """Build the model for `path`'s config.json and fill it from its safetensors."""
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
-    with torch.device(device):
-        model = CausalLM(config).to(torch_dtype(dtype))
-        # RoPE frequencies stay float32 whatever the weights' dtype, as in transformers.
-        model.rotary.inv_freq = rope_inv_freq(config)
-    model.load_hf_weights(iter_weights(path))
+    with Progress(f"loading {path.name} (tensors)") as progress:
+        with torch.device(device):
+            model = CausalLM(config).to(torch_dtype(dtype))
+            # RoPE frequencies stay float32 whatever the weights' dtype, as in transformers.
+            model.rotary.inv_freq = rope_inv_freq(config)
+        model.load_hf_weights(progress.track(iter_weights(path)))
     return model.eval().requires_grad_(False)

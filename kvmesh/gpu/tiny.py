@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kvmesh.progress import Progress
+
 NUM_LAYERS = 4
 HIDDEN_SIZE = 256
 NUM_HEADS = 8
@@ -101,7 +103,8 @@ def ensure_tiny(path: str | Path | None = None, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; the model is not a secret
     try:
-        init_tiny(tmp, seed)
+        with Progress(f"making the tiny model in {path} (first use)"):
+            init_tiny(tmp, seed)
         os.rename(tmp, path)
     except OSError as error:
         if not (path / "config.json").is_file():
