@@ -4,7 +4,13 @@ Start order: router, then workers, then the frontend (each connects with retries
 so order only shortens start-up). Readiness: the frontend's /health answers 200,
 which it does once every worker of the cluster has registered with the router.
 Supervision: an actor that exits while the cluster runs is restarted after a
-backoff (1 s, doubling to 30 s; reset once it has stayed up for 60 s), logged.
+backoff (1 s, doubling to 30 s; reset once it has stayed up for 60 s), logged. One that
+exits 3 times in a row within 60 s of its start cannot start (a broken install, model
+path, device): supervise_once raises ActorFailedToStart with its last stderr lines, and
+`kvmesh up` stops the cluster rather than restart it forever.
+Actors run with Python's safe-path mode (-P): a `kvmesh/` folder in the working
+directory must not shadow the installed package. Their stderr passes through the
+launcher, which keeps each one's last lines for that report.
 Shutdown (SIGINT/SIGTERM): SIGTERM to the frontend first (it stops taking requests
 and finishes its streams), then workers, then the router; each group gets the grace
 period to drain, then SIGKILL. Nothing is left running.
@@ -15,8 +21,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import IO
 
 import structlog
 
@@ -26,6 +35,22 @@ log = structlog.get_logger(__name__)
 
 START_ORDER = {"router": 0, "cache": 1, "prefill": 2, "decode": 2, "frontend": 3}
 BACKOFF_START, BACKOFF_MAX, STABLE_AFTER = 1.0, 30.0, 60.0
+MAX_START_FAILURES = 3  # exits in a row, each within STABLE_AFTER of its start
+TAIL_LINES = 20  # of an actor's stderr, kept for ActorFailedToStart
+
+
+class ActorFailedToStart(RuntimeError):
+    """An actor exited MAX_START_FAILURES times in a row soon after starting."""
+
+    def __init__(self, actor_id: str, codes: list[int], tail: list[str]) -> None:
+        lines = "".join(f"  | {line}" for line in tail) or "  (it wrote nothing to stderr)\n"
+        super().__init__(
+            f"actor {actor_id} exited {len(codes)} times in a row within {STABLE_AFTER:.0f} s "
+            f"of starting (exit codes {', '.join(map(str, codes))}); not restarting it. Its "
+            f"last lines on stderr:\n{lines.rstrip()}")
+        self.actor_id = actor_id
+        self.codes = codes
+        self.tail = tail
 
 
 @dataclass
@@ -37,6 +62,9 @@ class Child:
     restart_at: float | None = None
     restarts: int = 0
     exits: list[int] = field(default_factory=list)
+    start_failures: int = 0  # exits in a row soon after starting
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    relay: threading.Thread | None = None  # copies the process's stderr to ours
 
 
 class Launcher:
@@ -54,28 +82,41 @@ class Launcher:
             self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
-        command = [sys.executable, "-m", "kvmesh", *self.actor_args, child.spec.actor_id]
+        command = [sys.executable, "-P", "-m", "kvmesh", *self.actor_args, child.spec.actor_id]
         # Own session: a terminal's Ctrl-C reaches only the launcher, which then stops
         # the actors in order. Parent-death signal: no actor outlives a killed launcher.
         child.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         stderr=subprocess.PIPE, encoding="utf-8",
+                                         errors="replace", start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         child.started_at = time.monotonic()
         child.restart_at = None
+        child.tail = deque(maxlen=TAIL_LINES)
+        child.relay = threading.Thread(target=_relay, args=(child.process.stderr, child.tail),
+                                       name=f"stderr-{child.spec.actor_id}", daemon=True)
+        child.relay.start()
         log.info("actor_spawned", actor=child.spec.actor_id, pid=child.process.pid)
 
     def dead_children(self) -> list[Child]:
         return [c for c in self.children if c.process is not None and c.process.poll() is not None]
 
     def supervise_once(self) -> None:
-        """Notice exits, schedule restarts with backoff, start those that are due."""
+        """Notice exits, schedule restarts with backoff, start those that are due.
+        Raises ActorFailedToStart for an actor that keeps exiting soon after its start."""
         now = time.monotonic()
         for child in self.dead_children():
             code = child.process.returncode
             child.exits.append(code)
             _release_segments(child.process.pid)
             child.process = None
+            child.relay.join(timeout=2.0)  # its last lines: read the pipe to its end
             if now - child.started_at > STABLE_AFTER:
                 child.backoff = BACKOFF_START
+                child.start_failures = 0
+            child.start_failures += 1
+            if child.start_failures >= MAX_START_FAILURES:
+                raise ActorFailedToStart(child.spec.actor_id,
+                                         child.exits[-child.start_failures:], list(child.tail))
             child.restart_at = now + child.backoff
             log.warning("actor_exited", actor=child.spec.actor_id, code=code,
                         restart_in_s=child.backoff)
@@ -103,6 +144,15 @@ class Launcher:
                     child.process.kill()
                     child.process.wait()
         log.info("cluster_stopped")
+
+
+def _relay(stream: IO[str], tail: deque[str]) -> None:
+    """Copy an actor's stderr to the launcher's line by line, keeping the last lines."""
+    with stream:
+        for line in stream:
+            tail.append(line)
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def _release_segments(pid: int) -> None:

@@ -104,6 +104,11 @@ class Heartbeat(Message, frozen=True):
     peer counts as a sign of life."""
 
 
+class Goodbye(Message, frozen=True):
+    """I am closing on purpose (drained, or a tool done asking): forget me now, quietly,
+    as if declared dead. Sent on every connection just before the sockets close."""
+
+
 class Ping(Request, frozen=True, kw_only=True):
     """Are you serving? Answered with Pong; measures round trips."""
 
@@ -445,6 +450,7 @@ AnyMessage = (
     Hello
     | Welcome
     | Heartbeat
+    | Goodbye
     | Ping
     | Pong
     | Shutdown
@@ -486,8 +492,8 @@ MESSAGE_TYPES: tuple[type[Message], ...] = typing.get_args(AnyMessage)
 # Who may send each message, by the sender's role: the role its key names when the
 # cluster has keys (kvmesh/transport/keys.py), else the role its Hello claimed. A type
 # not listed may come from any registered peer: Hello (checked against the key itself),
-# Heartbeat, Ping, and every Reply (it must answer a request this actor sent, on the
-# route it went out on).
+# Heartbeat, Goodbye, Ping, and every Reply (it must answer a request this actor sent,
+# on the route it went out on).
 WORKERS = frozenset({"prefill", "decode"})
 SENDERS: dict[type[Message], frozenset[str]] = {
     Shutdown: frozenset({"operator"}),

@@ -5,6 +5,16 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_home(tmp_path_factory) -> Path:
+    """$XDG_STATE_HOME for the whole session, inherited by every `kvmesh up` a test
+    starts: their log files go here, not into the user's ~/.local/state."""
+    path = tmp_path_factory.mktemp("state")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny Llama (seed 0), built once per test session (about half a second)."""

@@ -14,12 +14,15 @@ Connections, ROUTER/DEALER:
     DEALER "to_router" ---Hello(version, id, ...)-->  ROUTER "from_peers"
                        <--Welcome | Error----------   version checked; registered
            <--- Heartbeat every heartbeat_interval, both ways --->
+           <--- Goodbye from whichever side closes on purpose ----
 
 Then either side may send one-way messages and requests to the other; `Peers`
 (kvmesh/actors/peers.py) keeps who is registered, the requests pending on them, and
 liveness: a silent peer is declared dead, its pending requests raise PeerDeadError and
-`on_peer_dead(peer_id)` fires. PUB/SUB and PUSH/PULL carry one-way messages with no
-registration.
+`on_peer_dead(peer_id)` fires. An actor that closes says Goodbye on every connection
+first: its peers forget it at once, with the same hook, and log it at info, so a clean
+shutdown is told apart from a crash (`self.peers.left(peer_id)` in the hook). PUB/SUB
+and PUSH/PULL carry one-way messages with no registration.
 
 Handlers are `async def on_<snake_case_type>(self, msg, inbound)`; each message runs in
 its own task, so a handler may itself await `request()`. A Request's handler returns
@@ -54,6 +57,7 @@ from kvmesh.protocol import (
     SENDERS,
     Error,
     ErrorCode,
+    Goodbye,
     Heartbeat,
     Hello,
     MalformedMessage,
@@ -75,6 +79,7 @@ HOOKS = frozenset({"on_peer_dead"})  # on_* names that are hooks, not message ha
 REPLY_KINDS = (zmq.ROUTER, zmq.DEALER)  # sockets where a message has a way back
 RECEIVE_KINDS = frozenset(messaging.HEAD_FRAMES)
 _HEARTBEAT = protocol.encode(Heartbeat())
+_GOODBYE = protocol.encode(Goodbye())
 
 
 class RemoteError(Exception):
@@ -227,6 +232,7 @@ class Actor:
         if not self._stop_requested.is_set():
             self.log.info("stop_requested")
         self._accepting = False
+        self.peers.shutting_down = True
         self._stop_requested.set()
 
     async def serve(self) -> None:
@@ -262,10 +268,12 @@ class Actor:
     async def close(self) -> None:
         """Stop now: cancel handlers and loops, close sockets (linger bounded).
         Closing twice is harmless."""
+        self.peers.shutting_down = True
         tasks = [t for t in (self._heartbeat_task, *self._readers.values(), *self._tasks) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._say_goodbye()
         self.peers.fail_pending(f"actor {self.actor_id} closed")
         if self._sockets is not None:
             self._sockets.close_all()
@@ -273,6 +281,16 @@ class Actor:
         self._socks.clear()
         self._readers.clear()
         self.log.info("actor_closed")
+
+    async def _say_goodbye(self) -> None:
+        """Tell every registered peer we are going (best effort: the linger bound flushes
+        it), so it forgets us now instead of declaring us dead after liveness."""
+        for peer in list(self.peers.values()):
+            sock = self._socks.get(peer.route.socket)
+            if sock is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    await messaging.send(sock, _GOODBYE, head=peer.route.identity,
+                                         flags=zmq.NOBLOCK)
 
     # --- sockets ---
 
@@ -499,6 +517,9 @@ class Actor:
                 self.request_refused(msg, inbound)
         elif isinstance(msg, Hello) and msg.version != PROTOCOL_VERSION:
             await self._refuse_version(inbound, msg.version, msg.call_id)
+        elif isinstance(msg, Goodbye):
+            if kind in REPLY_KINDS:
+                self.peers.leave(route)
         elif not isinstance(msg, Heartbeat):  # a heartbeat's work is the last_seen above
             refusal = self._refusal(kind, peer, msg)
             if refusal is None:
@@ -612,7 +633,7 @@ class Actor:
         """Peers declared `peer` dead: close our DEALER to it, run the on_peer_dead hook."""
         if peer.route.identity is None:  # our DEALER: nothing else uses it
             self._close_socket(peer.route.socket)
-        return self._spawn(self._run_hook(self.on_peer_dead(peer.actor_id)))
+        return self._spawn(self._run_hook(self.on_peer_dead, peer.actor_id))
 
     async def _heartbeat(self) -> None:
         interval = self.config.heartbeat_interval
@@ -635,9 +656,11 @@ class Actor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _run_hook(self, hook: Awaitable[None]) -> None:
+    async def _run_hook(self, hook: Callable[[str], Awaitable[None]], peer_id: str) -> None:
+        # called here, not by the spawner: a hook cancelled before it ran (the actor
+        # closed) leaves no coroutine never awaited
         try:
-            await hook
+            await hook(peer_id)
         except Exception:
             self.log.exception("hook_failed")
 

@@ -5,7 +5,10 @@ Any message from a peer counts as a sign of life (`touch`); a peer silent for
 liveness x heartbeat_interval seconds is declared dead (`reap_silent`): every request
 pending on it raises PeerDeadError, then the actor's `bury` callback closes what
 belonged to the connection and spawns the `on_peer_dead(peer_id)` hook. Dead is final
-for that connection; `connect` again to reach a restarted actor.
+for that connection; `connect` again to reach a restarted actor. A peer that says
+Goodbye (a clean shutdown) ends the same way, but its end is logged at info, not as a
+warning, and `left(peer_id)` tells the hook so; so is any death while this actor is
+itself shutting down (`shutting_down`).
 
 Each registration is its own Peer record, and everything here acts on the record, not
 on the id: a request waits on one connection, a death found on a route or by the
@@ -106,6 +109,8 @@ class Peers(Mapping[str, Peer]):
         self._by_id: dict[str, Peer] = {}
         self._at: dict[Route, Peer] = {}
         self._burying: dict[str, asyncio.Task] = {}  # actor id -> on_peer_dead in progress
+        self._left: set[str] = set()  # said Goodbye; until their on_peer_dead returned
+        self.shutting_down = False  # this actor drains or closes: deaths are expected
         self._pending: dict[int, _Pending] = {}
         self._call_ids = itertools.count(1)
 
@@ -168,14 +173,31 @@ class Peers(Mapping[str, Peer]):
         for pending in self._pending.values():
             if pending.peer is peer and not pending.future.done():
                 pending.future.set_exception(PeerDeadError(peer.actor_id, reason))
-        self._log.warning("peer_dead", peer=peer.actor_id, reason=reason)
+        if peer.actor_id in self._left:
+            self._log.info("peer_left", peer=peer.actor_id, reason=reason)
+        elif self.shutting_down:
+            self._log.info("peer_dead", peer=peer.actor_id, reason=reason)
+        else:
+            self._log.warning("peer_dead", peer=peer.actor_id, reason=reason)
         hook = self._bury(peer)
         self._burying[peer.actor_id] = hook
         hook.add_done_callback(partial(self._buried, peer.actor_id))
 
+    def leave(self, route: Route) -> None:
+        """The peer on route said Goodbye: end its connection now, as a clean one."""
+        peer = self._at.get(route)
+        if peer is not None:
+            self._left.add(peer.actor_id)
+            self.declare_dead(peer, "it said goodbye (shutting down)")
+
+    def left(self, actor_id: str) -> bool:
+        """Whether actor_id's connection ended with its Goodbye (asked by on_peer_dead)."""
+        return actor_id in self._left
+
     def _buried(self, actor_id: str, hook: asyncio.Task) -> None:
         if self._burying.get(actor_id) is hook:
             del self._burying[actor_id]
+            self._left.discard(actor_id)
 
     # --- liveness ---
 

@@ -291,15 +291,23 @@ class RouterActor(Actor):
         return ClusterStatus(actors=actors)
 
     async def on_peer_dead(self, peer_id: str) -> None:
-        """A silent actor: out of the registry and the index."""
+        """A silent (or departed) actor: out of the registry and the index."""
+        # Goodbye: a clean shutdown, told at info; silence is a crash, told as a warning
+        left = self.peers.left(peer_id)
         if peer_id in self.workers:
-            self.log.warning("worker_dead", worker=peer_id)
+            if left:
+                self.log.info("worker_left", worker=peer_id)
+            else:
+                self.log.warning("worker_dead", worker=peer_id)
             self._forget(peer_id)
             self._close_socket(f"events_{peer_id}")
             del self.workers[peer_id]
             self.loads.pop(peer_id, None)
         if peer_id in self.cache_blocks:
-            self.log.warning("cache_dead", cache=peer_id)
+            if left:
+                self.log.info("cache_left", cache=peer_id)
+            else:
+                self.log.warning("cache_dead", cache=peer_id)
             self._forget_cache(peer_id)
         await super().on_peer_dead(peer_id)
 

@@ -64,21 +64,31 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
     a frontend + router, 1 prefill and 2 decode workers, and the cache actor (a
     0.5 GiB host-DRAM KV tier the workers share), serving on
     http://127.0.0.1:8000/v1 (OpenAI API).
+
+    \b
+    Log lines: warnings here; info (or [logging] level) and above in
+    $XDG_STATE_HOME/kvmesh/logs/<cluster>-<node>.log, named at start (-v: here too).
+    An actor that keeps exiting right after its start stops the cluster, showing
+    its last error.
     """
-    from kvmesh.launcher import Launcher
+    from kvmesh import log
+    from kvmesh.cli import log_settings
+    from kvmesh.launcher import ActorFailedToStart, Launcher
 
     cfg, args = load(config_path, overrides, model_path, http_port)
     node = node or _default_node(cfg)
     api_key = _api_key(cfg)
+    logs = log_settings(ctx, default_file=log.default_log_file(cfg.cluster.name, node),
+                        file_level=cfg.logging.level, json=cfg.logging.json)
+    log.rotate(logs.file)  # this run's log starts empty; the last one's is kept as .1
+    log.configure(logs.level, logs.json, logs.file, logs.file_level)
+    click.echo(f"log: {logs.file}" + ("" if logs.explicit else "  (-v shows info lines here)"),
+               err=True)
     if cfg.model.path == "":
         from kvmesh.gpu.tiny import ensure_tiny
 
         ensure_tiny(cfg.model.resolved_path)
-    root = ctx.find_root()
-    explicit = root.get_parameter_source("log_level") is not click.core.ParameterSource.DEFAULT
-    level = root.params["log_level"] if explicit else cfg.logging.level
-    json_flag = ["--log-json"] if root.params.get("log_json") or cfg.logging.json else []
-    launcher = Launcher(cfg, node, ["--log-level", level, *json_flag, "actor", *args])
+    launcher = Launcher(cfg, node, [*logs.args(), "actor", *args])
     stop = {"signal": None}
 
     def on_signal(signum, frame):
@@ -107,6 +117,10 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
                 launcher.stop(cfg.cluster.grace_period)
                 sys.exit(1)
             time.sleep(0.2)
+    except ActorFailedToStart as exc:
+        launcher.stop(cfg.cluster.grace_period)
+        click.echo(f"kvmesh up: {exc}\nstopped the cluster; the log: {logs.file}", err=True)
+        sys.exit(1)
     finally:
         if not launcher.stopping:
             click.echo("draining and stopping…", err=True)
@@ -201,12 +215,13 @@ def _print_status(cfg, as_json: bool) -> bool:
     rows = []
     for a in cluster.actors:
         if a.role == "cache":
-            rows.append(_cache_row(a))
+            rows.append(_cache_row(a) | {"endpoint": _reachable(cfg, a)})
             continue
         prompt = a.load.get("prompt_tokens_total", 0.0)
         rows.append({
             "actor": a.actor_id, "role": a.role, "node": a.node, "pid": a.pid,
-            "endpoints": a.endpoints, "health": "alive" if a.alive else "dead",
+            "endpoints": a.endpoints, "endpoint": _reachable(cfg, a),
+            "health": "alive" if a.alive else "dead",
             "running": int(a.load.get("num_running", 0)),
             "waiting": int(a.load.get("num_waiting", 0)),
             "kv_usage": round(a.load.get("kv_usage", 0.0), 3),
@@ -224,11 +239,24 @@ def _print_status(cfg, as_json: bool) -> bool:
     click.echo(f"{'actor':<12} {'role':<9} {'node':<10} {'pid':>7} {'health':<6} "
                f"{'run':>4} {'wait':>4} {'kv':>6} {'hit':>6}  endpoint")
     for r in rows:
-        endpoint = r["endpoints"].get("from_peers") or r["endpoints"].get("http", "")
         click.echo(f"{r['actor']:<12} {r['role']:<9} {r['node']:<10} {r['pid']:>7} "
                    f"{r['health']:<6} {r['running']:>4} {r['waiting']:>4} "
-                   f"{r['kv_usage']:>6.1%} {r['cache_hit_rate']:>6.1%}  {endpoint}")
+                   f"{r['kv_usage']:>6.1%} {r['cache_hit_rate']:>6.1%}  {r['endpoint']}")
     return True
+
+
+def _reachable(cfg, a) -> str:
+    """Where others reach actor `a`: a frontend's API URL, else the address book's
+    endpoint (the node's address, where the actor may have bound 0.0.0.0)."""
+    from kvmesh.config.schema import host_port
+
+    address = next((n.address for n in cfg.nodes if n.name == a.node), None)
+    if a.role == "frontend" and address is not None:
+        return f"http://{host_port(address, cfg.frontend.http_port)}/v1"
+    spec = next((s for s in cfg.actors if s.actor_id == a.actor_id), None)
+    if spec is not None:
+        return spec.endpoint
+    return a.endpoints.get("from_peers") or a.endpoints.get("http", "")
 
 
 def _cache_row(a) -> dict:
@@ -255,15 +283,18 @@ def _cache_row(a) -> dict:
 @click.option("--api-key", envvar="KVMESH_API_KEY", default=None,
               help="API key, when the cluster has frontend.api_key_file [env: KVMESH_API_KEY].")
 def chat(url, max_tokens, temperature, system, api_key):
-    """A small interactive chat with a running kvmesh (empty line or Ctrl-D quits)."""
+    """A small interactive chat with a running kvmesh (empty line, Ctrl-D or Ctrl-C
+    quits; Ctrl-C during an answer stops that answer)."""
     from kvmesh.client import APIError, Client
 
     client = Client(url, api_key=api_key)
     messages = [{"role": "system", "content": system}] if system else []
+    click.echo(f"chatting with {url}; an empty line, Ctrl-D or Ctrl-C quits", err=True)
     while True:
         try:
             line = input("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
             break
         if not line:
             break
@@ -279,5 +310,7 @@ def chat(url, max_tokens, temperature, system, api_key):
             click.echo(f"\n[error {exc.status}: {exc}]")
             messages.pop()
             continue
+        except KeyboardInterrupt:  # this answer only: the conversation goes on
+            click.echo(" [stopped]", nl=False)
         click.echo()
         messages.append({"role": "assistant", "content": reply})

@@ -212,7 +212,9 @@ class LoggingConfig(Table):
     """The [logging] table."""
 
     level: Annotated[Literal["debug", "info", "warning", "error"], doc(
-        "Minimum level written.")] = "info"
+        "Minimum level `kvmesh up` writes to its log file ($XDG_STATE_HOME/kvmesh/logs/"
+        "<cluster>-<node>.log, named at start); the terminal shows warnings (-v: info, "
+        "--log-level: any).")] = "info"
     json: Annotated[bool, doc("JSON lines instead of key=value.")] = False
 
 
@@ -279,7 +281,7 @@ class ClusterConfig(Table):
     security: Annotated[SecurityConfig, doc(
         "CurveZMQ on every actor socket.")] = SecurityConfig()
     logging: Annotated[LoggingConfig, doc(
-        "The log lines every actor writes to stderr.")] = LoggingConfig()
+        "The log file of `kvmesh up`; the terminal shows warnings.")] = LoggingConfig()
     nodes: Annotated[tuple[NodeConfig, ...], doc(
         "The machines and the actors each runs. Slurm: the first node hosts the router "
         "and the frontend.")] = (DEFAULT_NODE,)

@@ -11,6 +11,7 @@ cannot serve; 500 for a bug. The server keeps serving after any of them.
 
 from __future__ import annotations
 
+import json
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
@@ -109,7 +110,7 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return reply(request, status, body, headers)
 
     async def on_invalid_request(request: Request, error: RequestValidationError) -> Response:
-        message, param = describe_validation_error(error.errors()[0])
+        message, param = describe_validation_error(error.errors()[0], error.body)
         return reply(request, 400, ErrorBody(
             message=message, type="invalid_request_error", param=param, code="invalid_value"
         ))
@@ -129,13 +130,16 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     app.add_exception_handler(ClientDisconnected, on_client_gone)
 
 
-def describe_validation_error(error: dict) -> tuple[str, str | None]:
+def describe_validation_error(error: dict, body=None) -> tuple[str, str | None]:
     """(message, param) for pydantic's first complaint about the body; param is the
-    field's path, e.g. "messages[0].role"."""
+    field's path, e.g. "messages[0].role". body: the request's text, which places a
+    JSON syntax error at its line and column."""
     loc = [part for part in error.get("loc", ()) if part != "body"]
     kind = error.get("type")
     if kind == "json_invalid":
         reason = error.get("ctx", {}).get("error", "")
+        if isinstance(body, str) and loc and isinstance(loc[0], int):  # loc: the offset
+            reason = str(json.JSONDecodeError(reason, body, loc[0]))  # adds line and column
         return f"the request body is not valid JSON: {reason}", None
     if not loc or isinstance(loc[0], int):
         if kind == "missing":

@@ -662,6 +662,38 @@ def test_a_vanished_client_fires_on_peer_dead_on_the_server():
     assert asyncio.run(scenario()) == (["client"], {})
 
 
+class Farewells(Server):
+    """Records, for each peer declared dead, whether it said Goodbye."""
+
+    def __init__(self, config: ActorConfig) -> None:
+        super().__init__(config)
+        self.left: dict[str, bool] = {}
+
+    async def on_peer_dead(self, peer_id: str) -> None:
+        self.left[peer_id] = self.peers.left(peer_id)
+
+
+@pytest.mark.parametrize("closing", ["client", "server"])
+def test_an_actor_that_closes_says_goodbye_and_the_other_side_forgets_it(closing):
+    async def scenario():
+        async with contextlib.AsyncExitStack() as stack:
+            # liveness of 100 s: only a Goodbye (or a failed send) ends the connection soon
+            server = await stack.enter_async_context(Farewells(make_config("server",
+                                                                           liveness=1000)))
+            client = await stack.enter_async_context(Farewells(make_config("client",
+                                                                           liveness=1000)))
+            await connected_pair(server, client)
+            leaver, stayer = (client, server) if closing == "client" else (server, client)
+            await leaver.close()  # closing twice (again on exit) is harmless
+            for _ in range(100):  # hang guard: 5 s
+                if stayer.left:
+                    break
+                await asyncio.sleep(0.05)
+            return stayer.left, dict(stayer.peers)
+
+    assert asyncio.run(scenario()) == ({closing: True}, {})
+
+
 class Sessions(Server):
     """Keeps a session per peer from BlockStored; its death hook awaits (as one that
     aborts work on an engine does) before dropping the dead peer's session."""
