@@ -57,7 +57,7 @@ DISAGG_MODES = {  # measured, then the baseline
 DECODE_COUNT = "nodes.0.actors.3.count"
 START_ATTEMPTS, START_TIMEOUT = 3, 120.0  # a busy 2-core machine starts one in ~10 s
 METRICS_LAG = 1.5  # s: worker totals reach /metrics via load reports and status polls
-FULL_POOL = "kv.device_blocks=4096"  # cluster.toml's default; start_cluster's 512 is for tests
+FULL_POOL = "kv.device_blocks=4096"  # a CPU worker's auto default; start_cluster's 512: tests
 
 
 # --- clusters ---
