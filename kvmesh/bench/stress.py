@@ -58,6 +58,10 @@ SCENARIOS: dict[str, tuple[list[str], bool]] = {
     "least_loaded-disagg-kill": (["router.policy=least_loaded", "router.disagg_min_tokens=0"],
                                  True),
     "round_robin-3-decode": (["router.policy=round_robin", "nodes.0.actors.3.count=3"], False),
+    # per-actor keys (made for the round in {tmp}/keys): CURVE on every socket, roles,
+    # data-plane grants and the cluster's block-hash key, under the same pressure
+    "kv-disagg-keyed-kill": (["router.policy=kv", "router.disagg_min_tokens=0",
+                              "security.key_dir={tmp}/keys"], True),
 }
 
 
@@ -372,6 +376,19 @@ class Killer:
         raise StressFailure(f"{self.victim} did not come back after its SIGKILL")
 
 
+def make_keys(overrides: list[str]) -> None:
+    """The keys of every actor (and the operator), when the scenario names a key_dir."""
+    from kvmesh.config import load_config
+    from kvmesh.transport.keys import OPERATOR, generate
+
+    key_dir = next((o.partition("=")[2] for o in overrides
+                    if o.startswith("security.key_dir=")), None)
+    if key_dir is not None:
+        cfg = load_config(None, overrides)
+        generate(Path(key_dir), [(spec.actor_id, spec.role) for spec in cfg.actors]
+                 + [(OPERATOR, OPERATOR)])
+
+
 def stress_round(engine, model_dir: Path, scenario: str, seed: int, num_sessions: int = 12,
                  max_turns: int = 3, spread: float = 1.0, log=print) -> dict:
     """One scenario on one seeded workload; raises StressFailure naming both."""
@@ -384,6 +401,8 @@ def stress_round(engine, model_dir: Path, scenario: str, seed: int, num_sessions
     before = shm_segments()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kvmesh-stress-") as tmp:
+        overrides = [override.replace("{tmp}", tmp) for override in overrides]
+        make_keys(overrides)
         cluster = start_cluster(Path(tmp), model_dir, f"kv.device_blocks={DEVICE_BLOCKS}",
                                 *TIERS, f"kv.disk_path={tmp}/tiers", f"router.seed={seed}",
                                 *overrides, timeout=120)

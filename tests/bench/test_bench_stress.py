@@ -116,7 +116,8 @@ def test_idle_invariants_name_what_is_still_held(monkeypatch):
 
 # --- real clusters ---
 
-@pytest.mark.parametrize("scenario, seed", [("kv-kill", 11), ("round_robin", 12)])
+@pytest.mark.parametrize("scenario, seed", [("kv-kill", 11), ("round_robin", 12),
+                                            ("kv-disagg-keyed-kill", 13)])
 def test_short_stress_round(engine, tiny_model_dir, scenario, seed):
     result = stress_round(engine, tiny_model_dir, scenario, seed, num_sessions=8, max_turns=3)
     assert result["problems"] == []
