@@ -46,6 +46,8 @@ from pathlib import Path
 
 import zmq
 
+from kvmesh.transport.private_dir import own_dir, private_dir
+
 OPERATOR = "operator"
 ACTOR_ROLES = ("router", "frontend", "prefill", "decode", "cache")
 KEY_ROLES = (*ACTOR_ROLES, OPERATOR)
@@ -148,8 +150,6 @@ def hash_key(key_dir: str | os.PathLike | None) -> bytes:
 
 
 def _user_hash_key() -> Path:
-    from kvmesh.transport.private_dir import private_dir
-
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     path = private_dir(Path(base) / "kvmesh" / "keys", "the per-user hash key") / "hash_key"
     if not path.exists():  # whole or not at all: written aside, then linked in once
@@ -166,19 +166,11 @@ def _user_hash_key() -> Path:
 
 def check_dir(key_dir: Path) -> None:
     """Refuse a key directory another user could add a key to."""
-    if key_dir.is_symlink():
-        raise ValueError(f"security.key_dir: {str(key_dir)!r} is a symbolic link; "
-                         "give the real directory")
     try:
-        info = key_dir.lstat()
+        info = own_dir(key_dir, "security.key_dir")
     except FileNotFoundError:
         raise ValueError(f"security.key_dir: {str(key_dir)!r} does not exist; make the keys "
                          "with `kvmesh keys generate DIR`") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise ValueError(f"security.key_dir: {str(key_dir)!r} is not a directory")
-    if info.st_uid != os.getuid():
-        raise ValueError(f"security.key_dir: {str(key_dir)!r} belongs to uid {info.st_uid}, "
-                         f"not to this user (uid {os.getuid()})")
     if info.st_mode & 0o022:
         raise ValueError(f"security.key_dir: {str(key_dir)!r} is writable by others "
                          f"(mode {info.st_mode & 0o777:o}): anyone could add a key; "
