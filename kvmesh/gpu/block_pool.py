@@ -55,12 +55,11 @@ def _salted(salt: bytes) -> hashlib.blake2b:
 
 
 def hash_block(parent_hash: int | None, token_ids: Sequence[int], salt: bytes = b"") -> int:
-    """The 128-bit hash of a block: its parent's hash, its token ids, under the salt."""
-    parent = ROOT_PARENT_HASH if parent_hash is None else parent_hash
-    digest = _salted(salt).copy()
-    digest.update(struct.pack(f"<QQ{len(token_ids)}I", parent & WIRE_MASK, parent >> 64,
-                              *token_ids))
-    return int.from_bytes(digest.digest(), "little")
+    """The 128-bit hash of a block: its parent's hash, its token ids, under the salt
+    (one step of hash_blocks' chain)."""
+    if not token_ids:
+        raise ValueError("a block has at least one token")
+    return hash_blocks(token_ids, len(token_ids), parent_hash, salt)[0]
 
 
 def wire_hash(block_hash: int) -> int:
