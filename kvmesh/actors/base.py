@@ -356,10 +356,12 @@ class Actor:
     def _check_welcome(self, welcome: Welcome, endpoint: str, peer: str | None) -> None:
         if peer is not None and welcome.actor_id != peer:
             raise ConnectionError(f"{endpoint} is {welcome.actor_id}, not {peer}")
-        if self._keys is not None and not self._keys.identity(peer).admits(
-                welcome.actor_id, welcome.role):
+        if self._keys is None:
+            return
+        pinned = self._keys.identity(peer)  # the key the handshake was pinned to
+        if not pinned.admits(welcome.actor_id, welcome.role):
             raise ConnectionError(f"{endpoint} says it is {welcome.role} {welcome.actor_id}, "
-                                  f"but its key is {self._keys.identity(peer).role}'s")
+                                  f"but its key is {pinned.role}'s")
 
     async def ensure_connected(self, peer: str, endpoint: str, timeout: float) -> None:
         """Connect to `peer` at `endpoint` unless already connected; concurrent callers
