@@ -30,12 +30,20 @@ class APIError(Exception):
     """The server refused or failed a request (or could not be reached: status None)."""
 
     def __init__(
-        self, status: int | None, message: str, param: str | None = None,
-        type: str | None = None, code: str | None = None,
+        self,
+        status: int | None,
+        message: str,
+        param: str | None = None,
+        type: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = (
-            status, message, param, type, code
+            status,
+            message,
+            param,
+            type,
+            code,
         )
 
     def __str__(self) -> str:
@@ -82,8 +90,11 @@ class Client:
     """Blocking client. `with Client(url) as client:` closes its connections."""
 
     def __init__(
-        self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0,
-        api_key: str | None = None, model: str | None = None,
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        timeout: float = 600.0,
+        api_key: str | None = None,
+        model: str | None = None,
     ) -> None:
         self.base_url = root_url(base_url)
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers(api_key))
@@ -94,8 +105,9 @@ class Client:
         or with stream=True an iterator of ChoiceDeltas."""
         return self._create(COMPLETIONS, {"prompt": prompt}, stream, model, params)
 
-    def chat(self, messages: list[dict], *, stream: bool = False, model: str | None = None,
-             **params):
+    def chat(
+        self, messages: list[dict], *, stream: bool = False, model: str | None = None, **params
+    ):
         """Chat completion of `messages`: a Result, or with stream=True ChoiceDeltas."""
         return self._create(CHAT, {"messages": messages}, stream, model, params)
 
@@ -156,8 +168,11 @@ class AsyncClient:
     the awaited value is an async iterator of ChoiceDeltas."""
 
     def __init__(
-        self, base_url: str = "http://127.0.0.1:8000", timeout: float = 600.0,
-        api_key: str | None = None, model: str | None = None,
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        timeout: float = 600.0,
+        api_key: str | None = None,
+        model: str | None = None,
     ) -> None:
         self.base_url = root_url(base_url)
         self.http = httpx.AsyncClient(
@@ -165,12 +180,12 @@ class AsyncClient:
         )
         self.model = model
 
-    async def complete(self, prompt, *, stream: bool = False, model: str | None = None,
-                       **params):
+    async def complete(self, prompt, *, stream: bool = False, model: str | None = None, **params):
         return await self._create(COMPLETIONS, {"prompt": prompt}, stream, model, params)
 
-    async def chat(self, messages: list[dict], *, stream: bool = False,
-                   model: str | None = None, **params):
+    async def chat(
+        self, messages: list[dict], *, stream: bool = False, model: str | None = None, **params
+    ):
         return await self._create(CHAT, {"messages": messages}, stream, model, params)
 
     async def models(self) -> list[str]:
@@ -260,7 +275,10 @@ def error_of(response: httpx.Response) -> APIError:
     try:
         error = response.json()["error"]
         return APIError(
-            response.status_code, error["message"], error.get("param"), error.get("type"),
+            response.status_code,
+            error["message"],
+            error.get("param"),
+            error.get("type"),
             error.get("code"),
         )
     except (ValueError, KeyError, TypeError):
@@ -285,7 +303,7 @@ def event_data(line: str):
     """One SSE line: its JSON data, DONE at the end, None for blank lines and comments."""
     if not line.startswith("data:"):
         return None
-    data = line[len("data:"):].strip()
+    data = line[len("data:") :].strip()
     if data == "[DONE]":
         return DONE
     return json.loads(data)
@@ -294,8 +312,13 @@ def event_data(line: str):
 def chunk_deltas(path: str, chunk: dict) -> list[ChoiceDelta]:
     if "error" in chunk:  # the stream failed after it began
         error = chunk["error"]
-        raise APIError(None, error.get("message", str(error)), error.get("param"),
-                       error.get("type"), error.get("code"))
+        raise APIError(
+            None,
+            error.get("message", str(error)),
+            error.get("param"),
+            error.get("type"),
+            error.get("code"),
+        )
     return [
         ChoiceDelta(c["index"], choice_text(path, c), c.get("finish_reason"), c.get("logprobs"))
         for c in chunk.get("choices", [])

@@ -47,7 +47,8 @@ class ActorFailedToStart(RuntimeError):
         super().__init__(
             f"actor {actor_id} exited {len(codes)} times in a row within {STABLE_AFTER:.0f} s "
             f"of starting (exit codes {', '.join(map(str, codes))}); not restarting it. Its "
-            f"last lines on stderr:\n{lines.rstrip()}")
+            f"last lines on stderr:\n{lines.rstrip()}"
+        )
         self.actor_id = actor_id
         self.codes = codes
         self.tail = tail
@@ -85,15 +86,24 @@ class Launcher:
         command = [sys.executable, "-P", "-m", "kvmesh", *self.actor_args, child.spec.actor_id]
         # Own session: a terminal's Ctrl-C reaches only the launcher, which then stops
         # the actors in order. Parent-death signal: no actor outlives a killed launcher.
-        child.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, encoding="utf-8",
-                                         errors="replace", start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+        child.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            encoding="utf-8",
+            errors="replace",
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         child.started_at = time.monotonic()
         child.restart_at = None
         child.tail = deque(maxlen=TAIL_LINES)
-        child.relay = threading.Thread(target=_relay, args=(child.process.stderr, child.tail),
-                                       name=f"stderr-{child.spec.actor_id}", daemon=True)
+        child.relay = threading.Thread(
+            target=_relay,
+            args=(child.process.stderr, child.tail),
+            name=f"stderr-{child.spec.actor_id}",
+            daemon=True,
+        )
         child.relay.start()
         log.info("actor_spawned", actor=child.spec.actor_id, pid=child.process.pid)
 
@@ -115,11 +125,13 @@ class Launcher:
                 child.start_failures = 0
             child.start_failures += 1
             if child.start_failures >= MAX_START_FAILURES:
-                raise ActorFailedToStart(child.spec.actor_id,
-                                         child.exits[-child.start_failures:], list(child.tail))
+                raise ActorFailedToStart(
+                    child.spec.actor_id, child.exits[-child.start_failures :], list(child.tail)
+                )
             child.restart_at = now + child.backoff
-            log.warning("actor_exited", actor=child.spec.actor_id, code=code,
-                        restart_in_s=child.backoff)
+            log.warning(
+                "actor_exited", actor=child.spec.actor_id, code=code, restart_in_s=child.backoff
+            )
             child.backoff = min(child.backoff * 2, BACKOFF_MAX)
         for child in self.children:
             if child.process is None and child.restart_at is not None and now >= child.restart_at:
@@ -130,8 +142,11 @@ class Launcher:
         """Drain in reverse start order: frontend, workers, router; then SIGKILL leftovers."""
         self.stopping = True
         for order in sorted({START_ORDER.get(c.spec.role, 9) for c in self.children}, reverse=True):
-            group = [c for c in self.children
-                     if START_ORDER.get(c.spec.role, 9) == order and c.process is not None]
+            group = [
+                c
+                for c in self.children
+                if START_ORDER.get(c.spec.role, 9) == order and c.process is not None
+            ]
             for child in group:
                 if child.process.poll() is None:
                     child.process.send_signal(signal.SIGTERM)

@@ -17,8 +17,9 @@ import structlog
 LEVELS = ("debug", "info", "warning", "error")
 
 
-def configure(level: str = "info", json: bool = False, file: Path | None = None,
-              file_level: str = "info") -> None:
+def configure(
+    level: str = "info", json: bool = False, file: Path | None = None, file_level: str = "info"
+) -> None:
     """Route structlog and stdlib logging to stderr at `level`, and to `file` (appended)
     at `file_level` or `level`, whichever is lower; key=value (or JSON) lines."""
     for name, value in (("level", level), ("file_level", file_level)):
@@ -37,8 +38,8 @@ def configure(level: str = "info", json: bool = False, file: Path | None = None,
     # Libraries that log every HTTP call at info: keep them to warnings.
     for noisy in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(lowest, logging.WARNING))
-    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(
-        colors=False
+    renderer = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[

@@ -44,8 +44,14 @@ class Progress:
     and, when the step ends, the seconds it took. `enabled=None` decides by
     `progress_enabled(stream)`; True or False overrides (tests)."""
 
-    def __init__(self, label: str, total: int | None = None, *, stream: TextIO | None = None,
-                 enabled: bool | None = None) -> None:
+    def __init__(
+        self,
+        label: str,
+        total: int | None = None,
+        *,
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+    ) -> None:
         self.label = label
         self.total = total
         self.count = 0
@@ -96,4 +102,3 @@ class Progress:
         self.stream.write("\r" + self.line() + end)  # lines only grow: no blanking
         self.stream.flush()
         self.drawn_at = time.monotonic()
-

@@ -212,7 +212,6 @@ class KvWriteDone(Reply, frozen=True, kw_only=True):
     transfer_id: str
 
 
-
 # --- the node's KV cache actor: host DRAM (shared memory) over disk ---
 
 
@@ -445,6 +444,7 @@ class RemotePrefillDone(Reply, frozen=True, kw_only=True):
     token_id: int
     logprobs: dict[int, float] | None = None
     num_bytes: int = 0
+
 
 AnyMessage = (
     Hello

@@ -93,8 +93,10 @@ class Tokenizer:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise ValueError(f"text is not valid Unicode at character {exc.start} "
-                             f"(a lone surrogate {text[exc.start]!a})") from None
+            raise ValueError(
+                f"text is not valid Unicode at character {exc.start} "
+                f"(a lone surrogate {text[exc.start]!a})"
+            ) from None
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:

@@ -43,8 +43,10 @@ LOG_ARGS = [  # the command line, and what logging is configured with
     (["-v", "chat"], ("info", False, None, "info")),
     (["chat", "-vv"], ("debug", False, None, "info")),
     (["-v", "chat", "-v"], ("debug", False, None, "info")),
-    (["chat", "--log-json", "--log-file", "x.log", "--log-file-level", "debug"],
-     ("warning", True, Path("x.log"), "debug")),
+    (
+        ["chat", "--log-json", "--log-file", "x.log", "--log-file-level", "debug"],
+        ("warning", True, Path("x.log"), "debug"),
+    ),
 ]
 
 
@@ -70,8 +72,10 @@ def test_chat_says_how_to_quit_and_an_empty_line_quits(configured, monkeypatch):
     monkeypatch.setattr("kvmesh.client.Client", FakeClient)
     result = CliRunner().invoke(cli, ["chat", "--url", "http://127.0.0.1:1"], input="hi\n\n")
     assert (result.exit_code, result.stdout, result.stderr) == (
-        0, "you> kvmesh> Hello\nyou> ",
-        "chatting with http://127.0.0.1:1; an empty line, Ctrl-D or Ctrl-C quits\n")
+        0,
+        "you> kvmesh> Hello\nyou> ",
+        "chatting with http://127.0.0.1:1; an empty line, Ctrl-D or Ctrl-C quits\n",
+    )
 
 
 def test_ctrl_c_at_the_prompt_quits_without_aborted(configured, monkeypatch):

@@ -26,9 +26,20 @@ def url(tiny_model_dir, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log_file, "w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "kvmesh", "serve", "--model", str(tiny_model_dir),
-             "--port", "0", "--num-blocks", "256"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "kvmesh",
+                "serve",
+                "--model",
+                str(tiny_model_dir),
+                "--port",
+                "0",
+                "--num-blocks",
+                "256",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 60
@@ -59,7 +70,8 @@ def test_client_complete_chat_and_stream(url, expected, tiny_model_dir):
         assert client.models() == [tiny_model_dir.name]
         result = client.complete(PROMPT, max_tokens=16, temperature=0)
         assert (result.text, result.choices[0].finish_reason) == (
-            completion.text, completion.finish_reason
+            completion.text,
+            completion.finish_reason,
         )
         assert result.usage["completion_tokens"] == len(completion.token_ids)
         deltas = list(client.complete(PROMPT, max_tokens=16, temperature=0, stream=True))
@@ -97,15 +109,26 @@ def test_async_client_complete_chat_and_stream(url, expected, tiny_model_dir):
     assert (error.status, error.param) == (400, "top_p")
 
 
-@pytest.mark.parametrize(("call", "status", "param", "words"), [
-    (lambda c: c.complete(PROMPT, temperature=-1), 400, "temperature",
-     "greater than or equal to 0"),
-    (lambda c: c.complete([5, 999999]), 400, "prompt", "outside the vocabulary"),
-    (lambda c: c.chat(MESSAGES, max_tokens=10**6), 400, "max_tokens", "at most"),
-    (lambda c: c.complete(PROMPT, model="gpt-4"), 404, "model", "does not exist"),
-    (lambda c: c.complete(PROMPT, max_tokens=0, stream=True), 400, "max_tokens",
-     "greater than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    ("call", "status", "param", "words"),
+    [
+        (
+            lambda c: c.complete(PROMPT, temperature=-1),
+            400,
+            "temperature",
+            "greater than or equal to 0",
+        ),
+        (lambda c: c.complete([5, 999999]), 400, "prompt", "outside the vocabulary"),
+        (lambda c: c.chat(MESSAGES, max_tokens=10**6), 400, "max_tokens", "at most"),
+        (lambda c: c.complete(PROMPT, model="gpt-4"), 404, "model", "does not exist"),
+        (
+            lambda c: c.complete(PROMPT, max_tokens=0, stream=True),
+            400,
+            "max_tokens",
+            "greater than or equal to 1",
+        ),
+    ],
+)
 def test_api_error_carries_the_server_message_and_param(url, call, status, param, words):
     with Client(url, api_key="secret") as client:
         with pytest.raises(APIError) as error:
@@ -127,6 +150,8 @@ def test_unreachable_server_is_an_api_error_without_status():
 
 def test_sdk_is_exported_lazily_and_imports_no_torch():
     assert kvmesh.Client is Client and kvmesh.AsyncClient is AsyncClient
-    code = ("import sys, kvmesh.client, kvmesh.frontend.app, kvmesh.frontend.backend; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, kvmesh.client, kvmesh.frontend.app, kvmesh.frontend.backend; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -23,13 +23,16 @@ from kvmesh.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUTER_KEYS = ("policy, device_weight, host_weight, disk_weight, load_weight, temperature, "
-               "seed, disagg_min_tokens, prefill_busy_tokens")
+ROUTER_KEYS = (
+    "policy, device_weight, host_weight, disk_weight, load_weight, temperature, "
+    "seed, disagg_min_tokens, prefill_busy_tokens"
+)
 POLICIES = '"kv", "least_loaded", "random", "round_robin"'  # msgspec sorts them
 
 
-def node_toml(name: str = "local", address: str = "127.0.0.1", device: str = "cpu",
-              **counts: int) -> str:
+def node_toml(
+    name: str = "local", address: str = "127.0.0.1", device: str = "cpu", **counts: int
+) -> str:
     """A [[nodes]] table with one [[nodes.actors]] entry per role=count (device on the
     prefill and decode entries)."""
     lines = ["[[nodes]]", f'name = "{name}"', f'address = "{address}"']
@@ -53,18 +56,31 @@ def two_nodes(tmp_path: Path) -> Path:
     """Two GPU hosts: a with frontend, router and two decoders on "cuda"; b with a prefill
     worker pinned to cuda:1 and two decoders on "cuda" (so cuda:0 and cuda:2)."""
     a = node_toml("a", "10.0.0.1", "cuda", frontend=1, router=1, decode=2)
-    b = ("[[nodes]]\nname = \"b\"\naddress = \"10.0.0.2\"\n"
-         "[[nodes.actors]]\nrole = \"prefill\"\ndevice = \"cuda:1\"\n"
-         "[[nodes.actors]]\nrole = \"decode\"\ncount = 2\ndevice = \"cuda\"\n")
-    return write_config(tmp_path, '[cluster]\nhost = "0.0.0.0"\nbase_port = 7000\n'
-                        '[security]\nkey_dir = "/k"\n' + a + b)
+    b = (
+        '[[nodes]]\nname = "b"\naddress = "10.0.0.2"\n'
+        '[[nodes.actors]]\nrole = "prefill"\ndevice = "cuda:1"\n'
+        '[[nodes.actors]]\nrole = "decode"\ncount = 2\ndevice = "cuda"\n'
+    )
+    return write_config(
+        tmp_path,
+        '[cluster]\nhost = "0.0.0.0"\nbase_port = 7000\n[security]\nkey_dir = "/k"\n' + a + b,
+    )
 
 
 def spec(actor_id: str, node: str, device: str, address: str, port: int) -> ActorSpec:
     """An actor of two_nodes(): it binds 0.0.0.0, peers reach it at its node's address."""
-    return ActorSpec(actor_id, actor_id.rsplit("-", 1)[0], node, device, 256, 2048,
-                     f"tcp://{address}:{port}", f"tcp://{address}:{port + 1}",
-                     f"tcp://0.0.0.0:{port}", f"tcp://0.0.0.0:{port + 1}")
+    return ActorSpec(
+        actor_id,
+        actor_id.rsplit("-", 1)[0],
+        node,
+        device,
+        256,
+        2048,
+        f"tcp://{address}:{port}",
+        f"tcp://{address}:{port + 1}",
+        f"tcp://0.0.0.0:{port}",
+        f"tcp://0.0.0.0:{port + 1}",
+    )
 
 
 # -- the default cluster -------------------------------------------------------------
@@ -89,9 +105,11 @@ def test_default_cluster_is_one_cpu_machine_with_the_tiny_model():
         "cache-0": "tcp://127.0.0.1:5610",
     }
     assert [a.events_endpoint for a in cfg.actors] == [
-        f"tcp://127.0.0.1:{port}" for port in (5601, 5603, 5605, 5607, 5609, 5611)]
+        f"tcp://127.0.0.1:{port}" for port in (5601, 5603, 5605, 5607, 5609, 5611)
+    ]
     assert [(a.bind, a.events_bind) for a in cfg.actors] == [
-        (a.endpoint, a.events_endpoint) for a in cfg.actors]
+        (a.endpoint, a.events_endpoint) for a in cfg.actors
+    ]
     assert cfg.cluster.host == "127.0.0.1"
     assert cfg.router_endpoint == "tcp://127.0.0.1:5602"
     assert cfg.frontend_url == "http://127.0.0.1:8000"
@@ -105,7 +123,8 @@ def test_default_cluster_is_one_cpu_machine_with_the_tiny_model():
 def test_root_cluster_toml_is_the_default_printed():
     text = (ROOT / "cluster.toml").read_text()
     assert text == config_to_toml(load_config()), (
-        "cluster.toml is stale: python -m kvmesh.config > cluster.toml")
+        "cluster.toml is stale: python -m kvmesh.config > cluster.toml"
+    )
     assert load_config(ROOT / "cluster.toml") == load_config()
 
 
@@ -124,8 +143,10 @@ def test_every_key_has_a_comment():
 
 @pytest.mark.parametrize("comments", [True, False])
 def test_config_to_toml_reads_back_equal(tmp_path, comments):
-    cfg = load_config(two_nodes(tmp_path), ['model.name="a \\"quoted\\" name"',
-                                            "router.temperature=0.5", "logging.json=true"])
+    cfg = load_config(
+        two_nodes(tmp_path),
+        ['model.name="a \\"quoted\\" name"', "router.temperature=0.5", "logging.json=true"],
+    )
     path = write_config(tmp_path, config_to_toml(cfg, comments=comments))
     assert load_config(path) == cfg
 
@@ -140,36 +161,45 @@ def test_a_file_sets_only_the_keys_it_names(tmp_path):
 # -- overrides -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, path, value", [
-    ("router.policy=round_robin", ["router", "policy"], "round_robin"),
-    ("kv.device_blocks=512", ["kv", "device_blocks"], 512),
-    ("router.temperature = 0.5", ["router", "temperature"], 0.5),
-    ("logging.json=true", ["logging", "json"], True),
-    ('model.name="7"', ["model", "name"], "7"),
-    ("model.name='x=y'", ["model", "name"], "x=y"),
-    ("model.path=/data/my model", ["model", "path"], "/data/my model"),
-    ("model.path=a=b", ["model", "path"], "a=b"),
-    ("cluster.ipc_dir=", ["cluster", "ipc_dir"], ""),
-    ("model.name=2024-01-01", ["model", "name"], "2024-01-01"),
-    ("model.name=[1, 2]", ["model", "name"], "[1, 2]"),
-    ("nodes.0.actors.1.count=3", ["nodes", "0", "actors", "1", "count"], 3),
-])
+@pytest.mark.parametrize(
+    "text, path, value",
+    [
+        ("router.policy=round_robin", ["router", "policy"], "round_robin"),
+        ("kv.device_blocks=512", ["kv", "device_blocks"], 512),
+        ("router.temperature = 0.5", ["router", "temperature"], 0.5),
+        ("logging.json=true", ["logging", "json"], True),
+        ('model.name="7"', ["model", "name"], "7"),
+        ("model.name='x=y'", ["model", "name"], "x=y"),
+        ("model.path=/data/my model", ["model", "path"], "/data/my model"),
+        ("model.path=a=b", ["model", "path"], "a=b"),
+        ("cluster.ipc_dir=", ["cluster", "ipc_dir"], ""),
+        ("model.name=2024-01-01", ["model", "name"], "2024-01-01"),
+        ("model.name=[1, 2]", ["model", "name"], "[1, 2]"),
+        ("nodes.0.actors.1.count=3", ["nodes", "0", "actors", "1", "count"], 3),
+    ],
+)
 def test_parse_override(text, path, value):
     assert parse_override(text) == (path, value)
     assert type(parse_override(text)[1]) is type(value)
 
 
-@pytest.mark.parametrize("override, read, value", [
-    ("router.policy=round_robin", lambda c: c.router.policy, "round_robin"),
-    ("kv.device_blocks=512", lambda c: c.kv.device_blocks, 512),
-    ("router.load_weight=2", lambda c: c.router.load_weight, 2.0),
-    ("logging.json=true", lambda c: c.logging.json, True),
-    ("model.path=/models/llama", lambda c: c.model.served_name, "llama"),
-    ("nodes.0.actors.3.count=3", lambda c: list(c.address_book)[-2], "decode-2"),
-    ("nodes.0.actors.2.count=0", lambda c: list(c.address_book),
-     ["frontend-0", "router-0", "decode-0", "decode-1", "cache-0"]),
-    ("cluster.ipc_dir=/tmp/kvm", lambda c: c.router_endpoint, "ipc:///tmp/kvm/router-0"),
-])
+@pytest.mark.parametrize(
+    "override, read, value",
+    [
+        ("router.policy=round_robin", lambda c: c.router.policy, "round_robin"),
+        ("kv.device_blocks=512", lambda c: c.kv.device_blocks, 512),
+        ("router.load_weight=2", lambda c: c.router.load_weight, 2.0),
+        ("logging.json=true", lambda c: c.logging.json, True),
+        ("model.path=/models/llama", lambda c: c.model.served_name, "llama"),
+        ("nodes.0.actors.3.count=3", lambda c: list(c.address_book)[-2], "decode-2"),
+        (
+            "nodes.0.actors.2.count=0",
+            lambda c: list(c.address_book),
+            ["frontend-0", "router-0", "decode-0", "decode-1", "cache-0"],
+        ),
+        ("cluster.ipc_dir=/tmp/kvm", lambda c: c.router_endpoint, "ipc:///tmp/kvm/router-0"),
+    ],
+)
 def test_override_sets_one_key(override, read, value):
     assert read(load_config(overrides=[override])) == value
 
@@ -180,31 +210,52 @@ def test_overrides_apply_over_the_file_in_order(tmp_path):
     assert cfg.router.policy == "kv"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("router.polcy=kv",
-     f"override router.polcy: unknown key (did you mean router.policy?); allowed: {ROUTER_KEYS}"),
-    ("nodes.0.actors.1.rol=decode",
-     "override nodes.0.actors.1.rol: unknown key (did you mean nodes.0.actors.1.role?); "
-     "allowed: role, count, device, max_num_seqs, max_num_batched_tokens"),
-    ("router.policy=fastest",
-     f'override router.policy: expected one of {POLICIES}, got "fastest"'),
-    ("kv.device_blocks=-1", "override kv.device_blocks: expected an integer >= 0, got -1"),
-    ("model.block_size=16.5", "override model.block_size: expected an integer >= 1, got 16.5"),
-    ("model.name=7", "override model.name: expected a string, got 7"),
-    ("router=kv", 'override router: expected a table, got "kv"'),
-    ("nodes.3.name=x", "override nodes.3: no such entry; nodes has 1 entry (indices from 0)"),
-    ("nodes.first.name=x",
-     "override nodes.first: no such entry; nodes has 1 entry (indices from 0)"),
-    ("router.policy.x=1", "override router.policy.x: router.policy is a value, not a table"),
-    ("routerpolicy", "override 'routerpolicy': expected KEY=VALUE, e.g. router.policy=round_robin"),
-    ("router..policy=kv",
-     "override 'router..policy=kv': expected KEY=VALUE, e.g. router.policy=round_robin"),
-    ("frontend.http_port=5600",
-     "frontend.http_port: 5600 on 127.0.0.1 is also the port of frontend-0 (actors have "
-     "ports from cluster.base_port = 5600); expected another port"),
-    ("nodes.0.actors.1.count=2",
-     "nodes.0.actors.1: 2 routers; expected exactly one in the cluster"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "router.polcy=kv",
+            "override router.polcy: unknown key (did you mean router.policy?); "
+            f"allowed: {ROUTER_KEYS}",
+        ),
+        (
+            "nodes.0.actors.1.rol=decode",
+            "override nodes.0.actors.1.rol: unknown key (did you mean nodes.0.actors.1.role?); "
+            "allowed: role, count, device, max_num_seqs, max_num_batched_tokens",
+        ),
+        (
+            "router.policy=fastest",
+            f'override router.policy: expected one of {POLICIES}, got "fastest"',
+        ),
+        ("kv.device_blocks=-1", "override kv.device_blocks: expected an integer >= 0, got -1"),
+        ("model.block_size=16.5", "override model.block_size: expected an integer >= 1, got 16.5"),
+        ("model.name=7", "override model.name: expected a string, got 7"),
+        ("router=kv", 'override router: expected a table, got "kv"'),
+        ("nodes.3.name=x", "override nodes.3: no such entry; nodes has 1 entry (indices from 0)"),
+        (
+            "nodes.first.name=x",
+            "override nodes.first: no such entry; nodes has 1 entry (indices from 0)",
+        ),
+        ("router.policy.x=1", "override router.policy.x: router.policy is a value, not a table"),
+        (
+            "routerpolicy",
+            "override 'routerpolicy': expected KEY=VALUE, e.g. router.policy=round_robin",
+        ),
+        (
+            "router..policy=kv",
+            "override 'router..policy=kv': expected KEY=VALUE, e.g. router.policy=round_robin",
+        ),
+        (
+            "frontend.http_port=5600",
+            "frontend.http_port: 5600 on 127.0.0.1 is also the port of frontend-0 (actors have "
+            "ports from cluster.base_port = 5600); expected another port",
+        ),
+        (
+            "nodes.0.actors.1.count=2",
+            "nodes.0.actors.1: 2 routers; expected exactly one in the cluster",
+        ),
+    ],
+)
 def test_bad_override(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(overrides=[override])
@@ -215,93 +266,147 @@ def test_bad_override(override, message):
 
 
 BROKEN = [  # (file text, message after "<path>: ")
-    ("[router\npolicy = 1\n",
-     "1:8: invalid TOML: Expected ']' at the end of a table declaration"),
+    ("[router\npolicy = 1\n", "1:8: invalid TOML: Expected ']' at the end of a table declaration"),
     ('[model]\nname = "x\n', "2:10: invalid TOML: Illegal character '\\n'"),
     ("[model]\nname =", "2: invalid TOML: Invalid value (at end of document)"),
-    ('[router]\npolcy = "kv"\n',
-     f" router.polcy: unknown key (did you mean router.policy?); allowed: {ROUTER_KEYS}"),
-    ("[routr]\n",
-     " routr: unknown key (did you mean router?); allowed: cluster, model, kv, router, "
-     "frontend, security, logging, nodes"),
+    (
+        '[router]\npolcy = "kv"\n',
+        f" router.polcy: unknown key (did you mean router.policy?); allowed: {ROUTER_KEYS}",
+    ),
+    (
+        "[routr]\n",
+        " routr: unknown key (did you mean router?); allowed: cluster, model, kv, router, "
+        "frontend, security, logging, nodes",
+    ),
     ('[model]\nblock_size = "16"\n', ' model.block_size: expected an integer >= 1, got "16"'),
     ("[logging]\njson = 1\n", " logging.json: expected true or false, got 1"),
-    ('[router]\npolicy = "fastest"\n',
-     f' router.policy: expected one of {POLICIES}, got "fastest"'),
-    ("[cluster]\nbase_port = -1\n",
-     " cluster.base_port: expected an integer from 1 to 65535, got -1"),
-    ("[cluster]\nheartbeat_interval = 0\n",
-     " cluster.heartbeat_interval: expected a number > 0, got 0"),
-    ("[cluster]\nbase_port = 65533\n",
-     " cluster.base_port: 65533 gives the 6 actors ports up to 65544; expected an integer "
-     "from 1 to 65524"),
+    (
+        '[router]\npolicy = "fastest"\n',
+        f' router.policy: expected one of {POLICIES}, got "fastest"',
+    ),
+    (
+        "[cluster]\nbase_port = -1\n",
+        " cluster.base_port: expected an integer from 1 to 65535, got -1",
+    ),
+    (
+        "[cluster]\nheartbeat_interval = 0\n",
+        " cluster.heartbeat_interval: expected a number > 0, got 0",
+    ),
+    (
+        "[cluster]\nbase_port = 65533\n",
+        " cluster.base_port: 65533 gives the 6 actors ports up to 65544; expected an integer "
+        "from 1 to 65524",
+    ),
     ('[cluster]\nname = ""\n', ' cluster.name: expected a non-empty string, got ""'),
     ("[nodes]\n", " nodes: expected an array of tables, got a table"),
     ("nodes = []\n", " nodes: expected at least one [[nodes]] table, got none"),
     ('[[nodes]]\naddress = "127.0.0.1"\n', " nodes.0.name: missing; expected a string"),
-    (BASIC + BASIC.replace("prefill", "cache"),
-     ' nodes.1.name: duplicate node name "local" (also nodes.0.name); expected a name '
-     "unique in the cluster"),
-    (node_toml("my node", decode=1),
-     " nodes.0.name: expected a name of letters, digits, '.', '_' and '-', got \"my node\""),
-    ('[[nodes]]\nname = "a"\naddress = "127.0.0.1"\n',
-     " nodes.0.actors: expected at least one [[nodes.actors]] table, got none"),
-    (node_toml(frontend=1, router=1, prefill=1),
-     ' nodes: no decode actor; expected at least one [[nodes.actors]] with role = "decode" '
-     "and count >= 1"),
-    (node_toml(frontend=1, router=1, decode=0),
-     ' nodes: no decode actor; expected at least one [[nodes.actors]] with role = "decode" '
-     "and count >= 1"),
-    (node_toml(router=1, decode=1),
-     ' nodes: no frontend actor; expected at least one [[nodes.actors]] with role = '
-     '"frontend" and count >= 1'),
-    (BASIC + node_toml("b", router=1),
-     " nodes.1.actors.0: 2 routers; expected exactly one in the cluster"),
-    (BASIC + '[[nodes.actors]]\nrole = "decoder"\n',
-     ' nodes.0.actors.4.role: expected one of "cache", "decode", "frontend", "prefill", '
-     '"router", got "decoder"'),
-    (BASIC + '[[nodes.actors]]\nrole = "decode"\ncount = true\n',
-     " nodes.0.actors.4.count: expected an integer >= 0, got true"),
-    (node_toml(device="gpu0", frontend=1, router=1, decode=1),
-     ' nodes.0.actors.2.device: expected "cpu", "cuda" or "cuda:N", got "gpu0"'),
-    (BASIC + '[[nodes.actors]]\nrole = "cache"\ndevice = "cuda:0"\n',
-     ' nodes.0.actors.4.device: a cache runs no model; expected "cpu", got "cuda:0"'),
-    (BASIC + '[[nodes.actors]]\nrole = "cache"\ncount = 2\n',
-     ' nodes.0.actors: 2 cache actors on node "local"; expected at most one per node'),
-    ("[frontend]\nhttp_port = 5605\n" + BASIC,
-     " frontend.http_port: 5605 on 127.0.0.1 is also the port of prefill-0 (actors have "
-     "ports from cluster.base_port = 5600); expected another port"),
-    (BASIC + node_toml("b", frontend=1),
-     " nodes.1.actors.0: frontend-1 would serve HTTP on 127.0.0.1:8000 like frontend-0; "
-     "expected one frontend per node address"),
-    (BASIC + node_toml("b", "10.0.0.2", decode=1),
-     ' cluster.host: "127.0.0.1" accepts connections from this host only, but '
-     'nodes.1.address is "10.0.0.2"; expected an address other hosts reach, such as '
-     '"0.0.0.0"'),
-    ('[cluster]\nhost = "0.0.0.0"\nipc_dir = "/tmp/k"\n' + BASIC
-     + node_toml("b", "10.0.0.2", decode=1),
-     ' cluster.ipc_dir: ipc:// reaches one host only, but the nodes have addresses '
-     '10.0.0.2, 127.0.0.1; expected "" (tcp://) or every node on one address'),
-    (f'[cluster]\nipc_dir = "/{"d" * 99}"\n',
-     f' cluster.ipc_dir: "/{"d" * 99}" makes socket paths of 118 bytes; expected a '
-     "directory whose paths fit in 107"),
-    ("[kv]\nhost_gb = 1\ndisk_gb = 10\n",
-     ' kv.disk_path: expected a directory when kv.disk_gb > 0 (it is 10.0), got ""'),
-    ('[cluster]\nhost = "0.0.0.0"\n',
-     ' security.key_dir: cluster.host = "0.0.0.0" opens the actor sockets to other hosts, '
-     "and without keys anyone reaching them could join as any actor; expected a key "
-     "directory: make one with `kvmesh keys generate DIR --config cluster.toml` and set "
-     "security.key_dir = DIR (or, on a network only you can reach, security.insecure = "
-     "true)"),
-    ('[cluster]\nhost = "0.0.0.0"\n' + BASIC + node_toml("b", "10.0.0.2", decode=1),
-     ' security.key_dir: cluster.host = "0.0.0.0" opens the actor sockets to other hosts, '
-     "and without keys anyone reaching them could join as any actor; expected a key "
-     "directory: make one with `kvmesh keys generate DIR --config cluster.toml` and set "
-     "security.key_dir = DIR (or, on a network only you can reach, security.insecure = "
-     "true)"),
-    ("[kv]\nhost_gb = 0\n",
-     " kv.host_gb: expected > 0 where a cache actor runs (nodes.0.actors.4: its host tier is "
-     "where workers offload to, and disk blocks are read back through it), got 0.0"),
+    (
+        BASIC + BASIC.replace("prefill", "cache"),
+        ' nodes.1.name: duplicate node name "local" (also nodes.0.name); expected a name '
+        "unique in the cluster",
+    ),
+    (
+        node_toml("my node", decode=1),
+        " nodes.0.name: expected a name of letters, digits, '.', '_' and '-', got \"my node\"",
+    ),
+    (
+        '[[nodes]]\nname = "a"\naddress = "127.0.0.1"\n',
+        " nodes.0.actors: expected at least one [[nodes.actors]] table, got none",
+    ),
+    (
+        node_toml(frontend=1, router=1, prefill=1),
+        ' nodes: no decode actor; expected at least one [[nodes.actors]] with role = "decode" '
+        "and count >= 1",
+    ),
+    (
+        node_toml(frontend=1, router=1, decode=0),
+        ' nodes: no decode actor; expected at least one [[nodes.actors]] with role = "decode" '
+        "and count >= 1",
+    ),
+    (
+        node_toml(router=1, decode=1),
+        " nodes: no frontend actor; expected at least one [[nodes.actors]] with role = "
+        '"frontend" and count >= 1',
+    ),
+    (
+        BASIC + node_toml("b", router=1),
+        " nodes.1.actors.0: 2 routers; expected exactly one in the cluster",
+    ),
+    (
+        BASIC + '[[nodes.actors]]\nrole = "decoder"\n',
+        ' nodes.0.actors.4.role: expected one of "cache", "decode", "frontend", "prefill", '
+        '"router", got "decoder"',
+    ),
+    (
+        BASIC + '[[nodes.actors]]\nrole = "decode"\ncount = true\n',
+        " nodes.0.actors.4.count: expected an integer >= 0, got true",
+    ),
+    (
+        node_toml(device="gpu0", frontend=1, router=1, decode=1),
+        ' nodes.0.actors.2.device: expected "cpu", "cuda" or "cuda:N", got "gpu0"',
+    ),
+    (
+        BASIC + '[[nodes.actors]]\nrole = "cache"\ndevice = "cuda:0"\n',
+        ' nodes.0.actors.4.device: a cache runs no model; expected "cpu", got "cuda:0"',
+    ),
+    (
+        BASIC + '[[nodes.actors]]\nrole = "cache"\ncount = 2\n',
+        ' nodes.0.actors: 2 cache actors on node "local"; expected at most one per node',
+    ),
+    (
+        "[frontend]\nhttp_port = 5605\n" + BASIC,
+        " frontend.http_port: 5605 on 127.0.0.1 is also the port of prefill-0 (actors have "
+        "ports from cluster.base_port = 5600); expected another port",
+    ),
+    (
+        BASIC + node_toml("b", frontend=1),
+        " nodes.1.actors.0: frontend-1 would serve HTTP on 127.0.0.1:8000 like frontend-0; "
+        "expected one frontend per node address",
+    ),
+    (
+        BASIC + node_toml("b", "10.0.0.2", decode=1),
+        ' cluster.host: "127.0.0.1" accepts connections from this host only, but '
+        'nodes.1.address is "10.0.0.2"; expected an address other hosts reach, such as '
+        '"0.0.0.0"',
+    ),
+    (
+        '[cluster]\nhost = "0.0.0.0"\nipc_dir = "/tmp/k"\n'
+        + BASIC
+        + node_toml("b", "10.0.0.2", decode=1),
+        " cluster.ipc_dir: ipc:// reaches one host only, but the nodes have addresses "
+        '10.0.0.2, 127.0.0.1; expected "" (tcp://) or every node on one address',
+    ),
+    (
+        f'[cluster]\nipc_dir = "/{"d" * 99}"\n',
+        f' cluster.ipc_dir: "/{"d" * 99}" makes socket paths of 118 bytes; expected a '
+        "directory whose paths fit in 107",
+    ),
+    (
+        "[kv]\nhost_gb = 1\ndisk_gb = 10\n",
+        ' kv.disk_path: expected a directory when kv.disk_gb > 0 (it is 10.0), got ""',
+    ),
+    (
+        '[cluster]\nhost = "0.0.0.0"\n',
+        ' security.key_dir: cluster.host = "0.0.0.0" opens the actor sockets to other hosts, '
+        "and without keys anyone reaching them could join as any actor; expected a key "
+        "directory: make one with `kvmesh keys generate DIR --config cluster.toml` and set "
+        "security.key_dir = DIR (or, on a network only you can reach, security.insecure = "
+        "true)",
+    ),
+    (
+        '[cluster]\nhost = "0.0.0.0"\n' + BASIC + node_toml("b", "10.0.0.2", decode=1),
+        ' security.key_dir: cluster.host = "0.0.0.0" opens the actor sockets to other hosts, '
+        "and without keys anyone reaching them could join as any actor; expected a key "
+        "directory: make one with `kvmesh keys generate DIR --config cluster.toml` and set "
+        "security.key_dir = DIR (or, on a network only you can reach, security.insecure = "
+        "true)",
+    ),
+    (
+        "[kv]\nhost_gb = 0\n",
+        " kv.host_gb: expected > 0 where a cache actor runs (nodes.0.actors.4: its host tier is "
+        "where workers offload to, and disk blocks are read back through it), got 0.0",
+    ),
 ]
 
 
@@ -344,9 +449,12 @@ def test_ipc_endpoints_are_paths_named_by_actor():
     cfg = load_config(overrides=["cluster.ipc_dir=/run/kvm/"])
     decode = cfg.actors[-2]
     assert (decode.endpoint, decode.events_endpoint) == (
-        "ipc:///run/kvm/decode-1", "ipc:///run/kvm/decode-1.events")
+        "ipc:///run/kvm/decode-1",
+        "ipc:///run/kvm/decode-1.events",
+    )
     assert [(a.bind, a.events_bind) for a in cfg.actors] == [
-        (a.endpoint, a.events_endpoint) for a in cfg.actors]
+        (a.endpoint, a.events_endpoint) for a in cfg.actors
+    ]
 
 
 def test_ipv6_addresses_are_bracketed():
@@ -374,8 +482,14 @@ def test_every_process_computes_the_same_address_book(tmp_path):
     books = []
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        out = subprocess.run([sys.executable, "-c", BOOK_SCRIPT, str(path)], cwd=ROOT,
-                             env=env, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", BOOK_SCRIPT, str(path)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         books.append(json.loads(out))
     here = msgspec.to_builtins(load_config(path, ["nodes.1.actors.1.count=3"]).actors)
     assert books[0] == books[1] == [here, False]  # and kvmesh.config never imports torch

@@ -17,8 +17,9 @@ def install_requires() -> dict[str, Requirement]:
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
     lines = setup["options"]["install_requires"].splitlines()
-    reqs = [Requirement(line) for line in lines if line.strip() and not line.strip()
-            .startswith("#")]
+    reqs = [
+        Requirement(line) for line in lines if line.strip() and not line.strip().startswith("#")
+    ]
     return {canonicalize_name(r.name): r for r in reqs}
 
 
@@ -31,10 +32,13 @@ def constraints() -> dict[str, Version]:
     return pins
 
 
-@pytest.mark.parametrize("name, vulnerable, fixed", [
-    ("jinja2", "3.1.5", "3.1.6"),  # sandbox breakouts via chat templates
-    ("h11", "0.15.0", "0.16.0"),  # request smuggling
-])
+@pytest.mark.parametrize(
+    "name, vulnerable, fixed",
+    [
+        ("jinja2", "3.1.5", "3.1.6"),  # sandbox breakouts via chat templates
+        ("h11", "0.15.0", "0.16.0"),  # request smuggling
+    ],
+)
 def test_known_vulnerable_releases_are_excluded(name, vulnerable, fixed):
     spec = install_requires()[name].specifier
     assert vulnerable not in spec and fixed in spec

@@ -20,15 +20,18 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.parametrize("stream, env, expected", [
-    (io.StringIO(), {}, False),  # redirected: a file or a pipe
-    (FakeTerminal(), {}, True),
-    (FakeTerminal(), {"CI": "true"}, False),
-    (FakeTerminal(), {"TERM": "dumb"}, False),
-    (FakeTerminal(), {"KVMESH_PROGRESS": "0"}, False),
-    (io.StringIO(), {"KVMESH_PROGRESS": "1"}, True),
-    (io.StringIO(), {"KVMESH_PROGRESS": "1", "CI": "true"}, True),
-])
+@pytest.mark.parametrize(
+    "stream, env, expected",
+    [
+        (io.StringIO(), {}, False),  # redirected: a file or a pipe
+        (FakeTerminal(), {}, True),
+        (FakeTerminal(), {"CI": "true"}, False),
+        (FakeTerminal(), {"TERM": "dumb"}, False),
+        (FakeTerminal(), {"KVMESH_PROGRESS": "0"}, False),
+        (io.StringIO(), {"KVMESH_PROGRESS": "1"}, True),
+        (io.StringIO(), {"KVMESH_PROGRESS": "1", "CI": "true"}, True),
+    ],
+)
 def test_progress_enabled(clean_env, stream, env, expected):
     for name, value in env.items():
         clean_env.setenv(name, value)
@@ -65,11 +68,14 @@ def test_forced_draws_rewritten_lines_and_ends_the_last(clean_env):
     assert out.rsplit("\r", 1)[1].startswith("loading weights  4/4  100%  ")
 
 
-@pytest.mark.parametrize("total, advanced, line", [
-    (None, 0, "starting a cluster"),  # no count: the label, then its seconds
-    (None, 7, "starting a cluster  7  "),
-    (10, 3, "starting a cluster  3/10  30%  "),
-])
+@pytest.mark.parametrize(
+    "total, advanced, line",
+    [
+        (None, 0, "starting a cluster"),  # no count: the label, then its seconds
+        (None, 7, "starting a cluster  7  "),
+        (10, 3, "starting a cluster  3/10  30%  "),
+    ],
+)
 def test_final_line(total, advanced, line):
     stream = io.StringIO()
     with Progress("starting a cluster", total=total, stream=stream, enabled=True) as progress:
@@ -77,4 +83,3 @@ def test_final_line(total, advanced, line):
     final = stream.getvalue().rsplit("\r", 1)[1]
     assert final.startswith(line)
     assert final.rstrip("\n").endswith("s")
-

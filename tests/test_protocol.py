@@ -202,8 +202,13 @@ EXAMPLES = [  # one of each message type, with every field away from its default
         in_reply_to=9, request_id="r1", token_id=7, logprobs={7: -0.2}, num_bytes=4096
     ),
     CacheAttach(call_id=10, record_bytes=32768),
-    CacheInfo(in_reply_to=10, shm_name="kvmesh-kv-cache-0", shm_token=b"t" * 16, num_slots=64,
-              record_bytes=32768),
+    CacheInfo(
+        in_reply_to=10,
+        shm_name="kvmesh-kv-cache-0",
+        shm_token=b"t" * 16,
+        num_slots=64,
+        record_bytes=32768,
+    ),
     CacheLookup(call_id=11, block_hashes=[2**64 - 1, 5]),
     CacheHits(in_reply_to=11, hits=[CacheHit(2**64 - 1, 3, "disk")], shm_name="s"),
     CacheReserve(call_id=12, block_hashes=[6, 7], keep=[5]),
@@ -237,8 +242,13 @@ def test_every_message_round_trips(msg):
         (Heartbeat(), {"type": "Heartbeat"}),
         (
             Error(code="malformed", message="bad", in_reply_to=None),
-            {"type": "Error", "in_reply_to": None, "code": "malformed", "message": "bad",
-             "request_id": None},
+            {
+                "type": "Error",
+                "in_reply_to": None,
+                "code": "malformed",
+                "message": "bad",
+                "request_id": None,
+            },
         ),
     ],
 )

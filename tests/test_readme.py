@@ -42,8 +42,14 @@ def test_ci_installs_what_the_quick_start_says():
     ci = pip_installs((ROOT / ".ci" / "run").read_text())
     assert pip_installs(tests) == ci
     assert ci == [
-        ["install", "torch==2.13.0", "--extra-index-url", "https://download.pytorch.org/whl/cpu",
-         "--retries", "0"],
+        [
+            "install",
+            "torch==2.13.0",
+            "--extra-index-url",
+            "https://download.pytorch.org/whl/cpu",
+            "--retries",
+            "0",
+        ],
         ["install", "-e", ".[test]", "-c", "constraints.txt"],
     ]
     assert pip_installs(serve)[0] == ci[0]  # the same torch to try it as to test it
@@ -58,6 +64,7 @@ def test_gpu_nodes_example_puts_one_worker_on_each_gpu(tmp_path):
     for node in ("gpu-a", "gpu-b"):
         assert [(a.role, a.device) for a in workers if a.node == node] == (
             [("prefill", f"cuda:{i}") for i in range(2)]
-            + [("decode", f"cuda:{i}") for i in range(2, 8)])
+            + [("decode", f"cuda:{i}") for i in range(2, 8)]
+        )
     assert [a.node for a in cfg.actors if a.role == "cache"] == ["gpu-a", "gpu-b"]
     assert {configured_num_blocks(cfg.kv.device_blocks, a.device) for a in workers} == {None}

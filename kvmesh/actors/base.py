@@ -172,7 +172,8 @@ class Actor:
         if not ring.own.admits(config.actor_id, self.role):
             raise ValueError(
                 f"key {ring.own.name!r} is for {ring.own.role} {ring.own.name}, not for "
-                f"{self.role} {config.actor_id}")
+                f"{self.role} {config.actor_id}"
+            )
         return ring
 
     def _dispatch_table(self) -> dict[type[Message], Handler]:
@@ -289,13 +290,15 @@ class Actor:
             sock = self._socks.get(peer.route.socket)
             if sock is not None:
                 with contextlib.suppress(zmq.ZMQError):
-                    await messaging.send(sock, _GOODBYE, head=peer.route.identity,
-                                         flags=zmq.NOBLOCK)
+                    await messaging.send(
+                        sock, _GOODBYE, head=peer.route.identity, flags=zmq.NOBLOCK
+                    )
 
     # --- sockets ---
 
-    def open(self, name: str, kind: int, endpoint: str, *, bind: bool,
-             peer: str | None = None) -> str:
+    def open(
+        self, name: str, kind: int, endpoint: str, *, bind: bool, peer: str | None = None
+    ) -> str:
         """Open socket `name` (by direction: from_peers, events_out, to_router, ...) of a
         zmq kind, bound or connected to endpoint; returns the real endpoint.
 
@@ -326,8 +329,9 @@ class Actor:
         self.endpoints.pop(name, None)
         self._socket_peer.pop(name, None)
 
-    async def connect(self, name: str, endpoint: str, timeout: float,
-                      peer: str | None = None) -> str:
+    async def connect(
+        self, name: str, endpoint: str, timeout: float, peer: str | None = None
+    ) -> str:
         """Open DEALER `name` to a peer's ROUTER, say Hello; returns the peer's actor id.
 
         peer: the actor meant (required with keys): a Welcome from anyone else is a
@@ -360,8 +364,10 @@ class Actor:
             return
         pinned = self._keys.identity(peer)  # the key the handshake was pinned to
         if not pinned.admits(welcome.actor_id, welcome.role):
-            raise ConnectionError(f"{endpoint} says it is {welcome.role} {welcome.actor_id}, "
-                                  f"but its key is {pinned.role}'s")
+            raise ConnectionError(
+                f"{endpoint} says it is {welcome.role} {welcome.actor_id}, "
+                f"but its key is {pinned.role}'s"
+            )
 
     async def ensure_connected(self, peer: str, endpoint: str, timeout: float) -> None:
         """Connect to `peer` at `endpoint` unless already connected; concurrent callers
@@ -498,10 +504,13 @@ class Actor:
             # the connection says who sent it; the sender's own head frame only has to agree
             peer = self._socket_peer.get(name) or user or head.decode(errors="replace")
             if head != peer.encode():
-                self.log.warning("message_rejected", socket=name, peer=peer,
-                                 code=ErrorCode.FORBIDDEN,
-                                 reason=f"sent as {head.decode(errors='replace')!r} on "
-                                        f"{peer}'s connection")
+                self.log.warning(
+                    "message_rejected",
+                    socket=name,
+                    peer=peer,
+                    code=ErrorCode.FORBIDDEN,
+                    reason=f"sent as {head.decode(errors='replace')!r} on {peer}'s connection",
+                )
                 return
         inbound = Inbound(route, peer, extra, user)
         try:
@@ -539,8 +548,11 @@ class Actor:
         if senders is not None:
             role = self.role_of(peer)
             if role not in senders:
-                return (ErrorCode.FORBIDDEN, f"{name} may come from {', '.join(sorted(senders))}, "
-                        f"not from {peer} (role {role})")
+                return (
+                    ErrorCode.FORBIDDEN,
+                    f"{name} may come from {', '.join(sorted(senders))}, "
+                    f"not from {peer} (role {role})",
+                )
         if type(msg) not in self._handlers:
             return (
                 ErrorCode.UNKNOWN_TYPE,
@@ -594,7 +606,11 @@ class Actor:
             self.log.info("reply_dropped", socket=inbound.socket, reason=str(exc))
 
     async def _reject(
-        self, inbound: Inbound, code: str, reason: str, call_id: int | None = None,
+        self,
+        inbound: Inbound,
+        code: str,
+        reason: str,
+        call_id: int | None = None,
         request_id: str | None = None,
     ) -> None:
         """One log line, and an Error back where the socket has a way back."""
@@ -602,8 +618,9 @@ class Actor:
             "message_rejected", socket=inbound.socket, peer=inbound.peer, code=code, reason=reason
         )
         if self._kinds[inbound.socket] in REPLY_KINDS:
-            await self._reply(inbound, call_id, Error(code=code, message=reason,
-                                                      request_id=request_id))
+            await self._reply(
+                inbound, call_id, Error(code=code, message=reason, request_id=request_id)
+            )
 
     def role_of(self, peer: str | None) -> str | None:
         """The role of a sender: its key's with keys, else what its Hello or Welcome
@@ -676,10 +693,17 @@ class Actor:
         if self._keys is not None:
             identity = self._keys.identity(inbound.user) if inbound.user else None
             if identity is None or not identity.admits(msg.actor_id, msg.role):
-                reason = (f"key {inbound.user!r} ({identity.role if identity else 'unknown'}) "
-                          f"may not say Hello as {msg.role} {msg.actor_id!r}")
-                self.log.warning("hello_refused", claimed=msg.actor_id, role=msg.role,
-                                 key=inbound.user, reason=reason)
+                reason = (
+                    f"key {inbound.user!r} ({identity.role if identity else 'unknown'}) "
+                    f"may not say Hello as {msg.role} {msg.actor_id!r}"
+                )
+                self.log.warning(
+                    "hello_refused",
+                    claimed=msg.actor_id,
+                    role=msg.role,
+                    key=inbound.user,
+                    reason=reason,
+                )
                 return Error(code=ErrorCode.FORBIDDEN, message=reason)
         await self.peers.register(Peer.introduced(msg, inbound.route))
         return Welcome(**self._card())

@@ -91,8 +91,9 @@ class CacheActor(Actor):
 
     role = "cache"
     # Lookups, reservations and commits finish work in flight on the workers.
-    drain_accepts = frozenset({CacheAttach, CacheLookup, CacheReserve, CacheCommit,
-                               CacheSnapshotQuery})
+    drain_accepts = frozenset(
+        {CacheAttach, CacheLookup, CacheReserve, CacheCommit, CacheSnapshotQuery}
+    )
 
     def __init__(self, config: ActorConfig, settings: CacheSettings) -> None:
         super().__init__(config)
@@ -107,22 +108,31 @@ class CacheActor(Actor):
 
     async def setup(self) -> None:
         s = self.settings
-        host = HostTier.create(segment_name(f"kv-{self.actor_id}"), s.record_bytes,
-                               s.host_bytes, s.host_eviction)
+        host = HostTier.create(
+            segment_name(f"kv-{self.actor_id}"), s.record_bytes, s.host_bytes, s.host_eviction
+        )
         try:
             disk = None
             if s.disk_bytes > 0:
                 private_dir(s.disk_path, "kv.disk_path")  # the tiers' parent, too
-                disk = await asyncio.to_thread(DiskTier, Path(s.disk_path) / self.actor_id,
-                                               s.record_bytes, s.disk_bytes, s.disk_eviction,
-                                               s.fingerprint)
+                disk = await asyncio.to_thread(
+                    DiskTier,
+                    Path(s.disk_path) / self.actor_id,
+                    s.record_bytes,
+                    s.disk_bytes,
+                    s.disk_eviction,
+                    s.fingerprint,
+                )
         except BaseException:
             host.close()
             raise
         self.store = TieredStore(host, disk)
-        self.log.info("tiers_ready", host_slots=host.num_slots,
-                      disk_blocks=len(disk) if disk is not None else None,
-                      record_bytes=s.record_bytes)
+        self.log.info(
+            "tiers_ready",
+            host_slots=host.num_slots,
+            disk_blocks=len(disk) if disk is not None else None,
+            record_bytes=s.record_bytes,
+        )
         self.open("from_peers", zmq.ROUTER, s.endpoint, bind=True)
         self.open("events_out", zmq.PUB, s.events_endpoint, bind=True)
         self._background = [asyncio.create_task(self._report())]
@@ -142,12 +152,17 @@ class CacheActor(Actor):
         """Register (again, after the router restarts) until it takes us."""
         while self._accepting:
             try:
-                self.router_id = await self.connect("to_router", self.settings.router_endpoint,
-                                                    self.settings.connect_timeout,
-                                                    self.settings.router_id)
-                await self.request(self.router_id, RegisterCache(
-                    events_endpoint=self.endpoints["events_out"]),
-                    timeout=self.settings.connect_timeout)
+                self.router_id = await self.connect(
+                    "to_router",
+                    self.settings.router_endpoint,
+                    self.settings.connect_timeout,
+                    self.settings.router_id,
+                )
+                await self.request(
+                    self.router_id,
+                    RegisterCache(events_endpoint=self.endpoints["events_out"]),
+                    timeout=self.settings.connect_timeout,
+                )
                 self.log.info("registered", router=self.router_id)
                 return
             except (TimeoutError, ConnectionError, RemoteError) as exc:
@@ -167,8 +182,10 @@ class CacheActor(Actor):
 
     async def on_cache_snapshot_query(self, msg: CacheSnapshotQuery, inbound) -> CacheSnapshot:
         """Every block held, per tier (the router asks after registering us)."""
-        return CacheSnapshot(host=self.store.held("host", SNAPSHOT_MAX_BLOCKS),
-                             disk=self.store.held("disk", SNAPSHOT_MAX_BLOCKS))
+        return CacheSnapshot(
+            host=self.store.held("host", SNAPSHOT_MAX_BLOCKS),
+            disk=self.store.held("disk", SNAPSHOT_MAX_BLOCKS),
+        )
 
     async def _report(self) -> None:
         """The counters, every report_interval (the router's sign that it hears us); and
@@ -212,11 +229,19 @@ class CacheActor(Actor):
         """Where the host tier is; refused when the worker's block records differ."""
         info: HostTierInfo = self.store.host.info
         if msg.record_bytes != info.record_bytes:
-            return Error(code="refused", message=(
-                f"block records of {msg.record_bytes} bytes; this cache holds "
-                f"{info.record_bytes}-byte records (another model, dtype or block size)"))
-        return CacheInfo(shm_name=info.shm_name, shm_token=info.shm_token,
-                         num_slots=info.num_slots, record_bytes=info.record_bytes)
+            return Error(
+                code="refused",
+                message=(
+                    f"block records of {msg.record_bytes} bytes; this cache holds "
+                    f"{info.record_bytes}-byte records (another model, dtype or block size)"
+                ),
+            )
+        return CacheInfo(
+            shm_name=info.shm_name,
+            shm_token=info.shm_token,
+            num_slots=info.num_slots,
+            record_bytes=info.record_bytes,
+        )
 
     async def on_cache_lookup(self, msg: CacheLookup, inbound) -> CacheHits:
         """The leading run held, its first window staged in host slots (TieredStore
@@ -225,17 +250,20 @@ class CacheActor(Actor):
         find = self.store.stage if msg.staging else self.store.get_leading
         hits: list[Hit] = await self._call(find, msg.block_hashes, frozenset(msg.keep))
         staged = list(itertools.takewhile(lambda hit: hit.slot is not None, hits))
-        return CacheHits(hits=[CacheHit(*hit) for hit in staged],
-                         shm_name=self.store.host.segment.name,
-                         unstaged=[hit.tier for hit in hits[len(staged):]])
+        return CacheHits(
+            hits=[CacheHit(*hit) for hit in staged],
+            shm_name=self.store.host.segment.name,
+            unstaged=[hit.tier for hit in hits[len(staged) :]],
+        )
 
     async def on_cache_reserve(self, msg: CacheReserve, inbound) -> CacheSlots:
         keep = frozenset(msg.keep)
         slots = await self._call(lambda: [self.store.reserve(h, keep) for h in msg.block_hashes])
         mine = self.reserved.setdefault(inbound.peer, {})
         now = asyncio.get_running_loop().time()
-        mine.update((h, now) for h, slot in zip(msg.block_hashes, slots, strict=True)
-                    if slot is not None)
+        mine.update(
+            (h, now) for h, slot in zip(msg.block_hashes, slots, strict=True) if slot is not None
+        )
         return CacheSlots(slots=slots, shm_name=self.store.host.segment.name)
 
     async def on_cache_commit(self, msg: CacheCommit, inbound) -> None:
@@ -265,8 +293,7 @@ class CacheClient:
     """A worker's CacheChannel to its node's cache actor: the engine thread calls it,
     the actor's event loop does the messaging. Attach/detach are loop-side."""
 
-    def __init__(self, actor: Actor, cache_id: str, endpoint: str,
-                 timeout: float = 2.0) -> None:
+    def __init__(self, actor: Actor, cache_id: str, endpoint: str, timeout: float = 2.0) -> None:
         self.actor = actor
         self.cache_id = cache_id
         self.endpoint = endpoint
@@ -279,10 +306,12 @@ class CacheClient:
         self.loop = asyncio.get_running_loop()
         self.connector = connector
         await self.actor.ensure_connected(self.cache_id, self.endpoint, connect_timeout)
-        info = await self.actor.request(self.cache_id, CacheAttach(
-            record_bytes=connector.record_bytes), timeout=connect_timeout)
-        host = HostTier.attach(HostTierInfo(info.shm_name, info.shm_token, info.num_slots,
-                                            info.record_bytes))
+        info = await self.actor.request(
+            self.cache_id, CacheAttach(record_bytes=connector.record_bytes), timeout=connect_timeout
+        )
+        host = HostTier.attach(
+            HostTierInfo(info.shm_name, info.shm_token, info.num_slots, info.record_bytes)
+        )
         connector.host = host  # the engine thread sees it from its next lookup on
 
     def detach(self) -> None:
@@ -293,19 +322,20 @@ class CacheClient:
 
     # --- engine thread ---
 
-    def lookup(self, block_hashes: list[int], keep: Sequence[int] = (),
-               staging: bool = False) -> tuple[list[Hit], str]:
-        reply = self._ask(CacheLookup(block_hashes=block_hashes, keep=list(keep),
-                                      staging=staging))
+    def lookup(
+        self, block_hashes: list[int], keep: Sequence[int] = (), staging: bool = False
+    ) -> tuple[list[Hit], str]:
+        reply = self._ask(CacheLookup(block_hashes=block_hashes, keep=list(keep), staging=staging))
         if reply is None:
             return [], ""
         hits = [Hit(h.block_hash, h.slot, h.tier) for h in reply.hits]
-        hits += [Hit(block_hash, None, tier) for block_hash, tier
-                 in zip(block_hashes[len(hits):], reply.unstaged, strict=False)]
+        hits += [
+            Hit(block_hash, None, tier)
+            for block_hash, tier in zip(block_hashes[len(hits) :], reply.unstaged, strict=False)
+        ]
         return hits, reply.shm_name
 
-    def reserve(self, block_hashes: list[int],
-                keep: list[int]) -> tuple[list[int | None], str]:
+    def reserve(self, block_hashes: list[int], keep: list[int]) -> tuple[list[int | None], str]:
         reply = self._ask(CacheReserve(block_hashes=block_hashes, keep=keep))
         if reply is None:
             return [None] * len(block_hashes), ""
@@ -319,13 +349,18 @@ class CacheClient:
     def _ask(self, msg):
         """The actor's reply to msg, or None (logged) when the cache is not there."""
         future = asyncio.run_coroutine_threadsafe(
-            self.actor.request(self.cache_id, msg, timeout=self.timeout), self.loop)
+            self.actor.request(self.cache_id, msg, timeout=self.timeout), self.loop
+        )
         try:
             return future.result(self.timeout + 1.0)
         except (PeerDeadError, RemoteError, TimeoutError, ConnectionError) as exc:
             future.cancel()
-            log.warning("cache_unavailable", cache=self.cache_id, error=str(exc),
-                        message_type=type(msg).__name__)
+            log.warning(
+                "cache_unavailable",
+                cache=self.cache_id,
+                error=str(exc),
+                message_type=type(msg).__name__,
+            )
             return None
 
 

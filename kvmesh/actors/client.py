@@ -17,16 +17,19 @@ class OperatorActor(Actor):
     role = OPERATOR
 
 
-async def query_status(router_endpoint: str, router_id: str | None = None, key_dir=None,
-                       timeout: float = 5.0) -> ClusterStatus:
+async def query_status(
+    router_endpoint: str, router_id: str | None = None, key_dir=None, timeout: float = 5.0
+) -> ClusterStatus:
     """The router's registry; TimeoutError when no router answers at router_endpoint."""
-    config = ActorConfig(actor_id=f"{OPERATOR}:{os.getpid()}", key_dir=key_dir,
-                         key_name=OPERATOR, linger=0.0)
+    config = ActorConfig(
+        actor_id=f"{OPERATOR}:{os.getpid()}", key_dir=key_dir, key_name=OPERATOR, linger=0.0
+    )
     async with OperatorActor(config) as client:
         router = await client.connect("to_router", router_endpoint, timeout, router_id)
         return await client.request(router, StatusQuery(), timeout)
 
 
-def status(router_endpoint: str, router_id: str | None = None, key_dir=None,
-           timeout: float = 5.0) -> ClusterStatus:
+def status(
+    router_endpoint: str, router_id: str | None = None, key_dir=None, timeout: float = 5.0
+) -> ClusterStatus:
     return asyncio.run(query_status(router_endpoint, router_id, key_dir, timeout))

@@ -99,19 +99,29 @@ class FrontendActor(Actor):
 
         from kvmesh.frontend.app import create_app
 
-        self.router_id = await self.connect("to_router", self.settings.router_endpoint,
-                                            self.settings.connect_timeout,
-                                            self.settings.router_id)
-        config = uvicorn.Config(create_app(self, self.settings.limits), host=self.settings.host,
-                                port=self.settings.http_port, log_level="warning",
-                                lifespan="off", timeout_keep_alive=self.settings.keep_alive,
-                                limit_concurrency=self.settings.max_connections)
+        self.router_id = await self.connect(
+            "to_router",
+            self.settings.router_endpoint,
+            self.settings.connect_timeout,
+            self.settings.router_id,
+        )
+        config = uvicorn.Config(
+            create_app(self, self.settings.limits),
+            host=self.settings.host,
+            port=self.settings.http_port,
+            log_level="warning",
+            lifespan="off",
+            timeout_keep_alive=self.settings.keep_alive,
+            limit_concurrency=self.settings.max_connections,
+        )
         self._server = uvicorn.Server(config)
         # uvicorn must not take SIGTERM/SIGINT for itself: they are the actor's, which
         # drains the streams in flight before telling uvicorn to exit.
         self._server.capture_signals = contextlib.nullcontext
-        self._services = [asyncio.create_task(self._server.serve()),
-                       asyncio.create_task(self._poll_status())]
+        self._services = [
+            asyncio.create_task(self._server.serve()),
+            asyncio.create_task(self._poll_status()),
+        ]
         self.endpoints["http"] = f"http://{self.settings.host}:{self.settings.http_port}"
 
     async def drain(self) -> None:
@@ -131,8 +141,12 @@ class FrontendActor(Actor):
     async def _reconnect_router(self) -> None:
         while self._accepting:
             try:
-                await self.connect("to_router", self.settings.router_endpoint,
-                                   self.settings.connect_timeout, self.settings.router_id)
+                await self.connect(
+                    "to_router",
+                    self.settings.router_endpoint,
+                    self.settings.connect_timeout,
+                    self.settings.router_id,
+                )
                 return
             except (TimeoutError, ConnectionError) as exc:
                 log.warning("router_unreachable", error=str(exc))
@@ -141,8 +155,9 @@ class FrontendActor(Actor):
     async def _poll_status(self) -> None:
         while True:
             try:
-                self.status = await self.request(self.router_id, StatusQuery(),
-                                                 timeout=self.settings.route_timeout)
+                self.status = await self.request(
+                    self.router_id, StatusQuery(), timeout=self.settings.route_timeout
+                )
             except (PeerDeadError, RemoteError, TimeoutError) as exc:
                 log.warning("router_status_failed", error=str(exc))
                 self.status = None
@@ -154,8 +169,9 @@ class FrontendActor(Actor):
         if self.status is None:
             return False
         workers = [a for a in self.status.actors if a.role in ("prefill", "decode")]
-        return (len(workers) >= self.settings.expected_workers
-                and any(a.role == "decode" for a in workers))
+        return len(workers) >= self.settings.expected_workers and any(
+            a.role == "decode" for a in workers
+        )
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -178,15 +194,23 @@ class FrontendActor(Actor):
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
         try:
             while not finished:
-                decode = await self._start(request_id, prompt_token_ids, params, outputs,
-                                           num_chars, dead)
+                decode = await self._start(
+                    request_id, prompt_token_ids, params, outputs, num_chars, dead
+                )
                 while True:
                     delta: Delta = await self._next(stream, deadline, request_id)
-                    if delta.error is not None and delta.error.startswith(WORKER_DIED) and (
-                            len(dead) < self.settings.max_migrations):
+                    if (
+                        delta.error is not None
+                        and delta.error.startswith(WORKER_DIED)
+                        and (len(dead) < self.settings.max_migrations)
+                    ):
                         dead.append(decode)
-                        self.log.warning("request_migrating", request_id=request_id,
-                                         dead=decode, num_outputs=len(outputs))
+                        self.log.warning(
+                            "request_migrating",
+                            request_id=request_id,
+                            dead=decode,
+                            num_outputs=len(outputs),
+                        )
                         break
                     if delta.error is not None:
                         finished = True
@@ -213,7 +237,8 @@ class FrontendActor(Actor):
         except TimeoutError:
             raise OverloadedError(
                 f"request {request_id} took longer than frontend.request_timeout "
-                f"({self.settings.request_timeout:g} s) and was aborted", retry_after=5.0
+                f"({self.settings.request_timeout:g} s) and was aborted",
+                retry_after=5.0,
             ) from None
 
     async def _start(self, request_id, prompt_token_ids, params, outputs, num_chars, dead) -> str:
@@ -224,31 +249,47 @@ class FrontendActor(Actor):
         if size > self.config.max_message_size:
             raise ValueError(
                 f"prompt has {len(prompt_token_ids)} tokens, too many for one message to a "
-                f"worker (about {size} bytes; the limit is {self.config.max_message_size})")
-        placement = await self._place(request_id, prompt_token_ids + outputs,
-                                      params.salted(self.salt), dead)
+                f"worker (about {size} bytes; the limit is {self.config.max_message_size})"
+            )
+        placement = await self._place(
+            request_id, prompt_token_ids + outputs, params.salted(self.salt), dead
+        )
         decode = placement.decode
         self.decode_of[request_id] = decode
         await self._ensure_connected(decode, placement.decode_endpoint)
         resumed = bool(outputs)  # a resumed request is prefilled where it decodes
-        await self.send(decode, Generate(
-            request_id=request_id, prompt_token_ids=prompt_token_ids, params=params,
-            prefill=None if resumed else placement.prefill,
-            prefill_endpoint=None if resumed else placement.prefill_endpoint,
-            output_token_ids=outputs, num_sent_chars=num_chars))
+        await self.send(
+            decode,
+            Generate(
+                request_id=request_id,
+                prompt_token_ids=prompt_token_ids,
+                params=params,
+                prefill=None if resumed else placement.prefill,
+                prefill_endpoint=None if resumed else placement.prefill_endpoint,
+                output_token_ids=outputs,
+                num_sent_chars=num_chars,
+            ),
+        )
         return decode
 
-    async def _place(self, request_id: str, prompt_token_ids: list[int], salt: bytes,
-                     exclude: list[str]) -> Placement:
+    async def _place(
+        self, request_id: str, prompt_token_ids: list[int], salt: bytes, exclude: list[str]
+    ) -> Placement:
         if self.router_id not in self.peers:
             raise BackendUnavailable("the router is unreachable", retry_after=2.0)
         hashes = wire_hashes(hash_blocks(prompt_token_ids, self.settings.block_size, salt=salt))
         try:
-            return await self.request(self.router_id, RouteRequest(
-                request_id=request_id, block_hashes=hashes,
-                num_prompt_tokens=len(prompt_token_ids), exclude=exclude,
-                salt_id=self.salt_id),
-                timeout=self.settings.route_timeout)
+            return await self.request(
+                self.router_id,
+                RouteRequest(
+                    request_id=request_id,
+                    block_hashes=hashes,
+                    num_prompt_tokens=len(prompt_token_ids),
+                    exclude=exclude,
+                    salt_id=self.salt_id,
+                ),
+                timeout=self.settings.route_timeout,
+            )
         except RemoteError as exc:
             raise BackendUnavailable(f"no placement: {exc.error.message}", retry_after=2.0) from exc
         except (PeerDeadError, TimeoutError) as exc:
@@ -266,8 +307,9 @@ class FrontendActor(Actor):
         if decode in self.peers:
             await self.send(decode, Abort(request_id=request_id))
         if stream is not None:
-            stream.put_nowait(Delta(request_id=request_id, new_token_ids=[], new_text="",
-                                    error="aborted"))
+            stream.put_nowait(
+                Delta(request_id=request_id, new_token_ids=[], new_text="", error="aborted")
+            )
 
     def metrics(self) -> dict:
         workers, caches = [], []
@@ -281,8 +323,12 @@ class FrontendActor(Actor):
             if actor.role == "decode":
                 remote_prefills += int(actor.load.get("remote_prefills_total", 0))
                 transfer_bytes += int(actor.load.get("transfer_bytes_total", 0))
-        return {"remote_prefill_total": remote_prefills, "kv_transfer_bytes_total": transfer_bytes,
-                "workers": workers, "tiers": sum_tiers(workers + caches)}
+        return {
+            "remote_prefill_total": remote_prefills,
+            "kv_transfer_bytes_total": transfer_bytes,
+            "workers": workers,
+            "tiers": sum_tiers(workers + caches),
+        }
 
     # --- from the workers ---
 
@@ -293,8 +339,12 @@ class FrontendActor(Actor):
             if stream is None:
                 continue
             if self.decode_of.get(delta.request_id) != inbound.peer:
-                self.log.warning("tokens_refused", request_id=delta.request_id,
-                                 sender=inbound.peer, reason="not placed on the sender")
+                self.log.warning(
+                    "tokens_refused",
+                    request_id=delta.request_id,
+                    sender=inbound.peer,
+                    reason="not placed on the sender",
+                )
                 continue
             stream.put_nowait(delta)
 
@@ -303,9 +353,16 @@ class FrontendActor(Actor):
         request never started there, so it moves on as from a dead worker."""
         stream = self.streams.get(error.request_id)
         if stream is not None and self.decode_of.get(error.request_id) == inbound.peer:
-            stream.put_nowait(Delta(
-                request_id=error.request_id, new_token_ids=[], new_text="",
-                error=f"{WORKER_DIED} {inbound.peer} refused it ({error.code}: {error.message})"))
+            stream.put_nowait(
+                Delta(
+                    request_id=error.request_id,
+                    new_token_ids=[],
+                    new_text="",
+                    error=(
+                        f"{WORKER_DIED} {inbound.peer} refused it ({error.code}: {error.message})"
+                    ),
+                )
+            )
 
     async def on_peer_dead(self, peer_id: str) -> None:
         """A decode worker died: its requests move elsewhere (or end with an error).
@@ -314,9 +371,14 @@ class FrontendActor(Actor):
             self._services.append(asyncio.create_task(self._reconnect_router()))
         for request_id, decode in list(self.decode_of.items()):
             if decode == peer_id and request_id in self.streams:
-                self.streams[request_id].put_nowait(Delta(
-                    request_id=request_id, new_token_ids=[], new_text="",
-                    error=f"{WORKER_DIED} {peer_id}"))
+                self.streams[request_id].put_nowait(
+                    Delta(
+                        request_id=request_id,
+                        new_token_ids=[],
+                        new_text="",
+                        error=f"{WORKER_DIED} {peer_id}",
+                    )
+                )
         await super().on_peer_dead(peer_id)
 
 

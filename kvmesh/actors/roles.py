@@ -24,8 +24,9 @@ def find_spec(cfg: ClusterConfig, actor_id: str) -> ActorSpec:
         if spec.actor_id == actor_id:
             return spec
     known = ", ".join(spec.actor_id for spec in cfg.actors)
-    raise ConfigError(f"actor id {actor_id!r} is not in the cluster; its actors are {known}",
-                      key="nodes")
+    raise ConfigError(
+        f"actor id {actor_id!r} is not in the cluster; its actors are {known}", key="nodes"
+    )
 
 
 def actor_config(cfg: ClusterConfig, spec: ActorSpec, max_frame_size: int = 0) -> ActorConfig:
@@ -48,8 +49,9 @@ def worker_frame_size(cfg: ClusterConfig) -> int:
 
     model = ModelConfig.from_pretrained(cfg.model.resolved_path)
     block_size = cfg.model.block_size
-    layer_block = model.kv_bytes_per_block(block_size, DTYPE_BYTES[cfg.model.dtype]) \
-        // model.num_layers
+    layer_block = (
+        model.kv_bytes_per_block(block_size, DTYPE_BYTES[cfg.model.dtype]) // model.num_layers
+    )
     max_blocks = -(-capped_context(model.max_model_len, cfg.model.max_model_len) // block_size)
     return max(4 * MAX_MESSAGE_SIZE, max_blocks * layer_block + (1 << 20))
 
@@ -59,9 +61,12 @@ def init_router(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     from kvmesh.router.policy import RouterSettings
 
     fields = {name: getattr(cfg.router, name) for name in RouterSettings.__struct_fields__}
-    settings = RouterActorSettings(endpoint=spec.bind, model_name=cfg.model.served_name,
-                                   block_size=cfg.model.block_size,
-                                   policy=RouterSettings(**fields))
+    settings = RouterActorSettings(
+        endpoint=spec.bind,
+        model_name=cfg.model.served_name,
+        block_size=cfg.model.block_size,
+        policy=RouterSettings(**fields),
+    )
     return RouterActor(actor_config(cfg, spec), settings)
 
 
@@ -70,16 +75,24 @@ def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
 
     workers = sum(1 for a in cfg.actors if a.role in WORKER_ROLES)
     settings = FrontendSettings(
-        model_path=str(cfg.model.resolved_path), model_name=cfg.model.served_name,
-        block_size=cfg.model.block_size, router_endpoint=cfg.router_endpoint,
-        router_id=cfg.router_id, hash_key=cluster_hash_key(cfg), dtype=cfg.model.dtype,
+        model_path=str(cfg.model.resolved_path),
+        model_name=cfg.model.served_name,
+        block_size=cfg.model.block_size,
+        router_endpoint=cfg.router_endpoint,
+        router_id=cfg.router_id,
+        hash_key=cluster_hash_key(cfg),
+        dtype=cfg.model.dtype,
         host=cfg.cluster.host,
-        http_port=cfg.frontend.http_port, expected_workers=workers,
+        http_port=cfg.frontend.http_port,
+        expected_workers=workers,
         max_num_requests=cfg.frontend.max_num_requests,
         max_migrations=cfg.frontend.max_migrations,
-        request_timeout=cfg.frontend.request_timeout, keep_alive=cfg.frontend.keep_alive,
-        max_model_len=cfg.model.max_model_len, max_connections=cfg.frontend.max_connections,
-        limits=http_limits(cfg.frontend))
+        request_timeout=cfg.frontend.request_timeout,
+        keep_alive=cfg.frontend.keep_alive,
+        max_model_len=cfg.model.max_model_len,
+        max_connections=cfg.frontend.max_connections,
+        limits=http_limits(cfg.frontend),
+    )
     return FrontendActor(actor_config(cfg, spec), settings)
 
 
@@ -102,11 +115,15 @@ def http_limits(frontend) -> HTTPLimits:
     except ValueError as exc:
         raise ConfigError(str(exc), key="frontend.api_key_file") from None
     return HTTPLimits(
-        max_body_bytes=frontend.max_body_bytes, body_timeout=frontend.body_timeout,
-        max_choices=frontend.max_choices, default_max_tokens=frontend.default_max_tokens,
-        api_keys=keys, metrics_auth=frontend.metrics_auth,
+        max_body_bytes=frontend.max_body_bytes,
+        body_timeout=frontend.body_timeout,
+        max_choices=frontend.max_choices,
+        default_max_tokens=frontend.default_max_tokens,
+        api_keys=keys,
+        metrics_auth=frontend.metrics_auth,
         allowed_hosts=parse_hosts(frontend.allowed_hosts),
-        salt_by_api_key=frontend.salt_by_api_key)
+        salt_by_api_key=frontend.salt_by_api_key,
+    )
 
 
 def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
@@ -115,15 +132,24 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
 
     cache = node_cache(cfg, spec.node)
     settings = WorkerSettings(
-        model_path=str(cfg.model.resolved_path), model_name=cfg.model.served_name,
-        endpoint=spec.bind, events_endpoint=spec.events_bind,
-        router_endpoint=cfg.router_endpoint, router_id=cfg.router_id,
-        hash_key=cluster_hash_key(cfg), device=spec.device, dtype=cfg.model.dtype,
+        model_path=str(cfg.model.resolved_path),
+        model_name=cfg.model.served_name,
+        endpoint=spec.bind,
+        events_endpoint=spec.events_bind,
+        router_endpoint=cfg.router_endpoint,
+        router_id=cfg.router_id,
+        hash_key=cluster_hash_key(cfg),
+        device=spec.device,
+        dtype=cfg.model.dtype,
         block_size=cfg.model.block_size,
         num_blocks=configured_num_blocks(cfg.kv.device_blocks, spec.device),
-        max_num_seqs=spec.max_num_seqs, max_num_batched_tokens=spec.max_num_batched_tokens,
-        transfer=cfg.kv.transfer, cache_id=cache.actor_id if cache else None,
-        cache_endpoint=cache.endpoint if cache else None, max_model_len=cfg.model.max_model_len)
+        max_num_seqs=spec.max_num_seqs,
+        max_num_batched_tokens=spec.max_num_batched_tokens,
+        transfer=cfg.kv.transfer,
+        cache_id=cache.actor_id if cache else None,
+        cache_endpoint=cache.endpoint if cache else None,
+        max_model_len=cfg.model.max_model_len,
+    )
     worker_class = PrefillWorker if spec.role == "prefill" else DecodeWorker
     return worker_class(actor_config(cfg, spec, worker_frame_size(cfg)), settings)
 
@@ -134,14 +160,18 @@ def init_cache(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
 
     model = ModelConfig.from_pretrained(cfg.model.resolved_path)
     settings = CacheSettings(
-        endpoint=spec.bind, events_endpoint=spec.events_bind,
-        router_endpoint=cfg.router_endpoint, router_id=cfg.router_id,
-        record_bytes=model.kv_record_bytes(cfg.model.block_size,
-                                           DTYPE_BYTES[cfg.model.dtype]),
+        endpoint=spec.bind,
+        events_endpoint=spec.events_bind,
+        router_endpoint=cfg.router_endpoint,
+        router_id=cfg.router_id,
+        record_bytes=model.kv_record_bytes(cfg.model.block_size, DTYPE_BYTES[cfg.model.dtype]),
         fingerprint=model.fingerprint(cfg.model.dtype, cfg.model.block_size),
-        host_bytes=int(cfg.kv.host_gb * 2**30), disk_path=cfg.kv.disk_path,
+        host_bytes=int(cfg.kv.host_gb * 2**30),
+        disk_path=cfg.kv.disk_path,
         disk_bytes=int(cfg.kv.disk_gb * 2**30),
-        host_eviction=cfg.kv.host_eviction, disk_eviction=cfg.kv.disk_eviction)
+        host_eviction=cfg.kv.host_eviction,
+        disk_eviction=cfg.kv.disk_eviction,
+    )
     return CacheActor(actor_config(cfg, spec), settings)
 
 
@@ -150,8 +180,13 @@ def node_cache(cfg: ClusterConfig, node: str) -> ActorSpec | None:
     return next((a for a in cfg.actors if a.role == "cache" and a.node == node), None)
 
 
-INIT = {"router": init_router, "cache": init_cache, "frontend": init_frontend,
-        "prefill": init_worker, "decode": init_worker}
+INIT = {
+    "router": init_router,
+    "cache": init_cache,
+    "frontend": init_frontend,
+    "prefill": init_worker,
+    "decode": init_worker,
+}
 
 
 def build_actor(cfg: ClusterConfig, actor_id: str) -> Actor:
@@ -164,9 +199,12 @@ def build_actor(cfg: ClusterConfig, actor_id: str) -> Actor:
         import structlog
 
         structlog.get_logger(__name__).warning(
-            "insecure", actor=actor_id, reason=f"{exposed} opens this actor's sockets to "
+            "insecure",
+            actor=actor_id,
+            reason=f"{exposed} opens this actor's sockets to "
             "other hosts without keys (security.insecure = true): anyone reaching them "
-            "can join the cluster as any actor")
+            "can join the cluster as any actor",
+        )
     if cfg.cluster.ipc_dir:  # its sockets are this user's alone, as the disk tier is
         from kvmesh.transport.private_dir import private_dir
 

@@ -61,7 +61,8 @@ class RouterActorSettings:
 SALT_MISMATCH = (
     "{who} block hashes are salted {salt}, the workers' {cluster}: their model files, "
     "dtype, block size or hash key (security.key_dir's cluster.hash_key, or the per-user "
-    "one without keys) differ, so no prefix would ever be found")
+    "one without keys) differ, so no prefix would ever be found"
+)
 
 
 class RouterActor(Actor):
@@ -98,8 +99,10 @@ class RouterActor(Actor):
         elif msg.model != self.settings.model_name:
             problem = f"model {msg.model!r} differs from the cluster's {self.settings.model_name!r}"
         elif msg.block_size != self.settings.block_size:
-            problem = (f"block_size {msg.block_size} differs from the cluster's "
-                       f"{self.settings.block_size}: its KV hashes would never match")
+            problem = (
+                f"block_size {msg.block_size} differs from the cluster's "
+                f"{self.settings.block_size}: its KV hashes would never match"
+            )
         elif msg.salt_id and self.salt_id and msg.salt_id != self.salt_id:
             problem = SALT_MISMATCH.format(who="its", salt=msg.salt_id, cluster=self.salt_id)
         if problem is not None:
@@ -109,23 +112,28 @@ class RouterActor(Actor):
         self.salt_id = self.salt_id or msg.salt_id
         if worker_id in self.workers:  # a restarted worker: forget what the old one held
             self._forget(worker_id)
-        self.workers[worker_id] = WorkerState(worker_id, peer.role,
-                                              capacity_tokens=msg.num_blocks * msg.block_size)
+        self.workers[worker_id] = WorkerState(
+            worker_id, peer.role, capacity_tokens=msg.num_blocks * msg.block_size
+        )
         self._subscribe(worker_id, msg.events_endpoint)
         cache = self.cache_of.get(peer.node)
         for tier, blocks in self.cache_blocks.get(cache, {}).items():
             if blocks:  # the node's tiers hold these for this worker too
                 self.index.apply(worker_id, BlockStored(block_hashes=list(blocks), tier=tier))
-        self.log.info("worker_registered", worker=worker_id, role=peer.role,
-                      num_blocks=msg.num_blocks)
+        self.log.info(
+            "worker_registered", worker=worker_id, role=peer.role, num_blocks=msg.num_blocks
+        )
         return Registered(router_id=self.actor_id)
 
     async def on_register_cache(self, msg: RegisterCache, inbound) -> Registered | Error:
         """A node's cache actor: its events are the node's host and disk tiers."""
         peer = self.peers.get(inbound.peer)
         if peer is None or peer.role != "cache":
-            return Error(code="refused", message="registration refused: RegisterCache is "
-                         f"for cache actors, not {peer and peer.role!r}")
+            return Error(
+                code="refused",
+                message="registration refused: RegisterCache is "
+                f"for cache actors, not {peer and peer.role!r}",
+            )
         cache_id = inbound.peer
         old = self.cache_of.get(peer.node)
         if old is not None:  # a restarted (or replaced) cache: what it held is gone
@@ -183,8 +191,12 @@ class RouterActor(Actor):
             self._index_node(actor_id, event)
         else:
             return
-        self.log.debug("kv_event", actor=actor_id, kind=type(event).__name__,
-                       num_blocks=len(getattr(event, "block_hashes", ())))
+        self.log.debug(
+            "kv_event",
+            actor=actor_id,
+            kind=type(event).__name__,
+            num_blocks=len(getattr(event, "block_hashes", ())),
+        )
 
     def _track_cache(self, cache_id: str, event) -> None:
         blocks = self.cache_blocks[cache_id].get(event.tier)
@@ -223,21 +235,36 @@ class RouterActor(Actor):
         if worker is None:
             return
         self.loads[inbound.peer] = msg
-        self.policy.on_load_report(worker, num_running=msg.num_running,
-                                   num_queued_tokens=msg.queued_prefill_tokens,
-                                   kv_usage=msg.kv_usage)
+        self.policy.on_load_report(
+            worker,
+            num_running=msg.num_running,
+            num_queued_tokens=msg.queued_prefill_tokens,
+            kv_usage=msg.kv_usage,
+        )
 
     async def on_route_request(self, msg: RouteRequest, inbound) -> Placement | Error:
         """Place one request: decode worker, and prefill worker or local prefill."""
         if msg.salt_id and self.salt_id and msg.salt_id != self.salt_id:
-            return Error(code="refused", message=SALT_MISMATCH.format(
-                who=f"{inbound.peer}'s", salt=msg.salt_id, cluster=self.salt_id))
+            return Error(
+                code="refused",
+                message=SALT_MISMATCH.format(
+                    who=f"{inbound.peer}'s", salt=msg.salt_id, cluster=self.salt_id
+                ),
+            )
         try:
             # a worker out of `peers` is dead, its death hook not yet run: not a candidate
-            workers = [w for w in self.workers.values()
-                       if w.worker_id not in msg.exclude and w.worker_id in self.peers]
-            placed = self.policy.choose(msg.block_hashes, msg.num_prompt_tokens,
-                                        self.settings.block_size, workers, self.index)
+            workers = [
+                w
+                for w in self.workers.values()
+                if w.worker_id not in msg.exclude and w.worker_id in self.peers
+            ]
+            placed = self.policy.choose(
+                msg.block_hashes,
+                msg.num_prompt_tokens,
+                self.settings.block_size,
+                workers,
+                self.index,
+            )
         except NoWorkerError as exc:
             return Error(code="no_worker", message=str(exc))
         self.num_routed += 1
@@ -245,9 +272,14 @@ class RouterActor(Actor):
         key = f"{inbound.peer}:{msg.request_id}"
         self.policy.on_placed(key, placed)
         self.placed.append((time.monotonic(), key))
-        self.log.debug("placed", decode=placed.decode, prefill=placed.prefill,
-                       cached=placed.expected_cached_tokens, local=placed.local_reason,
-                       scores=placed.decode_scores)
+        self.log.debug(
+            "placed",
+            decode=placed.decode,
+            prefill=placed.prefill,
+            cached=placed.expected_cached_tokens,
+            local=placed.local_reason,
+            scores=placed.decode_scores,
+        )
         prefill_endpoint = None
         if placed.prefill is not None:
             prefill_endpoint = self.peers[placed.prefill].endpoints["from_peers"]
@@ -272,11 +304,21 @@ class RouterActor(Actor):
 
     async def on_status_query(self, msg: StatusQuery, inbound) -> ClusterStatus:
         """Every actor known to the router (itself included), with load where reported."""
-        actors = [ActorStatus(actor_id=self.actor_id, role=self.role, node=self.config.node,
-                              pid=os.getpid(), endpoints=dict(self.endpoints), alive=True,
-                              load={"routed_total": float(self.num_routed),
-                                    "pending_tokens": float(self.policy.num_pending_tokens),
-                                    "pending_placements": float(self.policy.num_in_flight)})]
+        actors = [
+            ActorStatus(
+                actor_id=self.actor_id,
+                role=self.role,
+                node=self.config.node,
+                pid=os.getpid(),
+                endpoints=dict(self.endpoints),
+                alive=True,
+                load={
+                    "routed_total": float(self.num_routed),
+                    "pending_tokens": float(self.policy.num_pending_tokens),
+                    "pending_placements": float(self.policy.num_in_flight),
+                },
+            )
+        ]
         for peer in self.peers.values():
             if peer.role == "operator":  # a `kvmesh status` asking, not a member
                 continue
@@ -284,10 +326,17 @@ class RouterActor(Actor):
                 continue  # connected but not (or not yet) registered: not serving
             load = self.loads.get(peer.actor_id)
             report = self.cache_reports.get(peer.actor_id)
-            actors.append(ActorStatus(
-                actor_id=peer.actor_id, role=peer.role, node=peer.node, pid=peer.pid,
-                endpoints=dict(peer.endpoints), alive=True,
-                load=_load_dict(load) if load else dict(report.tiers) if report else {}))
+            actors.append(
+                ActorStatus(
+                    actor_id=peer.actor_id,
+                    role=peer.role,
+                    node=peer.node,
+                    pid=peer.pid,
+                    endpoints=dict(peer.endpoints),
+                    alive=True,
+                    load=_load_dict(load) if load else dict(report.tiers) if report else {},
+                )
+            )
         return ClusterStatus(actors=actors)
 
     async def on_peer_dead(self, peer_id: str) -> None:
@@ -317,7 +366,16 @@ class RouterActor(Actor):
 
 
 def _load_dict(load: LoadReport) -> dict[str, float]:
-    fields = ("num_running", "num_waiting", "num_remote", "kv_usage", "queued_prefill_tokens",
-              "prompt_tokens_total", "cached_tokens_total", "remote_prefills_total",
-              "transfer_bytes_total", "preemptions_total")
+    fields = (
+        "num_running",
+        "num_waiting",
+        "num_remote",
+        "kv_usage",
+        "queued_prefill_tokens",
+        "prompt_tokens_total",
+        "cached_tokens_total",
+        "remote_prefills_total",
+        "transfer_bytes_total",
+        "preemptions_total",
+    )
     return {name: float(getattr(load, name)) for name in fields} | load.tiers

@@ -103,8 +103,13 @@ class EngineWorker(DataPlaneHandlers, Actor):
         engine, segment = await asyncio.to_thread(self._build_engine)
         self.engine = AsyncEngine(engine, on_step=self._on_step, on_crash=self._on_engine_crash)
         self.engine.start()
-        self.kv_plane = KVDataPlane(self, engine.kv_caches, segment=segment,
-                                    backend=self.settings.transfer, node=self.config.node)
+        self.kv_plane = KVDataPlane(
+            self,
+            engine.kv_caches,
+            segment=segment,
+            backend=self.settings.transfer,
+            node=self.config.node,
+        )
         self.open("from_peers", zmq.ROUTER, self.settings.endpoint, bind=True)
         self.open("events_out", zmq.PUB, self.settings.events_endpoint, bind=True)
         if self.cache is not None:  # usually up already (it starts first); else later
@@ -112,19 +117,31 @@ class EngineWorker(DataPlaneHandlers, Actor):
             self._background.append(attach)
             await asyncio.wait([attach], timeout=CACHE_ATTACH_WAIT)
         await self._join_router()
-        self._background += [asyncio.create_task(self._publish_events()),
-                             asyncio.create_task(self._report_load())]
+        self._background += [
+            asyncio.create_task(self._publish_events()),
+            asyncio.create_task(self._report_load()),
+        ]
 
     async def _join_router(self) -> None:
         engine = self.engine.engine
-        self.router_id = await self.connect("to_router", self.settings.router_endpoint,
-                                            self.settings.connect_timeout,
-                                            self.settings.router_id)
-        await self.request(self.router_id, RegisterWorker(
-            model=self.settings.model_name, block_size=engine.block_size,
-            num_blocks=engine.num_blocks, max_num_seqs=engine.scheduler.max_num_seqs,
-            events_endpoint=self.endpoints["events_out"], salt_id=engine.salt_id),
-            timeout=self.settings.connect_timeout)
+        self.router_id = await self.connect(
+            "to_router",
+            self.settings.router_endpoint,
+            self.settings.connect_timeout,
+            self.settings.router_id,
+        )
+        await self.request(
+            self.router_id,
+            RegisterWorker(
+                model=self.settings.model_name,
+                block_size=engine.block_size,
+                num_blocks=engine.num_blocks,
+                max_num_seqs=engine.scheduler.max_num_seqs,
+                events_endpoint=self.endpoints["events_out"],
+                salt_id=engine.salt_id,
+            ),
+            timeout=self.settings.connect_timeout,
+        )
 
     async def on_peer_dead(self, peer_id: str) -> None:
         """The router died: keep trying to register with its successor. The cache actor
@@ -158,19 +175,34 @@ class EngineWorker(DataPlaneHandlers, Actor):
         dtype = torch_dtype(s.dtype)
         model = load_model(s.model_path, s.device, s.dtype)  # first: the pool takes what is left
         num_blocks = s.num_blocks or default_num_blocks(
-            config, s.block_size, dtype, s.device, s.max_num_seqs * config.max_model_len)
+            config, s.block_size, dtype, s.device, s.max_num_seqs * config.max_model_len
+        )
         kv_caches = segment = None
         if s.device == "cpu":  # a shared-memory pool, so same-host peers write straight in
-            layout = KVLayout(config.num_layers, num_blocks, s.block_size, config.num_kv_heads,
-                              config.head_dim, dtype)
+            layout = KVLayout(
+                config.num_layers,
+                num_blocks,
+                s.block_size,
+                config.num_kv_heads,
+                config.head_dim,
+                dtype,
+            )
             kv_caches, segment = allocate_shared_pool(layout, self.actor_id)
         engine = Engine(
-            model, Tokenizer.from_pretrained(s.model_path), config, device=s.device,
-            dtype=s.dtype, block_size=s.block_size, num_blocks=num_blocks,
+            model,
+            Tokenizer.from_pretrained(s.model_path),
+            config,
+            device=s.device,
+            dtype=s.dtype,
+            block_size=s.block_size,
+            num_blocks=num_blocks,
             max_num_seqs=s.max_num_seqs,
-            max_num_batched_tokens=s.max_num_batched_tokens, kv_caches=kv_caches,
-            kv_connector=self._tiers(config, dtype), max_model_len=s.max_model_len or None,
-            hash_key=s.hash_key)
+            max_num_batched_tokens=s.max_num_batched_tokens,
+            kv_caches=kv_caches,
+            kv_connector=self._tiers(config, dtype),
+            max_model_len=s.max_model_len or None,
+            hash_key=s.hash_key,
+        )
         warm_up(engine)
         return engine, segment
 
@@ -192,12 +224,12 @@ class EngineWorker(DataPlaneHandlers, Actor):
         while self._accepting:
             try:
                 await self.cache.attach(connector, CACHE_ATTACH_WAIT)
-                self.log.info("cache_attached", cache=self.settings.cache_id,
-                              slots=connector.host.num_slots)
+                self.log.info(
+                    "cache_attached", cache=self.settings.cache_id, slots=connector.host.num_slots
+                )
                 return
             except (TimeoutError, ConnectionError, RemoteError, OSError, ValueError) as exc:
-                self.log.warning("cache_unreachable", cache=self.settings.cache_id,
-                                 error=str(exc))
+                self.log.warning("cache_unreachable", cache=self.settings.cache_id, error=str(exc))
                 await asyncio.sleep(1.0)
 
     async def drain(self) -> None:
@@ -290,10 +322,19 @@ class DecodeWorker(EngineWorker):
         """Admit a request; remotely prefilled when the router named a prefill worker."""
         owner = self.frontend_of.get(msg.request_id)
         if owner is not None:  # a request id is its frontend's: never take over another's
-            self.log.warning("generate_refused", request_id=msg.request_id, by=inbound.peer,
-                             owner=owner, reason="request id in use")
-            delta = Delta(request_id=msg.request_id, new_token_ids=[], new_text="",
-                          error=f"request id {msg.request_id!r} is already running here")
+            self.log.warning(
+                "generate_refused",
+                request_id=msg.request_id,
+                by=inbound.peer,
+                owner=owner,
+                reason="request id in use",
+            )
+            delta = Delta(
+                request_id=msg.request_id,
+                new_token_ids=[],
+                new_text="",
+                error=f"request id {msg.request_id!r} is already running here",
+            )
             await self.send(inbound.peer, TokenBatch(deltas=[delta]))
             return
         self.frontend_of[msg.request_id] = inbound.peer
@@ -302,9 +343,15 @@ class DecodeWorker(EngineWorker):
             self.prefill_of[msg.request_id] = (msg.prefill, msg.prefill_endpoint)
         resume = (msg.output_token_ids, msg.num_sent_chars) if msg.output_token_ids else None
         try:
-            await self.engine.call(lambda e: e.add_request(
-                msg.prompt_token_ids, msg.params, msg.request_id, remote_prefill=remote,
-                resume_from=resume))
+            await self.engine.call(
+                lambda e: e.add_request(
+                    msg.prompt_token_ids,
+                    msg.params,
+                    msg.request_id,
+                    remote_prefill=remote,
+                    resume_from=resume,
+                )
+            )
         except ValueError as exc:
             self.frontend_of.pop(msg.request_id, None)
             self.prefill_of.pop(msg.request_id, None)
@@ -317,8 +364,9 @@ class DecodeWorker(EngineWorker):
         owner = self.frontend_of.get(msg.request_id)
         if owner != inbound.peer:
             if owner is not None:
-                self.log.warning("abort_refused", request_id=msg.request_id, by=inbound.peer,
-                                 owner=owner)
+                self.log.warning(
+                    "abort_refused", request_id=msg.request_id, by=inbound.peer, owner=owner
+                )
             return
         await self._abort(msg.request_id)
 
@@ -359,13 +407,21 @@ class DecodeWorker(EngineWorker):
         self.kv_plane.grant(worker, request_id, task.block_ids)  # its KvWrites, ours alone
         try:
             await self.ensure_connected(worker, endpoint, self.settings.connect_timeout)
-            done = await self.request(worker, RemotePrefill(
-                request_id=request_id, prompt_token_ids=task.prompt_token_ids,
-                params=task.params, num_cached_tokens=task.num_cached_tokens,
-                block_ids=task.block_ids), timeout=self.settings.remote_prefill_timeout)
+            done = await self.request(
+                worker,
+                RemotePrefill(
+                    request_id=request_id,
+                    prompt_token_ids=task.prompt_token_ids,
+                    params=task.params,
+                    num_cached_tokens=task.num_cached_tokens,
+                    block_ids=task.block_ids,
+                ),
+                timeout=self.settings.remote_prefill_timeout,
+            )
         except (PeerDeadError, RemoteError, TimeoutError, ConnectionError, ValueError) as exc:
-            self.log.warning("remote_prefill_failed", request_id=request_id, prefill=worker,
-                             error=str(exc))
+            self.log.warning(
+                "remote_prefill_failed", request_id=request_id, prefill=worker, error=str(exc)
+            )
             await self.engine.call(lambda e: e.fail_remote_prefill(request_id))
             return
         finally:
@@ -375,8 +431,11 @@ class DecodeWorker(EngineWorker):
         # The first token must reach the frontend before the tokens of later steps: it
         # goes out with the next step's outputs, in the engine thread's own order.
         try:
-            await self.engine.call(lambda e: self.engine.emit(
-                e.complete_remote_prefill(request_id, done.token_id, done.logprobs)))
+            await self.engine.call(
+                lambda e: self.engine.emit(
+                    e.complete_remote_prefill(request_id, done.token_id, done.logprobs)
+                )
+            )
         except KeyError:
             return  # aborted while the prefill ran
 
@@ -398,8 +457,14 @@ class PrefillWorker(EngineWorker):
         self.first_token[request_id] = future
         self.requester_of[request_id] = inbound.peer
         try:
-            await self.engine.call(lambda e: e.add_request(
-                msg.prompt_token_ids, first_token_params(msg.params), request_id, hold_blocks=True))
+            await self.engine.call(
+                lambda e: e.add_request(
+                    msg.prompt_token_ids,
+                    first_token_params(msg.params),
+                    request_id,
+                    hold_blocks=True,
+                )
+            )
             out = await future
         finally:
             self.first_token.pop(request_id, None)
@@ -410,13 +475,15 @@ class PrefillWorker(EngineWorker):
             await self.kv_plane.write(inbound.peer, request_id, held[start:], msg.block_ids[start:])
         finally:
             await self.engine.call(lambda e: e.release(request_id))
-        num_bytes = self.kv_plane.layout.packed_bytes(len(msg.block_ids) - start,
-                                                      self.kv_plane.layout.num_layers)
+        num_bytes = self.kv_plane.layout.packed_bytes(
+            len(msg.block_ids) - start, self.kv_plane.layout.num_layers
+        )
         self.remote_prefills_total += 1
         self.transfer_bytes_total += num_bytes
         logprobs = out.logprobs[0] if out.logprobs else None
-        return RemotePrefillDone(request_id=request_id, token_id=out.token_ids[0],
-                                 logprobs=logprobs, num_bytes=num_bytes)
+        return RemotePrefillDone(
+            request_id=request_id, token_id=out.token_ids[0], logprobs=logprobs, num_bytes=num_bytes
+        )
 
     def handle_outputs(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -446,9 +513,13 @@ def warm_up(engine: Engine) -> None:
 def to_delta(out: RequestOutput) -> Delta:
     new_logprobs = None
     if out.logprobs is not None and out.new_token_ids:
-        new_logprobs = out.logprobs[-len(out.new_token_ids):]
+        new_logprobs = out.logprobs[-len(out.new_token_ids) :]
     return Delta(
-        request_id=out.request_id, new_token_ids=out.new_token_ids, new_text=out.new_text,
-        new_logprobs=new_logprobs, finish_reason=out.finish_reason,
-        num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
+        request_id=out.request_id,
+        new_token_ids=out.new_token_ids,
+        new_text=out.new_text,
+        new_logprobs=new_logprobs,
+        finish_reason=out.finish_reason,
+        num_prompt_tokens=len(out.prompt_token_ids),
+        num_cached_tokens=out.num_cached_tokens,
     )

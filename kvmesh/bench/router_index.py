@@ -48,8 +48,10 @@ from kvmesh.router.kv_index import KVIndex, Overlap
 from kvmesh.router.policy import Router, RouterSettings, WorkerState
 
 TRACE_BLOCK_TOKENS = 512  # Mooncake: one hash id per 512 prompt tokens
-DYNAMO_INSTALL_HINT = ("to compare with it, pip install ai-dynamo-runtime "
-                       "(or kvmesh[bench]; Linux x86_64/aarch64 wheels, ~75 MB)")
+DYNAMO_INSTALL_HINT = (
+    "to compare with it, pip install ai-dynamo-runtime "
+    "(or kvmesh[bench]; Linux x86_64/aarch64 wheels, ~75 MB)"
+)
 
 
 def load_trace(trace_path: Path) -> list[list[int]]:
@@ -70,8 +72,9 @@ def load_trace(trace_path: Path) -> list[list[int]]:
     return requests
 
 
-def make_ops(requests: list[list[int]], num_workers: int, capacity_blocks: int,
-             in_flight: int) -> tuple[list[tuple], dict]:
+def make_ops(
+    requests: list[list[int]], num_workers: int, capacity_blocks: int, in_flight: int
+) -> tuple[list[tuple], dict]:
     """The replay's op stream: ("lookup", hashes) and ("event", worker, event), in order."""
     router = Router(RouterSettings(policy="kv"))
     index = KVIndex()
@@ -81,8 +84,9 @@ def make_ops(requests: list[list[int]], num_workers: int, capacity_blocks: int,
     hit_blocks = 0
     for request_id, hashes in enumerate(requests):
         ops.append(("lookup", hashes))
-        placement = router.choose(hashes, len(hashes) * TRACE_BLOCK_TOKENS, TRACE_BLOCK_TOKENS,
-                                  workers, index)
+        placement = router.choose(
+            hashes, len(hashes) * TRACE_BLOCK_TOKENS, TRACE_BLOCK_TOKENS, workers, index
+        )
         router.on_placed(request_id, placement)
         if request_id >= in_flight:
             router.on_finished(request_id - in_flight)
@@ -91,9 +95,13 @@ def make_ops(requests: list[list[int]], num_workers: int, capacity_blocks: int,
         for event in _worker_events(caches[worker_id], hashes[:capacity_blocks], capacity_blocks):
             index.apply(worker_id, event)
             ops.append(("event", worker_id, event))
-    stats = {"requests": len(requests), "blocks": sum(map(len, requests)),
-             "unique_blocks": len({h for r in requests for h in r}),
-             "events": sum(op[0] == "event" for op in ops), "hit_blocks": hit_blocks}
+    stats = {
+        "requests": len(requests),
+        "blocks": sum(map(len, requests)),
+        "unique_blocks": len({h for r in requests for h in r}),
+        "events": sum(op[0] == "event" for op in ops),
+        "hit_blocks": hit_blocks,
+    }
     stats["event_blocks"] = sum(len(op[2].block_hashes) for op in ops if op[0] == "event")
     stats["hit_rate"] = hit_blocks / max(1, stats["blocks"])
     return ops, stats
@@ -121,8 +129,9 @@ def _worker_events(cache: OrderedDict[int, None], hashes: list[int], capacity: i
             if position + 1 < len(hashes) and hashes[position + 1] not in cache:
                 continue
             first = position + 1 - len(run)
-            events.append(BlockStored(block_hashes=run,
-                                      parent_hash=hashes[first - 1] if first else None))
+            events.append(
+                BlockStored(block_hashes=run, parent_hash=hashes[first - 1] if first else None)
+            )
             run = []
     cache.update(dict.fromkeys(missing))
     for h in reversed(hashes):
@@ -172,13 +181,19 @@ class ChooseAdapter:
         self.index = KVIndex()
         self.router = Router(RouterSettings(policy="kv"))
         self.workers = [WorkerState(worker_id=f"w{i}", role="decode") for i in range(num_workers)]
-        self.workers += [WorkerState(worker_id=f"p{i}", role="prefill")
-                         for i in range(max(1, num_workers // 2))]
+        self.workers += [
+            WorkerState(worker_id=f"p{i}", role="prefill") for i in range(max(1, num_workers // 2))
+        ]
         self.apply = self.index.apply
 
     def overlaps(self, block_hashes: list[int]) -> dict:
-        self.router.choose(block_hashes, len(block_hashes) * TRACE_BLOCK_TOKENS,
-                           TRACE_BLOCK_TOKENS, self.workers, self.index)
+        self.router.choose(
+            block_hashes,
+            len(block_hashes) * TRACE_BLOCK_TOKENS,
+            TRACE_BLOCK_TOKENS,
+            self.workers,
+            self.index,
+        )
         return {}
 
 
@@ -201,9 +216,15 @@ def replay(index, ops: list[tuple], encode=None, worker_key=None) -> dict:
     return {"lookup_s": lookup_s, "event_s": event_s, "answers": answers}
 
 
-def bench_index(trace_path: Path | str | None = None, *, workers: int = 4,
-                capacity_blocks: int = 2048, in_flight: int = 16, repeats: int = 3,
-                dynamo: bool = True) -> dict:
+def bench_index(
+    trace_path: Path | str | None = None,
+    *,
+    workers: int = 4,
+    capacity_blocks: int = 2048,
+    in_flight: int = 16,
+    repeats: int = 3,
+    dynamo: bool = True,
+) -> dict:
     """Lookups/s and events/s of KVIndex, the naive index and (if importable) Dynamo's
     RadixTree on one op stream built from the trace; see the module docstring."""
     trace_path = Path(trace_path) if trace_path is not None else default_trace_path()
@@ -212,8 +233,14 @@ def bench_index(trace_path: Path | str | None = None, *, workers: int = 4,
         ops, stats = make_ops(requests, workers, capacity_blocks, in_flight)
     indexes = {"kvmesh": (KVIndex, {}), "naive": (NaiveIndex, {})}
     dynamo_reason = _add_dynamo(indexes, ops) if dynamo else "disabled (--no-dynamo)"
-    result = {"trace": str(trace_path), "workers": workers, "capacity_blocks": capacity_blocks,
-              "in_flight": in_flight, "repeats": repeats, **stats}
+    result = {
+        "trace": str(trace_path),
+        "workers": workers,
+        "capacity_blocks": capacity_blocks,
+        "in_flight": in_flight,
+        "repeats": repeats,
+        **stats,
+    }
     reference = None
     for name, (make_index, options) in indexes.items():
         with Progress(f"replaying into {name} (replays)", total=repeats) as progress:
@@ -230,22 +257,22 @@ def bench_index(trace_path: Path | str | None = None, *, workers: int = 4,
             "lookups_disagreeing": sum(a != b for a, b in zip(totals, reference, strict=True)),
         }
     choose_s = min(replay(ChooseAdapter(workers), ops)["lookup_s"] for _ in range(repeats))
-    result["kvmesh_choose"] = {"choices_per_s": stats["requests"] / choose_s,
-                               "choose_us_mean": choose_s / stats["requests"] * 1e6}
+    result["kvmesh_choose"] = {
+        "choices_per_s": stats["requests"] / choose_s,
+        "choose_us_mean": choose_s / stats["requests"] * 1e6,
+    }
     result["block_hash"] = measure_block_hash(repeats=repeats)
     result["dynamo"] = result.get("dynamo")
     result["dynamo_unavailable"] = dynamo_reason
     for name in ("naive", "dynamo"):
         other = result[name]
         result[f"ratio_vs_{name}"] = (
-            None if other is None
-            else result["kvmesh"]["lookups_per_s"] / other["lookups_per_s"]
+            None if other is None else result["kvmesh"]["lookups_per_s"] / other["lookups_per_s"]
         )
     return result
 
 
-def measure_block_hash(block_size: int = 16, num_blocks: int = 4096,
-                       repeats: int = 3) -> dict:
+def measure_block_hash(block_size: int = 16, num_blocks: int = 4096, repeats: int = 3) -> dict:
     """ns per block of hash_blocks (keyed BLAKE2b-128) and of the XXH3-64 chain it
     replaced, on the same tokens and salt; best of repeats."""
     import random
@@ -260,8 +287,9 @@ def measure_block_hash(block_size: int = 16, num_blocks: int = 4096,
         hashes, parent = [], 0
         for start in range(0, len(tokens), block_size):
             block = tokens[start : start + block_size]
-            parent = xxhash.xxh3_64_intdigest(struct.pack(f"<Q{block_size}I", parent, *block)
-                                              + salt)
+            parent = xxhash.xxh3_64_intdigest(
+                struct.pack(f"<Q{block_size}I", parent, *block) + salt
+            )
             hashes.append(parent)
         return hashes
 
@@ -275,8 +303,13 @@ def measure_block_hash(block_size: int = 16, num_blocks: int = 4096,
 
     keyed = best(lambda: hash_blocks(tokens, block_size, salt=salt))
     xxh3 = best(xxh3_chain)
-    return {"block_size": block_size, "blocks": num_blocks, "keyed_blake2b_128_ns": keyed,
-            "xxh3_64_ns": xxh3, "ratio_vs_xxh3_64": keyed / xxh3}
+    return {
+        "block_size": block_size,
+        "blocks": num_blocks,
+        "keyed_blake2b_128_ns": keyed,
+        "xxh3_64_ns": xxh3,
+        "ratio_vs_xxh3_64": keyed / xxh3,
+    }
 
 
 def _add_dynamo(indexes: dict, ops: list[tuple]) -> str | None:
@@ -284,8 +317,10 @@ def _add_dynamo(indexes: dict, ops: list[tuple]) -> str | None:
     try:
         from dynamo.llm import RadixTree
     except Exception as exc:  # ImportError, or a native library failing to load
-        return (f"cannot import dynamo.llm.RadixTree ({type(exc).__name__}: {exc}); "
-                f"{DYNAMO_INSTALL_HINT}")
+        return (
+            f"cannot import dynamo.llm.RadixTree ({type(exc).__name__}: {exc}); "
+            f"{DYNAMO_INSTALL_HINT}"
+        )
 
     class DynamoIndex:
         def __init__(self) -> None:
@@ -295,12 +330,16 @@ def _add_dynamo(indexes: dict, ops: list[tuple]) -> str | None:
             self.tree.apply_event(worker_id, event_bytes)
 
         def overlaps(self, block_hashes: list[int]) -> dict:
-            return {worker: n for (worker, _dp_rank), n in
-                    self.tree.find_matches(block_hashes).scores.items()}
+            return {
+                worker: n
+                for (worker, _dp_rank), n in self.tree.find_matches(block_hashes).scores.items()
+            }
 
     encoded = {id(op[2]): _dynamo_event(i, op[2]) for i, op in enumerate(ops) if op[0] == "event"}
-    indexes["dynamo"] = (DynamoIndex, {"encode": lambda e: encoded[id(e)],
-                                       "worker_key": _worker_number})
+    indexes["dynamo"] = (
+        DynamoIndex,
+        {"encode": lambda e: encoded[id(e)], "worker_key": _worker_number},
+    )
     return None
 
 
@@ -319,8 +358,10 @@ def _dynamo_event(event_id: int, event) -> bytes:
 def _totals(answer: dict) -> dict:
     """Leading-block count per worker, whatever the index's answer type; worker keys as
     names w0, w1, ... (dynamo takes integer worker ids: wN is N)."""
-    return {(f"w{k}" if isinstance(k, int) else k): (v if isinstance(v, int) else v.num_blocks)
-            for k, v in answer.items()}
+    return {
+        (f"w{k}" if isinstance(k, int) else k): (v if isinstance(v, int) else v.num_blocks)
+        for k, v in answer.items()
+    }
 
 
 def _worker_number(worker_id: str) -> int:
@@ -332,49 +373,97 @@ def _hash_id(trace_id: int) -> int:
 
 
 @click.command("index")
-@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Mooncake JSONL trace with hash_ids "
-              "[default: the packaged kvmesh/bench/traces/mooncake_like.jsonl].")
-@click.option("--workers", type=click.IntRange(1), default=4, show_default=True,
-              help="Simulated workers the requests are routed to.")
-@click.option("--capacity-blocks", type=click.IntRange(1), default=2048, show_default=True,
-              help="Prefix-cache blocks per simulated worker (LRU).")
-@click.option("--in-flight", type=click.IntRange(1), default=16, show_default=True,
-              help="Requests outstanding while routing the replay.")
-@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
-              help="Timed replays per index; the best counts.")
+@click.option(
+    "--trace",
+    "trace_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Mooncake JSONL trace with hash_ids "
+    "[default: the packaged kvmesh/bench/traces/mooncake_like.jsonl].",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=4,
+    show_default=True,
+    help="Simulated workers the requests are routed to.",
+)
+@click.option(
+    "--capacity-blocks",
+    type=click.IntRange(1),
+    default=2048,
+    show_default=True,
+    help="Prefix-cache blocks per simulated worker (LRU).",
+)
+@click.option(
+    "--in-flight",
+    type=click.IntRange(1),
+    default=16,
+    show_default=True,
+    help="Requests outstanding while routing the replay.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Timed replays per index; the best counts.",
+)
 @click.option("--no-dynamo", is_flag=True, help="Skip Dynamo's RadixTree even if installed.")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
-              help="Also write the results to this JSON file.")
-def index_command(trace_path, workers, capacity_blocks, in_flight, repeats, no_dynamo,
-                  json_file) -> None:
+@click.option(
+    "--json",
+    "json_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the results to this JSON file.",
+)
+def index_command(
+    trace_path, workers, capacity_blocks, in_flight, repeats, no_dynamo, json_file
+) -> None:
     """KVIndex overlaps() lookups/s and events/s on a trace, vs a naive index and Dynamo."""
-    result = bench_index(trace_path, workers=workers, capacity_blocks=capacity_blocks,
-                         in_flight=in_flight, repeats=repeats, dynamo=not no_dynamo)
-    click.echo(f"trace {result['trace']}: {result['requests']} requests, {result['blocks']} "
-               f"blocks ({result['unique_blocks']} distinct); {result['workers']} workers x "
-               f"{result['capacity_blocks']} blocks; {result['events']} events; "
-               f"hit rate {result['hit_rate']:.1%}")
+    result = bench_index(
+        trace_path,
+        workers=workers,
+        capacity_blocks=capacity_blocks,
+        in_flight=in_flight,
+        repeats=repeats,
+        dynamo=not no_dynamo,
+    )
+    click.echo(
+        f"trace {result['trace']}: {result['requests']} requests, {result['blocks']} "
+        f"blocks ({result['unique_blocks']} distinct); {result['workers']} workers x "
+        f"{result['capacity_blocks']} blocks; {result['events']} events; "
+        f"hit rate {result['hit_rate']:.1%}"
+    )
     for name in ("kvmesh", "naive", "dynamo"):
         r = result[name]
         if r is None:
             click.echo(f"{name:7s} n/a: {result['dynamo_unavailable']}")
             continue
-        click.echo(f"{name:7s} {r['lookups_per_s']:10,.0f} lookups/s "
-                   f"({r['lookup_us_mean']:6.2f} us)  {r['events_per_s']:10,.0f} events/s  "
-                   f"{r['event_blocks_per_s']:12,.0f} blocks/s  "
-                   f"disagreeing lookups {r['lookups_disagreeing']}")
+        click.echo(
+            f"{name:7s} {r['lookups_per_s']:10,.0f} lookups/s "
+            f"({r['lookup_us_mean']:6.2f} us)  {r['events_per_s']:10,.0f} events/s  "
+            f"{r['event_blocks_per_s']:12,.0f} blocks/s  "
+            f"disagreeing lookups {r['lookups_disagreeing']}"
+        )
     choose = result["kvmesh_choose"]
-    click.echo(f"kvmesh Router.choose (kv, {result['workers']} decode + "
-               f"{max(1, result['workers'] // 2)} prefill workers): "
-               f"{choose['choices_per_s']:10,.0f} choices/s ({choose['choose_us_mean']:6.2f} us)")
-    ratios = [f"kvmesh vs {name} {result[f'ratio_vs_{name}']:.2f}x"
-              for name in ("naive", "dynamo") if result[f"ratio_vs_{name}"] is not None]
+    click.echo(
+        f"kvmesh Router.choose (kv, {result['workers']} decode + "
+        f"{max(1, result['workers'] // 2)} prefill workers): "
+        f"{choose['choices_per_s']:10,.0f} choices/s ({choose['choose_us_mean']:6.2f} us)"
+    )
+    ratios = [
+        f"kvmesh vs {name} {result[f'ratio_vs_{name}']:.2f}x"
+        for name in ("naive", "dynamo")
+        if result[f"ratio_vs_{name}"] is not None
+    ]
     click.echo("lookups/s ratio: " + ", ".join(ratios))
     h = result["block_hash"]
-    click.echo(f"block hash ({h['block_size']}-token blocks, frontends and workers): keyed "
-               f"BLAKE2b-128 {h['keyed_blake2b_128_ns']:.0f} ns/block vs XXH3-64 "
-               f"{h['xxh3_64_ns']:.0f} ns/block ({h['ratio_vs_xxh3_64']:.2f}x); the index "
-               "keys 64-bit wire hashes either way")
+    click.echo(
+        f"block hash ({h['block_size']}-token blocks, frontends and workers): keyed "
+        f"BLAKE2b-128 {h['keyed_blake2b_128_ns']:.0f} ns/block vs XXH3-64 "
+        f"{h['xxh3_64_ns']:.0f} ns/block ({h['ratio_vs_xxh3_64']:.2f}x); the index "
+        "keys 64-bit wire hashes either way"
+    )
     if json_file:
         Path(json_file).write_text(json.dumps(result, indent=2))

@@ -55,13 +55,17 @@ SCENARIOS: dict[str, tuple[list[str], bool]] = {
     "round_robin": (["router.policy=round_robin"], False),
     "kv-kill": (["router.policy=kv"], True),
     "random-aggregated": (["router.policy=random", "nodes.0.actors.2.count=0"], False),
-    "least_loaded-disagg-kill": (["router.policy=least_loaded", "router.disagg_min_tokens=0"],
-                                 True),
+    "least_loaded-disagg-kill": (
+        ["router.policy=least_loaded", "router.disagg_min_tokens=0"],
+        True,
+    ),
     "round_robin-3-decode": (["router.policy=round_robin", "nodes.0.actors.3.count=3"], False),
     # per-actor keys (made for the round in {tmp}/keys): CURVE on every socket, roles,
     # data-plane grants and the cluster's block-hash key, under the same pressure
-    "kv-disagg-keyed-kill": (["router.policy=kv", "router.disagg_min_tokens=0",
-                              "security.key_dir={tmp}/keys"], True),
+    "kv-disagg-keyed-kill": (
+        ["router.policy=kv", "router.disagg_min_tokens=0", "security.key_dir={tmp}/keys"],
+        True,
+    ),
 }
 
 
@@ -96,14 +100,23 @@ class Reply:
 
 # --- the workload ---
 
+
 def draw_body(rng: random.Random, max_tokens: int) -> dict:
-    body = {"max_tokens": max_tokens, "n": rng.choice([1, 1, 1, 2]),
-            "ignore_eos": rng.random() < 0.6, "priority": rng.choice([-1, 0, 0, 1])}
+    body = {
+        "max_tokens": max_tokens,
+        "n": rng.choice([1, 1, 1, 2]),
+        "ignore_eos": rng.random() < 0.6,
+        "priority": rng.choice([-1, 0, 0, 1]),
+    }
     if rng.random() < 0.5:
         body["temperature"] = 0.0
     else:  # seeded sampling: exact on any worker, after any migration
-        body |= {"temperature": rng.choice([0.7, 1.0]), "top_p": rng.choice([1.0, 0.9]),
-                 "top_k": rng.choice([0, 40]), "seed": rng.randrange(1 << 20)}
+        body |= {
+            "temperature": rng.choice([0.7, 1.0]),
+            "top_p": rng.choice([1.0, 0.9]),
+            "top_k": rng.choice([0, 40]),
+            "seed": rng.randrange(1 << 20),
+        }
     if rng.random() < 0.3:
         body["logprobs"] = rng.choice([0, 2])
     return body
@@ -115,11 +128,16 @@ def params_of(body: dict, choice: int):
 
     seed = body.get("seed")
     return SamplingParams(
-        max_tokens=body["max_tokens"], temperature=body.get("temperature", 1.0),
-        top_p=body.get("top_p", 1.0), top_k=body.get("top_k", 0),
-        seed=None if seed is None else seed + choice, stop=body.get("stop", []),
-        ignore_eos=body["ignore_eos"], logprobs=body.get("logprobs"),
-        priority=body["priority"])
+        max_tokens=body["max_tokens"],
+        temperature=body.get("temperature", 1.0),
+        top_p=body.get("top_p", 1.0),
+        top_k=body.get("top_k", 0),
+        seed=None if seed is None else seed + choice,
+        stop=body.get("stop", []),
+        ignore_eos=body["ignore_eos"],
+        logprobs=body.get("logprobs"),
+        priority=body["priority"],
+    )
 
 
 def run_reference(engine, requests: list[StressRequest]) -> None:
@@ -141,7 +159,7 @@ def cut_stop(rng: random.Random, text: str) -> str | None:
     if len(text) < 6:
         return None
     at = rng.randrange(2, len(text) - 2)
-    piece = text[at:at + rng.randint(1, 3)]
+    piece = text[at : at + rng.randint(1, 3)]
     return None if "\ufffd" in piece else piece
 
 
@@ -153,8 +171,10 @@ def make_workload(engine, seed: int, num_sessions: int, max_turns: int) -> list[
     rng = random.Random(f"stress:{seed}")
     vocab = engine.config.vocab_size
     systems = [random_prompt(rng, rng.randint(16, 80), vocab) for _ in range(3)]
-    histories = [rng.choice(systems) + random_prompt(rng, rng.randint(1, 60), vocab)
-                 for _ in range(num_sessions)]
+    histories = [
+        rng.choice(systems) + random_prompt(rng, rng.randint(1, 60), vocab)
+        for _ in range(num_sessions)
+    ]
     turns = [rng.randint(1, max_turns) for _ in range(num_sessions)]
     requests: list[StressRequest] = []
     for turn in range(max_turns):
@@ -166,22 +186,34 @@ def make_workload(engine, seed: int, num_sessions: int, max_turns: int) -> list[
             max_tokens = rng.randint(4, min(64, room))
             streamed = rng.random() < 0.8
             disconnect = rng.randint(1, 4) if streamed and rng.random() < 0.15 else None
-            wave.append(StressRequest(len(requests) + len(wave), list(histories[s]),
-                                      draw_body(rng, max_tokens), streamed, disconnect, s))
+            wave.append(
+                StressRequest(
+                    len(requests) + len(wave),
+                    list(histories[s]),
+                    draw_body(rng, max_tokens),
+                    streamed,
+                    disconnect,
+                    s,
+                )
+            )
         run_reference(engine, wave)
-        stopped = [r for r in wave if rng.random() < 0.25
-                   and (stop := cut_stop(rng, r.expected[0].text)) is not None
-                   and r.body.setdefault("stop", [stop])]
+        stopped = [
+            r
+            for r in wave
+            if rng.random() < 0.25
+            and (stop := cut_stop(rng, r.expected[0].text)) is not None
+            and r.body.setdefault("stop", [stop])
+        ]
         run_reference(engine, stopped)
         for r in wave:
             reply = r.expected[0].token_ids
-            histories[r.session] = r.prompt + reply + random_prompt(
-                rng, rng.randint(1, 40), vocab)
+            histories[r.session] = r.prompt + reply + random_prompt(rng, rng.randint(1, 40), vocab)
         requests += wave
     return requests
 
 
 # --- the client ---
+
 
 async def send(http, model: str, request: StressRequest, reply: Reply) -> None:
     """One request as a client sends it; what came back lands in `reply`."""
@@ -190,8 +222,7 @@ async def send(http, model: str, request: StressRequest, reply: Reply) -> None:
     from kvmesh.bench.trace import sse_events
     from kvmesh.client import COMPLETIONS, APIError, chunk_deltas, error_of
 
-    body = {"model": model, "prompt": request.prompt, **request.body,
-            "stream": request.stream}
+    body = {"model": model, "prompt": request.prompt, **request.body, "stream": request.stream}
     if request.stream:
         body["stream_options"] = {"include_usage": True}
     try:
@@ -225,8 +256,9 @@ def take(reply: Reply, index: int, text: str, finish_reason, logprobs) -> None:
         reply.finish[index] = finish_reason
 
 
-async def drive(url: str, model: str, requests: list[StressRequest], spread: float,
-                seed: int, on_time=None) -> list[Reply]:
+async def drive(
+    url: str, model: str, requests: list[StressRequest], spread: float, seed: int, on_time=None
+) -> list[Reply]:
     """Sessions start at random times within `spread` s, each turn after the one before
     it ends (a chat waits for its reply); `on_time(elapsed)` is polled meanwhile."""
     from kvmesh.bench.trace import http_client
@@ -244,8 +276,10 @@ async def drive(url: str, model: str, requests: list[StressRequest], spread: flo
             for r in turns:
                 await send(http, model, r, replies[r.index])
 
-        tasks = [asyncio.ensure_future(chat(turns, rng.uniform(0, spread)))
-                 for turns in sessions.values()]
+        tasks = [
+            asyncio.ensure_future(chat(turns, rng.uniform(0, spread)))
+            for turns in sessions.values()
+        ]
         t0 = time.monotonic()
         while not all(t.done() for t in tasks):
             if on_time is not None:
@@ -256,6 +290,7 @@ async def drive(url: str, model: str, requests: list[StressRequest], spread: flo
 
 
 # --- the checks ---
+
 
 def compare(engine, requests: list[StressRequest], replies: list[Reply]) -> list[str]:
     """Every way a reply differs from the Engine's, one line each."""
@@ -268,24 +303,33 @@ def compare(engine, requests: list[StressRequest], replies: list[Reply]) -> list
         if got.disconnected:
             for j, text in got.texts.items():
                 if not r.expected[j].text.startswith(text):
-                    problems.append(f"{where} choice {j}: streamed {text!r} before the "
-                                    f"disconnect, not a prefix of {r.expected[j].text!r}")
+                    problems.append(
+                        f"{where} choice {j}: streamed {text!r} before the "
+                        f"disconnect, not a prefix of {r.expected[j].text!r}"
+                    )
             continue
         for j, want in enumerate(r.expected):
             if got.texts.get(j) != want.text:
-                problems.append(f"{where} choice {j}: text {got.texts.get(j)!r}, "
-                                f"Engine {want.text!r}")
+                problems.append(
+                    f"{where} choice {j}: text {got.texts.get(j)!r}, Engine {want.text!r}"
+                )
             if got.finish.get(j) != want.finish_reason:
-                problems.append(f"{where} choice {j}: finish_reason {got.finish.get(j)!r}, "
-                                f"Engine {want.finish_reason!r}")
+                problems.append(
+                    f"{where} choice {j}: finish_reason {got.finish.get(j)!r}, "
+                    f"Engine {want.finish_reason!r}"
+                )
             if "logprobs" in r.body:
-                tokens = [engine.tokenizer.decode([t], skip_special_tokens=False)
-                          for t in want.token_ids]
+                tokens = [
+                    engine.tokenizer.decode([t], skip_special_tokens=False) for t in want.token_ids
+                ]
                 if got.tokens.get(j) != tokens:
-                    problems.append(f"{where} choice {j}: tokens {got.tokens.get(j)}, "
-                                    f"Engine {tokens}")
-        usage = {"prompt_tokens": len(r.prompt),
-                 "completion_tokens": sum(len(o.token_ids) for o in r.expected)}
+                    problems.append(
+                        f"{where} choice {j}: tokens {got.tokens.get(j)}, Engine {tokens}"
+                    )
+        usage = {
+            "prompt_tokens": len(r.prompt),
+            "completion_tokens": sum(len(o.token_ids) for o in r.expected),
+        }
         got_usage = {k: got.usage.get(k) for k in usage}
         if got_usage != usage:
             problems.append(f"{where}: usage {got_usage}, Engine {usage}")
@@ -300,8 +344,9 @@ def idle_problems(cluster) -> list[str]:
     for actor, row in cluster.status().items():
         load = row.get("load", {})
         if row["role"] in ("prefill", "decode"):
-            held = {k: load.get(k, 0) for k in ("num_running", "num_waiting", "num_remote",
-                                                "kv_usage")}
+            held = {
+                k: load.get(k, 0) for k in ("num_running", "num_waiting", "num_remote", "kv_usage")
+            }
             if any(held.values()):
                 problems.append(f"{actor} is not idle: {held}")
         elif row["role"] == "cache" and load.get("reserved_host", 0):
@@ -325,8 +370,9 @@ def pressure(cluster) -> dict[str, int]:
         if row["role"] == "decode":  # a remote prefill counts on both of its workers
             totals["remote_prefills"] += int(load.get("remote_prefills_total", 0))
         totals["preemptions"] += int(load.get("preemptions_total", 0))
-        totals["onboarded_blocks"] += int(load.get("onboarded_host", 0)
-                                          + load.get("onboarded_disk", 0))
+        totals["onboarded_blocks"] += int(
+            load.get("onboarded_host", 0) + load.get("onboarded_disk", 0)
+        )
     return totals
 
 
@@ -349,13 +395,15 @@ def shm_segments() -> set[str]:
 
 # --- a round ---
 
+
 class Killer:
     """SIGKILLs one worker (drawn from the seed) once `at` seconds of the run have passed."""
 
     def __init__(self, cluster, seed: int, at: float) -> None:
         rng = random.Random(f"stress-kill:{seed}")
-        workers = sorted(a for a, row in cluster.status().items()
-                         if row["role"] in ("prefill", "decode"))
+        workers = sorted(
+            a for a, row in cluster.status().items() if row["role"] in ("prefill", "decode")
+        )
         self.cluster, self.victim, self.at = cluster, rng.choice(workers), at
         self.killed_pid: int | None = None
 
@@ -381,16 +429,27 @@ def make_keys(overrides: list[str]) -> None:
     from kvmesh.config import load_config
     from kvmesh.transport.keys import OPERATOR, generate
 
-    key_dir = next((o.partition("=")[2] for o in overrides
-                    if o.startswith("security.key_dir=")), None)
+    key_dir = next(
+        (o.partition("=")[2] for o in overrides if o.startswith("security.key_dir=")), None
+    )
     if key_dir is not None:
         cfg = load_config(None, overrides)
-        generate(Path(key_dir), [(spec.actor_id, spec.role) for spec in cfg.actors]
-                 + [(OPERATOR, OPERATOR)])
+        generate(
+            Path(key_dir),
+            [(spec.actor_id, spec.role) for spec in cfg.actors] + [(OPERATOR, OPERATOR)],
+        )
 
 
-def stress_round(engine, model_dir: Path, scenario: str, seed: int, num_sessions: int = 12,
-                 max_turns: int = 3, spread: float = 1.0, log=print) -> dict:
+def stress_round(
+    engine,
+    model_dir: Path,
+    scenario: str,
+    seed: int,
+    num_sessions: int = 12,
+    max_turns: int = 3,
+    spread: float = 1.0,
+    log=print,
+) -> dict:
     """One scenario on one seeded workload; raises StressFailure naming both."""
     import httpx
 
@@ -403,15 +462,23 @@ def stress_round(engine, model_dir: Path, scenario: str, seed: int, num_sessions
     with tempfile.TemporaryDirectory(prefix="kvmesh-stress-") as tmp:
         overrides = [override.replace("{tmp}", tmp) for override in overrides]
         make_keys(overrides)
-        cluster = start_cluster(Path(tmp), model_dir, f"kv.device_blocks={DEVICE_BLOCKS}",
-                                *TIERS, f"kv.disk_path={tmp}/tiers", f"router.seed={seed}",
-                                *overrides, timeout=120)
+        cluster = start_cluster(
+            Path(tmp),
+            model_dir,
+            f"kv.device_blocks={DEVICE_BLOCKS}",
+            *TIERS,
+            f"kv.disk_path={tmp}/tiers",
+            f"router.seed={seed}",
+            *overrides,
+            timeout=120,
+        )
         problems: list[str] = []
         did = dict.fromkeys(PRESSURE, 0)
         try:
             model = httpx.get(f"{cluster.url}/v1/models").json()["data"][0]["id"]
-            killer = Killer(cluster, seed, random.Random(seed).uniform(*KILL_WINDOW)) \
-                if kill else None
+            killer = (
+                Killer(cluster, seed, random.Random(seed).uniform(*KILL_WINDOW)) if kill else None
+            )
             replies = asyncio.run(drive(cluster.url, model, requests, spread, seed, killer))
             if killer is not None:
                 killer(float("inf"))  # the load ended first: the restart is still checked
@@ -430,24 +497,32 @@ def stress_round(engine, model_dir: Path, scenario: str, seed: int, num_sessions
         kept = Path(tempfile.gettempdir()) / f"kvmesh-stress-{scenario}-{seed}.log"
         if problems:  # the cluster's log outlives its directory
             kept.write_bytes(cluster.log.read_bytes())
-    result = {"scenario": scenario, "seed": seed, "requests": len(requests),
-              "choices": sum(r.body["n"] for r in requests),
-              "disconnects": sum(r.disconnect_after is not None for r in requests),
-              "killed": killer.victim if kill else None, "seconds": time.monotonic() - t0,
-              "problems": problems}
+    result = {
+        "scenario": scenario,
+        "seed": seed,
+        "requests": len(requests),
+        "choices": sum(r.body["n"] for r in requests),
+        "disconnects": sum(r.disconnect_after is not None for r in requests),
+        "killed": killer.victim if kill else None,
+        "seconds": time.monotonic() - t0,
+        "problems": problems,
+    }
     result |= did
-    log(f"{scenario:26s} seed {seed:<6d} {result['requests']:3d} requests "
+    log(
+        f"{scenario:26s} seed {seed:<6d} {result['requests']:3d} requests "
         f"({result['choices']} choices, {result['disconnects']} disconnects"
         f"{', killed ' + result['killed'] if kill else ''}; {did['preemptions']} preemptions, "
         f"{did['remote_prefills']} remote prefills, {did['onboarded_blocks']} blocks onboarded)"
         f" in {result['seconds']:.0f} s: "
-        f"{'ok' if not problems else f'{len(problems)} PROBLEMS'}")
+        f"{'ok' if not problems else f'{len(problems)} PROBLEMS'}"
+    )
     if problems:
         raise StressFailure(
             f"stress scenario {scenario!r}, seed {seed}: {len(problems)} problems "
             f"(reproduce: kvmesh bench stress --scenario {scenario} --seed {seed} "
             f"--sessions {num_sessions} --turns {max_turns} --rounds 1; the cluster's log: "
-            f"{kept})\n" + "\n".join(problems[:20]))
+            f"{kept})\n" + "\n".join(problems[:20])
+        )
     return result
 
 
@@ -459,25 +534,51 @@ def reference_engine(model_dir: Path):
 
 
 @click.command("stress")
-@click.option("--model", "model_path", default=None,
-              help="HF model directory [default: the tiny model].")
-@click.option("--seed", default=0, show_default=True,
-              help="Seed of the first round; round i uses seed + i.")
-@click.option("--scenario", "scenarios", multiple=True,
-              type=click.Choice(sorted(SCENARIOS)),
-              help="Scenario to run (repeatable) [default: all, in turn].")
-@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Start rounds until this many seconds have passed.")
-@click.option("--rounds", type=click.IntRange(1), default=None,
-              help="Rounds to run [default: one per scenario, or as many as --seconds allows].")
-@click.option("--sessions", type=click.IntRange(1), default=12, show_default=True,
-              help="Chat sessions per round.")
-@click.option("--turns", type=click.IntRange(1), default=3, show_default=True,
-              help="Most turns per session.")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
-              help="Also write every round's result to this JSON file.")
-def stress_command(model_path, seed, scenarios, seconds, rounds, sessions, turns,
-                   json_file) -> None:
+@click.option(
+    "--model", "model_path", default=None, help="HF model directory [default: the tiny model]."
+)
+@click.option(
+    "--seed", default=0, show_default=True, help="Seed of the first round; round i uses seed + i."
+)
+@click.option(
+    "--scenario",
+    "scenarios",
+    multiple=True,
+    type=click.Choice(sorted(SCENARIOS)),
+    help="Scenario to run (repeatable) [default: all, in turn].",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Start rounds until this many seconds have passed.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1),
+    default=None,
+    help="Rounds to run [default: one per scenario, or as many as --seconds allows].",
+)
+@click.option(
+    "--sessions",
+    type=click.IntRange(1),
+    default=12,
+    show_default=True,
+    help="Chat sessions per round.",
+)
+@click.option(
+    "--turns", type=click.IntRange(1), default=3, show_default=True, help="Most turns per session."
+)
+@click.option(
+    "--json",
+    "json_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write every round's result to this JSON file.",
+)
+def stress_command(
+    model_path, seed, scenarios, seconds, rounds, sessions, turns, json_file
+) -> None:
     """Differential stress: whole clusters under tight pools, tiny tiers, every routing
     policy, disaggregation on and off and a worker SIGKILLed, every reply held to the
     in-process Engine's, then the idle invariants (no leaked blocks, reservations,
@@ -491,16 +592,22 @@ def stress_command(model_path, seed, scenarios, seconds, rounds, sessions, turns
     engine = reference_engine(path)
     results, start = [], time.monotonic()
     i = 0
-    while (rounds is None or i < rounds) and (seconds is None
-                                              or time.monotonic() - start < seconds):
+    while (rounds is None or i < rounds) and (
+        seconds is None or time.monotonic() - start < seconds
+    ):
         try:
-            results.append(stress_round(engine, path, names[i % len(names)], seed + i,
-                                        sessions, turns, log=click.echo))
+            results.append(
+                stress_round(
+                    engine, path, names[i % len(names)], seed + i, sessions, turns, log=click.echo
+                )
+            )
         except StressFailure as failure:
             raise click.ClickException(str(failure)) from None
         finally:
             if json_file:
                 Path(json_file).write_text(json.dumps(results, indent=2))
         i += 1
-    click.echo(f"{len(results)} rounds, {sum(r['requests'] for r in results)} requests, "
-               "every reply equal to the Engine's, every invariant held")
+    click.echo(
+        f"{len(results)} rounds, {sum(r['requests'] for r in results)} requests, "
+        "every reply equal to the Engine's, every invariant held"
+    )

@@ -63,8 +63,11 @@ class MultiTurn:
     @property
     def context_tokens(self) -> int:
         """Tokens of one chat's history after its last turn."""
-        return (self.first_tokens + (self.turns - 1) * self.user_tokens
-                + self.turns * self.output_tokens)
+        return (
+            self.first_tokens
+            + (self.turns - 1) * self.user_tokens
+            + self.turns * self.output_tokens
+        )
 
     @property
     def working_set_blocks(self) -> int:
@@ -73,9 +76,13 @@ class MultiTurn:
     def user_messages(self, vocab_size: int, seed: int) -> list[list[list[int]]]:
         """[conversation][turn] -> token ids; the same for every configuration."""
         rng = random.Random(seed)
-        return [[random_prompt(rng, self.first_tokens if turn == 0 else self.user_tokens,
-                               vocab_size) for turn in range(self.turns)]
-                for _ in range(self.conversations)]
+        return [
+            [
+                random_prompt(rng, self.first_tokens if turn == 0 else self.user_tokens, vocab_size)
+                for turn in range(self.turns)
+            ]
+            for _ in range(self.conversations)
+        ]
 
 
 def serve_one(engine, prompt: list[int], max_tokens: int):
@@ -125,20 +132,33 @@ def run_conversations(engine, workload: MultiTurn, messages: list[list[list[int]
     }
 
 
-def make_connector(record_bytes: int, host_blocks: int, disk_dir: str | None = None,
-                   disk_blocks: int = 0):
+def make_connector(
+    record_bytes: int, host_blocks: int, disk_dir: str | None = None, disk_blocks: int = 0
+):
     """A LocalTieredConnector of exactly host_blocks host slots (and disk_blocks files)."""
     from kvmesh.cache.disk_tier import HEADER
     from kvmesh.cache.host_tier import pool_bytes
     from kvmesh.engine.kv_connector import LocalTieredConnector
 
-    return LocalTieredConnector(record_bytes, pool_bytes(host_blocks, record_bytes), disk_dir,
-                                disk_blocks * (HEADER.size + record_bytes))
+    return LocalTieredConnector(
+        record_bytes,
+        pool_bytes(host_blocks, record_bytes),
+        disk_dir,
+        disk_blocks * (HEADER.size + record_bytes),
+    )
 
 
-def bench_tiers(model_path: str | None, seed: int, threads: int | None, workload: MultiTurn,
-                pool_blocks: int, host_blocks: int | None = None, repeats: int = 1,
-                disk_dir: str | None = None, cluster: bool = False) -> dict:
+def bench_tiers(
+    model_path: str | None,
+    seed: int,
+    threads: int | None,
+    workload: MultiTurn,
+    pool_blocks: int,
+    host_blocks: int | None = None,
+    repeats: int = 1,
+    disk_dir: str | None = None,
+    cluster: bool = False,
+) -> dict:
     """Every configuration on the same workload; see the module doc."""
     import torch
 
@@ -154,16 +174,28 @@ def bench_tiers(model_path: str | None, seed: int, threads: int | None, workload
     if workload.context_tokens >= config.max_model_len:
         raise click.BadParameter(
             f"a chat's final context is {workload.context_tokens} tokens; the model's "
-            f"context is {config.max_model_len}", param_hint="--first-tokens/--user-tokens")
+            f"context is {config.max_model_len}",
+            param_hint="--first-tokens/--user-tokens",
+        )
     if workload.context_tokens + 1 > pool_blocks * BLOCK_SIZE:
         raise click.BadParameter(
             f"a chat's final context ({workload.context_tokens} tokens) does not fit a pool "
-            f"of {pool_blocks} blocks of {BLOCK_SIZE}", param_hint="--pool-blocks")
-    bench = TiersBench(load_model(path), Tokenizer.from_pretrained(path), config, pool_blocks,
-                       config.kv_record_bytes(BLOCK_SIZE, torch_dtype("float32").itemsize))
+            f"of {pool_blocks} blocks of {BLOCK_SIZE}",
+            param_hint="--pool-blocks",
+        )
+    bench = TiersBench(
+        load_model(path),
+        Tokenizer.from_pretrained(path),
+        config,
+        pool_blocks,
+        config.kv_record_bytes(BLOCK_SIZE, torch_dtype("float32").itemsize),
+    )
     whole = workload.working_set_blocks + pool_blocks  # "holds the whole working set"
-    tiers = {"device": (0, 0), "host": (whole, 0),
-             "host_disk": (pool_blocks if host_blocks is None else host_blocks, whole)}
+    tiers = {
+        "device": (0, 0),
+        "host": (whole, 0),
+        "host_disk": (pool_blocks if host_blocks is None else host_blocks, whole),
+    }
     if disk_dir is not None:
         Path(disk_dir).mkdir(parents=True, exist_ok=True)
     bench.disk_root = Path(tempfile.mkdtemp(prefix="kvmesh-bench-tiers-", dir=disk_dir))
@@ -179,8 +211,16 @@ def bench_tiers(model_path: str | None, seed: int, threads: int | None, workload
         from kvmesh.bench.tiers_cluster import bench_tiers_cluster
 
         through_clusters = bench_tiers_cluster(
-            Path(path), messages, bench.reference, workload.turns, workload.output_tokens,
-            pool_blocks, tiers, bench.record_bytes, disk_dir)
+            Path(path),
+            messages,
+            bench.reference,
+            workload.turns,
+            workload.output_tokens,
+            pool_blocks,
+            tiers,
+            bench.record_bytes,
+            disk_dir,
+        )
     device = best["device"]
     return {
         "model": path,
@@ -194,12 +234,14 @@ def bench_tiers(model_path: str | None, seed: int, threads: int | None, workload
         "working_set_blocks": workload.working_set_blocks,
         "working_set_vs_pool": workload.working_set_blocks / pool_blocks,
         "configs": best,
-        "ttft_mean_vs_device": {name: best[name]["ttft_mean_s"] / device["ttft_mean_s"]
-                                for name in CONFIGS[1:]},
+        "ttft_mean_vs_device": {
+            name: best[name]["ttft_mean_s"] / device["ttft_mean_s"] for name in CONFIGS[1:]
+        },
         "target_ttft_mean_host_disk_vs_device": TARGET_HOST_DISK_TTFT,
         "greedy_outputs_equal_device": equal,
-        "greedy_outputs_all_equal": all(n == workload.conversations * workload.turns
-                                        for n in equal.values()),
+        "greedy_outputs_all_equal": all(
+            n == workload.conversations * workload.turns for n in equal.values()
+        ),
         "cluster": through_clusters,
     }
 
@@ -216,28 +258,43 @@ class TiersBench:
         self.disk_root = Path(tempfile.gettempdir())
         self.reference: tuple[list[list[int]], list[str]] | None = None
 
-    def run(self, workload: MultiTurn, messages, host_blocks: int, disk_blocks: int,
-            name: str, pool_blocks: int | None = None) -> dict:
+    def run(
+        self,
+        workload: MultiTurn,
+        messages,
+        host_blocks: int,
+        disk_blocks: int,
+        name: str,
+        pool_blocks: int | None = None,
+    ) -> dict:
         """One configuration on a fresh engine (no connector when host_blocks is 0), with
         the connector's counters; the disk tier starts empty in a fresh directory."""
         from kvmesh.engine.engine import Engine
 
         connector = None
         if host_blocks:
-            disk_dir = (tempfile.mkdtemp(prefix=f"{name}-", dir=self.disk_root)
-                        if disk_blocks else None)
+            disk_dir = (
+                tempfile.mkdtemp(prefix=f"{name}-", dir=self.disk_root) if disk_blocks else None
+            )
             connector = make_connector(self.record_bytes, host_blocks, disk_dir, disk_blocks)
         try:
-            engine = Engine(self.model, self.tokenizer, self.config, block_size=BLOCK_SIZE,
-                            num_blocks=pool_blocks or self.pool_blocks, max_num_seqs=1,
-                            kv_connector=connector)
+            engine = Engine(
+                self.model,
+                self.tokenizer,
+                self.config,
+                block_size=BLOCK_SIZE,
+                num_blocks=pool_blocks or self.pool_blocks,
+                max_num_seqs=1,
+                kv_connector=connector,
+            )
             result = run_conversations(engine, workload, messages)
             result["preemptions"] = engine.num_preemptions
             result["onboarded"] = {}
             if connector is not None:
                 result["tiers"] = connector.metrics()
-                result["onboarded"] = {tier: counters["onboarded"]
-                                       for tier, counters in result["tiers"].items()}
+                result["onboarded"] = {
+                    tier: counters["onboarded"] for tier, counters in result["tiers"].items()
+                }
                 result["host_blocks"] = connector.store.host.num_slots
                 if connector.store.disk is not None:
                     result["disk_blocks"] = connector.store.disk.num_files
@@ -249,13 +306,21 @@ class TiersBench:
     def warm_up(self) -> None:
         """Compile the kernels (attention, pack/unpack: Numba) on a throwaway engine whose
         small pool and tiers make it offload and onboard from both tiers."""
-        small = MultiTurn(conversations=3, turns=2, first_tokens=96, user_tokens=32,
-                          output_tokens=4)
-        self.run(small, small.user_messages(self.config.vocab_size, seed=-1), 4, 64,
-                 "warm-up", pool_blocks=16)
+        small = MultiTurn(
+            conversations=3, turns=2, first_tokens=96, user_tokens=32, output_tokens=4
+        )
+        self.run(
+            small,
+            small.user_messages(self.config.vocab_size, seed=-1),
+            4,
+            64,
+            "warm-up",
+            pool_blocks=16,
+        )
 
-    def rounds(self, workload: MultiTurn, messages, tiers: dict[str, tuple[int, int]],
-               repeats: int) -> tuple[dict, dict]:
+    def rounds(
+        self, workload: MultiTurn, messages, tiers: dict[str, tuple[int, int]], repeats: int
+    ) -> tuple[dict, dict]:
         """Every configuration once per round, in turn, so a burst of load from elsewhere
         hits all of them; each keeps its round of lowest TTFT mean. Returns those and, per
         tier configuration, its fewest greedy outputs equal to device only's first round."""
@@ -301,14 +366,16 @@ def report(result: dict) -> str:
         lines.append(
             f"{name:<10} {tiers:<22} {r['hit_rate']:>8.1%} {r['ttft_mean_s'] * 1e3:>8.1f}ms "
             f"{r['ttft_p50_s'] * 1e3:>6.1f}ms {r['ttft_p90_s'] * 1e3:>6.1f}ms "
-            f"{onboard:>18} {ratio:>9.2f}x")
+            f"{onboard:>18} {ratio:>9.2f}x"
+        )
     equal = result["greedy_outputs_equal_device"]
     ratio = result["ttft_mean_vs_device"]["host_disk"]
     lines.append(
         f"ratio TTFT mean host+disk / device only: {ratio:.2f}x (target <= "
         f"{result['target_ttft_mean_host_disk_vs_device']}x); greedy outputs equal to "
         f"device only: host {equal['host']}/{result['requests']}, "
-        f"host_disk {equal['host_disk']}/{result['requests']}")
+        f"host_disk {equal['host_disk']}/{result['requests']}"
+    )
     if result.get("cluster"):
         from kvmesh.bench.tiers_cluster import report_cluster
 
@@ -317,41 +384,111 @@ def report(result: dict) -> str:
 
 
 @click.command("tiers")
-@click.option("--model", "model_path", default=None,
-              help="HF model directory [default: the tiny model]")
+@click.option(
+    "--model", "model_path", default=None, help="HF model directory [default: the tiny model]"
+)
 @click.option("--seed", default=0, show_default=True, help="Workload seed.")
-@click.option("--threads", type=click.IntRange(1), default=None,
-              help="torch threads [default: torch's choice].")
-@click.option("--conversations", type=click.IntRange(1), default=MultiTurn.conversations,
-              show_default=True, help="Chats, served round-robin.")
-@click.option("--turns", type=click.IntRange(1), default=MultiTurn.turns, show_default=True,
-              help="Turns per chat.")
-@click.option("--first-tokens", type=click.IntRange(1), default=MultiTurn.first_tokens,
-              show_default=True, help="Tokens of a chat's first user message.")
-@click.option("--user-tokens", type=click.IntRange(1), default=MultiTurn.user_tokens,
-              show_default=True, help="Tokens of each later user message.")
-@click.option("--output-tokens", type=click.IntRange(1), default=MultiTurn.output_tokens,
-              show_default=True, help="Tokens generated per turn.")
-@click.option("--pool-blocks", type=click.IntRange(1), default=128, show_default=True,
-              help="Device pool size, in blocks of 16 tokens.")
-@click.option("--host-blocks", type=click.IntRange(1), default=None,
-              help="Host tier of the host+disk config, in blocks [default: --pool-blocks].")
-@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
-              help="Rounds of every configuration; each keeps its best round.")
-@click.option("--disk-dir", type=click.Path(file_okay=False), default=None,
-              help="Parent of the disk tier's temp dir, deleted after [default: the system's].")
-@click.option("--cluster", is_flag=True,
-              help="Also replay the chats through real clusters (`kvmesh up`: one decode "
-                   "worker, the cache actor holding the tiers), one per configuration.")
-@click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None,
-              help="Also write the results to this JSON file.")
-def tiers_command(model_path, seed, threads, conversations, turns, first_tokens, user_tokens,
-                  output_tokens, pool_blocks, host_blocks, repeats, disk_dir, cluster,
-                  json_file) -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    default=None,
+    help="torch threads [default: torch's choice].",
+)
+@click.option(
+    "--conversations",
+    type=click.IntRange(1),
+    default=MultiTurn.conversations,
+    show_default=True,
+    help="Chats, served round-robin.",
+)
+@click.option(
+    "--turns",
+    type=click.IntRange(1),
+    default=MultiTurn.turns,
+    show_default=True,
+    help="Turns per chat.",
+)
+@click.option(
+    "--first-tokens",
+    type=click.IntRange(1),
+    default=MultiTurn.first_tokens,
+    show_default=True,
+    help="Tokens of a chat's first user message.",
+)
+@click.option(
+    "--user-tokens",
+    type=click.IntRange(1),
+    default=MultiTurn.user_tokens,
+    show_default=True,
+    help="Tokens of each later user message.",
+)
+@click.option(
+    "--output-tokens",
+    type=click.IntRange(1),
+    default=MultiTurn.output_tokens,
+    show_default=True,
+    help="Tokens generated per turn.",
+)
+@click.option(
+    "--pool-blocks",
+    type=click.IntRange(1),
+    default=128,
+    show_default=True,
+    help="Device pool size, in blocks of 16 tokens.",
+)
+@click.option(
+    "--host-blocks",
+    type=click.IntRange(1),
+    default=None,
+    help="Host tier of the host+disk config, in blocks [default: --pool-blocks].",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Rounds of every configuration; each keeps its best round.",
+)
+@click.option(
+    "--disk-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Parent of the disk tier's temp dir, deleted after [default: the system's].",
+)
+@click.option(
+    "--cluster",
+    is_flag=True,
+    help="Also replay the chats through real clusters (`kvmesh up`: one decode "
+    "worker, the cache actor holding the tiers), one per configuration.",
+)
+@click.option(
+    "--json",
+    "json_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the results to this JSON file.",
+)
+def tiers_command(
+    model_path,
+    seed,
+    threads,
+    conversations,
+    turns,
+    first_tokens,
+    user_tokens,
+    output_tokens,
+    pool_blocks,
+    host_blocks,
+    repeats,
+    disk_dir,
+    cluster,
+    json_file,
+) -> None:
     """Tiered KV cache on multi-turn chats: device only vs + host vs + host + disk."""
     workload = MultiTurn(conversations, turns, first_tokens, user_tokens, output_tokens)
-    result = bench_tiers(model_path, seed, threads, workload, pool_blocks, host_blocks,
-                         repeats, disk_dir, cluster)
+    result = bench_tiers(
+        model_path, seed, threads, workload, pool_blocks, host_blocks, repeats, disk_dir, cluster
+    )
     click.echo(report(result))
     if json_file:
         Path(json_file).write_text(json.dumps(result, indent=2))

@@ -79,14 +79,16 @@ def default_trace_path() -> Path:
     return DEFAULT_TRACE
 
 
-def load_trace(path: str | Path, start: int = 0, num_requests: int | None = None
-               ) -> list[TraceRecord]:
+def load_trace(
+    path: str | Path, start: int = 0, num_requests: int | None = None
+) -> list[TraceRecord]:
     """Requests start .. start+num_requests of a Mooncake JSONL trace; errors name the line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"trace {path} not found: pass a Mooncake JSONL trace, e.g. "
-            "FAST25-release/traces/synthetic_trace.jsonl of kvcache-ai/Mooncake")
+            "FAST25-release/traces/synthetic_trace.jsonl of kvcache-ai/Mooncake"
+        )
     records = []
     with path.open() as f:
         lines = (line for line in f if line.strip())
@@ -97,12 +99,19 @@ def load_trace(path: str | Path, start: int = 0, num_requests: int | None = None
                 break
             try:
                 raw = json.loads(line)
-                records.append(TraceRecord(int(raw["timestamp"]), int(raw["input_length"]),
-                                           int(raw["output_length"]), tuple(raw["hash_ids"])))
+                records.append(
+                    TraceRecord(
+                        int(raw["timestamp"]),
+                        int(raw["input_length"]),
+                        int(raw["output_length"]),
+                        tuple(raw["hash_ids"]),
+                    )
+                )
             except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}, request {number}: not a Mooncake trace line "
-                                 f"(timestamp, input_length, output_length, hash_ids): {exc!r}"
-                                 ) from exc
+                raise ValueError(
+                    f"{path}, request {number}: not a Mooncake trace line "
+                    f"(timestamp, input_length, output_length, hash_ids): {exc!r}"
+                ) from exc
     if not records:
         raise ValueError(f"{path} has no requests after the first {start}")
     return records
@@ -126,12 +135,20 @@ class PromptSynthesizer:
     def prompt(self, record: TraceRecord) -> list[int]:
         num_tokens = round(record.input_length * self.tokens_per_hash / MOONCAKE_BLOCK_TOKENS)
         tokens = [t for h in record.hash_ids for t in self.block(h)]
-        return tokens[:max(1, num_tokens)]
+        return tokens[: max(1, num_tokens)]
 
 
-def synthesize(records: list[TraceRecord], *, vocab_size: int, max_model_len: int,
-               tokens_per_hash: int = 16, output_scale: int = 8, min_output_tokens: int = 4,
-               speedup: float = 1.0, seed: int = 0) -> Workload:
+def synthesize(
+    records: list[TraceRecord],
+    *,
+    vocab_size: int,
+    max_model_len: int,
+    tokens_per_hash: int = 16,
+    output_scale: int = 8,
+    min_output_tokens: int = 4,
+    speedup: float = 1.0,
+    seed: int = 0,
+) -> Workload:
     """The records as requests for a model of `vocab_size` and `max_model_len`."""
     synth = PromptSynthesizer(vocab_size, tokens_per_hash, seed)
     t0 = records[0].timestamp_ms
@@ -143,8 +160,9 @@ def synthesize(records: list[TraceRecord], *, vocab_size: int, max_model_len: in
         if len(prompt) > room:
             prompt = prompt[:room]
             truncated += 1
-        requests.append(ReplayRequest((record.timestamp_ms - t0) / 1000 / speedup, prompt,
-                                      max_tokens))
+        requests.append(
+            ReplayRequest((record.timestamp_ms - t0) / 1000 / speedup, prompt, max_tokens)
+        )
     return Workload(requests, truncated)
 
 
@@ -167,16 +185,23 @@ def random_prompt(rng: random.Random, n: int, vocab_size: int) -> list[int]:
     return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(n)]
 
 
-def random_workload(vocab_size: int, seed: int, num_requests: int,
-                    prompt_lens: tuple[int, int], output_lens: tuple[int, int]
-                    ) -> list[tuple[list[int], int]]:
+def random_workload(
+    vocab_size: int,
+    seed: int,
+    num_requests: int,
+    prompt_lens: tuple[int, int],
+    output_lens: tuple[int, int],
+) -> list[tuple[list[int], int]]:
     """(prompt token ids, output length) pairs, lengths uniform in the closed ranges."""
     rng = random.Random(seed)
-    return [(random_prompt(rng, rng.randint(*prompt_lens), vocab_size), rng.randint(*output_lens))
-            for _ in range(num_requests)]
+    return [
+        (random_prompt(rng, rng.randint(*prompt_lens), vocab_size), rng.randint(*output_lens))
+        for _ in range(num_requests)
+    ]
 
 
 # --- sending: one streamed request, as the client sees it ---
+
 
 @dataclass
 class StreamRecord:
@@ -209,8 +234,11 @@ class StreamRecord:
 def http_client(url: str) -> httpx.AsyncClient:
     import httpx
 
-    return httpx.AsyncClient(base_url=url, timeout=600.0, limits=httpx.Limits(
-        max_connections=None, max_keepalive_connections=64))
+    return httpx.AsyncClient(
+        base_url=url,
+        timeout=600.0,
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+    )
 
 
 async def sse_events(http: httpx.AsyncClient, body: dict) -> AsyncIterator[dict]:
@@ -230,9 +258,14 @@ async def sse_events(http: httpx.AsyncClient, body: dict) -> AsyncIterator[dict]
                 yield data
 
 
-async def stream_completion(http: httpx.AsyncClient, model: str, prompt: list[int],
-                            max_tokens: int, logprobs: bool = False,
-                            record: StreamRecord | None = None) -> StreamRecord:
+async def stream_completion(
+    http: httpx.AsyncClient,
+    model: str,
+    prompt: list[int],
+    max_tokens: int,
+    logprobs: bool = False,
+    record: StreamRecord | None = None,
+) -> StreamRecord:
     """Stream one greedy completion (EOS ignored) into `record` (a new one by default, or
     the caller's, to watch while it runs); failures land in record.error.
 
@@ -242,8 +275,15 @@ async def stream_completion(http: httpx.AsyncClient, model: str, prompt: list[in
 
     from kvmesh.client import COMPLETIONS, APIError, chunk_deltas
 
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if logprobs:
         body["logprobs"] = 0
     record = record or StreamRecord()
@@ -253,8 +293,11 @@ async def stream_completion(http: httpx.AsyncClient, model: str, prompt: list[in
             async for data in events:
                 now = time.perf_counter()
                 for choice in chunk_deltas(COMPLETIONS, data):
-                    n = (len(choice.logprobs["tokens"]) if choice.logprobs
-                         else int(bool(choice.text)))
+                    n = (
+                        len(choice.logprobs["tokens"])
+                        if choice.logprobs
+                        else int(bool(choice.text))
+                    )
                     if n:
                         record.chunks.append((now, n))
                     record.text += choice.text
@@ -267,8 +310,9 @@ async def stream_completion(http: httpx.AsyncClient, model: str, prompt: list[in
     return record
 
 
-async def replay(url: str, model: str, requests: list[ReplayRequest]
-                 ) -> tuple[list[StreamRecord], float]:
+async def replay(
+    url: str, model: str, requests: list[ReplayRequest]
+) -> tuple[list[StreamRecord], float]:
     """Send each request at its arrival time, open loop; also the worst send delay (s)."""
     async with http_client(url) as http:
         t0 = time.perf_counter() + 0.2
@@ -277,8 +321,9 @@ async def replay(url: str, model: str, requests: list[ReplayRequest]
         async def send(request: ReplayRequest) -> StreamRecord:
             await asyncio.sleep(max(0.0, t0 + request.arrival_s - time.perf_counter()))
             lags.append(time.perf_counter() - t0 - request.arrival_s)
-            record = await stream_completion(http, model, request.prompt_token_ids,
-                                             request.max_tokens)
+            record = await stream_completion(
+                http, model, request.prompt_token_ids, request.max_tokens
+            )
             progress.advance()
             return record
 
@@ -287,11 +332,12 @@ async def replay(url: str, model: str, requests: list[ReplayRequest]
     return records, max(lags)
 
 
-async def send_all(url: str, model: str, workload: list[tuple[list[int], int]]
-                   ) -> list[StreamRecord]:
+async def send_all(
+    url: str, model: str, workload: list[tuple[list[int], int]]
+) -> list[StreamRecord]:
     """Every (prompt, output length) at once."""
-    async def send(http: httpx.AsyncClient, prompt: list[int], max_tokens: int
-                   ) -> StreamRecord:
+
+    async def send(http: httpx.AsyncClient, prompt: list[int], max_tokens: int) -> StreamRecord:
         record = await stream_completion(http, model, prompt, max_tokens)
         progress.advance()
         return record
@@ -314,13 +360,22 @@ async def warm_up(url: str, model: str, vocab_size: int) -> list[StreamRecord]:
     async with http_client(url) as http:
         tasks, records = [], [StreamRecord() for _ in lengths]
         for n, record in zip(lengths, records, strict=True):
-            tasks.append(asyncio.ensure_future(stream_completion(
-                http, model, random_prompt(rng, n, vocab_size), 32, record=record)))
+            tasks.append(
+                asyncio.ensure_future(
+                    stream_completion(
+                        http, model, random_prompt(rng, n, vocab_size), 32, record=record
+                    )
+                )
+            )
             while not (record.chunks or tasks[-1].done()):
                 await asyncio.sleep(0.005)
-        return records + await asyncio.gather(*tasks, *(
-            stream_completion(http, model, random_prompt(rng, n, vocab_size), 8)
-            for n in (40, 300, 1200, 2500)))
+        return records + await asyncio.gather(
+            *tasks,
+            *(
+                stream_completion(http, model, random_prompt(rng, n, vocab_size), 8)
+                for n in (40, 300, 1200, 2500)
+            ),
+        )
 
 
 def stats(values: list[float], prefix: str) -> dict[str, float]:
@@ -328,8 +383,12 @@ def stats(values: list[float], prefix: str) -> dict[str, float]:
     import numpy as np
 
     a = np.asarray(values)
-    return {f"{prefix}_mean_s": float(a.mean()), f"{prefix}_p50_s": float(np.percentile(a, 50)),
-            f"{prefix}_p99_s": float(np.percentile(a, 99)), f"{prefix}_max_s": float(a.max())}
+    return {
+        f"{prefix}_mean_s": float(a.mean()),
+        f"{prefix}_p50_s": float(np.percentile(a, 50)),
+        f"{prefix}_p99_s": float(np.percentile(a, 99)),
+        f"{prefix}_max_s": float(a.max()),
+    }
 
 
 def summarize_replay(records: list[StreamRecord], requests: list[ReplayRequest]) -> dict:
@@ -342,31 +401,52 @@ def summarize_replay(records: list[StreamRecord], requests: list[ReplayRequest])
     seconds = max(r.end for r in records) - t0
     ttft = [r.ttft for r in records]
     return {
-        **stats(ttft, "ttft"), "e2e_mean_s": sum(r.end - r.sent for r in records) / len(records),
-        "prompt_tokens": prompt, "cached_tokens": sum(cached),
-        "cached_fraction": sum(cached) / prompt, "output_tokens": output,
-        "short_outputs": [{"request": i, "max_tokens": r.max_tokens,
-                           "tokens": u["completion_tokens"], "prompt_tokens": u["prompt_tokens"],
-                           "finish_reason": records[i].finish_reason}
-                          for i, (u, r) in enumerate(zip(usage, requests, strict=True))
-                          if u["completion_tokens"] != r.max_tokens],
-        "seconds": seconds, "output_tokens_per_s": output / seconds,
-        "samples": {"sent_s": [round(r.sent - t0, 4) for r in records],
-                    "ttft_s": [round(t, 5) for t in ttft], "cached_tokens": cached},
+        **stats(ttft, "ttft"),
+        "e2e_mean_s": sum(r.end - r.sent for r in records) / len(records),
+        "prompt_tokens": prompt,
+        "cached_tokens": sum(cached),
+        "cached_fraction": sum(cached) / prompt,
+        "output_tokens": output,
+        "short_outputs": [
+            {
+                "request": i,
+                "max_tokens": r.max_tokens,
+                "tokens": u["completion_tokens"],
+                "prompt_tokens": u["prompt_tokens"],
+                "finish_reason": records[i].finish_reason,
+            }
+            for i, (u, r) in enumerate(zip(usage, requests, strict=True))
+            if u["completion_tokens"] != r.max_tokens
+        ],
+        "seconds": seconds,
+        "output_tokens_per_s": output / seconds,
+        "samples": {
+            "sent_s": [round(r.sent - t0, 4) for r in records],
+            "ttft_s": [round(t, 5) for t in ttft],
+            "cached_tokens": cached,
+        },
     }
 
 
-async def decode_under_prefill(url: str, model: str, stream_prompts: list[list[int]],
-                               stream_tokens: int, long_prompts: list[list[int]],
-                               long_output: int, interval: float
-                               ) -> tuple[list[StreamRecord], list[StreamRecord]]:
+async def decode_under_prefill(
+    url: str,
+    model: str,
+    stream_prompts: list[list[int]],
+    stream_tokens: int,
+    long_prompts: list[list[int]],
+    long_output: int,
+    interval: float,
+) -> tuple[list[StreamRecord], list[StreamRecord]]:
     """The decodes (logprobs on: every token is seen) start together; once each has its
     first token, a long prompt is sent every `interval` s until the last decode ends."""
     async with http_client(url) as http:
         streams = [StreamRecord() for _ in stream_prompts]
-        decodes = [asyncio.ensure_future(stream_completion(http, model, p, stream_tokens,
-                                                           logprobs=True, record=s))
-                   for p, s in zip(stream_prompts, streams, strict=True)]
+        decodes = [
+            asyncio.ensure_future(
+                stream_completion(http, model, p, stream_tokens, logprobs=True, record=s)
+            )
+            for p, s in zip(stream_prompts, streams, strict=True)
+        ]
         while not all(s.chunks or d.done() for s, d in zip(streams, decodes, strict=True)):
             await asyncio.sleep(0.005)
         arrivals = []
@@ -375,8 +455,9 @@ async def decode_under_prefill(url: str, model: str, stream_prompts: list[list[i
             await asyncio.sleep(max(0.0, start + i * interval - time.perf_counter()))
             if i and all(d.done() for d in decodes):
                 break
-            arrivals.append(asyncio.ensure_future(stream_completion(http, model, prompt,
-                                                                    long_output)))
+            arrivals.append(
+                asyncio.ensure_future(stream_completion(http, model, prompt, long_output))
+            )
         await asyncio.gather(*decodes)
         return streams, await asyncio.gather(*arrivals)
 
@@ -385,9 +466,12 @@ def summarize_decodes(streams: list[StreamRecord], longs: list[StreamRecord]) ->
     """Inter-token latency and rate of the decodes; how many long prompts, their TTFT."""
     gaps = [g for s in streams for g in s.token_gaps()]
     seconds = max(s.end for s in streams) - min(s.sent for s in streams)
-    return {**stats(gaps, "itl"), "decode_seconds": seconds,
-            "decode_tokens_per_s": sum(s.usage["completion_tokens"] for s in streams) / seconds,
-            "long_prompts_sent": len(longs),
-            "long_prompt_tokens": sum(r.usage["prompt_tokens"] for r in longs),
-            **{f"long_{k}": v for k, v in stats([r.ttft for r in longs], "ttft").items()},
-            "samples": {"itl_s": [round(g, 6) for g in gaps]}}
+    return {
+        **stats(gaps, "itl"),
+        "decode_seconds": seconds,
+        "decode_tokens_per_s": sum(s.usage["completion_tokens"] for s in streams) / seconds,
+        "long_prompts_sent": len(longs),
+        "long_prompt_tokens": sum(r.usage["prompt_tokens"] for r in longs),
+        **{f"long_{k}": v for k, v in stats([r.ttft for r in longs], "ttft").items()},
+        "samples": {"itl_s": [round(g, 6) for g in gaps]},
+    }

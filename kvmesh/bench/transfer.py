@@ -38,21 +38,31 @@ TARGETS = {"shm": 0.8, "numba": 0.7, "zmq": 0.8}
 
 
 @click.command("transfer")
-@click.option("--sizes", default="64,512", show_default=True,
-              help="Comma-separated sizes in MiB of KV blocks per transfer.")
+@click.option(
+    "--sizes",
+    default="64,512",
+    show_default=True,
+    help="Comma-separated sizes in MiB of KV blocks per transfer.",
+)
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 100))
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the results here as JSON.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the results here as JSON.",
+)
 def transfer_command(sizes: str, repeats: int, json_path: Path | None) -> None:
     """KV block transfer between two processes: shm, zmq, ucx vs memcpy and raw ZeroMQ."""
     try:
         sizes_mib = [int(s) for s in sizes.split(",") if s.strip()]
     except ValueError:
-        raise click.BadParameter(f"must be integers in MiB, got {sizes!r}",
-                                 param_hint="--sizes") from None
+        raise click.BadParameter(
+            f"must be integers in MiB, got {sizes!r}", param_hint="--sizes"
+        ) from None
     if not sizes_mib or min(sizes_mib) < BLOCK_BYTES >> 20:
-        raise click.BadParameter(f"each size must be >= {BLOCK_BYTES >> 20} MiB (one block)",
-                                 param_hint="--sizes")
+        raise click.BadParameter(
+            f"each size must be >= {BLOCK_BYTES >> 20} MiB (one block)", param_hint="--sizes"
+        )
     results = bench_transfer(sizes_mib, repeats)
     for size, result in results.items():
         click.echo(report(size, result))
@@ -83,8 +93,12 @@ def bench_transfer(sizes_mib: list[int], repeats: int) -> dict:
     for size in sizes_mib:
         result = results[str(size)]
         pack = measure_pack(result["nbytes"], list(available_backends("cpu")), repeats=repeats)
-        result.update(pack_gbps=pack["pack_gbps"], unpack_gbps=pack["unpack_gbps"],
-                      pack_memcpy_gbps=pack["memcpy_gbps"], load_avg=os.getloadavg()[0])
+        result.update(
+            pack_gbps=pack["pack_gbps"],
+            unpack_gbps=pack["unpack_gbps"],
+            pack_memcpy_gbps=pack["memcpy_gbps"],
+            load_avg=os.getloadavg()[0],
+        )
     return results
 
 
@@ -100,14 +114,17 @@ def report(size: int, r: dict) -> str:
         f"  raw zmq    {raw:6.2f} GB/s",
         f"  zmq        {transfer['zmq']:6.2f} GB/s  {transfer['zmq'] / raw:.2f}x raw zmq, "
         f"target >= {TARGETS['zmq']}",
-        f"  ucx        {transfer['ucx']:6.2f} GB/s" if transfer["ucx"] is not None
+        f"  ucx        {transfer['ucx']:6.2f} GB/s"
+        if transfer["ucx"] is not None
         else "  ucx        ucxx not installed",
         f"  memcpy     {pack_memcpy:6.2f} GB/s  (measure_pack's baseline for pack/unpack)",
     ]
     for backend, gbps in r["pack_gbps"].items():
         target = f", target >= {TARGETS[backend]}" if backend in TARGETS else ""
-        lines.append(f"  pack {backend:<5} {gbps:6.2f} GB/s  {gbps / pack_memcpy:.2f}x memcpy"
-                     f"{target}; unpack {r['unpack_gbps'][backend]:.2f} GB/s")
+        lines.append(
+            f"  pack {backend:<5} {gbps:6.2f} GB/s  {gbps / pack_memcpy:.2f}x memcpy"
+            f"{target}; unpack {r['unpack_gbps'][backend]:.2f} GB/s"
+        )
     return "\n".join(lines)
 
 
@@ -127,6 +144,7 @@ async def _rounds(endpoints: dict, num_blocks: int, sizes_mib: list[int], repeat
     rng = np.random.default_rng(0)
     raw = _RawZmq(endpoints["raw"])
     results = {}
+
     class Sender(Actor):
         role = "prefill"  # KvPoolQuery and KvWrite come from workers only
 

@@ -84,8 +84,14 @@ class DiskTier:
     Not safe to share between processes: one cache actor owns the directory.
     """
 
-    def __init__(self, path: str | os.PathLike, record_bytes: int, capacity_bytes: int,
-                 policy: str = "lru", fingerprint: str = "") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        record_bytes: int,
+        capacity_bytes: int,
+        policy: str = "lru",
+        fingerprint: str = "",
+    ) -> None:
         if record_bytes < 1:
             raise ValueError(f"record_bytes must be >= 1, got {record_bytes}")
         self.path = Path(path)
@@ -95,7 +101,8 @@ class DiskTier:
         if self.num_files < 1:
             raise ValueError(
                 f"a disk tier of {capacity_bytes} bytes (kv.disk_gb) holds no block file of "
-                f"{self.file_bytes} bytes")
+                f"{self.file_bytes} bytes"
+            )
         self._policy_name = policy
         self._policy = make_policy(policy)
         self.path = private_dir(self.path, "kv.disk_path")
@@ -127,8 +134,7 @@ class DiskTier:
         """Count a use of a held block without reading it (e.g. it left the host tier)."""
         self._policy.touch(block_hash)
 
-    def write(self, block_hash: int, payload,
-              keep: Container[int] = ()) -> tuple[bool, list[int]]:
+    def write(self, block_hash: int, payload, keep: Container[int] = ()) -> tuple[bool, list[int]]:
         """Store one block record; evicts (never a block in `keep`) to make room.
 
         Returns (stored, evicted hashes). Not stored when every held block is kept or the
@@ -166,9 +172,12 @@ class DiskTier:
         try:
             with open(self.file_of(block_hash), "rb", buffering=0, opener=_nofollow) as f:
                 header = f.read(HEADER.size)
-                ok = (self._header_ok(header, block_hash)
-                      and _read_full(f, dst) == dst.size and f.read(1) == b""
-                      and xxhash.xxh3_64_intdigest(dst) == HEADER.unpack(header)[5])
+                ok = (
+                    self._header_ok(header, block_hash)
+                    and _read_full(f, dst) == dst.size
+                    and f.read(1) == b""
+                    and xxhash.xxh3_64_intdigest(dst) == HEADER.unpack(header)[5]
+                )
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
                 log.warning("disk_tier_read_failed", block_hash=block_hash, error=str(exc))
@@ -219,8 +228,13 @@ class DiskTier:
         if recorded != self.fingerprint:
             stale = [e.path for e in os.scandir(self.path) if _hash_of(e.name) is not None]
             if stale:
-                log.warning("disk_tier_stale_blocks_deleted", path=str(self.path),
-                            blocks=len(stale), recorded=recorded, fingerprint=self.fingerprint)
+                log.warning(
+                    "disk_tier_stale_blocks_deleted",
+                    path=str(self.path),
+                    blocks=len(stale),
+                    recorded=recorded,
+                    fingerprint=self.fingerprint,
+                )
             for file in stale:
                 _unlink(file)
             fd = os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o600)
@@ -245,8 +259,11 @@ class DiskTier:
                 stat = entry.stat(follow_symlinks=False)
             except OSError:
                 header, stat = b"", None
-            if (stat is None or stat.st_size != self.file_bytes
-                    or not self._header_ok(header, block_hash)):
+            if (
+                stat is None
+                or stat.st_size != self.file_bytes
+                or not self._header_ok(header, block_hash)
+            ):
                 _unlink(entry.path)
                 continue
             found.append((stat.st_mtime_ns, name, block_hash))
@@ -261,8 +278,12 @@ class DiskTier:
         if len(header) != HEADER.size:
             return False
         magic, version, _, stored_hash, length, _ = HEADER.unpack(header)
-        return (magic == MAGIC and version == VERSION and stored_hash == block_hash
-                and length == self.record_bytes)
+        return (
+            magic == MAGIC
+            and version == VERSION
+            and stored_hash == block_hash
+            and length == self.record_bytes
+        )
 
     def _discard(self, block_hash: int) -> None:
         self._policy.remove(block_hash)
@@ -272,8 +293,7 @@ class DiskTier:
         """Write block_hash's file into a reused file if one is at hand (see the module
         doc): an evicted block's (the others' are deleted), else a spare, else a new one."""
         path = self.file_of(block_hash)
-        header = HEADER.pack(MAGIC, VERSION, 0, block_hash, src.size,
-                             xxhash.xxh3_64_intdigest(src))
+        header = HEADER.pack(MAGIC, VERSION, 0, block_hash, src.size, xxhash.xxh3_64_intdigest(src))
         try:
             claimed = False
             for victim in evicted:
@@ -323,8 +343,7 @@ class SpareFiles:
         self._stock = 0
         self._wanted = threading.Event()
         self._closed = False
-        self._thread = threading.Thread(target=self._make, name="disk-tier-spares",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._make, name="disk-tier-spares", daemon=True)
         self._thread.start()
 
     def want(self, stock: int) -> None:
@@ -363,8 +382,7 @@ class SpareFiles:
                 made = self.workdir / str(n)
                 spare = self.path / f".spare.{os.getpid()}.{n}{TMP_SUFFIX}"
                 try:
-                    os.close(os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW,
-                                     0o600))
+                    os.close(os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600))
                     os.replace(made, spare)
                 except OSError as exc:
                     log.warning("disk_tier_spares_stopped", path=str(made), error=str(exc))
@@ -382,9 +400,11 @@ def lock(path: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise ValueError(f"kv.disk_path: the disk tier {str(path)!r} is in use by another "
-                         f"process (pid {holder}); two clusters cannot share one tier "
-                         "directory") from None
+        raise ValueError(
+            f"kv.disk_path: the disk tier {str(path)!r} is in use by another "
+            f"process (pid {holder}); two clusters cannot share one tier "
+            "directory"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
@@ -396,7 +416,7 @@ def _nofollow(path, flags: int) -> int:
 
 def _hash_of(name: str) -> int | None:
     """The block hash a file name stands for, None for a name the tier never writes."""
-    stem, suffix = name[:-len(SUFFIX)], name[-len(SUFFIX):]
+    stem, suffix = name[: -len(SUFFIX)], name[-len(SUFFIX) :]
     if suffix != SUFFIX or len(stem) != 16:
         return None
     try:

@@ -93,8 +93,9 @@ class HostTier:
     Out of slots (all being written) is a normal answer: `allocate` returns None.
     """
 
-    def __init__(self, segment: SharedSegment, num_slots: int, record_bytes: int,
-                 policy: str | None) -> None:
+    def __init__(
+        self, segment: SharedSegment, num_slots: int, record_bytes: int, policy: str | None
+    ) -> None:
         self.segment = segment
         self.num_slots = num_slots
         self.record_bytes = record_bytes
@@ -102,8 +103,9 @@ class HostTier:
         pool = segment.pool
         table = _round_up(num_slots * HEADER_BYTES, TABLE_ALIGN)
         stride = _round_up(record_bytes, PAYLOAD_ALIGN)
-        self._headers = pool[: num_slots * HEADER_BYTES].view(np.uint64).reshape(
-            num_slots, HEADER_WORDS)
+        self._headers = (
+            pool[: num_slots * HEADER_BYTES].view(np.uint64).reshape(num_slots, HEADER_WORDS)
+        )
         self._payloads = pool[table : table + num_slots * stride].reshape(num_slots, stride)
         if self.owner:
             self._policy = make_policy(policy)
@@ -113,8 +115,9 @@ class HostTier:
             self._free = list(range(num_slots - 1, -1, -1))  # pop() gives slot 0 first
 
     @classmethod
-    def create(cls, name: str, record_bytes: int, capacity_bytes: int,
-               policy: str = "lru") -> HostTier:
+    def create(
+        cls, name: str, record_bytes: int, capacity_bytes: int, policy: str = "lru"
+    ) -> HostTier:
         """The owner's tier: as many slots as fit in capacity_bytes, all empty."""
         if record_bytes < 1:
             raise ValueError(f"record_bytes must be >= 1, got {record_bytes}")
@@ -123,11 +126,11 @@ class HostTier:
         if num_slots < 1:
             raise ValueError(
                 f"a host tier of {capacity_bytes} bytes (kv.host_gb) holds no block record "
-                f"of {record_bytes} bytes")
+                f"of {record_bytes} bytes"
+            )
         # Not populated: a process maps the pages it touches (the owner, the slot
         # headers; a worker, the slots it reads and writes), not the whole tier.
-        segment = SharedSegment.create(name, pool_bytes(num_slots, record_bytes),
-                                           populate=False)
+        segment = SharedSegment.create(name, pool_bytes(num_slots, record_bytes), populate=False)
         return cls(segment, num_slots, record_bytes, policy)
 
     @classmethod
@@ -135,14 +138,18 @@ class HostTier:
         """A worker's view of the owner's tier (FileNotFoundError / ValueError as
         SharedSegment.attach)."""
         segment = SharedSegment.attach(
-            info.shm_name, info.shm_token, pool_bytes(info.num_slots, info.record_bytes),
-            populate=False)
+            info.shm_name,
+            info.shm_token,
+            pool_bytes(info.num_slots, info.record_bytes),
+            populate=False,
+        )
         return cls(segment, info.num_slots, info.record_bytes, policy=None)
 
     @property
     def info(self) -> HostTierInfo:
-        return HostTierInfo(self.segment.name, self.segment.token, self.num_slots,
-                            self.record_bytes)
+        return HostTierInfo(
+            self.segment.name, self.segment.token, self.num_slots, self.record_bytes
+        )
 
     # ---- any process: the slots themselves ---------------------------------------------
 
@@ -177,8 +184,12 @@ class HostTier:
         if dst.size != self.record_bytes:
             raise ValueError(f"out holds {dst.size} bytes, a block record {self.record_bytes}")
         before = header.copy()
-        if (before[GEN] == 0 or before[GEN] % 2 or int(before[HASH]) != block_hash
-                or before[LENGTH] != dst.size):
+        if (
+            before[GEN] == 0
+            or before[GEN] % 2
+            or int(before[HASH]) != block_hash
+            or before[LENGTH] != dst.size
+        ):
             return False
         np.copyto(dst, self._payloads[slot, : self.record_bytes])
         if not np.array_equal(header, before):
@@ -202,8 +213,7 @@ class HostTier:
         """Whether block_hash has a slot being written (allocated, not yet committed)."""
         return block_hash in self._pending
 
-    def allocate(self, block_hash: int,
-                 keep: Container[int] = ()) -> tuple[int, int | None] | None:
+    def allocate(self, block_hash: int, keep: Container[int] = ()) -> tuple[int, int | None] | None:
         """A slot for a writer to fill with block_hash, and the block evicted to free it
         (None if a slot was free). Never evicts a block in `keep`. None when every slot
         is being written or kept. block_hash must be neither held nor pending."""
@@ -228,8 +238,12 @@ class HostTier:
         if slot is None:
             return False
         header = self._headers[slot]
-        if (block_hash in self._stale or header[GEN] == 0 or header[GEN] % 2
-                or int(header[HASH]) != block_hash):
+        if (
+            block_hash in self._stale
+            or header[GEN] == 0
+            or header[GEN] % 2
+            or int(header[HASH]) != block_hash
+        ):
             self._stale.discard(block_hash)
             self._release(slot)
             return False

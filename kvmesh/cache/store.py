@@ -94,8 +94,10 @@ class TieredStore:
     def __init__(self, host: HostTier, disk: DiskTier | None = None) -> None:
         assert host.owner, "a TieredStore owns its host tier (HostTier.create)"
         if disk is not None and disk.record_bytes != host.record_bytes:
-            raise ValueError(f"disk tier records are {disk.record_bytes} bytes, host tier "
-                             f"records {host.record_bytes}")
+            raise ValueError(
+                f"disk tier records are {disk.record_bytes} bytes, host tier "
+                f"records {host.record_bytes}"
+            )
         self.host = host
         self.disk = disk
         self.stats = {tier: TierStats() for tier in STORE_TIERS}
@@ -213,8 +215,10 @@ class TieredStore:
     def take_events(self) -> list[KVEvent]:
         """KV events since the last call, oldest first; runs of one kind and tier merged."""
         events, self._events = self._events, []
-        return [kind(tier=tier) if kind is AllBlocksCleared
-                else kind(block_hashes=hashes, tier=tier) for kind, tier, hashes in events]
+        return [
+            kind(tier=tier) if kind is AllBlocksCleared else kind(block_hashes=hashes, tier=tier)
+            for kind, tier, hashes in events
+        ]
 
     def close(self) -> None:
         """Unlink the host tier's shared memory and stop the disk tier's helper thread
@@ -225,8 +229,9 @@ class TieredStore:
 
     # ---- inside ----------------------------------------------------------------------
 
-    def _allocate(self, block_hash: int, keep: Container[int],
-                  disk_keep: Container[int] | None = None) -> int | None:
+    def _allocate(
+        self, block_hash: int, keep: Container[int], disk_keep: Container[int] | None = None
+    ) -> int | None:
         """A host slot for block_hash, demoting the block evicted for it; no block of
         `keep` is evicted from host, nor of `disk_keep` (default: keep) from disk."""
         got = self.host.allocate(block_hash, keep)
@@ -265,8 +270,9 @@ class TieredStore:
             self._event(BlockRemoved, "disk", block_hash)
         return False
 
-    def _promote(self, block_hash: int, keep: Container[int],
-                 disk_keep: Container[int]) -> int | None:
+    def _promote(
+        self, block_hash: int, keep: Container[int], disk_keep: Container[int]
+    ) -> int | None:
         """Copy the fetched block into a host slot; None when no slot can be had."""
         slot = self._allocate(block_hash, keep, disk_keep)
         if slot is None:

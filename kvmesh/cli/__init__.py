@@ -60,34 +60,66 @@ def log_options() -> list[click.Option]:
     """A fresh set of the log options, for one command."""
     common = dict(expose_value=False, callback=_remember)
     return [
-        click.Option(["--log-level"], type=click.Choice(log.LEVELS), default=None,
-                     help="Minimum level of log lines on stderr [default: warning; info "
-                     "for actor and serve].", **common),
-        click.Option(["-v", "--verbose"], count=True,
-                     help="Info log lines on stderr too (-vv: debug).", **common),
-        click.Option(["--log-json"], is_flag=True, default=None,
-                     help="Write log lines as JSON instead of key=value.", **common),
-        click.Option(["--log-file"], type=click.Path(dir_okay=False, path_type=Path),
-                     default=None, help="Also append log lines to this file [kvmesh up: "
-                     "$XDG_STATE_HOME/kvmesh/logs/<cluster>-<node>.log].", **common),
-        click.Option(["--log-file-level"], type=click.Choice(log.LEVELS), default=None,
-                     help="Minimum level written to --log-file [default: info (kvmesh up: "
-                     "[logging] level), or the console's if lower].", **common),
+        click.Option(
+            ["--log-level"],
+            type=click.Choice(log.LEVELS),
+            default=None,
+            help="Minimum level of log lines on stderr [default: warning; info "
+            "for actor and serve].",
+            **common,
+        ),
+        click.Option(
+            ["-v", "--verbose"],
+            count=True,
+            help="Info log lines on stderr too (-vv: debug).",
+            **common,
+        ),
+        click.Option(
+            ["--log-json"],
+            is_flag=True,
+            default=None,
+            help="Write log lines as JSON instead of key=value.",
+            **common,
+        ),
+        click.Option(
+            ["--log-file"],
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Also append log lines to this file [kvmesh up: "
+            "$XDG_STATE_HOME/kvmesh/logs/<cluster>-<node>.log].",
+            **common,
+        ),
+        click.Option(
+            ["--log-file-level"],
+            type=click.Choice(log.LEVELS),
+            default=None,
+            help="Minimum level written to --log-file [default: info (kvmesh up: "
+            "[logging] level), or the console's if lower].",
+            **common,
+        ),
     ]
 
 
-def log_settings(ctx: click.Context, *, default_file: Path | None = None,
-                 file_level: str | None = None, json: bool = False) -> LogSettings:
+def log_settings(
+    ctx: click.Context,
+    *,
+    default_file: Path | None = None,
+    file_level: str | None = None,
+    json: bool = False,
+) -> LogSettings:
     """What the log options of this command line ask for; a command may supply defaults
     for the file, its level and JSON (`up`: its cluster's log file and [logging])."""
     given = ctx.meta.get(LOG_SETTINGS, {})
     verbosity = {0: None, 1: "info"}.get(given.get("verbose", 0), "debug")
     level = given.get("log_level") or verbosity
     default = "info" if ctx.command.name in SERVICES else "warning"
-    return LogSettings(level=level or default, json=json or bool(given.get("log_json")),
-                       file=given.get("log_file") or default_file,
-                       file_level=given.get("log_file_level") or file_level or "info",
-                       explicit=level is not None)
+    return LogSettings(
+        level=level or default,
+        json=json or bool(given.get("log_json")),
+        file=given.get("log_file") or default_file,
+        file_level=given.get("log_file_level") or file_level or "info",
+        explicit=level is not None,
+    )
 
 
 def configure_logging(ctx: click.Context, **defaults) -> LogSettings:

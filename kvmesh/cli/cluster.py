@@ -10,14 +10,30 @@ import time
 import click
 
 CONFIG_OPTIONS = [
-    click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-                 help="cluster.toml [default: the built-in one-machine cluster]."),
-    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                 help="Override one key, e.g. --set router.policy=round_robin (repeatable)."),
-    click.option("--model", "model_path", default=None, metavar="PATH",
-                 help="Shortcut for --set model.path=PATH."),
-    click.option("--http-port", type=int, default=None,
-                 help="Shortcut for --set frontend.http_port=N."),
+    click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="cluster.toml [default: the built-in one-machine cluster].",
+    ),
+    click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override one key, e.g. --set router.policy=round_robin (repeatable).",
+    ),
+    click.option(
+        "--model",
+        "model_path",
+        default=None,
+        metavar="PATH",
+        help="Shortcut for --set model.path=PATH.",
+    ),
+    click.option(
+        "--http-port", type=int, default=None, help="Shortcut for --set frontend.http_port=N."
+    ),
 ]
 
 
@@ -40,7 +56,7 @@ def load(config_path, overrides, model_path, http_port):
         cfg = load_config(config_path, overrides)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    args = (["--config", config_path] if config_path else [])
+    args = ["--config", config_path] if config_path else []
     for override in overrides:
         args += ["--set", override]
     return cfg, args
@@ -48,12 +64,25 @@ def load(config_path, overrides, model_path, http_port):
 
 @click.command()
 @config_options
-@click.option("--node", default=None, help="Which node of cluster.toml this host is "
-              "[default: the first, or $SLURM_NODEID's under Slurm].")
-@click.option("--timeout", type=float, default=300.0, show_default=True,
-              help="Seconds to wait for the cluster to become ready.")
-@click.option("--ask", default=None, metavar="TEXT",
-              help="Once ready, send TEXT as a chat message and stream the answer here.")
+@click.option(
+    "--node",
+    default=None,
+    help="Which node of cluster.toml this host is "
+    "[default: the first, or $SLURM_NODEID's under Slurm].",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait for the cluster to become ready.",
+)
+@click.option(
+    "--ask",
+    default=None,
+    metavar="TEXT",
+    help="Once ready, send TEXT as a chat message and stream the answer here.",
+)
 @click.option("--once", is_flag=True, help="With --ask: stop the cluster after the answer.")
 @click.pass_context
 def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, once):
@@ -78,12 +107,17 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
     cfg, args = load(config_path, overrides, model_path, http_port)
     node = node or _default_node(cfg)
     api_key = _api_key(cfg)
-    logs = log_settings(ctx, default_file=log.default_log_file(cfg.cluster.name, node),
-                        file_level=cfg.logging.level, json=cfg.logging.json)
+    logs = log_settings(
+        ctx,
+        default_file=log.default_log_file(cfg.cluster.name, node),
+        file_level=cfg.logging.level,
+        json=cfg.logging.json,
+    )
     log.rotate(logs.file)  # this run's log starts empty; the last one's is kept as .1
     log.configure(logs.level, logs.json, logs.file, logs.file_level)
-    click.echo(f"log: {logs.file}" + ("" if logs.explicit else "  (-v shows info lines here)"),
-               err=True)
+    click.echo(
+        f"log: {logs.file}" + ("" if logs.explicit else "  (-v shows info lines here)"), err=True
+    )
     if cfg.model.path == "":
         from kvmesh.gpu.tiny import ensure_tiny
 
@@ -146,8 +180,9 @@ def _ask(url: str, text: str, api_key: str | None = None) -> None:
     click.echo(f"\nyou> {text}\nkvmesh> ", nl=False)
     try:
         with Client(url, api_key=api_key) as client:
-            for delta in client.chat([{"role": "user", "content": text}], stream=True,
-                                     max_tokens=48, temperature=0.0):
+            for delta in client.chat(
+                [{"role": "user", "content": text}], stream=True, max_tokens=48, temperature=0.0
+            ):
                 click.echo(delta.text, nl=False)
     except APIError as exc:
         click.echo(f"[error: {exc}]", nl=False)
@@ -218,30 +253,41 @@ def _print_status(cfg, as_json: bool) -> bool:
             rows.append(_cache_row(a) | {"endpoint": _reachable(cfg, a)})
             continue
         prompt = a.load.get("prompt_tokens_total", 0.0)
-        rows.append({
-            "actor": a.actor_id, "role": a.role, "node": a.node, "pid": a.pid,
-            "endpoints": a.endpoints, "endpoint": _reachable(cfg, a),
-            "health": "alive" if a.alive else "dead",
-            "running": int(a.load.get("num_running", 0)),
-            "waiting": int(a.load.get("num_waiting", 0)),
-            "kv_usage": round(a.load.get("kv_usage", 0.0), 3),
-            "prompt_tokens_total": int(prompt),
-            "cached_tokens_total": int(a.load.get("cached_tokens_total", 0)),
-            "remote_prefills_total": int(a.load.get("remote_prefills_total", 0)),
-            "cache_hit_rate": round(a.load.get("cached_tokens_total", 0.0) / prompt, 3)
-            if prompt else 0.0,
-        })
+        rows.append(
+            {
+                "actor": a.actor_id,
+                "role": a.role,
+                "node": a.node,
+                "pid": a.pid,
+                "endpoints": a.endpoints,
+                "endpoint": _reachable(cfg, a),
+                "health": "alive" if a.alive else "dead",
+                "running": int(a.load.get("num_running", 0)),
+                "waiting": int(a.load.get("num_waiting", 0)),
+                "kv_usage": round(a.load.get("kv_usage", 0.0), 3),
+                "prompt_tokens_total": int(prompt),
+                "cached_tokens_total": int(a.load.get("cached_tokens_total", 0)),
+                "remote_prefills_total": int(a.load.get("remote_prefills_total", 0)),
+                "cache_hit_rate": round(a.load.get("cached_tokens_total", 0.0) / prompt, 3)
+                if prompt
+                else 0.0,
+            }
+        )
     if as_json:  # every row also carries the actor's whole load, as reported
         for row, a in zip(rows, cluster.actors, strict=True):
             row["load"] = dict(a.load)
         click.echo(json.dumps(rows, indent=2))
         return True
-    click.echo(f"{'actor':<12} {'role':<9} {'node':<10} {'pid':>7} {'health':<6} "
-               f"{'run':>4} {'wait':>4} {'kv':>6} {'hit':>6}  endpoint")
+    click.echo(
+        f"{'actor':<12} {'role':<9} {'node':<10} {'pid':>7} {'health':<6} "
+        f"{'run':>4} {'wait':>4} {'kv':>6} {'hit':>6}  endpoint"
+    )
     for r in rows:
-        click.echo(f"{r['actor']:<12} {r['role']:<9} {r['node']:<10} {r['pid']:>7} "
-                   f"{r['health']:<6} {r['running']:>4} {r['waiting']:>4} "
-                   f"{r['kv_usage']:>6.1%} {r['cache_hit_rate']:>6.1%}  {r['endpoint']}")
+        click.echo(
+            f"{r['actor']:<12} {r['role']:<9} {r['node']:<10} {r['pid']:>7} "
+            f"{r['health']:<6} {r['running']:>4} {r['waiting']:>4} "
+            f"{r['kv_usage']:>6.1%} {r['cache_hit_rate']:>6.1%}  {r['endpoint']}"
+        )
     return True
 
 
@@ -266,22 +312,34 @@ def _cache_row(a) -> dict:
     capacity = load.get("capacity_host", 0.0)
     lookups = load.get("lookups_host", 0.0)
     hits = load.get("hits_host", 0.0) + load.get("hits_disk", 0.0)
-    return {"actor": a.actor_id, "role": a.role, "node": a.node, "pid": a.pid,
-            "endpoints": a.endpoints, "health": "alive" if a.alive else "dead",
-            "running": 0, "waiting": 0,
-            "kv_usage": round(load.get("blocks_host", 0.0) / capacity, 3) if capacity else 0.0,
-            "cache_hit_rate": round(hits / lookups, 3) if lookups else 0.0,
-            "tiers": {key: int(value) for key, value in load.items()}}
+    return {
+        "actor": a.actor_id,
+        "role": a.role,
+        "node": a.node,
+        "pid": a.pid,
+        "endpoints": a.endpoints,
+        "health": "alive" if a.alive else "dead",
+        "running": 0,
+        "waiting": 0,
+        "kv_usage": round(load.get("blocks_host", 0.0) / capacity, 3) if capacity else 0.0,
+        "cache_hit_rate": round(hits / lookups, 3) if lookups else 0.0,
+        "tiers": {key: int(value) for key, value in load.items()},
+    }
 
 
 @click.command()
-@click.option("--url", default="http://127.0.0.1:8000", show_default=True,
-              help="The frontend's base URL.")
+@click.option(
+    "--url", default="http://127.0.0.1:8000", show_default=True, help="The frontend's base URL."
+)
 @click.option("--max-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--system", default=None, help="A system message to start the conversation.")
-@click.option("--api-key", envvar="KVMESH_API_KEY", default=None,
-              help="API key, when the cluster has frontend.api_key_file [env: KVMESH_API_KEY].")
+@click.option(
+    "--api-key",
+    envvar="KVMESH_API_KEY",
+    default=None,
+    help="API key, when the cluster has frontend.api_key_file [env: KVMESH_API_KEY].",
+)
 def chat(url, max_tokens, temperature, system, api_key):
     """A small interactive chat with a running kvmesh (empty line, Ctrl-D or Ctrl-C
     quits; Ctrl-C during an answer stops that answer)."""
@@ -302,8 +360,9 @@ def chat(url, max_tokens, temperature, system, api_key):
         click.echo("kvmesh> ", nl=False)
         reply = ""
         try:
-            for piece in client.chat(messages, stream=True, max_tokens=max_tokens,
-                                     temperature=temperature):
+            for piece in client.chat(
+                messages, stream=True, max_tokens=max_tokens, temperature=temperature
+            ):
                 reply += piece.text
                 click.echo(piece.text, nl=False)
         except APIError as exc:

@@ -19,11 +19,19 @@ def keys() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @CONFIG_OPTIONS[0]
 @CONFIG_OPTIONS[1]
-@click.option("--operator", "operators", multiple=True, metavar="NAME",
-              help="Another operator key besides `operator` (the one `kvmesh status` "
-              "uses), e.g. one per person; repeatable.")
-@click.option("--force", is_flag=True, help="Replace keys that exist (cuts off every process "
-              "holding the old ones).")
+@click.option(
+    "--operator",
+    "operators",
+    multiple=True,
+    metavar="NAME",
+    help="Another operator key besides `operator` (the one `kvmesh status` "
+    "uses), e.g. one per person; repeatable.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace keys that exist (cuts off every process holding the old ones).",
+)
 def generate(directory: Path, config_path, overrides, operators, force: bool) -> None:
     """Write a keypair for every actor of the cluster into DIRECTORY.
 

@@ -7,17 +7,39 @@ log = structlog.get_logger(__name__)
 
 
 @click.command()
-@click.option("--model", "model_path", default=None, metavar="PATH",
-              help="HF model directory [default: the bundled tiny model, made on first use].")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; 0.0.0.0 also serves other machines.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
-              help="Port to listen on (0 picks a free one).")
+@click.option(
+    "--model",
+    "model_path",
+    default=None,
+    metavar="PATH",
+    help="HF model directory [default: the bundled tiny model, made on first use].",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 also serves other machines.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to listen on (0 picks a free one).",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True)
-@click.option("--num-blocks", type=click.IntRange(min=1), default=None,
-              help="KV-cache blocks [default: sized to the device's memory].")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+)
+@click.option(
+    "--num-blocks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="KV-cache blocks [default: sized to the device's memory].",
+)
 def serve(model_path, host, port, device, dtype, num_blocks):
     """Serve a model over the OpenAI API from this one process (no cluster).
 

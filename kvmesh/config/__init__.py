@@ -30,5 +30,12 @@ from kvmesh.config.book import expand
 from kvmesh.config.loading import config_to_toml, load_config, parse_override
 from kvmesh.config.schema import ActorSpec, ClusterConfig, ConfigError
 
-__all__ = ["ActorSpec", "ClusterConfig", "ConfigError", "config_to_toml", "expand",
-           "load_config", "parse_override"]
+__all__ = [
+    "ActorSpec",
+    "ClusterConfig",
+    "ConfigError",
+    "config_to_toml",
+    "expand",
+    "load_config",
+    "parse_override",
+]

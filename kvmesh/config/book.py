@@ -39,9 +39,21 @@ def expand(cfg: ClusterConfig) -> list[tuple[str, ActorSpec]]:
                     port = cfg.cluster.base_port + PORTS_PER_ACTOR * len(book)
                     connect = [f"tcp://{host_port(node.address, port + k)}" for k in (0, 1)]
                     bind = [f"tcp://{host_port(cfg.cluster.host, port + k)}" for k in (0, 1)]
-                book.append((f"nodes.{n}.actors.{a}", ActorSpec(
-                    actor_id, group.role, node.name, device, group.max_num_seqs,
-                    group.max_num_batched_tokens, *connect, *bind)))
+                book.append(
+                    (
+                        f"nodes.{n}.actors.{a}",
+                        ActorSpec(
+                            actor_id,
+                            group.role,
+                            node.name,
+                            device,
+                            group.max_num_seqs,
+                            group.max_num_batched_tokens,
+                            *connect,
+                            *bind,
+                        ),
+                    )
+                )
     return book
 
 
@@ -56,11 +68,16 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
     first: dict[str, int] = {}
     for n, node in enumerate(cfg.nodes):
         if not NAME.fullmatch(node.name):
-            fail(f"nodes.{n}.name", "expected a name of letters, digits, '.', '_' and '-', "
-                 f"got {shown(node.name)}")
+            fail(
+                f"nodes.{n}.name",
+                f"expected a name of letters, digits, '.', '_' and '-', got {shown(node.name)}",
+            )
         if node.name in first:
-            fail(f"nodes.{n}.name", f"duplicate node name {shown(node.name)} (also "
-                 f"nodes.{first[node.name]}.name); expected a name unique in the cluster")
+            fail(
+                f"nodes.{n}.name",
+                f"duplicate node name {shown(node.name)} (also "
+                f"nodes.{first[node.name]}.name); expected a name unique in the cluster",
+            )
         first[node.name] = n
         if not node.address:
             fail(f"nodes.{n}.address", 'expected a host name or IP address, got ""')
@@ -71,29 +88,40 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
             if not DEVICE.fullmatch(group.device):
                 fail(key, f'expected "cpu", "cuda" or "cuda:N", got {shown(group.device)}')
             if group.role not in ENGINE_ROLES and group.device != "cpu":
-                fail(key, f'a {group.role} runs no model; expected "cpu", '
-                     f"got {shown(group.device)}")
+                fail(
+                    key, f'a {group.role} runs no model; expected "cpu", got {shown(group.device)}'
+                )
         caches = sum(group.count for group in node.actors if group.role == "cache")
         if caches > 1:
-            fail(f"nodes.{n}.actors", f"{caches} cache actors on node {shown(node.name)}; "
-                 "expected at most one per node")
+            fail(
+                f"nodes.{n}.actors",
+                f"{caches} cache actors on node {shown(node.name)}; expected at most one per node",
+            )
     book = expand(cfg)
     roles = Counter(spec.role for _, spec in book)
     for role in REQUIRED_ROLES:
         if not roles[role]:
-            fail("nodes", f"no {role} actor; expected at least one [[nodes.actors]] with "
-                 f'role = "{role}" and count >= 1')
+            fail(
+                "nodes",
+                f"no {role} actor; expected at least one [[nodes.actors]] with "
+                f'role = "{role}" and count >= 1',
+            )
     if roles["router"] > 1:
         second = next(key for key, spec in book if spec.actor_id == "router-1")
         fail(second, f"{roles['router']} routers; expected exactly one in the cluster")
     if roles["cache"] and cfg.kv.host_gb <= 0:
         cache = next(key for key, spec in book if spec.role == "cache")
-        fail("kv.host_gb", f"expected > 0 where a cache actor runs ({cache}: its host tier "
-             f"is where workers offload to, and disk blocks are read back through it), "
-             f"got {cfg.kv.host_gb}")
+        fail(
+            "kv.host_gb",
+            f"expected > 0 where a cache actor runs ({cache}: its host tier "
+            f"is where workers offload to, and disk blocks are read back through it), "
+            f"got {cfg.kv.host_gb}",
+        )
     if cfg.kv.disk_gb > 0 and not cfg.kv.disk_path:
-        fail("kv.disk_path", f"expected a directory when kv.disk_gb > 0 (it is "
-             f'{cfg.kv.disk_gb}), got ""')
+        fail(
+            "kv.disk_path",
+            f'expected a directory when kv.disk_gb > 0 (it is {cfg.kv.disk_gb}), got ""',
+        )
     check_network(cfg, book, fail)
 
 
@@ -103,26 +131,38 @@ def check_network(cfg: ClusterConfig, book: list[tuple[str, ActorSpec]], fail) -
     if is_loopback(settings.host):
         for n, node in enumerate(cfg.nodes):
             if not is_loopback(node.address):
-                fail("cluster.host", f"{shown(settings.host)} accepts connections from this "
-                     f"host only, but nodes.{n}.address is {shown(node.address)}; expected "
-                     'an address other hosts reach, such as "0.0.0.0"')
+                fail(
+                    "cluster.host",
+                    f"{shown(settings.host)} accepts connections from this "
+                    f"host only, but nodes.{n}.address is {shown(node.address)}; expected "
+                    'an address other hosts reach, such as "0.0.0.0"',
+                )
     check_exposure(cfg, fail)
     taken: dict[tuple[str, int], str] = {}
     if settings.ipc_dir:
         if len(set(address.values())) > 1:
-            fail("cluster.ipc_dir", f"ipc:// reaches one host only, but the nodes have "
-                 f"addresses {', '.join(sorted(set(address.values())))}; expected \"\" "
-                 "(tcp://) or every node on one address")
+            fail(
+                "cluster.ipc_dir",
+                f"ipc:// reaches one host only, but the nodes have "
+                f'addresses {", ".join(sorted(set(address.values())))}; expected "" '
+                "(tcp://) or every node on one address",
+            )
         longest = max(len(spec.events_bind.encode()) - len("ipc://") for _, spec in book)
         if longest > UNIX_PATH_MAX:
-            fail("cluster.ipc_dir", f"{shown(settings.ipc_dir)} makes socket paths of "
-                 f"{longest} bytes; expected a directory whose paths fit in {UNIX_PATH_MAX}")
+            fail(
+                "cluster.ipc_dir",
+                f"{shown(settings.ipc_dir)} makes socket paths of "
+                f"{longest} bytes; expected a directory whose paths fit in {UNIX_PATH_MAX}",
+            )
     else:
         num_ports = PORTS_PER_ACTOR * len(book)
         last = settings.base_port + num_ports - 1
         if last > 65535:
-            fail("cluster.base_port", f"{settings.base_port} gives the {len(book)} actors "
-                 f"ports up to {last}; expected an integer from 1 to {65536 - num_ports}")
+            fail(
+                "cluster.base_port",
+                f"{settings.base_port} gives the {len(book)} actors "
+                f"ports up to {last}; expected an integer from 1 to {65536 - num_ports}",
+            )
         for i in range(num_ports):
             spec = book[i // PORTS_PER_ACTOR][1]
             taken[address[spec.node], settings.base_port + i] = spec.actor_id
@@ -133,12 +173,18 @@ def check_network(cfg: ClusterConfig, book: list[tuple[str, ActorSpec]], fail) -
             continue
         place = (address[spec.node], http_port)
         if place in serving:
-            fail(key, f"{spec.actor_id} would serve HTTP on {host_port(*place)} like "
-                 f"{serving[place]}; expected one frontend per node address")
+            fail(
+                key,
+                f"{spec.actor_id} would serve HTTP on {host_port(*place)} like "
+                f"{serving[place]}; expected one frontend per node address",
+            )
         if place in taken:
-            fail("frontend.http_port", f"{http_port} on {place[0]} is also the port of "
-                 f"{taken[place]} (actors have ports from cluster.base_port = "
-                 f"{settings.base_port}); expected another port")
+            fail(
+                "frontend.http_port",
+                f"{http_port} on {place[0]} is also the port of "
+                f"{taken[place]} (actors have ports from cluster.base_port = "
+                f"{settings.base_port}); expected another port",
+            )
         serving[place] = spec.actor_id
 
 
@@ -149,8 +195,7 @@ def exposure(cfg: ClusterConfig) -> str | None:
         return None
     hosts = [("cluster.host", cfg.cluster.host)]
     hosts += [(f"nodes.{n}.address", node.address) for n, node in enumerate(cfg.nodes)]
-    return next((f"{key} = {shown(host)}" for key, host in hosts if not is_loopback(host)),
-                None)
+    return next((f"{key} = {shown(host)}" for key, host in hosts if not is_loopback(host)), None)
 
 
 def check_exposure(cfg: ClusterConfig, fail) -> None:
@@ -158,11 +203,14 @@ def check_exposure(cfg: ClusterConfig, fail) -> None:
     socket is a full member of the cluster."""
     exposed = exposure(cfg)
     if exposed and not cfg.security.key_dir and not cfg.security.insecure:
-        fail("security.key_dir", f"{exposed} opens the actor sockets to other hosts, and "
-             "without keys anyone reaching them could join as any actor; expected a key "
-             "directory: make one with `kvmesh keys generate DIR --config cluster.toml` and "
-             "set security.key_dir = DIR (or, on a network only you can reach, "
-             "security.insecure = true)")
+        fail(
+            "security.key_dir",
+            f"{exposed} opens the actor sockets to other hosts, and "
+            "without keys anyone reaching them could join as any actor; expected a key "
+            "directory: make one with `kvmesh keys generate DIR --config cluster.toml` and "
+            "set security.key_dir = DIR (or, on a network only you can reach, "
+            "security.insecure = true)",
+        )
 
 
 def is_loopback(host: str) -> bool:

@@ -37,14 +37,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
-    """"nodes.0.actors.1.count=3" -> (["nodes", "0", "actors", "1", "count"], 3). The
+    """ "nodes.0.actors.1.count=3" -> (["nodes", "0", "actors", "1", "count"], 3). The
     value is a TOML scalar (integer, float, boolean, quoted string); any other text,
     such as round_robin or /data/model, is taken as a string."""
     key, sep, value = text.partition("=")
     path = key.strip().split(".")
     if not sep or not all(path):
-        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. "
-                          "router.policy=round_robin")
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. router.policy=round_robin")
     value = value.strip()
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
@@ -66,8 +65,9 @@ def apply_override(cfg: ClusterConfig, text: str) -> ClusterConfig:
         elif isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 count = f"{len(node)} entr{'y' if len(node) == 1 else 'ies'}"
-                raise ConfigError(f"override {key}: no such entry; {here} has {count} "
-                                  "(indices from 0)", key)
+                raise ConfigError(
+                    f"override {key}: no such entry; {here} has {count} (indices from 0)", key
+                )
             part = int(part)
         else:
             raise ConfigError(f"override {dotted(path)}: {here} is a value, not a table", key)
@@ -120,13 +120,16 @@ def convert(raw: dict, where: str) -> ClusterConfig:
         missing = re.fullmatch(r"Object missing required field `(.*)`", message)
         if missing:
             path.append(missing[1])
-            raise ConfigError(f"{where}{dotted(path)}: missing; expected "
-                              f"{describe(type_at(path))}", dotted(path)) from None
+            raise ConfigError(
+                f"{where}{dotted(path)}: missing; expected {describe(type_at(path))}", dotted(path)
+            ) from None
         given = raw
         for part in path:
             given = given[part]
-        raise ConfigError(f"{where}{dotted(path)}: expected {describe(type_at(path))}, "
-                          f"got {shown(given)}", dotted(path)) from None
+        raise ConfigError(
+            f"{where}{dotted(path)}: expected {describe(type_at(path))}, got {shown(given)}",
+            dotted(path),
+        ) from None
 
 
 def unknown_key(where: str, parent: list, name: str, names: list[str]) -> ConfigError:
@@ -140,8 +143,11 @@ def type_at(path: list) -> mi.Type:
     info = mi.type_info(ClusterConfig)
     for part in path:
         info = bare(info)
-        info = info.item_type if isinstance(part, int) else next(
-            f.type for f in info.fields if f.name == part)
+        info = (
+            info.item_type
+            if isinstance(part, int)
+            else next(f.type for f in info.fields if f.name == part)
+        )
     return bare(info)
 
 

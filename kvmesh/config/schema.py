@@ -36,44 +36,70 @@ class Table(Struct, frozen=True, forbid_unknown_fields=True):
 class ClusterSettings(Table):
     """The [cluster] table."""
 
-    name: Annotated[str, doc("Cluster name, shown in logs and `kvmesh status`.",
-                             min_length=1)] = "kvmesh"
-    host: Annotated[str, doc(
-        "Address every actor and the frontend's HTTP server bind. 127.0.0.1 accepts "
-        "connections from this host only; binding wider (\"0.0.0.0\") is an explicit "
-        "choice, needed when nodes are on several hosts.", min_length=1)] = "127.0.0.1"
-    base_port: Annotated[int, doc(
-        "Actor i of the address book listens on base_port + 2i and base_port + 2i + 1 "
-        "(tcp:// only).",
-        ge=1, le=65535)] = 5600
-    ipc_dir: Annotated[str, doc(
-        "Directory for ipc:// endpoints instead of tcp:// (nodes on one host only; one "
-        "directory per cluster); \"\" = tcp://.")] = ""
-    heartbeat_interval: Annotated[float, doc(
-        "Seconds between heartbeats, both ways, on every actor connection.", gt=0)] = 1.0
-    liveness: Annotated[int, doc(
-        "Heartbeat intervals of silence after which a peer is declared dead.", ge=1)] = 3
-    grace_period: Annotated[float, doc(
-        "Seconds an actor drains requests in progress after SIGTERM.", ge=0)] = 10.0
+    name: Annotated[str, doc("Cluster name, shown in logs and `kvmesh status`.", min_length=1)] = (
+        "kvmesh"
+    )
+    host: Annotated[
+        str,
+        doc(
+            "Address every actor and the frontend's HTTP server bind. 127.0.0.1 accepts "
+            'connections from this host only; binding wider ("0.0.0.0") is an explicit '
+            "choice, needed when nodes are on several hosts.",
+            min_length=1,
+        ),
+    ] = "127.0.0.1"
+    base_port: Annotated[
+        int,
+        doc(
+            "Actor i of the address book listens on base_port + 2i and base_port + 2i + 1 "
+            "(tcp:// only).",
+            ge=1,
+            le=65535,
+        ),
+    ] = 5600
+    ipc_dir: Annotated[
+        str,
+        doc(
+            "Directory for ipc:// endpoints instead of tcp:// (nodes on one host only; one "
+            'directory per cluster); "" = tcp://.'
+        ),
+    ] = ""
+    heartbeat_interval: Annotated[
+        float, doc("Seconds between heartbeats, both ways, on every actor connection.", gt=0)
+    ] = 1.0
+    liveness: Annotated[
+        int, doc("Heartbeat intervals of silence after which a peer is declared dead.", ge=1)
+    ] = 3
+    grace_period: Annotated[
+        float, doc("Seconds an actor drains requests in progress after SIGTERM.", ge=0)
+    ] = 10.0
 
 
 class ModelConfig(Table):
     """The [model] table."""
 
-    path: Annotated[str, doc(
-        "Model directory (Hugging Face layout); \"\" = the bundled tiny model, made on "
-        "first use in $XDG_CACHE_HOME/kvmesh/tiny-llama.")] = ""
-    name: Annotated[str, doc(
-        "Model name in the API; \"\" = the model directory's name.")] = ""
-    dtype: Annotated[Literal["float32", "bfloat16", "float16"], doc(
-        "Weights and KV cache dtype.")] = "float32"
-    block_size: Annotated[int, doc(
-        "Tokens per KV block, the unit of prefix caching, routing and transfer.",
-        ge=1)] = 16
-    max_model_len: Annotated[int, doc(
-        "Cap on prompt + output tokens, enforced by the frontend and every worker; 0 = "
-        "the model's own context length (a larger cap than that is the model's).",
-        ge=0)] = 0
+    path: Annotated[
+        str,
+        doc(
+            'Model directory (Hugging Face layout); "" = the bundled tiny model, made on '
+            "first use in $XDG_CACHE_HOME/kvmesh/tiny-llama."
+        ),
+    ] = ""
+    name: Annotated[str, doc('Model name in the API; "" = the model directory\'s name.')] = ""
+    dtype: Annotated[
+        Literal["float32", "bfloat16", "float16"], doc("Weights and KV cache dtype.")
+    ] = "float32"
+    block_size: Annotated[
+        int, doc("Tokens per KV block, the unit of prefix caching, routing and transfer.", ge=1)
+    ] = 16
+    max_model_len: Annotated[
+        int,
+        doc(
+            "Cap on prompt + output tokens, enforced by the frontend and every worker; 0 = "
+            "the model's own context length (a larger cap than that is the model's).",
+            ge=0,
+        ),
+    ] = 0
 
     @property
     def resolved_path(self) -> Path:
@@ -92,116 +118,203 @@ class ModelConfig(Table):
 class KVConfig(Table):
     """The [kv] table."""
 
-    device_blocks: Annotated[int, doc(
-        "KV blocks in each worker's device pool; 0 = auto: a CUDA worker takes 85% of its "
-        "GPU's free memory (capped at what max_num_seqs full-length sequences use), a CPU "
-        "worker 4096 blocks (128 MiB per worker for the tiny model; CPU workers share the "
-        "node's RAM).", ge=0)] = 0
-    transfer: Annotated[Literal["auto", "shm", "zmq", "ucx"], doc(
-        "KV data plane between workers. auto: shm on one host, else ucx when installed, "
-        "else zmq; naming one forces it.")] = "auto"
-    host_gb: Annotated[float, doc(
-        "Host DRAM tier of each node's cache actor, GiB, shared by the node's workers: "
-        "blocks a worker evicts go there and come back on a prefix hit. Reserved in "
-        "/dev/shm at start. Needs > 0 where a cache actor runs.", ge=0)] = 0.5
-    disk_gb: Annotated[float, doc(
-        "SSD tier behind each cache actor's host tier (blocks evicted from DRAM, one "
-        "checksummed file each, kept across restarts), GiB; 0 = no disk tier.", ge=0)] = 0.0
-    disk_path: Annotated[str, doc(
-        "Directory of the disk tiers (each cache actor uses <disk_path>/<its id>); "
-        "required when disk_gb > 0.")] = ""
-    host_eviction: Annotated[Literal["lru", "lfu", "fifo"], doc(
-        "Which block a full host tier evicts (demotes to disk) first: least recently "
-        "used, least frequently used, or first in.")] = "lru"
-    disk_eviction: Annotated[Literal["lru", "lfu", "fifo"], doc(
-        "Which block a full disk tier deletes first.")] = "lru"
+    device_blocks: Annotated[
+        int,
+        doc(
+            "KV blocks in each worker's device pool; 0 = auto: a CUDA worker takes 85% of its "
+            "GPU's free memory (capped at what max_num_seqs full-length sequences use), a CPU "
+            "worker 4096 blocks (128 MiB per worker for the tiny model; CPU workers share the "
+            "node's RAM).",
+            ge=0,
+        ),
+    ] = 0
+    transfer: Annotated[
+        Literal["auto", "shm", "zmq", "ucx"],
+        doc(
+            "KV data plane between workers. auto: shm on one host, else ucx when installed, "
+            "else zmq; naming one forces it."
+        ),
+    ] = "auto"
+    host_gb: Annotated[
+        float,
+        doc(
+            "Host DRAM tier of each node's cache actor, GiB, shared by the node's workers: "
+            "blocks a worker evicts go there and come back on a prefix hit. Reserved in "
+            "/dev/shm at start. Needs > 0 where a cache actor runs.",
+            ge=0,
+        ),
+    ] = 0.5
+    disk_gb: Annotated[
+        float,
+        doc(
+            "SSD tier behind each cache actor's host tier (blocks evicted from DRAM, one "
+            "checksummed file each, kept across restarts), GiB; 0 = no disk tier.",
+            ge=0,
+        ),
+    ] = 0.0
+    disk_path: Annotated[
+        str,
+        doc(
+            "Directory of the disk tiers (each cache actor uses <disk_path>/<its id>); "
+            "required when disk_gb > 0."
+        ),
+    ] = ""
+    host_eviction: Annotated[
+        Literal["lru", "lfu", "fifo"],
+        doc(
+            "Which block a full host tier evicts (demotes to disk) first: least recently "
+            "used, least frequently used, or first in."
+        ),
+    ] = "lru"
+    disk_eviction: Annotated[
+        Literal["lru", "lfu", "fifo"], doc("Which block a full disk tier deletes first.")
+    ] = "lru"
 
 
 class RouterConfig(Table):
     """The [router] table."""
 
-    policy: Annotated[Literal["kv", "round_robin", "random", "least_loaded"], doc(
-        "kv: a worker's cost is the prompt tokens it lacks (its cached prefix weighted per "
-        "tier) + load_weight x its load, in tokens; round_robin, random and least_loaded "
-        "ignore the cache.")] = "kv"
-    device_weight: Annotated[float, doc(
-        "kv: credit for prompt blocks cached on the worker's device.", ge=0)] = 1.0
-    host_weight: Annotated[float, doc(
-        "kv: credit for prompt blocks in the host DRAM tier.", ge=0)] = 0.75
-    disk_weight: Annotated[float, doc(
-        "kv: credit for prompt blocks in the disk tier.", ge=0)] = 0.25
-    load_weight: Annotated[float, doc(
-        "kv: weight of the worker's load (queued, cached and predicted tokens).",
-        ge=0)] = 1.0
-    temperature: Annotated[float, doc(
-        "kv: 0 takes the lowest cost; T > 0 samples workers ~ exp(-cost / T), T in tokens.",
-        ge=0)] = 0.0
-    seed: Annotated[int, doc("Seed of random and of sampling at temperature > 0.",
-                             ge=0)] = 0
-    disagg_min_tokens: Annotated[int, doc(
-        "A prompt whose uncached suffix is shorter than this is prefilled on its decode "
-        "worker, not sent to a prefill worker; 0 = always disaggregate.", ge=0)] = 128
-    prefill_busy_tokens: Annotated[int, doc(
-        "A prefill worker with more queued and predicted tokens than this is busy; when "
-        "all are, the decode worker prefills.", ge=0)] = 32768
+    policy: Annotated[
+        Literal["kv", "round_robin", "random", "least_loaded"],
+        doc(
+            "kv: a worker's cost is the prompt tokens it lacks (its cached prefix weighted per "
+            "tier) + load_weight x its load, in tokens; round_robin, random and least_loaded "
+            "ignore the cache."
+        ),
+    ] = "kv"
+    device_weight: Annotated[
+        float, doc("kv: credit for prompt blocks cached on the worker's device.", ge=0)
+    ] = 1.0
+    host_weight: Annotated[
+        float, doc("kv: credit for prompt blocks in the host DRAM tier.", ge=0)
+    ] = 0.75
+    disk_weight: Annotated[float, doc("kv: credit for prompt blocks in the disk tier.", ge=0)] = (
+        0.25
+    )
+    load_weight: Annotated[
+        float, doc("kv: weight of the worker's load (queued, cached and predicted tokens).", ge=0)
+    ] = 1.0
+    temperature: Annotated[
+        float,
+        doc(
+            "kv: 0 takes the lowest cost; T > 0 samples workers ~ exp(-cost / T), T in tokens.",
+            ge=0,
+        ),
+    ] = 0.0
+    seed: Annotated[int, doc("Seed of random and of sampling at temperature > 0.", ge=0)] = 0
+    disagg_min_tokens: Annotated[
+        int,
+        doc(
+            "A prompt whose uncached suffix is shorter than this is prefilled on its decode "
+            "worker, not sent to a prefill worker; 0 = always disaggregate.",
+            ge=0,
+        ),
+    ] = 128
+    prefill_busy_tokens: Annotated[
+        int,
+        doc(
+            "A prefill worker with more queued and predicted tokens than this is busy; when "
+            "all are, the decode worker prefills.",
+            ge=0,
+        ),
+    ] = 32768
 
 
 class FrontendConfig(Table):
     """The [frontend] table."""
 
     http_port: Annotated[int, doc("HTTP port, bound on cluster.host.", ge=1, le=65535)] = 8000
-    max_num_requests: Annotated[int, doc(
-        "Requests in flight per frontend; more are refused as overloaded until one "
-        "finishes.", ge=1)] = 1024
-    request_timeout: Annotated[float, doc(
-        "Seconds before a request is aborted and answered with an error.", gt=0)] = 600.0
-    keep_alive: Annotated[float, doc(
-        "Seconds an idle client connection stays open for its next request. Longer than "
-        "a busy client may take to read a response's end and send again: a connection "
-        "closed under that next request fails it before it reaches the server.",
-        gt=0)] = 30.0
-    max_migrations: Annotated[int, doc(
-        "Times one request may move to another decode worker when its worker dies "
-        "(prompt + tokens so far are replayed there); 0 = fail instead.", ge=0)] = 3
-    max_body_bytes: Annotated[int, doc(
-        "Largest HTTP request body, bytes; a larger one is refused (413) before it is "
-        "read or parsed.", ge=1024)] = 4 * 1024 * 1024
-    body_timeout: Annotated[float, doc(
-        "Seconds a client may take to send a request body (408 after).", gt=0)] = 30.0
-    max_connections: Annotated[int, doc(
-        "Open HTTP connections the server takes at once; more are answered 503.",
-        ge=1)] = 4096
-    max_choices: Annotated[int, doc(
-        "Choices one request may ask for: prompts x n.", ge=1)] = 128
-    default_max_tokens: Annotated[int, doc(
-        "max_tokens of a chat request that names none (cut to the context left).",
-        ge=1)] = 1024
-    api_key_file: Annotated[str, doc(
-        "File of API keys, one per line; when set, every request but /health needs "
-        "`Authorization: Bearer <key>` (401 without). \"\" = no keys. A file, not a key "
-        "here, so cluster.toml can be shared without its secrets.")] = ""
-    metrics_auth: Annotated[bool, doc(
-        "With API keys: /metrics needs a key too (false: Prometheus scrapes it "
-        "freely).")] = False
-    salt_by_api_key: Annotated[bool, doc(
-        "Requests share cached KV blocks only with requests of the same API key (each "
-        "key's digest salts its block hashes), so one tenant's cached_tokens reveal "
-        "nothing of another's prompts.")] = False
-    allowed_hosts: Annotated[str, doc(
-        "Comma-separated host names the HTTP server answers to (the Host header; others "
-        "get 400, against DNS rebinding); \"\" = any.")] = ""
+    max_num_requests: Annotated[
+        int,
+        doc(
+            "Requests in flight per frontend; more are refused as overloaded until one finishes.",
+            ge=1,
+        ),
+    ] = 1024
+    request_timeout: Annotated[
+        float, doc("Seconds before a request is aborted and answered with an error.", gt=0)
+    ] = 600.0
+    keep_alive: Annotated[
+        float,
+        doc(
+            "Seconds an idle client connection stays open for its next request. Longer than "
+            "a busy client may take to read a response's end and send again: a connection "
+            "closed under that next request fails it before it reaches the server.",
+            gt=0,
+        ),
+    ] = 30.0
+    max_migrations: Annotated[
+        int,
+        doc(
+            "Times one request may move to another decode worker when its worker dies "
+            "(prompt + tokens so far are replayed there); 0 = fail instead.",
+            ge=0,
+        ),
+    ] = 3
+    max_body_bytes: Annotated[
+        int,
+        doc(
+            "Largest HTTP request body, bytes; a larger one is refused (413) before it is "
+            "read or parsed.",
+            ge=1024,
+        ),
+    ] = 4 * 1024 * 1024
+    body_timeout: Annotated[
+        float, doc("Seconds a client may take to send a request body (408 after).", gt=0)
+    ] = 30.0
+    max_connections: Annotated[
+        int, doc("Open HTTP connections the server takes at once; more are answered 503.", ge=1)
+    ] = 4096
+    max_choices: Annotated[int, doc("Choices one request may ask for: prompts x n.", ge=1)] = 128
+    default_max_tokens: Annotated[
+        int, doc("max_tokens of a chat request that names none (cut to the context left).", ge=1)
+    ] = 1024
+    api_key_file: Annotated[
+        str,
+        doc(
+            "File of API keys, one per line; when set, every request but /health needs "
+            '`Authorization: Bearer <key>` (401 without). "" = no keys. A file, not a key '
+            "here, so cluster.toml can be shared without its secrets."
+        ),
+    ] = ""
+    metrics_auth: Annotated[
+        bool, doc("With API keys: /metrics needs a key too (false: Prometheus scrapes it freely).")
+    ] = False
+    salt_by_api_key: Annotated[
+        bool,
+        doc(
+            "Requests share cached KV blocks only with requests of the same API key (each "
+            "key's digest salts its block hashes), so one tenant's cached_tokens reveal "
+            "nothing of another's prompts."
+        ),
+    ] = False
+    allowed_hosts: Annotated[
+        str,
+        doc(
+            "Comma-separated host names the HTTP server answers to (the Host header; others "
+            'get 400, against DNS rebinding); "" = any.'
+        ),
+    ] = ""
 
 
 class SecurityConfig(Table):
     """The [security] table."""
 
-    key_dir: Annotated[str, doc(
-        "Directory of the actors' CurveZMQ keys (`kvmesh keys generate DIR --config "
-        "cluster.toml`): every actor socket then admits only the holder of an actor's "
-        "key, as that actor; \"\" = plain ZeroMQ, allowed on loopback (or ipc_dir) only.")] = ""
-    insecure: Annotated[bool, doc(
-        "Allow actor sockets beyond loopback without key_dir (a network only you can "
-        "reach); every actor logs a warning at start.")] = False
+    key_dir: Annotated[
+        str,
+        doc(
+            "Directory of the actors' CurveZMQ keys (`kvmesh keys generate DIR --config "
+            "cluster.toml`): every actor socket then admits only the holder of an actor's "
+            'key, as that actor; "" = plain ZeroMQ, allowed on loopback (or ipc_dir) only.'
+        ),
+    ] = ""
+    insecure: Annotated[
+        bool,
+        doc(
+            "Allow actor sockets beyond loopback without key_dir (a network only you can "
+            "reach); every actor logs a warning at start."
+        ),
+    ] = False
 
     @property
     def key_path(self) -> Path | None:
@@ -211,27 +324,39 @@ class SecurityConfig(Table):
 class LoggingConfig(Table):
     """The [logging] table."""
 
-    level: Annotated[Literal["debug", "info", "warning", "error"], doc(
-        "Minimum level `kvmesh up` writes to its log file ($XDG_STATE_HOME/kvmesh/logs/"
-        "<cluster>-<node>.log, named at start); the terminal shows warnings (-v: info, "
-        "--log-level: any).")] = "info"
+    level: Annotated[
+        Literal["debug", "info", "warning", "error"],
+        doc(
+            "Minimum level `kvmesh up` writes to its log file ($XDG_STATE_HOME/kvmesh/logs/"
+            "<cluster>-<node>.log, named at start); the terminal shows warnings (-v: info, "
+            "--log-level: any)."
+        ),
+    ] = "info"
     json: Annotated[bool, doc("JSON lines instead of key=value.")] = False
 
 
 class ActorGroup(Table):
     """One [[nodes.actors]] entry: `count` actors of one role on the node."""
 
-    role: Annotated[Role, doc(
-        "frontend (HTTP), router (one per cluster), prefill, decode, or cache (at most "
-        "one per node).")]
+    role: Annotated[
+        Role,
+        doc(
+            "frontend (HTTP), router (one per cluster), prefill, decode, or cache (at most "
+            "one per node)."
+        ),
+    ]
     count: Annotated[int, doc("How many; 0 disables the entry.", ge=0)] = 1
-    device: Annotated[str, doc(
-        "prefill and decode: \"cpu\", \"cuda:N\", or \"cuda\" = the node's next GPU that no "
-        "entry names; other roles: \"cpu\".")] = "cpu"
-    max_num_seqs: Annotated[int, doc(
-        "prefill and decode: sequences batched at once.", ge=1)] = 256
-    max_num_batched_tokens: Annotated[int, doc(
-        "prefill and decode: tokens computed per step.", ge=1)] = 2048
+    device: Annotated[
+        str,
+        doc(
+            'prefill and decode: "cpu", "cuda:N", or "cuda" = the node\'s next GPU that no '
+            'entry names; other roles: "cpu".'
+        ),
+    ] = "cpu"
+    max_num_seqs: Annotated[int, doc("prefill and decode: sequences batched at once.", ge=1)] = 256
+    max_num_batched_tokens: Annotated[
+        int, doc("prefill and decode: tokens computed per step.", ge=1)
+    ] = 2048
 
 
 class NodeConfig(Table):
@@ -239,14 +364,22 @@ class NodeConfig(Table):
 
     name: Annotated[str, doc("Node name; `kvmesh up --node NAME` starts its actors.")]
     address: Annotated[str, doc("Address other nodes reach this node's actors at.")]
-    actors: Annotated[tuple[ActorGroup, ...], doc(
-        "The actors of this node, in address book order.")] = ()
+    actors: Annotated[
+        tuple[ActorGroup, ...], doc("The actors of this node, in address book order.")
+    ] = ()
 
 
-DEFAULT_NODE = NodeConfig("local", "127.0.0.1", (
-    ActorGroup("frontend"), ActorGroup("router"), ActorGroup("prefill"),
-    ActorGroup("decode", count=2), ActorGroup("cache"),
-))
+DEFAULT_NODE = NodeConfig(
+    "local",
+    "127.0.0.1",
+    (
+        ActorGroup("frontend"),
+        ActorGroup("router"),
+        ActorGroup("prefill"),
+        ActorGroup("decode", count=2),
+        ActorGroup("cache"),
+    ),
+)
 
 
 class ActorSpec(Struct, frozen=True):
@@ -267,24 +400,33 @@ class ActorSpec(Struct, frozen=True):
 class ClusterConfig(Table):
     """The whole of cluster.toml. Build it with load_config, which checks it."""
 
-    cluster: Annotated[ClusterSettings, doc(
-        "Where actors listen and how they watch each other.")] = ClusterSettings()
-    model: Annotated[ModelConfig, doc(
-        "What every prefill and decode worker serves.")] = ModelConfig()
-    kv: Annotated[KVConfig, doc(
-        "KV block pools, the data plane between workers, and the cache actor's "
-        "tiers.")] = KVConfig()
-    router: Annotated[RouterConfig, doc(
-        "How the router places each request on workers.")] = RouterConfig()
-    frontend: Annotated[FrontendConfig, doc(
-        "The OpenAI-compatible HTTP server.")] = FrontendConfig()
-    security: Annotated[SecurityConfig, doc(
-        "CurveZMQ on every actor socket.")] = SecurityConfig()
-    logging: Annotated[LoggingConfig, doc(
-        "The log file of `kvmesh up`; the terminal shows warnings.")] = LoggingConfig()
-    nodes: Annotated[tuple[NodeConfig, ...], doc(
-        "The machines and the actors each runs. Slurm: the first node hosts the router "
-        "and the frontend.")] = (DEFAULT_NODE,)
+    cluster: Annotated[
+        ClusterSettings, doc("Where actors listen and how they watch each other.")
+    ] = ClusterSettings()
+    model: Annotated[ModelConfig, doc("What every prefill and decode worker serves.")] = (
+        ModelConfig()
+    )
+    kv: Annotated[
+        KVConfig,
+        doc("KV block pools, the data plane between workers, and the cache actor's tiers."),
+    ] = KVConfig()
+    router: Annotated[RouterConfig, doc("How the router places each request on workers.")] = (
+        RouterConfig()
+    )
+    frontend: Annotated[FrontendConfig, doc("The OpenAI-compatible HTTP server.")] = (
+        FrontendConfig()
+    )
+    security: Annotated[SecurityConfig, doc("CurveZMQ on every actor socket.")] = SecurityConfig()
+    logging: Annotated[
+        LoggingConfig, doc("The log file of `kvmesh up`; the terminal shows warnings.")
+    ] = LoggingConfig()
+    nodes: Annotated[
+        tuple[NodeConfig, ...],
+        doc(
+            "The machines and the actors each runs. Slurm: the first node hosts the router "
+            "and the frontend."
+        ),
+    ] = (DEFAULT_NODE,)
 
     @property
     def actors(self) -> list[ActorSpec]:
@@ -299,8 +441,9 @@ class ClusterConfig(Table):
         if node not in names:
             close = difflib.get_close_matches(node, names, n=1)
             hint = f" (did you mean {shown(close[0])}?)" if close else ""
-            raise ConfigError(f"node {shown(node)}: no such node{hint}; nodes: "
-                              f"{', '.join(names)}", "nodes")
+            raise ConfigError(
+                f"node {shown(node)}: no such node{hint}; nodes: {', '.join(names)}", "nodes"
+            )
         return [spec for spec in self.actors if spec.node == node]
 
     @property

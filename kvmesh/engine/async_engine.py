@@ -195,8 +195,12 @@ class AsyncEngine:
             return
         if self.emitted:
             outputs, self.emitted = self.emitted + outputs, []
-        result = StepResult(outputs, self.engine.take_remote_prefills(),
-                            self.engine.take_kv_events(), self.engine.load())
+        result = StepResult(
+            outputs,
+            self.engine.take_remote_prefills(),
+            self.engine.take_kv_events(),
+            self.engine.load(),
+        )
         self.loop.call_soon_threadsafe(self.on_step, result)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:

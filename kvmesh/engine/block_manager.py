@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 
 
 class BlockManager:
-    def __init__(self, pool: BlockPool, salt: bytes = b"",
-                 connector: KVConnector | None = None) -> None:
+    def __init__(
+        self, pool: BlockPool, salt: bytes = b"", connector: KVConnector | None = None
+    ) -> None:
         self.pool = pool
         self.block_size = pool.block_size
         self.salt = salt
@@ -61,8 +62,9 @@ class BlockManager:
         hashes = self.hashes(seq)
         return list(self.connector.lookup(hashes[num_hits:end]))
 
-    def can_admit(self, seq: Sequence, hits: list[int], num_new_tokens: int,
-                  num_onboard: int = 0) -> bool:
+    def can_admit(
+        self, seq: Sequence, hits: list[int], num_new_tokens: int, num_onboard: int = 0
+    ) -> bool:
         """Whether seq, starting from `hits` and `num_onboard` blocks to load, can get
         blocks for those and for `num_new_tokens` more tokens.
 

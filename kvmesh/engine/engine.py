@@ -109,8 +109,11 @@ class Engine:
         (kvmesh.engine.kv_connector); its block records must match this pool's.
         max_model_len: a cap on prompt + output tokens below the model's context.
         hash_key: the secret keying block hashes (the cluster's); None: this user's."""
-        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
-                            ("max_num_batched_tokens", max_num_batched_tokens)):
+        for name, value in (
+            ("block_size", block_size),
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.config = config
@@ -125,26 +128,34 @@ class Engine:
         elif isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive integer or None, got {num_blocks!r}")
         self.num_blocks = num_blocks
-        self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching,
-                              track_evictions=kv_connector is not None)
+        self.pool = BlockPool(
+            num_blocks,
+            block_size,
+            enable_caching=enable_prefix_caching,
+            track_evictions=kv_connector is not None,
+        )
         if hash_key is None:
             from kvmesh.transport.keys import hash_key as user_hash_key
 
             hash_key = user_hash_key(None)
-        self.scheduler = Scheduler(BlockManager(self.pool,
-                                                config.kv_salt(dtype, block_size, hash_key),
-                                                kv_connector),
-                                   max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            BlockManager(self.pool, config.kv_salt(dtype, block_size, hash_key), kv_connector),
+            max_num_seqs,
+            max_num_batched_tokens,
+        )
         if kv_caches is None:
-            kv_caches = allocate_kv_caches(config, num_blocks, block_size, torch_dtype(dtype),
-                                           device)
+            kv_caches = allocate_kv_caches(
+                config, num_blocks, block_size, torch_dtype(dtype), device
+            )
         expected = kv_cache_shape(config, num_blocks, block_size)
         if len(kv_caches) != config.num_layers or tuple(kv_caches[0].shape) != expected:
             raise ValueError(f"kv_caches must be {config.num_layers} tensors of shape {expected}")
         record_bytes = config.kv_record_bytes(block_size, kv_caches[0].element_size())
         if kv_connector is not None and kv_connector.record_bytes != record_bytes:
-            raise ValueError(f"kv_connector holds block records of {kv_connector.record_bytes} "
-                             f"bytes; this pool's are {record_bytes}")
+            raise ValueError(
+                f"kv_connector holds block records of {kv_connector.record_bytes} "
+                f"bytes; this pool's are {record_bytes}"
+            )
         self.kv_caches = kv_caches
         self.kv_connector = kv_connector
         self.salt_id = salt_id(self.scheduler.block_manager.salt)  # as the router compares
@@ -169,8 +180,16 @@ class Engine:
         config = ModelConfig.from_pretrained(path)
         tokenizer = Tokenizer.from_pretrained(path)
         model = load_model(path, device=device, dtype=dtype)
-        return cls(model, tokenizer, config, device=device, dtype=dtype, block_size=block_size,
-                   num_blocks=num_blocks, **kwargs)
+        return cls(
+            model,
+            tokenizer,
+            config,
+            device=device,
+            dtype=dtype,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            **kwargs,
+        )
 
     # --- requests ---
 
@@ -238,8 +257,9 @@ class Engine:
                     f"prompt token id {bad} is outside the vocabulary [0, {self.config.vocab_size})"
                 )
         else:
-            raise ValueError("prompt must be a string or a list of token ids, got "
-                             f"{type(prompt).__name__}")
+            raise ValueError(
+                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
+            )
         if not ids:
             raise ValueError("prompt must not be empty")
         if len(ids) >= self.max_model_len:
@@ -270,8 +290,13 @@ class Engine:
         """Prompts admitted for remote prefill since the last call (blocks allocated)."""
         seqs, self.scheduler.new_remote = self.scheduler.new_remote, []
         return [
-            RemotePrefillTask(s.request_id, s.token_ids[: s.num_prompt_tokens], s.params,
-                              s.num_computed_tokens, list(s.block_table))
+            RemotePrefillTask(
+                s.request_id,
+                s.token_ids[: s.num_prompt_tokens],
+                s.params,
+                s.num_computed_tokens,
+                list(s.block_table),
+            )
             for s in seqs
         ]
 
@@ -332,8 +357,9 @@ class Engine:
         load the admitted prefixes (which may land in those very blocks)."""
         self.kv_connector.save(self.pool.take_evicted(), self.kv_caches)
         for onboarding in batch.onboards:
-            num_loaded = self.kv_connector.load(onboarding.hits, onboarding.block_ids,
-                                                self.kv_caches)
+            num_loaded = self.kv_connector.load(
+                onboarding.hits, onboarding.block_ids, self.kv_caches
+            )
             self.scheduler.finish_onboard(onboarding, num_loaded)
 
     def _check_stop(self, seq: Sequence) -> None:
@@ -440,8 +466,9 @@ class Engine:
             "num_waiting": len(scheduler.waiting),
             "num_remote": len(scheduler.remote) + len(self.held),
             "kv_usage": self.pool.usage,
-            "queued_prefill_tokens": sum(s.num_tokens - s.num_computed_tokens
-                                         for s in scheduler.waiting),
+            "queued_prefill_tokens": sum(
+                s.num_tokens - s.num_computed_tokens for s in scheduler.waiting
+            ),
             "preemptions_total": scheduler.num_preemptions,
         } | self.tier_counters()
 
@@ -449,11 +476,12 @@ class Engine:
         """The host/disk tiers' counters, flat: {"offloaded_host": n, "hits_disk": n, ...}."""
         if self.kv_connector is None:
             return {}
-        return {f"{name}_{tier}": float(value)
-                for tier, counters in self.kv_connector.metrics().items()
-                for name, value in counters.items()}
+        return {
+            f"{name}_{tier}": float(value)
+            for tier, counters in self.kv_connector.metrics().items()
+            for name, value in counters.items()
+        }
 
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
-

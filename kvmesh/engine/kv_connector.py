@@ -113,8 +113,9 @@ class KVConnector(Protocol):
         """The longest leading run of block_hashes held outside the device pool (its
         blocks past the first window the host tier holds unstaged: slot None)."""
 
-    def load(self, hits: Sequence[Onboard], block_ids: Sequence[int],
-             kv_caches: list[torch.Tensor]) -> int:
+    def load(
+        self, hits: Sequence[Onboard], block_ids: Sequence[int], kv_caches: list[torch.Tensor]
+    ) -> int:
         """Copy hits[i] into block block_ids[i], in order, staging the unstaged ones a
         window at a time; how many leading ones made it (the first failed read, checksum
         or staging stops it)."""
@@ -137,8 +138,9 @@ class HostSlotConnector:
 
     def __init__(self, record_bytes: int) -> None:
         if record_bytes <= RECORD_TAG_BYTES:
-            raise ValueError(f"record_bytes must exceed the {RECORD_TAG_BYTES}-byte tag, "
-                             f"got {record_bytes}")
+            raise ValueError(
+                f"record_bytes must exceed the {RECORD_TAG_BYTES}-byte tag, got {record_bytes}"
+            )
         self.record_bytes = record_bytes
         self.num_onboarded = dict.fromkeys(STORE_TIERS, 0)
         self.num_failed = dict.fromkeys(STORE_TIERS, 0)
@@ -156,8 +158,9 @@ class HostSlotConnector:
         self._unloaded.update(wire_hashes(hit.block_hash for hit in hits))
         return hits
 
-    def load(self, hits: Sequence[Onboard], block_ids: Sequence[int],
-             kv_caches: list[torch.Tensor]) -> int:
+    def load(
+        self, hits: Sequence[Onboard], block_ids: Sequence[int], kv_caches: list[torch.Tensor]
+    ) -> int:
         assert len(hits) == len(block_ids), (len(hits), len(block_ids))
         run = [hit.block_hash for hit in hits]
         self._unloaded.difference_update(wire_hashes(run))
@@ -173,13 +176,17 @@ class HostSlotConnector:
                 # run comes back shorter when a block of it went since
                 rest = run[num_loaded:]
                 hits[num_loaded:] = _named(self._stage(wire_hashes(rest), keep), rest)
-            some = list(itertools.takewhile(lambda hit: hit.slot is not None,
-                                            hits[num_loaded : num_loaded + chunk]))
+            some = list(
+                itertools.takewhile(
+                    lambda hit: hit.slot is not None, hits[num_loaded : num_loaded + chunk]
+                )
+            )
             if not some:  # went since lookup, or still no slot to stage it in
                 self.num_failed[tiers[num_loaded]] += 1
                 break
-            num_read = self._load_some(some, block_ids[num_loaded : num_loaded + len(some)],
-                                       kv_caches)
+            num_read = self._load_some(
+                some, block_ids[num_loaded : num_loaded + len(some)], kv_caches
+            )
             num_loaded += num_read
             if num_read < len(some):
                 break
@@ -197,9 +204,11 @@ class HostSlotConnector:
         slots = self._reserve(wire_hashes(block_hash for block_hash, _ in evicted), keep)
         on_cpu = kv_caches[0].device.type == "cpu"
         written: list[int] = []
-        todo = [(block_hash, block_id, slot)
-                for (block_hash, block_id), slot in zip(evicted, slots, strict=True)
-                if slot is not None]
+        todo = [
+            (block_hash, block_id, slot)
+            for (block_hash, block_id), slot in zip(evicted, slots, strict=True)
+            if slot is not None
+        ]
         try:
             for block_hash, block_id, slot in todo:
                 with host.writing(slot, wire_hash(block_hash)) as payload:
@@ -211,10 +220,11 @@ class HostSlotConnector:
                         out.copy_(pack_blocks(kv_caches, [block_id]).view(-1).view(torch.uint8))
                 written.append(wire_hash(block_hash))
         finally:  # slots not written (an exception midway) are given back
-            self._finish(written, wire_hashes(h for h, _, _ in todo[len(written):]))
+            self._finish(written, wire_hashes(h for h, _, _ in todo[len(written) :]))
 
-    def _load_some(self, hits: Sequence[Onboard], block_ids: Sequence[int],
-                   kv_caches: list[torch.Tensor]) -> int:
+    def _load_some(
+        self, hits: Sequence[Onboard], block_ids: Sequence[int], kv_caches: list[torch.Tensor]
+    ) -> int:
         # read_into checks generation and checksum after its copy, and the tag names the
         # full hash, so a record is unpacked only once known intact and this block's: a
         # slot rewritten since lookup, or another block's under the same wire hash, is a
@@ -226,8 +236,11 @@ class HostSlotConnector:
         num_read = 0
         for hit in hits:
             row = rows[num_read]
-            if (host is None or not host.read_into(hit.slot, wire_hash(hit.block_hash), row)
-                    or row[:RECORD_TAG_BYTES].tobytes() != _tag(hit.block_hash)):
+            if (
+                host is None
+                or not host.read_into(hit.slot, wire_hash(hit.block_hash), row)
+                or row[:RECORD_TAG_BYTES].tobytes() != _tag(hit.block_hash)
+            ):
                 self.num_failed[hit.tier] += 1
                 break
             num_read += 1
@@ -244,8 +257,11 @@ class HostSlotConnector:
         staging = self._staging
         pin = device.type == "cuda"
         if len(staging) < num_records or (pin and not staging.is_pinned()):
-            staging = torch.empty((max(num_records, len(staging)), self.record_bytes),
-                                  dtype=torch.uint8, pin_memory=pin)
+            staging = torch.empty(
+                (max(num_records, len(staging)), self.record_bytes),
+                dtype=torch.uint8,
+                pin_memory=pin,
+            )
             self._staging = staging
         return staging[:num_records]
 
@@ -279,8 +295,7 @@ def _tag(block_hash: int) -> bytes:
 def _named(hits: list[Onboard], block_hashes: Sequence[int]) -> list[Onboard]:
     """Hits the tiers returned under wire hashes, named by the full hashes they were
     asked for (a leading run: hit i answers block_hashes[i])."""
-    return [hit._replace(block_hash=full)
-            for hit, full in zip(hits, block_hashes, strict=False)]
+    return [hit._replace(block_hash=full) for hit, full in zip(hits, block_hashes, strict=False)]
 
 
 class LocalTieredConnector(HostSlotConnector):
@@ -293,14 +308,23 @@ class LocalTieredConnector(HostSlotConnector):
     and this connector's onboarded and failed (see HostSlotConnector).
     """
 
-    def __init__(self, record_bytes: int, host_bytes: int,
-                 disk_dir: str | os.PathLike | None = None, disk_bytes: int = 0,
-                 policy: str = "lru", fingerprint: str = "") -> None:
+    def __init__(
+        self,
+        record_bytes: int,
+        host_bytes: int,
+        disk_dir: str | os.PathLike | None = None,
+        disk_bytes: int = 0,
+        policy: str = "lru",
+        fingerprint: str = "",
+    ) -> None:
         super().__init__(record_bytes)
         host = HostTier.create(segment_name("kv-connector"), record_bytes, host_bytes, policy)
         try:
-            disk = None if disk_dir is None else DiskTier(disk_dir, record_bytes, disk_bytes,
-                                                          policy, fingerprint)
+            disk = (
+                None
+                if disk_dir is None
+                else DiskTier(disk_dir, record_bytes, disk_bytes, policy, fingerprint)
+            )
         except BaseException:
             host.close()
             raise
@@ -327,8 +351,8 @@ class LocalTieredConnector(HostSlotConnector):
     def metrics(self) -> dict[str, dict[str, int]]:
         """Counters per tier ("host", "disk"); see the class doc."""
         return {
-            tier: stats.counters() | {"onboarded": self.num_onboarded[tier],
-                                      "failed": self.num_failed[tier]}
+            tier: stats.counters()
+            | {"onboarded": self.num_onboarded[tier], "failed": self.num_failed[tier]}
             for tier, stats in self.store.stats.items()
         }
 
@@ -346,14 +370,14 @@ class CacheChannel(Protocol):
     call blocks until answered. Any failure (cache actor dead, timeout) is an empty
     answer: no hits, no slots."""
 
-    def lookup(self, block_hashes: list[int], keep: Sequence[int] = (),
-               staging: bool = False) -> tuple[list[Onboard], str]:
+    def lookup(
+        self, block_hashes: list[int], keep: Sequence[int] = (), staging: bool = False
+    ) -> tuple[list[Onboard], str]:
         """The leading run held by the cache (its first window staged, evicting none of
         `keep`), and the shm name of the segment it is in. staging: the unstaged rest of
         a run looked up before (TieredStore.stage: not counted again)."""
 
-    def reserve(self, block_hashes: list[int],
-                keep: list[int]) -> tuple[list[int | None], str]:
+    def reserve(self, block_hashes: list[int], keep: list[int]) -> tuple[list[int | None], str]:
         """A slot (or None) per hash, evicting none of `keep`, and the shm name of the
         segment they are in."""
 
@@ -401,5 +425,7 @@ class CacheActorConnector(HostSlotConnector):
         return host is not None and host.segment.name == shm_name
 
     def metrics(self) -> dict[str, dict[str, int]]:
-        return {tier: {"onboarded": self.num_onboarded[tier], "failed": self.num_failed[tier]}
-                for tier in STORE_TIERS}
+        return {
+            tier: {"onboarded": self.num_onboarded[tier], "failed": self.num_failed[tier]}
+            for tier in STORE_TIERS
+        }

@@ -63,10 +63,12 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         _check_int("priority", self.priority, low=-MAX_PRIORITY, high=MAX_PRIORITY)
         if self.cache_salt is not None and (
-                not isinstance(self.cache_salt, str) or not 0 < len(self.cache_salt)
-                <= MAX_CACHE_SALT):
-            raise ValueError(f"cache_salt must be a string of 1 to {MAX_CACHE_SALT} "
-                             f"characters, got {self.cache_salt!r}")
+            not isinstance(self.cache_salt, str) or not 0 < len(self.cache_salt) <= MAX_CACHE_SALT
+        ):
+            raise ValueError(
+                f"cache_salt must be a string of 1 to {MAX_CACHE_SALT} "
+                f"characters, got {self.cache_salt!r}"
+            )
 
     def salted(self, salt: bytes) -> bytes:
         """The block-hash salt of this request: the model's, plus its cache_salt."""

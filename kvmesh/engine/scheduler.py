@@ -260,8 +260,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while (self.waiting and budget > 0
-               and len(self.running) + len(self.remote) < self.max_num_seqs):
+        while (
+            self.waiting and budget > 0 and len(self.running) + len(self.remote) < self.max_num_seqs
+        ):
             seq = self.waiting[0]
             hits = self.block_manager.find_prefix(seq)
             if not self.block_manager.can_admit(seq, hits, self._num_new(seq, len(hits), budget)):
@@ -272,7 +273,8 @@ class Scheduler:
             onboard_ids = self.block_manager.admit(seq, hits, len(onboard))
             if onboard:
                 batch.onboards.append(
-                    Onboarding(seq, onboard, onboard_ids, seq.num_cached_tokens is None))
+                    Onboarding(seq, onboard, onboard_ids, seq.num_cached_tokens is None)
+                )
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = seq.num_computed_tokens
             self.block_manager.append(seq, num_new)
@@ -303,6 +305,7 @@ class Scheduler:
         dropped needs no more blocks than it took, so seq (known to fit without any) fits."""
         onboard = self.block_manager.find_onboard(seq, len(hits))
         while onboard and not self.block_manager.can_admit(
-                seq, hits, self._num_new(seq, len(hits) + len(onboard), budget), len(onboard)):
+            seq, hits, self._num_new(seq, len(hits) + len(onboard), budget), len(onboard)
+        ):
             onboard.pop()
         return onboard

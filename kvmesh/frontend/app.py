@@ -40,8 +40,7 @@ from kvmesh.frontend.serving import (
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
-STATUS_TYPES = {400: "invalid_request_error", 404: "not_found_error",
-                405: "invalid_request_error"}
+STATUS_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error"}
 
 
 def create_app(backend: Backend, limits: HTTPLimits | None = None) -> FastAPI:
@@ -86,7 +85,8 @@ def create_app(backend: Backend, limits: HTTPLimits | None = None) -> FastAPI:
         ready = backend.ready()
         return Response(
             '{"status":"ok"}' if ready else '{"status":"unavailable"}',
-            status_code=200 if ready else 503, media_type="application/json",
+            status_code=200 if ready else 503,
+            media_type="application/json",
         )
 
     @app.get("/metrics")
@@ -111,9 +111,13 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     async def on_invalid_request(request: Request, error: RequestValidationError) -> Response:
         message, param = describe_validation_error(error.errors()[0], error.body)
-        return reply(request, 400, ErrorBody(
-            message=message, type="invalid_request_error", param=param, code="invalid_value"
-        ))
+        return reply(
+            request,
+            400,
+            ErrorBody(
+                message=message, type="invalid_request_error", param=param, code="invalid_value"
+            ),
+        )
 
     async def on_http_error(request: Request, error: HTTPException) -> Response:
         message = f"{request.method} {request.url.path}: {error.detail}"

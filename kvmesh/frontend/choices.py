@@ -59,9 +59,7 @@ class ChoiceStreams:
         self.backend = backend
         self.metrics = metrics
         self.arrived = time.monotonic()
-        self.choices = [
-            Choice(i, f"{request_id}-{i}", len(ids)) for i, ids in enumerate(prompts)
-        ]
+        self.choices = [Choice(i, f"{request_id}-{i}", len(ids)) for i, ids in enumerate(prompts)]
         self.queue: asyncio.Queue[tuple[Choice, Delta | Exception]] = asyncio.Queue()
         self.head: deque[tuple[Choice, Delta | Exception]] = deque()
         self.num_unfinished = len(self.choices)

@@ -48,8 +48,9 @@ def read_api_keys(path: str | Path) -> frozenset[str]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ValueError(f"frontend.api_key_file {str(path)!r} cannot be read: "
-                         f"{exc.strerror}") from None
+        raise ValueError(
+            f"frontend.api_key_file {str(path)!r} cannot be read: {exc.strerror}"
+        ) from None
     keys = frozenset(k for line in text.splitlines() if (k := line.split("#", 1)[0].strip()))
     if not keys:
         raise ValueError(f"frontend.api_key_file {str(path)!r} holds no key")
@@ -63,7 +64,7 @@ def bearer_key(authorization: str) -> str | None:
 
 
 def parse_hosts(text: str) -> frozenset[str]:
-    """"api.example.com, localhost" -> the set of host names (no ports), lower case."""
+    """ "api.example.com, localhost" -> the set of host names (no ports), lower case."""
     return frozenset(h.strip().lower() for h in text.split(",") if h.strip())
 
 
@@ -89,8 +90,7 @@ class Gate:
             try:  # the whole body, bounded, before the app sees any of it
                 body = await self.read_body(receive)
             except BodyRefused as refused:
-                refusal = (refused.status, refused.message, "invalid_request_error",
-                           refused.code)
+                refusal = (refused.status, refused.message, "invalid_request_error", refused.code)
             else:
                 if body is None:
                     return  # the client went away
@@ -107,27 +107,46 @@ class Gate:
         if limits.allowed_hosts:
             host = headers.get("host", "").rsplit(":", 1)[0].strip("[]").lower()
             if host not in limits.allowed_hosts:
-                return (400, f"Host {host!r} is not served here (frontend.allowed_hosts)",
-                        "invalid_request_error", "host_not_allowed")
+                return (
+                    400,
+                    f"Host {host!r} is not served here (frontend.allowed_hosts)",
+                    "invalid_request_error",
+                    "host_not_allowed",
+                )
         path = scope["path"]
-        if limits.api_keys and path not in OPEN_PATHS and (
-                path != "/metrics" or limits.metrics_auth):
+        if (
+            limits.api_keys
+            and path not in OPEN_PATHS
+            and (path != "/metrics" or limits.metrics_auth)
+        ):
             key = bearer_key(headers.get("authorization", ""))
-            if key is None or not any(hmac.compare_digest(key.encode(), k.encode())
-                                      for k in limits.api_keys):
-                return (401, "a valid API key is required: send 'Authorization: Bearer "
-                        "<key>'", "invalid_request_error", "invalid_api_key")
+            if key is None or not any(
+                hmac.compare_digest(key.encode(), k.encode()) for k in limits.api_keys
+            ):
+                return (
+                    401,
+                    "a valid API key is required: send 'Authorization: Bearer <key>'",
+                    "invalid_request_error",
+                    "invalid_api_key",
+                )
         if scope["method"] == "POST":
             media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if media != "application/json":
-                return (415, f"Content-Type must be application/json, got {media or 'none'}",
-                        "invalid_request_error", "unsupported_media_type")
+                return (
+                    415,
+                    f"Content-Type must be application/json, got {media or 'none'}",
+                    "invalid_request_error",
+                    "unsupported_media_type",
+                )
             length = headers.get("content-length")
-            if length is not None and (not length.isdigit()
-                                       or int(length) > limits.max_body_bytes):
-                return (413, f"the request body is {length} bytes; the limit is "
-                        f"{limits.max_body_bytes} (frontend.max_body_bytes)",
-                        "invalid_request_error", "body_too_large")
+            if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+                return (
+                    413,
+                    f"the request body is {length} bytes; the limit is "
+                    f"{limits.max_body_bytes} (frontend.max_body_bytes)",
+                    "invalid_request_error",
+                    "body_too_large",
+                )
         return None
 
     async def read_body(self, receive) -> bytes | None:
@@ -138,16 +157,23 @@ class Gate:
             try:
                 message = await asyncio.wait_for(receive(), limits.body_timeout)
             except TimeoutError:
-                raise BodyRefused(408, f"the request body did not arrive within "
-                                  f"{limits.body_timeout:g} s (frontend.body_timeout)",
-                                  "body_timeout") from None
+                raise BodyRefused(
+                    408,
+                    f"the request body did not arrive within "
+                    f"{limits.body_timeout:g} s (frontend.body_timeout)",
+                    "body_timeout",
+                ) from None
             if message["type"] == "http.disconnect":
                 return None
             parts.append(message.get("body", b""))
             received += len(parts[-1])
             if received > limits.max_body_bytes:
-                raise BodyRefused(413, f"the request body is over {limits.max_body_bytes} "
-                                  "bytes (frontend.max_body_bytes)", "body_too_large")
+                raise BodyRefused(
+                    413,
+                    f"the request body is over {limits.max_body_bytes} "
+                    "bytes (frontend.max_body_bytes)",
+                    "body_too_large",
+                )
             if not message.get("more_body", False):
                 return b"".join(parts)
 
@@ -168,10 +194,10 @@ def replay(body: bytes, receive):
 
 
 async def respond(send, status: int, message: str, type_: str, code: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": type_, "param": None,
-                                 "code": code}}).encode()
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]
+    body = json.dumps(
+        {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -36,8 +36,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 LAG = " In a cluster, from load reports: up to ~1 s behind."
 TIER_LAG = " From the workers' and cache actors' reports: up to ~1.5 s behind."
 BACKEND_COUNTERS = {
-    "remote_prefill_total": "Prompts prefilled on a prefill worker, not the decode worker."
-                            + LAG,
+    "remote_prefill_total": "Prompts prefilled on a prefill worker, not the decode worker." + LAG,
     "kv_transfer_bytes_total": "KV-cache bytes moved between workers on the data plane." + LAG,
 }
 TIERS = ("host", "disk")
@@ -60,28 +59,42 @@ def counter(name: str, help_text: str) -> WorkerMetric:
     return WorkerMetric(name, CounterMetricFamily, help_text + LAG)
 
 
-PREEMPTIONS = counter("preemptions", "Sequences the worker preempted for KV room (recomputed "
-                      "later).")
+PREEMPTIONS = counter(
+    "preemptions", "Sequences the worker preempted for KV room (recomputed later)."
+)
 # field of a worker's load (protocol.LoadReport; AsyncEngine.stats in `kvmesh serve`) ->
 # kvmesh_worker_<name>{worker, role}
 WORKER_METRICS = {
     "num_running": gauge("num_running", "Requests in the worker's running batch."),
-    "num_waiting": gauge("num_waiting", "Requests queued on the worker, waiting for room in "
-                         "its batch or KV pool."),
-    "num_remote": gauge("num_remote", "Decode: prompts parked while a prefill worker computes "
-                        "them; prefill: prompts computed and held until their KV is sent."),
+    "num_waiting": gauge(
+        "num_waiting", "Requests queued on the worker, waiting for room in its batch or KV pool."
+    ),
+    "num_remote": gauge(
+        "num_remote",
+        "Decode: prompts parked while a prefill worker computes "
+        "them; prefill: prompts computed and held until their KV is sent.",
+    ),
     "kv_usage": gauge("kv_usage", "Share of the worker's device KV pool in use, 0 to 1."),
-    "queued_prefill_tokens": gauge("queued_prefill_tokens", "Prompt tokens of the worker's "
-                                   "waiting requests not computed yet."),
-    "prompt_tokens_total": counter("prompt_tokens", "Prompt tokens of requests finished on "
-                                   "the worker."),
-    "cached_tokens_total": counter("cached_tokens", "Prompt tokens of requests finished on "
-                                   "the worker that came from a KV cache, not computed."),
-    "remote_prefills_total": counter("remote_prefills", "Decode: its prompts prefilled on a "
-                                     "prefill worker; prefill: prompts it prefilled for "
-                                     "decode workers."),
-    "transfer_bytes_total": counter("transfer_bytes", "KV bytes the worker received (decode) "
-                                    "or sent (prefill) on the data plane."),
+    "queued_prefill_tokens": gauge(
+        "queued_prefill_tokens", "Prompt tokens of the worker's waiting requests not computed yet."
+    ),
+    "prompt_tokens_total": counter(
+        "prompt_tokens", "Prompt tokens of requests finished on the worker."
+    ),
+    "cached_tokens_total": counter(
+        "cached_tokens",
+        "Prompt tokens of requests finished on the worker that came from a KV cache, not computed.",
+    ),
+    "remote_prefills_total": counter(
+        "remote_prefills",
+        "Decode: its prompts prefilled on a "
+        "prefill worker; prefill: prompts it prefilled for "
+        "decode workers.",
+    ),
+    "transfer_bytes_total": counter(
+        "transfer_bytes",
+        "KV bytes the worker received (decode) or sent (prefill) on the data plane.",
+    ),
     "preemptions_total": PREEMPTIONS,
     "num_preemptions": PREEMPTIONS,  # the in-process engine's name for it
 }
@@ -89,16 +102,23 @@ WORKER_METRICS = {
 # offloaded, lookups and hits come only from an in-process tier: in a cluster the cache
 # actor counts them, in kvmesh_kv_*{tier}.
 WORKER_TIER_METRICS = {
-    "onboarded": counter("kv_onboard_blocks", "KV blocks the worker loaded from the tier "
-                         "instead of computing them."),
-    "failed": counter("kv_onboard_failed_blocks", "KV blocks found in the tier that failed "
-                      "to load (gone, rewritten or corrupt since the lookup): computed."),
+    "onboarded": counter(
+        "kv_onboard_blocks", "KV blocks the worker loaded from the tier instead of computing them."
+    ),
+    "failed": counter(
+        "kv_onboard_failed_blocks",
+        "KV blocks found in the tier that failed "
+        "to load (gone, rewritten or corrupt since the lookup): computed.",
+    ),
     "offloaded": counter("kv_offload_blocks", "KV blocks the worker offloaded into the tier."),
     "lookups": counter("kv_lookup_blocks", "KV blocks the worker looked up in the tier."),
     "hits": counter("kv_hit_blocks", "KV blocks the worker found in the tier."),
 }
-TIER_FIELDS = {f"{field}_{tier}": (WORKER_TIER_METRICS[field], tier)
-               for field in WORKER_TIER_METRICS for tier in TIERS}
+TIER_FIELDS = {
+    f"{field}_{tier}": (WORKER_TIER_METRICS[field], tier)
+    for field in WORKER_TIER_METRICS
+    for tier in TIERS
+}
 
 
 class Metrics:
@@ -109,11 +129,14 @@ class Metrics:
         self.registry.register(BackendCollector(backend))
         r = self.registry
         self.requests = Counter(
-            "kvmesh_requests", "HTTP completion requests by endpoint and status code.",
-            ["endpoint", "status"], registry=r,
+            "kvmesh_requests",
+            "HTTP completion requests by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=r,
         )
         self.requests_running = Gauge(
-            "kvmesh_requests_running", "Completion requests the frontend is serving now.",
+            "kvmesh_requests_running",
+            "Completion requests the frontend is serving now.",
             registry=r,
         )
         self.prompt_tokens = Counter(
@@ -128,12 +151,14 @@ class Metrics:
         self.time_to_first_token = Histogram(
             "kvmesh_time_to_first_token_seconds",
             "From the request's arrival to its first generated token.",
-            buckets=TTFT_BUCKETS, registry=r,
+            buckets=TTFT_BUCKETS,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
             "kvmesh_inter_token_latency_seconds",
             "Between successive generated tokens of one request.",
-            buckets=ITL_BUCKETS, registry=r,
+            buckets=ITL_BUCKETS,
+            registry=r,
         )
 
     def count_request(self, endpoint: str, status: int) -> None:
@@ -178,12 +203,17 @@ def worker_metrics(workers: list[dict]):
             if metric is None and key in TIER_FIELDS:
                 metric, tier = TIER_FIELDS[key]
             if metric is None:
-                metric = WorkerMetric(key, UnknownMetricFamily, f"Per-worker {key}, not "
-                                      "described in kvmesh/frontend/metrics.py." + LAG)
+                metric = WorkerMetric(
+                    key,
+                    UnknownMetricFamily,
+                    f"Per-worker {key}, not described in kvmesh/frontend/metrics.py." + LAG,
+                )
             if metric.name not in families:
                 families[metric.name] = metric.kind(
-                    f"kvmesh_worker_{metric.name}", metric.help,
-                    labels=["worker", "role"] if tier is None else ["worker", "role", "tier"])
+                    f"kvmesh_worker_{metric.name}",
+                    metric.help,
+                    labels=["worker", "role"] if tier is None else ["worker", "role", "tier"],
+                )
             families[metric.name].add_metric(labels if tier is None else [*labels, tier], value)
     yield from families.values()
 
@@ -191,14 +221,17 @@ def worker_metrics(workers: list[dict]):
 def tier_metrics(tiers: dict[str, dict[str, float]]):
     """The KV cache tiers behind the device pools: blocks offloaded and onboarded per
     tier, and each tier's hit rate (blocks found / blocks looked up)."""
-    offload = CounterMetricFamily("kvmesh_kv_offload_blocks",
-                                  "KV blocks offloaded into a tier." + TIER_LAG, labels=["tier"])
-    onboard = CounterMetricFamily("kvmesh_kv_onboard_blocks",
-                                  "KV blocks onboarded from a tier instead of recomputed."
-                                  + TIER_LAG, labels=["tier"])
-    hit_rate = GaugeMetricFamily("kvmesh_kv_hit_rate",
-                                 "Blocks found in a tier / looked up." + TIER_LAG,
-                                 labels=["tier"])
+    offload = CounterMetricFamily(
+        "kvmesh_kv_offload_blocks", "KV blocks offloaded into a tier." + TIER_LAG, labels=["tier"]
+    )
+    onboard = CounterMetricFamily(
+        "kvmesh_kv_onboard_blocks",
+        "KV blocks onboarded from a tier instead of recomputed." + TIER_LAG,
+        labels=["tier"],
+    )
+    hit_rate = GaugeMetricFamily(
+        "kvmesh_kv_hit_rate", "Blocks found in a tier / looked up." + TIER_LAG, labels=["tier"]
+    )
     for tier, counters in sorted(tiers.items()):
         offload.add_metric([tier], counters.get("offloaded", 0.0))
         onboard.add_metric([tier], counters.get("onboarded", 0.0))

@@ -83,8 +83,7 @@ class SamplingRequest(BaseModel):
             raise ValueError(f"stop has {len(value)} strings; at most {MAX_STOP}")
         longest = max(len(s) for s in value) if value else 0
         if longest > MAX_STOP_CHARS:
-            raise ValueError(f"stop has a string of {longest} characters; at most "
-                             f"{MAX_STOP_CHARS}")
+            raise ValueError(f"stop has a string of {longest} characters; at most {MAX_STOP_CHARS}")
         return value
 
     @field_validator(*UNSUPPORTED)

@@ -62,12 +62,20 @@ class RequestError(Exception):
     """A request the frontend refuses, as an OpenAI error: status, message, param."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None,
-        type: str = "invalid_request_error", code: str | None = None,
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = (
-            status, message, param, type, code
+            status,
+            message,
+            param,
+            type,
+            code,
         )
 
 
@@ -78,9 +86,11 @@ class ClientDisconnected(Exception):
 def describe_error(error: Exception) -> tuple[int, ErrorBody, dict[str, str]]:
     """HTTP status, OpenAI error body and headers for an error a request ended with."""
     if isinstance(error, RequestError):
-        return error.status, ErrorBody(
-            message=error.message, type=error.type, param=error.param, code=error.code
-        ), {}
+        return (
+            error.status,
+            ErrorBody(message=error.message, type=error.type, param=error.param, code=error.code),
+            {},
+        )
     if isinstance(error, OverloadedError):
         body = ErrorBody(message=str(error), type="rate_limit_error", code="overloaded")
         return 429, body, {"Retry-After": retry_after(error.retry_after)}
@@ -157,8 +167,11 @@ class Serving:
     async def __call__(self, request: Request, body: SamplingRequest) -> Response:
         if body.model != self.backend.model_name:
             raise RequestError(
-                404, f"model {body.model!r} does not exist; this server serves "
-                f"{self.backend.model_name!r}", "model", code="model_not_found",
+                404,
+                f"model {body.model!r} does not exist; this server serves "
+                f"{self.backend.model_name!r}",
+                "model",
+                code="model_not_found",
             )
         n = body.n or 1
         self.check_choices(body, n)
@@ -166,11 +179,15 @@ class Serving:
         # also carries the actor's heartbeats and every other stream
         prompts = await asyncio.to_thread(self.prompt_ids, body)
         cache_salt = self.cache_salt(request, body)
-        params = [self.sampling_params(body, len(ids), j, cache_salt)
-                  for ids in prompts for j in range(n)]
+        params = [
+            self.sampling_params(body, len(ids), j, cache_salt) for ids in prompts for j in range(n)
+        ]
         response_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         run = ChoiceStreams(
-            self.backend, self.metrics, response_id, [ids for ids in prompts for _ in range(n)],
+            self.backend,
+            self.metrics,
+            response_id,
+            [ids for ids in prompts for _ in range(n)],
             params,
         )
         try:
@@ -221,9 +238,11 @@ class Serving:
         num_prompts = self.num_prompts(body)
         if num_prompts * n > self.limits.max_choices:
             raise RequestError(
-                400, f"{num_prompts} prompts x n={n} ask for {num_prompts * n} choices; at "
+                400,
+                f"{num_prompts} prompts x n={n} ask for {num_prompts * n} choices; at "
                 f"most {self.limits.max_choices} (frontend.max_choices)",
-                "n" if num_prompts == 1 else self.prompt_param)
+                "n" if num_prompts == 1 else self.prompt_param,
+            )
 
     def num_prompts(self, body) -> int:
         return 1
@@ -235,13 +254,17 @@ class Serving:
         bad = next((t for t in ids if t >= self.backend.vocab_size), None)
         if bad is not None:
             raise RequestError(
-                400, f"{param}[{index}] has token id {bad}, outside the vocabulary "
-                f"[0, {self.backend.vocab_size})", param,
+                400,
+                f"{param}[{index}] has token id {bad}, outside the vocabulary "
+                f"[0, {self.backend.vocab_size})",
+                param,
             )
         if len(ids) >= self.backend.max_model_len:
             raise RequestError(
-                400, f"{param} has {len(ids)} tokens; the model's context is "
-                f"{self.backend.max_model_len} tokens, prompt and completion together", param,
+                400,
+                f"{param} has {len(ids)} tokens; the model's context is "
+                f"{self.backend.max_model_len} tokens, prompt and completion together",
+                param,
             )
         return ids
 
@@ -256,8 +279,9 @@ class Serving:
         tenant = hashlib.sha256(key.encode()).hexdigest()[:32]
         return f"key:{tenant}:{body.cache_salt or ''}"
 
-    def sampling_params(self, body, num_prompt_tokens: int, index: int,
-                        cache_salt: str | None = None) -> SamplingParams:
+    def sampling_params(
+        self, body, num_prompt_tokens: int, index: int, cache_salt: str | None = None
+    ) -> SamplingParams:
         """Index counts the choices of one prompt: a seeded request's choices differ."""
         max_tokens, param = self.max_tokens(body)
         room = self.backend.max_model_len - num_prompt_tokens
@@ -265,9 +289,11 @@ class Serving:
             max_tokens = self.default_max_tokens(room)
         elif max_tokens > room:
             raise RequestError(
-                400, f"{param} is {max_tokens}, but the prompt has {num_prompt_tokens} tokens "
+                400,
+                f"{param} is {max_tokens}, but the prompt has {num_prompt_tokens} tokens "
                 f"and the model's context is {self.backend.max_model_len}: at most {room} "
-                "can be generated", param,
+                "can be generated",
+                param,
             )
         seed = None if body.seed is None else (body.seed + index) % (MAX_SEED + 1)
         try:
@@ -292,7 +318,9 @@ class Serving:
         prompt = sum(c.num_prompt_tokens for c in firsts)
         completion = sum(len(c.token_ids) for c in run.choices)
         return Usage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
             prompt_tokens_details=PromptTokensDetails(
                 cached_tokens=sum(c.num_cached_tokens for c in firsts)
             ),
@@ -373,13 +401,15 @@ class ChatServing(Serving):
         outgrew the pool) carries no logprobs."""
         if k is None:
             return None
-        return ChatLogprobs(content=[
-            TokenLogprob(
-                **self.top_logprob(token_id, entry[token_id]).model_dump(),
-                top_logprobs=[self.top_logprob(t, lp) for t, lp in self.top(entry, k)],
-            )
-            for token_id, entry in zip(ids, entries or (), strict=True)
-        ])
+        return ChatLogprobs(
+            content=[
+                TokenLogprob(
+                    **self.top_logprob(token_id, entry[token_id]).model_dump(),
+                    top_logprobs=[self.top_logprob(t, lp) for t, lp in self.top(entry, k)],
+                )
+                for token_id, entry in zip(ids, entries or (), strict=True)
+            ]
+        )
 
     def top_logprob(self, token_id: int, logprob: float) -> TopLogprob:
         text = self.token_text(token_id)
@@ -387,9 +417,12 @@ class ChatServing(Serving):
 
     def opening_chunks(self, run, body, response_id: str, created: int) -> list:
         return [
-            self.make_chunk(body, response_id, created, [
-                ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))
-            ])
+            self.make_chunk(
+                body,
+                response_id,
+                created,
+                [ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))],
+            )
             for c in run.choices
         ]
 
@@ -398,10 +431,19 @@ class ChatServing(Serving):
         if not (delta.new_text or delta.finish_reason or (k is not None and delta.new_token_ids)):
             return None
         logprobs = self.logprobs(delta.new_token_ids, delta.new_logprobs, k)
-        return self.make_chunk(body, response_id, created, [ChatChunkChoice(
-            index=choice.index, delta=ChatDelta(content=delta.new_text or None),
-            logprobs=logprobs, finish_reason=delta.finish_reason,
-        )])
+        return self.make_chunk(
+            body,
+            response_id,
+            created,
+            [
+                ChatChunkChoice(
+                    index=choice.index,
+                    delta=ChatDelta(content=delta.new_text or None),
+                    logprobs=logprobs,
+                    finish_reason=delta.finish_reason,
+                )
+            ],
+        )
 
     def make_chunk(self, body, response_id, created, choices, usage=None):
         return ChatCompletionChunk(
@@ -411,10 +453,13 @@ class ChatServing(Serving):
     def response(self, run, body, response_id) -> ChatCompletion:
         k = self.num_logprobs(body)
         return ChatCompletion(
-            id=response_id, model=body.model, usage=self.usage(run, body),
+            id=response_id,
+            model=body.model,
+            usage=self.usage(run, body),
             choices=[
                 ChatChoice(
-                    index=c.index, message=AssistantMessage(content=c.text),
+                    index=c.index,
+                    message=AssistantMessage(content=c.text),
                     logprobs=self.logprobs(c.token_ids, c.logprobs, k),
                     finish_reason=c.finish_reason,
                 )
@@ -471,11 +516,19 @@ class CompletionServing(Serving):
         if not (delta.new_text or delta.finish_reason or (k is not None and delta.new_token_ids)):
             return None
         offset = len(choice.text) - len(delta.new_text)
-        return self.make_chunk(body, response_id, created, [CompletionChoice(
-            index=choice.index, text=delta.new_text,
-            logprobs=self.logprobs(delta.new_token_ids, delta.new_logprobs, k, offset),
-            finish_reason=delta.finish_reason,
-        )])
+        return self.make_chunk(
+            body,
+            response_id,
+            created,
+            [
+                CompletionChoice(
+                    index=choice.index,
+                    text=delta.new_text,
+                    logprobs=self.logprobs(delta.new_token_ids, delta.new_logprobs, k, offset),
+                    finish_reason=delta.finish_reason,
+                )
+            ],
+        )
 
     def make_chunk(self, body, response_id, created, choices, usage=None):
         return Completion(
@@ -484,10 +537,13 @@ class CompletionServing(Serving):
 
     def response(self, run, body, response_id) -> Completion:
         return Completion(
-            id=response_id, model=body.model, usage=self.usage(run, body),
+            id=response_id,
+            model=body.model,
+            usage=self.usage(run, body),
             choices=[
                 CompletionChoice(
-                    index=c.index, text=c.text,
+                    index=c.index,
+                    text=c.text,
                     logprobs=self.logprobs(c.token_ids, c.logprobs, body.logprobs, 0),
                     finish_reason=c.finish_reason,
                 )

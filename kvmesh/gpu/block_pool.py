@@ -91,8 +91,9 @@ def hash_blocks(
         return []
     data = memoryview(struct.pack(f"<{num_tokens}I", *token_ids[:num_tokens]))
     salted = _salted(salt)
-    parent = (ROOT_PARENT_HASH if parent_hash is None else parent_hash).to_bytes(HASH_BYTES,
-                                                                                 "little")
+    parent = (ROOT_PARENT_HASH if parent_hash is None else parent_hash).to_bytes(
+        HASH_BYTES, "little"
+    )
     step = 4 * block_size
     hashes = []
     for start in range(0, len(data), step):
@@ -112,8 +113,13 @@ class BlockPool:
     the scheduler decides whom to preempt.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
-                 track_evictions: bool = False) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_caching: bool = True,
+        track_evictions: bool = False,
+    ) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if block_size < 1:
@@ -200,9 +206,12 @@ class BlockPool:
         if stored:
             first = block_hashes.index(stored[0])
             parent = parent_hash if first == 0 else block_hashes[first - 1]
-            self.events.append(BlockStored(block_hashes=wire_hashes(stored),
-                                           parent_hash=None if parent is None
-                                           else wire_hash(parent)))
+            self.events.append(
+                BlockStored(
+                    block_hashes=wire_hashes(stored),
+                    parent_hash=None if parent is None else wire_hash(parent),
+                )
+            )
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (e.g. after new weights); blocks in use stay allocated."""

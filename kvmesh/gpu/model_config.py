@@ -64,12 +64,19 @@ class ModelConfig:
         import xxhash
 
         digest = xxhash.xxh3_128()
-        for part in (f"kv-format:{KV_FORMAT_VERSION}", f"dtype:{dtype}",
-                     f"block_size:{block_size}", self._config_text()):
+        for part in (
+            f"kv-format:{KV_FORMAT_VERSION}",
+            f"dtype:{dtype}",
+            f"block_size:{block_size}",
+            self._config_text(),
+        ):
             digest.update(part.encode() + b"\0")
         root = Path(self.path)
-        weights = sorted(p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES) \
-            if self.path and root.is_dir() else []
+        weights = (
+            sorted(p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+            if self.path and root.is_dir()
+            else []
+        )
         for file in weights:
             size = file.stat().st_size
             digest.update(f"{file.name}:{size}\0".encode())

@@ -82,8 +82,15 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        for name in ("device_weight", "host_weight", "disk_weight", "load_weight",
-                     "temperature", "disagg_min_tokens", "prefill_busy_tokens"):
+        for name in (
+            "device_weight",
+            "host_weight",
+            "disk_weight",
+            "load_weight",
+            "temperature",
+            "disagg_min_tokens",
+            "prefill_busy_tokens",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -203,8 +210,11 @@ class Router:
 
     def load(self, worker: WorkerState) -> float:
         """Tokens of work on `worker`: its last report plus the router's predictions since."""
-        return (worker.num_queued_tokens + worker.kv_usage * worker.capacity_tokens
-                + self.pending_tokens.get(worker.worker_id, 0))
+        return (
+            worker.num_queued_tokens
+            + worker.kv_usage * worker.capacity_tokens
+            + self.pending_tokens.get(worker.worker_id, 0)
+        )
 
     def is_busy(self, worker: WorkerState) -> bool:
         """A prefill worker whose queue (reported plus predicted) is over prefill_busy_tokens."""
@@ -228,8 +238,9 @@ class Router:
             if self._report_epochs.get(worker_id, 0) == epoch:
                 self.pending_tokens[worker_id] -= tokens
 
-    def on_load_report(self, worker: WorkerState, *, num_running: int, num_queued_tokens: int,
-                       kv_usage: float) -> None:
+    def on_load_report(
+        self, worker: WorkerState, *, num_running: int, num_queued_tokens: int, kv_usage: float
+    ) -> None:
         """A worker's load report: it now carries the load the router had predicted."""
         worker.num_running = num_running
         worker.num_queued_tokens = num_queued_tokens
@@ -247,8 +258,13 @@ class Router:
 
     # --- the policies: (candidates, overlaps, n, block_size) -> (pick, scores) ---
 
-    def _pick_kv(self, candidates: list[WorkerState], overlaps: dict[Hashable, Overlap],
-                 num_prompt_tokens: int, block_size: int) -> tuple[WorkerState, dict[str, float]]:
+    def _pick_kv(
+        self,
+        candidates: list[WorkerState],
+        overlaps: dict[Hashable, Overlap],
+        num_prompt_tokens: int,
+        block_size: int,
+    ) -> tuple[WorkerState, dict[str, float]]:
         device_weight, host_weight, disk_weight = self._weights
         load_weight = self.settings.load_weight
         scores: dict[str, float] = {}
@@ -258,8 +274,11 @@ class Router:
             overlap = overlaps.get(worker_id)
             uncached = num_prompt_tokens
             if overlap is not None:
-                credit = block_size * (device_weight * overlap.device
-                                       + host_weight * overlap.host + disk_weight * overlap.disk)
+                credit = block_size * (
+                    device_weight * overlap.device
+                    + host_weight * overlap.host
+                    + disk_weight * overlap.disk
+                )
                 uncached = max(0.0, num_prompt_tokens - credit)
             load = self.load(worker)
             cost = uncached + load_weight * load

@@ -22,14 +22,29 @@ def export_handles(kv_caches: list[torch.Tensor]) -> list[CudaIpcHandle]:
     """One handle per layer of a CUDA pool, for KvPoolInfo.cuda_ipc."""
     handles = []
     for cache in kv_caches:
-        (device, handle, size_bytes, offset_bytes, ref_counter_handle, ref_counter_offset,
-         event_handle, event_sync_required) = cache.untyped_storage()._share_cuda_()
-        handles.append(CudaIpcHandle(
-            device=device, handle=handle, size_bytes=size_bytes, offset_bytes=offset_bytes,
-            ref_counter_handle=ref_counter_handle, ref_counter_offset=ref_counter_offset,
-            event_handle=event_handle, event_sync_required=event_sync_required,
-            element_offset=cache.storage_offset(),
-        ))
+        (
+            device,
+            handle,
+            size_bytes,
+            offset_bytes,
+            ref_counter_handle,
+            ref_counter_offset,
+            event_handle,
+            event_sync_required,
+        ) = cache.untyped_storage()._share_cuda_()
+        handles.append(
+            CudaIpcHandle(
+                device=device,
+                handle=handle,
+                size_bytes=size_bytes,
+                offset_bytes=offset_bytes,
+                ref_counter_handle=ref_counter_handle,
+                ref_counter_offset=ref_counter_offset,
+                event_handle=event_handle,
+                event_sync_required=event_sync_required,
+                element_offset=cache.storage_offset(),
+            )
+        )
     return handles
 
 
@@ -46,8 +61,14 @@ def open_handles(
         key = (h.handle, h.offset_bytes)
         if key not in storages:
             storages[key] = torch.UntypedStorage._new_shared_cuda(
-                h.device, h.handle, h.size_bytes, h.offset_bytes, h.ref_counter_handle,
-                h.ref_counter_offset, h.event_handle, h.event_sync_required,
+                h.device,
+                h.handle,
+                h.size_bytes,
+                h.offset_bytes,
+                h.ref_counter_handle,
+                h.ref_counter_offset,
+                h.event_handle,
+                h.event_sync_required,
             )
         cache = torch.empty((0,), dtype=dtype, device=f"cuda:{h.device}")
         cache.set_(storages[key], h.element_offset, shape)

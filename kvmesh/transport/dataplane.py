@@ -113,8 +113,9 @@ def allocate_shared_pool(
     """A zeroed pool in a new shared-memory segment named for actor_id: per-layer views,
     and the segment to hand to KVDataPlane (which unlinks it on close)."""
     segment = SharedSegment.create(shm.segment_name(actor_id), layout.pool_bytes)
-    kv_caches = kv_caches_from_buffer(torch.from_numpy(segment.pool), layout, layout.num_blocks,
-                                      layout.block_size, layout.dtype)
+    kv_caches = kv_caches_from_buffer(
+        torch.from_numpy(segment.pool), layout, layout.num_blocks, layout.block_size, layout.dtype
+    )
     return kv_caches, segment
 
 
@@ -199,8 +200,9 @@ class KVDataPlane:
         # Importing ucxx takes ~0.7 s: here, not on the event loop of a serving actor.
         has_ucx = backend in ("auto", "ucx") and ucx.available()
         if backend == "ucx" and not has_ucx:
-            raise ValueError(f"backend 'ucx' needs ucxx, which does not import: "
-                             f"{ucx.import_error()}")
+            raise ValueError(
+                f"backend 'ucx' needs ucxx, which does not import: {ucx.import_error()}"
+            )
         packed_shape(kv_caches, 0)  # checks the pool, naming what is wrong
         self.channel = channel
         self.kv_caches = kv_caches
@@ -247,18 +249,27 @@ class KVDataPlane:
         dst = check_ids(dst_block_ids, peer_layout.num_blocks, "dst_block_ids", distinct=True)
         if len(src) != len(dst):
             raise ValueError(f"src_block_ids has {len(src)} ids, dst_block_ids {len(dst)}")
-        msg = KvWrite(transfer_id=transfer_id, block_ids=dst.tolist(), first_layer=layers.start,
-                      num_layers=len(layers), backend=link.backend)
+        msg = KvWrite(
+            transfer_id=transfer_id,
+            block_ids=dst.tolist(),
+            first_layer=layers.start,
+            num_layers=len(layers),
+            backend=link.backend,
+        )
         chunk_bytes = self.chunk_bytes if link.chunked else SHM_CHUNK_BYTES
         per_chunk = max(1, chunk_bytes // max(1, self.layout.packed_bytes(len(src), 1)))
-        chunks = [range(a, min(a + per_chunk, layers.stop))
-                  for a in range(layers.start, layers.stop, per_chunk)]
+        chunks = [
+            range(a, min(a + per_chunk, layers.stop))
+            for a in range(layers.start, layers.stop, per_chunk)
+        ]
         if not link.chunked:
             await link.write(msg, self.kv_caches, src, dst, chunks, timeout)
             return
         window = asyncio.Semaphore(self.window)
-        tasks = [asyncio.ensure_future(self._write_chunk(link, msg, src, chunk, window, timeout))
-                 for chunk in chunks]
+        tasks = [
+            asyncio.ensure_future(self._write_chunk(link, msg, src, chunk, window, timeout))
+            for chunk in chunks
+        ]
         try:
             await asyncio.gather(*tasks)
         except BaseException:
@@ -274,10 +285,12 @@ class KVDataPlane:
                     with numba_threads(COPY_THREADS):
                         pack_blocks(self._layers(layers), src, lease.view)
                 else:  # through host memory: ZeroMQ frames and host UCX buffers
-                    lease.view.copy_(pack_blocks(self._layers(layers), src).view(-1)
-                                     .view(torch.uint8))
-                chunk = msgspec.structs.replace(msg, first_layer=layers.start,
-                                                num_layers=len(layers))
+                    lease.view.copy_(
+                        pack_blocks(self._layers(layers), src).view(-1).view(torch.uint8)
+                    )
+                chunk = msgspec.structs.replace(
+                    msg, first_layer=layers.start, num_layers=len(layers)
+                )
                 await link.send_packed(chunk, lease, timeout)
             finally:
                 self._staging.give(lease)
@@ -301,8 +314,9 @@ class KVDataPlane:
         return link, layout
 
     async def _pick(self, peer: str) -> tuple[object, KVLayout]:
-        wanted = [b for b in BACKENDS if self.backend in ("auto", b)
-                  and (b != "ucx" or ucx.available())]
+        wanted = [
+            b for b in BACKENDS if self.backend in ("auto", b) and (b != "ucx" or ucx.available())
+        ]
         # ucx is asked for only once shm is out: it makes the peer start a UCX worker.
         info = await self._query(peer, [b for b in wanted if b != "ucx"])
         layout = KVLayout.of_info(info)
@@ -317,8 +331,9 @@ class KVDataPlane:
         if "ucx" in wanted:
             address = (await self._query(peer, ["ucx"])).ucx_address
             if address is not None:
-                link = ucx.UcxLink(self.channel, peer, ucx.worker(), address,
-                                   same_node=info.node == self.node)
+                link = ucx.UcxLink(
+                    self.channel, peer, ucx.worker(), address, same_node=info.node == self.node
+                )
                 return link, layout
             why["ucx"] = "the peer offers no UCX worker address (no ucxx there?)"
         if "zmq" in wanted:
@@ -340,8 +355,7 @@ class KVDataPlane:
             if info.cuda_ipc is None:
                 why["shm"] = "the peer offers no CUDA IPC handles (not a CUDA pool?)"
                 return None
-            shape = (2, layout.num_blocks, layout.block_size, layout.num_kv_heads,
-                     layout.head_dim)
+            shape = (2, layout.num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
             try:
                 caches = cuda_ipc.open_handles(info.cuda_ipc, shape, layout.dtype)
             except RuntimeError as exc:
@@ -352,13 +366,17 @@ class KVDataPlane:
             why["shm"] = "the peer offers no shared-memory pool"
             return None
         try:
-            segment = SharedSegment.attach(info.shm_name, info.shm_token or b"",
-                                           layout.pool_bytes)
+            segment = SharedSegment.attach(info.shm_name, info.shm_token or b"", layout.pool_bytes)
         except (OSError, ValueError) as exc:
             why["shm"] = f"its segment does not map here ({exc})"
             return None
-        caches = kv_caches_from_buffer(torch.from_numpy(segment.pool), layout, layout.num_blocks,
-                                       layout.block_size, layout.dtype)
+        caches = kv_caches_from_buffer(
+            torch.from_numpy(segment.pool),
+            layout,
+            layout.num_blocks,
+            layout.block_size,
+            layout.dtype,
+        )
         return ShmLink(self.channel, peer, segment, caches)
 
     # --- receiver side ---
@@ -375,8 +393,9 @@ class KVDataPlane:
             node=self.node,
         )
         if "shm" in query.backends and self.segment is not None:
-            info = msgspec.structs.replace(info, shm_name=self.segment.name,
-                                           shm_token=self.segment.token)
+            info = msgspec.structs.replace(
+                info, shm_name=self.segment.name, shm_token=self.segment.token
+            )
         if "shm" in query.backends and not self.on_cpu:
             info = msgspec.structs.replace(info, cuda_ipc=cuda_ipc.export_handles(self.kv_caches))
         if "ucx" in query.backends and ucx.available():
@@ -396,12 +415,16 @@ class KVDataPlane:
             return
         granted = self._grants.get((peer, transfer_id))
         if granted is None:
-            raise PermissionError(f"KvWrite of transfer {transfer_id!r} from {peer!r}: no "
-                                  "such transfer was granted to it")
+            raise PermissionError(
+                f"KvWrite of transfer {transfer_id!r} from {peer!r}: no "
+                "such transfer was granted to it"
+            )
         stray = sorted(set(ids.tolist()) - granted)
         if stray:
-            raise PermissionError(f"KvWrite of transfer {transfer_id!r} from {peer!r}: blocks "
-                                  f"{stray[:8]} were not granted to it")
+            raise PermissionError(
+                f"KvWrite of transfer {transfer_id!r} from {peer!r}: blocks "
+                f"{stray[:8]} were not granted to it"
+            )
 
     def expect(self, peer: str, transfer_id: str) -> Incoming:
         """The transfer transfer_id from peer: call before asking for it (or after; one
@@ -415,10 +438,12 @@ class KVDataPlane:
     async def receive(self, msg: KvWrite, peer: str, frames: list) -> KvWriteDone:
         """Handle a KvWrite from peer: put its bytes in place (zmq, ucx), mark its layers
         landed. Raises ValueError naming the field for a malformed one."""
-        layers = check_layers(range(msg.first_layer, msg.first_layer + msg.num_layers),
-                               self.layout.num_layers, "KvWrite layers")
-        ids = check_ids(msg.block_ids, self.layout.num_blocks, "KvWrite.block_ids",
-                         distinct=True)
+        layers = check_layers(
+            range(msg.first_layer, msg.first_layer + msg.num_layers),
+            self.layout.num_layers,
+            "KvWrite layers",
+        )
+        ids = check_ids(msg.block_ids, self.layout.num_blocks, "KvWrite.block_ids", distinct=True)
         self._check_grant(peer, msg.transfer_id, ids)
         nbytes = self.layout.packed_bytes(len(ids), len(layers))
         if msg.backend == "shm":
@@ -443,8 +468,9 @@ class KVDataPlane:
 
     async def _receive_ucx(self, peer: str, tag: int, nbytes: int, layers: range, ids) -> None:
         if not ucx.available():
-            raise ValueError(f"KvWrite.backend is 'ucx' but ucxx does not import here: "
-                             f"{ucx.import_error()}")
+            raise ValueError(
+                f"KvWrite.backend is 'ucx' but ucxx does not import here: {ucx.import_error()}"
+            )
         lease = self._staging.take(nbytes)
         receiving = self._receiving.setdefault(peer, set())
         task = asyncio.current_task()
@@ -464,9 +490,12 @@ class KVDataPlane:
         """Fail peer's incoming transfers, stop receiving from it, drop the link to it."""
         for (sender, _), incoming in list(self._incoming.items()):
             if sender == peer:
-                incoming._fail(TransferError(
-                    f"transfer {incoming.transfer_id!r} from {peer!r} failed: peer {reason} "
-                    f"with {sum(incoming.landed)}/{len(incoming.landed)} layers landed"))
+                incoming._fail(
+                    TransferError(
+                        f"transfer {incoming.transfer_id!r} from {peer!r} failed: peer {reason} "
+                        f"with {sum(incoming.landed)}/{len(incoming.landed)} layers landed"
+                    )
+                )
                 del self._incoming[(sender, incoming.transfer_id)]
         for task in self._receiving.pop(peer, ()):
             task.cancel()

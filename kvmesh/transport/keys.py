@@ -75,8 +75,9 @@ class Identity:
 
 def check_name(name: str) -> str:
     if not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] == ".":
-        raise ValueError(f"key name {name!r}: expected letters, digits, '-', '_' or '.', "
-                         "not starting with '.'")
+        raise ValueError(
+            f"key name {name!r}: expected letters, digits, '-', '_' or '.', not starting with '.'"
+        )
     return name
 
 
@@ -90,8 +91,12 @@ def write_identity(key_dir: Path, name: str, role: str, *, force: bool = False) 
         return False
     public, secret = zmq.curve_keypair()
     head = f'name = "{name}"\nrole = "{role}"\npublic_key = "{public.decode()}"\n'
-    _write(secret_file, "# kvmesh actor key: SECRET, keep it on the node that runs "
-           f"{name}\n{head}secret_key = \"{secret.decode()}\"\n", 0o600)
+    _write(
+        secret_file,
+        "# kvmesh actor key: SECRET, keep it on the node that runs "
+        f'{name}\n{head}secret_key = "{secret.decode()}"\n',
+        0o600,
+    )
     _write(public_file, f"# kvmesh actor key: public, give it to every node\n{head}", 0o644)
     return True
 
@@ -106,16 +111,16 @@ def _write(path: Path, text: str, mode: int) -> None:
     os.replace(temporary, path)
 
 
-def generate(key_dir: Path, identities: list[tuple[str, str]], *,
-             force: bool = False) -> list[str]:
+def generate(key_dir: Path, identities: list[tuple[str, str]], *, force: bool = False) -> list[str]:
     """Keypairs for every (name, role) that has none in key_dir (all of them with
     force), and the block-hash key if there is none (a new one with force: every
     cached block then misses); returns the names written. The directory is made 0700."""
     key_dir = Path(key_dir)
     key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     check_dir(key_dir)
-    written = [name for name, role in identities
-               if write_identity(key_dir, name, role, force=force)]
+    written = [
+        name for name, role in identities if write_identity(key_dir, name, role, force=force)
+    ]
     if force or not (key_dir / HASH_KEY_FILE).exists():
         _write(key_dir / HASH_KEY_FILE, secrets.token_hex(HASH_KEY_BYTES) + "\n", 0o600)
     return written
@@ -132,11 +137,15 @@ def hash_key(key_dir: str | os.PathLike | None) -> bytes:
     try:
         info = path.lstat()
     except FileNotFoundError:
-        raise ValueError(f"{path} does not exist: make it with `kvmesh keys generate DIR` "
-                         "and give it to every node") from None
+        raise ValueError(
+            f"{path} does not exist: make it with `kvmesh keys generate DIR` "
+            "and give it to every node"
+        ) from None
     if info.st_mode & 0o077 or info.st_uid != os.getuid() or not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"{path} must be this user's regular file, mode 600 (it is "
-                         f"{info.st_mode & 0o777:o}, uid {info.st_uid})")
+        raise ValueError(
+            f"{path} must be this user's regular file, mode 600 (it is "
+            f"{info.st_mode & 0o777:o}, uid {info.st_uid})"
+        )
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd) as f:
         text = f.read().strip()
@@ -169,12 +178,16 @@ def check_dir(key_dir: Path) -> None:
     try:
         info = own_dir(key_dir, "security.key_dir")
     except FileNotFoundError:
-        raise ValueError(f"security.key_dir: {str(key_dir)!r} does not exist; make the keys "
-                         "with `kvmesh keys generate DIR`") from None
+        raise ValueError(
+            f"security.key_dir: {str(key_dir)!r} does not exist; make the keys "
+            "with `kvmesh keys generate DIR`"
+        ) from None
     if info.st_mode & 0o022:
-        raise ValueError(f"security.key_dir: {str(key_dir)!r} is writable by others "
-                         f"(mode {info.st_mode & 0o777:o}): anyone could add a key; "
-                         "chmod 700 it")
+        raise ValueError(
+            f"security.key_dir: {str(key_dir)!r} is writable by others "
+            f"(mode {info.st_mode & 0o777:o}): anyone could add a key; "
+            "chmod 700 it"
+        )
 
 
 def _read(path: Path) -> dict:
@@ -205,10 +218,13 @@ class KeyRing:
             raise ValueError(
                 f"security.key_dir {str(self.key_dir)!r} has no {path.name}: make the "
                 f"cluster's keys with `kvmesh keys generate DIR --config cluster.toml` and "
-                f"copy {path.name} to this node") from None
+                f"copy {path.name} to this node"
+            ) from None
         if info.st_mode & 0o077 or info.st_uid != os.getuid():
-            raise ValueError(f"{path} must be this user's and mode 600 (it is "
-                             f"{info.st_mode & 0o777:o}, uid {info.st_uid})")
+            raise ValueError(
+                f"{path} must be this user's and mode 600 (it is "
+                f"{info.st_mode & 0o777:o}, uid {info.st_uid})"
+            )
         data = _read(path)
         identity = self._identity(data, path)
         secret = data.get("secret_key", "").encode()
@@ -223,9 +239,11 @@ class KeyRing:
             raise ValueError(f"{path}: expected name, role and public_key") from None
         stem = path.name.removesuffix("_secret").removesuffix(".key")
         if identity.name != stem or identity.role not in KEY_ROLES or len(identity.public) != 40:
-            raise ValueError(f"{path}: name {identity.name!r} must match the file name, "
-                             f"role {identity.role!r} be one of {', '.join(KEY_ROLES)}, "
-                             "and public_key be 40 z85 characters")
+            raise ValueError(
+                f"{path}: name {identity.name!r} must match the file name, "
+                f"role {identity.role!r} be one of {', '.join(KEY_ROLES)}, "
+                "and public_key be 40 z85 characters"
+            )
         return identity
 
     def reload(self) -> None:
@@ -238,8 +256,9 @@ class KeyRing:
             except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
                 import structlog
 
-                structlog.get_logger(__name__).warning("key_skipped", path=str(path),
-                                                       error=str(exc))
+                structlog.get_logger(__name__).warning(
+                    "key_skipped", path=str(path), error=str(exc)
+                )
                 continue
             by_name[identity.name] = identity
             by_public[identity.public] = identity
@@ -262,6 +281,8 @@ class KeyRing:
             self._reload_soon()
         identity = self._by_name.get(name)
         if identity is None:
-            raise ValueError(f"security.key_dir {str(self.key_dir)!r} has no {name}.key: "
-                             f"no key says who {name!r} is")
+            raise ValueError(
+                f"security.key_dir {str(self.key_dir)!r} has no {name}.key: "
+                f"no key says who {name!r} is"
+            )
         return identity

@@ -29,15 +29,22 @@ class KVLayout:
     @classmethod
     def of(cls, kv_caches: list[torch.Tensor]) -> KVLayout:
         _, num_blocks, block_size, num_kv_heads, head_dim = kv_caches[0].shape
-        return cls(len(kv_caches), num_blocks, block_size, num_kv_heads, head_dim,
-                   kv_caches[0].dtype)
+        return cls(
+            len(kv_caches), num_blocks, block_size, num_kv_heads, head_dim, kv_caches[0].dtype
+        )
 
     @classmethod
     def of_info(cls, info: KvPoolInfo) -> KVLayout:
         if info.dtype not in DTYPES:
             raise ValueError(f"KvPoolInfo.dtype must be one of {list(DTYPES)}, got {info.dtype!r}")
-        return cls(info.num_layers, info.num_blocks, info.block_size, info.num_kv_heads,
-                   info.head_dim, DTYPES[info.dtype])
+        return cls(
+            info.num_layers,
+            info.num_blocks,
+            info.block_size,
+            info.num_kv_heads,
+            info.head_dim,
+            DTYPES[info.dtype],
+        )
 
     @property
     def dtype_name(self) -> str:
@@ -45,8 +52,15 @@ class KVLayout:
 
     def packed_bytes(self, num_blocks: int, num_layers: int) -> int:
         """Bytes of num_blocks blocks (K and V) of num_layers layers."""
-        return 2 * num_blocks * self.block_size * self.num_kv_heads * self.head_dim \
-            * num_layers * self.dtype.itemsize
+        return (
+            2
+            * num_blocks
+            * self.block_size
+            * self.num_kv_heads
+            * self.head_dim
+            * num_layers
+            * self.dtype.itemsize
+        )
 
     @property
     def pool_bytes(self) -> int:
@@ -68,8 +82,9 @@ def check_ids(ids, num_blocks: int, name: str, distinct: bool = False) -> np.nda
     if array.size == 0:
         return np.empty(0, np.int64)
     if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be a 1-D sequence of ints, got {array.dtype} "
-                         f"{list(array.shape)}")
+        raise ValueError(
+            f"{name} must be a 1-D sequence of ints, got {array.dtype} {list(array.shape)}"
+        )
     array = np.ascontiguousarray(array, dtype=np.int64)
     bad = array[(array < 0) | (array >= num_blocks)]
     if bad.size:
@@ -83,8 +98,14 @@ def check_ids(ids, num_blocks: int, name: str, distinct: bool = False) -> np.nda
 def check_layers(layers: range | None, num_layers: int, name: str = "layers") -> range:
     if layers is None:
         return range(num_layers)
-    if not isinstance(layers, range) or layers.step != 1 or layers.start < 0 \
-            or layers.stop > num_layers or len(layers) == 0:
-        raise ValueError(f"{name} must be a non-empty range(a, b) within [0, {num_layers}), "
-                         f"got {layers!r}")
+    if (
+        not isinstance(layers, range)
+        or layers.step != 1
+        or layers.start < 0
+        or layers.stop > num_layers
+        or len(layers) == 0
+    ):
+        raise ValueError(
+            f"{name} must be a non-empty range(a, b) within [0, {num_layers}), got {layers!r}"
+        )
     return layers

@@ -75,8 +75,9 @@ class Sockets:
     Every socket gets a bounded linger, and CURVE by direction when keys are given.
     """
 
-    def __init__(self, keys: KeyRing | None = None, linger: float = 1.0,
-                 max_frame_size: int = -1) -> None:
+    def __init__(
+        self, keys: KeyRing | None = None, linger: float = 1.0, max_frame_size: int = -1
+    ) -> None:
         """max_frame_size: ZeroMQ drops a peer that sends a larger frame, before any of
         it is held in memory (ZMQ_MAXMSGSIZE); -1 = no limit."""
         self.context = zmq.asyncio.Context()
@@ -90,8 +91,9 @@ class Sockets:
             self._auth.start()
             self._auth.configure_curve_callback(domain="*", credentials_provider=self._auth)
 
-    def open(self, kind: int, endpoint: str, *, bind: bool,
-             server: str | None = None) -> tuple[zmq.asyncio.Socket, str]:
+    def open(
+        self, kind: int, endpoint: str, *, bind: bool, server: str | None = None
+    ) -> tuple[zmq.asyncio.Socket, str]:
         """A socket bound or connected to endpoint, and the endpoint it really has
         (`tcp://127.0.0.1:0` binds an ephemeral port). With keys, a connecting socket
         names the actor it reaches (server): only that actor's key completes it."""
@@ -109,8 +111,10 @@ class Sockets:
                 sock.curve_server = True
             elif server is None:
                 sock.close(linger=0)
-                raise ValueError(f"connecting to {endpoint} with keys needs the actor id "
-                                 "it should reach, to pin its public key")
+                raise ValueError(
+                    f"connecting to {endpoint} with keys needs the actor id "
+                    "it should reach, to pin its public key"
+                )
             else:
                 try:
                     sock.curve_serverkey = self.keys.identity(server).public

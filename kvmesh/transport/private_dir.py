@@ -34,6 +34,8 @@ def own_dir(path: Path, key: str, *, create: bool = False) -> os.stat_result:
     if not stat.S_ISDIR(info.st_mode):
         raise ValueError(f"{key}: {str(path)!r} is not a directory")
     if info.st_uid != os.getuid():
-        raise ValueError(f"{key}: {str(path)!r} belongs to uid {info.st_uid}, not to this "
-                         f"user (uid {os.getuid()}); use a directory of your own")
+        raise ValueError(
+            f"{key}: {str(path)!r} belongs to uid {info.st_uid}, not to this "
+            f"user (uid {os.getuid()}); use a directory of your own"
+        )
     return info

@@ -103,8 +103,9 @@ class SharedSegment:
         return cls(name, mapping, token, owner=True)
 
     @classmethod
-    def attach(cls, name: str, token: bytes, pool_bytes: int, *,
-               populate: bool = True) -> SharedSegment:
+    def attach(
+        cls, name: str, token: bytes, pool_bytes: int, *, populate: bool = True
+    ) -> SharedSegment:
         """Map a peer's segment. Raises FileNotFoundError when this host has no segment
         of that name, ValueError when it is not the peer's (token) or not of pool_bytes."""
         if not name or "/" in name:

@@ -109,12 +109,14 @@ def copy_blocks(
         srcs, dsts = _as_words(srcs, dsts)
         with numba_threads(COPY_THREADS):
             for src, dst in zip(srcs, dsts, strict=True):
-                _copy_rows(src.numpy(), dst.numpy(), src_block_ids, dst_block_ids, src_nb,
-                           dst_nb)
+                _copy_rows(src.numpy(), dst.numpy(), src_block_ids, dst_block_ids, src_nb, dst_nb)
         return
     for src, dst in zip(srcs, dsts, strict=True):  # CUDA (IPC-opened pools): index kernels
-        dst.index_copy_(0, _rows(dst_block_ids, dst_nb, dst),
-                        src.index_select(0, _rows(src_block_ids, src_nb, src)).to(dst.device))
+        dst.index_copy_(
+            0,
+            _rows(dst_block_ids, dst_nb, dst),
+            src.index_select(0, _rows(src_block_ids, src_nb, src)).to(dst.device),
+        )
 
 
 def _rows(block_ids: np.ndarray, num_blocks: int, rows: torch.Tensor) -> torch.Tensor:
@@ -147,8 +149,9 @@ def _row_groups(
     storage = first.untyped_storage()
     spans = (
         not per_layer
-        and all(kv_caches[layer].data_ptr() == start + i * layer_bytes
-                for i, layer in enumerate(layers))
+        and all(
+            kv_caches[layer].data_ptr() == start + i * layer_bytes for i, layer in enumerate(layers)
+        )
         and storage.data_ptr() + storage.nbytes() >= start + len(layers) * layer_bytes
     )
     if spans:

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def make_config(actor_id: str) -> ActorConfig:
-    return ActorConfig(actor_id=actor_id, heartbeat_interval=0.1, liveness=20,
-                       grace_period=1.0, linger=0.2)
+    return ActorConfig(
+        actor_id=actor_id, heartbeat_interval=0.1, liveness=20, grace_period=1.0, linger=0.2
+    )
 
 
 class Router(Actor):
@@ -56,12 +57,12 @@ def client(role: str, actor_id: str) -> Actor:
     return type(f"{role.title()}Client", (Actor,), {"role": role})(make_config(actor_id))
 
 
-@pytest.mark.parametrize("role, answered", [("frontend", True), ("operator", True),
-                                            ("decode", False), ("cache", False)])
+@pytest.mark.parametrize(
+    "role, answered", [("frontend", True), ("operator", True), ("decode", False), ("cache", False)]
+)
 def test_a_request_from_a_role_that_may_not_send_it_is_refused(role, answered):
     async def scenario():
-        async with Router(make_config("router-0")) as router, \
-                client(role, f"{role}-0") as asker:
+        async with Router(make_config("router-0")) as router, client(role, f"{role}-0") as asker:
             await asker.connect("to_router", router.endpoints["from_peers"], 5, "router-0")
             try:
                 return await asker.request("router-0", StatusQuery(), timeout=5)
@@ -72,16 +73,18 @@ def test_a_request_from_a_role_that_may_not_send_it_is_refused(role, answered):
     if answered:
         assert reply == ClusterStatus(actors=[], in_reply_to=2)
     else:
-        assert (reply.code, reply.message) == (ErrorCode.FORBIDDEN, (
-            f"StatusQuery may come from frontend, operator, not from {role}-0 (role {role})"))
+        assert (reply.code, reply.message) == (
+            ErrorCode.FORBIDDEN,
+            (f"StatusQuery may come from frontend, operator, not from {role}-0 (role {role})"),
+        )
 
 
-@pytest.mark.parametrize("role, stops", [("operator", True), ("decode", False),
-                                         ("frontend", False)])
+@pytest.mark.parametrize(
+    "role, stops", [("operator", True), ("decode", False), ("frontend", False)]
+)
 def test_only_an_operator_may_shut_an_actor_down(role, stops):
     async def scenario():
-        async with Router(make_config("router-0")) as router, \
-                client(role, f"{role}-0") as sender:
+        async with Router(make_config("router-0")) as router, client(role, f"{role}-0") as sender:
             await sender.connect("to_router", router.endpoints["from_peers"], 5, "router-0")
             await sender.send("router-0", Shutdown(reason="test"))
             try:  # long enough when it stops; a short wait for what should not happen
@@ -108,11 +111,25 @@ def test_events_are_the_connections_sender_whatever_their_frames_say():
             publisher.bind("tcp://127.0.0.1:0")
             async with Router(make_config("router-0")) as router:
                 hello.connect(router.endpoints["from_peers"])  # registered as decode-1
-                hello.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1,
-                                        actor_id="decode-1", role="decode", node="n")))
+                hello.send(
+                    encode(
+                        Hello(
+                            version=PROTOCOL_VERSION,
+                            call_id=1,
+                            actor_id="decode-1",
+                            role="decode",
+                            node="n",
+                        )
+                    )
+                )
                 await asyncio.to_thread(hello.poll, 5000)
-                router.open("events_decode-1", zmq.SUB, publisher.last_endpoint.decode(),
-                            bind=False, peer="decode-1")
+                router.open(
+                    "events_decode-1",
+                    zmq.SUB,
+                    publisher.last_endpoint.decode(),
+                    bind=False,
+                    peer="decode-1",
+                )
                 while True:  # the SUB has joined once a marker comes through
                     publisher.send_multipart([b"decode-1", encode(BlockStored(block_hashes=[0]))])
                     try:
@@ -133,13 +150,18 @@ def test_events_are_the_connections_sender_whatever_their_frames_say():
     assert asyncio.run(scenario()) == [([8], "decode-1")]
 
 
-def test_a_frontend_takes_tokens_only_from_the_worker_it_placed_the_request_on(
-        tiny_model_dir):
+def test_a_frontend_takes_tokens_only_from_the_worker_it_placed_the_request_on(tiny_model_dir):
     from kvmesh.actors.frontend import FrontendActor, FrontendSettings
 
-    frontend = FrontendActor(make_config("frontend-0"), FrontendSettings(
-        model_path=str(tiny_model_dir), model_name="tiny", block_size=16,
-        router_endpoint="tcp://127.0.0.1:9"))
+    frontend = FrontendActor(
+        make_config("frontend-0"),
+        FrontendSettings(
+            model_path=str(tiny_model_dir),
+            model_name="tiny",
+            block_size=16,
+            router_endpoint="tcp://127.0.0.1:9",
+        ),
+    )
 
     async def scenario():
         stream: asyncio.Queue = asyncio.Queue()
@@ -147,8 +169,9 @@ def test_a_frontend_takes_tokens_only_from_the_worker_it_placed_the_request_on(
         frontend.decode_of["r-1"] = "decode-0"
         for sender, token in (("decode-1", 66), ("decode-0", 5)):
             delta = Delta(request_id="r-1", new_token_ids=[token], new_text="x")
-            await frontend.on_token_batch(TokenBatch(deltas=[delta]),
-                                          Inbound(Route(f"to_{sender}"), sender, []))
+            await frontend.on_token_batch(
+                TokenBatch(deltas=[delta]), Inbound(Route(f"to_{sender}"), sender, [])
+            )
         return [stream.get_nowait().new_token_ids for _ in range(stream.qsize())]
 
     assert asyncio.run(scenario()) == [[5]]
@@ -175,7 +198,8 @@ class Frontend(Actor):
 
 
 def test_a_decode_worker_takes_abort_and_request_ids_only_from_the_requests_frontend(
-        tiny_model_dir):
+    tiny_model_dir,
+):
     """frontend-1 aborts frontend-0's request and sends a Generate under its id: the
     first is ignored, the second refused with an error to frontend-1; frontend-0 gets
     every token it asked for."""
@@ -187,25 +211,41 @@ def test_a_decode_worker_takes_abort_and_request_ids_only_from_the_requests_fron
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
     async def scenario():
-        router = RouterActor(make_config("router-0"), RouterActorSettings(
-            endpoint="tcp://127.0.0.1:0", model_name="tiny", block_size=16))
+        router = RouterActor(
+            make_config("router-0"),
+            RouterActorSettings(endpoint="tcp://127.0.0.1:0", model_name="tiny", block_size=16),
+        )
         async with router:
-            worker = DecodeWorker(make_config("decode-0"), WorkerSettings(
-                model_path=str(tiny_model_dir), model_name="tiny",
-                endpoint="tcp://127.0.0.1:0", events_endpoint="tcp://127.0.0.1:0",
-                router_endpoint=router.endpoints["from_peers"], router_id="router-0",
-                num_blocks=64))
-            async with worker, Frontend(make_config("frontend-0")) as owner, \
-                    Frontend(make_config("frontend-1")) as other:
+            worker = DecodeWorker(
+                make_config("decode-0"),
+                WorkerSettings(
+                    model_path=str(tiny_model_dir),
+                    model_name="tiny",
+                    endpoint="tcp://127.0.0.1:0",
+                    events_endpoint="tcp://127.0.0.1:0",
+                    router_endpoint=router.endpoints["from_peers"],
+                    router_id="router-0",
+                    num_blocks=64,
+                ),
+            )
+            async with (
+                worker,
+                Frontend(make_config("frontend-0")) as owner,
+                Frontend(make_config("frontend-1")) as other,
+            ):
                 for frontend in (owner, other):
-                    await frontend.connect("to_decode", worker.endpoints["from_peers"], 30,
-                                           "decode-0")
-                await owner.send("decode-0", Generate(
-                    request_id="r-1", prompt_token_ids=[1, 2, 3], params=params))
+                    await frontend.connect(
+                        "to_decode", worker.endpoints["from_peers"], 30, "decode-0"
+                    )
+                await owner.send(
+                    "decode-0",
+                    Generate(request_id="r-1", prompt_token_ids=[1, 2, 3], params=params),
+                )
                 first = await asyncio.wait_for(owner.deltas.get(), 30)
                 await other.send("decode-0", Abort(request_id="r-1"))
-                await other.send("decode-0", Generate(
-                    request_id="r-1", prompt_token_ids=[4, 5], params=params))
+                await other.send(
+                    "decode-0", Generate(request_id="r-1", prompt_token_ids=[4, 5], params=params)
+                )
                 refused = await other.until_finished()
                 rest = await owner.until_finished()
                 return [first, *rest], refused

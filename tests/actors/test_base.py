@@ -465,8 +465,9 @@ def curve(tmp_path_factory):
         "stranger": (*zmq.curve_keypair(), server),
         "plain": None,
     }
-    with EchoProcess(directory, "--key-dir", str(keys), "--id", "cache-0",
-                     "--role", "cache") as echo:
+    with EchoProcess(
+        directory, "--key-dir", str(keys), "--id", "cache-0", "--role", "cache"
+    ) as echo:
         yield echo, keys, clients
 
 
@@ -475,8 +476,9 @@ def test_curve_actor_with_a_ring_key_is_answered(curve):
 
     async def scenario():
         async with KeyedProbe(make_config("decode-0", key_dir=key_dir)) as probe:
-            peer = await probe.connect("to_echo", echo.endpoints["from_peers"], timeout=10,
-                                       peer="cache-0")
+            peer = await probe.connect(
+                "to_echo", echo.endpoints["from_peers"], timeout=10, peer="cache-0"
+            )
             return peer, await probe.request(peer, Ping(), timeout=10)
 
     assert asyncio.run(scenario()) == ("cache-0", Pong(in_reply_to=2))
@@ -490,8 +492,9 @@ def test_curve_connect_refuses_a_peer_that_is_not_the_actor_meant(curve):
     async def scenario():
         async with KeyedProbe(make_config("decode-0", key_dir=key_dir)) as probe:
             with pytest.raises(TimeoutError):
-                await probe.connect("to_echo", echo.endpoints["from_peers"], timeout=1,
-                                    peer="decode-1")
+                await probe.connect(
+                    "to_echo", echo.endpoints["from_peers"], timeout=1, peer="decode-1"
+                )
             return list(probe.peers)
 
     assert asyncio.run(scenario()) == []
@@ -503,39 +506,52 @@ def test_curve_connect_refuses_a_peer_that_is_not_the_actor_meant(curve):
 def test_curve_client_without_a_ring_key_gets_no_reply(curve, zmq_context, client, answered):
     echo, _, clients = curve
     dealer = raw_socket(zmq_context, zmq.DEALER, echo.endpoints["from_peers"], keys=clients[client])
-    dealer.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1, actor_id="decode-0",
-                             role="decode", node="n")))
+    dealer.send(
+        encode(
+            Hello(version=PROTOCOL_VERSION, call_id=1, actor_id="decode-0", role="decode", node="n")
+        )
+    )
     assert bool(dealer.poll(window(answered) * 1000)) == answered
 
 
-@pytest.mark.parametrize("actor_id, role", [("decode-1", "decode"), ("decode-0", "prefill"),
-                                            ("cache-0", "cache")])
-def test_curve_hello_as_another_actor_or_role_than_the_key_is_refused(curve, zmq_context,
-                                                                      actor_id, role):
+@pytest.mark.parametrize(
+    "actor_id, role", [("decode-1", "decode"), ("decode-0", "prefill"), ("cache-0", "cache")]
+)
+def test_curve_hello_as_another_actor_or_role_than_the_key_is_refused(
+    curve, zmq_context, actor_id, role
+):
     """decode-0's key may say Hello only as decode 'decode-0': not as another worker (to
     take its traffic or have it declared dead), not in another role."""
     echo, _, clients = curve
-    dealer = raw_socket(zmq_context, zmq.DEALER, echo.endpoints["from_peers"],
-                        keys=clients["ring"])
-    dealer.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1, actor_id=actor_id,
-                             role=role, node="n")))
+    dealer = raw_socket(zmq_context, zmq.DEALER, echo.endpoints["from_peers"], keys=clients["ring"])
+    dealer.send(
+        encode(Hello(version=PROTOCOL_VERSION, call_id=1, actor_id=actor_id, role=role, node="n"))
+    )
     reply, _ = receive(dealer)
     dealer.send(encode(Ping(call_id=2)))
     after, _ = receive(dealer)
 
-    assert reply == Error(code=ErrorCode.FORBIDDEN, in_reply_to=1, message=(
-        f"key 'decode-0' (decode) may not say Hello as {role} {actor_id!r}"))
+    assert reply == Error(
+        code=ErrorCode.FORBIDDEN,
+        in_reply_to=1,
+        message=(f"key 'decode-0' (decode) may not say Hello as {role} {actor_id!r}"),
+    )
     assert (after.code, after.in_reply_to) == (ErrorCode.NOT_REGISTERED, 2)
     assert "hello_refused" in echo.stderr() and f"claimed={actor_id}" in echo.stderr()
 
 
 @pytest.mark.parametrize(
     "client, head, heard",
-    [("ring", b"decode-0", True), ("ring", b"decode-1", False), ("stranger", b"decode-0", False),
-     ("plain", b"decode-0", False)],
+    [
+        ("ring", b"decode-0", True),
+        ("ring", b"decode-1", False),
+        ("stranger", b"decode-0", False),
+        ("plain", b"decode-0", False),
+    ],
 )
-def test_curve_publisher_is_heard_only_with_a_ring_key_and_as_itself(curve, zmq_context,
-                                                                      client, head, heard):
+def test_curve_publisher_is_heard_only_with_a_ring_key_and_as_itself(
+    curve, zmq_context, client, head, heard
+):
     """The echo's SUB is bound: ZAP admits ring keys only, and each message is the key's
     actor's; one whose sender frame names another actor is dropped."""
     echo, key_dir, clients = curve
@@ -563,9 +579,7 @@ def test_curve_publisher_is_heard_only_with_a_ring_key_and_as_itself(curve, zmq_
     assert asyncio.run(scenario()) == heard
 
 
-@pytest.mark.parametrize(
-    "client, hears", [("ring", True), ("stranger", False), ("plain", False)]
-)
+@pytest.mark.parametrize("client, hears", [("ring", True), ("stranger", False), ("plain", False)])
 def test_curve_subscriber_without_a_ring_key_hears_nothing(curve, zmq_context, client, hears):
     echo, key_dir, clients = curve
     subscriber = raw_socket(
@@ -678,10 +692,12 @@ def test_an_actor_that_closes_says_goodbye_and_the_other_side_forgets_it(closing
     async def scenario():
         async with contextlib.AsyncExitStack() as stack:
             # liveness of 100 s: only a Goodbye (or a failed send) ends the connection soon
-            server = await stack.enter_async_context(Farewells(make_config("server",
-                                                                           liveness=1000)))
-            client = await stack.enter_async_context(Farewells(make_config("client",
-                                                                           liveness=1000)))
+            server = await stack.enter_async_context(
+                Farewells(make_config("server", liveness=1000))
+            )
+            client = await stack.enter_async_context(
+                Farewells(make_config("client", liveness=1000))
+            )
             await connected_pair(server, client)
             leaver, stayer = (client, server) if closing == "client" else (server, client)
             await leaver.close()  # closing twice (again on exit) is harmless
@@ -821,8 +837,9 @@ def test_a_refused_one_way_message_names_its_request(echo):
     async def scenario():
         async with Owner(make_config("probe-refused")) as owner:
             peer = await owner.connect("to_echo", echo.endpoints["from_peers"], timeout=10)
-            await owner.send(peer, Generate(request_id="r-7", prompt_token_ids=[1, 2],
-                                            params=SamplingParams()))
+            await owner.send(
+                peer, Generate(request_id="r-7", prompt_token_ids=[1, 2], params=SamplingParams())
+            )
             return await asyncio.wait_for(owner.refused.get(), 10)
 
     error, peer = asyncio.run(scenario())
@@ -831,6 +848,7 @@ def test_a_refused_one_way_message_names_its_request(echo):
 
 
 # --- ZeroMQ limits: frames, handlers, replays ---
+
 
 def test_sockets_carry_the_frame_limit():
     async def scenario():
@@ -865,8 +883,7 @@ def test_handlers_past_max_handlers_are_refused_and_serving_goes_on(tmp_path):
     async def scenario(echo):
         async with Probe(make_config("probe-flood")) as probe:
             peer = await probe.connect("to_echo", echo.endpoints["from_peers"], timeout=10)
-            pings = [asyncio.create_task(probe.request(peer, Ping(), timeout=30))
-                     for _ in range(6)]
+            pings = [asyncio.create_task(probe.request(peer, Ping(), timeout=30)) for _ in range(6)]
             results = await asyncio.gather(*pings, return_exceptions=True)
             after = await probe.request(peer, Ping(), timeout=30)
             return results, after
@@ -875,8 +892,9 @@ def test_handlers_past_max_handlers_are_refused_and_serving_goes_on(tmp_path):
         results, after = asyncio.run(scenario(echo))
     refused = [r for r in results if isinstance(r, RemoteError)]
     assert 0 < len(refused) < 6 and all(isinstance(r, Pong | RemoteError) for r in results)
-    assert all(r.error.code == ErrorCode.OVERLOADED and "max_handlers" in r.error.message
-               for r in refused)
+    assert all(
+        r.error.code == ErrorCode.OVERLOADED and "max_handlers" in r.error.message for r in refused
+    )
     assert isinstance(after, Pong)
 
 
@@ -891,7 +909,8 @@ def test_replayed_frames_are_answered_or_ignored_never_a_crash(echo, zmq_context
         sock.send(ping)
     assert [receive(sock)[0] for _ in range(3)] == [Pong(in_reply_to=7)] * 3
     sock.send(encode(Pong(in_reply_to=7)))  # a reply to nothing the echo asked
-    sock.send(encode(Welcome(in_reply_to=1, version=PROTOCOL_VERSION, actor_id="x", role="y",
-                             node="z")))
+    sock.send(
+        encode(Welcome(in_reply_to=1, version=PROTOCOL_VERSION, actor_id="x", role="y", node="z"))
+    )
     sock.send(encode(Ping(call_id=8)))
     assert receive(sock)[0] == Pong(in_reply_to=8)

@@ -29,16 +29,21 @@ RECORD = 4096
 
 
 def make_config(actor_id: str) -> ActorConfig:
-    return ActorConfig(actor_id=actor_id, heartbeat_interval=0.1, liveness=5,
-                       grace_period=2.0, linger=0.5)
+    return ActorConfig(
+        actor_id=actor_id, heartbeat_interval=0.1, liveness=5, grace_period=2.0, linger=0.5
+    )
 
 
 def make_cache(host_slots: int, disk_path=None, disk_blocks: int = 0) -> CacheActor:
     settings = CacheSettings(
-        endpoint="tcp://127.0.0.1:0", events_endpoint="tcp://127.0.0.1:0",
-        router_endpoint=None, record_bytes=RECORD,
+        endpoint="tcp://127.0.0.1:0",
+        events_endpoint="tcp://127.0.0.1:0",
+        router_endpoint=None,
+        record_bytes=RECORD,
         host_bytes=pool_bytes(host_slots, RECORD),
-        disk_path=str(disk_path or ""), disk_bytes=disk_blocks * (RECORD + 40))
+        disk_path=str(disk_path or ""),
+        disk_bytes=disk_blocks * (RECORD + 40),
+    )
     return CacheActor(make_config("cache-0"), settings)
 
 
@@ -100,8 +105,11 @@ def test_offloaded_blocks_come_back_through_shared_memory():
             assert await offload(client, [11, 12, 13]) == [11, 12, 13]
             await settle(cache, 3)
             assert await offload(client, [12]) == []  # held already: nothing to write
-            return (await read_back(client, [11, 12, 13, 14]),
-                    await read_back(client, [99, 11]), cache.counters())
+            return (
+                await read_back(client, [11, 12, 13, 14]),
+                await read_back(client, [99, 11]),
+                cache.counters(),
+            )
 
     run, miss, counters = asyncio.run(scenario())
     assert run == [(11, "host", True), (12, "host", True), (13, "host", True)]
@@ -112,8 +120,10 @@ def test_offloaded_blocks_come_back_through_shared_memory():
 
 def test_blocks_evicted_from_host_are_promoted_back_from_disk(tmp_path):
     async def scenario():
-        async with (make_cache(host_slots=4, disk_path=tmp_path, disk_blocks=16) as cache,
-                    Worker(make_config("decode-0")) as worker):
+        async with (
+            make_cache(host_slots=4, disk_path=tmp_path, disk_blocks=16) as cache,
+            Worker(make_config("decode-0")) as worker,
+        ):
             client = await worker.attach(cache)
             for block_hash in range(1, 7):  # one at a time: LRU demotes 1 and 2 to disk
                 await offload(client, [block_hash])
@@ -172,14 +182,28 @@ class RegisteredWorker(Worker):
 
     async def register(self, router: RouterActor) -> None:
         await self.connect("to_router", router.endpoints["from_peers"], timeout=5)
-        await self.request(router.actor_id, RegisterWorker(
-            model="m", block_size=16, num_blocks=64, max_num_seqs=8,
-            events_endpoint=self.endpoints["events_out"]), timeout=5)
+        await self.request(
+            router.actor_id,
+            RegisterWorker(
+                model="m",
+                block_size=16,
+                num_blocks=64,
+                max_num_seqs=8,
+                events_endpoint=self.endpoints["events_out"],
+            ),
+            timeout=5,
+        )
 
 
 def node_config(actor_id: str, node: str) -> ActorConfig:
-    return ActorConfig(actor_id=actor_id, node=node, heartbeat_interval=0.1, liveness=5,
-                       grace_period=2.0, linger=0.5)
+    return ActorConfig(
+        actor_id=actor_id,
+        node=node,
+        heartbeat_interval=0.1,
+        liveness=5,
+        grace_period=2.0,
+        linger=0.5,
+    )
 
 
 async def until(check, what: str, timeout: float = 10.0):
@@ -192,14 +216,20 @@ async def until(check, what: str, timeout: float = 10.0):
 
 def test_router_credits_the_node_tiers_to_every_worker_of_the_node(tmp_path):
     async def scenario():
-        router = RouterActor(node_config("router-0", "a"), RouterActorSettings(
-            endpoint="tcp://127.0.0.1:0", model_name="m", block_size=16))
+        router = RouterActor(
+            node_config("router-0", "a"),
+            RouterActorSettings(endpoint="tcp://127.0.0.1:0", model_name="m", block_size=16),
+        )
         async with router:
             settings = CacheSettings(
-                endpoint="tcp://127.0.0.1:0", events_endpoint="tcp://127.0.0.1:0",
-                router_endpoint=router.endpoints["from_peers"], record_bytes=RECORD,
-                host_bytes=pool_bytes(8, RECORD), disk_path=str(tmp_path),
-                disk_bytes=16 * (RECORD + 40))
+                endpoint="tcp://127.0.0.1:0",
+                events_endpoint="tcp://127.0.0.1:0",
+                router_endpoint=router.endpoints["from_peers"],
+                record_bytes=RECORD,
+                host_bytes=pool_bytes(8, RECORD),
+                disk_path=str(tmp_path),
+                disk_bytes=16 * (RECORD + 40),
+            )
             async with (
                 CacheActor(node_config("cache-0", "a"), settings) as cache,
                 RegisteredWorker(node_config("decode-0", "a")) as near,
@@ -211,14 +241,24 @@ def test_router_credits_the_node_tiers_to_every_worker_of_the_node(tmp_path):
                 await far.register(router)
                 client = await near.attach(cache)
                 await offload(client, [1, 2, 3])
-                held = await until(lambda: router.index.num_blocks("decode-0", "host") == 3
-                                   and router.index.overlaps([1, 2, 3]), "host credit")
+                held = await until(
+                    lambda: (
+                        router.index.num_blocks("decode-0", "host") == 3
+                        and router.index.overlaps([1, 2, 3])
+                    ),
+                    "host credit",
+                )
                 await late.register(router)  # joins after: the node's blocks are replayed
                 late_held = router.index.num_blocks("decode-2", "host")
                 status = await query_status(router.endpoints["from_peers"])  # an operator
             # the cache actor is gone: its blocks leave every worker's entry
-            cleared = await until(lambda: "cache-0" not in router.cache_blocks
-                                  and router.index.num_blocks("decode-0") == 0, "forgetting")
+            cleared = await until(
+                lambda: (
+                    "cache-0" not in router.cache_blocks
+                    and router.index.num_blocks("decode-0") == 0
+                ),
+                "forgetting",
+            )
             return held, late_held, status, cleared
 
     held, late_held, status, cleared = asyncio.run(scenario())
@@ -234,38 +274,54 @@ def test_router_credits_the_node_tiers_to_every_worker_of_the_node(tmp_path):
 def test_router_learns_the_blocks_a_restarted_cache_kept_on_disk(tmp_path):
     async def scenario():
         settings = CacheSettings(
-            endpoint="tcp://127.0.0.1:0", events_endpoint="tcp://127.0.0.1:0",
-            router_endpoint=None, record_bytes=RECORD, host_bytes=pool_bytes(2, RECORD),
-            disk_path=str(tmp_path), disk_bytes=16 * (RECORD + 40))
-        async with CacheActor(node_config("cache-0", "a"), settings) as cache, \
-                Worker(node_config("decode-0", "a")) as worker:
+            endpoint="tcp://127.0.0.1:0",
+            events_endpoint="tcp://127.0.0.1:0",
+            router_endpoint=None,
+            record_bytes=RECORD,
+            host_bytes=pool_bytes(2, RECORD),
+            disk_path=str(tmp_path),
+            disk_bytes=16 * (RECORD + 40),
+        )
+        async with (
+            CacheActor(node_config("cache-0", "a"), settings) as cache,
+            Worker(node_config("decode-0", "a")) as worker,
+        ):
             client = await worker.attach(cache)
             for block_hash in (1, 2, 3, 4):  # 2 host slots: 1 and 2 are demoted to disk
                 await offload(client, [block_hash])
                 await until(lambda h=block_hash: h in cache.store.held("host"), "commit")
-        router = RouterActor(node_config("router-0", "a"), RouterActorSettings(
-            endpoint="tcp://127.0.0.1:0", model_name="m", block_size=16))
+        router = RouterActor(
+            node_config("router-0", "a"),
+            RouterActorSettings(endpoint="tcp://127.0.0.1:0", model_name="m", block_size=16),
+        )
         async with router, RegisteredWorker(node_config("decode-0", "a")) as worker:
             await worker.register(router)
-            restarted = CacheSettings(**{**settings.__dict__,
-                                         "router_endpoint": router.endpoints["from_peers"]})
+            restarted = CacheSettings(
+                **{**settings.__dict__, "router_endpoint": router.endpoints["from_peers"]}
+            )
             async with CacheActor(node_config("cache-0", "a"), restarted):
-                return await until(lambda: router.index.num_blocks("decode-0", "disk") >= 2
-                                   and router.index.num_blocks("decode-0", "disk"),
-                                   "the snapshot")
+                return await until(
+                    lambda: (
+                        router.index.num_blocks("decode-0", "disk") >= 2
+                        and router.index.num_blocks("decode-0", "disk")
+                    ),
+                    "the snapshot",
+                )
 
     assert asyncio.run(scenario()) == 2
 
 
 def test_the_cache_actor_runs_without_torch(tmp_path, tiny_model_dir):
     # It maps segments and moves files; loading torch would cost it ~300 MiB of RSS.
-    code = ("import sys\n"
-            "from kvmesh.actors.roles import build_actor\n"
-            "from kvmesh.config import load_config\n"
-            f"cfg = load_config(overrides=['model.path={tiny_model_dir}'])\n"
-            "actor = build_actor(cfg, 'cache-0')\n"
-            "assert actor.settings.record_bytes == 16 + 32768, actor.settings  # tag + KV\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    code = (
+        "import sys\n"
+        "from kvmesh.actors.roles import build_actor\n"
+        "from kvmesh.config import load_config\n"
+        f"cfg = load_config(overrides=['model.path={tiny_model_dir}'])\n"
+        "actor = build_actor(cfg, 'cache-0')\n"
+        "assert actor.settings.record_bytes == 16 + 32768, actor.settings  # tag + KV\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
 
 
@@ -273,10 +329,15 @@ def test_a_worker_declared_dead_is_never_placed_before_its_hook_runs():
     # Between the heartbeat declaring a worker dead and the router's hook dropping it from
     # the registry, a RouteRequest must not pick it (its endpoint is gone with the peer).
     async def scenario():
-        router = RouterActor(node_config("router-0", "a"), RouterActorSettings(
-            endpoint="tcp://127.0.0.1:0", model_name="m", block_size=16))
-        async with (router, RegisteredWorker(node_config("decode-0", "a")) as alive,
-                    RegisteredWorker(node_config("decode-1", "a")) as dying):
+        router = RouterActor(
+            node_config("router-0", "a"),
+            RouterActorSettings(endpoint="tcp://127.0.0.1:0", model_name="m", block_size=16),
+        )
+        async with (
+            router,
+            RegisteredWorker(node_config("decode-0", "a")) as alive,
+            RegisteredWorker(node_config("decode-1", "a")) as dying,
+        ):
             await alive.register(router)
             await dying.register(router)
             placements = []
@@ -284,8 +345,12 @@ def test_a_worker_declared_dead_is_never_placed_before_its_hook_runs():
             assert "decode-1" in router.workers  # its hook has not run yet
             for n in range(4):
                 inbound = Inbound(Route("from_peers"), "frontend-0", [])
-                placements.append(await router.on_route_request(RouteRequest(
-                    request_id=f"r{n}", block_hashes=[], num_prompt_tokens=16), inbound))
+                placements.append(
+                    await router.on_route_request(
+                        RouteRequest(request_id=f"r{n}", block_hashes=[], num_prompt_tokens=16),
+                        inbound,
+                    )
+                )
             return placements
 
     placements = asyncio.run(scenario())
@@ -296,18 +361,30 @@ def test_router_refuses_workers_and_frontends_whose_block_hashes_are_salted_othe
     """The first worker's salt id is the cluster's: a worker or a frontend hashing under
     another salt (another hash key, model files, dtype) would never find a prefix, so it
     is refused by name instead of silently missing."""
+
     class SaltedWorker(RegisteredWorker):
         salt = ""
 
         async def register(self, router: RouterActor):
             await self.connect("to_router", router.endpoints["from_peers"], timeout=5)
-            return await self.request(router.actor_id, RegisterWorker(
-                model="m", block_size=16, num_blocks=64, max_num_seqs=8,
-                events_endpoint=self.endpoints["events_out"], salt_id=self.salt), timeout=5)
+            return await self.request(
+                router.actor_id,
+                RegisterWorker(
+                    model="m",
+                    block_size=16,
+                    num_blocks=64,
+                    max_num_seqs=8,
+                    events_endpoint=self.endpoints["events_out"],
+                    salt_id=self.salt,
+                ),
+                timeout=5,
+            )
 
     async def scenario():
-        router = RouterActor(make_config("router-0"), RouterActorSettings(
-            endpoint="tcp://127.0.0.1:0", model_name="m", block_size=16))
+        router = RouterActor(
+            make_config("router-0"),
+            RouterActorSettings(endpoint="tcp://127.0.0.1:0", model_name="m", block_size=16),
+        )
         async with router:
             first = SaltedWorker(make_config("decode-0"))
             other = SaltedWorker(make_config("decode-1"))
@@ -318,17 +395,18 @@ def test_router_refuses_workers_and_frontends_whose_block_hashes_are_salted_othe
                     await other.register(router)
                 inbound = Inbound(Route("from_peers"), "frontend-0", [])
                 ask = dict(request_id="r", block_hashes=[], num_prompt_tokens=16)
-                wrong = await router.on_route_request(RouteRequest(**ask, salt_id="bbbb"),
-                                                      inbound)
-                right = await router.on_route_request(RouteRequest(**ask, salt_id="aaaa"),
-                                                      inbound)
+                wrong = await router.on_route_request(RouteRequest(**ask, salt_id="bbbb"), inbound)
+                right = await router.on_route_request(RouteRequest(**ask, salt_id="aaaa"), inbound)
                 return refused.value.error.message, wrong, right, sorted(router.workers)
 
     refused, wrong, right, workers = asyncio.run(scenario())
     assert refused == (
         "registration refused: its block hashes are salted bbbb, the workers' aaaa: their "
         "model files, dtype, block size or hash key (security.key_dir's cluster.hash_key, or "
-        "the per-user one without keys) differ, so no prefix would ever be found")
+        "the per-user one without keys) differ, so no prefix would ever be found"
+    )
     assert (wrong.code, wrong.message.split(":")[0]) == (
-        "refused", "frontend-0's block hashes are salted bbbb, the workers' aaaa")
+        "refused",
+        "frontend-0's block hashes are salted bbbb, the workers' aaaa",
+    )
     assert right.decode == "decode-0" and workers == ["decode-0"]

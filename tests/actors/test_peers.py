@@ -60,8 +60,12 @@ def test_a_goodbye_ends_the_connection_at_info_and_fails_its_requests():
         return ends(log), buried, left, dict(peers), caught.value.reason, peers.left("decode-0")
 
     assert asyncio.run(scenario()) == (
-        [("info", "peer_left")], ["decode-0"], ["decode-0"], {},
-        "it said goodbye (shutting down)", False,
+        [("info", "peer_left")],
+        ["decode-0"],
+        ["decode-0"],
+        {},
+        "it said goodbye (shutting down)",
+        False,
     )
 
 

@@ -9,9 +9,24 @@ import sys
 def test_bench_engine_small_workload(tmp_path, tiny_model_dir):
     out_file = tmp_path / "engine.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "kvmesh", "--log-level", "warning", "bench", "engine", "--model",
-         str(tiny_model_dir), "--requests", "3", "--json", str(out_file)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "kvmesh",
+            "--log-level",
+            "warning",
+            "bench",
+            "engine",
+            "--model",
+            str(tiny_model_dir),
+            "--requests",
+            "3",
+            "--json",
+            str(out_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "ratio Engine / transformers:" in proc.stdout

@@ -25,24 +25,31 @@ def engine(tiny_model_dir):
 
 def reply_of(engine, request) -> Reply:
     """What a client that got exactly the Engine's reply holds."""
-    reply = Reply(usage={"prompt_tokens": len(request.prompt), "completion_tokens": sum(
-        len(o.token_ids) for o in request.expected)})
+    reply = Reply(
+        usage={
+            "prompt_tokens": len(request.prompt),
+            "completion_tokens": sum(len(o.token_ids) for o in request.expected),
+        }
+    )
     for j, out in enumerate(request.expected):
         reply.texts[j] = out.text
         reply.finish[j] = out.finish_reason
-        reply.tokens[j] = [engine.tokenizer.decode([t], skip_special_tokens=False)
-                           for t in out.token_ids]
+        reply.tokens[j] = [
+            engine.tokenizer.decode([t], skip_special_tokens=False) for t in out.token_ids
+        ]
     return reply
 
 
 # --- the workload ---
+
 
 def test_workload_is_seeded_multi_turn_and_its_stops_fire(engine):
     requests = make_workload(engine, seed=3, num_sessions=8, max_turns=3)
     again = make_workload(engine, seed=3, num_sessions=8, max_turns=3)
     assert [(r.prompt, r.body) for r in requests] == [(r.prompt, r.body) for r in again]
     assert [(r.prompt, r.body) for r in make_workload(engine, 4, 8, 3)] != [
-        (r.prompt, r.body) for r in requests]
+        (r.prompt, r.body) for r in requests
+    ]
     by_session = {}
     for r in requests:
         by_session.setdefault(r.session, []).append(r)
@@ -52,7 +59,7 @@ def test_workload_is_seeded_multi_turn_and_its_stops_fire(engine):
         for before, after in zip(turns, turns[1:], strict=False):
             # the next turn holds the prompt and the Engine's reply to it
             history = before.prompt + before.expected[0].token_ids
-            assert after.prompt[:len(history)] == history
+            assert after.prompt[: len(history)] == history
             assert len(after.prompt) > len(history)
     stopped = [r for r in requests if r.body.get("stop")]
     # cut from choice 0's reply, so it fires there (another choice samples other text)
@@ -60,10 +67,12 @@ def test_workload_is_seeded_multi_turn_and_its_stops_fire(engine):
     assert all(len(r.expected) == r.body["n"] for r in requests)
     assert any(r.body["n"] == 2 for r in requests)
     assert any("seed" in r.body for r in requests) and any(
-        r.body.get("temperature") == 0.0 for r in requests)
+        r.body.get("temperature") == 0.0 for r in requests
+    )
 
 
 # --- the checks can fail ---
+
 
 def test_compare_passes_the_engines_reply_and_names_each_difference(engine):
     requests = make_workload(engine, seed=5, num_sessions=4, max_turns=2)
@@ -116,8 +125,10 @@ def test_idle_invariants_name_what_is_still_held(monkeypatch):
 
 # --- real clusters ---
 
-@pytest.mark.parametrize("scenario, seed", [("kv-kill", 11), ("round_robin", 12),
-                                            ("kv-disagg-keyed-kill", 13)])
+
+@pytest.mark.parametrize(
+    "scenario, seed", [("kv-kill", 11), ("round_robin", 12), ("kv-disagg-keyed-kill", 13)]
+)
 def test_short_stress_round(engine, tiny_model_dir, scenario, seed):
     result = stress_round(engine, tiny_model_dir, scenario, seed, num_sessions=8, max_turns=3)
     assert result["problems"] == []
@@ -130,9 +141,28 @@ def test_long_stress_run_every_scenario(tmp_path, tiny_model_dir):
     """Two rounds of every scenario through the CLI (CI runs this)."""
     out = tmp_path / "stress.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "kvmesh", "--log-level", "warning", "bench", "stress",
-         "--model", str(tiny_model_dir), "--seed", "100", "--rounds", str(2 * len(SCENARIOS)),
-         "--sessions", "16", "--json", str(out)], capture_output=True, text=True, timeout=1800)
+        [
+            sys.executable,
+            "-m",
+            "kvmesh",
+            "--log-level",
+            "warning",
+            "bench",
+            "stress",
+            "--model",
+            str(tiny_model_dir),
+            "--seed",
+            "100",
+            "--rounds",
+            str(2 * len(SCENARIOS)),
+            "--sessions",
+            "16",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "every reply equal to the Engine's, every invariant held" in proc.stdout
-

@@ -12,8 +12,20 @@ from kvmesh.cli.bench import bench
 # 4 chats x 3 turns: prompts of 96, 96+4+32 = 132 and 132+4+32 = 168 tokens. The pool (16
 # blocks) holds about one chat, so device only loses every prefix before its chat's next
 # turn; the host tier of host_disk (16 blocks) pushes most of them on to disk.
-SMALL = ["--conversations", "4", "--turns", "3", "--first-tokens", "96", "--user-tokens",
-         "32", "--output-tokens", "4", "--pool-blocks", "16"]
+SMALL = [
+    "--conversations",
+    "4",
+    "--turns",
+    "3",
+    "--first-tokens",
+    "96",
+    "--user-tokens",
+    "32",
+    "--output-tokens",
+    "4",
+    "--pool-blocks",
+    "16",
+]
 NUM_REQUESTS = 12
 PROMPT_TOKENS = 4 * (96 + 132 + 168)
 # What the previous turn computed, in full blocks: 99 tokens (prompt + 3 of its 4 output
@@ -24,15 +36,17 @@ WHOLE_PREFIX_CACHED = 4 * (6 + 8) * 16
 def run_bench(tiny_model_dir, tmp_path, *args) -> tuple:
     out_file = tmp_path / "tiers.json"
     result = CliRunner().invoke(
-        bench, ["tiers", "--model", str(tiny_model_dir), "--json", str(out_file), *args])
+        bench, ["tiers", "--model", str(tiny_model_dir), "--json", str(out_file), *args]
+    )
     return result, out_file
 
 
 @pytest.fixture(scope="module")
 def small_run(tiny_model_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("bench-tiers")
-    result, out_file = run_bench(tiny_model_dir, tmp_path, *SMALL, "--repeats", "2",
-                                 "--disk-dir", str(tmp_path / "disk"))
+    result, out_file = run_bench(
+        tiny_model_dir, tmp_path, *SMALL, "--repeats", "2", "--disk-dir", str(tmp_path / "disk")
+    )
     assert result.exit_code == 0, result.output
     return result.output, json.loads(out_file.read_text()), tmp_path
 
@@ -48,8 +62,13 @@ def test_json_structure(small_run):
     _, result, _ = small_run
     assert result["requests"] == NUM_REQUESTS
     assert result["repeats"] == 2
-    assert result["workload"] == {"conversations": 4, "turns": 3, "first_tokens": 96,
-                                  "user_tokens": 32, "output_tokens": 4}
+    assert result["workload"] == {
+        "conversations": 4,
+        "turns": 3,
+        "first_tokens": 96,
+        "user_tokens": 32,
+        "output_tokens": 4,
+    }
     assert result["working_set_blocks"] == 4 * 11  # 96 + 2 * 32 + 3 * 4 = 172 tokens
     assert set(result["configs"]) == {"device", "host", "host_disk"}
     assert set(result["ttft_mean_vs_device"]) == {"host", "host_disk"}
@@ -66,15 +85,16 @@ def test_json_structure(small_run):
 
 def test_tiers_never_change_outputs(small_run):
     _, result, _ = small_run
-    assert result["greedy_outputs_equal_device"] == {"host": NUM_REQUESTS,
-                                                     "host_disk": NUM_REQUESTS}
+    assert result["greedy_outputs_equal_device"] == {
+        "host": NUM_REQUESTS,
+        "host_disk": NUM_REQUESTS,
+    }
     assert result["greedy_outputs_all_equal"] is True
 
 
 def test_tiers_serve_the_prefixes_device_lost(small_run):
     _, result, _ = small_run
-    device, host, host_disk = (result["configs"][name]
-                               for name in ("device", "host", "host_disk"))
+    device, host, host_disk = (result["configs"][name] for name in ("device", "host", "host_disk"))
     assert device["cached_tokens"] < WHOLE_PREFIX_CACHED
     assert device["hit_rate"] < host["hit_rate"]
     # Tiers large enough for a step's run plus its evictions: every prefix comes back.
@@ -92,8 +112,9 @@ def test_disk_dir_left_empty(small_run):
 
 
 def test_pool_too_small_is_a_clear_error(tiny_model_dir, tmp_path):
-    result, out_file = run_bench(tiny_model_dir, tmp_path, "--first-tokens", "300",
-                                 "--pool-blocks", "8")
+    result, out_file = run_bench(
+        tiny_model_dir, tmp_path, "--first-tokens", "300", "--pool-blocks", "8"
+    )
     assert result.exit_code == 2
     assert "--pool-blocks" in result.output
     assert not out_file.exists()
@@ -103,13 +124,22 @@ def test_through_clusters_the_cache_actor_serves_the_same_prefixes(tiny_model_di
     # The same chats through `kvmesh up` clusters, the tiers held by the cache actor:
     # every reply equals the in-process Engine's, and the cache actor brings back exactly
     # the prefixes the in-process tiers did.
-    result, out_file = run_bench(tiny_model_dir, tmp_path, *SMALL, "--repeats", "1",
-                                 "--disk-dir", str(tmp_path / "disk"), "--cluster")
+    result, out_file = run_bench(
+        tiny_model_dir,
+        tmp_path,
+        *SMALL,
+        "--repeats",
+        "1",
+        "--disk-dir",
+        str(tmp_path / "disk"),
+        "--cluster",
+    )
     assert result.exit_code == 0, result.output
     assert "through clusters" in result.output
     clusters = json.loads(out_file.read_text())["cluster"]
-    device, host, host_disk = (clusters["configs"][name]
-                               for name in ("device", "host", "host_disk"))
+    device, host, host_disk = (
+        clusters["configs"][name] for name in ("device", "host", "host_disk")
+    )
     for config in (device, host, host_disk):
         assert config["outputs_equal_engine"] == NUM_REQUESTS
         assert config["prompt_tokens"] == PROMPT_TOKENS

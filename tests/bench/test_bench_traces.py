@@ -61,8 +61,10 @@ def test_the_trace_reads_as_a_mooncake_trace_with_chained_ids():
 
 
 def test_bench_index_runs_on_the_default_trace():
-    run = CliRunner().invoke(index_command, ["--repeats", "1", "--no-dynamo",
-                                             "--workers", "2", "--capacity-blocks", "256"])
+    run = CliRunner().invoke(
+        index_command,
+        ["--repeats", "1", "--no-dynamo", "--workers", "2", "--capacity-blocks", "256"],
+    )
     assert run.exit_code == 0, run.output
     assert f"trace {default_trace_path()}: 600 requests" in run.output
     assert "lookups/s ratio: kvmesh vs naive" in run.output

@@ -35,6 +35,7 @@ def mode_of(path) -> int:
 
 # --- another model's blocks ---
 
+
 def test_blocks_of_another_fingerprint_are_deleted_at_open(tmp_path):
     tier = make_tier(tmp_path / "t")
     tier.write(1, record(1))
@@ -75,16 +76,23 @@ def test_the_fingerprint_tells_dtype_block_size_and_weights_apart(tmp_path, tiny
     assert ModelConfig.from_pretrained(model_dir).fingerprint("float32", 16) != base
     prompt = list(range(16, 48))
     assert hash_blocks(prompt, 16, salt=config.kv_salt("float32", 16, KEY)) != hash_blocks(
-        prompt, 16, salt=config.kv_salt("float16", 16, KEY))
+        prompt, 16, salt=config.kv_salt("float16", 16, KEY)
+    )
 
 
-def test_the_cache_actor_opens_its_tier_under_the_clusters_fingerprint(tiny_model_dir,
-                                                                        tmp_path):
+def test_the_cache_actor_opens_its_tier_under_the_clusters_fingerprint(tiny_model_dir, tmp_path):
     from kvmesh.actors.roles import build_actor
 
     def fingerprint(dtype: str) -> str:
-        cfg = load_config(None, [f"model.path={tiny_model_dir}", f"model.dtype={dtype}",
-                                 "kv.disk_gb=0.001", f"kv.disk_path={tmp_path}"])
+        cfg = load_config(
+            None,
+            [
+                f"model.path={tiny_model_dir}",
+                f"model.dtype={dtype}",
+                "kv.disk_gb=0.001",
+                f"kv.disk_path={tmp_path}",
+            ],
+        )
         return build_actor(cfg, "cache-0").settings.fingerprint
 
     model = ModelConfig.from_pretrained(tiny_model_dir)
@@ -93,6 +101,7 @@ def test_the_cache_actor_opens_its_tier_under_the_clusters_fingerprint(tiny_mode
 
 
 # --- one owner ---
+
 
 def test_a_second_process_cannot_hold_the_tier(tmp_path):
     first = make_tier(tmp_path / "t")
@@ -103,6 +112,7 @@ def test_a_second_process_cannot_hold_the_tier(tmp_path):
 
 
 # --- permissions ---
+
 
 def test_tier_directory_is_private_and_files_owner_only(tmp_path):
     tier = make_tier(tmp_path / "t")
@@ -145,7 +155,8 @@ def test_ipc_dir_is_made_private_when_an_actor_starts(tmp_path, tiny_model_dir):
     build_actor(cfg, "router-0")
     assert mode_of(ipc) == 0o700
     (tmp_path / "ipc-link").symlink_to(ipc)
-    cfg = load_config(None, [f"model.path={tiny_model_dir}",
-                             f"cluster.ipc_dir={tmp_path / 'ipc-link'}"])
+    cfg = load_config(
+        None, [f"model.path={tiny_model_dir}", f"cluster.ipc_dir={tmp_path / 'ipc-link'}"]
+    )
     with pytest.raises(ConfigError, match="is a symbolic link"):
         build_actor(cfg, "router-0")

@@ -32,8 +32,9 @@ def make_host():
     tiers = []
 
     def make(num_slots: int = 4, policy: str = "lru") -> HostTier:
-        tier = HostTier.create(shm.segment_name("test-cache"), RECORD,
-                               pool_bytes(num_slots, RECORD), policy)
+        tier = HostTier.create(
+            shm.segment_name("test-cache"), RECORD, pool_bytes(num_slots, RECORD), policy
+        )
         tiers.append(tier)
         return tier
 
@@ -62,9 +63,11 @@ def make_disk(path: Path, num_files: int = 4, policy: str = "lru") -> DiskTier:
 def listing(path: Path) -> list[str]:
     """The directory's block files and leftovers, less what a disk tier keeps beside them:
     spares (made in the background), its lock and its manifest."""
-    return sorted(name for name in os.listdir(path)
-                  if name not in (".spares", ".lock", "manifest.json")
-                  and not name.startswith(".spare."))
+    return sorted(
+        name
+        for name in os.listdir(path)
+        if name not in (".spares", ".lock", "manifest.json") and not name.startswith(".spare.")
+    )
 
 
 def wait_for_spares(disk: DiskTier, num_spares: int) -> None:
@@ -113,8 +116,9 @@ def test_round_trip_across_processes(make_host):
     slot_b, _ = host.allocate(B)  # the child writes this one
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    child = ctx.Process(target=_child_reads_and_writes,
-                        args=(host.info, slot_a, A, slot_b, B, results))
+    child = ctx.Process(
+        target=_child_reads_and_writes, args=(host.info, slot_a, A, slot_b, B, results)
+    )
     child.start()
     got = results.get(timeout=30)
     child.join(timeout=30)
@@ -144,19 +148,26 @@ class CopyThenRewrite:
     ("rewrite", "afterwards"),
     [
         # a writer made gen odd and is filling the payload: A stays unreadable
-        pytest.param(lambda header: header.__setitem__(GEN, header[GEN] + 1), None,
-                     id="write-began"),
+        pytest.param(
+            lambda header: header.__setitem__(GEN, header[GEN] + 1), None, id="write-began"
+        ),
         # the slot now holds B (the header says so): A is gone
-        pytest.param(lambda header: (header.__setitem__(HASH, B),
-                                     header.__setitem__(GEN, header[GEN] + 2)), None,
-                     id="other-block-written"),
+        pytest.param(
+            lambda header: (header.__setitem__(HASH, B), header.__setitem__(GEN, header[GEN] + 2)),
+            None,
+            id="other-block-written",
+        ),
         # A written again, identical: this read misses, the next one hits
-        pytest.param(lambda header: header.__setitem__(GEN, header[GEN] + 2), make_record(A),
-                     id="same-block-rewritten"),
+        pytest.param(
+            lambda header: header.__setitem__(GEN, header[GEN] + 2),
+            make_record(A),
+            id="same-block-rewritten",
+        ),
     ],
 )
-def test_slot_rewritten_between_copy_and_check_is_a_miss(make_host, monkeypatch, rewrite,
-                                                         afterwards):
+def test_slot_rewritten_between_copy_and_check_is_a_miss(
+    make_host, monkeypatch, rewrite, afterwards
+):
     host = make_host(2)
     slot = put(host, A)
     header = host._headers[slot]
@@ -271,8 +282,10 @@ def _append_byte(path: Path) -> None:
         f.write(b"\0")
 
 
-@pytest.mark.parametrize("damage", [_flip_payload_byte, _truncate, _swap_for_other_block,
-                                    _flip_magic, _append_byte, os.unlink])
+@pytest.mark.parametrize(
+    "damage",
+    [_flip_payload_byte, _truncate, _swap_for_other_block, _flip_magic, _append_byte, os.unlink],
+)
 def test_damaged_disk_block_is_a_miss_and_deleted(tmp_path, damage):
     disk = make_disk(tmp_path)
     disk.write(A, make_record(A))
@@ -301,7 +314,8 @@ def test_scan_after_restart_finds_good_blocks_only(tmp_path):
     restarted = make_disk(tmp_path, num_files=8)
     assert len(restarted) == 3
     assert listing(tmp_path) == sorted(
-        [f"{A:016x}.kv", f"{E:016x}.kv", f"{F:016x}.kv", "notes.txt"])
+        [f"{A:016x}.kv", f"{E:016x}.kv", f"{F:016x}.kv", "notes.txt"]
+    )
     assert not (tmp_path / ".spare.123.4.tmp").exists()
     assert not (tmp_path / ".spares" / "5").exists()
     assert restarted.read(A) == make_record(A)
@@ -351,8 +365,11 @@ def test_full_disk_tier_writes_into_the_victims_file(tmp_path):
 def test_filling_disk_tier_writes_into_spares_made_ahead(tmp_path):
     disk = make_disk(tmp_path, num_files=3)
     wait_for_spares(disk, 3)  # no more than the tier has room for
-    spares = {os.stat(tmp_path / name).st_ino: name for name in os.listdir(tmp_path)
-              if name.startswith(".spare.")}
+    spares = {
+        os.stat(tmp_path / name).st_ino: name
+        for name in os.listdir(tmp_path)
+        if name.startswith(".spare.")
+    }
     assert len(spares) == 3
     disk.write(A, make_record(A))
     assert os.stat(disk.file_of(A)).st_ino in spares
@@ -389,7 +406,7 @@ def test_write_interrupted_by_a_crash_is_a_miss_after_restart(tmp_path, crash):
         path.write_bytes(b"")
     else:  # C's header, A's payload
         header = HEADER.pack(disk_tier.MAGIC, disk_tier.VERSION, 0, C, RECORD, 12345)
-        path.write_bytes(header + disk.file_of(A).read_bytes()[HEADER.size:])
+        path.write_bytes(header + disk.file_of(A).read_bytes()[HEADER.size :])
     restarted = make_disk(tmp_path, num_files=2)
     assert restarted.read(C) is None and not path.exists()
     assert restarted.read(B) == make_record(B)
@@ -441,8 +458,7 @@ def test_leading_run_spans_tiers_and_stops_at_the_first_gap(make_host, tmp_path)
     fill(store, A, B, C, D)  # A demoted to disk; host holds B, C, D
     store.take_events()
     hits = store.get_leading([A, B, C, X, D])
-    assert [(hit.block_hash, hit.tier) for hit in hits] == [(A, "disk"), (B, "host"),
-                                                           (C, "host")]
+    assert [(hit.block_hash, hit.tier) for hit in hits] == [(A, "disk"), (B, "host"), (C, "host")]
     assert read_hits(store, hits) == [make_record(h) for h in (A, B, C)]
     # A was promoted into the slot of D, the only block outside the run; A stays on disk
     assert [store.tier_of(h) for h in (A, B, C, D)] == ["host", "host", "host", "disk"]
@@ -482,8 +498,12 @@ def test_run_longer_than_the_host_is_staged_a_window_at_a_time(make_host, tmp_pa
     hits = store.get_leading([A, B, C, D, X])
     # the whole run, its first window (2 slots) staged: C and D, later in the run, made
     # room for it (demoted to disk, where the next window finds them)
-    assert hits == [Hit(A, 0, "disk"), Hit(B, 1, "disk"), Hit(C, None, "host"),
-                    Hit(D, None, "host")]
+    assert hits == [
+        Hit(A, 0, "disk"),
+        Hit(B, 1, "disk"),
+        Hit(C, None, "host"),
+        Hit(D, None, "host"),
+    ]
     assert read_hits(store, hits[:2]) == [make_record(A), make_record(B)]
     assert [store.tier_of(h) for h in (A, B, C, D)] == ["host", "host", "disk", "disk"]
     host, disk = store.stats["host"], store.stats["disk"]
@@ -527,11 +547,21 @@ def test_staging_a_window_keeps_the_rest_of_the_run_on_disk(make_host, tmp_path)
     fill(store, A, B, C, D, E, F)  # A-D on disk (full); E, F on host, on no disk
     hits = store.get_leading([A, B, C, D])
     assert [(hit.block_hash, hit.slot is None) for hit in hits] == [
-        (A, False), (B, False), (C, True), (D, True)]
+        (A, False),
+        (B, False),
+        (C, True),
+        (D, True),
+    ]
     # promoting A and B evicted E and F from host; the disk had no room for them but
     # C's and D's files, the run's next window: E and F are dropped, C and D stay
     assert [store.tier_of(h) for h in (A, B, C, D, E, F)] == [
-        "host", "host", "disk", "disk", None, None]
+        "host",
+        "host",
+        "disk",
+        "disk",
+        None,
+        None,
+    ]
     assert read_hits(store, store.stage([C, D])) == [make_record(C), make_record(D)]
 
 

@@ -16,8 +16,9 @@ from kvmesh.bench.cluster import start_cluster
 def cluster(tmp_path_factory, tiny_model_dir):
     """Frontend + router + 1 prefill + 2 decode; every prompt is prefilled remotely
     (disagg_min_tokens=0) so the disaggregated path is what gets tested."""
-    c = start_cluster(tmp_path_factory.mktemp("cluster"), tiny_model_dir,
-                      "router.disagg_min_tokens=0")
+    c = start_cluster(
+        tmp_path_factory.mktemp("cluster"), tiny_model_dir, "router.disagg_min_tokens=0"
+    )
     yield c
     assert c.stop() == 0, c.log.read_text()[-3000:]
 

@@ -18,9 +18,13 @@ KEY = "sk-cluster-test"
 def cluster(tmp_path_factory, tiny_model_dir):
     keys = tmp_path_factory.mktemp("keys") / "api_keys"
     keys.write_text(f"# test keys\n{KEY}\n")
-    c = start_cluster(tmp_path_factory.mktemp("limits"), tiny_model_dir,
-                      "model.max_model_len=64", f"frontend.api_key_file={keys}",
-                      "nodes.0.actors.2.count=0")
+    c = start_cluster(
+        tmp_path_factory.mktemp("limits"),
+        tiny_model_dir,
+        "model.max_model_len=64",
+        f"frontend.api_key_file={keys}",
+        "nodes.0.actors.2.count=0",
+    )
     yield c
     assert c.stop() == 0, c.log.read_text()[-3000:]
 
@@ -33,15 +37,23 @@ def client(cluster):
 def test_max_model_len_is_enforced(client):
     model = client.models.list().data[0]
     assert model.max_model_len == 64
-    with pytest.raises(openai.BadRequestError, match="prompt has 100 tokens; the model's "
-                       "context is 64"):
+    with pytest.raises(
+        openai.BadRequestError, match="prompt has 100 tokens; the model's context is 64"
+    ):
         client.completions.create(model=model.id, prompt=list(range(16, 116)), max_tokens=4)
-    with pytest.raises(openai.BadRequestError, match="max_tokens is 30, but the prompt has "
-                       "40 tokens and the model's context is 64: at most 24"):
+    with pytest.raises(
+        openai.BadRequestError,
+        match="max_tokens is 30, but the prompt has "
+        "40 tokens and the model's context is 64: at most 24",
+    ):
         client.completions.create(model=model.id, prompt=list(range(16, 56)), max_tokens=30)
-    done = client.completions.create(model=model.id, prompt=list(range(16, 56)),
-                                     max_tokens=24, temperature=0.0,
-                                     extra_body={"ignore_eos": True})
+    done = client.completions.create(
+        model=model.id,
+        prompt=list(range(16, 56)),
+        max_tokens=24,
+        temperature=0.0,
+        extra_body={"ignore_eos": True},
+    )
     assert done.usage.completion_tokens == 24
 
 
@@ -49,8 +61,7 @@ def test_every_api_call_needs_the_key(cluster, client):
     assert httpx.get(f"{cluster.url}/health").status_code == 200
     assert httpx.get(f"{cluster.url}/v1/models").status_code == 401
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="wrong",
-                      max_retries=0).models.list()
+        openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="wrong", max_retries=0).models.list()
     assert client.models.list().data
 
 
@@ -59,6 +70,9 @@ def test_up_refuses_a_key_file_that_cannot_serve(tmp_path):
     empty.write_text("# none yet\n")
     proc = subprocess.run(
         [sys.executable, "-m", "kvmesh", "up", "--set", f"frontend.api_key_file={empty}"],
-        capture_output=True, text=True, timeout=60)
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "holds no key" in proc.stderr

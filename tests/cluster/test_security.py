@@ -29,10 +29,12 @@ from kvmesh.transport.keys import KeyRing
 @pytest.fixture(scope="module")
 def secure_cluster(tmp_path_factory, tiny_model_dir):
     keys = tmp_path_factory.mktemp("keys") / "k"
-    subprocess.run([sys.executable, "-m", "kvmesh", "keys", "generate", str(keys)], check=True,
-                   capture_output=True)
-    c = start_cluster(tmp_path_factory.mktemp("secure"), tiny_model_dir,
-                      f"security.key_dir={keys}")
+    subprocess.run(
+        [sys.executable, "-m", "kvmesh", "keys", "generate", str(keys)],
+        check=True,
+        capture_output=True,
+    )
+    c = start_cluster(tmp_path_factory.mktemp("secure"), tiny_model_dir, f"security.key_dir={keys}")
     c.keys = keys
     yield c
     assert c.stop() == 0
@@ -63,8 +65,11 @@ def answer(sock: zmq.Socket, timeout: float = 10.0):
 
 def completion(c) -> int:
     name = httpx.get(f"{c.url}/v1/models").json()["data"][0]["id"]
-    return httpx.post(f"{c.url}/v1/completions", timeout=60,
-                      json={"model": name, "prompt": "hello", "max_tokens": 4}).status_code
+    return httpx.post(
+        f"{c.url}/v1/completions",
+        timeout=60,
+        json={"model": name, "prompt": "hello", "max_tokens": 4},
+    ).status_code
 
 
 def test_secured_cluster_serves_and_ignores_keyless_peers(secure_cluster):
@@ -72,11 +77,27 @@ def test_secured_cluster_serves_and_ignores_keyless_peers(secure_cluster):
     assert completion(c) == 200
     rows = json.loads(c.kvmesh("status", "--json").stdout)  # `kvmesh status`: operator's key
     assert sorted(r["actor"] for r in rows) == [
-        "cache-0", "decode-0", "decode-1", "frontend-0", "prefill-0", "router-0"]
+        "cache-0",
+        "decode-0",
+        "decode-1",
+        "frontend-0",
+        "prefill-0",
+        "router-0",
+    ]
     context = zmq.Context()
     sock = dealer(context, router_endpoint(c), None)
-    sock.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1, actor_id="intruder",
-                           role="decode", node="x", endpoints={})))
+    sock.send(
+        encode(
+            Hello(
+                version=PROTOCOL_VERSION,
+                call_id=1,
+                actor_id="intruder",
+                role="decode",
+                node="x",
+                endpoints={},
+            )
+        )
+    )
     assert sock.poll(1500) == 0  # no Welcome, no Error: nothing at all
     context.destroy()
     assert "intruder" not in c.kvmesh("status", "--json").stdout
@@ -89,13 +110,26 @@ def test_a_ring_key_cannot_pose_as_a_worker(secure_cluster):
     before = c.status()["decode-0"]["pid"]
     context = zmq.Context()
     sock = dealer(context, router_endpoint(c), KeyRing(c.keys, "operator"))
-    sock.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1, actor_id="decode-0",
-                           role="decode", node="x", endpoints={})))
+    sock.send(
+        encode(
+            Hello(
+                version=PROTOCOL_VERSION,
+                call_id=1,
+                actor_id="decode-0",
+                role="decode",
+                node="x",
+                endpoints={},
+            )
+        )
+    )
     reply = answer(sock)
     context.destroy()
 
-    assert reply == Error(code=ErrorCode.FORBIDDEN, in_reply_to=1, message=(
-        "key 'operator' (operator) may not say Hello as decode 'decode-0'"))
+    assert reply == Error(
+        code=ErrorCode.FORBIDDEN,
+        in_reply_to=1,
+        message=("key 'operator' (operator) may not say Hello as decode 'decode-0'"),
+    )
     assert c.status()["decode-0"]["pid"] == before
     assert completion(c) == 200
 
@@ -104,18 +138,39 @@ def test_an_operator_may_not_register_as_a_worker(secure_cluster):
     c = secure_cluster
     context = zmq.Context()
     sock = dealer(context, router_endpoint(c), KeyRing(c.keys, "operator"))
-    sock.send(encode(Hello(version=PROTOCOL_VERSION, call_id=1, actor_id="operator:7",
-                           role="operator", node="x", endpoints={})))
+    sock.send(
+        encode(
+            Hello(
+                version=PROTOCOL_VERSION,
+                call_id=1,
+                actor_id="operator:7",
+                role="operator",
+                node="x",
+                endpoints={},
+            )
+        )
+    )
     welcome = answer(sock)
-    sock.send(encode(RegisterWorker(call_id=2, model="m", block_size=16, num_blocks=8,
-                                    max_num_seqs=1, events_endpoint="tcp://127.0.0.1:9")))
+    sock.send(
+        encode(
+            RegisterWorker(
+                call_id=2,
+                model="m",
+                block_size=16,
+                num_blocks=8,
+                max_num_seqs=1,
+                events_endpoint="tcp://127.0.0.1:9",
+            )
+        )
+    )
     refusal = answer(sock)
     context.destroy()
 
     assert type(welcome) is Welcome
     assert (refusal.code, refusal.in_reply_to) == (ErrorCode.FORBIDDEN, 2)
-    assert refusal.message == ("RegisterWorker may come from decode, prefill, not from "
-                               "operator:7 (role operator)")
+    assert refusal.message == (
+        "RegisterWorker may come from decode, prefill, not from operator:7 (role operator)"
+    )
     assert "operator:7" not in c.kvmesh("status", "--json").stdout
 
 
@@ -141,7 +196,8 @@ def test_actor_sockets_beyond_loopback_need_keys_or_an_explicit_insecure(tmp_pat
     insecure.communicate(timeout=30)
 
     assert refused.returncode == 2
-    assert ("security.key_dir: cluster.host = \"0.0.0.0\" opens the actor sockets to other "
-            "hosts") in refused_err
+    assert (
+        'security.key_dir: cluster.host = "0.0.0.0" opens the actor sockets to other hosts'
+    ) in refused_err
     assert "insecure" in warned and "anyone reaching them can join the cluster" in warned
     assert insecure.returncode == 0

@@ -22,13 +22,11 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-
 @pytest.fixture(scope="module")
 def openai_client(cluster):
     import openai
 
     return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
-
 
 
 def metric(cluster, name: str) -> float:
@@ -43,12 +41,19 @@ def test_completions_equal_engine(openai_client, model_name, engine, stream):
     prompts = [make_prompt(n, seed=n) for n in (40, 180, 300)]
     expected = [o.text for o in engine.generate(prompts, greedy(16))]
     for prompt, want in zip(prompts, expected, strict=True):
-        kwargs = dict(model=model_name, prompt=prompt, max_tokens=16, temperature=0.0,
-                      extra_body={"ignore_eos": True})
+        kwargs = dict(
+            model=model_name,
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0.0,
+            extra_body={"ignore_eos": True},
+        )
         if stream:
-            text = "".join(chunk.choices[0].text for chunk in
-                           openai_client.completions.create(stream=True, **kwargs)
-                           if chunk.choices)
+            text = "".join(
+                chunk.choices[0].text
+                for chunk in openai_client.completions.create(stream=True, **kwargs)
+                if chunk.choices
+            )
         else:
             text = openai_client.completions.create(**kwargs).choices[0].text
         assert text == want
@@ -56,16 +61,21 @@ def test_completions_equal_engine(openai_client, model_name, engine, stream):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_chat_equals_engine(openai_client, model_name, engine, stream):
-    messages = [{"role": "system", "content": "You are terse."},
-                {"role": "user", "content": "Name three rivers and a number " * 6}]
-    ids = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(messages),
-                                  add_special_tokens=False)
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name three rivers and a number " * 6},
+    ]
+    ids = engine.tokenizer.encode(
+        engine.tokenizer.apply_chat_template(messages), add_special_tokens=False
+    )
     want = engine.generate([ids], SamplingParams(max_tokens=20, temperature=0.0))[0]
     kwargs = dict(model=model_name, messages=messages, max_tokens=20, temperature=0.0)
     if stream:
-        text = "".join(chunk.choices[0].delta.content or "" for chunk in
-                       openai_client.chat.completions.create(stream=True, **kwargs)
-                       if chunk.choices)
+        text = "".join(
+            chunk.choices[0].delta.content or ""
+            for chunk in openai_client.chat.completions.create(stream=True, **kwargs)
+            if chunk.choices
+        )
     else:
         reply = openai_client.chat.completions.create(**kwargs)
         text = reply.choices[0].message.content
@@ -91,8 +101,7 @@ def test_shared_prefix_is_cached_and_lands_on_its_holder(cluster, openai_client,
     time.sleep(1.0)  # the holder's KV events and load reports reach the router
     before = decode_cached_totals(cluster)
     for tail in ([30, 31, 32], [40, 41], [50]):  # the holder wins every time, not by luck
-        reply = openai_client.completions.create(model=model_name, prompt=base + tail,
-                                                 max_tokens=2)
+        reply = openai_client.completions.create(model=model_name, prompt=base + tail, max_tokens=2)
         assert reply.usage.prompt_tokens_details.cached_tokens == 256
     time.sleep(1.0)
     after = decode_cached_totals(cluster)
@@ -110,13 +119,16 @@ def test_shared_prefix_is_cached_and_lands_on_its_holder(cluster, openai_client,
         ({"prompt": list(range(16, 16 + 4100))}, 400, "prompt"),
     ],
 )
-def test_bad_requests_get_400_and_the_cluster_keeps_serving(cluster, model_name, body, status,
-                                                             param):
+def test_bad_requests_get_400_and_the_cluster_keeps_serving(
+    cluster, model_name, body, status, param
+):
     reply = httpx.post(f"{cluster.url}/v1/completions", json={"model": model_name, **body})
     assert reply.status_code == status
     assert reply.json()["error"]["param"] == param
-    ok = httpx.post(f"{cluster.url}/v1/completions",
-                    json={"model": model_name, "prompt": "hello", "max_tokens": 3})
+    ok = httpx.post(
+        f"{cluster.url}/v1/completions",
+        json={"model": model_name, "prompt": "hello", "max_tokens": 3},
+    )
     assert ok.status_code == 200
 
 
@@ -129,8 +141,14 @@ def test_status_lists_every_actor(cluster):
     proc = cluster.kvmesh("status", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert sorted(r["role"] for r in rows) == ["cache", "decode", "decode", "frontend",
-                                               "prefill", "router"]
+    assert sorted(r["role"] for r in rows) == [
+        "cache",
+        "decode",
+        "decode",
+        "frontend",
+        "prefill",
+        "router",
+    ]
     assert all(r["health"] == "alive" for r in rows)
     assert all(r["pid"] > 0 for r in rows)  # every actor says its pid in its Hello
     cache = next(r for r in rows if r["role"] == "cache")
@@ -161,16 +179,22 @@ def test_garbage_on_every_actor_endpoint_crashes_nothing(cluster, openai_client,
         sock.close()
     ctx.term()
     time.sleep(1.0)
-    reply = openai_client.completions.create(model=model_name, prompt=make_prompt(150, 3),
-                                             max_tokens=4)
+    reply = openai_client.completions.create(
+        model=model_name, prompt=make_prompt(150, 3), max_tokens=4
+    )
     assert reply.usage.completion_tokens == 4
     after = json.loads(cluster.kvmesh("status", "--json").stdout)
     assert sorted(r["actor"] for r in after) == sorted(r["actor"] for r in rows)
 
 
 def test_client_disconnect_cancels_the_request_on_its_worker(cluster, model_name):
-    body = {"model": model_name, "prompt": make_prompt(50, 9), "max_tokens": 3000,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": model_name,
+        "prompt": make_prompt(50, 9),
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, timeout=60) as reply:
         for n, _ in enumerate(reply.iter_lines()):
             if n > 5:

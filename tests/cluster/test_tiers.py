@@ -34,14 +34,18 @@ def disk_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_model_dir, disk_dir):
     host_gb = pool_bytes(HOST_SLOTS, RECORD_BYTES) / 2**30
-    c = start_cluster(tmp_path_factory.mktemp("tiers"), tiny_model_dir,
-                      "kv.device_blocks=24", f"kv.host_gb={host_gb}", "kv.disk_gb=0.02",
-                      f"kv.disk_path={disk_dir}", "nodes.0.actors.2.count=0",
-                      "nodes.0.actors.3.count=1")
+    c = start_cluster(
+        tmp_path_factory.mktemp("tiers"),
+        tiny_model_dir,
+        "kv.device_blocks=24",
+        f"kv.host_gb={host_gb}",
+        "kv.disk_gb=0.02",
+        f"kv.disk_path={disk_dir}",
+        "nodes.0.actors.2.count=0",
+        "nodes.0.actors.3.count=1",
+    )
     yield c
     assert c.stop() == 0
-
-
 
 
 def make_prompt(seed: int) -> list[int]:
@@ -50,8 +54,13 @@ def make_prompt(seed: int) -> list[int]:
 
 
 def complete(cluster, model: str, prompt: list[int]) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0,
-            "ignore_eos": True}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
     response = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
     return response.json()
@@ -68,8 +77,10 @@ def cached_tokens(result: dict) -> int:
 
 def tier_metrics(cluster) -> dict[str, float]:
     lines = httpx.get(f"{cluster.url}/metrics", timeout=10).text.splitlines()
-    return {key: float(value) for key, value in
-            (line.rsplit(" ", 1) for line in lines if line.startswith("kvmesh_kv_"))}
+    return {
+        key: float(value)
+        for key, value in (line.rsplit(" ", 1) for line in lines if line.startswith("kvmesh_kv_"))
+    }
 
 
 def wait_for(check, timeout: float = 30.0):
@@ -105,11 +116,16 @@ def test_evicted_prefix_comes_back_from_host_and_ssd(cluster, model_name, engine
 
     def settled():  # the cache actor's counters come in its periodic reports, apart from
         m = tier_metrics(cluster)  # the workers' (its disk hits once came a report late)
-        onboarded = sum(m.get(onboard % t, 0) - before.get(onboard % t, 0)
-                        for t in ("host", "disk"))
-        return (onboarded >= FULL_BLOCKS and m.get(offload % "host", 0) >= FULL_BLOCKS
-                and m.get(offload % "disk", 0) > 0
-                and m.get('kvmesh_kv_hit_rate{tier="disk"}', 0) > 0 and m)
+        onboarded = sum(
+            m.get(onboard % t, 0) - before.get(onboard % t, 0) for t in ("host", "disk")
+        )
+        return (
+            onboarded >= FULL_BLOCKS
+            and m.get(offload % "host", 0) >= FULL_BLOCKS
+            and m.get(offload % "disk", 0) > 0
+            and m.get('kvmesh_kv_hit_rate{tier="disk"}', 0) > 0
+            and m
+        )
 
     metrics = wait_for(settled) or tier_metrics(cluster)
     assert metrics[onboard % "disk"] - before.get(onboard % "disk", 0) > 0
@@ -139,15 +155,18 @@ def test_sigkilled_cache_actor_costs_hits_not_requests(cluster, model_name, engi
     prompt = make_prompt(27)
     result = complete(cluster, model_name, prompt)
     assert result["choices"][0]["text"] == expected_text(engine, prompt)
-    restarted = wait_for(lambda: (pid := cluster.status().get("cache-0", {}).get("pid"))
-                         and pid != before and pid, timeout=60)
+    restarted = wait_for(
+        lambda: (pid := cluster.status().get("cache-0", {}).get("pid")) and pid != before and pid,
+        timeout=60,
+    )
     assert restarted, "the launcher did not restart the cache actor"
     # The worker attaches to the new cache actor once it sees the old one dead: evicted
     # prefixes come back again. Each try is a fresh eviction cycle (a repeat would hit
     # the device pool); the first tries may predate the attach.
     for attempt in range(6):
-        prompt = evict_through_tiers(cluster, model_name, (100 + 3 * attempt, 101 + 3 * attempt,
-                                                           102 + 3 * attempt))
+        prompt = evict_through_tiers(
+            cluster, model_name, (100 + 3 * attempt, 101 + 3 * attempt, 102 + 3 * attempt)
+        )
         again = complete(cluster, model_name, prompt)
         assert again["choices"][0]["text"] == expected_text(engine, prompt)
         if cached_tokens(again) == FULL_BLOCKS * 16:

@@ -27,8 +27,12 @@ def serve_disaggregated(prefill: Engine, decode: Engine, prompts, params) -> lis
     while decode.has_unfinished():
         for task in decode.take_remote_prefills():
             first = None
-            prefill.add_request(task.prompt_token_ids, first_token_params(task.params),
-                                request_id=task.request_id, hold_blocks=True)
+            prefill.add_request(
+                task.prompt_token_ids,
+                first_token_params(task.params),
+                request_id=task.request_id,
+                hold_blocks=True,
+            )
             while prefill.has_unfinished():
                 for out in prefill.step():
                     if out.finished:
@@ -102,8 +106,12 @@ def test_failed_remote_prefill_falls_back_to_local_compute(tiny_model_dir):
 
 def test_abort_while_parked_frees_the_blocks(tiny_model_dir):
     decode = make_engine(tiny_model_dir, num_blocks=64)
-    decode.add_request(make_prompts(1, seed=2)[0], SamplingParams(max_tokens=4), request_id="r",
-                       remote_prefill=True)
+    decode.add_request(
+        make_prompts(1, seed=2)[0],
+        SamplingParams(max_tokens=4),
+        request_id="r",
+        remote_prefill=True,
+    )
     decode.step()
     assert decode.take_remote_prefills() and decode.pool.num_free_blocks < 64
     decode.abort_request("r")
@@ -127,13 +135,20 @@ def test_pool_full_of_parked_prompts_preempts_instead_of_cutting_short(tiny_mode
             outs[out.request_id] = out
         if decode.scheduler.remote and not decode.scheduler.running:  # local waits for room
             (task,) = decode.take_remote_prefills()
-            prefill.add_request(task.prompt_token_ids, first_token_params(task.params),
-                                request_id=task.request_id, hold_blocks=True)
+            prefill.add_request(
+                task.prompt_token_ids,
+                first_token_params(task.params),
+                request_id=task.request_id,
+                hold_blocks=True,
+            )
             first = None
             while prefill.has_unfinished():
                 first = next((o for o in prefill.step() if o.finished), first)
-            unpack_blocks(pack_blocks(prefill.kv_caches, prefill.held_block_ids("parked")),
-                          decode.kv_caches, task.block_ids)
+            unpack_blocks(
+                pack_blocks(prefill.kv_caches, prefill.held_block_ids("parked")),
+                decode.kv_caches,
+                task.block_ids,
+            )
             prefill.release("parked")
             outs["parked"] = decode.complete_remote_prefill("parked", first.token_ids[0])
     assert outs["local"].finish_reason == "length"

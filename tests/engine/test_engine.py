@@ -279,13 +279,18 @@ def test_max_model_len_caps_prompt_and_output(tiny_model_dir):
     assert engine.max_model_len == 64
     with pytest.raises(ValueError, match="prompt has 100 tokens; the model's context is 64"):
         engine.add_request(list(range(16, 116)), SamplingParams(max_tokens=4))
-    (out,) = engine.generate([list(range(16, 56))], SamplingParams(
-        max_tokens=100, temperature=0.0, ignore_eos=True))
+    (out,) = engine.generate(
+        [list(range(16, 56))], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    )
     assert (len(out.token_ids), out.finish_reason) == (24, "length")  # 40 + 24 = 64
     model_len = engine.config.max_model_len
     assert Engine.from_pretrained(tiny_model_dir, num_blocks=8).max_model_len == model_len
-    assert Engine.from_pretrained(tiny_model_dir, num_blocks=8,
-                                  max_model_len=10 * model_len).max_model_len == model_len
+    assert (
+        Engine.from_pretrained(
+            tiny_model_dir, num_blocks=8, max_model_len=10 * model_len
+        ).max_model_len
+        == model_len
+    )
     assert capped_context(model_len, 0) == model_len
     assert capped_context(model_len, 64) == 64
     assert capped_context(model_len, 10 * model_len) == model_len

@@ -2,7 +2,6 @@
 DRAM and disk, corruption and failed loads recomputed; output always equal to a plain
 engine's. Scheduler-level tests use a fake connector and assert exact block ids."""
 
-
 import pytest
 import torch
 
@@ -29,8 +28,10 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 def prompts(config) -> dict[str, list[int]]:
     """a: 6 full blocks and 4 tokens; b, c: unrelated, 15 full blocks each, so that either
     one evicts every block a 16-block pool cached before it."""
-    return {name: make_prompt(config.vocab_size, n, seed)
-            for name, n, seed in (("a", 100, 1), ("b", 240, 2), ("c", 240, 3))}
+    return {
+        name: make_prompt(config.vocab_size, n, seed)
+        for name, n, seed in (("a", 100, 1), ("b", 240, 2), ("c", 240, 3))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,9 @@ def make_connector(config):
     record = config.kv_record_bytes(BLOCK, 4)
 
     def make(host_slots: int, disk_dir=None, disk_files: int = 0) -> LocalTieredConnector:
-        connector = LocalTieredConnector(record, pool_bytes(host_slots, record), disk_dir,
-                                         disk_files * (HEADER.size + record))
+        connector = LocalTieredConnector(
+            record, pool_bytes(host_slots, record), disk_dir, disk_files * (HEADER.size + record)
+        )
         connectors.append(connector)
         return connector
 
@@ -86,8 +88,9 @@ HOST_OVER_DISK = 13
 
 
 def make_engine(model_dir, connector, num_blocks: int = 16, **kwargs) -> Engine:
-    return Engine.from_pretrained(model_dir, num_blocks=num_blocks, kv_connector=connector,
-                                  **kwargs)
+    return Engine.from_pretrained(
+        model_dir, num_blocks=num_blocks, kv_connector=connector, **kwargs
+    )
 
 
 def run(engine: Engine, prompt: list[int]):
@@ -97,9 +100,9 @@ def run(engine: Engine, prompt: list[int]):
 # ---- the engine with a LocalTieredConnector ----------------------------------------------
 
 
-def test_evicted_prefix_comes_back_from_the_host_tier(tiny_model_dir, config, make_connector,
-                                                      prompts, a_hashes, plain_engine,
-                                                      reference):
+def test_evicted_prefix_comes_back_from_the_host_tier(
+    tiny_model_dir, config, make_connector, prompts, a_hashes, plain_engine, reference
+):
     connector = make_connector(host_slots=64)
     engine = make_engine(tiny_model_dir, connector)
     assert run(engine, prompts["a"]).num_cached_tokens == 0
@@ -127,9 +130,9 @@ def test_evicted_prefix_comes_back_from_the_host_tier(tiny_model_dir, config, ma
     assert torch.equal(cached_kv(engine, b_prefix), cached_kv(plain_engine, b_prefix))
 
 
-def test_prefix_comes_back_from_disk_through_a_tiny_host_tier(tiny_model_dir, make_connector,
-                                                              prompts, a_hashes, plain_engine,
-                                                              reference, tmp_path):
+def test_prefix_comes_back_from_disk_through_a_tiny_host_tier(
+    tiny_model_dir, make_connector, prompts, a_hashes, plain_engine, reference, tmp_path
+):
     connector = make_connector(host_slots=HOST_OVER_DISK, disk_dir=tmp_path, disk_files=64)
     engine = make_engine(tiny_model_dir, connector)
     for name in ("a", "b", "c"):  # b evicts a to host; c evicts b to host, a to disk
@@ -144,9 +147,9 @@ def test_prefix_comes_back_from_disk_through_a_tiny_host_tier(tiny_model_dir, ma
     assert torch.equal(cached_kv(engine, a_hashes), cached_kv(plain_engine, a_hashes))
 
 
-def test_step_keeps_the_hits_it_loads_from_its_own_offloads(tiny_model_dir, make_connector,
-                                                           prompts, a_hashes, reference,
-                                                           tmp_path):
+def test_step_keeps_the_hits_it_loads_from_its_own_offloads(
+    tiny_model_dir, make_connector, prompts, a_hashes, reference, tmp_path
+):
     # 8 slots: the step onboarding a promotes its 6 blocks into the host tier, then offloads
     # the 7 blocks it evicts. a's blocks are kept (looked up, not yet loaded): 2 of the 7
     # take the other 2 slots, 5 are not offloaded, and all of a loads.
@@ -166,7 +169,8 @@ def test_step_keeps_the_hits_it_loads_from_its_own_offloads(tiny_model_dir, make
 
 
 def test_host_tier_smaller_than_the_run_stages_it_a_window_at_a_time(
-        tiny_model_dir, make_connector, prompts, a_hashes, plain_engine, reference, tmp_path):
+    tiny_model_dir, make_connector, prompts, a_hashes, plain_engine, reference, tmp_path
+):
     # 4 slots, and prefill chunks of 4 blocks, so that no step evicts more blocks than the
     # host tier can take: a ends up on disk whole. The lookup stages a's first 4 blocks
     # (every slot holds one of the run, so the step's offloads find no slot that is not
@@ -187,10 +191,9 @@ def test_host_tier_smaller_than_the_run_stages_it_a_window_at_a_time(
     assert torch.equal(cached_kv(engine, a_hashes), cached_kv(plain_engine, a_hashes))
 
 
-def test_corrupted_disk_block_is_a_miss_and_the_rest_is_recomputed(tiny_model_dir,
-                                                                   make_connector, prompts,
-                                                                   a_hashes, plain_engine,
-                                                                   reference, tmp_path):
+def test_corrupted_disk_block_is_a_miss_and_the_rest_is_recomputed(
+    tiny_model_dir, make_connector, prompts, a_hashes, plain_engine, reference, tmp_path
+):
     connector = make_connector(host_slots=HOST_OVER_DISK, disk_dir=tmp_path, disk_files=64)
     engine = make_engine(tiny_model_dir, connector)
     for name in ("a", "b", "c"):
@@ -207,9 +210,9 @@ def test_corrupted_disk_block_is_a_miss_and_the_rest_is_recomputed(tiny_model_di
     assert torch.equal(cached_kv(engine, a_hashes[:3]), cached_kv(plain_engine, a_hashes[:3]))
 
 
-def test_host_slot_failing_its_checksum_at_load_is_recomputed(tiny_model_dir, make_connector,
-                                                              prompts, a_hashes, plain_engine,
-                                                              reference):
+def test_host_slot_failing_its_checksum_at_load_is_recomputed(
+    tiny_model_dir, make_connector, prompts, a_hashes, plain_engine, reference
+):
     # The lookup finds all six blocks in the host tier; reading the fourth fails its
     # checksum, so the load stops there and the engine computes blocks 3-5 instead.
     connector = make_connector(host_slots=64)
@@ -233,8 +236,10 @@ def test_preemption_with_a_connector_keeps_the_output(tiny_model_dir, make_conne
     lengths = [60, 90, 120, 150]
     batch = [make_prompt(config.vocab_size, n, seed=10 + n) for n in lengths]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    expected = [o.token_ids for o in
-                Engine.from_pretrained(tiny_model_dir, num_blocks=128).generate(batch, params)]
+    expected = [
+        o.token_ids
+        for o in Engine.from_pretrained(tiny_model_dir, num_blocks=128).generate(batch, params)
+    ]
     connector = make_connector(host_slots=64)
     # 26 blocks: the four prompts (27 blocks with their outputs) cannot all run at once
     engine = make_engine(tiny_model_dir, connector, num_blocks=26, max_num_batched_tokens=64)
@@ -274,8 +279,12 @@ KV_RECORD = RECORD_TAG_BYTES + 2 * 2 * 2 * 1 * 4 * 4
 def make_kv(fill: bool = True) -> list[torch.Tensor]:
     """Two float32 layers of 8 blocks; every element distinct when filled, else zeros."""
     n = torch.Size(KV_SHAPE).numel()
-    return [torch.arange(layer * n, (layer + 1) * n, dtype=torch.float32).view(KV_SHAPE)
-            if fill else torch.zeros(KV_SHAPE) for layer in range(2)]
+    return [
+        torch.arange(layer * n, (layer + 1) * n, dtype=torch.float32).view(KV_SHAPE)
+        if fill
+        else torch.zeros(KV_SHAPE)
+        for layer in range(2)
+    ]
 
 
 @pytest.fixture
@@ -285,8 +294,12 @@ def small_connector():
     connectors = []
 
     def make(host_slots: int, disk_dir=None, disk_files: int = 64) -> LocalTieredConnector:
-        connector = LocalTieredConnector(KV_RECORD, pool_bytes(host_slots, KV_RECORD),
-                                         disk_dir, disk_files * (HEADER.size + KV_RECORD))
+        connector = LocalTieredConnector(
+            KV_RECORD,
+            pool_bytes(host_slots, KV_RECORD),
+            disk_dir,
+            disk_files * (HEADER.size + KV_RECORD),
+        )
         connectors.append(connector)
         return connector
 
@@ -322,7 +335,14 @@ def test_save_keeps_the_hits_looked_up_before_it(small_connector):
     hits = connector.lookup(H[:2])  # LRU order now: H2, H3, H0, H1
     connector.save([(H[i], i) for i in (4, 5, 6)], kv)  # H4, H5 evict H2, H3; H6 gets none
     assert [connector.store.tier_of(h) for h in H[:7]] == [
-        "host", "host", None, None, "host", "host", None]
+        "host",
+        "host",
+        None,
+        None,
+        "host",
+        "host",
+        None,
+    ]
     dst = make_kv(fill=False)
     assert connector.load(hits, [6, 7], dst) == 2
     for layer in range(2):
@@ -343,7 +363,8 @@ def test_hits_never_loaded_are_kept_for_one_save_only(small_connector):
 
 @pytest.mark.parametrize("staged", [1, 3, None])  # records staged at once; None: all
 def test_load_reads_the_run_and_unpacks_the_blocks_before_the_first_bad_one(
-        small_connector, monkeypatch, staged):
+    small_connector, monkeypatch, staged
+):
     if staged is not None:
         monkeypatch.setattr(kv_connector, "STAGING_BYTES", staged * KV_RECORD)
     connector = small_connector(host_slots=8)
@@ -380,8 +401,7 @@ def test_two_runs_longer_than_the_host_tier_both_load_in_one_step(small_connecto
     assert metrics["disk"]["failed"] == metrics["host"]["failed"] == 0
 
 
-def test_staging_a_run_at_load_evicts_none_of_the_step_s_other_runs(small_connector,
-                                                                    tmp_path):
+def test_staging_a_run_at_load_evicts_none_of_the_step_s_other_runs(small_connector, tmp_path):
     connector = small_connector(host_slots=2, disk_dir=tmp_path, disk_files=2)
     kv = make_kv()
     for i in range(4):  # disk (full): H0, H1; host: H2, H3, on no disk

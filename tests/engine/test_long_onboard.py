@@ -42,8 +42,10 @@ def record_bytes(config) -> int:
 def prompts(config) -> dict[str, list[int]]:
     """long: LONG_BLOCKS full blocks and 4 tokens; b, c: unrelated, as long, so that each
     one evicts from a DEVICE_BLOCKS pool every block cached before it."""
-    return {name: make_prompt(config.vocab_size, LONG_BLOCKS * BLOCK + 4, seed)
-            for name, seed in (("long", 41), ("b", 42), ("c", 43))}
+    return {
+        name: make_prompt(config.vocab_size, LONG_BLOCKS * BLOCK + 4, seed)
+        for name, seed in (("long", 41), ("b", 42), ("c", 43))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,12 @@ def reference(tiny_model_dir, prompts) -> list[int]:
 
 
 def make_engine(model_dir, connector) -> Engine:
-    return Engine.from_pretrained(model_dir, num_blocks=DEVICE_BLOCKS, kv_connector=connector,
-                                  max_num_batched_tokens=CHUNK_TOKENS)
+    return Engine.from_pretrained(
+        model_dir,
+        num_blocks=DEVICE_BLOCKS,
+        kv_connector=connector,
+        max_num_batched_tokens=CHUNK_TOKENS,
+    )
 
 
 def run(engine: Engine, prompt: list[int]):
@@ -79,14 +85,19 @@ def evict_through_tiers(engine: Engine, prompts: dict[str, list[int]]) -> None:
 
 @pytest.fixture
 def local_connector(record_bytes, tmp_path):
-    connector = LocalTieredConnector(record_bytes, pool_bytes(HOST_SLOTS, record_bytes),
-                                     tmp_path, 128 * (HEADER.size + record_bytes))
+    connector = LocalTieredConnector(
+        record_bytes,
+        pool_bytes(HOST_SLOTS, record_bytes),
+        tmp_path,
+        128 * (HEADER.size + record_bytes),
+    )
     yield connector
     connector.close()
 
 
-def test_prefix_longer_than_the_host_tier_comes_back_whole(tiny_model_dir, local_connector,
-                                                           prompts, long_hashes, reference):
+def test_prefix_longer_than_the_host_tier_comes_back_whole(
+    tiny_model_dir, local_connector, prompts, long_hashes, reference
+):
     engine = make_engine(tiny_model_dir, local_connector)
     evict_through_tiers(engine, prompts)
     assert engine.pool.match_prefix(long_hashes) == []
@@ -101,7 +112,8 @@ def test_prefix_longer_than_the_host_tier_comes_back_whole(tiny_model_dir, local
 
 
 def test_a_block_failing_its_checks_in_a_later_window_rewinds_the_rest(
-        tiny_model_dir, local_connector, prompts, long_hashes, reference):
+    tiny_model_dir, local_connector, prompts, long_hashes, reference
+):
     engine = make_engine(tiny_model_dir, local_connector)
     evict_through_tiers(engine, prompts)
     bad = local_connector.store.disk.file_of(wire_hash(long_hashes[10]))  # in the third window
@@ -120,8 +132,9 @@ def test_a_block_failing_its_checks_in_a_later_window_rewinds_the_rest(
 
 
 def make_config(actor_id: str) -> ActorConfig:
-    return ActorConfig(actor_id=actor_id, heartbeat_interval=0.1, liveness=5,
-                       grace_period=2.0, linger=0.5)
+    return ActorConfig(
+        actor_id=actor_id, heartbeat_interval=0.1, liveness=5, grace_period=2.0, linger=0.5
+    )
 
 
 class Worker(Actor):
@@ -134,16 +147,23 @@ class Worker(Actor):
 
 
 def test_prefix_longer_than_the_host_tier_comes_back_whole_through_the_cache_actor(
-        tiny_model_dir, record_bytes, prompts, long_hashes, reference, tmp_path):
+    tiny_model_dir, record_bytes, prompts, long_hashes, reference, tmp_path
+):
     settings = CacheSettings(
-        endpoint="tcp://127.0.0.1:0", events_endpoint="tcp://127.0.0.1:0",
-        router_endpoint=None, record_bytes=record_bytes,
-        host_bytes=pool_bytes(HOST_SLOTS, record_bytes), disk_path=str(tmp_path),
-        disk_bytes=128 * (HEADER.size + record_bytes))
+        endpoint="tcp://127.0.0.1:0",
+        events_endpoint="tcp://127.0.0.1:0",
+        router_endpoint=None,
+        record_bytes=record_bytes,
+        host_bytes=pool_bytes(HOST_SLOTS, record_bytes),
+        disk_path=str(tmp_path),
+        disk_bytes=128 * (HEADER.size + record_bytes),
+    )
 
     async def scenario():
-        async with (CacheActor(make_config("cache-0"), settings) as cache,
-                    Worker(make_config("decode-0")) as worker):
+        async with (
+            CacheActor(make_config("cache-0"), settings) as cache,
+            Worker(make_config("decode-0")) as worker,
+        ):
             client = CacheClient(worker, cache.actor_id, cache.endpoints["from_peers"])
             connector = CacheActorConnector(record_bytes, client)
             await client.attach(connector, connect_timeout=5)
@@ -177,28 +197,39 @@ def cluster_disk(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_model_dir, cluster_disk):
-    c = start_cluster(tmp_path_factory.mktemp("long-onboard"), tiny_model_dir,
-                      "kv.device_blocks=40", "kv.host_gb=0.0005", "kv.disk_gb=0.02",
-                      f"kv.disk_path={cluster_disk}", "nodes.0.actors.2.count=0",
-                      "nodes.0.actors.3.count=1",
-                      f"nodes.0.actors.3.max_num_batched_tokens={8 * BLOCK}")
+    c = start_cluster(
+        tmp_path_factory.mktemp("long-onboard"),
+        tiny_model_dir,
+        "kv.device_blocks=40",
+        "kv.host_gb=0.0005",
+        "kv.disk_gb=0.02",
+        f"kv.disk_path={cluster_disk}",
+        "nodes.0.actors.2.count=0",
+        "nodes.0.actors.3.count=1",
+        f"nodes.0.actors.3.max_num_batched_tokens={8 * BLOCK}",
+    )
     yield c
     assert c.stop() == 0, c.log.read_text()[-3000:]
 
 
 def complete(url: str, model: str, prompt: list[int]) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0.0,
-            "ignore_eos": True}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
     response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
     return response.json()
 
 
 def test_prefix_longer_than_the_host_tier_comes_back_whole_on_a_cluster(
-        cluster, tiny_model_dir, config):
+    cluster, tiny_model_dir, config
+):
     model = httpx.get(f"{cluster.url}/v1/models").json()["data"][0]["id"]
-    first, *others = (make_prompt(config.vocab_size, CLUSTER_TOKENS, seed)
-                      for seed in (51, 52, 53))
+    first, *others = (make_prompt(config.vocab_size, CLUSTER_TOKENS, seed) for seed in (51, 52, 53))
     for prompt in (first, *others):  # each evicts the one before from the 40-block pool
         complete(cluster.url, model, prompt)
     prompt = first + [40]

@@ -24,8 +24,9 @@ def make_prompt(seed: int) -> list[int]:
 
 
 def greedy(priority: int = 0, max_tokens: int = 8) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                          priority=priority)
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True, priority=priority
+    )
 
 
 def make_seq(name: str, priority: int) -> Sequence:
@@ -54,14 +55,18 @@ def reference(tiny_model_dir) -> dict[str, list[int]]:
 # --- admission order ---
 
 
-@pytest.mark.parametrize(("priorities", "expected"), [
-    ({"a": 0, "b": 0, "c": 0}, ["a", "b", "c"]),  # equal: first come first served
-    ({"a": 5, "b": 5, "c": 0}, ["c", "a", "b"]),  # c came last but is served first
-    ({"a": 1, "b": -1, "c": 0}, ["b", "c", "a"]),
-    ({"a": 2, "b": 1, "c": 2, "d": 1}, ["b", "d", "a", "c"]),  # FCFS within a level
-])
-def test_queued_requests_are_admitted_by_priority_then_arrival(tiny_model_dir, reference,
-                                                               priorities, expected):
+@pytest.mark.parametrize(
+    ("priorities", "expected"),
+    [
+        ({"a": 0, "b": 0, "c": 0}, ["a", "b", "c"]),  # equal: first come first served
+        ({"a": 5, "b": 5, "c": 0}, ["c", "a", "b"]),  # c came last but is served first
+        ({"a": 1, "b": -1, "c": 0}, ["b", "c", "a"]),
+        ({"a": 2, "b": 1, "c": 2, "d": 1}, ["b", "d", "a", "c"]),  # FCFS within a level
+    ],
+)
+def test_queued_requests_are_admitted_by_priority_then_arrival(
+    tiny_model_dir, reference, priorities, expected
+):
     engine = make_engine(tiny_model_dir, max_num_seqs=1)
     for seed, (name, priority) in enumerate(priorities.items()):
         engine.add_request(make_prompt(seed), greedy(priority), request_id=name)
@@ -91,13 +96,17 @@ def test_token_budget_admits_the_higher_priority_first(tiny_model_dir):
 # --- preemption ---
 
 
-@pytest.mark.parametrize(("priorities", "victim", "waiting"), [
-    ({"a": 0, "b": 2, "c": 1, "d": 2, "e": 1}, "b", ["e", "b", "d"]),
-    ({"a": 2, "b": 0, "c": 1, "d": 2, "e": 1}, "a", ["e", "a", "d"]),
-    ({"a": 0, "b": 0, "c": 0, "d": 0, "e": 0}, "c", ["c", "d", "e"]),  # equal: the newest
-])
+@pytest.mark.parametrize(
+    ("priorities", "victim", "waiting"),
+    [
+        ({"a": 0, "b": 2, "c": 1, "d": 2, "e": 1}, "b", ["e", "b", "d"]),
+        ({"a": 2, "b": 0, "c": 1, "d": 2, "e": 1}, "a", ["e", "a", "d"]),
+        ({"a": 0, "b": 0, "c": 0, "d": 0, "e": 0}, "c", ["c", "d", "e"]),  # equal: the newest
+    ],
+)
 def test_preemption_takes_the_lowest_priority_and_requeues_it_first_in_its_level(
-        tiny_model_dir, reference, priorities, victim, waiting):
+    tiny_model_dir, reference, priorities, victim, waiting
+):
     # 4 blocks: a, b, c run with one block each; their second decode needs a block
     # each and only one is free. d and e come later and wait (max_num_seqs).
     engine = make_engine(tiny_model_dir, num_blocks=4, max_num_seqs=3)
@@ -148,8 +157,10 @@ def test_priority_travels_on_the_wire_and_to_the_prefill_worker():
 
 def test_waiting_queue_orders_by_priority_then_arrival_and_preempted_first():
     queue = WaitingQueue()
-    seqs = {name: make_seq(name, priority)
-            for name, priority in [("a", 1), ("b", 0), ("c", 1), ("d", 0), ("e", 1)]}
+    seqs = {
+        name: make_seq(name, priority)
+        for name, priority in [("a", 1), ("b", 0), ("c", 1), ("d", 0), ("e", 1)]
+    }
     for name in "abcd":
         queue.append(seqs[name])
     queue.appendleft(seqs["e"])  # preempted: first of its level, after the better level

@@ -65,13 +65,22 @@ class StubBackend:
                 yield msgspec.structs.replace(item, request_id=request_id)
                 continue
             last = i == len(self.script) - 1
-            yield Delta(request_id=request_id, new_token_ids=[7], new_text=item, new_logprobs=None,
-                        finish_reason="stop" if last else None,
-                        num_prompt_tokens=len(prompt_token_ids), num_cached_tokens=0)
+            yield Delta(
+                request_id=request_id,
+                new_token_ids=[7],
+                new_text=item,
+                new_logprobs=None,
+                finish_reason="stop" if last else None,
+                num_prompt_tokens=len(prompt_token_ids),
+                num_cached_tokens=0,
+            )
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
     def metrics(self) -> dict:
-        return {"remote_prefill_total": 3, "kv_transfer_bytes_total": 4096,
-                "workers": [{"worker": "d0", "role": "decode", "num_running": 2}]}
+        return {
+            "remote_prefill_total": 3,
+            "kv_transfer_bytes_total": 4096,
+            "workers": [{"worker": "d0", "role": "decode", "num_running": 2}],
+        }

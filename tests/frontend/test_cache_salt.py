@@ -52,8 +52,12 @@ def backend(tiny_model_dir):
 
 def cached(url: str, prompt: list[int], key: str | None = None, **fields) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    reply = httpx.post(f"{url}/v1/completions", headers=headers, timeout=60, json={
-        "model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0, **fields})
+    reply = httpx.post(
+        f"{url}/v1/completions",
+        headers=headers,
+        timeout=60,
+        json={"model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0, **fields},
+    )
     assert reply.status_code == 200, reply.text
     return reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
@@ -65,8 +69,9 @@ def test_the_http_cache_salt_field_isolates_requests(backend):
         assert cached(url, prompt, cache_salt="b") == 0  # a's blocks are not b's
         assert cached(url, prompt) == 0
         assert cached(url, prompt, cache_salt="a") == 64
-        refused = httpx.post(f"{url}/v1/completions", json={
-            "model": "tiny", "prompt": prompt, "cache_salt": ""})
+        refused = httpx.post(
+            f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt, "cache_salt": ""}
+        )
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "cache_salt"
 
 

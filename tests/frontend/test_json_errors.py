@@ -10,8 +10,10 @@ from tests.frontend import StubBackend, running_server
 
 BROKEN = [  # body, the reason after "not valid JSON: "
     (b'{"model": "stub", "prompt": ', "Expecting value: line 1 column 29 (char 28)"),
-    (b'{\n  "model": "stub",\n  "prompt": "hi",,\n}',
-     "Expecting property name enclosed in double quotes: line 3 column 18 (char 38)"),
+    (
+        b'{\n  "model": "stub",\n  "prompt": "hi",,\n}',
+        "Expecting property name enclosed in double quotes: line 3 column 18 (char 38)",
+    ),
     (b'{"model": "stub"}\n[1]', "Extra data: line 2 column 1 (char 18)"),
 ]
 
@@ -27,6 +29,14 @@ def http(tiny_model_dir):
 @pytest.mark.parametrize(("body", "reason"), BROKEN, ids=["cut_short", "double_comma", "extra"])
 def test_invalid_json_is_a_400_with_line_and_column(http, path, body, reason):
     response = http.post(path, content=body, headers={"content-type": "application/json"})
-    assert (response.status_code, response.json()) == (400, {"error": {
-        "message": f"the request body is not valid JSON: {reason}",
-        "type": "invalid_request_error", "param": None, "code": "invalid_value"}})
+    assert (response.status_code, response.json()) == (
+        400,
+        {
+            "error": {
+                "message": f"the request body is not valid JSON: {reason}",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_value",
+            }
+        },
+    )

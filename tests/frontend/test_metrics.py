@@ -31,19 +31,32 @@ class FixedBackend:
 
 
 def make_report(**tiers: float) -> LoadReport:
-    return LoadReport(num_running=2, num_waiting=1, num_remote=0, kv_usage=0.25,
-                      queued_prefill_tokens=40, prompt_tokens_total=300, cached_tokens_total=64,
-                      remote_prefills_total=3, transfer_bytes_total=4096, preemptions_total=1,
-                      tiers=tiers)
+    return LoadReport(
+        num_running=2,
+        num_waiting=1,
+        num_remote=0,
+        kv_usage=0.25,
+        queued_prefill_tokens=40,
+        prompt_tokens_total=300,
+        cached_tokens_total=64,
+        remote_prefills_total=3,
+        transfer_bytes_total=4096,
+        preemptions_total=1,
+        tiers=tiers,
+    )
 
 
 def make_stats(*workers: tuple[str, str, LoadReport]) -> dict:
     """backend.metrics() of a cluster whose workers last reported these loads (what the
     frontend actor builds from the router's status)."""
-    return {"remote_prefill_total": 3, "kv_transfer_bytes_total": 4096,
-            "workers": [{"worker": w, "role": role, **_load_dict(report)}
-                        for w, role, report in workers],
-            "tiers": {"host": {"offloaded": 5.0, "onboarded": 4.0, "lookups": 8.0, "hits": 4.0}}}
+    return {
+        "remote_prefill_total": 3,
+        "kv_transfer_bytes_total": 4096,
+        "workers": [
+            {"worker": w, "role": role, **_load_dict(report)} for w, role, report in workers
+        ],
+        "tiers": {"host": {"offloaded": 5.0, "onboarded": 4.0, "lookups": 8.0, "hits": 4.0}},
+    }
 
 
 def render(stats: dict) -> str:
@@ -53,12 +66,15 @@ def render(stats: dict) -> str:
 def comments(text: str, kind: str) -> dict[str, str]:
     """{metric: what its "# TYPE" (kind="TYPE") or "# HELP" line says}."""
     prefix = f"# {kind} "
-    return dict(line[len(prefix):].split(" ", 1) for line in text.splitlines()
-                if line.startswith(prefix))
+    return dict(
+        line[len(prefix) :].split(" ", 1) for line in text.splitlines() if line.startswith(prefix)
+    )
 
 
-CLUSTER = make_stats(("decode-0", "decode", make_report(onboarded_host=4.0, failed_disk=1.0)),
-                     ("prefill-0", "prefill", make_report()))
+CLUSTER = make_stats(
+    ("decode-0", "decode", make_report(onboarded_host=4.0, failed_disk=1.0)),
+    ("prefill-0", "prefill", make_report()),
+)
 
 
 def test_worker_series_are_typed_by_what_they_count():
@@ -98,8 +114,7 @@ def test_worker_values_keep_their_worker_role_and_tier():
 
 def test_every_worker_help_says_what_it_is_and_that_it_lags():
     helps = comments(render(CLUSTER), "HELP")
-    worker_helps = {name: text for name, text in helps.items()
-                    if name.startswith("kvmesh_worker_")}
+    worker_helps = {name: text for name, text in helps.items() if name.startswith("kvmesh_worker_")}
     assert len(worker_helps) == 12
     for name, text in worker_helps.items():
         assert text.endswith(LAG), name
@@ -123,18 +138,24 @@ def test_the_in_process_engines_preemptions_share_the_clusters_metric():
 
 
 def test_a_field_not_in_the_tables_is_served_untyped_and_says_so():
-    stats = {"workers": [{"worker": "d0", "role": "decode", "mystery": 3, "up": True,
-                          "name": "x"}]}
+    stats = {"workers": [{"worker": "d0", "role": "decode", "mystery": 3, "up": True, "name": "x"}]}
     text = render(stats)
     assert comments(text, "TYPE")["kvmesh_worker_mystery"] == "untyped"
-    assert "not described in kvmesh/frontend/metrics.py" in comments(text, "HELP")[
-        "kvmesh_worker_mystery"]
+    assert (
+        "not described in kvmesh/frontend/metrics.py"
+        in comments(text, "HELP")["kvmesh_worker_mystery"]
+    )
     assert "kvmesh_worker_up" not in text and "kvmesh_worker_name" not in text
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 @pytest.mark.parametrize("stats", [CLUSTER, {"workers": []}], ids=["cluster", "no workers"])
 def test_promtool_accepts_the_page(stats):
-    result = subprocess.run(["promtool", "check", "metrics"], input=render(stats),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=render(stats),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (result.returncode, result.stdout + result.stderr) == (0, "")

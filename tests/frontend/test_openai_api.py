@@ -45,7 +45,7 @@ def sse_events(response: httpx.Response) -> list:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -155,7 +155,11 @@ def test_official_openai_client(url, engine):
     assert reply.choices[0].message.content == chat_expected.text
     assert reply.usage.completion_tokens == len(chat_expected.token_ids)
     stream = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0, stream=True,
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -210,8 +214,9 @@ def test_logprobs_shapes(http):
     assert all(lp == pytest.approx(max(top.values())) for lp, top in pairs)
     assert "".join(logprobs["tokens"]) == done["choices"][0]["text"]
 
-    reply = http.post("/v1/chat/completions",
-                      json=chat(logprobs=True, top_logprobs=2, max_tokens=5)).json()
+    reply = http.post(
+        "/v1/chat/completions", json=chat(logprobs=True, top_logprobs=2, max_tokens=5)
+    ).json()
     content = reply["choices"][0]["logprobs"]["content"]
     assert len(content) == reply["usage"]["completion_tokens"] == 5
     assert all(len(entry["top_logprobs"]) == 2 and entry["logprob"] <= 0 for entry in content)
@@ -234,8 +239,13 @@ BAD_REQUESTS = [
     ("unknown role", "chat", chat(messages=[{"role": "robot", "content": "hi"}]), 400, "messages"),
     ("max_tokens 0", "completions", completion("x", max_tokens=0), 400, "max_tokens"),
     ("max_tokens huge", "completions", completion("x", max_tokens=10**9), 400, "max_tokens"),
-    ("max_completion_tokens huge", "chat", chat(max_completion_tokens=4096), 400,
-     "max_completion_tokens"),
+    (
+        "max_completion_tokens huge",
+        "chat",
+        chat(max_completion_tokens=4096),
+        400,
+        "max_completion_tokens",
+    ),
     ("temperature -1", "completions", completion("x", temperature=-1), 400, "temperature"),
     ("top_p 2", "chat", chat(top_p=2), 400, "top_p"),
     ("top_p 0", "chat", chat(top_p=0), 400, "top_p"),
@@ -248,8 +258,13 @@ BAD_REQUESTS = [
     ("top_logprobs alone", "chat", chat(top_logprobs=2), 400, "top_logprobs"),
     ("penalty unsupported", "chat", chat(presence_penalty=0.5), 400, "presence_penalty"),
     ("prompt over context", "completions", completion([7] * 4096), 400, "prompt"),
-    ("chat over context", "chat", chat(messages=[{"role": "user", "content": "hi " * 5000}]),
-     400, "messages"),
+    (
+        "chat over context",
+        "chat",
+        chat(messages=[{"role": "user", "content": "hi " * 5000}]),
+        400,
+        "messages",
+    ),
     ("token id 999999", "completions", completion([5, 999999]), 400, "prompt"),
     ("token id -1", "completions", completion([5, -1]), 400, "prompt"),
     ("empty prompt", "completions", completion(""), 400, "prompt"),
@@ -262,18 +277,21 @@ BAD_REQUESTS = [
 PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
-@pytest.mark.parametrize(("case", "endpoint", "body", "status", "param"), BAD_REQUESTS,
-                         ids=[case[0] for case in BAD_REQUESTS])
-def test_bad_request_names_param_and_server_keeps_serving(http, case, endpoint, body, status,
-                                                          param):
+@pytest.mark.parametrize(
+    ("case", "endpoint", "body", "status", "param"),
+    BAD_REQUESTS,
+    ids=[case[0] for case in BAD_REQUESTS],
+)
+def test_bad_request_names_param_and_server_keeps_serving(
+    http, case, endpoint, body, status, param
+):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = http.post(PATHS[endpoint], content=content,
-                         headers={"content-type": "application/json"})
+    response = http.post(
+        PATHS[endpoint], content=content, headers={"content-type": "application/json"}
+    )
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert (error["param"], error["type"]) == (
-        param, "invalid_request_error"
-    ), error
+    assert (error["param"], error["type"]) == (param, "invalid_request_error"), error
     assert error["message"]
     good = http.post("/v1/completions", json=completion(TEXTS[0], max_tokens=2))
     assert good.status_code == 200
@@ -312,8 +330,11 @@ def test_client_disconnect_before_a_plain_response_aborts(http, backend):
 
     before = count_499()
     with pytest.raises(httpx.ReadTimeout):
-        http.post("/v1/completions", json=completion(TEXTS[0], max_tokens=4000, ignore_eos=True),
-                  timeout=0.5)
+        http.post(
+            "/v1/completions",
+            json=completion(TEXTS[0], max_tokens=4000, ignore_eos=True),
+            timeout=0.5,
+        )
     assert wait_until(lambda: num_in_engine(backend) == 0, timeout=5)
     assert wait_until(lambda: count_499() == before + 1, timeout=5)
 
@@ -363,14 +384,16 @@ def stub_request(**params) -> dict:
     return {"model": "stub", "prompt": [5, 6], "max_tokens": 4, **params}
 
 
-@pytest.mark.parametrize(("error", "status", "retry_after"), [
-    (OverloadedError("42 requests queued", retry_after=1.5), 429, "2"),
-    (BackendUnavailable("no decode workers", retry_after=5), 503, "5"),
-    (BackendUnavailable("engine stopped"), 503, None),
-    (ValueError("prompt is longer than the KV pool"), 400, None),
-])
-def test_backend_errors_map_to_status_and_retry_after(stub, stub_http, error, status,
-                                                      retry_after):
+@pytest.mark.parametrize(
+    ("error", "status", "retry_after"),
+    [
+        (OverloadedError("42 requests queued", retry_after=1.5), 429, "2"),
+        (BackendUnavailable("no decode workers", retry_after=5), 503, "5"),
+        (BackendUnavailable("engine stopped"), 503, None),
+        (ValueError("prompt is longer than the KV pool"), 400, None),
+    ],
+)
+def test_backend_errors_map_to_status_and_retry_after(stub, stub_http, error, status, retry_after):
     stub.script = [error]
     response = stub_http.post("/v1/completions", json=stub_request())
     assert response.status_code == status
@@ -392,24 +415,35 @@ def test_error_after_the_stream_began_is_sent_in_band(stub, stub_http):
     assert stub.aborted[-1].endswith("-0")
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"logprobs": 1}),
-    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 1}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"logprobs": 1}),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 1}),
+    ],
+)
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_finish_without_a_new_token_has_no_logprobs_to_show(stub, stub_http, path, body,
-                                                               stream):
+def test_a_finish_without_a_new_token_has_no_logprobs_to_show(stub, stub_http, path, body, stream):
     """A worker may end a request without sampling (a sequence that outgrew the pool):
     that delta has no tokens and no logprobs; it was a 500 when logprobs were asked for."""
+
     def delta(ids, logprobs, finish):
-        return Delta(request_id="", new_token_ids=ids, new_text="x" * len(ids),
-                     new_logprobs=logprobs, finish_reason=finish, num_prompt_tokens=3,
-                     num_cached_tokens=0)
+        return Delta(
+            request_id="",
+            new_token_ids=ids,
+            new_text="x" * len(ids),
+            new_logprobs=logprobs,
+            finish_reason=finish,
+            num_prompt_tokens=3,
+            num_cached_tokens=0,
+        )
 
     stub.script = [delta([7], [{7: -0.5, 9: -1.5}], None), delta([], None, "length")]
     request = {"model": "stub", "max_tokens": 4, "stream": stream, **body} | (
-        {"prompt": "hi"} if path == "/v1/completions" else
-        {"messages": [{"role": "user", "content": "hi"}]})
+        {"prompt": "hi"}
+        if path == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "hi"}]}
+    )
     response = stub_http.post(path, json=request)
     assert response.status_code == 200, response.text
     if stream:

@@ -50,12 +50,15 @@ def http(url, backend):
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
-@pytest.mark.parametrize(("fields", "priority"), [
-    ({"priority": 1}, 1),
-    ({"priority": -MAX_PRIORITY}, -MAX_PRIORITY),
-    ({"priority": None}, 0),
-    ({}, 0),
-])
+@pytest.mark.parametrize(
+    ("fields", "priority"),
+    [
+        ({"priority": 1}, 1),
+        ({"priority": -MAX_PRIORITY}, -MAX_PRIORITY),
+        ({"priority": None}, 0),
+        ({}, 0),
+    ],
+)
 def test_priority_reaches_every_choice(http, backend, endpoint, fields, priority):
     response = http.post(PATHS[endpoint], json=make_body(endpoint, n=2, **fields))
     assert response.status_code == 200, response.text
@@ -77,8 +80,9 @@ def test_official_openai_client_sends_priority_in_extra_body(url, backend):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     backend.params.clear()
     client.completions.create(model="stub", prompt=[5, 6], extra_body={"priority": 1})
-    client.chat.completions.create(model="stub", messages=[{"role": "user", "content": "hi"}],
-                                   extra_body={"priority": -2})
+    client.chat.completions.create(
+        model="stub", messages=[{"role": "user", "content": "hi"}], extra_body={"priority": -2}
+    )
     assert [p.priority for p in backend.params] == [1, -2]
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model="stub", prompt=[5, 6], extra_body={"priority": "high"})

@@ -23,14 +23,17 @@ def blake2b_128(salt: bytes, data: bytes) -> int:
 def test_hash_is_blake2b_128_of_salt_parent_and_tokens():
     expected = blake2b_128(b"m", struct.pack("<QQ4I", 0, 0, 1, 2, 3, 4))
     assert hash_block(None, [1, 2, 3, 4], b"m") == expected
-    child = blake2b_128(b"m", struct.pack("<QQ4I", expected & WIRE_MASK, expected >> 64,
-                                          5, 6, 7, 8))
+    child = blake2b_128(
+        b"m", struct.pack("<QQ4I", expected & WIRE_MASK, expected >> 64, 5, 6, 7, 8)
+    )
     assert hash_blocks([1, 2, 3, 4, 5, 6, 7, 8, 9], 4, salt=b"m") == [expected, child]
     assert expected >= 1 << 64 or child >= 1 << 64  # 128 bits, not 64
     parent = (5 << 100) | 7  # hash_blocks from a parent: the same chain as hash_block's
     first = hash_block(parent, [1, 2, 3, 4], b"m")
     assert hash_blocks(list(range(1, 9)), 4, parent, b"m") == [
-        first, hash_block(first, [5, 6, 7, 8], b"m")]
+        first,
+        hash_block(first, [5, 6, 7, 8], b"m"),
+    ]
 
 
 def test_the_hash_key_in_the_salt_changes_every_hash():

@@ -23,8 +23,9 @@ def test_cuda_engine_equals_transformers_on_cpu(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     prompts = make_prompts(6, seed=3)
-    engine = Engine.from_pretrained(tiny_model_dir, device="cuda", num_blocks=512,
-                                    max_num_batched_tokens=256)
+    engine = Engine.from_pretrained(
+        tiny_model_dir, device="cuda", num_blocks=512, max_num_batched_tokens=256
+    )
     assert engine.kv_caches[0].is_cuda
     outs = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -18,13 +18,16 @@ def tiny_config(tiny_model_dir) -> ModelConfig:
     return ModelConfig.from_pretrained(tiny_model_dir)
 
 
-@pytest.mark.parametrize(("device_blocks", "device", "num_blocks"), [
-    (0, "cpu", CPU_AUTO_BLOCKS),
-    (0, "cuda:0", None),
-    (0, "cuda:7", None),
-    (512, "cpu", 512),
-    (512, "cuda:3", 512),
-])
+@pytest.mark.parametrize(
+    ("device_blocks", "device", "num_blocks"),
+    [
+        (0, "cpu", CPU_AUTO_BLOCKS),
+        (0, "cuda:0", None),
+        (0, "cuda:7", None),
+        (512, "cpu", 512),
+        (512, "cuda:3", 512),
+    ],
+)
 def test_configured_num_blocks(device_blocks, device, num_blocks):
     assert configured_num_blocks(device_blocks, device) == num_blocks
 
@@ -33,8 +36,9 @@ def test_default_cluster_gives_every_cpu_worker_the_fixed_pool():
     cfg = load_config()
     assert cfg.kv.device_blocks == 0
     workers = [a for a in cfg.actors if a.role in ("prefill", "decode")]
-    assert [(a.device, configured_num_blocks(cfg.kv.device_blocks, a.device))
-            for a in workers] == [("cpu", 4096)] * 3
+    assert [(a.device, configured_num_blocks(cfg.kv.device_blocks, a.device)) for a in workers] == [
+        ("cpu", 4096)
+    ] * 3
 
 
 def test_cpu_auto_pool_is_128_mib_of_the_tiny_model(tiny_config):
@@ -51,8 +55,7 @@ def test_cuda_pool_takes_85_percent_of_free_memory(monkeypatch, tiny_config):
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
     block_bytes = tiny_config.kv_bytes_per_block(16, 2)  # bfloat16: 16 KiB
-    num_blocks = default_num_blocks(tiny_config, 16, torch.bfloat16, "cuda:3",
-                                    max_tokens=10**9)
+    num_blocks = default_num_blocks(tiny_config, 16, torch.bfloat16, "cuda:3", max_tokens=10**9)
     assert num_blocks == int(1000 * MiB * 0.85) // block_bytes == 54400
     assert asked == [torch.device("cuda:3")]
 

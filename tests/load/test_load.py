@@ -29,8 +29,10 @@ from kvmesh import Engine, SamplingParams
 from kvmesh.bench.cluster import Cluster, start_cluster
 from kvmesh.client import CHAT, COMPLETIONS, DONE, APIError, chunk_deltas, event_data
 
-WORDS = ("once upon a time the river ran past seven blue mountains where a quick cat "
-         "told stories about numbers and the capital of France").split()
+WORDS = (
+    "once upon a time the river ran past seven blue mountains where a quick cat "
+    "told stories about numbers and the capital of France"
+).split()
 MAX_ATTEMPTS = 60  # per request: the first try and its retries after 429s
 SINGLE_DECODE = ("nodes.0.actors.2.count=0", "nodes.0.actors.3.count=1")  # no prefill, 1 decode
 
@@ -51,8 +53,13 @@ def make_jobs(count: int, model: str, seed: int = 0) -> list[Job]:
     rng = random.Random(seed)
     jobs = []
     for i in range(count):
-        body = {"model": model, "max_tokens": rng.randint(4, 12), "temperature": 0.0,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": model,
+            "max_tokens": rng.randint(4, 12),
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         words = " ".join(rng.choices(WORDS, k=rng.randint(2, 12)))
         if i % 4 == 3:
             jobs.append(Job(CHAT, body | {"messages": [{"role": "user", "content": words}]}))
@@ -74,10 +81,18 @@ def engine_outputs(engine: Engine, jobs: list[Job]) -> list[tuple[str, str, int]
             prompts.append(tokenizer.encode(text, add_special_tokens=False))
         else:
             prompts.append(job.body["prompt"])
-    params = [SamplingParams(max_tokens=job.body["max_tokens"], temperature=0.0,
-                             ignore_eos=job.body.get("ignore_eos", False)) for job in jobs]
-    return [(out.text, out.finish_reason, len(out.token_ids))
-            for out in engine.generate(prompts, params)]
+    params = [
+        SamplingParams(
+            max_tokens=job.body["max_tokens"],
+            temperature=0.0,
+            ignore_eos=job.body.get("ignore_eos", False),
+        )
+        for job in jobs
+    ]
+    return [
+        (out.text, out.finish_reason, len(out.token_ids))
+        for out in engine.generate(prompts, params)
+    ]
 
 
 # --- one client's view of one request ---
@@ -97,8 +112,12 @@ class Outcome:
 
     @property
     def complete(self) -> bool:
-        return (self.error is None and self.done and self.finish_reason is not None
-                and self.usage is not None)
+        return (
+            self.error is None
+            and self.done
+            and self.finish_reason is not None
+            and self.usage is not None
+        )
 
 
 async def run_job(http: httpx.AsyncClient, job: Job, rng: random.Random) -> Outcome:
@@ -162,9 +181,11 @@ class LoadResult:
 
     def summary(self) -> str:
         tokens = sum(o.usage["completion_tokens"] for o in self.outcomes if o.usage)
-        return (f"{len(self.outcomes)} requests in {self.seconds:.1f} s "
-                f"({tokens / self.seconds:.0f} output tokens/s), "
-                f"statuses {dict(sorted(self.statuses().items()))}")
+        return (
+            f"{len(self.outcomes)} requests in {self.seconds:.1f} s "
+            f"({tokens / self.seconds:.0f} output tokens/s), "
+            f"statuses {dict(sorted(self.statuses().items()))}"
+        )
 
 
 def run_load(url: str, jobs: list[Job], num_clients: int, budget_s: float) -> LoadResult:
@@ -195,18 +216,23 @@ def run_load(url: str, jobs: list[Job], num_clients: int, budget_s: float) -> Lo
 def assert_every_request_served(result: LoadResult, allowed: set[int]) -> None:
     lost = [(i, o) for i, o in enumerate(result.outcomes) if not o.complete]
     assert not lost, f"{len(lost)} requests not served, e.g. " + "; ".join(
-        f"#{i} statuses {o.statuses}: {o.error or 'stream incomplete'}" for i, o in lost[:5])
+        f"#{i} statuses {o.statuses}: {o.error or 'stream incomplete'}" for i, o in lost[:5]
+    )
     assert set(result.statuses()) <= allowed, result.summary()
 
 
-def assert_sample_equals_engine(engine: Engine, jobs: list[Job], result: LoadResult,
-                                every: int) -> None:
+def assert_sample_equals_engine(
+    engine: Engine, jobs: list[Job], result: LoadResult, every: int
+) -> None:
     indices = range(0, len(jobs), every)
     expected = engine_outputs(engine, [jobs[i] for i in indices])
     for i, (text, finish_reason, num_tokens) in zip(indices, expected, strict=True):
         got = result.outcomes[i]
         assert (got.text, got.finish_reason, got.usage["completion_tokens"]) == (
-            text, finish_reason, num_tokens), (i, jobs[i].body)
+            text,
+            finish_reason,
+            num_tokens,
+        ), (i, jobs[i].body)
 
 
 # --- the cluster's processes ---
@@ -245,15 +271,18 @@ def peak_rss_mib(pid: int) -> float:
     raise AssertionError(f"no VmHWM in /proc/{pid}/status")
 
 
-def report_peak_rss(cluster: Cluster, pids: dict[str, int], record_property,
-                    result: LoadResult) -> dict[str, float]:
+def report_peak_rss(
+    cluster: Cluster, pids: dict[str, int], record_property, result: LoadResult
+) -> dict[str, float]:
     """Print and record every process's peak RSS; the pids must be those of the start
     (an actor that crashed and was restarted by the launcher would have a new one)."""
     assert cluster_pids(cluster) == pids, "an actor was restarted during the load"
     peaks = {name: round(peak_rss_mib(pid), 1) for name, pid in pids.items()}
-    print(f"\n{result.summary()}\npeak RSS (VmHWM), MiB: "
-          + ", ".join(f"{name} {mib:.0f}" for name, mib in peaks.items())
-          + f"; total {sum(peaks.values()):.0f}")
+    print(
+        f"\n{result.summary()}\npeak RSS (VmHWM), MiB: "
+        + ", ".join(f"{name} {mib:.0f}" for name, mib in peaks.items())
+        + f"; total {sum(peaks.values()):.0f}"
+    )
     record_property("load", result.summary())
     record_property("peak_rss_mib", peaks)
     return peaks
@@ -293,28 +322,37 @@ def cluster(tmp_path_factory, tiny_model_dir):
     """Frontend, router, 1 prefill and 2 decode workers; every prompt is prefilled on the
     prefill worker (disagg_min_tokens=0), so the load crosses the KV data plane too. The
     first load is its first traffic: the frontend connects to the workers mid-burst."""
-    with running_cluster(tmp_path_factory.mktemp("load"), tiny_model_dir,
-                         "router.disagg_min_tokens=0") as c:
+    with running_cluster(
+        tmp_path_factory.mktemp("load"), tiny_model_dir, "router.disagg_min_tokens=0"
+    ) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def limited_cluster(tmp_path_factory, tiny_model_dir):
     """The same cluster, admitting at most 8 requests at a time."""
-    with running_cluster(tmp_path_factory.mktemp("limited"), tiny_model_dir,
-                         "router.disagg_min_tokens=0", "frontend.max_num_requests=8") as c:
+    with running_cluster(
+        tmp_path_factory.mktemp("limited"),
+        tiny_model_dir,
+        "router.disagg_min_tokens=0",
+        "frontend.max_num_requests=8",
+    ) as c:
         yield c
 
 
 # --- tests ---
 
 
-@pytest.mark.parametrize(("num_clients", "num_requests", "sample_every", "budget_s"), [
-    pytest.param(64, 128, 4, 120, id="64-clients"),
-    pytest.param(500, 1000, 16, 480, id="500-clients", marks=pytest.mark.slow),
-])
-def test_concurrent_streams_are_all_served(cluster, engine, record_property, num_clients,
-                                           num_requests, sample_every, budget_s):
+@pytest.mark.parametrize(
+    ("num_clients", "num_requests", "sample_every", "budget_s"),
+    [
+        pytest.param(64, 128, 4, 120, id="64-clients"),
+        pytest.param(500, 1000, 16, 480, id="500-clients", marks=pytest.mark.slow),
+    ],
+)
+def test_concurrent_streams_are_all_served(
+    cluster, engine, record_property, num_clients, num_requests, sample_every, budget_s
+):
     pids = cluster_pids(cluster)
     jobs = make_jobs(num_requests, model_name(cluster), seed=num_clients)
     result = run_load(cluster.url, jobs, num_clients, budget_s)
@@ -324,8 +362,9 @@ def test_concurrent_streams_are_all_served(cluster, engine, record_property, num
     assert_still_serving(cluster)
 
 
-def test_admission_limit_refuses_with_retry_after_until_served(limited_cluster, engine,
-                                                               record_property):
+def test_admission_limit_refuses_with_retry_after_until_served(
+    limited_cluster, engine, record_property
+):
     pids = cluster_pids(limited_cluster)
     jobs = make_jobs(64, model_name(limited_cluster), seed=8)
     result = run_load(limited_cluster.url, jobs, num_clients=64, budget_s=180)
@@ -337,7 +376,8 @@ def test_admission_limit_refuses_with_retry_after_until_served(limited_cluster, 
     # machine). An unenforced limit refuses none.
     assert sum(bool(o.refusals) for o in result.outcomes) >= 32, result.summary()
     assert {(error["type"], error["code"]) for _, error in refusals} == {
-        ("rate_limit_error", "overloaded")}
+        ("rate_limit_error", "overloaded")
+    }
     assert all(error["message"] and error["param"] is None for _, error in refusals)
     assert_sample_equals_engine(engine, jobs, result, every=4)
     assert_still_serving(limited_cluster)

@@ -46,31 +46,56 @@ REQUEST = [11, 12, 13, 14, 15, 16]
         ([("a", stored(11, 12, 13))], {"a": Overlap(3, 0, 0)}),
         ([("a", stored(*REQUEST, 17, 18))], {"a": Overlap(6, 0, 0)}),
         ([("a", stored(12, 13, 14))], {}),  # later blocks without the first: no run
-        ([("a", stored(11, 12, 13)), ("b", stored(11))],
-         {"a": Overlap(3, 0, 0), "b": Overlap(1, 0, 0)}),
+        (
+            [("a", stored(11, 12, 13)), ("b", stored(11))],
+            {"a": Overlap(3, 0, 0), "b": Overlap(1, 0, 0)},
+        ),
         # a removed middle block cuts the run even though later blocks are held
         ([("a", stored(11, 12, 13, 14)), ("a", removed(12))], {"a": Overlap(1, 0, 0)}),
-        ([("a", stored(11, 12)), ("a", stored(13, 14, tier="host")),
-          ("a", stored(15, tier="disk"))], {"a": Overlap(2, 2, 1)}),
+        (
+            [
+                ("a", stored(11, 12)),
+                ("a", stored(13, 14, tier="host")),
+                ("a", stored(15, tier="disk")),
+            ],
+            {"a": Overlap(2, 2, 1)},
+        ),
         # a gap on device filled by host keeps the run going
         ([("a", stored(11, 13)), ("a", stored(12, tier="host"))], {"a": Overlap(2, 1, 0)}),
         # held on device and host: counted once, at device
         ([("a", stored(11, 12, tier="host")), ("a", stored(11))], {"a": Overlap(1, 1, 0)}),
         # removed from device, the host copy stays
-        ([("a", stored(11, 12)), ("a", stored(11, 12, tier="host")), ("a", removed(11, 12))],
-         {"a": Overlap(0, 2, 0)}),
-        ([("a", stored(11, 12)), ("a", stored(13, tier="host")), ("a", cleared("host"))],
-         {"a": Overlap(2, 0, 0)}),
+        (
+            [("a", stored(11, 12)), ("a", stored(11, 12, tier="host")), ("a", removed(11, 12))],
+            {"a": Overlap(0, 2, 0)},
+        ),
+        (
+            [("a", stored(11, 12)), ("a", stored(13, tier="host")), ("a", cleared("host"))],
+            {"a": Overlap(2, 0, 0)},
+        ),
         ([("a", stored(11, 12)), ("a", stored(13, tier="host")), ("a", cleared("device"))], {}),
         # removing what the worker never stored, or another worker's block, is a no-op
-        ([("a", stored(11, 12)), ("a", removed(99)), ("b", removed(11)), ("b", cleared())],
-         {"a": Overlap(2, 0, 0)}),
+        (
+            [("a", stored(11, 12)), ("a", removed(99)), ("b", removed(11)), ("b", cleared())],
+            {"a": Overlap(2, 0, 0)},
+        ),
         ([("a", stored(11, 12)), ("a", stored(11, 12))], {"a": Overlap(2, 0, 0)}),
         # runs of several workers ending at different blocks, on different tiers
-        ([("a", stored(*REQUEST)), ("b", stored(11, 12, 13, tier="host")),
-          ("c", stored(11, 13, 14)), ("d", stored(11, 12, tier="disk")), ("d", stored(13))],
-         {"a": Overlap(6, 0, 0), "b": Overlap(0, 3, 0), "c": Overlap(1, 0, 0),
-          "d": Overlap(1, 0, 2)}),
+        (
+            [
+                ("a", stored(*REQUEST)),
+                ("b", stored(11, 12, 13, tier="host")),
+                ("c", stored(11, 13, 14)),
+                ("d", stored(11, 12, tier="disk")),
+                ("d", stored(13)),
+            ],
+            {
+                "a": Overlap(6, 0, 0),
+                "b": Overlap(0, 3, 0),
+                "c": Overlap(1, 0, 0),
+                "d": Overlap(1, 0, 2),
+            },
+        ),
     ],
 )
 def test_overlaps_exact(events, expected):
@@ -86,8 +111,9 @@ def test_empty_request_matches_nothing():
 
 
 def test_remove_worker_forgets_only_that_worker_and_frees_its_slot():
-    index = make_index(("a", stored(11, 12, 13)), ("b", stored(11, 12)),
-                       ("a", stored(14, tier="host")))
+    index = make_index(
+        ("a", stored(11, 12, 13)), ("b", stored(11, 12)), ("a", stored(14, tier="host"))
+    )
     index.remove_worker("a")
     assert index.overlaps(REQUEST) == {"b": Overlap(2, 0, 0)}
     assert index.workers == ["b"]
@@ -102,8 +128,7 @@ def test_remove_worker_forgets_only_that_worker_and_frees_its_slot():
 
 
 def test_num_blocks_per_tier_and_len():
-    index = make_index(("a", stored(11, 12)), ("a", stored(12, 13, tier="host")),
-                       ("b", stored(11)))
+    index = make_index(("a", stored(11, 12)), ("a", stored(12, 13, tier="host")), ("b", stored(11)))
     assert [index.num_blocks("a", tier) for tier in TIERS] == [2, 2, 0]
     assert index.num_blocks("a") == 3
     assert index.num_blocks("nobody") == 0
@@ -115,8 +140,7 @@ def test_removal_from_an_unknown_worker_takes_no_slot():
     assert index.workers == []
 
 
-@pytest.mark.parametrize("event", [stored(11, tier="gpu"), removed(11, tier="gpu"),
-                                   cleared("gpu")])
+@pytest.mark.parametrize("event", [stored(11, tier="gpu"), removed(11, tier="gpu"), cleared("gpu")])
 def test_unknown_tier_is_a_clear_error(event):
     index = KVIndex()
     with pytest.raises(ValueError, match="tier must be one of device, host, disk, got 'gpu'"):
@@ -175,8 +199,10 @@ def reference_overlaps(held: dict, request: list[int]) -> dict:
 
 
 @settings(max_examples=300, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from(WORKERS), EVENTS), max_size=25),
-       requests=st.lists(st.lists(st.integers(1, 7), max_size=8), min_size=1, max_size=4))
+@given(
+    ops=st.lists(st.tuples(st.sampled_from(WORKERS), EVENTS), max_size=25),
+    requests=st.lists(st.lists(st.integers(1, 7), max_size=8), min_size=1, max_size=4),
+)
 def test_overlaps_match_a_reference_model(ops, requests):
     index = KVIndex()
     held: dict = {}
@@ -202,16 +228,21 @@ def test_overlaps_match_a_reference_model(ops, requests):
 
 
 def test_router_modules_do_not_import_torch():
-    code = ("import sys, kvmesh.router.kv_index, kvmesh.router.policy, "
-            "kvmesh.bench.router_index; assert 'torch' not in sys.modules, 'torch imported'")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
+    code = (
+        "import sys, kvmesh.router.kv_index, kvmesh.router.policy, "
+        "kvmesh.bench.router_index; assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 
 def write_trace(path, requests: list[list[int]]):
-    lines = [json.dumps({"timestamp": i, "input_length": 512 * len(ids), "output_length": 1,
-                         "hash_ids": ids}) for i, ids in enumerate(requests)]
+    lines = [
+        json.dumps(
+            {"timestamp": i, "input_length": 512 * len(ids), "output_length": 1, "hash_ids": ids}
+        )
+        for i, ids in enumerate(requests)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -221,8 +252,7 @@ TINY_TRACE = [[0, 1, 2], [0, 1, 3], [4, 5], [0, 1, 2, 6], [4, 7], [0, 8], [9], [
 
 def test_bench_index_agrees_with_the_naive_index(tmp_path):
     trace = write_trace(tmp_path / "trace.jsonl", TINY_TRACE)
-    result = bench_index(trace, workers=2, capacity_blocks=4, in_flight=2, repeats=1,
-                         dynamo=False)
+    result = bench_index(trace, workers=2, capacity_blocks=4, in_flight=2, repeats=1, dynamo=False)
     assert result["requests"] == 8
     assert result["blocks"] == 22
     assert result["unique_blocks"] == 11
@@ -245,8 +275,9 @@ def test_bench_index_agrees_with_dynamo_when_installed(tmp_path):
 def test_bench_index_command_writes_json(tmp_path):
     trace = write_trace(tmp_path / "trace.jsonl", TINY_TRACE)
     out = tmp_path / "index.json"
-    run = CliRunner().invoke(index_command, ["--trace", str(trace), "--repeats", "1",
-                                             "--no-dynamo", "--json", str(out)])
+    run = CliRunner().invoke(
+        index_command, ["--trace", str(trace), "--repeats", "1", "--no-dynamo", "--json", str(out)]
+    )
     assert run.exit_code == 0, run.output
     assert "lookups/s ratio: kvmesh vs naive" in run.output
     assert "block hash (16-token blocks, frontends and workers): keyed BLAKE2b-128" in run.output

@@ -164,10 +164,16 @@ DISAGG = {"disagg_min_tokens": 64, "prefill_busy_tokens": 1000}
         # suffix 128 - 3*16 = 80 >= 64: remote, to the prefill worker of least cost
         (3, [make_worker("p0", "prefill")], ("p0", None, 128)),
         (4, [make_worker("p0", "prefill")], ("p0", None, 128)),  # suffix 64: not below 64
-        (0, [make_worker("p0", "prefill", num_queued_tokens=1001), make_worker("p1", "prefill")],
-         ("p1", None, 128)),
-        (0, [make_worker("p0", "prefill", num_queued_tokens=50), make_worker("p1", "prefill")],
-         ("p1", None, 128)),
+        (
+            0,
+            [make_worker("p0", "prefill", num_queued_tokens=1001), make_worker("p1", "prefill")],
+            ("p1", None, 128),
+        ),
+        (
+            0,
+            [make_worker("p0", "prefill", num_queued_tokens=50), make_worker("p1", "prefill")],
+            ("p1", None, 128),
+        ),
     ],
 )
 def test_disaggregation_rule(decode_blocks, prefill_workers, expected):
@@ -215,7 +221,11 @@ def test_round_robin_cycles_prefill_workers_on_their_own():
     workers = make_workers("a", "b", "c") + make_workers("p0", "p1", role="prefill")
     placements = [choose(router, workers) for _ in range(4)]
     assert [(p.decode, p.prefill) for p in placements] == [
-        ("a", "p0"), ("b", "p1"), ("c", "p0"), ("a", "p1")]
+        ("a", "p0"),
+        ("b", "p1"),
+        ("c", "p0"),
+        ("a", "p1"),
+    ]
 
 
 def test_random_is_reproducible_with_a_seed():
@@ -268,8 +278,12 @@ def test_temperature_samples_reproducibly_by_cost():
 @pytest.mark.parametrize("policy", ["kv", "round_robin", "random", "least_loaded"])
 def test_a_dead_worker_is_never_chosen(policy):
     router = make_router(policy, disagg_min_tokens=0)
-    workers = [make_worker("a", alive=False), make_worker("b"),
-               make_worker("p0", "prefill", alive=False), make_worker("p1", "prefill")]
+    workers = [
+        make_worker("a", alive=False),
+        make_worker("b"),
+        make_worker("p0", "prefill", alive=False),
+        make_worker("p1", "prefill"),
+    ]
     index = make_index(a=8, p0=8)
     for _ in range(10):
         placement = choose(router, workers, index)
@@ -289,8 +303,10 @@ def test_no_alive_decode_worker_is_a_clear_error(workers):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"policy": "fastest"},
-         "policy must be one of kv, round_robin, random, least_loaded, got 'fastest'"),
+        (
+            {"policy": "fastest"},
+            "policy must be one of kv, round_robin, random, least_loaded, got 'fastest'",
+        ),
         ({"host_weight": -0.5}, "host_weight must be >= 0, got -0.5"),
         ({"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
     ],

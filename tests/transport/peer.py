@@ -59,8 +59,14 @@ def fill_pool(kv_caches: list[torch.Tensor], seed: int) -> None:
 
 def make_cuda_pool(layout: KVLayout, device: str) -> list[torch.Tensor]:
     """One allocation on the GPU, handed out per layer."""
-    shape = (layout.num_layers, 2, layout.num_blocks, layout.block_size, layout.num_kv_heads,
-             layout.head_dim)
+    shape = (
+        layout.num_layers,
+        2,
+        layout.num_blocks,
+        layout.block_size,
+        layout.num_kv_heads,
+        layout.head_dim,
+    )
     return list(torch.zeros(shape, dtype=layout.dtype, device=device).unbind(0))
 
 
@@ -149,8 +155,9 @@ class PeerActor(DataPlaneHandlers, Actor):
                 say(event="paused", id=cmd["id"])
                 await resume.wait()
                 del self.resume[cmd["id"]]
-            await plane.write(cmd["to"], cmd["id"], cmd["src"], cmd["dst"],
-                              layers=range(layer, layer + 1))
+            await plane.write(
+                cmd["to"], cmd["id"], cmd["src"], cmd["dst"], layers=range(layer, layer + 1)
+            )
 
     async def close(self) -> None:
         await super().close()
@@ -170,8 +177,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     log.configure("info")
-    config = ActorConfig(actor_id=args.id, heartbeat_interval=args.heartbeat,
-                         liveness=args.liveness, grace_period=2.0, linger=0.5)
+    config = ActorConfig(
+        actor_id=args.id,
+        heartbeat_interval=args.heartbeat,
+        liveness=args.liveness,
+        grace_period=2.0,
+        linger=0.5,
+    )
     sys.exit(PeerActor(config, args).run())
 
 
@@ -212,8 +224,9 @@ class PeerProcess:
     def expect(self, event: str, timeout: float = 10.0) -> dict:
         """The next JSON event; it must be `event` (an error event fails with its text)."""
         got = self.read_event(timeout)
-        assert got["event"] == event, f"expected {event!r} from the peer, got {got}; " \
-            f"{self.stderr()}"
+        assert got["event"] == event, (
+            f"expected {event!r} from the peer, got {got}; {self.stderr()}"
+        )
         return got
 
     def read_event(self, timeout: float = 10.0) -> dict:

@@ -37,8 +37,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BACKENDS = [
     pytest.param("shm", marks=pytest.mark.skipif(not shm.available(), reason="no /dev/shm")),
     "zmq",
-    pytest.param("ucx", marks=pytest.mark.skipif(not ucx.available(),
-                                                 reason=f"ucxx: {ucx.import_error()}")),
+    pytest.param(
+        "ucx", marks=pytest.mark.skipif(not ucx.available(), reason=f"ucxx: {ucx.import_error()}")
+    ),
 ]
 SRC, DST = [5, 0, 15, 7], [3, 23, 0, 8]  # peer -> own; reversed roles use DST -> SRC
 SIDE_IDS = itertools.count()
@@ -65,12 +66,24 @@ class Side(DataPlaneHandlers, Actor):
 
     role = "decode"  # KvPoolQuery and KvWrite come from workers only
 
-    def __init__(self, dtype: torch.dtype, backend: str, shared: bool = True,
-                 device: str = "cpu", chunk_bytes: int = CHUNK_BYTES,
-                 require_grants: bool = False) -> None:
-        super().__init__(ActorConfig(actor_id=f"test-{next(SIDE_IDS)}",
-                                     heartbeat_interval=HEARTBEAT, liveness=LIVENESS,
-                                     grace_period=1.0, linger=0.2))
+    def __init__(
+        self,
+        dtype: torch.dtype,
+        backend: str,
+        shared: bool = True,
+        device: str = "cpu",
+        chunk_bytes: int = CHUNK_BYTES,
+        require_grants: bool = False,
+    ) -> None:
+        super().__init__(
+            ActorConfig(
+                actor_id=f"test-{next(SIDE_IDS)}",
+                heartbeat_interval=HEARTBEAT,
+                liveness=LIVENESS,
+                grace_period=1.0,
+                linger=0.2,
+            )
+        )
         layout = make_layout(dtype, OWN_BLOCKS)
         if device != "cpu":
             self.kv_caches, segment = make_cuda_pool(layout, device), None
@@ -78,11 +91,19 @@ class Side(DataPlaneHandlers, Actor):
             self.kv_caches, segment = allocate_shared_pool(layout, self.actor_id)
         else:
             segment = None
-            self.kv_caches = [torch.empty((2, OWN_BLOCKS, *layout_tail()), dtype=dtype)
-                              for _ in range(layout.num_layers)]
+            self.kv_caches = [
+                torch.empty((2, OWN_BLOCKS, *layout_tail()), dtype=dtype)
+                for _ in range(layout.num_layers)
+            ]
         fill_pool(self.kv_caches, seed=2)
-        self.kv_plane = KVDataPlane(self, self.kv_caches, segment=segment, backend=backend,
-                                    chunk_bytes=chunk_bytes, require_grants=require_grants)
+        self.kv_plane = KVDataPlane(
+            self,
+            self.kv_caches,
+            segment=segment,
+            backend=backend,
+            chunk_bytes=chunk_bytes,
+            require_grants=require_grants,
+        )
 
     async def close(self) -> None:
         await super().close()
@@ -139,8 +160,18 @@ def segment_gone(name: str, within: float = 5.0) -> bool:
 
 
 def spawn_peer(tmp_path: Path, dtype: str, *args: str) -> PeerProcess:
-    return PeerProcess(tmp_path, "--dtype", dtype, "--num-blocks", str(PEER_BLOCKS),
-                       "--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS), *args)
+    return PeerProcess(
+        tmp_path,
+        "--dtype",
+        dtype,
+        "--num-blocks",
+        str(PEER_BLOCKS),
+        "--heartbeat",
+        str(HEARTBEAT),
+        "--liveness",
+        str(LIVENESS),
+        *args,
+    )
 
 
 @pytest.fixture(scope="module", params=list(DTYPES))
@@ -202,8 +233,9 @@ def test_a_write_needs_a_grant_from_the_receiver(peer, backend, tmp_path):
     source = dump(peer, tmp_path / "source", peer.dtype)
 
     async def attempt(side, transfer_id: str) -> dict:
-        peer.command(op="write", to=side.actor_id, id=transfer_id, src=SRC, dst=DST,
-                     backend=backend)
+        peer.command(
+            op="write", to=side.actor_id, id=transfer_id, src=SRC, dst=DST, backend=backend
+        )
         return await asyncio.to_thread(peer.read_event, 10)
 
     async def scenario():
@@ -225,10 +257,11 @@ def test_a_write_needs_a_grant_from_the_receiver(peer, backend, tmp_path):
     ungranted, beyond, granted, stray = run(scenario())
     assert (ungranted["event"], ungranted["type"]) == ("error", "RemoteError")
     assert ungranted["message"].endswith(
-        "forbidden: KvWrite of transfer 'stranger' from 'peer': no such transfer was "
-        "granted to it")
-    assert beyond["event"] == "error" and f"blocks [{DST[-1]}] were not granted" in beyond[
-        "message"]
+        "forbidden: KvWrite of transfer 'stranger' from 'peer': no such transfer was granted to it"
+    )
+    assert (
+        beyond["event"] == "error" and f"blocks [{DST[-1]}] were not granted" in beyond["message"]
+    )
     assert granted["event"] == "written"
     assert stray == [False, False]
 
@@ -242,8 +275,15 @@ def test_layers_land_one_by_one(peer, backend, tmp_path):
         async with connected(peer, peer.dtype, "auto") as side:
             before = [cache.clone() for cache in side.kv_caches]
             incoming = side.kv_plane.expect("peer", "layers")
-            peer.command(op="write", to=side.actor_id, id="layers", src=SRC, dst=DST,
-                         backend=backend, pause_after=2)
+            peer.command(
+                op="write",
+                to=side.actor_id,
+                id="layers",
+                src=SRC,
+                dst=DST,
+                backend=backend,
+                pause_after=2,
+            )
             await event(peer, "paused")
             await incoming.wait_layer(1, timeout=5)
             assert incoming.landed == [True, True, False, False]
@@ -268,8 +308,15 @@ def test_sender_killed_mid_transfer(backend, tmp_path):
         async def scenario() -> float:
             async with connected(peer, torch.float32, "auto") as side:
                 incoming = side.kv_plane.expect("peer", "doomed")
-                peer.command(op="write", to=side.actor_id, id="doomed", src=SRC, dst=DST,
-                             backend=backend, pause_after=2)
+                peer.command(
+                    op="write",
+                    to=side.actor_id,
+                    id="doomed",
+                    src=SRC,
+                    dst=DST,
+                    backend=backend,
+                    pause_after=2,
+                )
                 await event(peer, "paused")
                 await incoming.wait_layer(1, timeout=5)
                 peer.kill()
@@ -341,12 +388,14 @@ def test_receiver_checks_what_comes_off_the_wire(peer):
 
     async def scenario():
         async with connected(peer, peer.dtype, "zmq") as side:
-            bad = KvWrite(transfer_id="x", block_ids=[99], first_layer=0, num_layers=4,
-                          backend="shm")
+            bad = KvWrite(
+                transfer_id="x", block_ids=[99], first_layer=0, num_layers=4, backend="shm"
+            )
             with pytest.raises(RemoteError, match=r"KvWrite.block_ids out of range \[0, 16\)"):
                 await side.request("peer", bad, timeout=5)
-            bad = KvWrite(transfer_id="x", block_ids=[1], first_layer=0, num_layers=4,
-                          backend="zmq")
+            bad = KvWrite(
+                transfer_id="x", block_ids=[1], first_layer=0, num_layers=4, backend="zmq"
+            )
             with pytest.raises(RemoteError, match="exactly 1 extra frame, got 0"):
                 await side.request("peer", bad, timeout=5)
 
@@ -359,8 +408,10 @@ def test_forced_shm_to_an_unshared_pool_names_the_setting(peer):
             peer.command(op="write", to=side.actor_id, id="x", src=[0], dst=[0], backend="shm")
             got = await asyncio.to_thread(peer.expect, "error")
             assert got["type"] == "ValueError"
-            assert got["message"] == (f"backend 'shm' cannot reach peer {side.actor_id!r}: the "
-                                      "peer offers no shared-memory pool")
+            assert got["message"] == (
+                f"backend 'shm' cannot reach peer {side.actor_id!r}: the "
+                "peer offers no shared-memory pool"
+            )
 
     run(scenario())
 
@@ -432,8 +483,9 @@ def test_cuda_pools_exchange_blocks(backend, tmp_path):
                 assert link.backend == backend
                 before = [cache.cpu() for cache in side.kv_caches]
                 incoming = side.kv_plane.expect("peer", "from")
-                peer.command(op="write", to=side.actor_id, id="from", src=SRC, dst=DST,
-                             backend=backend)
+                peer.command(
+                    op="write", to=side.actor_id, id="from", src=SRC, dst=DST, backend=backend
+                )
                 await event(peer, "written")
                 await incoming.wait(timeout=10)
                 got = [cache.cpu() for cache in side.kv_caches]

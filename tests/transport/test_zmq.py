@@ -122,9 +122,11 @@ def test_open_names_the_endpoint_it_cannot_bind():
 # --- CurveZMQ: one key per actor ---
 
 
-def make_ring(directory: Path, own: str, identities=(("router-0", "router"),
-                                                      ("decode-0", "decode"),
-                                                      ("operator", "operator"))) -> KeyRing:
+def make_ring(
+    directory: Path,
+    own: str,
+    identities=(("router-0", "router"), ("decode-0", "decode"), ("operator", "operator")),
+) -> KeyRing:
     generate(directory, list(identities))
     return KeyRing(directory, own)
 
@@ -138,11 +140,14 @@ def make_ring(directory: Path, own: str, identities=(("router-0", "router"),
         ("ring", "operator", False),  # pinned to another actor's key: no handshake
     ],
 )
-def test_curve_connects_only_ring_keys_to_the_actor_they_pin(tmp_path, client_dir, pinned,
-                                                             delivered):
+def test_curve_connects_only_ring_keys_to_the_actor_they_pin(
+    tmp_path, client_dir, pinned, delivered
+):
     server_ring = make_ring(tmp_path / "ring", "router-0")
-    rings = {"ring": make_ring(tmp_path / "ring", "decode-0"),
-             "stranger": make_ring(tmp_path / "stranger", "decode-0")}
+    rings = {
+        "ring": make_ring(tmp_path / "ring", "decode-0"),
+        "stranger": make_ring(tmp_path / "stranger", "decode-0"),
+    }
 
     async def scenario():
         server_side = Sockets(server_ring, linger=0)
@@ -178,8 +183,8 @@ def test_connecting_with_keys_names_the_actor_it_reaches(tmp_path):
     assert asyncio.run(scenario()) == (
         "connecting to tcp://127.0.0.1:9 with keys needs the actor id it should reach, to "
         "pin its public key",
-        f"security.key_dir {str(tmp_path)!r} has no decode-9.key: no key says who "
-        "'decode-9' is")
+        f"security.key_dir {str(tmp_path)!r} has no decode-9.key: no key says who 'decode-9' is",
+    )
 
 
 def test_key_ring_needs_its_own_owner_only_secret(tmp_path):
@@ -193,9 +198,11 @@ def test_key_ring_needs_its_own_owner_only_secret(tmp_path):
     assert str(missing.value) == (
         f"security.key_dir {str(tmp_path)!r} has no decode-1.key_secret: make the cluster's "
         "keys with `kvmesh keys generate DIR --config cluster.toml` and copy "
-        "decode-1.key_secret to this node")
+        "decode-1.key_secret to this node"
+    )
     assert str(readable.value).startswith(
-        f"{tmp_path}/decode-0.key_secret must be this user's and mode 600 (it is 644")
+        f"{tmp_path}/decode-0.key_secret must be this user's and mode 600 (it is 644"
+    )
 
 
 def test_key_ring_refuses_a_directory_others_can_write(tmp_path):
@@ -205,7 +212,8 @@ def test_key_ring_refuses_a_directory_others_can_write(tmp_path):
         KeyRing(tmp_path / "keys", "decode-0")
     assert str(caught.value) == (
         f"security.key_dir: {str(tmp_path / 'keys')!r} is writable by others (mode 777): "
-        "anyone could add a key; chmod 700 it")
+        "anyone could add a key; chmod 700 it"
+    )
 
 
 def test_key_ring_reads_keys_added_later(tmp_path, monkeypatch):
@@ -217,14 +225,17 @@ def test_key_ring_reads_keys_added_later(tmp_path, monkeypatch):
     assert ring.identity("decode-7").role == "decode"
 
 
-@pytest.mark.parametrize("name, role, actor_id, claimed, admitted", [
-    ("decode-0", "decode", "decode-0", "decode", True),
-    ("decode-0", "decode", "decode-1", "decode", False),
-    ("decode-0", "decode", "decode-0", "prefill", False),
-    ("operator", "operator", "operator:123", "operator", True),
-    ("operator", "operator", "operatorx", "operator", False),
-    ("decode-0", "decode", "decode-0:1", "decode", False),
-])
+@pytest.mark.parametrize(
+    "name, role, actor_id, claimed, admitted",
+    [
+        ("decode-0", "decode", "decode-0", "decode", True),
+        ("decode-0", "decode", "decode-1", "decode", False),
+        ("decode-0", "decode", "decode-0", "prefill", False),
+        ("operator", "operator", "operator:123", "operator", True),
+        ("operator", "operator", "operatorx", "operator", False),
+        ("decode-0", "decode", "decode-0:1", "decode", False),
+    ],
+)
 def test_identity_admits_only_its_own_id_and_role(name, role, actor_id, claimed, admitted):
     assert Identity(name, role, b"x" * 40).admits(actor_id, claimed) is admitted
 
@@ -232,18 +243,21 @@ def test_identity_admits_only_its_own_id_and_role(name, role, actor_id, claimed,
 def test_generate_writes_a_keypair_per_name_owner_only_and_keeps_existing(tmp_path):
     directory = tmp_path / "keys"
     assert generate(directory, [("router-0", "router"), ("decode-0", "decode")]) == [
-        "router-0", "decode-0"]
+        "router-0",
+        "decode-0",
+    ]
     before = (directory / "decode-0.key").read_text()
-    assert generate(directory, [("decode-0", "decode"), ("decode-1", "decode")]) == [
-        "decode-1"]
+    assert generate(directory, [("decode-0", "decode"), ("decode-1", "decode")]) == ["decode-1"]
     modes = {path.name: path.stat().st_mode & 0o777 for path in directory.iterdir()}
     ring = KeyRing(directory, "decode-0")
 
     assert (directory.stat().st_mode & 0o777, (directory / "decode-0.key").read_text()) == (
-        0o700, before)
+        0o700,
+        before,
+    )
     assert modes == {f"{n}.key": 0o644 for n in ("router-0", "decode-0", "decode-1")} | {
-        f"{n}.key_secret": 0o600 for n in ("router-0", "decode-0", "decode-1")} | {
-        "cluster.hash_key": 0o600}
+        f"{n}.key_secret": 0o600 for n in ("router-0", "decode-0", "decode-1")
+    } | {"cluster.hash_key": 0o600}
     assert zmq.curve_public(ring.secret) == ring.own.public
     assert generate(directory, [("decode-0", "decode")], force=True) == ["decode-0"]
     assert (directory / "decode-0.key").read_text() != before
@@ -266,10 +280,14 @@ def test_cli_keys_generate_writes_every_actor_of_the_cluster_and_keeps_existing(
 
     actors = "frontend-0, router-0, prefill-0, decode-0, decode-1, cache-0"
     assert (first.returncode, first.stdout) == (
-        0, f"wrote 7 keypair(s) into {directory}: {actors}, operator\n")
+        0,
+        f"wrote 7 keypair(s) into {directory}: {actors}, operator\n",
+    )
     assert (again.returncode, again.stdout) == (
-        0, f"wrote 1 keypair(s) into {directory}: alice\n"
-           f"kept 7 existing: {actors}, operator (--force replaces them)\n")
+        0,
+        f"wrote 1 keypair(s) into {directory}: alice\n"
+        f"kept 7 existing: {actors}, operator (--force replaces them)\n",
+    )
     names = {path.name.split(".")[0] for path in directory.iterdir()}
     assert names == {*actors.split(", "), "operator", "alice", "cluster"}  # cluster.hash_key
     assert len(hash_key(directory)) == 32
@@ -290,5 +308,8 @@ def test_the_hash_key_is_the_directorys_or_one_per_user_made_once(tmp_path, monk
     path.chmod(0o644)
     with pytest.raises(ValueError) as caught:
         hash_key(None)
-    assert str(caught.value) == (f"{path} must be this user's regular file, mode 600 (it is "
-                                 "644, uid 0)".replace("uid 0", f"uid {os.getuid()}"))
+    assert str(caught.value) == (
+        f"{path} must be this user's regular file, mode 600 (it is 644, uid 0)".replace(
+            "uid 0", f"uid {os.getuid()}"
+        )
+    )

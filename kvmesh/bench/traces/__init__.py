@@ -54,7 +54,7 @@ def make_trace(num_requests: int = NUM_REQUESTS, seed: int = SEED) -> list[dict]
         if i:
             timestamp_s += -math.log(1.0 - rng.random()) / RATE_PER_S
         if i and rng.random() < FOLLOW_UP:
-            earlier = _pick_earlier(rng, requests[max(0, i - SESSION_WINDOW):])
+            earlier = _pick_earlier(rng, requests[max(0, i - SESSION_WINDOW) :])
             keep = len(earlier)
             if rng.random() >= 0.85:
                 keep = max(1, math.ceil(keep * (0.7 + 0.3 * rng.random())))
@@ -71,12 +71,14 @@ def make_trace(num_requests: int = NUM_REQUESTS, seed: int = SEED) -> list[dict]
         ids = ids + list(range(next_id, next_id + new))
         next_id += new
         output = round(math.exp(math.log(69) + 1.24 * _normal(rng)))
-        requests.append({
-            "timestamp": round(timestamp_s * 1000),
-            "input_length": len(ids) * BLOCK_TOKENS - int(rng.random() * BLOCK_TOKENS),
-            "output_length": min(max(output, 1), MAX_OUTPUT),
-            "hash_ids": ids,
-        })
+        requests.append(
+            {
+                "timestamp": round(timestamp_s * 1000),
+                "input_length": len(ids) * BLOCK_TOKENS - int(rng.random() * BLOCK_TOKENS),
+                "output_length": min(max(output, 1), MAX_OUTPUT),
+                "hash_ids": ids,
+            }
+        )
     return requests
 
 
@@ -98,4 +100,3 @@ def _normal(rng: random.Random) -> float:
     """A standard normal draw from two random() draws (Box-Muller)."""
     u1, u2 = rng.random(), rng.random()
     return math.sqrt(-2.0 * math.log(1.0 - u1)) * math.cos(2.0 * math.pi * u2)
-
