@@ -508,7 +508,7 @@ def test_a_failed_load_rewinds_to_the_loaded_blocks():
 def test_whole_sequence_held_still_computes_its_last_block():
     tokens = list(range(100, 116))  # exactly 4 blocks, all held
     connector = FakeConnector(held=hash_blocks(tokens, SMALL))
-    scheduler, pool = make_scheduler(connector)
+    scheduler, _ = make_scheduler(connector)
     seq = make_seq("a", 16)
     scheduler.add(seq)
     batch = scheduler.schedule()
@@ -520,7 +520,7 @@ def test_whole_sequence_held_still_computes_its_last_block():
 def test_onboarding_is_cut_to_the_room_in_the_pool():
     tokens = list(range(100, 140))  # 10 full blocks, all held
     connector = FakeConnector(held=hash_blocks(tokens, SMALL))
-    scheduler, pool = make_scheduler(connector, num_blocks=6, budget=4)
+    scheduler, _ = make_scheduler(connector, num_blocks=6, budget=4)
     seq = make_seq("a", 40)
     scheduler.add(seq)
     batch = scheduler.schedule()
@@ -532,7 +532,7 @@ def test_onboarding_is_cut_to_the_room_in_the_pool():
 
 def test_a_sequence_that_does_not_fit_is_not_looked_up():
     connector = FakeConnector()
-    scheduler, pool = make_scheduler(connector, num_blocks=4, budget=32)
+    scheduler, _ = make_scheduler(connector, num_blocks=4, budget=32)
     scheduler.add(make_seq("a", 16))
     scheduler.add(make_seq("b", 20))
     batch = scheduler.schedule()
@@ -543,7 +543,7 @@ def test_a_sequence_that_does_not_fit_is_not_looked_up():
 def test_remote_prefill_onboards_and_reports_the_loaded_blocks_as_cached():
     tokens = list(range(100, 118))
     hashes = hash_blocks(tokens, SMALL)
-    scheduler, pool = make_scheduler(FakeConnector(held=hashes[:2]))
+    scheduler, _ = make_scheduler(FakeConnector(held=hashes[:2]))
     seq = make_seq("a", 18, remote=True)
     scheduler.add(seq)
     batch = scheduler.schedule()
