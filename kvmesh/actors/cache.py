@@ -24,15 +24,16 @@ them to every worker of the node; after (re)registering with a router it is aske
 snapshot, so blocks kept from before (the disk tier's files survive a restart: the tier
 rescans its directory) are credited too.
 
-The worker side is CacheClient: the engine thread's blocking CacheChannel
-(kvmesh.engine.kv_connector) over this actor's messages.
+The worker side is CacheClient: lookups prefetched on the worker's event loop when it
+accepts a request (kvmesh.engine.prefetch), and the engine thread's blocking
+CacheChannel (kvmesh.engine.kv_connector) for staging and offloads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,8 @@ from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
 from kvmesh.cache.disk_tier import DiskTier
 from kvmesh.cache.host_tier import HostTier, HostTierInfo
 from kvmesh.cache.store import Hit, TieredStore
+from kvmesh.engine.prefetch import Prefetch, named
+from kvmesh.gpu.block_pool import wire_hashes
 from kvmesh.protocol import (
     CacheAttach,
     CacheCommit,
@@ -290,8 +293,9 @@ class CacheActor(Actor):
 
 
 class CacheClient:
-    """A worker's CacheChannel to its node's cache actor: the engine thread calls it,
-    the actor's event loop does the messaging. Attach/detach are loop-side."""
+    """A worker's line to its node's cache actor. On the event loop: attach (map the host
+    tier) and prefetch (a request's lookup, before the engine admits it). From the engine
+    thread, the CacheChannel of its CacheActorConnector: stage, reserve, finish."""
 
     def __init__(self, actor: Actor, cache_id: str, endpoint: str, timeout: float = 2.0) -> None:
         self.actor = actor
@@ -299,41 +303,47 @@ class CacheClient:
         self.endpoint = endpoint
         self.timeout = timeout
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.connector = None  # the CacheActorConnector whose host this client attaches
+        self.attached = False  # loop side: whether a prefetch may find anything
 
-    async def attach(self, connector, connect_timeout: float) -> None:
-        """Connect, learn the host tier's segment, map it into the connector."""
+    async def attach(self, record_bytes: int, connect_timeout: float) -> HostTier:
+        """Connect and map the host tier's segment; the caller hands it to the connector
+        on the engine thread (CacheActorConnector.attach)."""
         self.loop = asyncio.get_running_loop()
-        self.connector = connector
         await self.actor.ensure_connected(self.cache_id, self.endpoint, connect_timeout)
         info = await self.actor.request(
-            self.cache_id, CacheAttach(record_bytes=connector.record_bytes), timeout=connect_timeout
+            self.cache_id, CacheAttach(record_bytes=record_bytes), timeout=connect_timeout
         )
         host = HostTier.attach(
             HostTierInfo(info.shm_name, info.shm_token, info.num_slots, info.record_bytes)
         )
-        connector.host = host  # the engine thread sees it from its next lookup on
+        self.attached = True
+        return host
 
     def detach(self) -> None:
-        """The cache actor died: lookups miss, nothing is saved, until attached again.
-        The old mapping is dropped, not closed: the engine thread may be reading it."""
-        if self.connector is not None:
-            self.connector.host = None
+        """The cache actor died: prefetches find nothing until attached again."""
+        self.attached = False
+
+    async def prefetch(self, block_hashes: list[int]) -> Prefetch | None:
+        """The leading run of block_hashes (full hashes) the tiers hold, its first window
+        staged; None when the cache actor is not attached or does not answer (logged)."""
+        if not self.attached or not block_hashes:
+            return None
+        msg = CacheLookup(block_hashes=wire_hashes(block_hashes))
+        try:
+            reply = await self.actor.request(self.cache_id, msg, timeout=self.timeout)
+        except (PeerDeadError, RemoteError, TimeoutError, ConnectionError) as exc:
+            _log_unavailable(self.cache_id, msg, exc)
+            return None
+        return Prefetch(tuple(named(_hits(reply, msg), block_hashes)), reply.shm_name)
 
     # --- engine thread ---
 
-    def lookup(
-        self, block_hashes: list[int], keep: Sequence[int] = (), staging: bool = False
-    ) -> tuple[list[Hit], str]:
-        reply = self._ask(CacheLookup(block_hashes=block_hashes, keep=list(keep), staging=staging))
+    def stage(self, block_hashes: list[int], keep: list[int]) -> tuple[list[Hit], str]:
+        msg = CacheLookup(block_hashes=block_hashes, keep=keep, staging=True)
+        reply = self._ask(msg)
         if reply is None:
             return [], ""
-        hits = [Hit(h.block_hash, h.slot, h.tier) for h in reply.hits]
-        hits += [
-            Hit(block_hash, None, tier)
-            for block_hash, tier in zip(block_hashes[len(hits) :], reply.unstaged, strict=False)
-        ]
-        return hits, reply.shm_name
+        return _hits(reply, msg), reply.shm_name
 
     def reserve(self, block_hashes: list[int], keep: list[int]) -> tuple[list[int | None], str]:
         reply = self._ask(CacheReserve(block_hashes=block_hashes, keep=keep))
@@ -355,13 +365,23 @@ class CacheClient:
             return future.result(self.timeout + 1.0)
         except (PeerDeadError, RemoteError, TimeoutError, ConnectionError) as exc:
             future.cancel()
-            log.warning(
-                "cache_unavailable",
-                cache=self.cache_id,
-                error=str(exc),
-                message_type=type(msg).__name__,
-            )
+            _log_unavailable(self.cache_id, msg, exc)
             return None
+
+
+def _hits(reply: CacheHits, msg: CacheLookup) -> list[Hit]:
+    """A CacheHits' run: its staged hits, then the held blocks not staged (slot None)."""
+    hits = [Hit(h.block_hash, h.slot, h.tier) for h in reply.hits]
+    return hits + [
+        Hit(block_hash, None, tier)
+        for block_hash, tier in zip(msg.block_hashes[len(hits) :], reply.unstaged, strict=False)
+    ]
+
+
+def _log_unavailable(cache_id: str, msg, exc: Exception) -> None:
+    log.warning(
+        "cache_unavailable", cache=cache_id, error=str(exc), message_type=type(msg).__name__
+    )
 
 
 def _log_failure(future) -> None:

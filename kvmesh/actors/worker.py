@@ -29,6 +29,7 @@ from kvmesh.actors.cache import CacheClient
 from kvmesh.engine.async_engine import AsyncEngine, StepResult
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
 from kvmesh.engine.params import SamplingParams, first_token_params
+from kvmesh.engine.prefetch import Prefetch
 from kvmesh.protocol import (
     Abort,
     Delta,
@@ -150,6 +151,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
             self._spawn_tracked(self._reregister())
         if self.cache is not None and peer_id == self.cache.cache_id:
             self.cache.detach()
+            await self.engine.call(lambda e: e.kv_connector.detach())
             if self._accepting:
                 self._spawn_tracked(self._attach_cache())
         await super().on_peer_dead(peer_id)
@@ -218,19 +220,31 @@ class EngineWorker(DataPlaneHandlers, Actor):
         return CacheActorConnector(record_bytes, self.cache)
 
     async def _attach_cache(self) -> None:
-        """Map the node's host tier; retried until the cache actor answers (meanwhile
-        every lookup misses and nothing is offloaded)."""
-        connector = self.engine.engine.kv_connector
+        """Map the node's host tier and hand it to the connector on the engine thread;
+        retried until the cache actor answers (meanwhile every lookup misses and nothing
+        is offloaded)."""
+        record_bytes = self.engine.engine.kv_connector.record_bytes
         while self._accepting:
             try:
-                await self.cache.attach(connector, CACHE_ATTACH_WAIT)
-                self.log.info(
-                    "cache_attached", cache=self.settings.cache_id, slots=connector.host.num_slots
-                )
+                host = await self.cache.attach(record_bytes, CACHE_ATTACH_WAIT)
+                await self.engine.call(lambda e, host=host: e.kv_connector.attach(host))
+                self.log.info("cache_attached", cache=self.settings.cache_id, slots=host.num_slots)
                 return
             except (TimeoutError, ConnectionError, RemoteError, OSError, ValueError) as exc:
                 self.log.warning("cache_unreachable", cache=self.settings.cache_id, error=str(exc))
                 await asyncio.sleep(1.0)
+
+    async def prefetch(self, token_ids: list[int], params: SamplingParams) -> Prefetch | None:
+        """The node's tiers' run for a request's blocks past the device's cached prefix,
+        asked here, on the event loop, before the engine admits it: admission never waits
+        on the cache actor (kvmesh.engine.prefetch). None without a cache actor."""
+        if self.cache is None:
+            return None
+        try:
+            hashes = self.engine.prefetch_hashes(token_ids, params)
+        except ValueError:
+            return None  # add_request refuses it, naming the field
+        return await self.cache.prefetch(hashes)
 
     async def drain(self) -> None:
         """Finish what is in flight: wait until the engine has nothing left to run."""
@@ -342,6 +356,9 @@ class DecodeWorker(EngineWorker):
         if remote:
             self.prefill_of[msg.request_id] = (msg.prefill, msg.prefill_endpoint)
         resume = (msg.output_token_ids, msg.num_sent_chars) if msg.output_token_ids else None
+        prefetched = await self.prefetch(msg.prompt_token_ids + msg.output_token_ids, msg.params)
+        if self.frontend_of.get(msg.request_id) != inbound.peer:
+            return  # aborted (or its frontend died) while the lookup ran
         try:
             await self.engine.call(
                 lambda e: e.add_request(
@@ -350,6 +367,7 @@ class DecodeWorker(EngineWorker):
                     msg.request_id,
                     remote_prefill=remote,
                     resume_from=resume,
+                    prefetched=prefetched,
                 )
             )
         except ValueError as exc:
@@ -453,6 +471,10 @@ class PrefillWorker(EngineWorker):
     async def on_remote_prefill(self, msg: RemotePrefill, inbound) -> RemotePrefillDone:
         """Compute the prompt, write its KV into the requester's blocks, then answer."""
         request_id = msg.request_id
+        params = first_token_params(msg.params)
+        # before the request is registered: should the requester die meanwhile, the
+        # request still runs and is released when its write fails, as after any death
+        prefetched = await self.prefetch(msg.prompt_token_ids, params)
         future = asyncio.get_running_loop().create_future()
         self.first_token[request_id] = future
         self.requester_of[request_id] = inbound.peer
@@ -460,9 +482,10 @@ class PrefillWorker(EngineWorker):
             await self.engine.call(
                 lambda e: e.add_request(
                     msg.prompt_token_ids,
-                    first_token_params(msg.params),
+                    params,
                     request_id,
                     hold_blocks=True,
+                    prefetched=prefetched,
                 )
             )
             out = await future

@@ -7,6 +7,10 @@ thread hands each step's outputs back to the loop, one asyncio.Queue per request
 
     loop thread:   generate() ──cmd──►  engine thread: apply cmds, step(), step() …
                    queue.get() ◄──outputs (call_soon_threadsafe)──┘
+
+What the loop reads of the engine between commands is a value the engine thread handed
+over: the scheduler's stats after the last step, and (with on_step) the device prefix
+cache as the steps' KV events told it, which prefetch_hashes() reads.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import structlog
 
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
 from kvmesh.engine.params import SamplingParams
+from kvmesh.engine.prefetch import DevicePrefix
+from kvmesh.engine.scheduler import SchedulerStats
 from kvmesh.protocol import KVEvent
 
 log = structlog.get_logger(__name__)
@@ -65,6 +71,9 @@ class AsyncEngine:
         self.wakeup = threading.Event()
         self.stopping = False
         self.error: BaseException | None = None
+        # handed from the engine thread to the loop after each step:
+        self._stats: tuple[SchedulerStats, float] = (engine.scheduler.stats(), engine.pool.usage)
+        self.device_prefix = DevicePrefix()  # loop side, from each StepResult's KV events
 
     @property
     def tokenizer(self):
@@ -145,13 +154,21 @@ class AsyncEngine:
         self.emitted.append(output)
 
     def stats(self) -> dict:
-        scheduler = self.engine.scheduler
+        """The scheduler's counts and the pool's use after the engine's last step."""
+        stats, kv_usage = self._stats
         return {
-            "num_running": len(scheduler.running),
-            "num_waiting": len(scheduler.waiting),
-            "kv_usage": self.engine.pool.usage,
-            "num_preemptions": scheduler.num_preemptions,
+            "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting,
+            "kv_usage": kv_usage,
+            "num_preemptions": stats.num_preemptions,
         }
+
+    def prefetch_hashes(self, token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The full blocks of a request about to be added that a KV connector may hand
+        it: those past the prefix the device caches (as of the last step, with on_step),
+        for a prefetch to ask the tiers for. ValueError for a prompt the engine refuses."""
+        hashes = self.engine.prefix_hashes(token_ids, params)
+        return hashes[self.device_prefix.num_leading(hashes) :]
 
     # --- engine thread ---
 
@@ -189,6 +206,7 @@ class AsyncEngine:
             self.loop.call_soon_threadsafe(self._fail_all, reason)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
+        self._stats = (self.engine.scheduler.stats(), self.engine.pool.usage)
         if self.on_step is None:
             if outputs:
                 self.loop.call_soon_threadsafe(self._deliver, outputs)
@@ -201,7 +219,13 @@ class AsyncEngine:
             self.engine.take_kv_events(),
             self.engine.load(),
         )
-        self.loop.call_soon_threadsafe(self.on_step, result)
+        self.loop.call_soon_threadsafe(self._stepped, result)
+
+    # --- loop thread ---
+
+    def _stepped(self, result: StepResult) -> None:
+        self.device_prefix.apply(result.kv_events)
+        self.on_step(result)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

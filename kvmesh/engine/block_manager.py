@@ -11,7 +11,8 @@ model produces logits to sample from, and a shared block is never written.
 
 With a KV connector, the full blocks after the device hits may come from outside the
 pool (host DRAM, disk): they get fresh blocks at admission and count as computed; the
-engine loads them before the step runs and publishes them once loaded.
+engine loads them before the step runs and publishes them once loaded. Which ones the
+connector holds was prefetched when the request arrived (kvmesh.engine.prefetch).
 
     blocks    [ b7 (hit) | b2 (hit) | b4 (onboard) | b5 (onboard) | b9 (fresh) ]
 """
@@ -53,14 +54,16 @@ class BlockManager:
 
     def find_onboard(self, seq: Sequence, num_hits: int) -> list[Onboard]:
         """The connector's leading run of seq's full blocks after its `num_hits` device
-        hits, leaving at least one token to compute (as find_prefix does)."""
+        hits, leaving at least one token to compute (as find_prefix does). Called once
+        per admission: seq's prefetch answers its first one only."""
+        prefetched, seq.prefetched = seq.prefetched, None
         if self.connector is None or not self.pool.enable_caching:
             return []
         end = (seq.num_tokens - 1) // self.block_size
         if end <= num_hits:
             return []
         hashes = self.hashes(seq)
-        return list(self.connector.lookup(hashes[num_hits:end]))
+        return list(self.connector.lookup(hashes[num_hits:end], prefetched))
 
     def can_admit(
         self, seq: Sequence, hits: list[int], num_new_tokens: int, num_onboard: int = 0

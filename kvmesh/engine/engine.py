@@ -21,7 +21,7 @@ from kvmesh.engine.params import SamplingParams
 from kvmesh.engine.sampler import Sampler
 from kvmesh.engine.scheduler import ScheduledBatch, Scheduler
 from kvmesh.engine.sequence import Sequence
-from kvmesh.gpu.block_pool import BlockPool, salt_id
+from kvmesh.gpu.block_pool import BlockPool, hash_blocks, salt_id
 from kvmesh.gpu.kv_cache import allocate_kv_caches, default_num_blocks, kv_cache_shape
 from kvmesh.gpu.loader import load_model, torch_dtype
 from kvmesh.gpu.model_config import ModelConfig, capped_context
@@ -30,6 +30,7 @@ from kvmesh.tokenizer import IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from kvmesh.engine.kv_connector import KVConnector
+    from kvmesh.engine.prefetch import Prefetch
 
 log = structlog.get_logger(__name__)
 
@@ -138,8 +139,9 @@ class Engine:
             from kvmesh.transport.keys import hash_key as user_hash_key
 
             hash_key = user_hash_key(None)
+        self.salt = config.kv_salt(dtype, block_size, hash_key)
         self.scheduler = Scheduler(
-            BlockManager(self.pool, config.kv_salt(dtype, block_size, hash_key), kv_connector),
+            BlockManager(self.pool, self.salt, kv_connector),
             max_num_seqs,
             max_num_batched_tokens,
         )
@@ -158,7 +160,7 @@ class Engine:
             )
         self.kv_caches = kv_caches
         self.kv_connector = kv_connector
-        self.salt_id = salt_id(self.scheduler.block_manager.salt)  # as the router compares
+        self.salt_id = salt_id(self.salt)  # as the router compares
         self.runner = ModelRunner(model, self.kv_caches, block_size, device)
         self.sampler = Sampler(device, seed)
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
@@ -202,6 +204,7 @@ class Engine:
         remote_prefill: bool = False,
         hold_blocks: bool = False,
         resume_from: tuple[list[int], int] | None = None,
+        prefetched: Prefetch | None = None,
     ) -> str:
         """Queue a request; returns its id. Bad input raises ValueError naming the field.
 
@@ -211,6 +214,8 @@ class Engine:
         resume_from: (output token ids, characters of their text already streamed) of a
         request that began on a worker that died: generation continues exactly where it
         stopped (same text, stop strings and max_tokens; seeded sampling included).
+        prefetched: the KV connector's answer for the blocks of prefix_hashes(prompt and
+        resumed outputs) past the device prefix, asked before adding (kvmesh.engine.prefetch).
         """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -220,7 +225,7 @@ class Engine:
             request_id = f"req-{next(self._ids)}"
         if request_id in self.requests or request_id in self.held:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        seq = Sequence(request_id, prompt_ids, params, remote_prefill, hold_blocks)
+        seq = Sequence(request_id, prompt_ids, params, remote_prefill, hold_blocks, prefetched)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         request = Request(seq, detok)
         if resume_from is not None:
@@ -275,6 +280,15 @@ class Engine:
             )
         return ids
 
+    def prefix_hashes(self, token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The hashes of the full blocks a request of token_ids may find cached, as its
+        admission names them: all but a block holding its last token (one token is
+        always computed). ValueError for a prompt add_request refuses. It reads only
+        what never changes after construction: any thread may call it."""
+        ids = self._prompt_ids(token_ids)
+        end = (len(ids) - 1) // self.block_size * self.block_size
+        return hash_blocks(ids[:end], self.block_size, salt=params.salted(self.salt))
+
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its blocks; unknown or finished ids are ignored."""
         request = self.requests.pop(request_id, None)
@@ -288,7 +302,6 @@ class Engine:
 
     def take_remote_prefills(self) -> list[RemotePrefillTask]:
         """Prompts admitted for remote prefill since the last call (blocks allocated)."""
-        seqs, self.scheduler.new_remote = self.scheduler.new_remote, []
         return [
             RemotePrefillTask(
                 s.request_id,
@@ -297,7 +310,7 @@ class Engine:
                 s.num_computed_tokens,
                 list(s.block_table),
             )
-            for s in seqs
+            for s in self.scheduler.take_new_remote()
         ]
 
     def complete_remote_prefill(
@@ -307,7 +320,7 @@ class Engine:
         continue decoding here exactly as if the prompt had been computed locally."""
         request = self.requests[request_id]
         seq = request.seq
-        assert seq.request_id in self.scheduler.remote, f"{request_id} awaits no remote prefill"
+        assert self.scheduler.is_parked(request_id), f"{request_id} awaits no remote prefill"
         self.scheduler.resume_remote(seq)
         self.sampler.skip_draw(seq, self.config.vocab_size)
         seq.append_token(token_id)
@@ -319,7 +332,7 @@ class Engine:
     def fail_remote_prefill(self, request_id: str) -> None:
         """The prefill worker failed: compute the prompt here instead."""
         request = self.requests.get(request_id)
-        if request is not None and request_id in self.scheduler.remote:
+        if request is not None and self.scheduler.is_parked(request_id):
             self.scheduler.compute_locally(request.seq)
 
     def held_block_ids(self, request_id: str) -> list[int]:
@@ -330,7 +343,7 @@ class Engine:
         """Free the blocks of a finished hold_blocks request."""
         seq = self.held.pop(request_id, None)
         if seq is not None:
-            self.scheduler.block_manager.free(seq)
+            self.scheduler.release(seq)
 
     # --- stepping ---
 
@@ -342,9 +355,7 @@ class Engine:
         touched = list(batch.finished)
         if batch.items:
             logits, sample_seqs = self.runner.run(batch)
-            for seq, num_new in batch.items:
-                seq.num_computed_tokens += num_new
-                self.scheduler.block_manager.cache_computed(seq)
+            self.scheduler.update(batch)
             if sample_seqs:
                 for seq, token in zip(sample_seqs, self.sampler(logits, sample_seqs), strict=True):
                     seq.append_token(token)
@@ -378,7 +389,6 @@ class Engine:
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
-            self.scheduler.running.remove(seq)
             self.scheduler.finish(seq, reason)
 
     def _find_stop(self, request: Request, searched: int) -> bool:
@@ -460,16 +470,14 @@ class Engine:
 
     def load(self) -> dict[str, float]:
         """What a router weighs: work queued and running, pool use. Engine thread only."""
-        scheduler = self.scheduler
+        stats = self.scheduler.stats()
         return {
-            "num_running": len(scheduler.running),
-            "num_waiting": len(scheduler.waiting),
-            "num_remote": len(scheduler.remote) + len(self.held),
+            "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting,
+            "num_remote": stats.num_remote + len(self.held),
             "kv_usage": self.pool.usage,
-            "queued_prefill_tokens": sum(
-                s.num_tokens - s.num_computed_tokens for s in scheduler.waiting
-            ),
-            "preemptions_total": scheduler.num_preemptions,
+            "queued_prefill_tokens": stats.queued_prefill_tokens,
+            "preemptions_total": stats.num_preemptions,
         } | self.tier_counters()
 
     def tier_counters(self) -> dict[str, float]:
@@ -484,4 +492,4 @@ class Engine:
 
     @property
     def num_preemptions(self) -> int:
-        return self.scheduler.num_preemptions
+        return self.scheduler.stats().num_preemptions

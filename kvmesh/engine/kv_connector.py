@@ -3,9 +3,13 @@
 The engine offloads a cached block when the pool evicts it, and onboards the blocks a
 new request's prefix needs that the pool no longer holds. One step, with a connector:
 
+    (arrival)    the worker prefetches the tiers' run for the prompt's blocks past the
+                 device prefix, on its event loop (kvmesh.engine.prefetch)
     schedule()   allocate() evicts cached blocks      -> pool.take_evicted(): (hash, id)
-                 admission: device hits, then lookup() of the full blocks after them;
-                 those get fresh blocks and count as computed (batch.onboards)
+                 admission: device hits, then lookup() of the full blocks after them,
+                 answered from the prefetch (or a store in this process): never a wait
+                 on another process; those get fresh blocks and count as computed
+                 (batch.onboards)
     save()       pack every evicted block into a host slot, before anything overwrites it
     load()       per admitted run: read its records into one staging buffer, stopping at
                  the first failed read (its tokens and the rest's are computed instead),
@@ -50,8 +54,10 @@ with no other slot to take, an evicted block is not offloaded instead) and to it
 lookups of the step (promoting from disk). At the save the set becomes the keep of the
 step's loads (staging one run evicts none of the runs loaded after it), dropped at the
 next save, so a run the scheduler cut is kept for that step only. Not covered: another
-worker's offload or lookup (across processes). Such a hit's read fails its generation/
-checksum check and the block is computed: correct, but a lost hit.
+worker's offload or lookup (across processes), nor anything between a prefetch and the
+admission that claims it (the lookup was answered then; it joins the kept set at
+admission). Such a hit's read fails its generation/checksum check and the block is
+computed: correct, but a lost hit.
 
 Hashes. The engine names blocks by their full 128-bit hashes (kvmesh.gpu.block_pool);
 the tiers, here or in the cache actor, by their 64-bit wire hashes. So each record
@@ -60,14 +66,18 @@ unpacking: two blocks that share a wire hash are a miss, never each other's KV.
 
     record   [ full hash, 16 bytes | K and V of every layer, packed (pack_blocks) ]
 
-The engine thread calls every method, synchronously. Two connectors share the slot
-copying (HostSlotConnector) and differ in who owns the tiers:
+The engine thread owns a connector and calls every method, synchronously; another
+thread never touches it (the worker attaches and detaches the cache actor's host tier
+through AsyncEngine.call). Two connectors share the slot copying (HostSlotConnector)
+and differ in who owns the tiers:
 
-    LocalTieredConnector   a TieredStore in this process (host DRAM, optionally disk):
-                           the in-process Engine, `kvmesh bench tiers`
-    CacheActorConnector    the node's cache actor (kvmesh.actors.cache) owns them; lookup
-                           and reserve are requests to it, the slots are read and written
-                           here, in its shared memory. What a cluster's workers use.
+    LocalTieredConnector   a TieredStore in this process (host DRAM, optionally disk),
+                           asked at admission: the in-process Engine, `kvmesh bench tiers`
+    CacheActorConnector    the node's cache actor (kvmesh.actors.cache) owns them;
+                           lookups come prefetched with the request, staging a later
+                           window and reserving slots are requests to it, the slots are
+                           read and written here, in its shared memory. What a
+                           cluster's workers use.
 """
 
 from __future__ import annotations
@@ -83,6 +93,7 @@ import torch
 from kvmesh.cache.disk_tier import DiskTier
 from kvmesh.cache.host_tier import HostTier
 from kvmesh.cache.store import STORE_TIERS, Hit, TieredStore
+from kvmesh.engine.prefetch import Prefetch, named
 from kvmesh.gpu.block_pool import wire_hash, wire_hashes
 from kvmesh.gpu.kv_pack import pack_blocks, unpack_records
 from kvmesh.gpu.model_config import RECORD_TAG_BYTES
@@ -109,9 +120,12 @@ class KVConnector(Protocol):
 
     record_bytes: int
 
-    def lookup(self, block_hashes: list[int]) -> list[Onboard]:
+    def lookup(self, block_hashes: list[int], prefetched: Prefetch | None = None) -> list[Onboard]:
         """The longest leading run of block_hashes held outside the device pool (its
-        blocks past the first window the host tier holds unstaged: slot None)."""
+        blocks past the first window the host tier holds unstaged: slot None), as
+        `prefetched` answered it (the tiers asked when the request arrived,
+        kvmesh.engine.prefetch) or, for tiers in this process, asked now. Never waits on
+        another process."""
 
     def load(
         self, hits: Sequence[Onboard], block_ids: Sequence[int], kv_caches: list[torch.Tensor]
@@ -123,10 +137,20 @@ class KVConnector(Protocol):
     def save(self, evicted: Sequence[tuple[int, int]], kv_caches: list[torch.Tensor]) -> None:
         """Offload (block hash, block id) pairs the pool is about to overwrite."""
 
+    def take_events(self) -> list[KVEvent]:
+        """KV events of tiers this connector owns (tier "host" / "disk") since the last
+        call; none where another process owns them and publishes its own."""
+
+    def metrics(self) -> dict[str, dict[str, int]]:
+        """Counters per tier ("host", "disk"), by name."""
+
+    def close(self) -> None:
+        """Release what the connector holds (shared memory it created)."""
+
 
 class HostSlotConnector:
     """load/save by copying block records through host-tier slots; subclasses say where
-    the slots come from (`_lookup`, `_stage`, `_reserve`, `_finish`) and which tier they
+    the slots come from (`_find`, `_stage`, `_reserve`, `_finish`) and which tier they
     are in (`host`, None while there is none: every lookup misses, nothing is saved).
 
     Counters per tier it keeps itself: onboarded (loaded into the device pool, by the
@@ -151,10 +175,10 @@ class HostSlotConnector:
         # up to STAGING_BYTES
         self._staging = torch.empty((0, record_bytes), dtype=torch.uint8)
 
-    def lookup(self, block_hashes: list[int]) -> list[Onboard]:
+    def lookup(self, block_hashes: list[int], prefetched: Prefetch | None = None) -> list[Onboard]:
         if self.host is None or not block_hashes:
             return []
-        hits = _named(self._lookup(wire_hashes(block_hashes)), block_hashes)
+        hits = self._find(block_hashes, prefetched)
         self._unloaded.update(wire_hashes(hit.block_hash for hit in hits))
         return hits
 
@@ -175,7 +199,7 @@ class HostSlotConnector:
                 # the host had no room for it at lookup: stage the next window now; the
                 # run comes back shorter when a block of it went since
                 rest = run[num_loaded:]
-                hits[num_loaded:] = _named(self._stage(wire_hashes(rest), keep), rest)
+                hits[num_loaded:] = named(self._stage(wire_hashes(rest), keep), rest)
             some = list(
                 itertools.takewhile(
                     lambda hit: hit.slot is not None, hits[num_loaded : num_loaded + chunk]
@@ -265,8 +289,9 @@ class HostSlotConnector:
             self._staging = staging
         return staging[:num_records]
 
-    def _lookup(self, block_hashes: list[int]) -> list[Onboard]:
-        """The leading run held (counted), staging it evicting none of `_unloaded`."""
+    def _find(self, block_hashes: list[int], prefetched: Prefetch | None) -> list[Onboard]:
+        """The leading run held (full hashes), its first window staged evicting none of
+        `_unloaded`: from `prefetched`, or asked now."""
         raise NotImplementedError
 
     def _stage(self, block_hashes: list[int], keep: list[int]) -> list[Onboard]:
@@ -290,12 +315,6 @@ class HostSlotConnector:
 
 def _tag(block_hash: int) -> bytes:
     return block_hash.to_bytes(RECORD_TAG_BYTES, "little")
-
-
-def _named(hits: list[Onboard], block_hashes: Sequence[int]) -> list[Onboard]:
-    """Hits the tiers returned under wire hashes, named by the full hashes they were
-    asked for (a leading run: hit i answers block_hashes[i])."""
-    return [hit._replace(block_hash=full) for hit, full in zip(hits, block_hashes, strict=False)]
 
 
 class LocalTieredConnector(HostSlotConnector):
@@ -331,9 +350,12 @@ class LocalTieredConnector(HostSlotConnector):
         self.store = TieredStore(host, disk)
         self.host = host
 
-    def _lookup(self, block_hashes: list[int]) -> list[Onboard]:
-        # promoting from disk must not evict the runs this step looked up before
-        return self.store.get_leading(block_hashes, self._unloaded)
+    def _find(self, block_hashes: list[int], prefetched: Prefetch | None) -> list[Onboard]:
+        # The store is in this process: asked now, at no wait, so a prefetch is never
+        # made for it. Promoting from disk must not evict the runs this step looked up.
+        return named(
+            self.store.get_leading(wire_hashes(block_hashes), self._unloaded), block_hashes
+        )
 
     def _stage(self, block_hashes: list[int], keep: list[int]) -> list[Onboard]:
         return self.store.stage(block_hashes, keep)
@@ -368,14 +390,12 @@ class LocalTieredConnector(HostSlotConnector):
 class CacheChannel(Protocol):
     """The worker's line to its node's cache actor, called from the engine thread; each
     call blocks until answered. Any failure (cache actor dead, timeout) is an empty
-    answer: no hits, no slots."""
+    answer: no hits, no slots. (Lookups are not among them: they are prefetched.)"""
 
-    def lookup(
-        self, block_hashes: list[int], keep: Sequence[int] = (), staging: bool = False
-    ) -> tuple[list[Onboard], str]:
-        """The leading run held by the cache (its first window staged, evicting none of
-        `keep`), and the shm name of the segment it is in. staging: the unstaged rest of
-        a run looked up before (TieredStore.stage: not counted again)."""
+    def stage(self, block_hashes: list[int], keep: list[int]) -> tuple[list[Onboard], str]:
+        """The unstaged rest of a run looked up before (TieredStore.stage: not counted
+        again), its first window staged evicting none of `keep`, and the shm name of
+        the segment it is in."""
 
     def reserve(self, block_hashes: list[int], keep: list[int]) -> tuple[list[int | None], str]:
         """A slot (or None) per hash, evicting none of `keep`, and the shm name of the
@@ -386,9 +406,11 @@ class CacheChannel(Protocol):
 
 
 class CacheActorConnector(HostSlotConnector):
-    """KVConnector over the node's cache actor (see the module doc). The worker attaches
-    `host` (the cache's host tier, mapped by name) and sets it back to None when the
-    cache actor dies; answers that name another segment than `host`'s are misses.
+    """KVConnector over the node's cache actor (see the module doc). Lookups come
+    prefetched with the request; `host` (the cache's host tier, mapped by name) is
+    attached and detached on the engine thread, like every other call here (the worker
+    runs them through AsyncEngine.call). Answers that name another segment than
+    `host`'s are misses.
 
     The tiers' own counters (offloaded, lookups, hits) are the cache actor's; this
     connector counts what it onboarded and what failed at load.
@@ -397,14 +419,28 @@ class CacheActorConnector(HostSlotConnector):
     def __init__(self, record_bytes: int, channel: CacheChannel) -> None:
         super().__init__(record_bytes)
         self.channel = channel
-        self.host = None
+        self.host: HostTier | None = None
 
-    def _lookup(self, block_hashes: list[int]) -> list[Onboard]:
-        hits, shm_name = self.channel.lookup(block_hashes, list(self._unloaded))
-        return hits if self._current(shm_name) else []
+    def attach(self, host: HostTier) -> None:
+        """Use the cache actor's host tier, mapped by the worker (a restarted cache
+        actor's replaces its predecessor's)."""
+        self.detach()
+        self.host = host
+
+    def detach(self) -> None:
+        """The cache actor died: every lookup misses and nothing is saved until one is
+        attached again. Engine thread, between steps: nothing reads the old mapping."""
+        if self.host is not None:
+            self.host.close()
+            self.host = None
+
+    def _find(self, block_hashes: list[int], prefetched: Prefetch | None) -> list[Onboard]:
+        if prefetched is None or not self._current(prefetched.shm_name):
+            return []
+        return prefetched.run(block_hashes)
 
     def _stage(self, block_hashes: list[int], keep: list[int]) -> list[Onboard]:
-        hits, shm_name = self.channel.lookup(block_hashes, keep, staging=True)
+        hits, shm_name = self.channel.stage(block_hashes, keep)
         return hits if self._current(shm_name) else []
 
     def _reserve(self, block_hashes: list[int], keep: list[int]) -> list[int | None]:
@@ -421,8 +457,7 @@ class CacheActorConnector(HostSlotConnector):
             self.channel.finish(committed, aborted)
 
     def _current(self, shm_name: str) -> bool:
-        host = self.host
-        return host is not None and host.segment.name == shm_name
+        return self.host is not None and self.host.segment.name == shm_name
 
     def metrics(self) -> dict[str, dict[str, int]]:
         return {

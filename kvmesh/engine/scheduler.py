@@ -37,9 +37,18 @@ there would cut a reply short of max_tokens.
 
 Disaggregation: a waiting sequence marked `remote_prefill` is admitted like any
 other (same queue, same prefix reuse) but gets blocks for its whole prompt at once
-and no compute: it parks in `remote` while a prefill worker writes its KV into
+and no compute: it parks (`is_parked`) while a prefill worker writes its KV into
 those blocks, then `resume_remote` makes it a running decode. Parked sequences are
 never preempted, since a peer may be writing into their blocks.
+
+The scheduler owns its queues and the blocks' bookkeeping; the engine drives it:
+
+    schedule()          -> ScheduledBatch (items, finished, onboards)
+    finish_onboard()    per onboarding, once the connector loaded what it could
+    update(batch)       after the model ran: tokens computed, full blocks cached
+    finish(seq, reason) a stop condition the engine found (or abort(seq))
+    take_new_remote(), resume_remote(), compute_locally(), release(): disaggregation
+    stats()             counts, a frozen SchedulerStats, for load reports
 """
 
 from __future__ import annotations
@@ -147,53 +156,102 @@ class WaitingQueue:
             self.priorities.pop(bisect.bisect_left(self.priorities, level))
 
 
+@dataclass(frozen=True)
+class SchedulerStats:
+    """The scheduler's counts at one moment, for load reports and the engine's stats."""
+
+    num_running: int
+    num_waiting: int
+    num_remote: int  # parked for a remote prefill
+    queued_prefill_tokens: int  # tokens the waiting sequences have yet to compute
+    num_preemptions: int  # since the scheduler started
+
+
 class Scheduler:
     """Decides each step's batch: which sequences run, how many tokens each computes, which
-    are admitted and which preempted (the policy is in the module docstring)."""
+    are admitted and which preempted (the policy is in the module docstring). It owns its
+    queues: the engine reports back through update/finish/finish_onboard and reads counts
+    from stats()."""
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
-        self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting = WaitingQueue()
-        self.running: list[Sequence] = []  # in (priority, arrival) order: see _run
-        self.remote: dict[str, Sequence] = {}  # parked for a remote prefill
-        self.new_remote: list[Sequence] = []  # admitted since the engine last took them
-        self.num_preemptions = 0
+        self._block_manager = block_manager
+        self._waiting = WaitingQueue()
+        self._running: list[Sequence] = []  # in (priority, arrival) order: see _run
+        self._remote: dict[str, Sequence] = {}  # parked for a remote prefill
+        self._new_remote: list[Sequence] = []  # admitted since the engine last took them
+        self._num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.remote)
+        return bool(self._waiting or self._running or self._remote)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self._running),
+            num_waiting=len(self._waiting),
+            num_remote=len(self._remote),
+            queued_prefill_tokens=sum(s.num_tokens - s.num_computed_tokens for s in self._waiting),
+            num_preemptions=self._num_preemptions,
+        )
+
+    def waiting_ids(self) -> list[str]:
+        """The waiting sequences' request ids, in admission order."""
+        return [seq.request_id for seq in self._waiting]
+
+    def is_parked(self, request_id: str) -> bool:
+        """Whether the request waits for a remote prefill to fill its blocks."""
+        return request_id in self._remote
+
+    def take_new_remote(self) -> list[Sequence]:
+        """The sequences parked for a remote prefill since the last call."""
+        seqs, self._new_remote = self._new_remote, []
+        return seqs
 
     def abort(self, seq: Sequence) -> None:
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        self.remote.pop(seq.request_id, None)
-        if seq in self.new_remote:
-            self.new_remote.remove(seq)
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+        self._remote.pop(seq.request_id, None)
+        if seq in self._new_remote:
+            self._new_remote.remove(seq)
         self.finish(seq, "abort")
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        """seq ends: out of the running set, its blocks freed unless held for a transfer
+        (release() frees those)."""
+        if seq in self._running:
+            self._running.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if not seq.hold_blocks or reason == "abort":
-            self.block_manager.free(seq)
+            self._block_manager.free(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Free the blocks a finished hold_blocks sequence kept."""
+        assert seq.is_finished, f"{seq.request_id} is not finished"
+        self._block_manager.free(seq)
+
+    def update(self, batch: ScheduledBatch) -> None:
+        """The model ran `batch`: its tokens are computed, and its newly full blocks
+        enter the prefix cache. (Sampling, and finishing, are the engine's.)"""
+        for seq, num_new in batch.items:
+            seq.num_computed_tokens += num_new
+            self._block_manager.cache_computed(seq)
 
     def resume_remote(self, seq: Sequence) -> None:
         """The prompt's KV has landed in seq's blocks: it decodes from here."""
-        del self.remote[seq.request_id]
+        del self._remote[seq.request_id]
         seq.remote_prefill = False  # if preempted later, it is recomputed here
         seq.num_computed_tokens = seq.num_tokens
-        self.block_manager.cache_computed(seq)
+        self._block_manager.cache_computed(seq)
         self._run(seq)
 
     def compute_locally(self, seq: Sequence) -> None:
         """The remote prefill failed: compute the prompt here, keeping the blocks it has."""
-        del self.remote[seq.request_id]
+        del self._remote[seq.request_id]
         seq.remote_prefill = False
         self._run(seq)
 
@@ -202,11 +260,11 @@ class Scheduler:
         them; the tokens of the rest are no longer computed (nor cached) and get computed
         in their blocks, this step's chunk now starting that much earlier."""
         seq = onboarding.seq
-        num_unloaded = (len(onboarding.block_ids) - num_loaded) * self.block_manager.block_size
+        num_unloaded = (len(onboarding.block_ids) - num_loaded) * self._block_manager.block_size
         seq.num_computed_tokens -= num_unloaded
         if onboarding.reported:
             seq.num_cached_tokens -= num_unloaded
-        self.block_manager.cache_computed(seq)
+        self._block_manager.cache_computed(seq)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -222,13 +280,13 @@ class Scheduler:
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> bool:
         preempted = False
         scheduled: list[Sequence] = []
-        queue = list(self.running)
+        queue = list(self._running)
         while queue and budget > 0:
             seq = queue.pop(0)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.can_append(seq, num_new):
+            while not self._block_manager.can_append(seq, num_new):
                 victim = queue.pop() if queue else seq
-                if victim is seq and not self.block_manager.can_ever_hold(seq, num_new):
+                if victim is seq and not self._block_manager.can_ever_hold(seq, num_new):
                     self._finish_alone(seq, batch)
                     break
                 preempted = True
@@ -236,7 +294,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                self.block_manager.append(seq, num_new)
+                self._block_manager.append(seq, num_new)
                 batch.items.append((seq, num_new))
                 scheduled.append(seq)
                 budget -= num_new
@@ -246,42 +304,43 @@ class Scheduler:
         # The pool cannot hold this sequence even with every other block free. (Short of
         # that, blocks held by parked remote prefills or by sequences served this step
         # are only held for a while: seq is preempted and waits for them instead.)
-        self.running.remove(seq)
         self.finish(seq, "length")
         batch.finished.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.block_manager.free(seq)
+        self._running.remove(seq)
+        self._block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._num_preemptions += 1
+        self._waiting.appendleft(seq)
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while (
-            self.waiting and budget > 0 and len(self.running) + len(self.remote) < self.max_num_seqs
+            self._waiting
+            and budget > 0
+            and len(self._running) + len(self._remote) < self.max_num_seqs
         ):
-            seq = self.waiting[0]
-            hits = self.block_manager.find_prefix(seq)
-            if not self.block_manager.can_admit(seq, hits, self._num_new(seq, len(hits), budget)):
+            seq = self._waiting[0]
+            hits = self._block_manager.find_prefix(seq)
+            if not self._block_manager.can_admit(seq, hits, self._num_new(seq, len(hits), budget)):
                 break
             onboard = self._fit_onboard(seq, hits, budget)
             num_new = self._num_new(seq, len(hits) + len(onboard), budget)
-            self.waiting.popleft()
-            onboard_ids = self.block_manager.admit(seq, hits, len(onboard))
+            self._waiting.popleft()
+            onboard_ids = self._block_manager.admit(seq, hits, len(onboard))
             if onboard:
                 batch.onboards.append(
                     Onboarding(seq, onboard, onboard_ids, seq.num_cached_tokens is None)
                 )
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens = seq.num_computed_tokens
-            self.block_manager.append(seq, num_new)
+            self._block_manager.append(seq, num_new)
             if seq.remote_prefill:
                 seq.status = SequenceStatus.REMOTE_PREFILL
-                self.remote[seq.request_id] = seq
-                self.new_remote.append(seq)
+                self._remote[seq.request_id] = seq
+                self._new_remote.append(seq)
                 continue
             self._run(seq)
             batch.items.append((seq, num_new))
@@ -292,19 +351,19 @@ class Scheduler:
         so _schedule_running serves in (priority, arrival) order and its victim, the last
         one not yet served, is the lowest priority and the newest of its level."""
         seq.status = SequenceStatus.RUNNING
-        bisect.insort(self.running, seq, key=priority)
+        bisect.insort(self._running, seq, key=priority)
 
     def _num_new(self, seq: Sequence, num_cached_blocks: int, budget: int) -> int:
         """Tokens seq computes in its first step, admitted with num_cached_blocks in place.
         A remote prefill gets all its blocks at once and costs no budget."""
-        num_new = seq.num_tokens - num_cached_blocks * self.block_manager.block_size
+        num_new = seq.num_tokens - num_cached_blocks * self._block_manager.block_size
         return num_new if seq.remote_prefill else min(num_new, budget)
 
     def _fit_onboard(self, seq: Sequence, hits: list[int], budget: int) -> list[Onboard]:
         """The connector's blocks after `hits`, cut to what the pool has room for. Each one
         dropped needs no more blocks than it took, so seq (known to fit without any) fits."""
-        onboard = self.block_manager.find_onboard(seq, len(hits))
-        while onboard and not self.block_manager.can_admit(
+        onboard = self._block_manager.find_onboard(seq, len(hits))
+        while onboard and not self._block_manager.can_admit(
             seq, hits, self._num_new(seq, len(hits) + len(onboard), budget), len(onboard)
         ):
             onboard.pop()

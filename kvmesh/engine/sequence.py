@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 from kvmesh.engine.params import SamplingParams
 from kvmesh.gpu.block_pool import hash_blocks
+
+if TYPE_CHECKING:
+    from kvmesh.engine.prefetch import Prefetch
 
 
 class SequenceStatus(enum.Enum):
@@ -26,11 +30,13 @@ class Sequence:
         params: SamplingParams,
         remote_prefill: bool = False,
         hold_blocks: bool = False,
+        prefetched: Prefetch | None = None,
     ) -> None:
         self.request_id = request_id
         self.params = params
         self.remote_prefill = remote_prefill  # another worker computes the prompt's KV
         self.hold_blocks = hold_blocks  # keep the blocks after finishing, until released
+        self.prefetched = prefetched  # the KV connector's hits, asked when it arrived
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.status = SequenceStatus.WAITING

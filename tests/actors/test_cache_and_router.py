@@ -20,7 +20,6 @@ from kvmesh.actors.client import query_status
 from kvmesh.actors.peers import Inbound, Route
 from kvmesh.actors.router import RouterActor, RouterActorSettings
 from kvmesh.cache.host_tier import pool_bytes
-from kvmesh.engine.kv_connector import CacheActorConnector
 from kvmesh.protocol import CacheAttach, RegisterWorker, RouteRequest
 
 pytestmark = pytest.mark.timeout(60)
@@ -57,7 +56,7 @@ class Worker(Actor):
 
     async def attach(self, cache: CacheActor) -> CacheClient:
         client = CacheClient(self, cache.actor_id, cache.endpoints["from_peers"])
-        await client.attach(CacheActorConnector(RECORD, client), connect_timeout=5)
+        self.host = await client.attach(RECORD, connect_timeout=5)
         return client
 
 
@@ -68,7 +67,7 @@ def record(block_hash: int) -> np.ndarray:
 async def offload(client: CacheClient, hashes: list[int]) -> list[int]:
     """What save() does: reserve, write the slots in shared memory, commit."""
     slots, shm_name = await asyncio.to_thread(client.reserve, hashes, [])
-    host = client.connector.host
+    host = client.actor.host
     assert shm_name == host.segment.name
     written = []
     for block_hash, slot in zip(hashes, slots, strict=True):
@@ -81,11 +80,11 @@ async def offload(client: CacheClient, hashes: list[int]) -> list[int]:
 
 async def read_back(client: CacheClient, hashes: list[int]) -> list[tuple[int, str, bool]]:
     """(hash, tier, bytes intact) of each block of the leading run the cache holds."""
-    hits, _ = await asyncio.to_thread(client.lookup, hashes)
+    prefetched = await client.prefetch(hashes)
     out = np.empty(RECORD, dtype=np.uint8)
     result = []
-    for hit in hits:
-        ok = client.connector.host.read_into(hit.slot, hit.block_hash, out)
+    for hit in prefetched.hits if prefetched is not None else ():
+        ok = client.actor.host.read_into(hit.slot, hit.block_hash, out)
         intact = ok and np.array_equal(out, record(hit.block_hash))
         result.append((hit.block_hash, hit.tier, intact))
     return result

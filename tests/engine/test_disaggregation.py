@@ -133,7 +133,8 @@ def test_pool_full_of_parked_prompts_preempts_instead_of_cutting_short(tiny_mode
     while decode.has_unfinished():
         for out in decode.step():
             outs[out.request_id] = out
-        if decode.scheduler.remote and not decode.scheduler.running:  # local waits for room
+        stats = decode.scheduler.stats()
+        if stats.num_remote and not stats.num_running:  # local waits for room
             (task,) = decode.take_remote_prefills()
             prefill.add_request(
                 task.prompt_token_ids,
@@ -154,5 +155,5 @@ def test_pool_full_of_parked_prompts_preempts_instead_of_cutting_short(tiny_mode
     assert outs["local"].finish_reason == "length"
     assert outs["local"].token_ids == expected[0].token_ids  # all 40, not cut short
     assert outs["parked"].token_ids == expected[1].token_ids
-    assert decode.scheduler.num_preemptions >= 1
+    assert decode.num_preemptions >= 1
     assert decode.pool.num_free_blocks == decode.num_blocks

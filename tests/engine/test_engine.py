@@ -265,7 +265,7 @@ def test_kv_events_report_stored_blocks(tiny_model_dir, reference):
     stored = [h for e in events if type(e).__name__ == "BlockStored" for h in e.block_hashes]
     from kvmesh.gpu.block_pool import hash_blocks, wire_hashes
 
-    salt = engine.scheduler.block_manager.salt
+    salt = engine.salt
     assert stored == wire_hashes(hash_blocks(prompts[4], 16, salt=salt))[:3]  # on the wire
     assert engine.take_kv_events() == []
 

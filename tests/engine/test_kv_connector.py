@@ -448,7 +448,7 @@ class FakeConnector:
         self.fail = set(fail)
         self.lookups: list[list[int]] = []
 
-    def lookup(self, block_hashes):
+    def lookup(self, block_hashes, prefetched=None):
         self.lookups.append(list(block_hashes))
         hits = []
         for block_hash in block_hashes:
@@ -468,15 +468,15 @@ def make_seq(name: str, num_tokens: int, remote: bool = False) -> Sequence:
     return Sequence(name, list(range(100, 100 + num_tokens)), SamplingParams(), remote)
 
 
-def make_scheduler(connector, num_blocks: int = 16, budget: int = 8) -> Scheduler:
+def make_scheduler(connector, num_blocks: int = 16, budget: int = 8) -> tuple[Scheduler, BlockPool]:
     pool = BlockPool(num_blocks, SMALL, track_evictions=connector is not None)
-    return Scheduler(BlockManager(pool, connector=connector), 8, budget)
+    return Scheduler(BlockManager(pool, connector=connector), 8, budget), pool
 
 
 def test_onboarded_blocks_get_fresh_blocks_count_as_cached_and_cost_no_budget():
     hashes = hash_blocks(list(range(100, 118)), SMALL)  # 18 tokens: 4 full blocks
     connector = FakeConnector(held=hashes)
-    scheduler = make_scheduler(connector, budget=8)
+    scheduler, pool = make_scheduler(connector, budget=8)
     seq = make_seq("a", 18)
     scheduler.add(seq)
     batch = scheduler.schedule()
@@ -486,21 +486,21 @@ def test_onboarded_blocks_get_fresh_blocks_count_as_cached_and_cost_no_budget():
     assert [(s.request_id, n) for s, n in batch.items] == [("a", 2)]  # 16 + 2 tokens
     assert seq.block_table == [0, 1, 2, 3, 4]
     assert (seq.num_computed_tokens, seq.num_cached_tokens) == (16, 16)
-    assert scheduler.block_manager.pool.match_prefix(hashes) == []  # not before it loads
+    assert pool.match_prefix(hashes) == []  # not before it loads
     scheduler.finish_onboard(onboarding, 4)
-    assert scheduler.block_manager.pool.match_prefix(hashes) == [0, 1, 2, 3]
+    assert pool.match_prefix(hashes) == [0, 1, 2, 3]
     assert seq.num_registered_blocks == 4
 
 
 def test_a_failed_load_rewinds_to_the_loaded_blocks():
     hashes = hash_blocks(list(range(100, 118)), SMALL)
-    scheduler = make_scheduler(FakeConnector(held=hashes, fail=[hashes[2]]), budget=8)
+    scheduler, pool = make_scheduler(FakeConnector(held=hashes, fail=[hashes[2]]), budget=8)
     seq = make_seq("a", 18)
     scheduler.add(seq)
     batch = scheduler.schedule()
     scheduler.finish_onboard(batch.onboards[0], 2)
     assert (seq.num_computed_tokens, seq.num_cached_tokens) == (8, 8)
-    assert scheduler.block_manager.pool.match_prefix(hashes) == [0, 1]
+    assert pool.match_prefix(hashes) == [0, 1]
     assert [(s.request_id, n) for s, n in batch.items] == [("a", 2)]  # now tokens 8-9
     assert seq.block_table == [0, 1, 2, 3, 4]  # the failed blocks get computed in place
 
@@ -508,7 +508,7 @@ def test_a_failed_load_rewinds_to_the_loaded_blocks():
 def test_whole_sequence_held_still_computes_its_last_block():
     tokens = list(range(100, 116))  # exactly 4 blocks, all held
     connector = FakeConnector(held=hash_blocks(tokens, SMALL))
-    scheduler = make_scheduler(connector)
+    scheduler, _ = make_scheduler(connector)
     seq = make_seq("a", 16)
     scheduler.add(seq)
     batch = scheduler.schedule()
@@ -520,7 +520,7 @@ def test_whole_sequence_held_still_computes_its_last_block():
 def test_onboarding_is_cut_to_the_room_in_the_pool():
     tokens = list(range(100, 140))  # 10 full blocks, all held
     connector = FakeConnector(held=hash_blocks(tokens, SMALL))
-    scheduler = make_scheduler(connector, num_blocks=6, budget=4)
+    scheduler, _ = make_scheduler(connector, num_blocks=6, budget=4)
     seq = make_seq("a", 40)
     scheduler.add(seq)
     batch = scheduler.schedule()
@@ -532,7 +532,7 @@ def test_onboarding_is_cut_to_the_room_in_the_pool():
 
 def test_a_sequence_that_does_not_fit_is_not_looked_up():
     connector = FakeConnector()
-    scheduler = make_scheduler(connector, num_blocks=4, budget=32)
+    scheduler, _ = make_scheduler(connector, num_blocks=4, budget=32)
     scheduler.add(make_seq("a", 16))
     scheduler.add(make_seq("b", 20))
     batch = scheduler.schedule()
@@ -543,7 +543,7 @@ def test_a_sequence_that_does_not_fit_is_not_looked_up():
 def test_remote_prefill_onboards_and_reports_the_loaded_blocks_as_cached():
     tokens = list(range(100, 118))
     hashes = hash_blocks(tokens, SMALL)
-    scheduler = make_scheduler(FakeConnector(held=hashes[:2]))
+    scheduler, _ = make_scheduler(FakeConnector(held=hashes[:2]))
     seq = make_seq("a", 18, remote=True)
     scheduler.add(seq)
     batch = scheduler.schedule()
@@ -553,9 +553,9 @@ def test_remote_prefill_onboards_and_reports_the_loaded_blocks_as_cached():
 
 
 def test_no_connector_admits_exactly_as_before():
-    scheduler = make_scheduler(None)
+    scheduler, pool = make_scheduler(None)
     seq = make_seq("a", 18)
     scheduler.add(seq)
     batch = scheduler.schedule()
     assert batch.onboards == [] and seq.block_table == [0, 1]
-    assert scheduler.block_manager.pool.ref_counts[:3] == [1, 1, 0]
+    assert pool.ref_counts[:3] == [1, 1, 0]

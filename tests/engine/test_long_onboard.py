@@ -70,8 +70,12 @@ def make_engine(model_dir, connector) -> Engine:
     )
 
 
-def run(engine: Engine, prompt: list[int]):
-    return engine.generate([prompt], GREEDY)[0]
+def run(engine: Engine, prompt: list[int], prefetched=None):
+    request_id = engine.add_request(prompt, GREEDY, prefetched=prefetched)
+    while True:
+        for out in engine.step():
+            if out.request_id == request_id and out.finished:
+                return out
 
 
 def evict_through_tiers(engine: Engine, prompts: dict[str, list[int]]) -> None:
@@ -166,11 +170,13 @@ def test_prefix_longer_than_the_host_tier_comes_back_whole_through_the_cache_act
         ):
             client = CacheClient(worker, cache.actor_id, cache.endpoints["from_peers"])
             connector = CacheActorConnector(record_bytes, client)
-            await client.attach(connector, connect_timeout=5)
+            connector.attach(await client.attach(record_bytes, connect_timeout=5))
             engine = await asyncio.to_thread(make_engine, tiny_model_dir, connector)
             await asyncio.to_thread(evict_through_tiers, engine, prompts)
             where = [cache.store.tier_of(h) for h in wire_hashes(long_hashes)]
-            again = await asyncio.to_thread(run, engine, prompts["long"])
+            # as a worker does: the lookup on the event loop, the engine never asks
+            prefetched = await client.prefetch(engine.prefix_hashes(prompts["long"], GREEDY))
+            again = await asyncio.to_thread(run, engine, prompts["long"], prefetched)
             return where, again, cache.counters(), connector.metrics()
 
     where, again, counters, metrics = asyncio.run(scenario())

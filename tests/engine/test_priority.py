@@ -80,7 +80,7 @@ def test_high_priority_arriving_later_overtakes_the_queue_not_the_running(tiny_m
     engine.add_request(make_prompt(1), greedy(3), request_id="b")
     engine.add_request(make_prompt(2), greedy(3), request_id="c")
     engine.add_request(make_prompt(3), greedy(-3), request_id="d")
-    assert [s.request_id for s in engine.scheduler.waiting] == ["d", "b", "c"]
+    assert engine.scheduler.waiting_ids() == ["d", "b", "c"]
     assert first_token_order(engine) == ["a", "d", "b", "c"]  # a had its first already
     assert engine.num_preemptions == 0  # admission never preempts for priority
 
@@ -117,7 +117,7 @@ def test_preemption_takes_the_lowest_priority_and_requeues_it_first_in_its_level
     seqs = {name: engine.requests[name].seq for name in priorities}
     engine.step()
     assert engine.num_preemptions == 1 and seqs[victim].num_preemptions == 1
-    assert [s.request_id for s in engine.scheduler.waiting] == waiting
+    assert engine.scheduler.waiting_ids() == waiting
     outs = {}
     while engine.has_unfinished():
         outs |= {out.request_id: out.token_ids for out in engine.step() if out.finished}
