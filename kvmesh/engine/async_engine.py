@@ -18,11 +18,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import msgspec
 import structlog
 
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
 from kvmesh.engine.params import SamplingParams
-from kvmesh.protocol import KVEvent
+from kvmesh.protocol import KVEvent, WorkerLoad
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -35,7 +36,18 @@ class StepResult:
     outputs: list[RequestOutput]
     remote_prefills: list[RemotePrefillTask]
     kv_events: list[KVEvent]
-    load: dict[str, float]  # Engine.load() after the step
+    load: WorkerLoad  # Engine.load() after the step
+
+
+class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
+    """The load the event loop can read of the engine between its steps (the in-process
+    server's /metrics): WorkerLoad's fields that need neither the engine thread nor a
+    worker actor, by the same names."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    preemptions_total: int
 
 
 class EngineDeadError(RuntimeError):
@@ -144,14 +156,14 @@ class AsyncEngine:
         ahead of the outputs of steps that come after the command (order preserved)."""
         self.emitted.append(output)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         scheduler = self.engine.scheduler
-        return {
-            "num_running": len(scheduler.running),
-            "num_waiting": len(scheduler.waiting),
-            "kv_usage": self.engine.pool.usage,
-            "num_preemptions": scheduler.num_preemptions,
-        }
+        return EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            kv_usage=self.engine.pool.usage,
+            preemptions_total=scheduler.num_preemptions,
+        )
 
     # --- engine thread ---
 
