@@ -328,20 +328,24 @@ def _cache_row(a, load) -> dict:
 
 def _flat(load) -> dict[str, float]:
     """An actor's load (protocol.ActorStatus.load) as --json prints it: one number per
-    key, a tier's as <name>_<tier> ({"num_running": 1.0, "onboarded_host": 5.0, ...})."""
+    key, a tier's as <name>_<tier> ({"num_running": 1.0, "onboarded_host": 5.0, ...});
+    per-tier counters field by field, then per-tier numbers tier by tier."""
     import msgspec
 
     flat: dict[str, float] = {}
+    numbers: dict[str, dict[str, float]] = {}  # tier -> its "<name>_<tier>" numbers
     for name, value in msgspec.structs.asdict(load).items() if load is not None else ():
         if not isinstance(value, dict):
             flat[name] = float(value)
             continue
-        for tier, per_tier in value.items():
-            if isinstance(per_tier, msgspec.Struct):
-                counters = msgspec.structs.asdict(per_tier)
+        for tier, of_tier in value.items():
+            if isinstance(of_tier, msgspec.Struct):
+                counters = msgspec.structs.asdict(of_tier)
                 flat |= {f"{key}_{tier}": float(count) for key, count in counters.items()}
             else:
-                flat[f"{name}_{tier}"] = float(per_tier)
+                numbers.setdefault(tier, {})[f"{name}_{tier}"] = float(of_tier)
+    for of_tier in numbers.values():
+        flat |= of_tier
     return flat
 
 
