@@ -292,10 +292,9 @@ class RegisterCache(Request, frozen=True, kw_only=True):
 
 
 class CacheReport(Message, frozen=True, kw_only=True):
-    """A cache actor's counters, published on its events socket now and then:
-    {"offloaded_host": n, "lookups_disk": n, "blocks_host": n, ...}."""
+    """A cache actor's load, published on its events socket now and then."""
 
-    tiers: dict[str, float]
+    load: CacheLoad
 
 
 class CacheSnapshotQuery(Request, frozen=True, kw_only=True):
@@ -327,20 +326,82 @@ class Registered(Reply, frozen=True, kw_only=True):
     router_id: str
 
 
-class LoadReport(Message, frozen=True, kw_only=True):
-    """A worker's load, published on its events socket after each busy step (and idly)."""
+# --- load: what each actor reports of itself, typed (one meaning per field) ---
+#
+#   worker ══LoadReport(WorkerLoad)══► router ──ClusterStatus(ActorStatus.load)──► frontend
+#   cache  ══CacheReport(CacheLoad)══►   "                                         kvmesh status
+#
+# A tier's counters are two structs because two parties count: the tier store (the cache
+# actor's, or an in-process connector's) counts the blocks it served to lookups (`hits`);
+# a worker's connector counts those it then loaded into its device pool (`onboarded`).
 
-    num_running: int
-    num_waiting: int
-    num_remote: int  # prompts parked for a remote prefill (decode) or held for sending
-    kv_usage: float
-    queued_prefill_tokens: int
-    prompt_tokens_total: int
-    cached_tokens_total: int
+Tier = typing.Literal["host", "disk"]  # the KV tiers behind the device pools
+
+
+class Counters(msgspec.Struct, frozen=True, kw_only=True):
+    """Counts since their owner started; two of a kind add up field by field (the
+    frontend sums them across actors)."""
+
+    def __add__(self, other: typing.Self) -> typing.Self:
+        names = self.__struct_fields__
+        return type(self)(**{name: getattr(self, name) + getattr(other, name) for name in names})
+
+
+class TierCounters(Counters, frozen=True, kw_only=True):
+    """What a tier store (kvmesh.cache.store) counted in one tier, in blocks."""
+
+    offloaded: int = 0  # stored into it: host from workers, disk demoted from host
+    lookups: int = 0  # looked up in it (the disk: those the host lacked)
+    hits: int = 0  # of those, found there and served to the lookup
+    evicted: int = 0  # dropped from it for room
+
+
+class OnboardCounters(Counters, frozen=True, kw_only=True):
+    """What a worker's KV connector counted of the blocks it found in one tier."""
+
+    onboarded: int = 0  # loaded into its device pool instead of computed
+    failed: int = 0  # failed their checks at load (gone, rewritten, corrupt): computed
+
+
+class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A worker's load: its engine's (Engine.load, after each step) and the totals the
+    worker counts itself since it started (zero in what the engine alone reports)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_remote: int = 0  # prompts parked for a remote prefill (decode) or held for sending
+    kv_usage: float = 0.0  # share of the device KV pool in use, 0 to 1
+    queued_prefill_tokens: int = 0  # prompt tokens of waiting requests not computed yet
+    prompt_tokens_total: int = 0  # of requests finished here
+    cached_tokens_total: int = 0  # of those prompt tokens, served from a KV cache
     remote_prefills_total: int = 0  # prompts prefilled elsewhere (decode) or here for others
     transfer_bytes_total: int = 0  # KV bytes received (decode) or sent (prefill)
     preemptions_total: int = 0  # sequences preempted for room (recomputed later)
-    tiers: dict[str, float] = {}  # host/disk tier counters: offloaded_host, hits_disk, ...
+    tiers: dict[Tier, OnboardCounters] = {}  # its connector's, per tier (none: no tiers)
+
+
+class CacheLoad(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A cache actor's tiers (a tier it has not: absent), in blocks."""
+
+    tiers: dict[Tier, TierCounters]  # counted since it started
+    blocks: dict[Tier, int]  # held now
+    reserved: dict[Tier, int]  # slots workers reserved and have not committed yet (host)
+    capacity: dict[Tier, int]  # most it can hold
+
+
+class RouterLoad(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """The router's own: requests placed since it started, and its predictions of load
+    not reported yet (see kvmesh.router.policy)."""
+
+    routed_total: int = 0
+    pending_tokens: int = 0
+    pending_placements: int = 0
+
+
+class LoadReport(Message, frozen=True, kw_only=True):
+    """A worker's load, published on its events socket after each busy step (and idly)."""
+
+    load: WorkerLoad
 
 
 class RouteRequest(Request, frozen=True, kw_only=True):
@@ -376,7 +437,7 @@ class ActorStatus(msgspec.Struct, frozen=True, kw_only=True):
     pid: int
     endpoints: dict[str, str]
     alive: bool
-    load: dict[str, float] = {}
+    load: WorkerLoad | CacheLoad | RouterLoad | None = None  # by its kind; None: reports none
 
 
 class StatusQuery(Request, frozen=True, kw_only=True):

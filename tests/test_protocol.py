@@ -23,6 +23,7 @@ from kvmesh.protocol import (
     CacheHit,
     CacheHits,
     CacheInfo,
+    CacheLoad,
     CacheLookup,
     CacheReport,
     CacheReserve,
@@ -45,6 +46,7 @@ from kvmesh.protocol import (
     LoadReport,
     MalformedMessage,
     Message,
+    OnboardCounters,
     Ping,
     Placement,
     Pong,
@@ -55,10 +57,13 @@ from kvmesh.protocol import (
     RemotePrefillDone,
     RequestDone,
     RouteRequest,
+    RouterLoad,
     Shutdown,
     StatusQuery,
+    TierCounters,
     TokenBatch,
     Welcome,
+    WorkerLoad,
     decode,
     encode,
     peek_hello,
@@ -125,15 +130,18 @@ EXAMPLES = [  # one of each message type, with every field away from its default
     ),
     Registered(in_reply_to=6, router_id="router"),
     LoadReport(
-        num_running=3,
-        num_waiting=1,
-        num_remote=2,
-        kv_usage=0.5,
-        queued_prefill_tokens=100,
-        prompt_tokens_total=1000,
-        cached_tokens_total=400,
-        remote_prefills_total=5,
-        transfer_bytes_total=1 << 20,
+        load=WorkerLoad(
+            num_running=3,
+            num_waiting=1,
+            num_remote=2,
+            kv_usage=0.5,
+            queued_prefill_tokens=100,
+            prompt_tokens_total=1000,
+            cached_tokens_total=400,
+            remote_prefills_total=5,
+            transfer_bytes_total=1 << 20,
+            tiers={"host": OnboardCounters(onboarded=6, failed=1)},
+        )
     ),
     RouteRequest(
         call_id=7,
@@ -162,8 +170,20 @@ EXAMPLES = [  # one of each message type, with every field away from its default
                 pid=7,
                 endpoints={"a": "b"},
                 alive=True,
-                load={"kv_usage": 0.25},
-            )
+                load=WorkerLoad(kv_usage=0.25),
+            ),
+            ActorStatus(
+                actor_id="router",
+                role="router",
+                node="n1",
+                pid=8,
+                endpoints={},
+                alive=True,
+                load=RouterLoad(routed_total=3, pending_tokens=40, pending_placements=1),
+            ),
+            ActorStatus(
+                actor_id="frontend-0", role="frontend", node="n1", pid=9, endpoints={}, alive=True
+            ),
         ],
     ),
     Generate(
@@ -215,7 +235,14 @@ EXAMPLES = [  # one of each message type, with every field away from its default
     CacheSlots(in_reply_to=12, slots=[4, None], shm_name="s"),
     CacheCommit(committed=[6], aborted=[7]),
     RegisterCache(call_id=13, events_endpoint="tcp://127.0.0.1:5611"),
-    CacheReport(tiers={"offloaded_host": 3.0, "blocks_disk": 2.0}),
+    CacheReport(
+        load=CacheLoad(
+            tiers={"host": TierCounters(offloaded=3, lookups=6, hits=3), "disk": TierCounters()},
+            blocks={"host": 3, "disk": 2},
+            reserved={"host": 1},
+            capacity={"host": 20, "disk": 100},
+        )
+    ),
     CacheSnapshotQuery(call_id=14),
     CacheSnapshot(in_reply_to=14, host=[1, 2], disk=[3]),
 ]
@@ -299,6 +326,21 @@ def test_bad_input_raises_malformed_message(data, code, text):
         decode(data)
     assert caught.value.code == code
     assert text in str(caught.value)
+
+
+def test_a_load_names_only_the_tiers_there_are():
+    report = {"type": "WorkerLoad", "tiers": {"ssd": {"onboarded": 1}}}
+    with pytest.raises(MalformedMessage) as caught:
+        decode(make_wire(type="LoadReport", load=report))
+    assert "Invalid enum value 'ssd'" in str(caught.value)
+
+
+def test_counters_add_up_field_by_field():
+    total = TierCounters(offloaded=1, hits=2) + TierCounters(offloaded=3, lookups=4, evicted=5)
+    assert total == TierCounters(offloaded=4, lookups=4, hits=2, evicted=5)
+    assert OnboardCounters(onboarded=2) + OnboardCounters(failed=1) == OnboardCounters(
+        onboarded=2, failed=1
+    )
 
 
 def test_size_is_checked_before_parsing():

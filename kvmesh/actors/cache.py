@@ -52,6 +52,7 @@ from kvmesh.protocol import (
     CacheHit,
     CacheHits,
     CacheInfo,
+    CacheLoad,
     CacheLookup,
     CacheReport,
     CacheReserve,
@@ -60,6 +61,7 @@ from kvmesh.protocol import (
     CacheSnapshotQuery,
     Error,
     RegisterCache,
+    Tier,
 )
 from kvmesh.transport.private_dir import private_dir
 from kvmesh.transport.segment import segment_name
@@ -194,7 +196,7 @@ class CacheActor(Actor):
         """The counters, every report_interval (the router's sign that it hears us); and
         reservations past RESERVATION_TTL given up."""
         while True:
-            await self.emit("events_out", CacheReport(tiers=self.counters()))
+            await self.emit("events_out", CacheReport(load=self.load()))
             await self._expire_reservations(asyncio.get_running_loop().time() - RESERVATION_TTL)
             await asyncio.sleep(self.settings.report_interval)
 
@@ -210,21 +212,20 @@ class CacheActor(Actor):
         for event in self.store.take_events():
             await self.emit("events_out", event)
 
-    def counters(self) -> dict[str, float]:
-        """Per tier: offloaded, lookups, hits, evicted; blocks held now, and capacity."""
-        out: dict[str, float] = {}
-        for tier, stats in self.store.stats.items():
-            if tier == "disk" and self.store.disk is None:
-                continue
-            counters = stats.counters() | {"evicted": stats.evicted}
-            out |= {f"{name}_{tier}": value for name, value in counters.items()}
-        out["blocks_host"] = len(self.store.host)
-        out["reserved_host"] = sum(len(mine) for mine in self.reserved.values())
-        out["capacity_host"] = self.store.host.num_slots
-        if self.store.disk is not None:
-            out["blocks_disk"] = len(self.store.disk)
-            out["capacity_disk"] = self.store.disk.num_files
-        return {key: float(value) for key, value in out.items()}
+    def load(self) -> CacheLoad:
+        """Per tier: the store's counters, blocks held now, reserved and capacity."""
+        store = self.store
+        blocks: dict[Tier, int] = {"host": len(store.host)}
+        capacity: dict[Tier, int] = {"host": store.host.num_slots}
+        if store.disk is not None:
+            blocks["disk"] = len(store.disk)
+            capacity["disk"] = store.disk.num_files
+        return CacheLoad(
+            tiers=store.counters(),
+            blocks=blocks,
+            reserved={"host": sum(len(mine) for mine in self.reserved.values())},
+            capacity=capacity,
+        )
 
     # --- the workers ---
 

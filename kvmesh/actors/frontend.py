@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 import structlog
@@ -22,18 +23,23 @@ from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
 from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import BackendUnavailable, OverloadedError
 from kvmesh.frontend.limits import HTTPLimits
+from kvmesh.frontend.metrics import BackendMetrics, WorkerMetrics
 from kvmesh.gpu.block_pool import hash_blocks, salt_id, wire_hashes
 from kvmesh.gpu.model_config import ModelConfig, capped_context
 from kvmesh.protocol import (
     Abort,
+    CacheLoad,
     ClusterStatus,
+    Counters,
     Delta,
     Generate,
     Placement,
     RequestDone,
     RouteRequest,
     StatusQuery,
+    Tier,
     TokenBatch,
+    WorkerLoad,
 )
 from kvmesh.tokenizer import Tokenizer
 from kvmesh.transport.keys import hash_key
@@ -311,24 +317,24 @@ class FrontendActor(Actor):
                 Delta(request_id=request_id, new_token_ids=[], new_text="", error="aborted")
             )
 
-    def metrics(self) -> dict:
-        workers, caches = [], []
-        remote_prefills = transfer_bytes = 0
+    def metrics(self) -> BackendMetrics:
+        """The cluster as the router's last status has it: each worker's load, the decode
+        workers' remote prefills and KV bytes, the tiers' counters summed per tier."""
+        workers: list[WorkerMetrics] = []
+        caches: list[CacheLoad] = []
         for actor in self.status.actors if self.status else []:
-            if actor.role == "cache":
+            if isinstance(actor.load, WorkerLoad):
+                workers.append(WorkerMetrics(actor.actor_id, actor.role, actor.load))
+            elif isinstance(actor.load, CacheLoad):
                 caches.append(actor.load)
-            if actor.role not in ("prefill", "decode"):
-                continue
-            workers.append({"worker": actor.actor_id, "role": actor.role, **actor.load})
-            if actor.role == "decode":
-                remote_prefills += int(actor.load.get("remote_prefills_total", 0))
-                transfer_bytes += int(actor.load.get("transfer_bytes_total", 0))
-        return {
-            "remote_prefill_total": remote_prefills,
-            "kv_transfer_bytes_total": transfer_bytes,
-            "workers": workers,
-            "tiers": sum_tiers(workers + caches),
-        }
+        decodes = [w.load for w in workers if w.role == "decode"]
+        return BackendMetrics(
+            remote_prefill_total=sum(load.remote_prefills_total for load in decodes),
+            kv_transfer_bytes_total=sum(load.transfer_bytes_total for load in decodes),
+            workers=workers,
+            tiers=sum_tiers(cache.tiers for cache in caches),
+            onboards=sum_tiers(w.load.tiers for w in workers),
+        )
 
     # --- from the workers ---
 
@@ -382,17 +388,16 @@ class FrontendActor(Actor):
         await super().on_peer_dead(peer_id)
 
 
-def sum_tiers(workers: list[dict]) -> dict[str, dict[str, float]]:
-    """Per tier, the tier counters of workers (onboarded, failed) and cache actors
-    (offloaded, lookups, hits, evicted, blocks) added up: {"host": {"offloaded": n, ...}}."""
-    tiers: dict[str, dict[str, float]] = {}
-    for worker in workers:
-        for key, value in worker.items():
-            name, _, tier = key.rpartition("_")
-            if tier in ("host", "disk") and name:
-                counters = tiers.setdefault(tier, {})
-                counters[name] = counters.get(name, 0.0) + value
-    return tiers
+C = TypeVar("C", bound=Counters)
+
+
+def sum_tiers(per_actor: Iterable[dict[Tier, C]]) -> dict[Tier, C]:
+    """Per tier, the counters of several actors added up field by field."""
+    totals: dict[Tier, C] = {}
+    for tiers in per_actor:
+        for tier, counters in tiers.items():
+            totals[tier] = totals[tier] + counters if tier in totals else counters
+    return totals
 
 
 def _as_error(message: str) -> Exception:

@@ -42,7 +42,9 @@ from kvmesh.protocol import (
     RegisterWorker,
     RequestDone,
     RouteRequest,
+    RouterLoad,
     StatusQuery,
+    WorkerLoad,
 )
 from kvmesh.router.kv_index import KVIndex
 from kvmesh.router.policy import NoWorkerError, Router, RouterSettings, WorkerState
@@ -76,7 +78,7 @@ class RouterActor(Actor):
         self.index = KVIndex()
         self.policy = Router(settings.policy)
         self.workers: dict[str, WorkerState] = {}
-        self.loads: dict[str, LoadReport] = {}
+        self.loads: dict[str, WorkerLoad] = {}
         self.num_routed = 0
         # node -> its cache actor; cache actor -> per tier, the blocks it holds
         self.cache_of: dict[str, str] = {}
@@ -234,12 +236,12 @@ class RouterActor(Actor):
         worker = self.workers.get(inbound.peer)
         if worker is None:
             return
-        self.loads[inbound.peer] = msg
+        load = self.loads[inbound.peer] = msg.load
         self.policy.on_load_report(
             worker,
-            num_running=msg.num_running,
-            num_queued_tokens=msg.queued_prefill_tokens,
-            kv_usage=msg.kv_usage,
+            num_running=load.num_running,
+            num_queued_tokens=load.queued_prefill_tokens,
+            kv_usage=load.kv_usage,
         )
 
     async def on_route_request(self, msg: RouteRequest, inbound) -> Placement | Error:
@@ -312,11 +314,11 @@ class RouterActor(Actor):
                 pid=os.getpid(),
                 endpoints=dict(self.endpoints),
                 alive=True,
-                load={
-                    "routed_total": float(self.num_routed),
-                    "pending_tokens": float(self.policy.num_pending_tokens),
-                    "pending_placements": float(self.policy.num_in_flight),
-                },
+                load=RouterLoad(
+                    routed_total=self.num_routed,
+                    pending_tokens=self.policy.num_pending_tokens,
+                    pending_placements=self.policy.num_in_flight,
+                ),
             )
         ]
         for peer in self.peers.values():
@@ -324,7 +326,6 @@ class RouterActor(Actor):
                 continue
             if peer.role in ("prefill", "decode") and peer.actor_id not in self.workers:
                 continue  # connected but not (or not yet) registered: not serving
-            load = self.loads.get(peer.actor_id)
             report = self.cache_reports.get(peer.actor_id)
             actors.append(
                 ActorStatus(
@@ -334,7 +335,7 @@ class RouterActor(Actor):
                     pid=peer.pid,
                     endpoints=dict(peer.endpoints),
                     alive=True,
-                    load=_load_dict(load) if load else dict(report.tiers) if report else {},
+                    load=self.loads.get(peer.actor_id, report.load if report else None),
                 )
             )
         return ClusterStatus(actors=actors)
@@ -363,19 +364,3 @@ class RouterActor(Actor):
     def _forget(self, worker_id: str) -> None:
         self.index.remove_worker(worker_id)
         self.policy.on_worker_removed(worker_id)
-
-
-def _load_dict(load: LoadReport) -> dict[str, float]:
-    fields = (
-        "num_running",
-        "num_waiting",
-        "num_remote",
-        "kv_usage",
-        "queued_prefill_tokens",
-        "prompt_tokens_total",
-        "cached_tokens_total",
-        "remote_prefills_total",
-        "transfer_bytes_total",
-        "preemptions_total",
-    )
-    return {name: float(getattr(load, name)) for name in fields} | load.tiers

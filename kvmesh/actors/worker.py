@@ -21,6 +21,7 @@ import asyncio
 import os
 from dataclasses import dataclass
 
+import msgspec
 import structlog
 import zmq
 
@@ -41,6 +42,7 @@ from kvmesh.protocol import (
     RemotePrefill,
     RemotePrefillDone,
     TokenBatch,
+    WorkerLoad,
 )
 from kvmesh.transport.dataplane import (
     DataPlaneHandlers,
@@ -96,7 +98,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
         self.remote_prefills_total = 0
         self.transfer_bytes_total = 0
         self._events: asyncio.Queue = asyncio.Queue()  # KV events and load reports, in order
-        self.load: dict[str, float] = {}  # the engine's, after its last step
+        self.load = WorkerLoad()  # the engine's, after its last step
         self._background: list[asyncio.Task] = []
         self.cache: CacheClient | None = None  # set while building the engine, if any
 
@@ -265,8 +267,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
     def _on_step(self, result: StepResult) -> None:
         for event in result.kv_events:
             self._events.put_nowait(event)
-        counts = ("num_running", "num_waiting", "num_remote")
-        changed = any(result.load.get(k) != self.load.get(k) for k in counts)
+        changed = _queues(result.load) != _queues(self.load)
         self.load = result.load
         for out in result.outputs:
             if out.finished:
@@ -306,20 +307,20 @@ class EngineWorker(DataPlaneHandlers, Actor):
             await asyncio.sleep(self.settings.load_report_interval)
 
     def load_report(self) -> LoadReport:
-        load = self.load
+        """The engine's last load with this worker's totals."""
         return LoadReport(
-            num_running=int(load.get("num_running", 0)),
-            num_waiting=int(load.get("num_waiting", 0)),
-            num_remote=int(load.get("num_remote", 0)),
-            kv_usage=load.get("kv_usage", 0.0),
-            queued_prefill_tokens=int(load.get("queued_prefill_tokens", 0)),
-            prompt_tokens_total=self.prompt_tokens_total,
-            cached_tokens_total=self.cached_tokens_total,
-            remote_prefills_total=self.remote_prefills_total,
-            transfer_bytes_total=self.transfer_bytes_total,
-            preemptions_total=int(load.get("preemptions_total", 0)),
-            tiers={k: v for k, v in load.items() if k.endswith(("_host", "_disk"))},
+            load=msgspec.structs.replace(
+                self.load,
+                prompt_tokens_total=self.prompt_tokens_total,
+                cached_tokens_total=self.cached_tokens_total,
+                remote_prefills_total=self.remote_prefills_total,
+                transfer_bytes_total=self.transfer_bytes_total,
+            )
         )
+
+
+def _queues(load: WorkerLoad) -> tuple[int, int, int]:
+    return load.num_running, load.num_waiting, load.num_remote
 
 
 class DecodeWorker(EngineWorker):

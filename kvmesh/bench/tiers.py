@@ -41,9 +41,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+import msgspec
 
 from kvmesh.bench.trace import random_prompt, stats
 from kvmesh.progress import Progress
+from kvmesh.protocol import TierCounters
 
 CONFIGS = ("device", "host", "host_disk")
 TARGET_HOST_DISK_TTFT = 0.5  # TTFT mean with host + disk, x device only
@@ -129,6 +131,17 @@ def run_conversations(engine, workload: MultiTurn, messages: list[list[list[int]
         "ttft_s": ttfts,
         "outputs": outputs,
         "texts": texts,
+    }
+
+
+def tier_counters(connector) -> dict[str, dict[str, int]]:
+    """Per tier, what the store counted (offloaded, lookups, hits, evicted) and the
+    connector (onboarded, failed), as one JSON object."""
+    stored = connector.store.counters()
+    return {
+        tier: msgspec.structs.asdict(stored.get(tier, TierCounters()))
+        | msgspec.structs.asdict(onboard)
+        for tier, onboard in connector.metrics().items()
     }
 
 
@@ -291,9 +304,9 @@ class TiersBench:
             result["preemptions"] = engine.num_preemptions
             result["onboarded"] = {}
             if connector is not None:
-                result["tiers"] = connector.metrics()
+                result["tiers"] = tier_counters(connector)
                 result["onboarded"] = {
-                    tier: counters["onboarded"] for tier, counters in result["tiers"].items()
+                    tier: counters.onboarded for tier, counters in connector.metrics().items()
                 }
                 result["host_blocks"] = connector.store.host.num_slots
                 if connector.store.disk is not None:

@@ -36,9 +36,10 @@ from either tier, and so does `reserve`: a worker's hits not yet loaded (looked 
 the same step as the evictions it offloads).
 
 Every change is a KV event with its tier (BlockStored / BlockRemoved / AllBlocksCleared),
-and per tier the store counts: offloaded (blocks stored into it: host from workers, disk
-demoted from host), queries (blocks looked up in it by get_leading; the disk is asked
-for those the host lacked), onboarded (the hits among them: blocks served from it) and
+and per tier the store counts (protocol.TierCounters): offloaded (blocks stored into it:
+host from workers, disk demoted from host), lookups (blocks looked up in it by
+get_leading; the disk is asked for those the host lacked), hits (those found there:
+served to the lookup; whether a worker then loads them is its connector's count) and
 evicted.
 
 One thread drives a store: the cache actor's. Disk I/O blocks, so an asyncio actor
@@ -49,16 +50,23 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Container, Iterable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, get_args
 
 import numpy as np
 
 from kvmesh.cache.disk_tier import DiskTier
 from kvmesh.cache.host_tier import HostTier
-from kvmesh.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvmesh.protocol import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+    Tier,
+    TierCounters,
+)
 
-STORE_TIERS = ("host", "disk")
+STORE_TIERS: tuple[Tier, ...] = get_args(Tier)
 
 
 class Hit(NamedTuple):
@@ -67,25 +75,25 @@ class Hit(NamedTuple):
 
     block_hash: int
     slot: int | None
-    tier: str  # "host" or "disk"
+    tier: Tier
 
 
 @dataclass
 class TierStats:
-    """Block counts of one tier since the store started (see the module doc)."""
+    """Block counts of one tier since the store started, as they grow; TierCounters'
+    fields (see the module doc)."""
 
     offloaded: int = 0
-    onboarded: int = 0  # the hits of get_leading
-    queries: int = 0
+    lookups: int = 0
+    hits: int = 0
     evicted: int = 0
 
     @property
     def hit_rate(self) -> float:
-        return self.onboarded / self.queries if self.queries else 0.0
+        return self.hits / self.lookups if self.lookups else 0.0
 
-    def counters(self) -> dict[str, int]:
-        """In the names the metrics read (kvmesh_kv_*{tier}): offloaded, lookups, hits."""
-        return {"offloaded": self.offloaded, "lookups": self.queries, "hits": self.onboarded}
+    def counters(self) -> TierCounters:
+        return TierCounters(**asdict(self))
 
 
 class TieredStore:
@@ -116,6 +124,14 @@ class TieredStore:
 
     def __contains__(self, block_hash: int) -> bool:
         return self.tier_of(block_hash) is not None
+
+    def counters(self) -> dict[Tier, TierCounters]:
+        """What each tier it has counted (without a disk tier: the host's only)."""
+        return {
+            tier: stats.counters()
+            for tier, stats in self.stats.items()
+            if tier == "host" or self.disk is not None
+        }
 
     def held(self, tier: str, limit: int | None = None) -> list[int]:
         """The block hashes `tier` holds (committed), at most `limit` of them."""
@@ -284,8 +300,8 @@ class TieredStore:
         return slot
 
     def _count(self, tier: str, queries: int, hits: int) -> None:
-        self.stats[tier].queries += queries
-        self.stats[tier].onboarded += hits
+        self.stats[tier].lookups += queries
+        self.stats[tier].hits += hits
 
     def _event(self, kind: type, tier: str, block_hash: int) -> None:
         if self._events and self._events[-1][:2] == (kind, tier):

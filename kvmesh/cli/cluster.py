@@ -238,6 +238,7 @@ def status(config_path, overrides, model_path, http_port, as_json):
 
 def _print_status(cfg, as_json: bool) -> bool:
     from kvmesh.actors.client import status as query
+    from kvmesh.protocol import CacheLoad, WorkerLoad
 
     try:
         cluster = query(cfg.router_endpoint, cfg.router_id, cfg.security.key_path)
@@ -249,10 +250,11 @@ def _print_status(cfg, as_json: bool) -> bool:
         return False
     rows = []
     for a in cluster.actors:
-        if a.role == "cache":
-            rows.append(_cache_row(a) | {"endpoint": _reachable(cfg, a)})
+        if isinstance(a.load, CacheLoad):
+            rows.append(_cache_row(a, a.load) | {"endpoint": _reachable(cfg, a)})
             continue
-        prompt = a.load.get("prompt_tokens_total", 0.0)
+        load = a.load if isinstance(a.load, WorkerLoad) else WorkerLoad()
+        prompt = load.prompt_tokens_total
         rows.append(
             {
                 "actor": a.actor_id,
@@ -262,20 +264,18 @@ def _print_status(cfg, as_json: bool) -> bool:
                 "endpoints": a.endpoints,
                 "endpoint": _reachable(cfg, a),
                 "health": "alive" if a.alive else "dead",
-                "running": int(a.load.get("num_running", 0)),
-                "waiting": int(a.load.get("num_waiting", 0)),
-                "kv_usage": round(a.load.get("kv_usage", 0.0), 3),
-                "prompt_tokens_total": int(prompt),
-                "cached_tokens_total": int(a.load.get("cached_tokens_total", 0)),
-                "remote_prefills_total": int(a.load.get("remote_prefills_total", 0)),
-                "cache_hit_rate": round(a.load.get("cached_tokens_total", 0.0) / prompt, 3)
-                if prompt
-                else 0.0,
+                "running": load.num_running,
+                "waiting": load.num_waiting,
+                "kv_usage": round(load.kv_usage, 3),
+                "prompt_tokens_total": prompt,
+                "cached_tokens_total": load.cached_tokens_total,
+                "remote_prefills_total": load.remote_prefills_total,
+                "cache_hit_rate": round(load.cached_tokens_total / prompt, 3) if prompt else 0.0,
             }
         )
     if as_json:  # every row also carries the actor's whole load, as reported
         for row, a in zip(rows, cluster.actors, strict=True):
-            row["load"] = dict(a.load)
+            row["load"] = _flat(a.load)
         click.echo(json.dumps(rows, indent=2))
         return True
     click.echo(
@@ -305,13 +305,12 @@ def _reachable(cfg, a) -> str:
     return a.endpoints.get("from_peers") or a.endpoints.get("http", "")
 
 
-def _cache_row(a) -> dict:
+def _cache_row(a, load) -> dict:
     """A cache actor's row: kv = its host tier's fill, hit = blocks found (in host or
     disk) / blocks looked up; "tiers" holds every counter."""
-    load = a.load
-    capacity = load.get("capacity_host", 0.0)
-    lookups = load.get("lookups_host", 0.0)
-    hits = load.get("hits_host", 0.0) + load.get("hits_disk", 0.0)
+    capacity = load.capacity.get("host", 0)
+    lookups = load.tiers["host"].lookups
+    hits = sum(counters.hits for counters in load.tiers.values())
     return {
         "actor": a.actor_id,
         "role": a.role,
@@ -321,10 +320,33 @@ def _cache_row(a) -> dict:
         "health": "alive" if a.alive else "dead",
         "running": 0,
         "waiting": 0,
-        "kv_usage": round(load.get("blocks_host", 0.0) / capacity, 3) if capacity else 0.0,
+        "kv_usage": round(load.blocks.get("host", 0) / capacity, 3) if capacity else 0.0,
         "cache_hit_rate": round(hits / lookups, 3) if lookups else 0.0,
-        "tiers": {key: int(value) for key, value in load.items()},
+        "tiers": {key: int(value) for key, value in _flat(load).items()},
     }
+
+
+def _flat(load) -> dict[str, float]:
+    """An actor's load (protocol.ActorStatus.load) as --json prints it: one number per
+    key, a tier's as <name>_<tier> ({"num_running": 1.0, "onboarded_host": 5.0, ...});
+    per-tier counters field by field, then per-tier numbers tier by tier."""
+    import msgspec
+
+    flat: dict[str, float] = {}
+    numbers: dict[str, dict[str, float]] = {}  # tier -> its "<name>_<tier>" numbers
+    for name, value in msgspec.structs.asdict(load).items() if load is not None else ():
+        if not isinstance(value, dict):
+            flat[name] = float(value)
+            continue
+        for tier, of_tier in value.items():
+            if isinstance(of_tier, msgspec.Struct):
+                counters = msgspec.structs.asdict(of_tier)
+                flat |= {f"{key}_{tier}": float(count) for key, count in counters.items()}
+            else:
+                numbers.setdefault(tier, {})[f"{name}_{tier}"] = float(of_tier)
+    for of_tier in numbers.values():
+        flat |= of_tier
+    return flat
 
 
 @click.command()

@@ -22,13 +22,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import msgspec
 import structlog
 
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
 from kvmesh.engine.params import SamplingParams
 from kvmesh.engine.prefetch import DevicePrefix
 from kvmesh.engine.scheduler import SchedulerStats
-from kvmesh.protocol import KVEvent
+from kvmesh.protocol import KVEvent, WorkerLoad
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -41,7 +42,18 @@ class StepResult:
     outputs: list[RequestOutput]
     remote_prefills: list[RemotePrefillTask]
     kv_events: list[KVEvent]
-    load: dict[str, float]  # Engine.load() after the step
+    load: WorkerLoad  # Engine.load() after the step
+
+
+class EngineStats(msgspec.Struct, frozen=True, kw_only=True):
+    """The load the event loop can read of the engine between its steps (the in-process
+    server's /metrics): WorkerLoad's fields that need neither the engine thread nor a
+    worker actor, by the same names."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    preemptions_total: int
 
 
 class EngineDeadError(RuntimeError):
@@ -153,15 +165,15 @@ class AsyncEngine:
         ahead of the outputs of steps that come after the command (order preserved)."""
         self.emitted.append(output)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         """The scheduler's counts and the pool's use after the engine's last step."""
         stats, kv_usage = self._stats
-        return {
-            "num_running": stats.num_running,
-            "num_waiting": stats.num_waiting,
-            "kv_usage": kv_usage,
-            "num_preemptions": stats.num_preemptions,
-        }
+        return EngineStats(
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            kv_usage=kv_usage,
+            preemptions_total=stats.num_preemptions,
+        )
 
     def prefetch_hashes(self, token_ids: list[int], params: SamplingParams) -> list[int]:
         """The full blocks of a request about to be added that a KV connector may hand

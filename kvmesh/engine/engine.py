@@ -25,7 +25,7 @@ from kvmesh.gpu.block_pool import BlockPool, hash_blocks, salt_id
 from kvmesh.gpu.kv_cache import allocate_kv_caches, default_num_blocks, kv_cache_shape
 from kvmesh.gpu.loader import load_model, torch_dtype
 from kvmesh.gpu.model_config import ModelConfig, capped_context
-from kvmesh.protocol import KVEvent
+from kvmesh.protocol import KVEvent, WorkerLoad
 from kvmesh.tokenizer import IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -468,27 +468,19 @@ class Engine:
             events += self.kv_connector.take_events()
         return events
 
-    def load(self) -> dict[str, float]:
-        """What a router weighs: work queued and running, pool use. Engine thread only."""
+    def load(self) -> WorkerLoad:
+        """What a router weighs: work queued and running, pool use, and the connector's
+        counters per tier (the worker adds its own totals). Engine thread only."""
         stats = self.scheduler.stats()
-        return {
-            "num_running": stats.num_running,
-            "num_waiting": stats.num_waiting,
-            "num_remote": stats.num_remote + len(self.held),
-            "kv_usage": self.pool.usage,
-            "queued_prefill_tokens": stats.queued_prefill_tokens,
-            "preemptions_total": stats.num_preemptions,
-        } | self.tier_counters()
-
-    def tier_counters(self) -> dict[str, float]:
-        """The host/disk tiers' counters, flat: {"offloaded_host": n, "hits_disk": n, ...}."""
-        if self.kv_connector is None:
-            return {}
-        return {
-            f"{name}_{tier}": float(value)
-            for tier, counters in self.kv_connector.metrics().items()
-            for name, value in counters.items()
-        }
+        return WorkerLoad(
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            num_remote=stats.num_remote + len(self.held),
+            kv_usage=self.pool.usage,
+            queued_prefill_tokens=stats.queued_prefill_tokens,
+            preemptions_total=stats.num_preemptions,
+            tiers=self.kv_connector.metrics() if self.kv_connector is not None else {},
+        )
 
     @property
     def num_preemptions(self) -> int:

@@ -97,7 +97,7 @@ from kvmesh.engine.prefetch import Prefetch, named
 from kvmesh.gpu.block_pool import wire_hash, wire_hashes
 from kvmesh.gpu.kv_pack import pack_blocks, unpack_records
 from kvmesh.gpu.model_config import RECORD_TAG_BYTES
-from kvmesh.protocol import KVEvent
+from kvmesh.protocol import KVEvent, OnboardCounters, Tier
 from kvmesh.transport.segment import segment_name
 
 # A block found outside the pool: its hash, where it is now, and the tier it was found
@@ -141,8 +141,8 @@ class KVConnector(Protocol):
         """KV events of tiers this connector owns (tier "host" / "disk") since the last
         call; none where another process owns them and publishes its own."""
 
-    def metrics(self) -> dict[str, dict[str, int]]:
-        """Counters per tier ("host", "disk"), by name."""
+    def metrics(self) -> dict[Tier, OnboardCounters]:
+        """What this connector onboarded and what failed at load, per tier."""
 
     def close(self) -> None:
         """Release what the connector holds (shared memory it created)."""
@@ -153,9 +153,10 @@ class HostSlotConnector:
     the slots come from (`_find`, `_stage`, `_reserve`, `_finish`) and which tier they
     are in (`host`, None while there is none: every lookup misses, nothing is saved).
 
-    Counters per tier it keeps itself: onboarded (loaded into the device pool, by the
-    tier they were found in) and failed (found, but their read failed its checks at
-    load: overwritten or corrupted since; recomputed).
+    Counters per tier it keeps itself (`metrics`, protocol.OnboardCounters): onboarded
+    (loaded into the device pool, by the tier they were found in) and failed (found, but
+    their read failed its checks at load: overwritten or corrupted since; recomputed).
+    The tiers count the rest (what they stored and served), each in its own store.
     """
 
     host: HostTier | None
@@ -215,6 +216,13 @@ class HostSlotConnector:
             if num_read < len(some):
                 break
         return num_loaded
+
+    def metrics(self) -> dict[Tier, OnboardCounters]:
+        """Per tier, the blocks found there that this connector loaded, and that failed."""
+        return {
+            tier: OnboardCounters(onboarded=self.num_onboarded[tier], failed=self.num_failed[tier])
+            for tier in STORE_TIERS
+        }
 
     def save(self, evicted: Sequence[tuple[int, int]], kv_caches: list[torch.Tensor]) -> None:
         # the runs this step looked up load after this save: evict none of them, here nor
@@ -321,10 +329,9 @@ class LocalTieredConnector(HostSlotConnector):
     """KVConnector over a TieredStore in this process: a host tier it creates (shared
     memory, `host_bytes`) over an optional disk tier (`disk_dir`, `disk_bytes`).
 
-    Offloading a block already held in either tier copies nothing. Counters per tier
-    (`metrics`): the store's offloaded (blocks stored into it: host from this engine,
-    disk demoted from host), lookups (blocks looked up in it) and hits (found there),
-    and this connector's onboarded and failed (see HostSlotConnector).
+    Offloading a block already held in either tier copies nothing. Counters per tier:
+    this connector's onboarded and failed (`metrics`, see HostSlotConnector), and the
+    store's offloaded, lookups, hits and evicted (`store.counters()`).
     """
 
     def __init__(
@@ -370,14 +377,6 @@ class LocalTieredConnector(HostSlotConnector):
         for block_hash in aborted:
             self.store.abort(block_hash)
 
-    def metrics(self) -> dict[str, dict[str, int]]:
-        """Counters per tier ("host", "disk"); see the class doc."""
-        return {
-            tier: stats.counters()
-            | {"onboarded": self.num_onboarded[tier], "failed": self.num_failed[tier]}
-            for tier, stats in self.store.stats.items()
-        }
-
     def take_events(self) -> list[KVEvent]:
         """The store's KV events (tier "host" / "disk") since the last call."""
         return self.store.take_events()
@@ -412,8 +411,8 @@ class CacheActorConnector(HostSlotConnector):
     runs them through AsyncEngine.call). Answers that name another segment than
     `host`'s are misses.
 
-    The tiers' own counters (offloaded, lookups, hits) are the cache actor's; this
-    connector counts what it onboarded and what failed at load.
+    The tiers' own counters (offloaded, lookups, hits, evicted) are the cache actor's;
+    this connector counts what it onboarded and what failed at load.
     """
 
     def __init__(self, record_bytes: int, channel: CacheChannel) -> None:
@@ -458,9 +457,3 @@ class CacheActorConnector(HostSlotConnector):
 
     def _current(self, shm_name: str) -> bool:
         return self.host is not None and self.host.segment.name == shm_name
-
-    def metrics(self) -> dict[str, dict[str, int]]:
-        return {
-            tier: {"onboarded": self.num_onboarded[tier], "failed": self.num_failed[tier]}
-            for tier in STORE_TIERS
-        }

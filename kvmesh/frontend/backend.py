@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from kvmesh.engine.params import SamplingParams
+from kvmesh.frontend.metrics import BackendMetrics, WorkerMetrics
 from kvmesh.protocol import Delta
 from kvmesh.tokenizer import Tokenizer
 
@@ -46,8 +47,7 @@ class Backend(Protocol):
     these may surface at the first iteration. Leaving the iteration early ends the
     request; abort() ends it from outside.
 
-    metrics() returns {"remote_prefill_total": int, "kv_transfer_bytes_total": int,
-    "workers": [{"worker": name, "role": role, <gauge name>: number, ...}, ...]}.
+    metrics() returns what /metrics serves of the backend (kvmesh.frontend.metrics).
     """
 
     model_name: str
@@ -67,7 +67,7 @@ class Backend(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
-    def metrics(self) -> dict: ...
+    def metrics(self) -> BackendMetrics: ...
 
 
 class LocalBackend:
@@ -156,6 +156,5 @@ class LocalBackend:
     async def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
 
-    def metrics(self) -> dict:
-        worker = {"worker": "local", "role": "local", **self.engine.stats()}
-        return {"remote_prefill_total": 0, "kv_transfer_bytes_total": 0, "workers": [worker]}
+    def metrics(self) -> BackendMetrics:
+        return BackendMetrics(workers=[WorkerMetrics("local", "local", self.engine.stats())])

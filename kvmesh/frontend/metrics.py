@@ -2,11 +2,12 @@
 
 The frontend measures what it sees (requests, tokens, time to first token, time
 between tokens) as it happens. Everything else comes from backend.metrics() at scrape
-time, which in a cluster is the router's last status: each worker reports its load
-(LoadReport) every `load_report_interval` (0.5 s) and at once when its queues change,
-the cache actor its tier counters every second, and the frontend polls the router every
-`status_interval` (0.5 s). So those series lag what happened by up to about a second
-(1.5 s for the tiers); a request that has just ended may not be counted yet.
+time (a BackendMetrics), which in a cluster is the router's last status: each worker
+reports its load (LoadReport) every `load_report_interval` (0.5 s) and at once when its
+queues change, the cache actor its tiers (CacheReport) every second, and the frontend
+polls the router every `status_interval` (0.5 s). So those series lag what happened by
+up to about a second (1.5 s for the tiers); a request that has just ended may not be
+counted yet.
 
     kvmesh_remote_prefill_total, kvmesh_kv_transfer_bytes_total     (counters)
     kvmesh_kv_{offload,onboard}_blocks_total{tier}, kvmesh_kv_hit_rate{tier}
@@ -14,9 +15,11 @@ the cache actor its tier counters every second, and the frontend polls the route
                                              load, <metric>_total counters since start
     kvmesh_worker_kv_*_blocks_total{worker, role, tier}   WORKER_TIER_METRICS
 
-WORKER_METRICS and WORKER_TIER_METRICS are the one place that names each field of a
-worker's load, its type and its meaning; a field missing from them is still served, as
-an untyped kvmesh_worker_<field> that says so.
+A worker's load is a typed struct (protocol.WorkerLoad; AsyncEngine's EngineStats in
+`kvmesh serve`); WORKER_METRICS and WORKER_TIER_METRICS are the one place that names
+each of its fields (and each field of its per-tier protocol.OnboardCounters) as a
+metric, with its type and meaning. A field missing from them is still served, as an
+untyped kvmesh_worker_<field> that says so.
 
 Each frontend has its own registry (no process-global state), so tests can run
 several apps in one process.
@@ -24,10 +27,14 @@ several apps in one process.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, UnknownMetricFamily
+
+from kvmesh.protocol import OnboardCounters, Tier, TierCounters
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -39,7 +46,26 @@ BACKEND_COUNTERS = {
     "remote_prefill_total": "Prompts prefilled on a prefill worker, not the decode worker." + LAG,
     "kv_transfer_bytes_total": "KV-cache bytes moved between workers on the data plane." + LAG,
 }
-TIERS = ("host", "disk")
+
+
+class WorkerMetrics(NamedTuple):
+    """One worker's entry: kvmesh_worker_*{worker, role} from the fields of its load."""
+
+    worker: str
+    role: str
+    load: msgspec.Struct  # protocol.WorkerLoad; AsyncEngine's EngineStats in `kvmesh serve`
+
+
+@dataclass(frozen=True)
+class BackendMetrics:
+    """What backend.metrics() returns: the backend's counters, each worker's load, and
+    the KV tiers' counters summed per tier (none: no tiers)."""
+
+    remote_prefill_total: int = 0
+    kv_transfer_bytes_total: int = 0
+    workers: list[WorkerMetrics] = field(default_factory=list)
+    tiers: dict[Tier, TierCounters] = field(default_factory=dict)  # the tier stores'
+    onboards: dict[Tier, OnboardCounters] = field(default_factory=dict)  # the workers'
 
 
 class WorkerMetric(NamedTuple):
@@ -59,10 +85,7 @@ def counter(name: str, help_text: str) -> WorkerMetric:
     return WorkerMetric(name, CounterMetricFamily, help_text + LAG)
 
 
-PREEMPTIONS = counter(
-    "preemptions", "Sequences the worker preempted for KV room (recomputed later)."
-)
-# field of a worker's load (protocol.LoadReport; AsyncEngine.stats in `kvmesh serve`) ->
+# field of a worker's load (protocol.WorkerLoad; EngineStats in `kvmesh serve`) ->
 # kvmesh_worker_<name>{worker, role}
 WORKER_METRICS = {
     "num_running": gauge("num_running", "Requests in the worker's running batch."),
@@ -95,12 +118,13 @@ WORKER_METRICS = {
         "transfer_bytes",
         "KV bytes the worker received (decode) or sent (prefill) on the data plane.",
     ),
-    "preemptions_total": PREEMPTIONS,
-    "num_preemptions": PREEMPTIONS,  # the in-process engine's name for it
+    "preemptions_total": counter(
+        "preemptions", "Sequences the worker preempted for KV room (recomputed later)."
+    ),
 }
-# <field>_<tier> of a worker's load -> kvmesh_worker_<name>_total{worker, role, tier}.
-# offloaded, lookups and hits come only from an in-process tier: in a cluster the cache
-# actor counts them, in kvmesh_kv_*{tier}.
+# field of a worker's OnboardCounters (WorkerLoad.tiers[tier]) ->
+# kvmesh_worker_<name>_total{worker, role, tier}. What the tiers themselves count (offloaded,
+# lookups, hits) is the cache actor's, served per tier as kvmesh_kv_*{tier}.
 WORKER_TIER_METRICS = {
     "onboarded": counter(
         "kv_onboard_blocks", "KV blocks the worker loaded from the tier instead of computing them."
@@ -110,14 +134,6 @@ WORKER_TIER_METRICS = {
         "KV blocks found in the tier that failed "
         "to load (gone, rewritten or corrupt since the lookup): computed.",
     ),
-    "offloaded": counter("kv_offload_blocks", "KV blocks the worker offloaded into the tier."),
-    "lookups": counter("kv_lookup_blocks", "KV blocks the worker looked up in the tier."),
-    "hits": counter("kv_hit_blocks", "KV blocks the worker found in the tier."),
-}
-TIER_FIELDS = {
-    f"{field}_{tier}": (WORKER_TIER_METRICS[field], tier)
-    for field in WORKER_TIER_METRICS
-    for tier in TIERS
 }
 
 
@@ -185,42 +201,49 @@ class BackendCollector:
     def collect(self):
         stats = self.backend.metrics()
         for key, help_text in BACKEND_COUNTERS.items():
-            yield CounterMetricFamily(f"kvmesh_{key}", help_text, value=stats.get(key, 0))
-        yield from tier_metrics(stats.get("tiers", {}))
-        yield from worker_metrics(stats.get("workers", []))
+            yield CounterMetricFamily(f"kvmesh_{key}", help_text, value=getattr(stats, key))
+        yield from tier_metrics(stats.tiers, stats.onboards)
+        yield from worker_metrics(stats.workers)
 
 
-def worker_metrics(workers: list[dict]):
-    """Each numeric field of each worker entry as the metric WORKER_METRICS or
-    TIER_FIELDS names for it, labelled with the worker, its role (and the tier)."""
+def worker_metrics(workers: list[WorkerMetrics]):
+    """Each numeric field of each worker's load as the metric WORKER_METRICS names for
+    it, labelled with the worker and its role; each field of its per-tier counters as
+    the one WORKER_TIER_METRICS names, labelled with the tier too."""
     families: dict[str, CounterMetricFamily | GaugeMetricFamily | UnknownMetricFamily] = {}
-    for worker in workers:
-        labels = [str(worker.get("worker", "")), str(worker.get("role", ""))]
-        for key, value in worker.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                continue
-            metric, tier = WORKER_METRICS.get(key), None
-            if metric is None and key in TIER_FIELDS:
-                metric, tier = TIER_FIELDS[key]
-            if metric is None:
-                metric = WorkerMetric(
-                    key,
-                    UnknownMetricFamily,
-                    f"Per-worker {key}, not described in kvmesh/frontend/metrics.py." + LAG,
-                )
-            if metric.name not in families:
-                families[metric.name] = metric.kind(
-                    f"kvmesh_worker_{metric.name}",
-                    metric.help,
-                    labels=["worker", "role"] if tier is None else ["worker", "role", "tier"],
-                )
-            families[metric.name].add_metric(labels if tier is None else [*labels, tier], value)
+
+    def add(metric: WorkerMetric, labels: list[str], value: float) -> None:
+        if metric.name not in families:
+            names = ["worker", "role", "tier"][: len(labels)]
+            families[metric.name] = metric.kind(
+                f"kvmesh_worker_{metric.name}", metric.help, labels=names
+            )
+        families[metric.name].add_metric(labels, value)
+
+    for worker, role, load in workers:
+        for name, value in msgspec.structs.asdict(load).items():
+            if isinstance(value, dict):
+                for tier, counters in value.items():
+                    for key, count in msgspec.structs.asdict(counters).items():
+                        add(described(key, WORKER_TIER_METRICS), [worker, role, tier], count)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                add(described(name, WORKER_METRICS), [worker, role], value)
     yield from families.values()
 
 
-def tier_metrics(tiers: dict[str, dict[str, float]]):
-    """The KV cache tiers behind the device pools: blocks offloaded and onboarded per
-    tier, and each tier's hit rate (blocks found / blocks looked up)."""
+def described(name: str, table: dict[str, WorkerMetric]) -> WorkerMetric:
+    """The metric `table` names for a field; an untyped one that says so if none."""
+    return table.get(name) or WorkerMetric(
+        name,
+        UnknownMetricFamily,
+        f"Per-worker {name}, not described in kvmesh/frontend/metrics.py." + LAG,
+    )
+
+
+def tier_metrics(tiers: dict[Tier, TierCounters], onboards: dict[Tier, OnboardCounters]):
+    """The KV cache tiers behind the device pools: blocks offloaded into each tier (by
+    the tier stores) and onboarded from it (by the workers), and each tier's hit rate
+    (blocks found / blocks looked up)."""
     offload = CounterMetricFamily(
         "kvmesh_kv_offload_blocks", "KV blocks offloaded into a tier." + TIER_LAG, labels=["tier"]
     )
@@ -232,9 +255,10 @@ def tier_metrics(tiers: dict[str, dict[str, float]]):
     hit_rate = GaugeMetricFamily(
         "kvmesh_kv_hit_rate", "Blocks found in a tier / looked up." + TIER_LAG, labels=["tier"]
     )
-    for tier, counters in sorted(tiers.items()):
-        offload.add_metric([tier], counters.get("offloaded", 0.0))
-        onboard.add_metric([tier], counters.get("onboarded", 0.0))
-        lookups = counters.get("lookups", 0.0)
-        hit_rate.add_metric([tier], counters.get("hits", 0.0) / lookups if lookups else 0.0)
+    for tier in sorted(tiers.keys() | onboards.keys()):
+        counters = tiers.get(tier, TierCounters())
+        offload.add_metric([tier], counters.offloaded)
+        onboard.add_metric([tier], onboards.get(tier, OnboardCounters()).onboarded)
+        lookups = counters.lookups
+        hit_rate.add_metric([tier], counters.hits / lookups if lookups else 0.0)
     yield from (offload, onboard, hit_rate)

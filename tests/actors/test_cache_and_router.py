@@ -20,7 +20,7 @@ from kvmesh.actors.client import query_status
 from kvmesh.actors.peers import Inbound, Route
 from kvmesh.actors.router import RouterActor, RouterActorSettings
 from kvmesh.cache.host_tier import pool_bytes
-from kvmesh.protocol import CacheAttach, RegisterWorker, RouteRequest
+from kvmesh.protocol import CacheAttach, RegisterWorker, RouteRequest, TierCounters
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,14 +107,14 @@ def test_offloaded_blocks_come_back_through_shared_memory():
             return (
                 await read_back(client, [11, 12, 13, 14]),
                 await read_back(client, [99, 11]),
-                cache.counters(),
+                cache.load(),
             )
 
-    run, miss, counters = asyncio.run(scenario())
+    run, miss, load = asyncio.run(scenario())
     assert run == [(11, "host", True), (12, "host", True), (13, "host", True)]
     assert miss == []  # a run stops at the first block held nowhere
-    assert counters["offloaded_host"] == 3 and counters["blocks_host"] == 3
-    assert counters["hits_host"] == 3 and counters["lookups_host"] == 6
+    assert load.tiers == {"host": TierCounters(offloaded=3, lookups=6, hits=3)}  # no disk tier
+    assert (load.blocks, load.reserved, load.capacity) == ({"host": 3}, {"host": 0}, {"host": 8})
 
 
 def test_blocks_evicted_from_host_are_promoted_back_from_disk(tmp_path):
@@ -128,12 +128,13 @@ def test_blocks_evicted_from_host_are_promoted_back_from_disk(tmp_path):
                 await offload(client, [block_hash])
                 await settle(cache, min(block_hash, 4))
             on_disk = sorted(cache.store.held("disk"))
-            return on_disk, await read_back(client, [1, 2, 3, 4]), cache.counters()
+            return on_disk, await read_back(client, [1, 2, 3, 4]), cache.load()
 
-    on_disk, run, counters = asyncio.run(scenario())
+    on_disk, run, load = asyncio.run(scenario())
     assert on_disk == [1, 2]
     assert run == [(1, "disk", True), (2, "disk", True), (3, "host", True), (4, "host", True)]
-    assert counters["offloaded_disk"] >= 2 and counters["hits_disk"] == 2
+    assert load.tiers["disk"].offloaded >= 2 and load.tiers["disk"].hits == 2
+    assert load.blocks["disk"] >= 2 and load.capacity["disk"] == 16
 
 
 def test_a_worker_with_other_block_records_is_refused():

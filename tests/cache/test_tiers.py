@@ -469,7 +469,7 @@ def test_leading_run_spans_tiers_and_stops_at_the_first_gap(make_host, tmp_path)
         BlockStored(block_hashes=[A], tier="host"),
     ]
     host, disk = store.stats["host"], store.stats["disk"]
-    assert (host.queries, host.onboarded, disk.queries, disk.onboarded) == (5, 2, 3, 1)
+    assert (host.lookups, host.hits, disk.lookups, disk.hits) == (5, 2, 3, 1)
     assert (host.hit_rate, disk.hit_rate) == (0.4, 1 / 3)
 
 
@@ -507,13 +507,13 @@ def test_run_longer_than_the_host_is_staged_a_window_at_a_time(make_host, tmp_pa
     assert read_hits(store, hits[:2]) == [make_record(A), make_record(B)]
     assert [store.tier_of(h) for h in (A, B, C, D)] == ["host", "host", "disk", "disk"]
     host, disk = store.stats["host"], store.stats["disk"]
-    assert (host.queries, host.onboarded, disk.queries, disk.onboarded) == (5, 2, 3, 2)
+    assert (host.lookups, host.hits, disk.lookups, disk.hits) == (5, 2, 3, 2)
     # the worker read A and B: the next window evicts them (held on disk already)
     rest = store.stage([C, D])
     assert [(hit.block_hash, hit.tier) for hit in rest] == [(C, "disk"), (D, "disk")]
     assert read_hits(store, rest) == [make_record(C), make_record(D)]
     assert [store.tier_of(h) for h in (A, B, C, D)] == ["disk", "disk", "host", "host"]
-    assert (host.queries, host.onboarded, disk.queries, disk.onboarded) == (5, 2, 3, 2)
+    assert (host.lookups, host.hits, disk.lookups, disk.hits) == (5, 2, 3, 2)
     assert store.take_events() == [
         BlockRemoved(block_hashes=[C], tier="host"),
         BlockStored(block_hashes=[C], tier="disk"),

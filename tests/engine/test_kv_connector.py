@@ -108,23 +108,23 @@ def test_evicted_prefix_comes_back_from_the_host_tier(
     assert run(engine, prompts["a"]).num_cached_tokens == 0
     run(engine, prompts["b"])  # needs all 16 blocks: a's 6 cached ones are evicted
     assert engine.pool.match_prefix(a_hashes) == []
-    assert connector.metrics()["host"]["offloaded"] == 6
+    assert connector.store.counters()["host"].offloaded == 6
     again = run(engine, prompts["a"])
     assert again.num_cached_tokens == 96  # every full block but none computed on device
     assert again.token_ids == reference["a"]
     metrics = connector.metrics()
-    assert metrics["host"]["onboarded"] == 6 and metrics["host"]["failed"] == 0
-    assert metrics["disk"]["onboarded"] == 0
+    assert metrics["host"].onboarded == 6 and metrics["host"].failed == 0
+    assert metrics["disk"].onboarded == 0
     # the onboarded blocks are in the device prefix cache now, byte for byte the KV a
     # plain engine computed; a third run hits them there
     assert torch.equal(cached_kv(engine, a_hashes), cached_kv(plain_engine, a_hashes))
     assert run(engine, prompts["a"]).num_cached_tokens == 96
-    assert connector.metrics()["host"]["onboarded"] == 6
+    assert connector.metrics()["host"].onboarded == 6
     # onboarding a evicted blocks of b and loaded a into them: they were offloaded before
     # the load overwrote them, so b comes back intact as well
     again = run(engine, prompts["b"])
     assert again.token_ids == reference["b"]
-    assert connector.metrics()["host"]["onboarded"] > 6 and again.num_cached_tokens == 224
+    assert connector.metrics()["host"].onboarded > 6 and again.num_cached_tokens == 224
     salt = config.kv_salt("float32", BLOCK, hash_key(None))
     b_prefix = hash_blocks(prompts["b"], BLOCK, salt=salt)[:14]
     assert torch.equal(cached_kv(engine, b_prefix), cached_kv(plain_engine, b_prefix))
@@ -142,8 +142,9 @@ def test_prefix_comes_back_from_disk_through_a_tiny_host_tier(
     assert again.num_cached_tokens == 96
     assert again.token_ids == reference["a"]
     metrics = connector.metrics()
-    assert metrics["disk"]["onboarded"] == 6 and metrics["host"]["onboarded"] == 0
-    assert metrics["disk"]["offloaded"] > 0
+    stored = connector.store.counters()
+    assert metrics["disk"].onboarded == 6 and metrics["host"].onboarded == 0
+    assert stored["disk"].offloaded > 0
     assert torch.equal(cached_kv(engine, a_hashes), cached_kv(plain_engine, a_hashes))
 
 
@@ -157,14 +158,15 @@ def test_step_keeps_the_hits_it_loads_from_its_own_offloads(
     engine = make_engine(tiny_model_dir, connector)
     for name in ("a", "b", "c"):
         run(engine, prompts[name])
-    offloaded = connector.metrics()["host"]["offloaded"]
+    offloaded = connector.store.counters()["host"].offloaded
     again = run(engine, prompts["a"])
     assert again.num_cached_tokens == 96
     assert again.token_ids == reference["a"]
     metrics = connector.metrics()
-    assert (metrics["disk"]["hits"], metrics["disk"]["onboarded"]) == (6, 6)
-    assert metrics["disk"]["failed"] == metrics["host"]["failed"] == 0
-    assert metrics["host"]["offloaded"] - offloaded == 2
+    stored = connector.store.counters()
+    assert (stored["disk"].hits, metrics["disk"].onboarded) == (6, 6)
+    assert metrics["disk"].failed == metrics["host"].failed == 0
+    assert stored["host"].offloaded - offloaded == 2
     assert [connector.store.tier_of(h) for h in wire_hashes(a_hashes)] == ["host"] * 6
 
 
@@ -180,14 +182,15 @@ def test_host_tier_smaller_than_the_run_stages_it_a_window_at_a_time(
     for name in ("a", "b", "c"):
         run(engine, prompts[name])
     assert [connector.store.tier_of(h) for h in wire_hashes(a_hashes)] == ["disk"] * 6
-    offloaded = connector.metrics()["host"]["offloaded"]
+    offloaded = connector.store.counters()["host"].offloaded
     again = run(engine, prompts["a"])
     assert again.num_cached_tokens == 96
     assert again.token_ids == reference["a"]
     metrics = connector.metrics()
-    assert (metrics["disk"]["hits"], metrics["disk"]["onboarded"]) == (6, 6)
-    assert metrics["disk"]["failed"] == 0
-    assert metrics["host"]["offloaded"] == offloaded
+    stored = connector.store.counters()
+    assert (stored["disk"].hits, metrics["disk"].onboarded) == (6, 6)
+    assert metrics["disk"].failed == 0
+    assert stored["host"].offloaded == offloaded
     assert torch.equal(cached_kv(engine, a_hashes), cached_kv(plain_engine, a_hashes))
 
 
@@ -205,7 +208,7 @@ def test_corrupted_disk_block_is_a_miss_and_the_rest_is_recomputed(
     again = run(engine, prompts["a"])
     assert again.num_cached_tokens == 48  # blocks 0-2 onboarded; 3 is a miss
     assert again.token_ids == reference["a"]
-    assert connector.metrics()["disk"]["onboarded"] == 3
+    assert connector.metrics()["disk"].onboarded == 3
     assert not bad.exists()  # the corrupt file is deleted, never served
     assert torch.equal(cached_kv(engine, a_hashes[:3]), cached_kv(plain_engine, a_hashes[:3]))
 
@@ -226,7 +229,7 @@ def test_host_slot_failing_its_checksum_at_load_is_recomputed(
     assert again.num_cached_tokens == 48
     assert again.token_ids == reference["a"]
     metrics = connector.metrics()
-    assert (metrics["host"]["onboarded"], metrics["host"]["failed"]) == (3, 1)
+    assert (metrics["host"].onboarded, metrics["host"].failed) == (3, 1)
     # the loaded blocks were published; the recomputed ones were cached after the step
     assert torch.equal(cached_kv(engine, a_hashes[:3]), cached_kv(plain_engine, a_hashes[:3]))
     assert len(engine.pool.match_prefix(a_hashes)) == 6
@@ -248,7 +251,8 @@ def test_preemption_with_a_connector_keeps_the_output(tiny_model_dir, make_conne
     assert [o.token_ids for o in outs] == expected
     # blocks evicted while a preempted sequence waited came back from the host tier
     metrics = connector.metrics()["host"]
-    assert metrics["offloaded"] > 0 and metrics["onboarded"] > 0 and metrics["failed"] == 0
+    assert connector.store.counters()["host"].offloaded > 0
+    assert metrics.onboarded > 0 and metrics.failed == 0
 
 
 def test_connector_with_other_block_records_is_refused(tiny_model_dir):
@@ -347,7 +351,7 @@ def test_save_keeps_the_hits_looked_up_before_it(small_connector):
     assert connector.load(hits, [6, 7], dst) == 2
     for layer in range(2):
         assert torch.equal(dst[layer][:, 6:], kv[layer][:, :2])
-    assert connector.metrics()["host"]["onboarded"] == 2
+    assert connector.metrics()["host"].onboarded == 2
 
 
 def test_hits_never_loaded_are_kept_for_one_save_only(small_connector):
@@ -379,7 +383,7 @@ def test_load_reads_the_run_and_unpacks_the_blocks_before_the_first_bad_one(
         assert torch.equal(dst[layer][:, [7, 5]], kv[layer][:, [0, 1]])
         assert not dst[layer][:, [4, 6]].any()  # the bad one and the one after: untouched
     metrics = connector.metrics()["host"]
-    assert (metrics["onboarded"], metrics["failed"]) == (2, 1)
+    assert (metrics.onboarded, metrics.failed) == (2, 1)
 
 
 def test_two_runs_longer_than_the_host_tier_both_load_in_one_step(small_connector, tmp_path):
@@ -397,8 +401,8 @@ def test_two_runs_longer_than_the_host_tier_both_load_in_one_step(small_connecto
     for layer in range(2):
         assert torch.equal(dst[layer][:, :6], kv[layer][:, :6])
     metrics = connector.metrics()
-    assert (metrics["disk"]["onboarded"], metrics["host"]["onboarded"]) == (6, 0)
-    assert metrics["disk"]["failed"] == metrics["host"]["failed"] == 0
+    assert (metrics["disk"].onboarded, metrics["host"].onboarded) == (6, 0)
+    assert metrics["disk"].failed == metrics["host"].failed == 0
 
 
 def test_staging_a_run_at_load_evicts_none_of_the_step_s_other_runs(small_connector, tmp_path):

@@ -20,6 +20,7 @@ from kvmesh.cache.disk_tier import HEADER
 from kvmesh.cache.host_tier import pool_bytes
 from kvmesh.engine.kv_connector import CacheActorConnector, LocalTieredConnector
 from kvmesh.gpu.block_pool import hash_blocks, wire_hash, wire_hashes
+from kvmesh.protocol import OnboardCounters
 from kvmesh.transport.keys import hash_key
 from tests.engine import make_prompt
 
@@ -110,9 +111,9 @@ def test_prefix_longer_than_the_host_tier_comes_back_whole(
     again = run(engine, prompts["long"])
     assert again.num_cached_tokens == LONG_BLOCKS * BLOCK
     assert again.token_ids == reference
-    metrics = local_connector.metrics()
-    assert (metrics["disk"]["hits"], metrics["disk"]["onboarded"]) == (LONG_BLOCKS, LONG_BLOCKS)
-    assert metrics["disk"]["failed"] == metrics["host"]["failed"] == 0
+    metrics, stored = local_connector.metrics(), local_connector.store.counters()
+    assert (stored["disk"].hits, metrics["disk"].onboarded) == (LONG_BLOCKS, LONG_BLOCKS)
+    assert metrics["disk"].failed == metrics["host"].failed == 0
 
 
 def test_a_block_failing_its_checks_in_a_later_window_rewinds_the_rest(
@@ -129,7 +130,7 @@ def test_a_block_failing_its_checks_in_a_later_window_rewinds_the_rest(
     assert again.token_ids == reference
     assert not bad.exists()  # found corrupt as its window was staged: deleted, not served
     metrics = local_connector.metrics()["disk"]
-    assert (metrics["onboarded"], metrics["failed"]) == (10, 1)
+    assert (metrics.onboarded, metrics.failed) == (10, 1)
 
 
 # ---- through the node's cache actor: CacheActorConnector -------------------------------------
@@ -177,14 +178,14 @@ def test_prefix_longer_than_the_host_tier_comes_back_whole_through_the_cache_act
             # as a worker does: the lookup on the event loop, the engine never asks
             prefetched = await client.prefetch(engine.prefix_hashes(prompts["long"], GREEDY))
             again = await asyncio.to_thread(run, engine, prompts["long"], prefetched)
-            return where, again, cache.counters(), connector.metrics()
+            return where, again, cache.load(), connector.metrics()
 
-    where, again, counters, metrics = asyncio.run(scenario())
+    where, again, load, metrics = asyncio.run(scenario())
     assert where == ["disk"] * LONG_BLOCKS
     assert again.num_cached_tokens == LONG_BLOCKS * BLOCK
     assert again.token_ids == reference
-    assert counters["hits_disk"] == LONG_BLOCKS
-    assert metrics["disk"]["onboarded"] == LONG_BLOCKS and metrics["disk"]["failed"] == 0
+    assert load.tiers["disk"].hits == LONG_BLOCKS
+    assert metrics["disk"] == OnboardCounters(onboarded=LONG_BLOCKS, failed=0)
 
 
 # ---- a real cluster: one decode worker and the node's cache actor ----------------------------

@@ -13,7 +13,7 @@ from kvmesh.cache.store import Hit, TieredStore
 from kvmesh.engine.kv_connector import CacheActorConnector
 from kvmesh.engine.prefetch import DevicePrefix, Prefetch, named
 from kvmesh.gpu.block_pool import wire_hash, wire_hashes
-from kvmesh.protocol import AllBlocksCleared, BlockRemoved, BlockStored
+from kvmesh.protocol import AllBlocksCleared, BlockRemoved, BlockStored, OnboardCounters
 from kvmesh.transport.segment import segment_name
 from tests.engine import make_prompt
 
@@ -102,11 +102,11 @@ def test_prefetched_prefix_is_onboarded_and_none_without_a_prefetch(
     assert len(prefetched.hits) == 6
     again = run(engine, prompts["a"], prefetched)
     assert again.num_cached_tokens == 96 and again.token_ids == reference["a"]
-    assert engine.kv_connector.metrics()["host"] == {"onboarded": 6, "failed": 0}
+    assert engine.kv_connector.metrics()["host"] == OnboardCounters(onboarded=6, failed=0)
     run(engine, prompts["b"])  # a leaves the device again; the host tier still holds it
     alone = run(engine, prompts["a"])  # no prefetch: the engine asks nobody
     assert alone.num_cached_tokens == 0 and alone.token_ids == reference["a"]
-    assert engine.kv_connector.metrics()["host"]["onboarded"] == 6
+    assert engine.kv_connector.metrics()["host"].onboarded == 6
 
 
 def test_stale_prefetched_hit_fails_its_check_at_load_and_is_computed(
@@ -118,7 +118,7 @@ def test_stale_prefetched_hit_fails_its_check_at_load_and_is_computed(
     channel.store.host.remove(wire_hash(hashes[3]))  # its slot is given up after the lookup
     again = run(engine, prompts["a"], prefetched)
     assert again.num_cached_tokens == 48 and again.token_ids == reference["a"]
-    assert engine.kv_connector.metrics()["host"] == {"onboarded": 3, "failed": 1}
+    assert engine.kv_connector.metrics()["host"] == OnboardCounters(onboarded=3, failed=1)
 
 
 def test_prefetch_of_a_replaced_host_tier_is_a_miss(engine, channel, prompts, reference):
@@ -127,7 +127,7 @@ def test_prefetch_of_a_replaced_host_tier_is_a_miss(engine, channel, prompts, re
     old = dataclasses.replace(prefetched, shm_name="a-cache-actor-since-restarted")
     again = run(engine, prompts["a"], old)
     assert again.num_cached_tokens == 0 and again.token_ids == reference["a"]
-    assert engine.kv_connector.metrics()["host"] == {"onboarded": 0, "failed": 0}
+    assert engine.kv_connector.metrics()["host"] == OnboardCounters(onboarded=0, failed=0)
 
 
 def test_prefix_hashes_are_admission_s_and_leave_the_last_token_s_block(engine, prompts):

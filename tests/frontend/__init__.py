@@ -9,7 +9,8 @@ import time
 import msgspec
 import uvicorn
 
-from kvmesh.protocol import Delta
+from kvmesh.frontend.metrics import BackendMetrics, WorkerMetrics
+from kvmesh.protocol import Delta, WorkerLoad
 from kvmesh.tokenizer import Tokenizer
 
 
@@ -78,9 +79,9 @@ class StubBackend:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    def metrics(self) -> dict:
-        return {
-            "remote_prefill_total": 3,
-            "kv_transfer_bytes_total": 4096,
-            "workers": [{"worker": "d0", "role": "decode", "num_running": 2}],
-        }
+    def metrics(self) -> BackendMetrics:
+        return BackendMetrics(
+            remote_prefill_total=3,
+            kv_transfer_bytes_total=4096,
+            workers=[WorkerMetrics("d0", "decode", WorkerLoad(num_running=2))],
+        )

@@ -8,30 +8,30 @@ import subprocess
 import msgspec
 import pytest
 
-from kvmesh.actors.router import _load_dict
-from kvmesh.cache.store import STORE_TIERS, TierStats
+from kvmesh.engine.async_engine import EngineStats
 from kvmesh.frontend.metrics import (
     LAG,
-    TIERS,
     WORKER_METRICS,
     WORKER_TIER_METRICS,
+    BackendMetrics,
     Metrics,
+    WorkerMetrics,
 )
-from kvmesh.protocol import LoadReport
+from kvmesh.protocol import OnboardCounters, TierCounters, WorkerLoad
 
 
 class FixedBackend:
-    """A Backend whose metrics() is a fixed dict."""
+    """A Backend whose metrics() is fixed."""
 
-    def __init__(self, stats: dict) -> None:
+    def __init__(self, stats: BackendMetrics) -> None:
         self.stats = stats
 
-    def metrics(self) -> dict:
+    def metrics(self) -> BackendMetrics:
         return self.stats
 
 
-def make_report(**tiers: float) -> LoadReport:
-    return LoadReport(
+def make_load(**tiers: OnboardCounters) -> WorkerLoad:
+    return WorkerLoad(
         num_running=2,
         num_waiting=1,
         num_remote=0,
@@ -46,20 +46,19 @@ def make_report(**tiers: float) -> LoadReport:
     )
 
 
-def make_stats(*workers: tuple[str, str, LoadReport]) -> dict:
+def make_stats(*workers: WorkerMetrics) -> BackendMetrics:
     """backend.metrics() of a cluster whose workers last reported these loads (what the
     frontend actor builds from the router's status)."""
-    return {
-        "remote_prefill_total": 3,
-        "kv_transfer_bytes_total": 4096,
-        "workers": [
-            {"worker": w, "role": role, **_load_dict(report)} for w, role, report in workers
-        ],
-        "tiers": {"host": {"offloaded": 5.0, "onboarded": 4.0, "lookups": 8.0, "hits": 4.0}},
-    }
+    return BackendMetrics(
+        remote_prefill_total=3,
+        kv_transfer_bytes_total=4096,
+        workers=list(workers),
+        tiers={"host": TierCounters(offloaded=5, lookups=8, hits=4)},
+        onboards={"host": OnboardCounters(onboarded=4)},
+    )
 
 
-def render(stats: dict) -> str:
+def render(stats: BackendMetrics) -> str:
     return Metrics(FixedBackend(stats)).render().decode()
 
 
@@ -72,8 +71,12 @@ def comments(text: str, kind: str) -> dict[str, str]:
 
 
 CLUSTER = make_stats(
-    ("decode-0", "decode", make_report(onboarded_host=4.0, failed_disk=1.0)),
-    ("prefill-0", "prefill", make_report()),
+    WorkerMetrics(
+        "decode-0",
+        "decode",
+        make_load(host=OnboardCounters(onboarded=4), disk=OnboardCounters(failed=1)),
+    ),
+    WorkerMetrics("prefill-0", "prefill", make_load()),
 )
 
 
@@ -108,6 +111,9 @@ def test_worker_values_keep_their_worker_role_and_tier():
         'kvmesh_worker_kv_onboard_blocks_total{role="decode",tier="host",worker="decode-0"} 4.0',
         'kvmesh_worker_kv_onboard_failed_blocks_total{role="decode",tier="disk",'
         'worker="decode-0"} 1.0',
+        'kvmesh_kv_offload_blocks_total{tier="host"} 5.0',
+        'kvmesh_kv_onboard_blocks_total{tier="host"} 4.0',
+        'kvmesh_kv_hit_rate{tier="host"} 0.5',
     ):
         assert line in lines, line
 
@@ -122,24 +128,36 @@ def test_every_worker_help_says_what_it_is_and_that_it_lags():
     assert len(set(worker_helps.values())) == len(worker_helps)
 
 
-def test_every_load_report_field_and_tier_counter_is_described():
-    fields = {f.name for f in msgspec.structs.fields(LoadReport)} - {"tiers"}
-    assert fields <= WORKER_METRICS.keys()
-    # what a worker's tier connector counts: the store's counters, onboarded and failed
-    assert {*TierStats().counters(), "onboarded", "failed"} == WORKER_TIER_METRICS.keys()
-    assert TIERS == STORE_TIERS
+def test_every_worker_load_field_and_tier_counter_is_described():
+    fields = {f.name for f in msgspec.structs.fields(WorkerLoad)} - {"tiers"}
+    assert fields == WORKER_METRICS.keys()
+    assert {f.name for f in msgspec.structs.fields(EngineStats)} <= WORKER_METRICS.keys()
+    # what a worker's tier connector counts; the tiers' own counts are kvmesh_kv_*{tier}
+    assert {f.name for f in msgspec.structs.fields(OnboardCounters)} == WORKER_TIER_METRICS.keys()
 
 
-def test_the_in_process_engines_preemptions_share_the_clusters_metric():
-    stats = {"workers": [{"worker": "local", "role": "local", "num_preemptions": 2}]}
-    text = render(stats)
-    assert "# TYPE kvmesh_worker_preemptions_total counter" in text
+def test_the_in_process_engine_serves_the_clusters_metrics_and_no_others():
+    stats = EngineStats(num_running=1, num_waiting=0, kv_usage=0.5, preemptions_total=2)
+    text = render(BackendMetrics(workers=[WorkerMetrics("local", "local", stats)]))
+    types = comments(text, "TYPE")
+    assert {name for name in types if name.startswith("kvmesh_worker_")} == {
+        "kvmesh_worker_num_running",
+        "kvmesh_worker_num_waiting",
+        "kvmesh_worker_kv_usage",
+        "kvmesh_worker_preemptions_total",
+    }
+    assert types["kvmesh_worker_preemptions_total"] == "counter"
     assert 'kvmesh_worker_preemptions_total{role="local",worker="local"} 2.0' in text
 
 
+class MysteryLoad(msgspec.Struct):
+    mystery: int = 3
+    up: bool = True
+    name: str = "x"
+
+
 def test_a_field_not_in_the_tables_is_served_untyped_and_says_so():
-    stats = {"workers": [{"worker": "d0", "role": "decode", "mystery": 3, "up": True, "name": "x"}]}
-    text = render(stats)
+    text = render(BackendMetrics(workers=[WorkerMetrics("d0", "decode", MysteryLoad())]))
     assert comments(text, "TYPE")["kvmesh_worker_mystery"] == "untyped"
     assert (
         "not described in kvmesh/frontend/metrics.py"
@@ -149,7 +167,7 @@ def test_a_field_not_in_the_tables_is_served_untyped_and_says_so():
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
-@pytest.mark.parametrize("stats", [CLUSTER, {"workers": []}], ids=["cluster", "no workers"])
+@pytest.mark.parametrize("stats", [CLUSTER, BackendMetrics()], ids=["cluster", "no workers"])
 def test_promtool_accepts_the_page(stats):
     result = subprocess.run(
         ["promtool", "check", "metrics"],

@@ -62,7 +62,7 @@ def streamed_choices(events: list, text_key) -> dict[int, tuple[str, str]]:
 
 
 def num_in_engine(backend: LocalBackend) -> int:
-    return sum(w["num_running"] + w["num_waiting"] for w in backend.metrics()["workers"])
+    return sum(w.load.num_running + w.load.num_waiting for w in backend.metrics().workers)
 
 
 def wait_until(condition, timeout: float) -> bool:
