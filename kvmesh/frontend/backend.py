@@ -57,8 +57,8 @@ class Backend(Protocol):
     generate() raises ValueError for a request the model cannot take (the message names
     the field), OverloadedError when full and BackendUnavailable when it cannot serve;
     these may surface at the first iteration. A stream that ends with a coded StreamError
-    raises exception_of(error). Leaving the iteration early ends the
-    request; abort() ends it from outside.
+    raises exception_of(error). Leaving the iteration early ends the request; abort()
+    ends it from outside.
 
     metrics() returns {"remote_prefill_total": int, "kv_transfer_bytes_total": int,
     "workers": [{"worker": name, "role": role, <gauge name>: number, ...}, ...]}.
