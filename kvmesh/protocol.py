@@ -468,6 +468,26 @@ class Abort(Message, frozen=True, kw_only=True):
     request_id: str
 
 
+class StreamErrorCode:
+    """The values of StreamError.code: why a request's stream ended in failure. Plain
+    strings, not an enum, so that a code added by a newer peer still decodes. Consumers
+    branch on the code, never on the words of the message."""
+
+    INVALID_REQUEST = "invalid_request"  # the engine cannot take it; the message names the field
+    REQUEST_ID_IN_USE = "request_id_in_use"  # another frontend's request runs under this id
+    WORKER_DIED = "worker_died"  # the worker running it died (the frontend's own notice)
+    REFUSED = "refused"  # the worker refused the Generate unread: it never started there
+    ABORTED = "aborted"  # ended from outside the stream (the client went away)
+    ENGINE_DEAD = "engine_dead"  # the engine thread crashed (one-process serving)
+
+
+class StreamError(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a request's stream ended in failure: a StreamErrorCode and words for people."""
+
+    code: str
+    message: str
+
+
 class Delta(msgspec.Struct, frozen=True, kw_only=True):
     """What one step added to one request; `error` ends the stream with a failure."""
 
@@ -478,7 +498,13 @@ class Delta(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
-    error: str | None = None
+    error: StreamError | None = None
+
+    @classmethod
+    def failed(cls, request_id: str, code: str, message: str) -> Delta:
+        """The Delta that ends a request's stream with StreamError(code, message)."""
+        error = StreamError(code=code, message=message)
+        return cls(request_id=request_id, new_token_ids=[], new_text="", error=error)
 
 
 class TokenBatch(Message, frozen=True, kw_only=True):

@@ -60,6 +60,8 @@ from kvmesh.protocol import (
     RouterLoad,
     Shutdown,
     StatusQuery,
+    StreamError,
+    StreamErrorCode,
     TierCounters,
     TokenBatch,
     Welcome,
@@ -206,7 +208,7 @@ EXAMPLES = [  # one of each message type, with every field away from its default
                 finish_reason="stop",
                 num_prompt_tokens=2,
                 num_cached_tokens=0,
-                error="worker lost",
+                error=StreamError(code=StreamErrorCode.WORKER_DIED, message="worker lost"),
             )
         ]
     ),
@@ -281,6 +283,16 @@ def test_every_message_round_trips(msg):
 )
 def test_wire_form_is_a_map_tagged_by_class_name(msg, wire):
     assert msgspec.msgpack.decode(encode(msg)) == wire
+
+
+def test_a_stream_error_travels_as_a_code_and_a_message():
+    """A failed Delta's error is a map with a code to branch on, not a sentence."""
+    batch = TokenBatch(deltas=[Delta.failed("r1", StreamErrorCode.REFUSED, "d0 refused it")])
+    wire = msgspec.msgpack.decode(encode(batch))
+    assert wire["deltas"][0]["error"] == {"code": "refused", "message": "d0 refused it"}
+    assert decode(encode(batch)).deltas[0].error == StreamError(
+        code=StreamErrorCode.REFUSED, message="d0 refused it"
+    )
 
 
 def test_messages_are_frozen():

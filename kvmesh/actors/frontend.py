@@ -1,10 +1,21 @@
 """The frontend actor: the OpenAI HTTP server, backed by the cluster.
 
 One asyncio loop runs both uvicorn (kvmesh.frontend.app) and this actor's sockets.
-For each request: hash the prompt's blocks, ask the router for a Placement, send
-Generate to the decode worker (connecting on first use), and turn the TokenBatches it
-streams back into Deltas. A client that goes away sends Abort; a decode worker that
-dies ends its requests with an error (request migration is the cache/fault issue's).
+A request's life, in `generate`, with its state in one RequestState:
+
+    place:   hash the prompt's (and any output's) blocks, ask the router for a Placement
+             that avoids the workers this request saw die; send Generate to the decode
+             worker (connecting on first use)
+    stream:  turn the TokenBatches that worker streams back into Deltas; tokens from any
+             other worker are dropped
+    migrate: the worker dies (on_peer_dead) or refuses the Generate (request_refused):
+             a coded StreamError (worker_died / refused) wakes the loop, which places the
+             request again with the tokens and text already streamed, at most
+             max_migrations times; the client's stream goes on as if nothing happened
+    end:     a finish reason, or any other coded error raised as exception_of(error);
+             a client that goes away, or request_timeout, sends Abort to the worker
+
+Nothing branches on an error's words: only on StreamError.code.
 Torch-free: this process starts in well under a second.
 """
 
@@ -13,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import msgspec
@@ -21,7 +32,7 @@ import structlog
 
 from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
 from kvmesh.engine.params import SamplingParams
-from kvmesh.frontend.backend import BackendUnavailable, OverloadedError
+from kvmesh.frontend.backend import BackendUnavailable, OverloadedError, exception_of
 from kvmesh.frontend.limits import HTTPLimits
 from kvmesh.frontend.metrics import BackendMetrics, WorkerMetrics
 from kvmesh.gpu.block_pool import hash_blocks, salt_id, wire_hashes
@@ -37,6 +48,7 @@ from kvmesh.protocol import (
     RequestDone,
     RouteRequest,
     StatusQuery,
+    StreamErrorCode,
     Tier,
     TokenBatch,
     WorkerLoad,
@@ -45,7 +57,7 @@ from kvmesh.tokenizer import Tokenizer
 from kvmesh.transport.keys import hash_key
 
 log = structlog.get_logger(__name__)
-WORKER_DIED = "unavailable: died:"
+MIGRATES = frozenset({StreamErrorCode.WORKER_DIED, StreamErrorCode.REFUSED})
 GENERATE_BYTES_PER_TOKEN = 5  # MessagePack of a token id below 2**32
 GENERATE_SLACK = 64 * 1024  # the rest of a Generate: parameters, stop strings, ids
 
@@ -74,6 +86,70 @@ class FrontendSettings:
     status_interval: float = 0.5
 
 
+@dataclass
+class RequestState:
+    """One request across the decode workers it runs on: what the frontend needs to
+    stream it, and to place it again when its worker is lost.
+
+    `worker` is the one worker whose tokens count (None between placements);
+    `lost_workers` died under the request or refused it: its placements avoid them, and
+    each one cost a migration.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stream: asyncio.Queue = field(default_factory=asyncio.Queue)  # Deltas for generate()
+    output_token_ids: list[int] = field(default_factory=list)
+    num_sent_chars: int = 0  # characters of text the client already has
+    num_cached_tokens: int | None = None  # the first placement's: what the client is told
+    worker: str | None = None
+    lost_workers: list[str] = field(default_factory=list)
+    finished: bool = False  # the stream ended on the worker's side: nothing to abort
+
+    def token_ids(self) -> list[int]:
+        """What a placement computes: the prompt, then the outputs so far."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    def advance(self, delta: Delta) -> Delta:
+        """Record a Delta of tokens; return it as the client sees it (with the first
+        placement's cached-token count, however often the request moved)."""
+        self.output_token_ids += delta.new_token_ids
+        self.num_sent_chars += len(delta.new_text)
+        if self.num_cached_tokens is None:
+            self.num_cached_tokens = delta.num_cached_tokens
+        self.finished = delta.finish_reason is not None
+        return msgspec.structs.replace(delta, num_cached_tokens=self.num_cached_tokens)
+
+    def lose(self, worker: str, code: str, message: str) -> None:
+        """`worker` died or refused the request: if it is the request's worker, take it
+        off the request and wake the stream with a coded error. Any other worker is
+        ignored, so a worker lost twice (refusing, then dying) costs one migration."""
+        if worker != self.worker:
+            return
+        self.worker = None
+        self.lost_workers.append(worker)
+        self.stream.put_nowait(Delta.failed(self.request_id, code, message))
+
+    def can_move(self, max_migrations: int) -> bool:
+        """Whether one more placement is allowed: one migration per lost worker."""
+        return len(self.lost_workers) <= max_migrations
+
+    def generate_for(self, placement: Placement) -> Generate:
+        """The Generate that starts (or resumes) the request on placement.decode; a
+        resumed request is prefilled where it decodes."""
+        resumed = bool(self.output_token_ids)
+        return Generate(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            params=self.params,
+            prefill=None if resumed else placement.prefill,
+            prefill_endpoint=None if resumed else placement.prefill_endpoint,
+            output_token_ids=list(self.output_token_ids),
+            num_sent_chars=self.num_sent_chars,
+        )
+
+
 class FrontendActor(Actor):
     """HTTP in, Generate out; also the cluster Backend that kvmesh.frontend.app calls."""
 
@@ -93,8 +169,7 @@ class FrontendActor(Actor):
         self.salt_id = salt_id(self.salt)
         self.router_id: str | None = None
         self.status: ClusterStatus | None = None
-        self.streams: dict[str, asyncio.Queue] = {}
-        self.decode_of: dict[str, str] = {}  # request id -> decode worker
+        self.requests: dict[str, RequestState] = {}  # in flight, by request id
         self._server = None
         self._services: list[asyncio.Task] = []
 
@@ -132,7 +207,7 @@ class FrontendActor(Actor):
 
     async def drain(self) -> None:
         """Stop taking HTTP requests; let the streams in flight finish."""
-        while self.streams:
+        while self.requests:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
@@ -182,116 +257,81 @@ class FrontendActor(Actor):
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[Delta]:
-        """Stream one request. When its decode worker dies, the request moves to another
-        (up to max_migrations times) with the tokens and text it already streamed, and
-        the client's stream goes on as if nothing happened."""
+        """Stream one request: place it, stream its worker's tokens, and when that worker
+        dies or refuses it, place it again with what it already streamed (at most
+        max_migrations times); the client's stream goes on as if nothing happened."""
         if not self._accepting:
             raise BackendUnavailable("the frontend is shutting down", retry_after=1.0)
-        if len(self.streams) >= self.settings.max_num_requests:
-            raise OverloadedError(f"{len(self.streams)} requests in flight; try again shortly")
-        stream: asyncio.Queue = asyncio.Queue()
-        self.streams[request_id] = stream
-        outputs: list[int] = []
-        num_chars = 0
-        dead: list[str] = []
-        num_cached = None
-        finished = False
-        decode = None
+        if len(self.requests) >= self.settings.max_num_requests:
+            raise OverloadedError(f"{len(self.requests)} requests in flight; try again shortly")
+        state = RequestState(request_id, prompt_token_ids, params)
+        self.requests[request_id] = state
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
         try:
-            while not finished:
-                decode = await self._start(
-                    request_id, prompt_token_ids, params, outputs, num_chars, dead
-                )
-                while True:
-                    delta: Delta = await self._next(stream, deadline, request_id)
-                    if (
-                        delta.error is not None
-                        and delta.error.startswith(WORKER_DIED)
-                        and (len(dead) < self.settings.max_migrations)
-                    ):
-                        dead.append(decode)
-                        self.log.warning(
-                            "request_migrating",
-                            request_id=request_id,
-                            dead=decode,
-                            num_outputs=len(outputs),
-                        )
-                        break
-                    if delta.error is not None:
-                        finished = True
-                        raise _as_error(delta.error)
-                    outputs += delta.new_token_ids
-                    num_chars += len(delta.new_text)
-                    num_cached = delta.num_cached_tokens if num_cached is None else num_cached
-                    finished = delta.finish_reason is not None
-                    yield msgspec.structs.replace(delta, num_cached_tokens=num_cached)
-                    if finished:
-                        break
+            await self._start(state)
+            while not state.finished:
+                delta = await self._next(state, deadline)
+                if delta.error is None:
+                    yield state.advance(delta)
+                elif delta.error.code in MIGRATES and state.can_move(self.settings.max_migrations):
+                    self.log.warning(
+                        "request_migrating",
+                        request_id=request_id,
+                        dead=state.lost_workers[-1],
+                        num_outputs=len(state.output_token_ids),
+                    )
+                    await self._start(state)
+                else:
+                    state.finished = True  # the worker ended it, or never had it
+                    raise exception_of(delta.error)
         finally:
-            self.streams.pop(request_id, None)
-            self.decode_of.pop(request_id, None)
-            if not finished and decode in self.peers:
-                await self.send(decode, Abort(request_id=request_id))
+            self.requests.pop(request_id, None)
+            if not state.finished and state.worker in self.peers:
+                await self.send(state.worker, Abort(request_id=request_id))
             if self.router_id in self.peers:
                 await self.send(self.router_id, RequestDone(request_id=request_id))
 
-    async def _next(self, stream: asyncio.Queue, deadline: float, request_id: str) -> Delta:
+    async def _next(self, state: RequestState, deadline: float) -> Delta:
         left = deadline - asyncio.get_running_loop().time()
         try:
-            return await asyncio.wait_for(stream.get(), max(left, 0.0))
+            return await asyncio.wait_for(state.stream.get(), max(left, 0.0))
         except TimeoutError:
             raise OverloadedError(
-                f"request {request_id} took longer than frontend.request_timeout "
+                f"request {state.request_id} took longer than frontend.request_timeout "
                 f"({self.settings.request_timeout:g} s) and was aborted",
                 retry_after=5.0,
             ) from None
 
-    async def _start(self, request_id, prompt_token_ids, params, outputs, num_chars, dead) -> str:
-        """Place the request (avoiding dead workers) and send it to its decode worker."""
+    async def _start(self, state: RequestState) -> None:
+        """Place the request (avoiding its lost workers) and send it to its decode worker."""
         # a Generate past the message size limit would be refused unread by the worker
         # (no request id to answer with): refuse it here, naming the limit
-        size = GENERATE_BYTES_PER_TOKEN * (len(prompt_token_ids) + len(outputs)) + GENERATE_SLACK
+        num_tokens = len(state.prompt_token_ids) + len(state.output_token_ids)
+        size = GENERATE_BYTES_PER_TOKEN * num_tokens + GENERATE_SLACK
         if size > self.config.max_message_size:
             raise ValueError(
-                f"prompt has {len(prompt_token_ids)} tokens, too many for one message to a "
-                f"worker (about {size} bytes; the limit is {self.config.max_message_size})"
+                f"prompt has {len(state.prompt_token_ids)} tokens, too many for one message "
+                f"to a worker (about {size} bytes; the limit is {self.config.max_message_size})"
             )
-        placement = await self._place(
-            request_id, prompt_token_ids + outputs, params.salted(self.salt), dead
-        )
-        decode = placement.decode
-        self.decode_of[request_id] = decode
-        await self._ensure_connected(decode, placement.decode_endpoint)
-        resumed = bool(outputs)  # a resumed request is prefilled where it decodes
-        await self.send(
-            decode,
-            Generate(
-                request_id=request_id,
-                prompt_token_ids=prompt_token_ids,
-                params=params,
-                prefill=None if resumed else placement.prefill,
-                prefill_endpoint=None if resumed else placement.prefill_endpoint,
-                output_token_ids=outputs,
-                num_sent_chars=num_chars,
-            ),
-        )
-        return decode
+        placement = await self._place(state)
+        state.worker = placement.decode
+        await self._ensure_connected(placement.decode, placement.decode_endpoint)
+        await self.send(placement.decode, state.generate_for(placement))
 
-    async def _place(
-        self, request_id: str, prompt_token_ids: list[int], salt: bytes, exclude: list[str]
-    ) -> Placement:
+    async def _place(self, state: RequestState) -> Placement:
         if self.router_id not in self.peers:
             raise BackendUnavailable("the router is unreachable", retry_after=2.0)
-        hashes = wire_hashes(hash_blocks(prompt_token_ids, self.settings.block_size, salt=salt))
+        token_ids = state.token_ids()
+        salt = state.params.salted(self.salt)
+        hashes = wire_hashes(hash_blocks(token_ids, self.settings.block_size, salt=salt))
         try:
             return await self.request(
                 self.router_id,
                 RouteRequest(
-                    request_id=request_id,
+                    request_id=state.request_id,
                     block_hashes=hashes,
-                    num_prompt_tokens=len(prompt_token_ids),
-                    exclude=exclude,
+                    num_prompt_tokens=len(token_ids),
+                    exclude=list(state.lost_workers),
                     salt_id=self.salt_id,
                 ),
                 timeout=self.settings.route_timeout,
@@ -308,14 +348,12 @@ class FrontendActor(Actor):
             raise BackendUnavailable(f"decode worker {worker} unreachable: {exc}") from exc
 
     async def abort(self, request_id: str) -> None:
-        decode = self.decode_of.get(request_id)
-        stream = self.streams.pop(request_id, None)
-        if decode in self.peers:
-            await self.send(decode, Abort(request_id=request_id))
-        if stream is not None:
-            stream.put_nowait(
-                Delta(request_id=request_id, new_token_ids=[], new_text="", error="aborted")
-            )
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return
+        if state.worker in self.peers:
+            await self.send(state.worker, Abort(request_id=request_id))
+        state.stream.put_nowait(Delta.failed(request_id, StreamErrorCode.ABORTED, "aborted"))
 
     def metrics(self) -> BackendMetrics:
         """The cluster as the router's last status has it: each worker's load, the decode
@@ -341,10 +379,10 @@ class FrontendActor(Actor):
     async def on_token_batch(self, msg: TokenBatch, inbound) -> None:
         """One step's tokens for some of our requests (only those placed on the sender)."""
         for delta in msg.deltas:
-            stream = self.streams.get(delta.request_id)
-            if stream is None:
+            state = self.requests.get(delta.request_id)
+            if state is None:
                 continue
-            if self.decode_of.get(delta.request_id) != inbound.peer:
+            if state.worker != inbound.peer:
                 self.log.warning(
                     "tokens_refused",
                     request_id=delta.request_id,
@@ -352,39 +390,23 @@ class FrontendActor(Actor):
                     reason="not placed on the sender",
                 )
                 continue
-            stream.put_nowait(delta)
+            state.stream.put_nowait(delta)
 
     def request_refused(self, error, inbound) -> None:
         """A decode worker refused a Generate (draining, or it no longer knows us): the
         request never started there, so it moves on as from a dead worker."""
-        stream = self.streams.get(error.request_id)
-        if stream is not None and self.decode_of.get(error.request_id) == inbound.peer:
-            stream.put_nowait(
-                Delta(
-                    request_id=error.request_id,
-                    new_token_ids=[],
-                    new_text="",
-                    error=(
-                        f"{WORKER_DIED} {inbound.peer} refused it ({error.code}: {error.message})"
-                    ),
-                )
-            )
+        state = self.requests.get(error.request_id)
+        if state is not None:
+            message = f"decode worker {inbound.peer} refused it ({error.code}: {error.message})"
+            state.lose(inbound.peer, StreamErrorCode.REFUSED, message)
 
     async def on_peer_dead(self, peer_id: str) -> None:
         """A decode worker died: its requests move elsewhere (or end with an error).
         The router died: reconnect to its successor."""
         if peer_id == self.router_id and self._accepting:
             self._services.append(asyncio.create_task(self._reconnect_router()))
-        for request_id, decode in list(self.decode_of.items()):
-            if decode == peer_id and request_id in self.streams:
-                self.streams[request_id].put_nowait(
-                    Delta(
-                        request_id=request_id,
-                        new_token_ids=[],
-                        new_text="",
-                        error=f"{WORKER_DIED} {peer_id}",
-                    )
-                )
+        for state in list(self.requests.values()):
+            state.lose(peer_id, StreamErrorCode.WORKER_DIED, f"decode worker {peer_id} died")
         await super().on_peer_dead(peer_id)
 
 
@@ -398,10 +420,3 @@ def sum_tiers(per_actor: Iterable[dict[Tier, C]]) -> dict[Tier, C]:
         for tier, counters in tiers.items():
             totals[tier] = totals[tier] + counters if tier in totals else counters
     return totals
-
-
-def _as_error(message: str) -> Exception:
-    """A worker's error for one request: bad input (ValueError) or the cluster's fault."""
-    if message.startswith("unavailable:") or message == "aborted":
-        return BackendUnavailable(message, retry_after=1.0)
-    return ValueError(message)

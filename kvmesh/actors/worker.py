@@ -41,6 +41,7 @@ from kvmesh.protocol import (
     RegisterWorker,
     RemotePrefill,
     RemotePrefillDone,
+    StreamErrorCode,
     TokenBatch,
     WorkerLoad,
 )
@@ -344,11 +345,10 @@ class DecodeWorker(EngineWorker):
                 owner=owner,
                 reason="request id in use",
             )
-            delta = Delta(
-                request_id=msg.request_id,
-                new_token_ids=[],
-                new_text="",
-                error=f"request id {msg.request_id!r} is already running here",
+            delta = Delta.failed(
+                msg.request_id,
+                StreamErrorCode.REQUEST_ID_IN_USE,
+                f"request id {msg.request_id!r} is already running here",
             )
             await self.send(inbound.peer, TokenBatch(deltas=[delta]))
             return
@@ -374,7 +374,7 @@ class DecodeWorker(EngineWorker):
         except ValueError as exc:
             self.frontend_of.pop(msg.request_id, None)
             self.prefill_of.pop(msg.request_id, None)
-            delta = Delta(request_id=msg.request_id, new_token_ids=[], new_text="", error=str(exc))
+            delta = Delta.failed(msg.request_id, StreamErrorCode.INVALID_REQUEST, str(exc))
             await self.send(inbound.peer, TokenBatch(deltas=[delta]))
 
     async def on_abort(self, msg: Abort, inbound) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.metrics import BackendMetrics, WorkerMetrics
-from kvmesh.protocol import Delta
+from kvmesh.protocol import Delta, StreamError, StreamErrorCode
 from kvmesh.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -39,13 +39,27 @@ class BackendUnavailable(Exception):
         self.retry_after = retry_after
 
 
+def exception_of(error: StreamError) -> Exception:
+    """The exception generate() raises for a stream that ended with `error`: the one
+    place a StreamErrorCode gets its meaning for the HTTP layer (see serving.describe_error)."""
+    code = error.code
+    if code in (StreamErrorCode.INVALID_REQUEST, StreamErrorCode.REQUEST_ID_IN_USE):
+        return ValueError(error.message)  # 400
+    if code in (StreamErrorCode.WORKER_DIED, StreamErrorCode.REFUSED, StreamErrorCode.ABORTED):
+        return BackendUnavailable(error.message, retry_after=1.0)  # 503: a retry may land well
+    if code == StreamErrorCode.ENGINE_DEAD:
+        return BackendUnavailable(error.message)  # 503, no retry: this engine is gone
+    return RuntimeError(f"{code}: {error.message}")  # a code this frontend does not know: 500
+
+
 class Backend(Protocol):
     """Runs requests for the frontend.
 
     generate() raises ValueError for a request the model cannot take (the message names
     the field), OverloadedError when full and BackendUnavailable when it cannot serve;
-    these may surface at the first iteration. Leaving the iteration early ends the
-    request; abort() ends it from outside.
+    these may surface at the first iteration. A stream that ends with a coded StreamError
+    raises exception_of(error). Leaving the iteration early ends the request; abort()
+    ends it from outside.
 
     metrics() returns what /metrics serves of the backend (kvmesh.frontend.metrics).
     """
@@ -149,7 +163,8 @@ class LocalBackend:
                     num_cached_tokens=out.num_cached_tokens,
                 )
         except EngineDeadError as error:
-            raise BackendUnavailable(str(error)) from error
+            dead = StreamError(code=StreamErrorCode.ENGINE_DEAD, message=str(error))
+            raise exception_of(dead) from error
         finally:
             self.num_requests -= 1
 

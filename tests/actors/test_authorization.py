@@ -21,6 +21,8 @@ from kvmesh.protocol import (
     Hello,
     Shutdown,
     StatusQuery,
+    StreamError,
+    StreamErrorCode,
     TokenBatch,
     encode,
 )
@@ -151,7 +153,8 @@ def test_events_are_the_connections_sender_whatever_their_frames_say():
 
 
 def test_a_frontend_takes_tokens_only_from_the_worker_it_placed_the_request_on(tiny_model_dir):
-    from kvmesh.actors.frontend import FrontendActor, FrontendSettings
+    from kvmesh.actors.frontend import FrontendActor, FrontendSettings, RequestState
+    from kvmesh.engine.params import SamplingParams
 
     frontend = FrontendActor(
         make_config("frontend-0"),
@@ -164,15 +167,14 @@ def test_a_frontend_takes_tokens_only_from_the_worker_it_placed_the_request_on(t
     )
 
     async def scenario():
-        stream: asyncio.Queue = asyncio.Queue()
-        frontend.streams["r-1"] = stream
-        frontend.decode_of["r-1"] = "decode-0"
+        state = RequestState("r-1", [1, 2, 3], SamplingParams(), worker="decode-0")
+        frontend.requests["r-1"] = state
         for sender, token in (("decode-1", 66), ("decode-0", 5)):
             delta = Delta(request_id="r-1", new_token_ids=[token], new_text="x")
             await frontend.on_token_batch(
                 TokenBatch(deltas=[delta]), Inbound(Route(f"to_{sender}"), sender, [])
             )
-        return [stream.get_nowait().new_token_ids for _ in range(stream.qsize())]
+        return [state.stream.get_nowait().new_token_ids for _ in range(state.stream.qsize())]
 
     assert asyncio.run(scenario()) == [[5]]
 
@@ -253,4 +255,9 @@ def test_a_decode_worker_takes_abort_and_request_ids_only_from_the_requests_fron
     owned, refused = asyncio.run(scenario())
     assert sum(len(d.new_token_ids) for d in owned) == 24
     assert owned[-1].finish_reason == "length"
-    assert [d.error for d in refused] == ["request id 'r-1' is already running here"]
+    assert [d.error for d in refused] == [
+        StreamError(
+            code=StreamErrorCode.REQUEST_ID_IN_USE,
+            message="request id 'r-1' is already running here",
+        )
+    ]
