@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import msgspec
 import structlog
 
-from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
+from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, Retry, any_peer
 from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import BackendUnavailable, OverloadedError
 from kvmesh.frontend.limits import HTTPLimits
@@ -42,6 +42,7 @@ log = structlog.get_logger(__name__)
 WORKER_DIED = "unavailable: died:"
 GENERATE_BYTES_PER_TOKEN = 5  # MessagePack of a token id below 2**32
 GENERATE_SLACK = 64 * 1024  # the rest of a Generate: parameters, stop strings, ids
+ROUTER_RETRY = Retry((TimeoutError, ConnectionError), "router_unreachable")
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,9 @@ class FrontendActor(Actor):
         self.streams: dict[str, asyncio.Queue] = {}
         self.decode_of: dict[str, str] = {}  # request id -> decode worker
         self._server = None
-        self._services: list[asyncio.Task] = []
+        self._http: asyncio.Task | None = None
+        self.watch(lambda peer_id: peer_id == self.router_id, self._router_died)
+        self.watch(any_peer, self._decode_died)
 
     # --- actor lifecycle ---
 
@@ -99,12 +102,7 @@ class FrontendActor(Actor):
 
         from kvmesh.frontend.app import create_app
 
-        self.router_id = await self.connect(
-            "to_router",
-            self.settings.router_endpoint,
-            self.settings.connect_timeout,
-            self.settings.router_id,
-        )
+        await self._connect_router()
         config = uvicorn.Config(
             create_app(self, self.settings.limits),
             host=self.settings.host,
@@ -118,10 +116,8 @@ class FrontendActor(Actor):
         # uvicorn must not take SIGTERM/SIGINT for itself: they are the actor's, which
         # drains the streams in flight before telling uvicorn to exit.
         self._server.capture_signals = contextlib.nullcontext
-        self._services = [
-            asyncio.create_task(self._server.serve()),
-            asyncio.create_task(self._poll_status()),
-        ]
+        self._http = self.supervise("http", self._server.serve)
+        self.supervise("poll_status", self._poll_status)
         self.endpoints["http"] = f"http://{self.settings.host}:{self.settings.http_port}"
 
     async def drain(self) -> None:
@@ -130,27 +126,22 @@ class FrontendActor(Actor):
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        if self._server is not None:
+        if self._server is not None:  # uvicorn exits on its own, closing its connections
             self._server.should_exit = True
-        server, *others = self._services or [None]
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*self._services, return_exceptions=True)
+            await asyncio.gather(self._http, return_exceptions=True)
         await super().close()
 
-    async def _reconnect_router(self) -> None:
-        while self._accepting:
-            try:
-                await self.connect(
-                    "to_router",
-                    self.settings.router_endpoint,
-                    self.settings.connect_timeout,
-                    self.settings.router_id,
-                )
-                return
-            except (TimeoutError, ConnectionError) as exc:
-                log.warning("router_unreachable", error=str(exc))
-                await asyncio.sleep(1.0)
+    async def _connect_router(self) -> None:
+        self.router_id = await self.connect(
+            "to_router",
+            self.settings.router_endpoint,
+            self.settings.connect_timeout,
+            self.settings.router_id,
+        )
+
+    async def _router_died(self, peer_id: str) -> None:
+        """Reconnect to the router's successor."""
+        self.supervise("reconnect_router", self._connect_router, retry=ROUTER_RETRY)
 
     async def _poll_status(self) -> None:
         while True:
@@ -364,11 +355,8 @@ class FrontendActor(Actor):
                 )
             )
 
-    async def on_peer_dead(self, peer_id: str) -> None:
-        """A decode worker died: its requests move elsewhere (or end with an error).
-        The router died: reconnect to its successor."""
-        if peer_id == self.router_id and self._accepting:
-            self._services.append(asyncio.create_task(self._reconnect_router()))
+    async def _decode_died(self, peer_id: str) -> None:
+        """A decode worker died: its requests move elsewhere (or end with an error)."""
         for request_id, decode in list(self.decode_of.items()):
             if decode == peer_id and request_id in self.streams:
                 self.streams[request_id].put_nowait(
@@ -379,7 +367,6 @@ class FrontendActor(Actor):
                         error=f"{WORKER_DIED} {peer_id}",
                     )
                 )
-        await super().on_peer_dead(peer_id)
 
 
 def sum_tiers(workers: list[dict]) -> dict[str, dict[str, float]]:
