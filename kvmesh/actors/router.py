@@ -253,7 +253,7 @@ class RouterActor(Actor):
                 ),
             )
         try:
-            # a worker out of `peers` is dead, its death hook not yet run: not a candidate
+            # a worker out of `peers` is dead, its watches not yet run: not a candidate
             workers = [
                 w
                 for w in self.workers.values()

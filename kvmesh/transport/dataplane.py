@@ -565,7 +565,7 @@ class DataPlaneHandlers:
         """Answer KvPoolQuery and KvWrite on actor; fail a dead peer's transfers."""
         actor.handle(KvPoolQuery, self.on_kv_pool_query)
         actor.handle(KvWrite, self.on_kv_write)
-        actor.watch(lambda peer_id: True, self.on_peer_dead)
+        actor.watch(lambda peer_id: True, self.peer_died)  # every peer
 
     async def on_kv_pool_query(self, msg: KvPoolQuery, inbound) -> KvPoolInfo:
         """Describe this actor's KV pool to a would-be sender."""
@@ -579,7 +579,7 @@ class DataPlaneHandlers:
             log.warning("kv_write_refused", peer=inbound.peer, reason=str(exc))
             return Error(code=ErrorCode.FORBIDDEN, message=str(exc))
 
-    async def on_peer_dead(self, peer_id: str) -> None:
+    async def peer_died(self, peer_id: str) -> None:
         """Fail what peer_id was sending here, drop the link to it."""
         self.plane.peer_dead(peer_id)
 

@@ -664,7 +664,7 @@ def test_request_to_an_unknown_peer_raises_peer_dead():
     assert asyncio.run(scenario()) == "peer 'nobody' is dead: not connected"
 
 
-def test_a_vanished_client_fires_on_peer_dead_on_the_server():
+def test_a_vanished_client_fires_the_watch_on_the_server():
     async def scenario():
         async with Server(make_config("server")) as server:
             client = Probe(make_config("client"))
@@ -715,7 +715,7 @@ def test_an_actor_that_closes_says_goodbye_and_the_other_side_forgets_it(closing
 
 
 class Sessions(Server):
-    """Keeps a session per peer from BlockStored; its death hook awaits (as one that
+    """Keeps a session per peer from BlockStored; its death watch awaits (as one that
     aborts work on an engine does) before dropping the dead peer's session."""
 
     def __init__(self, config: ActorConfig) -> None:
@@ -733,7 +733,7 @@ class Sessions(Server):
         self.dead.append(peer_id)
 
 
-def test_the_hook_of_a_replaced_connection_does_not_act_on_its_successor():
+def test_the_watch_of_a_replaced_connection_does_not_act_on_its_successor():
     async def scenario():
         async with (
             Sessions(make_config("server")) as server,
