@@ -107,8 +107,8 @@ class Channel(Protocol):
     ) -> Message: ...
 
 
-class Host(Protocol):
-    """An actor as DataPlaneHandlers wires itself into one (kvmesh.actors.base.Actor)."""
+class Registrar(Protocol):
+    """What DataPlaneHandlers registers with: an Actor's handle and watch."""
 
     def handle(self, message_type: type[Message], handler: Callable[..., Awaitable]) -> None: ...
 
@@ -561,7 +561,7 @@ class DataPlaneHandlers:
     def __init__(self, plane: KVDataPlane) -> None:
         self.plane = plane
 
-    def register(self, actor: Host) -> None:
+    def register(self, actor: Registrar) -> None:
         """Answer KvPoolQuery and KvWrite on actor; fail a dead peer's transfers."""
         actor.handle(KvPoolQuery, self.on_kv_pool_query)
         actor.handle(KvWrite, self.on_kv_write)
