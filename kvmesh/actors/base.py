@@ -19,21 +19,47 @@ Connections, ROUTER/DEALER:
 Then either side may send one-way messages and requests to the other; `Peers`
 (kvmesh/actors/peers.py) keeps who is registered, the requests pending on them, and
 liveness: a silent peer is declared dead, its pending requests raise PeerDeadError and
-`on_peer_dead(peer_id)` fires. An actor that closes says Goodbye on every connection
-first: its peers forget it at once, with the same hook, and log it at info, so a clean
-shutdown is told apart from a crash (`self.peers.left(peer_id)` in the hook). PUB/SUB
-and PUSH/PULL carry one-way messages with no registration.
+the watches on it run. An actor that closes says Goodbye on every connection first: its
+peers forget it at once, the same way, and log it at info, so a clean shutdown is told
+apart from a crash (`self.peers.left(peer_id)` in a watch's callback). PUB/SUB and
+PUSH/PULL carry one-way messages with no registration.
 
-Handlers are `async def on_<snake_case_type>(self, msg, inbound)`; each message runs in
-its own task, so a handler may itself await `request()`. A Request's handler returns
-its reply (a Message, or `(Message, frames)` to add bulk frames); the runtime stamps
-`in_reply_to` and sends it back the way the request came.
+Handlers are `async def on_<snake_case_type>(self, msg, inbound)`, found once, when the
+class is created: an `on_*` name that matches no message this actor can receive (a
+typo, a reply type, a handler that is not async) is a TypeError there and then. A part
+the actor holds (the KV data plane) adds its own with `handle(MessageType, handler)`.
+Each message runs in its own task, so a handler may itself await `request()`. A
+Request's handler returns its reply (a Message, or `(Message, frames)` to add bulk
+frames); the runtime stamps `in_reply_to` and sends it back the way the request came.
+
+Lifecycle, and the two helpers for what runs besides the handlers:
+
+    start()   sockets' context, heartbeats, setup() (sockets, connections, watches,
+              supervised tasks)
+    serve     handlers run; supervise(name, fn, *args, retry=Retry(...)) runs a named
+              background task: tracked, its crash logged (task_failed); with a Retry,
+              an attempt that raises one of retry.errors is logged (retry.event) and
+              made again after retry.delay s while the actor accepts work (every
+              reconnect loop: a restarted router, a restarted cache actor)
+              watch(peer_id | predicate, on_dead) calls `await on_dead(peer_id)` each
+              time a matching peer is declared dead or leaves, until unwatch()
+    stop()    (SIGTERM, SIGINT, Shutdown) new work refused; drain() and the handlers in
+              progress awaited, within grace_period
+    close()   supervised tasks cancelled, watches dropped, handlers cancelled,
+              Goodbye said, sockets closed. An actor whose close() releases what its
+              tasks use (an engine, a pool) calls cancel_supervised() first.
+
+A peer's watches run one after another, in the order they were made, in one task: a
+new connection under that id is registered only after it ends (peers.py), so a
+callback for the old connection never acts on the new one. Spawn, do not await, a
+reconnection from a callback (supervise it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import inspect
 import os
 import platform
@@ -75,7 +101,9 @@ from kvmesh.transport.messaging import Buffer, Sockets
 
 log = structlog.get_logger(__name__)
 
-HOOKS = frozenset({"on_peer_dead"})  # on_* names that are hooks, not message handlers
+# handler name -> its message: every message a handler may take, and the replies
+HANDLED = {f"on_{protocol.snake_name(t)}": t for t in MESSAGE_TYPES if not issubclass(t, Reply)}
+REPLIES = {f"on_{protocol.snake_name(t)}": t for t in MESSAGE_TYPES if issubclass(t, Reply)}
 REPLY_KINDS = (zmq.ROUTER, zmq.DEALER)  # sockets where a message has a way back
 RECEIVE_KINDS = frozenset(messaging.HEAD_FRAMES)
 _HEARTBEAT = protocol.encode(Heartbeat())
@@ -126,17 +154,47 @@ class ActorConfig:
 
 
 Handler = Callable[[Message, Inbound], Awaitable[object]]
+OnDead = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a supervised task is retried: an attempt that raises one of `errors` is
+    logged as `event` (a warning) and made again after `delay` seconds, while the actor
+    accepts work. The delay is fixed, not a growing backoff: the peer it waits for is
+    restarted within seconds (the launcher), and an attempt that reaches nobody already
+    waits out its connect timeout for a Welcome."""
+
+    errors: tuple[type[Exception], ...]
+    event: str
+    delay: float = 1.0
+
+
+@dataclass(eq=False)
+class Watch:
+    """A callback for the deaths of the peers `matches` accepts (Actor.watch)."""
+
+    matches: Callable[[str], bool]
+    on_dead: OnDead
+
+
+def any_peer(peer_id: str) -> bool:
+    """Watch every peer: `actor.watch(any_peer, on_dead)`."""
+    return True
 
 
 class Actor:
     """One kvmesh process: sockets, peers, handlers, heartbeats, graceful shutdown.
 
-    Subclasses set `role`, open sockets and connect in `setup()`, and define
-    `on_<message>` handlers. `run()` serves until SIGTERM/SIGINT or a Shutdown message;
-    tests use `async with actor:` instead.
+    Subclasses set `role`, define `on_<message>` handlers, watch the peers whose death
+    matters to them (`watch`), and open sockets, connect and start their background
+    tasks (`supervise`) in `setup()`. `run()` serves until SIGTERM/SIGINT or a Shutdown
+    message; tests use `async with actor:` instead.
     """
 
     role: ClassVar[str] = "actor"
+    # message type -> the name of its on_* handler; built when the class is created
+    _handler_names: ClassVar[dict[type[Message], str]]
     # Messages still handled while draining: those that finish work already in flight
     # (a stream's tokens, a transfer's blocks), as opposed to new work.
     drain_accepts: ClassVar[frozenset[type[Message]]] = frozenset()
@@ -144,13 +202,20 @@ class Actor:
     # runtime alone may clear it.
     senders: ClassVar[dict[type[Message], frozenset[str]]] = SENDERS
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._handler_names = handler_names(cls)
+
     def __init__(self, config: ActorConfig) -> None:
         self.config = config
         self.actor_id = config.actor_id
         self.log = log.bind(actor=config.actor_id, role=self.role)
         self.peers = Peers(config.heartbeat_interval, config.liveness, self.log, self._bury)
         self.endpoints: dict[str, str] = {}  # bound sockets, announced in Hello/Welcome
-        self._handlers = self._dispatch_table()
+        self._handlers: dict[type[Message], Handler] = {
+            message_type: getattr(self, name)
+            for message_type, name in type(self)._handler_names.items()
+        }
         self._keys = self._load_keys(config)
         self._sender = config.actor_id.encode()
         self._sockets: Sockets | None = None
@@ -158,7 +223,11 @@ class Actor:
         self._kinds: dict[str, int] = {}
         self._socket_peer: dict[str, str] = {}  # connected SUB/PULL -> the actor it reaches
         self._readers: dict[str, asyncio.Task] = {}
-        self._tasks: set[asyncio.Task] = set()  # handlers and hooks in progress
+        self._tasks: set[asyncio.Task] = set()  # handlers and watches in progress
+        self._supervised: set[asyncio.Task] = set()  # supervise()'s, until they end
+        self._watches: list[Watch] = []
+        # the runtime's own, not supervised: it beats on while a subclass's close()
+        # releases its parts, until the sockets close
         self._heartbeat_task: asyncio.Task | None = None
         self._accepting = True
         self._stop_requested = asyncio.Event()
@@ -176,23 +245,24 @@ class Actor:
             )
         return ring
 
-    def _dispatch_table(self) -> dict[type[Message], Handler]:
-        handlers = {}
-        for message_type in MESSAGE_TYPES:
-            handler = getattr(self, f"on_{protocol.snake_name(message_type)}", None)
-            if handler is not None and not issubclass(message_type, Reply):
-                handlers[message_type] = handler
-        known = {f"on_{protocol.snake_name(t)}" for t in handlers} | HOOKS
-        stray = sorted(name for name in dir(self) if name.startswith("on_") and name not in known)
-        if stray:
+    def handle(self, message_type: type[Message], handler: Handler) -> None:
+        """Run `handler` for each message_type received: how a part the actor holds
+        (the KV data plane) adds its handlers. TypeError for a type that is not a
+        receivable message, a handler that is not async, or a type already handled."""
+        if message_type not in HANDLED.values():
             raise TypeError(
-                f"{type(self).__name__} defines {', '.join(stray)}, matching no non-reply "
-                "message in kvmesh.protocol (replies are returned by request())"
+                f"{type(self).__name__}.handle: {message_type!r} is not a non-reply "
+                "message of kvmesh.protocol"
             )
-        sync = sorted(h.__name__ for h in handlers.values() if not inspect.iscoroutinefunction(h))
-        if sync:
-            raise TypeError(f"{type(self).__name__}: handlers must be async def: {sync}")
-        return handlers
+        if not inspect.iscoroutinefunction(handler):
+            raise TypeError(f"{type(self).__name__}.handle: {handler!r} must be async def")
+        current = self._handlers.get(message_type)
+        if current is not None:
+            raise TypeError(
+                f"{type(self).__name__}.handle: {message_type.__name__} is handled "
+                f"already, by {current.__qualname__}"
+            )
+        self._handlers[message_type] = handler
 
     # --- hooks for subclasses ---
 
@@ -202,11 +272,6 @@ class Actor:
     async def drain(self) -> None:
         """Finish work in progress before exit (bounded by grace_period). Handlers in
         progress are awaited too, after this returns."""
-
-    async def on_peer_dead(self, peer_id: str) -> None:
-        """A peer was declared dead; its pending requests already failed. A new
-        connection under peer_id is registered only after this returns: spawn, do not
-        await, a reconnection to it."""
 
     # --- lifecycle ---
 
@@ -267,9 +332,11 @@ class Actor:
             await asyncio.wait(set(self._tasks))
 
     async def close(self) -> None:
-        """Stop now: cancel handlers and loops, close sockets (linger bounded).
-        Closing twice is harmless."""
+        """Stop now: cancel supervised tasks, drop watches, cancel handlers and loops,
+        say Goodbye, close sockets (linger bounded). Closing twice is harmless."""
         self.peers.shutting_down = True
+        await self.cancel_supervised()
+        self._watches.clear()
         tasks = [t for t in (self._heartbeat_task, *self._readers.values(), *self._tasks) if t]
         for task in tasks:
             task.cancel()
@@ -646,13 +713,75 @@ class Actor:
             call_id,
         )
 
-    # --- peers and liveness ---
+    # --- background tasks and peer watches ---
+
+    def supervise(
+        self, name: str, fn: Callable[..., Awaitable[None]], *args, retry: Retry | None = None
+    ) -> asyncio.Task:
+        """Run `await fn(*args)` as a background task of this actor, named `name`: tracked
+        until it ends, cancelled at close(), its crash logged (task_failed). With retry,
+        made again after a failure in retry.errors while the actor accepts work (and
+        not at all once it drains). Returns the task, to wait for its first success."""
+        task = asyncio.create_task(self._run_supervised(name, fn, args, retry), name=name)
+        self._supervised.add(task)
+        task.add_done_callback(self._supervised.discard)
+        return task
+
+    async def cancel_supervised(self) -> None:
+        """Cancel every supervised task and wait for them to end; close() does it first."""
+        tasks = list(self._supervised)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run_supervised(self, name: str, fn, args: tuple, retry: Retry | None) -> None:
+        # fn is called here, not by supervise(): a task cancelled before it ran (the
+        # actor closed) leaves no coroutine never awaited
+        try:
+            if retry is None:
+                await fn(*args)
+                return
+            while self._accepting:
+                try:
+                    await fn(*args)
+                    return
+                except retry.errors as exc:
+                    self.log.warning(retry.event, task=name, error=str(exc))
+                    await asyncio.sleep(retry.delay)
+        except Exception:
+            self.log.exception("task_failed", task=name)
+
+    def watch(self, peer: str | Callable[[str], bool], on_dead: OnDead) -> Watch:
+        """Call `await on_dead(peer_id)` each time a peer is declared dead (or leaves,
+        `self.peers.left(peer_id)`) whose id is `peer`, or which `peer(peer_id)`
+        accepts (any_peer: all of them); until unwatch() or close(). Its pending
+        requests have failed already; a new connection under its id waits for the
+        callbacks to return, so a callback spawns (supervise), never awaits, a
+        reconnection to it."""
+        matches = peer if callable(peer) else lambda peer_id: peer_id == peer
+        watch = Watch(matches, on_dead)
+        self._watches.append(watch)
+        return watch
+
+    def unwatch(self, watch: Watch) -> None:
+        """Stop a watch; its callback is not called again."""
+        if watch in self._watches:
+            self._watches.remove(watch)
 
     def _bury(self, peer: Peer) -> asyncio.Task:
-        """Peers declared `peer` dead: close our DEALER to it, run the on_peer_dead hook."""
+        """Peers declared `peer` dead: close our DEALER to it, run the watches on it."""
         if peer.route.identity is None:  # our DEALER: nothing else uses it
             self._close_socket(peer.route.socket)
-        return self._spawn(self._run_hook(self.on_peer_dead, peer.actor_id))
+        return self._spawn(self._run_watches(peer.actor_id))
+
+    async def _run_watches(self, peer_id: str) -> None:
+        for watch in [w for w in self._watches if w.matches(peer_id)]:
+            if watch not in self._watches:  # unwatched by a callback before it
+                continue
+            try:
+                await watch.on_dead(peer_id)
+            except Exception:
+                self.log.exception("watch_failed", peer=peer_id)
 
     async def _heartbeat(self) -> None:
         interval = self.config.heartbeat_interval
@@ -670,18 +799,12 @@ class Actor:
                     await self._send(peer.route, _HEARTBEAT, flags=zmq.NOBLOCK)
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task:
+        """A handler or the watches of a death: counted against max_handlers, awaited
+        by drain, cancelled at close."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    async def _run_hook(self, hook: Callable[[str], Awaitable[None]], peer_id: str) -> None:
-        # called here, not by the spawner: a hook cancelled before it ran (the actor
-        # closed) leaves no coroutine never awaited
-        try:
-            await hook(peer_id)
-        except Exception:
-            self.log.exception("hook_failed")
 
     # --- built-in handlers ---
 
@@ -727,3 +850,34 @@ class Actor:
             endpoints=dict(self.endpoints),
             pid=os.getpid(),
         )
+
+
+def handler_names(cls: type[Actor]) -> dict[type[Message], str]:
+    """An actor class's handlers: for each message it may receive, its
+    `on_<snake_case_type>` method, if defined. TypeError naming each `on_*` method that
+    matches no such message (a typo, a reply, a peer-death hook) and each handler that
+    is not async def."""
+    stray = [_stray_hint(n) for n in sorted(dir(cls)) if n.startswith("on_") and n not in HANDLED]
+    if stray:
+        raise TypeError(
+            f"{cls.__name__} defines on_* methods that match no message it can receive "
+            f"(kvmesh.protocol): {'; '.join(stray)}"
+        )
+    names = {HANDLED[n]: n for n in dir(cls) if n in HANDLED}
+    sync = sorted(n for n in names.values() if not inspect.iscoroutinefunction(getattr(cls, n)))
+    if sync:
+        raise TypeError(f"{cls.__name__}: handlers must be async def: {sync}")
+    return names
+
+
+def _stray_hint(name: str) -> str:
+    """Why the method `name` handles nothing."""
+    if name in REPLIES:
+        return f"{name}: {REPLIES[name].__name__} is a reply, which request() returns"
+    if name == "on_peer_dead":
+        return f"{name}: a peer's death is watched with self.watch(peer, callback)"
+    close = difflib.get_close_matches(name, HANDLED, n=1)
+    return f"{name}: did you mean {close[0]}?" if close else f"{name}: no such message"
+
+
+Actor._handler_names = handler_names(Actor)  # subclasses': in Actor.__init_subclass__

@@ -40,7 +40,7 @@ from pathlib import Path
 import structlog
 import zmq
 
-from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
+from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, Retry, any_peer
 from kvmesh.cache.disk_tier import DiskTier
 from kvmesh.cache.host_tier import HostTier, HostTierInfo
 from kvmesh.cache.store import Hit, TieredStore
@@ -70,6 +70,7 @@ log = structlog.get_logger(__name__)
 
 RESERVATION_TTL = 30.0  # seconds a reserved slot waits for its CacheCommit
 SNAPSHOT_MAX_BLOCKS = 1_000_000  # per tier; a larger snapshot would pass the message limit
+ROUTER_RETRY = Retry((TimeoutError, ConnectionError, RemoteError), "router_unreachable")
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,9 @@ class CacheActor(Actor):
         # worker -> the hashes it holds slots for -> when reserved (loop time)
         self.reserved: dict[str, dict[int, float]] = {}
         self._lock = asyncio.Lock()  # one store call at a time, in arrival order
-        self._background: list[asyncio.Task] = []
         self._reported: dict[str, float] = {}
+        self.watch(any_peer, self._worker_died)
+        self.watch(lambda peer_id: peer_id == self.router_id, self._router_died)
 
     async def setup(self) -> None:
         s = self.settings
@@ -140,13 +142,11 @@ class CacheActor(Actor):
         )
         self.open("from_peers", zmq.ROUTER, s.endpoint, bind=True)
         self.open("events_out", zmq.PUB, s.events_endpoint, bind=True)
-        self._background = [asyncio.create_task(self._report())]
+        self.supervise("report", self._report)
         if s.router_endpoint is not None:
-            self._background.append(asyncio.create_task(self._join_router()))
+            self.supervise("join_router", self._join_router, retry=ROUTER_RETRY)
 
     async def close(self) -> None:
-        for task in self._background:
-            task.cancel()
         await super().close()
         if self.store is not None:
             self.store.close()
@@ -154,36 +154,32 @@ class CacheActor(Actor):
     # --- the router ---
 
     async def _join_router(self) -> None:
-        """Register (again, after the router restarts) until it takes us."""
-        while self._accepting:
-            try:
-                self.router_id = await self.connect(
-                    "to_router",
-                    self.settings.router_endpoint,
-                    self.settings.connect_timeout,
-                    self.settings.router_id,
-                )
-                await self.request(
-                    self.router_id,
-                    RegisterCache(events_endpoint=self.endpoints["events_out"]),
-                    timeout=self.settings.connect_timeout,
-                )
-                self.log.info("registered", router=self.router_id)
-                return
-            except (TimeoutError, ConnectionError, RemoteError) as exc:
-                self.log.warning("router_unreachable", error=str(exc))
-                await asyncio.sleep(1.0)
+        """Register with the router (supervised with ROUTER_RETRY: again after it
+        restarts, until it takes us)."""
+        self.router_id = await self.connect(
+            "to_router",
+            self.settings.router_endpoint,
+            self.settings.connect_timeout,
+            self.settings.router_id,
+        )
+        await self.request(
+            self.router_id,
+            RegisterCache(events_endpoint=self.endpoints["events_out"]),
+            timeout=self.settings.connect_timeout,
+        )
+        self.log.info("registered", router=self.router_id)
 
-    async def on_peer_dead(self, peer_id: str) -> None:
-        """A worker died: the slots it reserved will never be written. The router died:
-        register with its successor."""
+    async def _worker_died(self, peer_id: str) -> None:
+        """A worker died: the slots it reserved will never be written."""
         async with self._lock:
             for block_hash in self.reserved.pop(peer_id, ()):
                 self.store.abort(block_hash)
-        if peer_id == self.router_id and self._accepting:
+
+    async def _router_died(self, peer_id: str) -> None:
+        """Register with the router's successor."""
+        if self._accepting:
             self.router_id = None
-            self._background.append(asyncio.create_task(self._join_router()))
-        await super().on_peer_dead(peer_id)
+            self.supervise("join_router", self._join_router, retry=ROUTER_RETRY)
 
     async def on_cache_snapshot_query(self, msg: CacheSnapshotQuery, inbound) -> CacheSnapshot:
         """Every block held, per tier (the router asks after registering us)."""

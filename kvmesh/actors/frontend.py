@@ -30,7 +30,7 @@ from typing import TypeVar
 import msgspec
 import structlog
 
-from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
+from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, Retry, any_peer
 from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import BackendUnavailable, OverloadedError, exception_of
 from kvmesh.frontend.limits import HTTPLimits
@@ -60,6 +60,7 @@ log = structlog.get_logger(__name__)
 MIGRATES = frozenset({StreamErrorCode.WORKER_DIED, StreamErrorCode.REFUSED})
 GENERATE_BYTES_PER_TOKEN = 5  # MessagePack of a token id below 2**32
 GENERATE_SLACK = 64 * 1024  # the rest of a Generate: parameters, stop strings, ids
+ROUTER_RETRY = Retry((TimeoutError, ConnectionError), "router_unreachable")
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,9 @@ class FrontendActor(Actor):
         self.status: ClusterStatus | None = None
         self.requests: dict[str, RequestState] = {}  # in flight, by request id
         self._server = None
-        self._services: list[asyncio.Task] = []
+        self._http: asyncio.Task | None = None
+        self.watch(lambda peer_id: peer_id == self.router_id, self._router_died)
+        self.watch(any_peer, self._decode_died)
 
     # --- actor lifecycle ---
 
@@ -180,12 +183,7 @@ class FrontendActor(Actor):
 
         from kvmesh.frontend.app import create_app
 
-        self.router_id = await self.connect(
-            "to_router",
-            self.settings.router_endpoint,
-            self.settings.connect_timeout,
-            self.settings.router_id,
-        )
+        await self._connect_router()
         config = uvicorn.Config(
             create_app(self, self.settings.limits),
             host=self.settings.host,
@@ -199,10 +197,8 @@ class FrontendActor(Actor):
         # uvicorn must not take SIGTERM/SIGINT for itself: they are the actor's, which
         # drains the streams in flight before telling uvicorn to exit.
         self._server.capture_signals = contextlib.nullcontext
-        self._services = [
-            asyncio.create_task(self._server.serve()),
-            asyncio.create_task(self._poll_status()),
-        ]
+        self._http = self.supervise("http", self._server.serve)
+        self.supervise("poll_status", self._poll_status)
         self.endpoints["http"] = f"http://{self.settings.host}:{self.settings.http_port}"
 
     async def drain(self) -> None:
@@ -211,27 +207,22 @@ class FrontendActor(Actor):
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        if self._server is not None:
+        if self._server is not None:  # uvicorn exits on its own, closing its connections
             self._server.should_exit = True
-        server, *others = self._services or [None]
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*self._services, return_exceptions=True)
+            await asyncio.gather(self._http, return_exceptions=True)
         await super().close()
 
-    async def _reconnect_router(self) -> None:
-        while self._accepting:
-            try:
-                await self.connect(
-                    "to_router",
-                    self.settings.router_endpoint,
-                    self.settings.connect_timeout,
-                    self.settings.router_id,
-                )
-                return
-            except (TimeoutError, ConnectionError) as exc:
-                log.warning("router_unreachable", error=str(exc))
-                await asyncio.sleep(1.0)
+    async def _connect_router(self) -> None:
+        self.router_id = await self.connect(
+            "to_router",
+            self.settings.router_endpoint,
+            self.settings.connect_timeout,
+            self.settings.router_id,
+        )
+
+    async def _router_died(self, peer_id: str) -> None:
+        """Reconnect to the router's successor."""
+        self.supervise("reconnect_router", self._connect_router, retry=ROUTER_RETRY)
 
     async def _poll_status(self) -> None:
         while True:
@@ -400,14 +391,10 @@ class FrontendActor(Actor):
             message = f"decode worker {inbound.peer} refused it ({error.code}: {error.message})"
             state.lose(inbound.peer, StreamErrorCode.REFUSED, message)
 
-    async def on_peer_dead(self, peer_id: str) -> None:
-        """A decode worker died: its requests move elsewhere (or end with an error).
-        The router died: reconnect to its successor."""
-        if peer_id == self.router_id and self._accepting:
-            self._services.append(asyncio.create_task(self._reconnect_router()))
+    async def _decode_died(self, peer_id: str) -> None:
+        """A decode worker died: its requests move elsewhere (or end with an error)."""
         for state in list(self.requests.values()):
             state.lose(peer_id, StreamErrorCode.WORKER_DIED, f"decode worker {peer_id} died")
-        await super().on_peer_dead(peer_id)
 
 
 C = TypeVar("C", bound=Counters)

@@ -4,19 +4,19 @@ them, and their liveness.
 Any message from a peer counts as a sign of life (`touch`); a peer silent for
 liveness x heartbeat_interval seconds is declared dead (`reap_silent`): every request
 pending on it raises PeerDeadError, then the actor's `bury` callback closes what
-belonged to the connection and spawns the `on_peer_dead(peer_id)` hook. Dead is final
-for that connection; `connect` again to reach a restarted actor. A peer that says
-Goodbye (a clean shutdown) ends the same way, but its end is logged at info, not as a
-warning, and `left(peer_id)` tells the hook so; so is any death while this actor is
-itself shutting down (`shutting_down`).
+belonged to the connection and spawns the task that runs the actor's watches on it
+(Actor.watch). Dead is final for that connection; `connect` again to reach a restarted
+actor. A peer that says Goodbye (a clean shutdown) ends the same way, but its end is
+logged at info, not as a warning, and `left(peer_id)` tells the watches so; so is any
+death while this actor is itself shutting down (`shutting_down`).
 
 Each registration is its own Peer record, and everything here acts on the record, not
 on the id: a request waits on one connection, a death found on a route or by the
 heartbeat ends one connection. So when an actor comes back under the same id (a
 restart says Hello before its old connection went silent), the old connection's death
-fails only its own requests and never ends the new one. The hook takes only an id, so
-a new connection with that id is registered only after the old one's hook returned:
-the hook for the old connection cannot act on the new one.
+fails only its own requests and never ends the new one. A watch's callback takes only
+an id, so a new connection with that id is registered only after the old one's watches
+returned: a callback for the old connection cannot act on the new one.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class Peers(Mapping[str, Peer]):
     their routes, the requests pending on them, and their liveness.
 
     `bury(peer)` is the actor's part of a death; it returns the task running the
-    on_peer_dead hook, which a re-registration under that id waits for.
+    actor's watches on it, which a re-registration under that id waits for.
     """
 
     def __init__(
@@ -108,8 +108,8 @@ class Peers(Mapping[str, Peer]):
         self._bury = bury
         self._by_id: dict[str, Peer] = {}
         self._at: dict[Route, Peer] = {}
-        self._burying: dict[str, asyncio.Task] = {}  # actor id -> on_peer_dead in progress
-        self._left: set[str] = set()  # said Goodbye; until their on_peer_dead returned
+        self._burying: dict[str, asyncio.Task] = {}  # actor id -> its watches in progress
+        self._left: set[str] = set()  # said Goodbye; until their watches returned
         self.shutting_down = False  # this actor drains or closes: deaths are expected
         self._pending: dict[int, _Pending] = {}
         self._call_ids = itertools.count(1)
@@ -147,16 +147,16 @@ class Peers(Mapping[str, Peer]):
 
     async def register(self, peer: Peer) -> None:
         """Register a new connection. One already registered under its id is declared
-        dead, and the new one waits until that one's on_peer_dead hook has returned
-        (unless the hook itself is registering)."""
+        dead, and the new one waits until that one's watches have returned (unless a
+        watch's callback itself is registering)."""
         while True:
             old = self._by_id.get(peer.actor_id)
             if old is not None:
                 self.declare_dead(old, "replaced by a new connection with its id")
-            hook = self._burying.get(peer.actor_id)
-            if hook is None or hook is asyncio.current_task():
+            burial = self._burying.get(peer.actor_id)
+            if burial is None or burial is asyncio.current_task():
                 break
-            await asyncio.wait({hook})  # cancelling the wait leaves the hook running
+            await asyncio.wait({burial})  # cancelling the wait leaves the burial running
         peer.last_seen = asyncio.get_running_loop().time()
         self._by_id[peer.actor_id] = peer
         self._at[peer.route] = peer
@@ -179,9 +179,9 @@ class Peers(Mapping[str, Peer]):
             self._log.info("peer_dead", peer=peer.actor_id, reason=reason)
         else:
             self._log.warning("peer_dead", peer=peer.actor_id, reason=reason)
-        hook = self._bury(peer)
-        self._burying[peer.actor_id] = hook
-        hook.add_done_callback(partial(self._buried, peer.actor_id))
+        burial = self._bury(peer)
+        self._burying[peer.actor_id] = burial
+        burial.add_done_callback(partial(self._buried, peer.actor_id))
 
     def leave(self, route: Route) -> None:
         """The peer on route said Goodbye: end its connection now, as a clean one."""
@@ -191,11 +191,11 @@ class Peers(Mapping[str, Peer]):
             self.declare_dead(peer, "it said goodbye (shutting down)")
 
     def left(self, actor_id: str) -> bool:
-        """Whether actor_id's connection ended with its Goodbye (asked by on_peer_dead)."""
+        """Whether actor_id's connection ended with its Goodbye (asked by a watch)."""
         return actor_id in self._left
 
-    def _buried(self, actor_id: str, hook: asyncio.Task) -> None:
-        if self._burying.get(actor_id) is hook:
+    def _buried(self, actor_id: str, burial: asyncio.Task) -> None:
+        if self._burying.get(actor_id) is burial:
             del self._burying[actor_id]
             self._left.discard(actor_id)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from kvmesh.actors.base import Actor, ActorConfig, RemoteError
+from kvmesh.actors.base import Actor, ActorConfig, RemoteError, any_peer
 from kvmesh.protocol import (
     ActorStatus,
     AllBlocksCleared,
@@ -88,6 +88,7 @@ class RouterActor(Actor):
         # (when, request key), oldest first: predictions a lost RequestDone would leave
         self.placed: deque[tuple[float, str]] = deque()
         self.salt_id = ""  # the workers' block-hash salt, as the first one registered
+        self.watch(any_peer, self._member_died)
 
     async def setup(self) -> None:
         self.open("from_peers", zmq.ROUTER, self.settings.endpoint, bind=True)
@@ -254,7 +255,7 @@ class RouterActor(Actor):
                 ),
             )
         try:
-            # a worker out of `peers` is dead, its death hook not yet run: not a candidate
+            # a worker out of `peers` is dead, its watches not yet run: not a candidate
             workers = [
                 w
                 for w in self.workers.values()
@@ -340,7 +341,7 @@ class RouterActor(Actor):
             )
         return ClusterStatus(actors=actors)
 
-    async def on_peer_dead(self, peer_id: str) -> None:
+    async def _member_died(self, peer_id: str) -> None:
         """A silent (or departed) actor: out of the registry and the index."""
         # Goodbye: a clean shutdown, told at info; silence is a crash, told as a warning
         left = self.peers.left(peer_id)
@@ -359,7 +360,6 @@ class RouterActor(Actor):
             else:
                 self.log.warning("cache_dead", cache=peer_id)
             self._forget_cache(peer_id)
-        await super().on_peer_dead(peer_id)
 
     def _forget(self, worker_id: str) -> None:
         self.index.remove_worker(worker_id)

@@ -25,7 +25,7 @@ import msgspec
 import structlog
 import zmq
 
-from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
+from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, Retry, any_peer
 from kvmesh.actors.cache import CacheClient
 from kvmesh.engine.async_engine import AsyncEngine, StepResult
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
@@ -55,6 +55,10 @@ from kvmesh.transport.dataplane import (
 log = structlog.get_logger(__name__)
 
 CACHE_ATTACH_WAIT = 10.0  # seconds setup waits for the cache actor before serving without
+ROUTER_RETRY = Retry((TimeoutError, ConnectionError, RemoteError), "router_unreachable")
+CACHE_RETRY = Retry(
+    (TimeoutError, ConnectionError, RemoteError, OSError, ValueError), "cache_unreachable"
+)
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ class WorkerSettings:
     connect_timeout: float = 60.0
 
 
-class EngineWorker(DataPlaneHandlers, Actor):
+class EngineWorker(Actor):
     """What prefill and decode workers share: the engine, registration, events, load."""
 
     drain_accepts = frozenset({Abort, KvPoolQuery, KvWrite})
@@ -100,8 +104,8 @@ class EngineWorker(DataPlaneHandlers, Actor):
         self.transfer_bytes_total = 0
         self._events: asyncio.Queue = asyncio.Queue()  # KV events and load reports, in order
         self.load = WorkerLoad()  # the engine's, after its last step
-        self._background: list[asyncio.Task] = []
         self.cache: CacheClient | None = None  # set while building the engine, if any
+        self.watch(lambda peer_id: peer_id == self.router_id, self._router_died)
 
     async def setup(self) -> None:
         engine, segment = await asyncio.to_thread(self._build_engine)
@@ -114,17 +118,16 @@ class EngineWorker(DataPlaneHandlers, Actor):
             backend=self.settings.transfer,
             node=self.config.node,
         )
+        DataPlaneHandlers(self.kv_plane).register(self)
         self.open("from_peers", zmq.ROUTER, self.settings.endpoint, bind=True)
         self.open("events_out", zmq.PUB, self.settings.events_endpoint, bind=True)
         if self.cache is not None:  # usually up already (it starts first); else later
-            attach = asyncio.create_task(self._attach_cache())
-            self._background.append(attach)
+            self.watch(self.cache.cache_id, self._cache_died)
+            attach = self.supervise("attach_cache", self._attach_cache, retry=CACHE_RETRY)
             await asyncio.wait([attach], timeout=CACHE_ATTACH_WAIT)
         await self._join_router()
-        self._background += [
-            asyncio.create_task(self._publish_events()),
-            asyncio.create_task(self._report_load()),
-        ]
+        self.supervise("publish_events", self._publish_events)
+        self.supervise("report_load", self._report_load)
 
     async def _join_router(self) -> None:
         engine = self.engine.engine
@@ -147,27 +150,19 @@ class EngineWorker(DataPlaneHandlers, Actor):
             timeout=self.settings.connect_timeout,
         )
 
-    async def on_peer_dead(self, peer_id: str) -> None:
-        """The router died: keep trying to register with its successor. The cache actor
-        died: no tiers until its successor is attached."""
-        if peer_id == self.router_id and self._accepting:
-            self._spawn_tracked(self._reregister())
-        if self.cache is not None and peer_id == self.cache.cache_id:
-            self.cache.detach()
-            await self.engine.call(lambda e: e.kv_connector.detach())
-            if self._accepting:
-                self._spawn_tracked(self._attach_cache())
-        await super().on_peer_dead(peer_id)
+    async def _router_died(self, peer_id: str) -> None:
+        """Keep trying to register with the router's successor."""
+        self.supervise("rejoin_router", self._rejoin_router, retry=ROUTER_RETRY)
 
-    async def _reregister(self) -> None:
-        while self._accepting:
-            try:
-                await self._join_router()
-                self.log.info("reregistered", router=self.router_id)
-                return
-            except (TimeoutError, ConnectionError, RemoteError) as exc:
-                self.log.warning("router_unreachable", error=str(exc))
-                await asyncio.sleep(1.0)
+    async def _rejoin_router(self) -> None:
+        await self._join_router()
+        self.log.info("reregistered", router=self.router_id)
+
+    async def _cache_died(self, peer_id: str) -> None:
+        """No tiers until the cache actor's successor is attached."""
+        self.cache.detach()
+        await self.engine.call(lambda e: e.kv_connector.detach())
+        self.supervise("attach_cache", self._attach_cache, retry=CACHE_RETRY)
 
     def _build_engine(self) -> tuple[Engine, object]:
         from kvmesh.gpu.kv_cache import default_num_blocks
@@ -223,19 +218,13 @@ class EngineWorker(DataPlaneHandlers, Actor):
         return CacheActorConnector(record_bytes, self.cache)
 
     async def _attach_cache(self) -> None:
-        """Map the node's host tier and hand it to the connector on the engine thread;
-        retried until the cache actor answers (meanwhile every lookup misses and nothing
-        is offloaded)."""
+        """Map the node's host tier and hand it to the connector on the engine thread
+        (supervised with CACHE_RETRY: retried until the cache actor answers; meanwhile
+        every lookup misses and nothing is offloaded)."""
         record_bytes = self.engine.engine.kv_connector.record_bytes
-        while self._accepting:
-            try:
-                host = await self.cache.attach(record_bytes, CACHE_ATTACH_WAIT)
-                await self.engine.call(lambda e, host=host: e.kv_connector.attach(host))
-                self.log.info("cache_attached", cache=self.settings.cache_id, slots=host.num_slots)
-                return
-            except (TimeoutError, ConnectionError, RemoteError, OSError, ValueError) as exc:
-                self.log.warning("cache_unreachable", cache=self.settings.cache_id, error=str(exc))
-                await asyncio.sleep(1.0)
+        host = await self.cache.attach(record_bytes, CACHE_ATTACH_WAIT)
+        await self.engine.call(lambda e: e.kv_connector.attach(host))
+        self.log.info("cache_attached", cache=self.settings.cache_id, slots=host.num_slots)
 
     async def prefetch(self, token_ids: list[int], params: SamplingParams) -> Prefetch | None:
         """The node's tiers' run for a request's blocks past the device's cached prefix,
@@ -255,8 +244,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        for task in self._background:
-            task.cancel()
+        await self.cancel_supervised()  # they call the engine and the data plane
         if self.engine is not None:
             await self.engine.close()
         if self.kv_plane is not None:
@@ -278,7 +266,7 @@ class EngineWorker(DataPlaneHandlers, Actor):
             self._events.put_nowait(self.load_report())
         self.handle_outputs(result.outputs)
         for task in result.remote_prefills:
-            self._spawn_tracked(self.remote_prefill(task))
+            self.supervise("remote_prefill", self.remote_prefill, task)
 
     def _on_engine_crash(self, error: BaseException) -> None:
         # Crash-only: a worker without an engine must not look alive. Exiting stops its
@@ -291,11 +279,6 @@ class EngineWorker(DataPlaneHandlers, Actor):
 
     async def remote_prefill(self, task: RemotePrefillTask) -> None:
         """Role-specific: decode workers send parked prompts to a prefill worker."""
-
-    def _spawn_tracked(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.append(task)
-        task.add_done_callback(self._background.remove)
 
     async def _publish_events(self) -> None:
         while True:
@@ -333,6 +316,7 @@ class DecodeWorker(EngineWorker):
         super().__init__(config, settings)
         self.frontend_of: dict[str, str] = {}  # request id -> frontend actor id
         self.prefill_of: dict[str, tuple[str, str]] = {}  # request id -> (worker, endpoint)
+        self.watch(any_peer, self._frontend_died)
 
     async def on_generate(self, msg: Generate, inbound) -> None:
         """Admit a request; remotely prefilled when the router named a prefill worker."""
@@ -394,12 +378,11 @@ class DecodeWorker(EngineWorker):
         self.prefill_of.pop(request_id, None)
         await self.engine.call(lambda e: e.abort_request(request_id))
 
-    async def on_peer_dead(self, peer_id: str) -> None:
+    async def _frontend_died(self, peer_id: str) -> None:
         """A frontend died: its requests have nobody to stream to."""
         for request_id, frontend in list(self.frontend_of.items()):
             if frontend == peer_id:
                 await self._abort(request_id)
-        await super().on_peer_dead(peer_id)
 
     def handle_outputs(self, outputs: list[RequestOutput]) -> None:
         batches: dict[str, list[Delta]] = {}
@@ -411,7 +394,7 @@ class DecodeWorker(EngineWorker):
                 del self.frontend_of[out.request_id]
             batches.setdefault(frontend, []).append(to_delta(out))
         for frontend, deltas in batches.items():
-            self._spawn_tracked(self._stream(frontend, deltas))
+            self.supervise("stream", self._stream, frontend, deltas)
 
     async def _stream(self, frontend: str, deltas: list[Delta]) -> None:
         try:
@@ -468,6 +451,7 @@ class PrefillWorker(EngineWorker):
         super().__init__(config, settings)
         self.first_token: dict[str, asyncio.Future] = {}
         self.requester_of: dict[str, str] = {}
+        self.watch(any_peer, self._requester_died)
 
     async def on_remote_prefill(self, msg: RemotePrefill, inbound) -> RemotePrefillDone:
         """Compute the prompt, write its KV into the requester's blocks, then answer."""
@@ -515,7 +499,7 @@ class PrefillWorker(EngineWorker):
             if out.finished and future is not None and not future.done():
                 future.set_result(out)
 
-    async def on_peer_dead(self, peer_id: str) -> None:
+    async def _requester_died(self, peer_id: str) -> None:
         """A decode worker died: drop the prompts it was waiting for."""
         for request_id, requester in list(self.requester_of.items()):
             if requester == peer_id:
@@ -523,7 +507,6 @@ class PrefillWorker(EngineWorker):
                 future = self.first_token.get(request_id)
                 if future is not None and not future.done():
                     future.set_exception(PeerDeadError(peer_id, "requester died"))
-        await super().on_peer_dead(peer_id)
 
 
 def warm_up(engine: Engine) -> None:

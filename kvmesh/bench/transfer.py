@@ -232,13 +232,14 @@ def _serve_receiver(conn, num_blocks: int) -> None:
 
     log.configure("warning")
 
-    class Receiver(DataPlaneHandlers, Actor):
+    class Receiver(Actor):
         role = "decode"
 
         async def setup(self) -> None:
             kv_caches, segment = _pool(num_blocks, shared=True, actor_id=self.actor_id)
             # the bytes alone are measured: writes need no grant here
             self.kv_plane = KVDataPlane(self, kv_caches, segment=segment, require_grants=False)
+            DataPlaneHandlers(self.kv_plane).register(self)
             endpoint = self.open("from_peers", zmq.ROUTER, "tcp://127.0.0.1:0", bind=True)
             conn.send({"actor": endpoint, "raw": _start_raw_echo()})
 

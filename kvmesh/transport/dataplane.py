@@ -43,8 +43,12 @@ another transfer's layers landed.
 
 Liveness: a write awaits its KvWriteDone through channel.request, which fails when the
 control plane declares the peer dead (or after `timeout`). The receiving actor calls
-peer_dead(peer) from its on_peer_dead hook (DataPlaneHandlers does), which fails that
-peer's Incoming transfers with TransferError and cancels its receives in progress.
+peer_dead(peer) when a peer dies, which fails that peer's Incoming transfers with
+TransferError and cancels its receives in progress.
+
+On an actor, by composition: DataPlaneHandlers(plane).register(actor) answers the
+plane's messages (KvPoolQuery, KvWrite: actor.handle) and calls peer_dead on every
+peer's death (actor.watch).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from __future__ import annotations
 import asyncio
 import platform
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import msgspec
@@ -101,6 +105,14 @@ class Channel(Protocol):
     async def request(
         self, peer: str, msg: Request, timeout: float, *, frames: Sequence = ()
     ) -> Message: ...
+
+
+class Registrar(Protocol):
+    """What DataPlaneHandlers registers with: an Actor's handle and watch."""
+
+    def handle(self, message_type: type[Message], handler: Callable[..., Awaitable]) -> None: ...
+
+    def watch(self, peer: Callable[[str], bool], on_dead: Callable[[str], Awaitable]) -> object: ...
 
 
 class TransferError(ConnectionError):
@@ -543,26 +555,33 @@ class KVDataPlane:
 
 
 class DataPlaneHandlers:
-    """Mix into an Actor that has `self.kv_plane`: its KV handlers and peer-death hook."""
+    """A KVDataPlane's end on an actor: its KV handlers and what a peer's death ends.
+    `register(actor)` wires them in; the actor holds the plane, this holds nothing else."""
 
-    kv_plane: KVDataPlane
+    def __init__(self, plane: KVDataPlane) -> None:
+        self.plane = plane
+
+    def register(self, actor: Registrar) -> None:
+        """Answer KvPoolQuery and KvWrite on actor; fail a dead peer's transfers."""
+        actor.handle(KvPoolQuery, self.on_kv_pool_query)
+        actor.handle(KvWrite, self.on_kv_write)
+        actor.watch(lambda peer_id: True, self.peer_died)  # every peer
 
     async def on_kv_pool_query(self, msg: KvPoolQuery, inbound) -> KvPoolInfo:
         """Describe this actor's KV pool to a would-be sender."""
-        return self.kv_plane.pool_info(msg)
+        return self.plane.pool_info(msg)
 
     async def on_kv_write(self, msg: KvWrite, inbound) -> KvWriteDone | Error:
         """Blocks of a transfer landed (or arrive now): put them in place, if granted."""
         try:
-            return await self.kv_plane.receive(msg, inbound.peer, inbound.frames)
+            return await self.plane.receive(msg, inbound.peer, inbound.frames)
         except PermissionError as exc:
             log.warning("kv_write_refused", peer=inbound.peer, reason=str(exc))
             return Error(code=ErrorCode.FORBIDDEN, message=str(exc))
 
-    async def on_peer_dead(self, peer_id: str) -> None:
-        """Fail what peer_id was sending here, drop the link to it; then the Actor's hook."""
-        self.kv_plane.peer_dead(peer_id)
-        await super().on_peer_dead(peer_id)
+    async def peer_died(self, peer_id: str) -> None:
+        """Fail what peer_id was sending here, drop the link to it."""
+        self.plane.peer_dead(peer_id)
 
 
 def _close_link(future: asyncio.Future, peer_dead: bool) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import zmq
 
 from kvmesh import log
-from kvmesh.actors.base import Actor, ActorConfig, Inbound
+from kvmesh.actors.base import Actor, ActorConfig, Inbound, any_peer
 from kvmesh.protocol import BlockStored, Ping, Pong
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +60,7 @@ class EchoActor(Actor):
         self.role = args.role  # with keys, the role its key names
         super().__init__(config)
         self.args = args
+        self.watch(any_peer, self.peer_died)
 
     async def setup(self) -> None:
         for name, kind in SOCKETS:
@@ -82,7 +83,7 @@ class EchoActor(Actor):
     async def drain(self) -> None:
         say("draining")
 
-    async def on_peer_dead(self, peer_id: str) -> None:
+    async def peer_died(self, peer_id: str) -> None:
         say(f"peer_dead {peer_id}")
 
 

@@ -12,6 +12,7 @@ import signal
 
 import msgspec
 import pytest
+import structlog.testing
 import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
@@ -22,6 +23,8 @@ from kvmesh.actors.base import (
     Inbound,
     PeerDeadError,
     RemoteError,
+    Retry,
+    any_peer,
 )
 from kvmesh.protocol import (
     PROTOCOL_VERSION,
@@ -75,6 +78,7 @@ class Probe(Actor):
         self.socket_specs = sockets  # (name, kind, endpoint, bind[, peer])
         self.heard: asyncio.Queue[tuple[BlockStored, Inbound]] = asyncio.Queue()
         self.dead: list[str] = []
+        self.watch(any_peer, self.peer_died)
 
     async def setup(self) -> None:
         for name, kind, endpoint, bind, *peer in self.socket_specs:
@@ -83,7 +87,7 @@ class Probe(Actor):
     async def on_block_stored(self, msg: BlockStored, inbound: Inbound) -> None:
         self.heard.put_nowait((msg, inbound))
 
-    async def on_peer_dead(self, peer_id: str) -> None:
+    async def peer_died(self, peer_id: str) -> None:
         self.dead.append(peer_id)
 
 
@@ -660,7 +664,7 @@ def test_request_to_an_unknown_peer_raises_peer_dead():
     assert asyncio.run(scenario()) == "peer 'nobody' is dead: not connected"
 
 
-def test_a_vanished_client_fires_on_peer_dead_on_the_server():
+def test_a_vanished_client_fires_the_watch_on_the_server():
     async def scenario():
         async with Server(make_config("server")) as server:
             client = Probe(make_config("client"))
@@ -683,7 +687,7 @@ class Farewells(Server):
         super().__init__(config)
         self.left: dict[str, bool] = {}
 
-    async def on_peer_dead(self, peer_id: str) -> None:
+    async def peer_died(self, peer_id: str) -> None:
         self.left[peer_id] = self.peers.left(peer_id)
 
 
@@ -711,7 +715,7 @@ def test_an_actor_that_closes_says_goodbye_and_the_other_side_forgets_it(closing
 
 
 class Sessions(Server):
-    """Keeps a session per peer from BlockStored; its death hook awaits (as one that
+    """Keeps a session per peer from BlockStored; its death watch awaits (as one that
     aborts work on an engine does) before dropping the dead peer's session."""
 
     def __init__(self, config: ActorConfig) -> None:
@@ -723,13 +727,13 @@ class Sessions(Server):
         self.sessions[inbound.peer] = msg.block_hashes[0]
         self.num_stored += 1
 
-    async def on_peer_dead(self, peer_id: str) -> None:
+    async def peer_died(self, peer_id: str) -> None:
         await asyncio.sleep(0.3)
         self.sessions.pop(peer_id, None)
         self.dead.append(peer_id)
 
 
-def test_the_hook_of_a_replaced_connection_does_not_act_on_its_successor():
+def test_the_watch_of_a_replaced_connection_does_not_act_on_its_successor():
     async def scenario():
         async with (
             Sessions(make_config("server")) as server,
@@ -766,41 +770,232 @@ def test_shutdown_message_ends_serve():
     assert asyncio.run(scenario()) is None
 
 
-class Misspelled(Actor):
-    async def on_blok_stored(self, msg, inbound):
-        pass
+def misspelled():
+    class Misspelled(Actor):
+        async def on_blok_stored(self, msg, inbound):
+            pass
+
+        async def on_generat(self, msg, inbound):
+            pass
 
 
-class ReplyHandler(Actor):
-    async def on_pong(self, msg, inbound):
-        pass
+def reply_handler():
+    class ReplyHandler(Actor):
+        async def on_pong(self, msg, inbound):
+            pass
 
 
-class SyncHandler(Actor):
-    def on_ping(self, msg, inbound):
-        return Pong()
+def hook():
+    class Hook(Actor):
+        async def on_peer_dead(self, peer_id):
+            pass
+
+
+def sync_handler():
+    class SyncHandler(Actor):
+        def on_ping(self, msg, inbound):
+            return Pong()
 
 
 @pytest.mark.parametrize(
-    "actor_type, text",
+    "define, text",
     [
         (
-            Misspelled,
-            "Misspelled defines on_blok_stored, matching no non-reply message in "
-            "kvmesh.protocol (replies are returned by request())",
+            misspelled,
+            "Misspelled defines on_* methods that match no message it can receive "
+            "(kvmesh.protocol): on_blok_stored: did you mean on_block_stored?; "
+            "on_generat: did you mean on_generate?",
         ),
         (
-            ReplyHandler,
-            "ReplyHandler defines on_pong, matching no non-reply message in "
-            "kvmesh.protocol (replies are returned by request())",
+            reply_handler,
+            "ReplyHandler defines on_* methods that match no message it can receive "
+            "(kvmesh.protocol): on_pong: Pong is a reply, which request() returns",
         ),
-        (SyncHandler, "SyncHandler: handlers must be async def: ['on_ping']"),
+        (
+            hook,
+            "Hook defines on_* methods that match no message it can receive "
+            "(kvmesh.protocol): on_peer_dead: a peer's death is watched with "
+            "self.watch(peer, callback)",
+        ),
+        (sync_handler, "SyncHandler: handlers must be async def: ['on_ping']"),
     ],
 )
-def test_dispatch_table_refuses_handlers_that_match_nothing(actor_type, text):
+def test_a_class_with_a_handler_that_matches_nothing_is_refused_when_created(define, text):
     with pytest.raises(TypeError) as caught:
-        actor_type(make_config())
+        define()
     assert str(caught.value) == text
+
+
+async def on_any_ping(msg, inbound):
+    return Pong()
+
+
+class Bare(Actor):
+    """No handlers of its own but the runtime's: a part adds them with handle()."""
+
+    role = "bare"
+    senders = {}
+
+    async def setup(self) -> None:
+        self.open("from_peers", zmq.ROUTER, "tcp://127.0.0.1:0", bind=True)
+
+
+@pytest.mark.parametrize(
+    "message_type, handler, text",
+    [
+        (Ping, on_any_ping, "Bare.handle: Ping is handled already, by Actor.on_ping"),
+        (
+            Pong,
+            on_any_ping,
+            "Bare.handle: <class 'kvmesh.protocol.Pong'> is not a non-reply message of "
+            "kvmesh.protocol",
+        ),
+        (BlockStored, Pong, "Bare.handle: <class 'kvmesh.protocol.Pong'> must be async def"),
+    ],
+)
+def test_handle_refuses_a_reply_a_sync_handler_and_a_second_handler(message_type, handler, text):
+    with pytest.raises(TypeError) as caught:
+        Bare(make_config()).handle(message_type, handler)
+    assert str(caught.value) == text
+
+
+def test_a_handler_added_with_handle_is_dispatched():
+    async def scenario():
+        heard = asyncio.Queue()
+
+        async def on_block_stored(msg, inbound):
+            heard.put_nowait((msg, inbound.peer))
+
+        server = Bare(make_config("server"))
+        server.handle(BlockStored, on_block_stored)
+        async with server, Probe(make_config("client")) as client:
+            await client.send(await connected_pair(server, client), make_block(7))
+            return await asyncio.wait_for(heard.get(), 5)
+
+    assert asyncio.run(scenario()) == (make_block(7), "client")
+
+
+# --- supervise and watch ---
+
+
+def test_a_supervised_task_is_retried_on_the_retry_errors_until_it_succeeds():
+    async def scenario():
+        attempts = []
+
+        async def flaky(label: str) -> None:
+            attempts.append(label)
+            if len(attempts) < 3:
+                raise ConnectionError(f"attempt {len(attempts)} failed")
+
+        async with Probe(make_config()) as probe:
+            retry = Retry((ConnectionError,), "flaky_failed", delay=0.01)
+            with structlog.testing.capture_logs() as logs:
+                task = probe.supervise("flaky", flaky, "x", retry=retry)
+                await asyncio.wait_for(task, 5)
+            return attempts, [(e["event"], e.get("task"), e.get("error")) for e in logs]
+
+    assert asyncio.run(scenario()) == (
+        ["x", "x", "x"],
+        [
+            ("flaky_failed", "flaky", "attempt 1 failed"),
+            ("flaky_failed", "flaky", "attempt 2 failed"),
+        ],
+    )
+
+
+def test_a_supervised_crash_is_logged_and_ends_the_task_and_no_retry_once_draining():
+    async def scenario():
+        attempts = 0
+
+        async def broken() -> None:
+            nonlocal attempts
+            attempts += 1
+            raise KeyError("bug")
+
+        async def unreachable() -> None:
+            nonlocal attempts
+            attempts += 100
+            raise ConnectionError("nobody there")
+
+        async with Probe(make_config()) as probe:
+            with structlog.testing.capture_logs() as logs:
+                # not in retry.errors: a crash, not retried
+                crash = probe.supervise("broken", broken, retry=Retry((ConnectionError,), "x"))
+                await asyncio.wait_for(crash, 5)
+                probe.stop()  # the actor drains: a retried task makes no attempt
+                await asyncio.wait_for(
+                    probe.supervise("late", unreachable, retry=Retry((ConnectionError,), "x")), 5
+                )
+            return attempts, [(e["event"], e["task"], e["log_level"]) for e in logs if "task" in e]
+
+    assert asyncio.run(scenario()) == (1, [("task_failed", "broken", "error")])
+
+
+def test_supervised_tasks_are_cancelled_at_close():
+    async def scenario():
+        probe = Probe(make_config())
+        async with probe:
+            task = probe.supervise("forever", asyncio.sleep, 3600)
+            await asyncio.sleep(0)
+        return task.cancelled()
+
+    assert asyncio.run(scenario()) is True
+
+
+def test_a_watch_fires_once_per_death_and_never_after_unwatch_or_close():
+    async def scenario():
+        fired: list[tuple[str, str]] = []
+
+        def recorder(label: str):
+            async def on_dead(peer_id: str) -> None:
+                fired.append((label, peer_id))
+
+            return on_dead
+
+        async with Server(make_config("server")) as server:
+            server.watch("client", recorder("by id"))
+            server.watch(lambda peer_id: peer_id.startswith("cli"), recorder("by predicate"))
+            server.watch("someone else", recorder("another id"))
+            server.unwatch(server.watch("client", recorder("unwatched")))
+            async with Probe(make_config("client")) as client:
+                await connected_pair(server, client)
+            for _ in range(100):  # hang guard: 5 s
+                if server.dead:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # a second firing would come now
+            async with Probe(make_config("client")) as client:
+                await connected_pair(server, client)
+                await server.close()  # its watches go with it
+                server.peers.declare_dead(server.peers["client"], "test")
+                await asyncio.sleep(0.2)
+        return fired, server.dead
+
+    assert asyncio.run(scenario()) == (
+        [("by id", "client"), ("by predicate", "client")],
+        ["client"],
+    )
+
+
+def test_a_failing_watch_is_logged_and_the_others_still_run():
+    async def scenario():
+        async def broken(peer_id: str) -> None:
+            raise RuntimeError(f"cannot bury {peer_id}")
+
+        async with Server(make_config("server")) as server:
+            server.watch("client", broken)
+            server.watch("client", server.peer_died)  # after Probe's own: runs twice
+            with structlog.testing.capture_logs() as logs:
+                async with Probe(make_config("client")) as client:
+                    await connected_pair(server, client)
+                for _ in range(100):  # hang guard: 5 s
+                    if len(server.dead) == 2:
+                        break
+                    await asyncio.sleep(0.05)
+            failed = [e["peer"] for e in logs if e["event"] == "watch_failed"]
+            return server.dead, failed
+
+    assert asyncio.run(scenario()) == (["client", "client"], ["client"])
 
 
 @pytest.mark.parametrize(

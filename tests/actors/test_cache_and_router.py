@@ -325,8 +325,8 @@ def test_the_cache_actor_runs_without_torch(tmp_path, tiny_model_dir):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
 
 
-def test_a_worker_declared_dead_is_never_placed_before_its_hook_runs():
-    # Between the heartbeat declaring a worker dead and the router's hook dropping it from
+def test_a_worker_declared_dead_is_never_placed_before_its_watch_runs():
+    # Between the heartbeat declaring a worker dead and the router's watch dropping it from
     # the registry, a RouteRequest must not pick it (its endpoint is gone with the peer).
     async def scenario():
         router = RouterActor(
@@ -342,7 +342,7 @@ def test_a_worker_declared_dead_is_never_placed_before_its_hook_runs():
             await dying.register(router)
             placements = []
             router.peers.declare_dead(router.peers["decode-1"], "test")
-            assert "decode-1" in router.workers  # its hook has not run yet
+            assert "decode-1" in router.workers  # its watch has not run yet
             for n in range(4):
                 inbound = Inbound(Route("from_peers"), "frontend-0", [])
                 placements.append(

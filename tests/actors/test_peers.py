@@ -1,6 +1,6 @@
 """Peers alone, with a recording log: how the end of a connection is told. A Goodbye
 (a clean shutdown) and any death while this actor shuts down are info; silence is a
-warning. Either way the requests pending on the peer fail and its hook runs."""
+warning. Either way the requests pending on the peer fail and its watches run."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def make_peers() -> tuple[Peers, RecordingLog, list[str], list[str]]:
 
     def bury(peer: Peer) -> asyncio.Task:
         buried.append(peer.actor_id)
-        if peers.left(peer.actor_id):  # what an on_peer_dead hook would ask
+        if peers.left(peer.actor_id):  # what a watch callback would ask
             left.append(peer.actor_id)
         return asyncio.create_task(asyncio.sleep(0))
 
@@ -56,7 +56,7 @@ def test_a_goodbye_ends_the_connection_at_info_and_fails_its_requests():
         peers.leave(peer.route)
         with pytest.raises(PeerDeadError) as caught:
             await pending
-        await asyncio.sleep(0.01)  # the hook's task ends: left() forgets the id
+        await asyncio.sleep(0.01)  # the watches' task ends: left() forgets the id
         return ends(log), buried, left, dict(peers), caught.value.reason, peers.left("decode-0")
 
     assert asyncio.run(scenario()) == (

@@ -214,7 +214,7 @@ def test_a_dead_workers_request_moves_on_with_what_it_streamed(tiny_model_dir):
         task = asyncio.create_task(collect(frontend))
         await frontend.until_generates(1)
         await frontend.stream_from("decode-0", token(5, "a", cached=16), token(6, "bc"))
-        await frontend.on_peer_dead("decode-0")
+        await frontend._run_watches("decode-0")  # as when Peers declares it dead
         await frontend.until_generates(2)
         await frontend.stream_from("decode-0", token(66, "x"))  # the lost worker: dropped
         await frontend.stream_from("decode-1", token(7, "d", finish="length"))
@@ -259,7 +259,7 @@ def test_a_refusal_then_the_death_of_the_same_worker_is_one_migration(tiny_model
         await frontend.until_generates(1)
         refusal = Error(code=ErrorCode.SHUTTING_DOWN, message="draining", request_id="r-1")
         frontend.request_refused(refusal, inbound("decode-0"))
-        await frontend.on_peer_dead("decode-0")
+        await frontend._run_watches("decode-0")  # as when Peers declares it dead
         await frontend.until_generates(2)
         await frontend.stream_from("decode-1", token(7, "d", finish="stop"))
         return await task, frontend
@@ -277,7 +277,7 @@ def test_a_request_that_loses_more_workers_than_max_migrations_is_unavailable(ti
         for n, worker in enumerate(["decode-0", "decode-1"], start=1):
             await frontend.until_generates(n)
             await frontend.stream_from(worker, token(n, "t"))
-            await frontend.on_peer_dead(worker)
+            await frontend._run_watches(worker)  # as when Peers declares it dead
         with pytest.raises(BackendUnavailable) as raised:
             await task
         return raised.value, frontend

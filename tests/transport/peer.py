@@ -37,7 +37,7 @@ import torch
 import zmq
 
 from kvmesh import log
-from kvmesh.actors.base import Actor, ActorConfig
+from kvmesh.actors.base import Actor, ActorConfig, any_peer
 from kvmesh.transport.dataplane import DataPlaneHandlers, KVDataPlane, allocate_shared_pool
 from kvmesh.transport.kv_layout import DTYPES, KVLayout
 
@@ -74,7 +74,15 @@ def say(**event) -> None:
     print(json.dumps(event), flush=True)
 
 
-class PeerActor(DataPlaneHandlers, Actor):
+class StallingHandlers(DataPlaneHandlers):
+    """--stall-receive: a KvWrite that never finishes landing."""
+
+    async def on_kv_write(self, msg, inbound):
+        say(event="stalled", id=msg.transfer_id)
+        await asyncio.Event().wait()
+
+
+class PeerActor(Actor):
     """A pool in shared memory, its data plane, and the test's commands."""
 
     role = "prefill"
@@ -90,19 +98,21 @@ class PeerActor(DataPlaneHandlers, Actor):
         fill_pool(self.kv_caches, args.seed)
         # the tests write here to check bytes; grants are tested with Side as receiver
         self.kv_plane = KVDataPlane(self, self.kv_caches, segment=segment, require_grants=False)
+        handlers = StallingHandlers if args.stall_receive else DataPlaneHandlers
+        handlers(self.kv_plane).register(self)
         self.senders = {"auto": self.kv_plane}  # a write may force a backend
         self.resume: dict[str, asyncio.Event] = {}
+        self.watch(any_peer, self._fail_senders)
 
     def sender(self, backend: str) -> KVDataPlane:
         if backend not in self.senders:
             self.senders[backend] = KVDataPlane(self, self.kv_caches, backend=backend)
         return self.senders[backend]
 
-    async def on_peer_dead(self, peer_id: str) -> None:
+    async def _fail_senders(self, peer_id: str) -> None:
         for plane in self.senders.values():
             if plane is not self.kv_plane:
                 plane.peer_dead(peer_id)
-        await super().on_peer_dead(peer_id)
 
     async def setup(self) -> None:
         endpoint = self.open("from_peers", zmq.ROUTER, "tcp://127.0.0.1:0", bind=True)
@@ -113,13 +123,7 @@ class PeerActor(DataPlaneHandlers, Actor):
 
     def _read_stdin(self, loop: asyncio.AbstractEventLoop) -> None:
         for line in sys.stdin:
-            loop.call_soon_threadsafe(self._spawn, self._command(json.loads(line)))
-
-    async def on_kv_write(self, msg, inbound):
-        if self.args.stall_receive:
-            say(event="stalled", id=msg.transfer_id)
-            await asyncio.Event().wait()
-        return await super().on_kv_write(msg, inbound)
+            loop.call_soon_threadsafe(self.supervise, "command", self._command, json.loads(line))
 
     async def _command(self, cmd: dict) -> None:
         op = cmd["op"]

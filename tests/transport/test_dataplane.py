@@ -59,7 +59,7 @@ def run(coro):
     return LOOP.run_until_complete(coro)
 
 
-class Side(DataPlaneHandlers, Actor):
+class Side(Actor):
     """The test's end: a pool (in shared memory unless shared=False) and its plane. Each
     has a fresh actor id: the module's peers outlive it, and the runtime's liveness of
     a previous Side must not reach this one."""
@@ -104,6 +104,7 @@ class Side(DataPlaneHandlers, Actor):
             chunk_bytes=chunk_bytes,
             require_grants=require_grants,
         )
+        DataPlaneHandlers(self.kv_plane).register(self)
 
     async def close(self) -> None:
         await super().close()
