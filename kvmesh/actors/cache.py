@@ -43,6 +43,7 @@ from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
 from kvmesh.cache.disk_tier import DiskTier
 from kvmesh.cache.host_tier import HostTier, HostTierInfo
 from kvmesh.cache.store import Hit, TieredStore
+from kvmesh.kv.segment import segment_name
 from kvmesh.protocol import (
     CacheAttach,
     CacheCommit,
@@ -59,7 +60,6 @@ from kvmesh.protocol import (
     RegisterCache,
 )
 from kvmesh.transport.private_dir import private_dir
-from kvmesh.transport.segment import segment_name
 
 log = structlog.get_logger(__name__)
 

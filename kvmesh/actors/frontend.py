@@ -19,11 +19,11 @@ import msgspec
 import structlog
 
 from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
-from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import BackendUnavailable, OverloadedError
 from kvmesh.frontend.limits import HTTPLimits
-from kvmesh.gpu.block_pool import hash_blocks, salt_id, wire_hashes
 from kvmesh.gpu.model_config import ModelConfig, capped_context
+from kvmesh.kv.block_hash import hash_blocks, salt_id, wire_hashes
+from kvmesh.params import SamplingParams
 from kvmesh.protocol import (
     Abort,
     ClusterStatus,

@@ -28,7 +28,7 @@ from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
 from kvmesh.actors.cache import CacheClient
 from kvmesh.engine.async_engine import AsyncEngine, StepResult
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
-from kvmesh.engine.params import SamplingParams, first_token_params
+from kvmesh.params import SamplingParams, first_token_params
 from kvmesh.protocol import (
     Abort,
     Delta,

@@ -21,7 +21,7 @@ from typing import TypeVar
 import structlog
 
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
-from kvmesh.engine.params import SamplingParams
+from kvmesh.params import SamplingParams
 from kvmesh.protocol import KVEvent
 
 log = structlog.get_logger(__name__)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 
-from kvmesh.engine.params import SamplingParams
-from kvmesh.gpu.block_pool import hash_blocks
+from kvmesh.kv.block_hash import hash_blocks
+from kvmesh.params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

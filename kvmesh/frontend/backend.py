@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from kvmesh.engine.params import SamplingParams
+from kvmesh.params import SamplingParams
 from kvmesh.protocol import Delta
 from kvmesh.tokenizer import Tokenizer
 

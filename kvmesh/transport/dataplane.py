@@ -31,7 +31,7 @@ worker can ship each layer as soon as it has computed it.
 Copies run on the event loop's thread, the loop served between chunks: numba launches
 from another thread cost ~25 us more each (a 32-layer copy ran at 18 instead of 24
 GB/s), and ZeroMQ and UCX move the bytes on threads of their own anyway. Each copy uses
-shm.COPY_THREADS numba threads (one; see there for why).
+COPY_THREADS (transport.shm) numba threads (one; see there for why).
 
 Grants: a receiver takes a KvWrite only for a transfer it granted to that peer
 (grant(peer, id, blocks) before asking for it, revoke after), and only into the granted
@@ -62,6 +62,7 @@ import torch
 
 from kvmesh.gpu.kv_cache import kv_caches_from_buffer
 from kvmesh.gpu.kv_pack import pack_blocks, packed_shape, unpack_blocks
+from kvmesh.kv.segment import SharedSegment, segment_name
 from kvmesh.protocol import (
     Error,
     ErrorCode,
@@ -72,15 +73,9 @@ from kvmesh.protocol import (
     Message,
     Request,
 )
-from kvmesh.transport import cuda_ipc, shm, ucx
+from kvmesh.transport import cuda_ipc, ucx
 from kvmesh.transport.kv_layout import KVLayout, check_ids, check_layers
-from kvmesh.transport.shm import (
-    COPY_THREADS,
-    SharedSegment,
-    ShmLink,
-    copy_blocks,
-    numba_threads,
-)
+from kvmesh.transport.shm import COPY_THREADS, ShmLink, copy_blocks, numba_threads
 from kvmesh.transport.staging import WINDOW, Staging
 from kvmesh.transport.zmq_plane import ZmqLink, frame_bytes
 
@@ -112,7 +107,7 @@ def allocate_shared_pool(
 ) -> tuple[list[torch.Tensor], SharedSegment]:
     """A zeroed pool in a new shared-memory segment named for actor_id: per-layer views,
     and the segment to hand to KVDataPlane (which unlinks it on close)."""
-    segment = SharedSegment.create(shm.segment_name(actor_id), layout.pool_bytes)
+    segment = SharedSegment.create(segment_name(actor_id), layout.pool_bytes)
     kv_caches = kv_caches_from_buffer(
         torch.from_numpy(segment.pool), layout, layout.num_blocks, layout.block_size, layout.dtype
     )

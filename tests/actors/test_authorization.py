@@ -205,7 +205,7 @@ def test_a_decode_worker_takes_abort_and_request_ids_only_from_the_requests_fron
     every token it asked for."""
     from kvmesh.actors.router import RouterActor, RouterActorSettings
     from kvmesh.actors.worker import DecodeWorker, WorkerSettings
-    from kvmesh.engine.params import SamplingParams
+    from kvmesh.params import SamplingParams
     from kvmesh.protocol import Abort, Generate
 
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

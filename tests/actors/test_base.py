@@ -823,7 +823,7 @@ def test_a_refused_one_way_message_names_its_request(echo):
     """A Generate the peer cannot take (here: no handler; in a cluster, a draining worker)
     comes back as an Error naming its request_id, handed to request_refused, so the
     request's owner can end or move it at once instead of waiting for its timeout."""
-    from kvmesh.engine.params import SamplingParams
+    from kvmesh.params import SamplingParams
     from kvmesh.protocol import Generate
 
     class Owner(Probe):

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from kvmesh import Engine, SamplingParams
-from kvmesh.engine.params import first_token_params
 from kvmesh.gpu.kv_pack import pack_blocks, unpack_blocks
+from kvmesh.params import first_token_params
 
 
 def make_prompts(n: int, seed: int, low: int = 20, high: int = 300) -> list[list[int]]:

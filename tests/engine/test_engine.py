@@ -263,7 +263,7 @@ def test_kv_events_report_stored_blocks(tiny_model_dir, reference):
     engine.generate([prompts[4]], greedy(1))  # 63 prompt tokens + 1 computed: 3 full blocks
     events = engine.take_kv_events()
     stored = [h for e in events if type(e).__name__ == "BlockStored" for h in e.block_hashes]
-    from kvmesh.gpu.block_pool import hash_blocks, wire_hashes
+    from kvmesh.kv.block_hash import hash_blocks, wire_hashes
 
     salt = engine.scheduler.block_manager.salt
     assert stored == wire_hashes(hash_blocks(prompts[4], 16, salt=salt))[:3]  # on the wire

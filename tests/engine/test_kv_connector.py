@@ -14,9 +14,10 @@ from kvmesh.engine.block_manager import BlockManager
 from kvmesh.engine.kv_connector import LocalTieredConnector
 from kvmesh.engine.scheduler import Scheduler
 from kvmesh.engine.sequence import Sequence, SequenceStatus
-from kvmesh.gpu.block_pool import BlockPool, hash_blocks, wire_hash, wire_hashes
+from kvmesh.gpu.block_pool import BlockPool
 from kvmesh.gpu.kv_pack import pack_blocks
 from kvmesh.gpu.model_config import RECORD_TAG_BYTES
+from kvmesh.kv.block_hash import hash_blocks, wire_hash, wire_hashes
 from kvmesh.transport.keys import hash_key
 from tests.engine import make_prompt
 

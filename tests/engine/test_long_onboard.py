@@ -19,7 +19,7 @@ from kvmesh.bench.cluster import start_cluster
 from kvmesh.cache.disk_tier import HEADER
 from kvmesh.cache.host_tier import pool_bytes
 from kvmesh.engine.kv_connector import CacheActorConnector, LocalTieredConnector
-from kvmesh.gpu.block_pool import hash_blocks, wire_hash, wire_hashes
+from kvmesh.kv.block_hash import hash_blocks, wire_hash, wire_hashes
 from kvmesh.transport.keys import hash_key
 from tests.engine import make_prompt
 

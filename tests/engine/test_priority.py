@@ -7,9 +7,9 @@ import msgspec
 import pytest
 
 from kvmesh import Engine, SamplingParams
-from kvmesh.engine.params import MAX_PRIORITY, first_token_params
 from kvmesh.engine.scheduler import WaitingQueue
 from kvmesh.engine.sequence import Sequence
+from kvmesh.params import MAX_PRIORITY, first_token_params
 
 PROMPT_LEN = 16  # one block: the block size the engine defaults to
 

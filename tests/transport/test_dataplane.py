@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from kvmesh.actors.base import Actor, ActorConfig, RemoteError
+from kvmesh.kv.segment import HEADER_BYTES, SHM_DIR
+from kvmesh.kv.segment import available as shm_available
 from kvmesh.protocol import KvWrite
-from kvmesh.transport import shm, ucx
+from kvmesh.transport import ucx
 from kvmesh.transport.dataplane import (
     CHUNK_BYTES,
     DataPlaneHandlers,
@@ -24,7 +26,7 @@ from kvmesh.transport.dataplane import (
     TransferError,
     allocate_shared_pool,
 )
-from kvmesh.transport.shm import SHM_DIR, copy_blocks
+from kvmesh.transport.shm import copy_blocks
 from tests.transport.peer import PeerProcess, fill_pool, make_cuda_pool, make_layout
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,7 +37,7 @@ DEATH_NOTICE = LIVENESS_TIMEOUT + HEARTBEAT + 1.0  # the next heartbeat tick, an
 PEER_BLOCKS, OWN_BLOCKS = 16, 24  # the two pools differ in num_blocks only
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BACKENDS = [
-    pytest.param("shm", marks=pytest.mark.skipif(not shm.available(), reason="no /dev/shm")),
+    pytest.param("shm", marks=pytest.mark.skipif(not shm_available(), reason="no /dev/shm")),
     "zmq",
     pytest.param(
         "ucx", marks=pytest.mark.skipif(not ucx.available(), reason=f"ucxx: {ucx.import_error()}")
@@ -428,23 +430,10 @@ def test_segment_is_unlinked_on_close():
     layout = make_layout(torch.float32, 4)
     kv_caches, segment = allocate_shared_pool(layout, "closer")
     name = segment.name
-    assert (SHM_DIR / name).stat().st_size == shm.HEADER_BYTES + layout.pool_bytes
+    assert (SHM_DIR / name).stat().st_size == HEADER_BYTES + layout.pool_bytes
     plane = KVDataPlane(None, kv_caches, segment=segment)
     run(plane.close())
     assert not (SHM_DIR / name).exists()
-
-
-def test_a_supervisor_unlinks_the_segments_of_a_dead_pid():
-    mine = SHM_DIR / "kvmesh-a-999999999-0bad"
-    other = SHM_DIR / "kvmesh-a-9999999990-0bad"  # another pid that starts alike
-    mine.touch()
-    other.touch()
-    try:
-        assert shm.unlink_segments_of(999999999) == [mine.name]
-        assert not mine.exists() and other.exists()
-    finally:
-        mine.unlink(missing_ok=True)
-        other.unlink(missing_ok=True)
 
 
 def make_pools(dtype, num_blocks, one_allocation, seed):
