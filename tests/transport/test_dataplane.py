@@ -23,7 +23,6 @@ from kvmesh.transport.dataplane import (
     CHUNK_BYTES,
     DataPlaneHandlers,
     KVDataPlane,
-    TransferError,
     allocate_shared_pool,
 )
 from kvmesh.transport.shm import copy_blocks
@@ -192,16 +191,15 @@ def peer(request, tmp_path_factory):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_write_to_peer(peer, backend, tmp_path):
-    """This side's SRC blocks land in the peer's DST blocks; every other byte stays. One
-    layer per chunk: zmq and ucx send 4 KvWrites, 3 in flight, from reused buffers."""
+    """This side's SRC blocks land in the peer's DST blocks; every other byte stays, and
+    they are in place when write returns. One layer per chunk: zmq and ucx send 4
+    KvWrites, 3 in flight, from reused buffers."""
     src, dst = DST, [3, 15, 0, 8]
     before = dump(peer, tmp_path / "before", peer.dtype)
 
     async def scenario():
         async with connected(peer, peer.dtype, backend, chunk_bytes=1) as side:
-            peer.command(op="expect", **{"from": side.actor_id, "id": f"to-{backend}"})
             await side.kv_plane.write("peer", f"to-{backend}", src, dst)
-            await event(peer, "landed")
             link, _ = await side.kv_plane.link("peer")
             assert link.backend == backend
             return [cache.clone() for cache in side.kv_caches]
@@ -213,16 +211,15 @@ def test_write_to_peer(peer, backend, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_write_from_peer(peer, backend, tmp_path):
-    """The peer's SRC blocks land in this side's DST blocks; every other byte stays."""
+    """The peer's SRC blocks land in this side's DST blocks, in place when the peer's
+    write returns; every other byte stays."""
     source = dump(peer, tmp_path / "source", peer.dtype)
 
     async def scenario():
         async with connected(peer, peer.dtype, "auto") as side:
             before = [cache.clone() for cache in side.kv_caches]
-            incoming = side.kv_plane.expect("peer", "from")
             peer.command(op="write", to=side.actor_id, id="from", src=SRC, dst=DST, backend=backend)
             assert (await event(peer, "written"))["backend"] == backend
-            await incoming.wait(timeout=5)
             assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST))
 
     run(scenario())
@@ -231,7 +228,7 @@ def test_write_from_peer(peer, backend, tmp_path):
 @pytest.mark.parametrize("backend", ["zmq", "shm"])
 def test_a_write_needs_a_grant_from_the_receiver(peer, backend, tmp_path):
     """Ungranted, or into blocks beyond the grant: refused before a byte is unpacked
-    (zmq) and never marked landed; granted: it lands."""
+    (zmq), the write fails at its sender; granted: it lands."""
     source = dump(peer, tmp_path / "source", peer.dtype)
 
     async def attempt(side, transfer_id: str) -> dict:
@@ -249,14 +246,11 @@ def test_a_write_needs_a_grant_from_the_receiver(peer, backend, tmp_path):
             if backend == "zmq":  # shm copies into the mapped pool before its KvWrite
                 assert_same_bytes(side.kv_caches, before)
             side.kv_plane.grant("peer", "granted", DST)
-            incoming = side.kv_plane.expect("peer", "granted")
             granted = await attempt(side, "granted")
-            await incoming.wait(timeout=5)
             assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST))
-            stray = [side.kv_plane.expect("peer", t).done() for t in ("stranger", "short")]
-            return ungranted, beyond, granted, stray
+            return ungranted, beyond, granted
 
-    ungranted, beyond, granted, stray = run(scenario())
+    ungranted, beyond, granted = run(scenario())
     assert (ungranted["event"], ungranted["type"]) == ("error", "RemoteError")
     assert ungranted["message"].endswith(
         "forbidden: KvWrite of transfer 'stranger' from 'peer': no such transfer was granted to it"
@@ -265,7 +259,6 @@ def test_a_write_needs_a_grant_from_the_receiver(peer, backend, tmp_path):
         beyond["event"] == "error" and f"blocks [{DST[-1]}] were not granted" in beyond["message"]
     )
     assert granted["event"] == "written"
-    assert stray == [False, False]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -276,7 +269,6 @@ def test_layers_land_one_by_one(peer, backend, tmp_path):
     async def scenario():
         async with connected(peer, peer.dtype, "auto") as side:
             before = [cache.clone() for cache in side.kv_caches]
-            incoming = side.kv_plane.expect("peer", "layers")
             peer.command(
                 op="write",
                 to=side.actor_id,
@@ -287,11 +279,8 @@ def test_layers_land_one_by_one(peer, backend, tmp_path):
                 pause_after=2,
             )
             await event(peer, "paused")
-            await incoming.wait_layer(1, timeout=5)
-            assert incoming.landed == [True, True, False, False]
             assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST, range(2)))
             peer.command(op="resume", id="layers")
-            await incoming.wait(timeout=5)
             await event(peer, "written")
             assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST))
 
@@ -303,13 +292,15 @@ def test_layers_land_one_by_one(peer, backend, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sender_killed_mid_transfer(backend, tmp_path):
-    """Half the layers landed, then SIGKILL: the waiting receiver gets TransferError within
-    the liveness timeout, and the dead peer's segment is unlinked for it."""
+    """Half the layers landed, then SIGKILL: the receiver keeps what landed and nothing
+    else (it learns of the failure from the request that asked for the transfer, not
+    from the data plane), and the dead peer's segment is unlinked for it."""
     with spawn_peer(tmp_path, "float32") as peer:
+        source = dump(peer, tmp_path / "source", torch.float32)
 
-        async def scenario() -> float:
+        async def scenario():
             async with connected(peer, torch.float32, "auto") as side:
-                incoming = side.kv_plane.expect("peer", "doomed")
+                before = [cache.clone() for cache in side.kv_caches]
                 peer.command(
                     op="write",
                     to=side.actor_id,
@@ -320,14 +311,10 @@ def test_sender_killed_mid_transfer(backend, tmp_path):
                     pause_after=2,
                 )
                 await event(peer, "paused")
-                await incoming.wait_layer(1, timeout=5)
                 peer.kill()
-                start = time.monotonic()
-                with pytest.raises(TransferError, match="2/4 layers landed"):
-                    await incoming.wait(timeout=10)
-                return time.monotonic() - start
+                assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST, range(2)))
 
-        assert run(scenario()) < DEATH_NOTICE
+        run(scenario())
         assert segment_gone(peer.ready["shm"]), "the killed peer's segment is still there"
 
 
@@ -471,17 +458,13 @@ def test_cuda_pools_exchange_blocks(backend, tmp_path):
                 link, _ = await side.kv_plane.link("peer")
                 assert link.backend == backend
                 before = [cache.cpu() for cache in side.kv_caches]
-                incoming = side.kv_plane.expect("peer", "from")
                 peer.command(
                     op="write", to=side.actor_id, id="from", src=SRC, dst=DST, backend=backend
                 )
                 await event(peer, "written")
-                await incoming.wait(timeout=10)
                 got = [cache.cpu() for cache in side.kv_caches]
                 assert_same_bytes(got, expected(before, source, SRC, DST))
-                peer.command(op="expect", **{"from": side.actor_id, "id": "to"})
                 await side.kv_plane.write("peer", "to", DST, [1, 2, 3, 4])
-                await event(peer, "landed")
                 return got
 
         own = run(scenario())
