@@ -1,6 +1,6 @@
 """Prefill and decode workers: an Engine on its own thread behind an actor.
 
-Life of a disaggregated request (DESIGN.md, decode first):
+Life of a disaggregated request (README, Architecture; decode first):
 
     frontend ──Generate(prefill=P)──► decode D: admit, allocate the prompt's blocks
                                        (reusing D's prefix cache), park the prompt
