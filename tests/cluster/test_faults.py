@@ -4,7 +4,6 @@ exactly as the single-process Engine says."""
 
 import json
 import os
-import random
 import signal
 import threading
 import time
@@ -14,11 +13,7 @@ import pytest
 
 from kvmesh import SamplingParams
 from kvmesh.bench.cluster import start_cluster
-
-
-def make_prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, 2048) for _ in range(n)]
+from tests.prompts import random_prompt
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +82,7 @@ def run_streams(cluster, model_name, prompts, max_tokens, during=None):
 
 
 def test_sigkill_of_a_decode_worker_loses_no_stream(cluster, model_name, engine):
-    prompts = [make_prompt(40 + 10 * i, seed=100 + i) for i in range(16)]
+    prompts = [random_prompt(40 + 10 * i, seed=100 + i) for i in range(16)]
     expected = engine.generate(
         prompts, SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
     )
@@ -110,7 +105,7 @@ def test_sigkill_of_a_decode_worker_loses_no_stream(cluster, model_name, engine)
 
 
 def test_sigkill_of_the_prefill_worker_still_finishes_requests(cluster, model_name, engine):
-    prompts = [make_prompt(300, seed=200 + i) for i in range(4)]
+    prompts = [random_prompt(300, seed=200 + i) for i in range(4)]
     expected = engine.generate(
         prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     )
@@ -121,7 +116,7 @@ def test_sigkill_of_the_prefill_worker_still_finishes_requests(cluster, model_na
 
 
 def test_sigterm_drains_streams_in_flight(cluster, model_name, engine):
-    prompts = [make_prompt(30 + i, seed=300 + i) for i in range(4)]
+    prompts = [random_prompt(30 + i, seed=300 + i) for i in range(4)]
     expected = engine.generate(
         prompts, SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
     )
@@ -151,7 +146,7 @@ def test_request_timeout_aborts_and_answers_429(tmp_path, tiny_model_dir):
             timeout=60,
             json={
                 "model": name,
-                "prompt": make_prompt(20, 1),
+                "prompt": random_prompt(20, 1),
                 "max_tokens": 4000,
                 "ignore_eos": True,
             },
@@ -165,7 +160,7 @@ def test_request_timeout_aborts_and_answers_429(tmp_path, tiny_model_dir):
             json={"model": name, "prompt": "hi", "max_tokens": 2},
         )
         assert quick.status_code == 200  # the timed-out request freed its worker
-        streamed = Stream(c.url, name, make_prompt(20, 2), 4000)
+        streamed = Stream(c.url, name, random_prompt(20, 2), 4000)
         streamed.run()
         assert streamed.error is not None and "request_timeout" in json.dumps(streamed.error)
     finally:

@@ -3,7 +3,6 @@ the single-process Engine as the reference for every output."""
 
 import json
 import os
-import random
 import time
 
 import httpx
@@ -11,11 +10,7 @@ import pytest
 import zmq
 
 from kvmesh import SamplingParams
-
-
-def make_prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, 2048) for _ in range(n)]
+from tests.prompts import random_prompt
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -38,7 +33,7 @@ def metric(cluster, name: str) -> float:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_completions_equal_engine(openai_client, model_name, engine, stream):
-    prompts = [make_prompt(n, seed=n) for n in (40, 180, 300)]
+    prompts = [random_prompt(n, seed=n) for n in (40, 180, 300)]
     expected = [o.text for o in engine.generate(prompts, greedy(16))]
     for prompt, want in zip(prompts, expected, strict=True):
         kwargs = dict(
@@ -85,7 +80,7 @@ def test_chat_equals_engine(openai_client, model_name, engine, stream):
 
 
 def test_prompts_were_prefilled_remotely(cluster, openai_client, model_name):
-    openai_client.completions.create(model=model_name, prompt=make_prompt(200, 1), max_tokens=2)
+    openai_client.completions.create(model=model_name, prompt=random_prompt(200, 1), max_tokens=2)
     assert metric(cluster, "kvmesh_remote_prefill_total") >= 1
     assert metric(cluster, "kvmesh_kv_transfer_bytes_total") > 0
 
@@ -96,7 +91,7 @@ def decode_cached_totals(cluster) -> dict[str, int]:
 
 
 def test_shared_prefix_is_cached_and_lands_on_its_holder(cluster, openai_client, model_name):
-    base = make_prompt(256, seed=77)
+    base = random_prompt(256, seed=77)
     openai_client.completions.create(model=model_name, prompt=base + [20, 21], max_tokens=2)
     time.sleep(1.0)  # the holder's KV events and load reports reach the router
     before = decode_cached_totals(cluster)
@@ -180,7 +175,7 @@ def test_garbage_on_every_actor_endpoint_crashes_nothing(cluster, openai_client,
     ctx.term()
     time.sleep(1.0)
     reply = openai_client.completions.create(
-        model=model_name, prompt=make_prompt(150, 3), max_tokens=4
+        model=model_name, prompt=random_prompt(150, 3), max_tokens=4
     )
     assert reply.usage.completion_tokens == 4
     after = json.loads(cluster.kvmesh("status", "--json").stdout)
@@ -190,7 +185,7 @@ def test_garbage_on_every_actor_endpoint_crashes_nothing(cluster, openai_client,
 def test_client_disconnect_cancels_the_request_on_its_worker(cluster, model_name):
     body = {
         "model": model_name,
-        "prompt": make_prompt(50, 9),
+        "prompt": random_prompt(50, 9),
         "max_tokens": 3000,
         "ignore_eos": True,
         "stream": True,

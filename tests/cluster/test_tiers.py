@@ -8,7 +8,6 @@ by the next one. The host tier has 20 slots, so a third prompt's evictions push 
 first prompt's blocks on to disk; the disk tier holds them all."""
 
 import os
-import random
 import signal
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from kvmesh import SamplingParams
 from kvmesh.bench.cluster import start_cluster
 from kvmesh.cache.host_tier import pool_bytes
+from tests.prompts import random_prompt
 
 PROMPT_TOKENS = 300
 FULL_BLOCKS = PROMPT_TOKENS // 16  # 18: what a repeat of the prompt may find cached
@@ -46,11 +46,6 @@ def cluster(tmp_path_factory, tiny_model_dir, disk_dir):
     )
     yield c
     assert c.stop() == 0
-
-
-def make_prompt(seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, 2048) for _ in range(PROMPT_TOKENS)]
 
 
 def complete(cluster, model: str, prompt: list[int]) -> dict:
@@ -96,7 +91,7 @@ def wait_for(check, timeout: float = 30.0):
 def evict_through_tiers(cluster, model, seeds: tuple[int, int, int]) -> list[int]:
     """Run three fresh prompts; the first one's blocks end up in the host and disk tiers.
     Returns the first prompt, extended by a token (a new request with its prefix)."""
-    first, *others = (make_prompt(seed) for seed in seeds)
+    first, *others = (random_prompt(PROMPT_TOKENS, seed) for seed in seeds)
     for prompt in (first, *others):
         complete(cluster, model, prompt)
     return first + [40]
@@ -152,7 +147,7 @@ def test_sigkilled_cache_actor_costs_hits_not_requests(cluster, model_name, engi
     before = cluster.status()["cache-0"]["pid"]
     os.kill(before, signal.SIGKILL)
     # Requests go on while the cache actor is down (and as it comes back).
-    prompt = make_prompt(27)
+    prompt = random_prompt(PROMPT_TOKENS, 27)
     result = complete(cluster, model_name, prompt)
     assert result["choices"][0]["text"] == expected_text(engine, prompt)
     restarted = wait_for(
