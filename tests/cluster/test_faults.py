@@ -6,14 +6,16 @@ import json
 import os
 import signal
 import threading
-import time
 
 import httpx
 import pytest
 
 from kvmesh import SamplingParams
 from kvmesh.bench.cluster import start_cluster
+from tests.polling import wait_until
 from tests.prompts import random_prompt
+
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +74,12 @@ def run_streams(cluster, model_name, prompts, max_tokens, during=None):
     for s in streams:
         s.start()
     if during is not None:
-        deadline = time.monotonic() + 120
-        while min(s.chunks for s in streams) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: min(s.chunks for s in streams) >= 3,
+            "every stream's first chunks",
+            timeout=120,
+            interval=0.05,
+        )
         during()
     for s in streams:
         s.join(timeout=240)
@@ -94,14 +99,12 @@ def test_sigkill_of_a_decode_worker_loses_no_stream(cluster, model_name, engine)
     assert [s.finish_reason for s in streams] == ["length"] * 16
     assert [s.text for s in streams] == [o.text for o in expected]
     # the launcher restarts the worker and it rejoins
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        row = cluster.status().get("decode-0")
-        if row is not None and row["pid"] not in (0, victim):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("decode-0 did not come back")
+    wait_until(
+        lambda: (row := cluster.status().get("decode-0")) and row["pid"] not in (0, victim),
+        "decode-0 coming back",
+        timeout=120,
+        interval=0.5,
+    )
 
 
 def test_sigkill_of_the_prefill_worker_still_finishes_requests(cluster, model_name, engine):

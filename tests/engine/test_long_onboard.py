@@ -225,6 +225,7 @@ def complete(url: str, model: str, prompt: list[int]) -> dict:
     return response.json()
 
 
+@pytest.mark.cluster
 def test_prefix_longer_than_the_host_tier_comes_back_whole_on_a_cluster(
     cluster, tiny_model_dir, config
 ):

@@ -189,6 +189,7 @@ def peer(request, tmp_path_factory):
 # --- exchange: exact bytes ---
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_write_to_peer(peer, backend, tmp_path):
     """This side's SRC blocks land in the peer's DST blocks; every other byte stays, and
@@ -209,6 +210,7 @@ def test_write_to_peer(peer, backend, tmp_path):
     assert_same_bytes(after, expected(before, own, src, dst))
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_write_from_peer(peer, backend, tmp_path):
     """The peer's SRC blocks land in this side's DST blocks, in place when the peer's
@@ -225,6 +227,7 @@ def test_write_from_peer(peer, backend, tmp_path):
     run(scenario())
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("backend", ["zmq", "shm"])
 def test_a_write_needs_a_grant_from_the_receiver(peer, backend, tmp_path):
     """Ungranted, or into blocks beyond the grant: refused before a byte is unpacked
@@ -261,6 +264,7 @@ def test_a_write_needs_a_grant_from_the_receiver(peer, backend, tmp_path):
     assert granted["event"] == "written"
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layers_land_one_by_one(peer, backend, tmp_path):
     """A layer-by-layer write: layers 0-1 are in place (2-3 untouched) before 2 is sent."""
@@ -290,6 +294,7 @@ def test_layers_land_one_by_one(peer, backend, tmp_path):
 # --- a peer killed mid-transfer ---
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sender_killed_mid_transfer(backend, tmp_path):
     """Half the layers landed, then SIGKILL: the receiver keeps what landed and nothing
@@ -318,6 +323,7 @@ def test_sender_killed_mid_transfer(backend, tmp_path):
         assert segment_gone(peer.ready["shm"]), "the killed peer's segment is still there"
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_receiver_killed_mid_transfer(backend, tmp_path):
     """The receiver dies while the blocks are on their way: write raises ConnectionError
@@ -340,6 +346,7 @@ def test_receiver_killed_mid_transfer(backend, tmp_path):
 # --- errors at the boundary ---
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     "src, dst, layers, message",
     [
@@ -360,6 +367,7 @@ def test_bad_write_names_the_field(peer, src, dst, layers, message):
     run(scenario())
 
 
+@pytest.mark.cluster
 def test_pools_of_another_layout_are_refused(peer):
     other = torch.float32 if peer.dtype == torch.bfloat16 else torch.bfloat16
     want = f"another KV pool layout: dtype is {peer.dtype} there, {other} here"
@@ -372,6 +380,7 @@ def test_pools_of_another_layout_are_refused(peer):
     run(scenario())
 
 
+@pytest.mark.cluster
 def test_receiver_checks_what_comes_off_the_wire(peer):
     """A malformed KvWrite is refused by the receiver, naming the field."""
 
@@ -391,6 +400,7 @@ def test_receiver_checks_what_comes_off_the_wire(peer):
     run(scenario())
 
 
+@pytest.mark.cluster
 def test_forced_shm_to_an_unshared_pool_names_the_setting(peer):
     async def scenario():
         async with connected(peer, peer.dtype, "auto", shared=False) as side:
@@ -444,6 +454,7 @@ def test_copy_blocks_is_exact(dtype, src_one, dst_one, layers):
     assert_same_bytes(dst, want)
 
 
+@pytest.mark.cluster
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["shm", "zmq"])
