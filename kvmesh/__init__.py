@@ -20,7 +20,7 @@ _LAZY = {
     "Client": "kvmesh.client",
     "Engine": "kvmesh.engine.engine",
     "RequestOutput": "kvmesh.engine.engine",
-    "SamplingParams": "kvmesh.engine.params",
+    "SamplingParams": "kvmesh.params",
 }
 
 __all__ = sorted(_LAZY)

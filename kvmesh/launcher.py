@@ -172,7 +172,7 @@ def _relay(stream: IO[str], tail: deque[str]) -> None:
 
 def _release_segments(pid: int) -> None:
     """A killed actor cannot unlink its shared-memory KV pool: do it for it."""
-    from kvmesh.transport.shm import unlink_segments_of
+    from kvmesh.kv.segment import unlink_segments_of  # numpy only: no torch, no numba
 
     for name in unlink_segments_of(pid):
         log.info("segment_released", pid=pid, segment=name)

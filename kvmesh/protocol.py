@@ -16,9 +16,10 @@ import typing
 
 import msgspec
 
-from kvmesh.engine.params import SamplingParams
+from kvmesh.params import SamplingParams
 
-PROTOCOL_VERSION = 1
+# 2: Delta.error is a coded StreamError; loads are typed (WorkerLoad, CacheLoad, RouterLoad)
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # bytes of one encoded message; bulk frames are apart
 
 
@@ -319,7 +320,7 @@ class RegisterWorker(Request, frozen=True, kw_only=True):
     num_blocks: int
     max_num_seqs: int
     events_endpoint: str  # where the worker PUBlishes KV events and LoadReports
-    salt_id: str = ""  # block_pool.salt_id of its block-hash salt ("" = not told)
+    salt_id: str = ""  # block_hash.salt_id of its block-hash salt ("" = not told)
 
 
 class Registered(Reply, frozen=True, kw_only=True):
@@ -411,7 +412,7 @@ class RouteRequest(Request, frozen=True, kw_only=True):
     block_hashes: list[int]
     num_prompt_tokens: int
     exclude: list[str] = []  # workers the asker saw die: never place there
-    salt_id: str = ""  # the asker's block-hash salt (block_pool.salt_id; "" = not told)
+    salt_id: str = ""  # the asker's block-hash salt (block_hash.salt_id; "" = not told)
 
 
 class RequestDone(Message, frozen=True, kw_only=True):

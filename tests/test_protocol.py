@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmesh.engine.params import SamplingParams
+from kvmesh.params import SamplingParams
 from kvmesh.protocol import (
     MAX_MESSAGE_SIZE,
     MESSAGE_TYPES,

@@ -45,7 +45,8 @@ from kvmesh.cache.disk_tier import DiskTier
 from kvmesh.cache.host_tier import HostTier, HostTierInfo
 from kvmesh.cache.store import Hit, TieredStore
 from kvmesh.engine.prefetch import Prefetch, named
-from kvmesh.gpu.block_pool import wire_hashes
+from kvmesh.kv.block_hash import wire_hashes
+from kvmesh.kv.segment import segment_name
 from kvmesh.protocol import (
     CacheAttach,
     CacheCommit,
@@ -64,7 +65,6 @@ from kvmesh.protocol import (
     Tier,
 )
 from kvmesh.transport.private_dir import private_dir
-from kvmesh.transport.segment import segment_name
 
 log = structlog.get_logger(__name__)
 

@@ -31,12 +31,12 @@ import msgspec
 import structlog
 
 from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, Retry, any_peer
-from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import BackendUnavailable, OverloadedError, exception_of
 from kvmesh.frontend.limits import HTTPLimits
 from kvmesh.frontend.metrics import BackendMetrics, WorkerMetrics
-from kvmesh.gpu.block_pool import hash_blocks, salt_id, wire_hashes
 from kvmesh.gpu.model_config import ModelConfig, capped_context
+from kvmesh.kv.block_hash import hash_blocks, salt_id, wire_hashes
+from kvmesh.params import SamplingParams
 from kvmesh.protocol import (
     Abort,
     CacheLoad,

@@ -1,6 +1,6 @@
 """Prefill and decode workers: an Engine on its own thread behind an actor.
 
-Life of a disaggregated request (DESIGN.md, decode first):
+Life of a disaggregated request (README, Architecture; decode first):
 
     frontend ──Generate(prefill=P)──► decode D: admit, allocate the prompt's blocks
                                        (reusing D's prefix cache), park the prompt
@@ -29,8 +29,8 @@ from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, R
 from kvmesh.actors.cache import CacheClient
 from kvmesh.engine.async_engine import AsyncEngine, StepResult
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
-from kvmesh.engine.params import SamplingParams, first_token_params
 from kvmesh.engine.prefetch import Prefetch
+from kvmesh.params import SamplingParams, first_token_params
 from kvmesh.protocol import (
     Abort,
     Delta,

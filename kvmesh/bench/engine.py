@@ -33,7 +33,7 @@ def make_workload(vocab_size: int, seed: int, num_requests: int = NUM_REQUESTS):
 
 def run_engine(engine, workload) -> dict:
     """All requests submitted at once; wall time, mean time to first token, outputs."""
-    from kvmesh.engine.params import SamplingParams
+    from kvmesh.params import SamplingParams
 
     start = time.perf_counter()
     ids = [

@@ -277,7 +277,7 @@ def measure_block_hash(block_size: int = 16, num_blocks: int = 4096, repeats: in
     replaced, on the same tokens and salt; best of repeats."""
     import random
 
-    from kvmesh.gpu.block_pool import hash_blocks
+    from kvmesh.kv.block_hash import hash_blocks
 
     rng = random.Random(0)
     tokens = [rng.randrange(50_000) for _ in range(block_size * num_blocks)]

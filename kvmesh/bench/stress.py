@@ -124,7 +124,7 @@ def draw_body(rng: random.Random, max_tokens: int) -> dict:
 
 def params_of(body: dict, choice: int):
     """The SamplingParams the frontend makes of `body` for one choice."""
-    from kvmesh.engine.params import SamplingParams
+    from kvmesh.params import SamplingParams
 
     seed = body.get("seed")
     return SamplingParams(
@@ -388,7 +388,7 @@ def wait_idle(cluster, timeout: float = IDLE_TIMEOUT) -> list[str]:
 
 
 def shm_segments() -> set[str]:
-    from kvmesh.transport.segment import SHM_DIR
+    from kvmesh.kv.segment import SHM_DIR
 
     return {p.name for p in SHM_DIR.glob("kvmesh-*")}
 

@@ -89,7 +89,7 @@ class MultiTurn:
 
 def serve_one(engine, prompt: list[int], max_tokens: int):
     """Run one request alone: (seconds to its first token, its final RequestOutput)."""
-    from kvmesh.engine.params import SamplingParams
+    from kvmesh.params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()

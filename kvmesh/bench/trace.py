@@ -169,7 +169,7 @@ def synthesize(
 def cached_fraction_bound(requests: list[ReplayRequest], block_size: int) -> float:
     """Upper bound on the cached prompt fraction: prompt tokens in full blocks that an
     earlier request of the workload already had (one infinite cache)."""
-    from kvmesh.gpu.block_pool import hash_blocks
+    from kvmesh.kv.block_hash import hash_blocks
 
     seen: set[int] = set()
     hits = total = 0

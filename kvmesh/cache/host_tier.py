@@ -40,7 +40,7 @@ import numpy as np
 import xxhash
 
 from kvmesh.cache.eviction import make_policy
-from kvmesh.transport.segment import SharedSegment
+from kvmesh.kv.segment import SharedSegment
 
 HEADER_WORDS = 4
 GEN, HASH, LENGTH, CHECKSUM = range(HEADER_WORDS)

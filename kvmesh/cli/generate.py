@@ -35,8 +35,8 @@ def generate(prompts, model_path, max_tokens, temperature, top_p, top_k, seed, c
       kvmesh generate "The capital of France is" --max-tokens 16
     """
     from kvmesh.engine.engine import Engine
-    from kvmesh.engine.params import SamplingParams
     from kvmesh.gpu.tiny import ensure_tiny
+    from kvmesh.params import SamplingParams
 
     path = ensure_tiny() if model_path is None else model_path
     try:

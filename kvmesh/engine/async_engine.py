@@ -26,9 +26,9 @@ import msgspec
 import structlog
 
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
-from kvmesh.engine.params import SamplingParams
 from kvmesh.engine.prefetch import DevicePrefix
 from kvmesh.engine.scheduler import SchedulerStats
+from kvmesh.params import SamplingParams
 from kvmesh.protocol import KVEvent, WorkerLoad
 
 log = structlog.get_logger(__name__)

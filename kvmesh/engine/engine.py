@@ -17,14 +17,15 @@ import structlog
 
 from kvmesh.engine.block_manager import BlockManager
 from kvmesh.engine.model_runner import ModelRunner
-from kvmesh.engine.params import SamplingParams
 from kvmesh.engine.sampler import Sampler
 from kvmesh.engine.scheduler import ScheduledBatch, Scheduler
 from kvmesh.engine.sequence import Sequence
-from kvmesh.gpu.block_pool import BlockPool, hash_blocks, salt_id
+from kvmesh.gpu.block_pool import BlockPool
 from kvmesh.gpu.kv_cache import allocate_kv_caches, default_num_blocks, kv_cache_shape
 from kvmesh.gpu.loader import load_model, torch_dtype
 from kvmesh.gpu.model_config import ModelConfig, capped_context
+from kvmesh.kv.block_hash import hash_blocks, salt_id
+from kvmesh.params import SamplingParams
 from kvmesh.protocol import KVEvent, WorkerLoad
 from kvmesh.tokenizer import IncrementalDetokenizer, Tokenizer
 

@@ -59,7 +59,7 @@ admission that claims it (the lookup was answered then; it joins the kept set at
 admission). Such a hit's read fails its generation/checksum check and the block is
 computed: correct, but a lost hit.
 
-Hashes. The engine names blocks by their full 128-bit hashes (kvmesh.gpu.block_pool);
+Hashes. The engine names blocks by their full 128-bit hashes (kvmesh.kv.block_hash);
 the tiers, here or in the cache actor, by their 64-bit wire hashes. So each record
 begins with a tag, the full hash it was written for, and a load compares it before
 unpacking: two blocks that share a wire hash are a miss, never each other's KV.
@@ -94,11 +94,11 @@ from kvmesh.cache.disk_tier import DiskTier
 from kvmesh.cache.host_tier import HostTier
 from kvmesh.cache.store import STORE_TIERS, Hit, TieredStore
 from kvmesh.engine.prefetch import Prefetch, named
-from kvmesh.gpu.block_pool import wire_hash, wire_hashes
 from kvmesh.gpu.kv_pack import pack_blocks, unpack_records
 from kvmesh.gpu.model_config import RECORD_TAG_BYTES
+from kvmesh.kv.block_hash import wire_hash, wire_hashes
+from kvmesh.kv.segment import segment_name
 from kvmesh.protocol import KVEvent, OnboardCounters, Tier
-from kvmesh.transport.segment import segment_name
 
 # A block found outside the pool: its hash, where it is now, and the tier it was found
 # in (for the counters). The host slot of a TieredStore hit is all a worker needs to

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kvmesh.cache.store import Hit
-from kvmesh.gpu.block_pool import wire_hash
+from kvmesh.kv.block_hash import wire_hash
 from kvmesh.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kvmesh.engine.params import MIN_TOP_P
 from kvmesh.engine.sequence import Sequence
+from kvmesh.params import MIN_TOP_P
 
 
 class Sampler:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from kvmesh.engine.params import SamplingParams
-from kvmesh.gpu.block_pool import hash_blocks
+from kvmesh.kv.block_hash import hash_blocks
+from kvmesh.params import SamplingParams
 
 if TYPE_CHECKING:
     from kvmesh.engine.prefetch import Prefetch

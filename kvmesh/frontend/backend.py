@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.metrics import BackendMetrics, WorkerMetrics
+from kvmesh.params import SamplingParams
 from kvmesh.protocol import Delta, StreamError, StreamErrorCode
 from kvmesh.tokenizer import Tokenizer
 

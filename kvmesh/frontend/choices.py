@@ -24,9 +24,9 @@ from collections.abc import AsyncIterator
 
 import anyio
 
-from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import Backend, BackendUnavailable
 from kvmesh.frontend.metrics import Metrics
+from kvmesh.params import SamplingParams
 from kvmesh.protocol import Delta
 
 

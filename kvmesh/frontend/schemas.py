@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
-from kvmesh.engine.params import MAX_CACHE_SALT, MAX_LOGPROBS, MAX_PRIORITY, MAX_TOP_K
+from kvmesh.params import MAX_CACHE_SALT, MAX_LOGPROBS, MAX_PRIORITY, MAX_TOP_K
 
 MAX_N = 128
 MAX_STOP = 4  # stop strings per request, as OpenAI

@@ -23,7 +23,6 @@ import structlog
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
-from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import Backend, BackendUnavailable, OverloadedError
 from kvmesh.frontend.choices import Choice, ChoiceStreams
 from kvmesh.frontend.limits import HTTPLimits, bearer_key
@@ -51,6 +50,7 @@ from kvmesh.frontend.schemas import (
     Usage,
     now,
 )
+from kvmesh.params import SamplingParams
 from kvmesh.protocol import Delta
 
 log = structlog.get_logger(__name__)

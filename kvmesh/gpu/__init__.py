@@ -1,5 +1,6 @@
 """Device side: model, KV block pool, block-packing kernels.
 
-This package's __init__ imports nothing: kvmesh.gpu.block_pool is torch-free and
-is imported by the router, which must not pay for torch.
+This package's __init__ imports nothing: block_pool and model_config are torch-free, and
+the frontend imports model_config without paying for torch. The block hash lives below
+this package, in kvmesh.kv.block_hash.
 """

@@ -48,7 +48,7 @@ Copy = Callable[[list[torch.Tensor], list[torch.Tensor], np.ndarray, int], None]
 
 def packed_shape(kv_caches: list[torch.Tensor], num_blocks_packed: int) -> tuple[int, ...]:
     """Shape of pack_blocks' output: [num_layers, 2, n, block_size, num_kv_heads, head_dim]."""
-    _check_caches(kv_caches, "kv_caches")
+    check_caches(kv_caches, "kv_caches")
     if (
         isinstance(num_blocks_packed, bool)
         or not isinstance(num_blocks_packed, int)
@@ -70,7 +70,7 @@ def pack_blocks(
     dtype, or a flat uint8 buffer of exactly that many bytes (a shared-memory or
     registered transport buffer). Returns the packed view, in the pool's dtype.
     """
-    first = _check_caches(kv_caches, "kv_caches")
+    first = check_caches(kv_caches, "kv_caches")
     ids = _as_block_ids(block_ids, first.shape[1])
     packed = _as_buffer(out, _packed_shape(kv_caches, len(ids)), first, "out")
     gather, _ = _resolve(backend, first.device)
@@ -91,7 +91,7 @@ def unpack_blocks(
     packed is a tensor of packed_shape in the pool's dtype, or a flat uint8 buffer of that
     many bytes. Blocks not in block_ids are left untouched.
     """
-    first = _check_caches(kv_caches, "kv_caches")
+    first = check_caches(kv_caches, "kv_caches")
     ids = _as_block_ids(block_ids, first.shape[1], distinct=True)
     packed = _as_buffer(packed, _packed_shape(kv_caches, len(ids)), first, "packed")
     _, scatter = _resolve(backend, first.device)
@@ -113,7 +113,7 @@ def unpack_records(
     One reorder into pack_blocks' layer-major layout (a copy on records' device, none
     for n = 1), then one unpack_blocks, instead of n launches.
     """
-    first = _check_caches(kv_caches, "kv_caches")
+    first = check_caches(kv_caches, "kv_caches")
     ids = _as_block_ids(block_ids, first.shape[1], distinct=True)
     records = _as_buffer(records, (len(ids), *_packed_shape(kv_caches, 1)), first, "records")
     unpack_blocks(records.squeeze(3).movedim(0, 2).contiguous(), kv_caches, ids, backend)
@@ -127,7 +127,7 @@ def pack_layer(
 ) -> torch.Tensor:
     """pack_blocks for one layer: returns [2, n, block_size, num_kv_heads, head_dim], the
     same bytes as pack_blocks(kv_caches, block_ids)[l]."""
-    _check_caches([kv_cache], "kv_cache")
+    check_caches([kv_cache], "kv_cache")
     ids = _as_block_ids(block_ids, kv_cache.shape[1])
     packed = _as_buffer(out, (2, len(ids), *kv_cache.shape[2:]), kv_cache, "out")
     gather, _ = _resolve(backend, kv_cache.device)
@@ -144,7 +144,7 @@ def unpack_layer(
 ) -> None:
     """unpack_blocks for one layer: packed is [2, n, block_size, num_kv_heads, head_dim]
     (or its bytes), as pack_layer writes it."""
-    _check_caches([kv_cache], "kv_cache")
+    check_caches([kv_cache], "kv_cache")
     ids = _as_block_ids(block_ids, kv_cache.shape[1], distinct=True)
     packed = _as_buffer(packed, (2, len(ids), *kv_cache.shape[2:]), kv_cache, "packed")
     _, scatter = _resolve(backend, kv_cache.device)
@@ -165,7 +165,10 @@ def available_backends(device: torch.device | str) -> tuple[str, ...]:
 # ---- argument checks ---------------------------------------------------------------
 
 
-def _check_caches(kv_caches: list[torch.Tensor], name: str) -> torch.Tensor:
+def check_caches(kv_caches: list[torch.Tensor], name: str) -> torch.Tensor:
+    """kv_caches[0], once every layer is checked to be a contiguous [2, num_blocks,
+    block_size, num_kv_heads, head_dim] tensor of a KV dtype, all alike; else ValueError
+    naming `name`. Public for the other block copies (transport.shm.copy_blocks)."""
     if not isinstance(kv_caches, (list, tuple)) or not kv_caches:
         raise ValueError(f"{name} must be a non-empty list of tensors, got {kv_caches!r:.80}")
     first = kv_caches[0]
@@ -309,9 +312,10 @@ def _word_bytes(tensors: list[torch.Tensor], widest: int) -> int:
 _INT_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
-def _as_words(srcs: list[torch.Tensor], dsts: list[torch.Tensor]):
+def as_words(srcs: list[torch.Tensor], dsts: list[torch.Tensor]):
     """The row views reinterpreted as the widest integer word that fits all of them:
-    numba has no float16/bfloat16, and both numba and torch copy wider words faster."""
+    numba has no float16/bfloat16, and both numba and torch copy wider words faster.
+    Public for the other block copies (transport.shm.copy_blocks)."""
     word = _INT_WORDS[_word_bytes(srcs + dsts, widest=8)]
     return [t.view(word) for t in srcs], [t.view(word) for t in dsts]
 
@@ -341,7 +345,7 @@ def _scatter_rows(src, dst, block_ids, num_blocks):  # pragma: no cover - compil
 
 def _numba_copy(kernel) -> Copy:
     def copy(srcs, dsts, block_ids, num_blocks):
-        for src, dst in zip(*_as_words(srcs, dsts), strict=True):
+        for src, dst in zip(*as_words(srcs, dsts), strict=True):
             kernel(src.numpy(), dst.numpy(), block_ids, num_blocks)
 
     return copy
@@ -360,13 +364,13 @@ def _row_index(rows: torch.Tensor, block_ids: np.ndarray, num_blocks: int) -> to
 
 def _torch_gather(pool_rows, packed_rows, block_ids, num_blocks):
     index = _row_index(packed_rows[0], block_ids, num_blocks)
-    for src, dst in zip(*_as_words(pool_rows, packed_rows), strict=True):
+    for src, dst in zip(*as_words(pool_rows, packed_rows), strict=True):
         torch.index_select(src, 0, index, out=dst)
 
 
 def _torch_scatter(packed_rows, pool_rows, block_ids, num_blocks):
     index = _row_index(packed_rows[0], block_ids, num_blocks)
-    for src, dst in zip(*_as_words(packed_rows, pool_rows), strict=True):
+    for src, dst in zip(*as_words(packed_rows, pool_rows), strict=True):
         dst.index_copy_(0, index, src)
 
 

@@ -17,7 +17,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # weights and KV cache dtypes
 DTYPES = tuple(DTYPE_BYTES)
 KV_FORMAT_VERSION = 2  # the layout of a KV block record; a change invalidates stored ones
-RECORD_TAG_BYTES = 16  # a record starts with its block's full hash (block_pool.HASH_BYTES)
+RECORD_TAG_BYTES = 16  # a record starts with its block's full hash (block_hash.HASH_BYTES)
 WEIGHT_SAMPLE_BYTES = 1 << 20  # read at a weight file's start, middle and end
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 

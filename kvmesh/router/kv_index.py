@@ -1,6 +1,6 @@
 """KVIndex: which worker holds which KV block, at which tier, fed by KV events.
 
-Block hashes are chained (kvmesh.gpu.block_pool), so one hash names a whole prefix and
+Block hashes are chained (kvmesh.kv.block_hash), so one hash names a whole prefix and
 the index needs no tree: a dict maps each block hash to the workers holding it. The
 request's hash list is walked from the front up to the first block nobody holds; a
 worker's run ends at the first block it holds in no tier. Cost: O(matched blocks), not

@@ -38,9 +38,10 @@ load(w), then id). They ignore the overlaps when picking, but step 4 still measu
 D's cached prefix, so every policy's disaggregation decisions and Placement numbers
 are comparable.
 
-Settings (RouterSettings): policy "kv"; device_weight 1.0, host_weight 0.75,
-disk_weight 0.25; load_weight 1.0; temperature 0.0; seed 0; disagg_min_tokens 1024;
-prefill_busy_tokens 32768.
+Settings (RouterSettings): policy, device_weight, host_weight, disk_weight, load_weight,
+temperature, seed, disagg_min_tokens, prefill_busy_tokens. Their defaults are stated once,
+as cluster.toml's [router] table (kvmesh.config.schema.RouterConfig), which is what a
+cluster runs with.
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ from dataclasses import dataclass
 
 import msgspec
 
+from kvmesh.config.schema import RouterConfig
 from kvmesh.router.kv_index import KVIndex, Overlap
 
 ROLES = ("prefill", "decode")
 POLICIES = ("kv", "round_robin", "random", "least_loaded")
+DEFAULTS = RouterConfig()  # every setting's default, as the [router] table states it
 
 
 class NoWorkerError(Exception):
@@ -69,15 +72,15 @@ class NoWorkerError(Exception):
 class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The routing policy and its settings; see the module docstring for their meaning."""
 
-    policy: str = "kv"
-    device_weight: float = 1.0
-    host_weight: float = 0.75
-    disk_weight: float = 0.25
-    load_weight: float = 1.0
-    temperature: float = 0.0
-    seed: int = 0
-    disagg_min_tokens: int = 1024
-    prefill_busy_tokens: int = 32768
+    policy: str = DEFAULTS.policy
+    device_weight: float = DEFAULTS.device_weight
+    host_weight: float = DEFAULTS.host_weight
+    disk_weight: float = DEFAULTS.disk_weight
+    load_weight: float = DEFAULTS.load_weight
+    temperature: float = DEFAULTS.temperature
+    seed: int = DEFAULTS.seed
+    disagg_min_tokens: int = DEFAULTS.disagg_min_tokens
+    prefill_busy_tokens: int = DEFAULTS.prefill_busy_tokens
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

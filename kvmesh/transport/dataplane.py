@@ -1,13 +1,13 @@
 """The KV data plane: write blocks of this actor's KV pool into blocks of a peer's pool,
 then tell the peer. The receiver owns the destination blocks; the sender writes them.
 
-    sender: write(peer, id, src, dst)                    receiver: expect(peer, id).wait()
+    sender: write(peer, id, src, dst)                    receiver: receive(KvWrite)
       ──KvPoolQuery(backends)──────────────────────────►   once per peer
       ◄─KvPoolInfo(layout, shm name+token, ucx address)─
       shm: copy the src blocks into the mapped peer pool
       zmq: pack a chunk of layers ══ extra frame ══════►   unpack into the dst blocks
       ucx: pack a chunk of layers ══ UCX tag message ══►   receive, unpack
-      ──KvWrite(id, dst, layers, backend)──────────────►   those layers have landed
+      ──KvWrite(id, dst, layers, backend)──────────────►   those layers are in place
       ◄─KvWriteDone─────────────────────────────────────
 
 Backend, picked once per peer at the first write; setting `backend` (default "auto"):
@@ -23,28 +23,33 @@ the sending of chunk k and the peer's unpacking of chunk k-1; no message holds t
 control connection (and the heartbeats behind it) longer than one chunk takes; and
 chunks stay under glibc's 32 MiB mmap threshold, so ZeroMQ's receive buffers are reused,
 not faulted in afresh (measured: 64 MiB in one message 0.4 GB/s, in 16 MiB chunks 2.5).
-The receiver sees each chunk land: Incoming.wait_layer(l) returns once layer l is in
-place, before the last one lands. shm copies chunk after chunk (SHM_CHUNK_BYTES), then
-sends one KvWrite. write(..., layers=range(a, b)) sends only those layers, so a prefill
-worker can ship each layer as soon as it has computed it.
+shm copies chunk after chunk (SHM_CHUNK_BYTES), then sends one KvWrite.
+write(..., layers=range(a, b)) sends only those layers, so a prefill worker can ship each
+layer as soon as it has computed it.
 
 Copies run on the event loop's thread, the loop served between chunks: numba launches
 from another thread cost ~25 us more each (a 32-layer copy ran at 18 instead of 24
 GB/s), and ZeroMQ and UCX move the bytes on threads of their own anyway. Each copy uses
-shm.COPY_THREADS numba threads (one; see there for why).
+COPY_THREADS (transport.shm) numba threads (one; see there for why).
+
+Done: the receiver answers a KvWrite with KvWriteDone once its bytes are in place, so
+when write returns every byte is in the peer's pool. That is the one completion signal:
+the receiver does not wait on the data plane, it learns that a transfer is complete (or
+failed) from the control-plane request that asked for it (the decode worker's
+RemotePrefill is answered after the prefill worker's write returned).
 
 Grants: a receiver takes a KvWrite only for a transfer it granted to that peer
 (grant(peer, id, blocks) before asking for it, revoke after), and only into the granted
 blocks; anything else is refused (PermissionError, a `forbidden` Error to the sender)
 before a byte is unpacked. A shm write has already copied into the mapped pool when its
 KvWrite comes: the segment is only offered (KvPoolQuery, workers only) to same-host
-actors of this user, who are trusted with it; the grant still keeps them from marking
-another transfer's layers landed.
+actors of this user, who are trusted with it; the grant still makes a write outside it
+fail at its sender.
 
 Liveness: a write awaits its KvWriteDone through channel.request, which fails when the
 control plane declares the peer dead (or after `timeout`). The receiving actor calls
-peer_dead(peer) when a peer dies, which fails that peer's Incoming transfers with
-TransferError and cancels its receives in progress.
+peer_dead(peer) when a peer dies, which cancels that peer's receives in progress (a UCX
+message that will never come) and drops the link.
 
 On an actor, by composition: DataPlaneHandlers(plane).register(actor) answers the
 plane's messages (KvPoolQuery, KvWrite: actor.handle) and calls peer_dead on every
@@ -55,7 +60,6 @@ from __future__ import annotations
 
 import asyncio
 import platform
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -66,6 +70,7 @@ import torch
 
 from kvmesh.gpu.kv_cache import kv_caches_from_buffer
 from kvmesh.gpu.kv_pack import pack_blocks, packed_shape, unpack_blocks
+from kvmesh.kv.segment import SharedSegment, segment_name
 from kvmesh.protocol import (
     Error,
     ErrorCode,
@@ -76,15 +81,9 @@ from kvmesh.protocol import (
     Message,
     Request,
 )
-from kvmesh.transport import cuda_ipc, shm, ucx
+from kvmesh.transport import cuda_ipc, ucx
 from kvmesh.transport.kv_layout import KVLayout, check_ids, check_layers
-from kvmesh.transport.shm import (
-    COPY_THREADS,
-    SharedSegment,
-    ShmLink,
-    copy_blocks,
-    numba_threads,
-)
+from kvmesh.transport.shm import COPY_THREADS, ShmLink, copy_blocks, numba_threads
 from kvmesh.transport.staging import WINDOW, Staging
 from kvmesh.transport.zmq_plane import ZmqLink, frame_bytes
 
@@ -94,7 +93,6 @@ BACKENDS = ("shm", "zmq", "ucx")
 SETTINGS = ("auto", *BACKENDS)
 CHUNK_BYTES = 16 << 20  # zmq, ucx: bytes of one KvWrite
 SHM_CHUNK_BYTES = 64 << 20  # shm: bytes copied between turns of the event loop (~3 ms)
-MAX_UNCLAIMED = 1024  # landed transfers kept for an expect() that comes late
 
 
 class Channel(Protocol):
@@ -115,73 +113,16 @@ class Registrar(Protocol):
     def watch(self, peer: Callable[[str], bool], on_dead: Callable[[str], Awaitable]) -> object: ...
 
 
-class TransferError(ConnectionError):
-    """An incoming transfer will not complete: its sender died, or this plane closed."""
-
-
 def allocate_shared_pool(
     layout: KVLayout, actor_id: str
 ) -> tuple[list[torch.Tensor], SharedSegment]:
     """A zeroed pool in a new shared-memory segment named for actor_id: per-layer views,
     and the segment to hand to KVDataPlane (which unlinks it on close)."""
-    segment = SharedSegment.create(shm.segment_name(actor_id), layout.pool_bytes)
+    segment = SharedSegment.create(segment_name(actor_id), layout.pool_bytes)
     kv_caches = kv_caches_from_buffer(
         torch.from_numpy(segment.pool), layout, layout.num_blocks, layout.block_size, layout.dtype
     )
     return kv_caches, segment
-
-
-class Incoming:
-    """A transfer this actor receives: wait() returns once every layer has landed."""
-
-    def __init__(self, peer: str, transfer_id: str, num_layers: int) -> None:
-        self.peer = peer
-        self.transfer_id = transfer_id
-        self.landed = [False] * num_layers
-        self.claimed = False
-        self.error: BaseException | None = None
-        self._changed = asyncio.Event()
-
-    def done(self) -> bool:
-        return all(self.landed)
-
-    async def wait(self, timeout: float | None = None) -> None:
-        """Until all layers are in place; raises TransferError, or TimeoutError."""
-        await self._until(self.done, timeout)
-
-    async def wait_layer(self, layer: int, timeout: float | None = None) -> None:
-        """Until layer `layer` is in place."""
-        await self._until(lambda: self.landed[layer], timeout)
-
-    async def _until(self, ready, timeout: float | None) -> None:
-        async def poll() -> None:
-            while not ready():
-                if self.error is not None:
-                    raise self.error
-                changed = self._changed
-                await changed.wait()
-
-        try:
-            await asyncio.wait_for(poll(), timeout)
-        except asyncio.TimeoutError:  # noqa: UP041 - not the builtin before 3.11
-            raise TimeoutError(
-                f"transfer {self.transfer_id!r} from {self.peer!r} incomplete after {timeout} s "
-                f"(layers landed: {sum(self.landed)}/{len(self.landed)})"
-            ) from None
-
-    def _land(self, layers: range) -> None:
-        for layer in layers:
-            self.landed[layer] = True
-        self._notify()
-
-    def _fail(self, error: BaseException) -> None:
-        if not self.done() and self.error is None:
-            self.error = error
-            self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
 
 
 class KVDataPlane:
@@ -226,8 +167,6 @@ class KVDataPlane:
         self.chunk_bytes = chunk_bytes
         self.window = window
         self._links: dict[str, asyncio.Future] = {}
-        self._incoming: dict[tuple[str, str], Incoming] = {}  # expected or landing
-        self._unclaimed: OrderedDict[tuple[str, str], Incoming] = OrderedDict()
         self._receiving: dict[str, set[asyncio.Task]] = {}
         self._grants: dict[tuple[str, str], frozenset[int]] = {}
         self.require_grants = require_grants
@@ -438,18 +377,10 @@ class KVDataPlane:
                 f"{stray[:8]} were not granted to it"
             )
 
-    def expect(self, peer: str, transfer_id: str) -> Incoming:
-        """The transfer transfer_id from peer: call before asking for it (or after; one
-        of the last MAX_UNCLAIMED transfers that landed unexpected is returned done)."""
-        incoming = self._unclaimed.pop((peer, transfer_id), None)
-        if incoming is None:
-            incoming = self._incoming_for(peer, transfer_id)
-        incoming.claimed = True
-        return incoming
-
     async def receive(self, msg: KvWrite, peer: str, frames: list) -> KvWriteDone:
-        """Handle a KvWrite from peer: put its bytes in place (zmq, ucx), mark its layers
-        landed. Raises ValueError naming the field for a malformed one."""
+        """Handle a KvWrite from peer: put its bytes in place (zmq, ucx; shm's already
+        are), then answer. Raises ValueError naming the field for a malformed one,
+        PermissionError for one that was not granted."""
         layers = check_layers(
             range(msg.first_layer, msg.first_layer + msg.num_layers),
             self.layout.num_layers,
@@ -467,15 +398,6 @@ class KVDataPlane:
             await self._receive_ucx(peer, msg.ucx_tag, nbytes, layers, ids)
         else:
             raise ValueError(f"KvWrite.backend must be one of {BACKENDS}, got {msg.backend!r}")
-        key = (peer, msg.transfer_id)
-        incoming = self._incoming_for(*key)
-        incoming._land(layers)
-        if incoming.done():
-            del self._incoming[key]
-            if not incoming.claimed:
-                self._unclaimed[key] = incoming
-                if len(self._unclaimed) > MAX_UNCLAIMED:
-                    self._unclaimed.popitem(last=False)
         return KvWriteDone(transfer_id=msg.transfer_id)
 
     async def _receive_ucx(self, peer: str, tag: int, nbytes: int, layers: range, ids) -> None:
@@ -498,17 +420,8 @@ class KVDataPlane:
             receiving.discard(task)
             self._staging.give(lease)
 
-    def peer_dead(self, peer: str, reason: str = "declared dead") -> None:
-        """Fail peer's incoming transfers, stop receiving from it, drop the link to it."""
-        for (sender, _), incoming in list(self._incoming.items()):
-            if sender == peer:
-                incoming._fail(
-                    TransferError(
-                        f"transfer {incoming.transfer_id!r} from {peer!r} failed: peer {reason} "
-                        f"with {sum(incoming.landed)}/{len(incoming.landed)} layers landed"
-                    )
-                )
-                del self._incoming[(sender, incoming.transfer_id)]
+    def peer_dead(self, peer: str) -> None:
+        """Stop receiving from peer, drop the link to it."""
         for task in self._receiving.pop(peer, ()):
             task.cancel()
         future = self._links.pop(peer, None)
@@ -516,9 +429,9 @@ class KVDataPlane:
             _close_link(future, peer_dead=True)
 
     async def close(self) -> None:
-        """Fail what is incoming, drop every link, unlink the shared segment."""
-        for peer in {sender for sender, _ in self._incoming} | set(self._receiving):
-            self.peer_dead(peer, "unreachable: this data plane closed")
+        """Stop every receive, drop every link, unlink the shared segment."""
+        for peer in list(self._receiving):
+            self.peer_dead(peer)
         for future in self._links.values():
             _close_link(future, peer_dead=False)
         self._links.clear()
@@ -536,12 +449,6 @@ class KVDataPlane:
         copy_blocks(self.kv_caches, block_0, self.kv_caches, block_0, range(self.layout.num_layers))
         with numba_threads(COPY_THREADS):
             unpack_blocks(pack_blocks(self.kv_caches, block_0), self.kv_caches, block_0)
-
-    def _incoming_for(self, peer: str, transfer_id: str) -> Incoming:
-        key = (peer, transfer_id)
-        if key not in self._incoming:
-            self._incoming[key] = Incoming(peer, transfer_id, self.layout.num_layers)
-        return self._incoming[key]
 
     def _unpack(self, packed: torch.Tensor, layers: range, ids: np.ndarray) -> None:
         if self.on_cpu:

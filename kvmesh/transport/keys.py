@@ -7,7 +7,7 @@ A key directory (cluster.toml's `security.key_dir`, written by `kvmesh keys gene
     <name>.key_secret   the same plus the secret key, mode 0600; a node holds only the
                         secrets of the actors it runs (and the operator's, where
                         `kvmesh status` runs)
-    cluster.hash_key    the secret that keys every KV block hash (kvmesh.gpu.block_pool),
+    cluster.hash_key    the secret that keys every KV block hash (kvmesh.kv.block_hash),
                         mode 0600; every node needs it (frontends and workers must hash
                         alike). Without a key directory, a per-user one is made on first
                         use ($XDG_CACHE_HOME/kvmesh/hash_key): a one-host cluster's actors

@@ -1,5 +1,5 @@
 """Same-host KV transfer: the receiver's pool lives in a POSIX shared-memory segment
-(kvmesh.transport.segment); a sender maps it and copies its source blocks straight into
+(kvmesh.kv.segment); a sender maps it and copies its source blocks straight into
 the destination blocks (one copy in all, no staging buffer).
 
 One segment per receiving actor, its pool laid out layer after layer:
@@ -9,7 +9,7 @@ One segment per receiving actor, its pool laid out layer after layer:
                    each [2, num_blocks, block_size, num_kv_heads, head_dim]
 
 The segment's name and token travel in KvPoolInfo; cleanup, the token check and the
-space reservation are the segment module's.
+space reservation are kvmesh.kv.segment's.
 """
 
 from __future__ import annotations
@@ -23,16 +23,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-# copy_blocks belongs next to pack_blocks; until it moves there it shares kv_pack's checks.
-from kvmesh.gpu.kv_pack import _as_words, _check_caches
-from kvmesh.transport.segment import (  # noqa: F401  (shm.X names kept for callers)
-    HEADER_BYTES,
-    SHM_DIR,
-    SharedSegment,
-    available,
-    segment_name,
-    unlink_segments_of,
-)
+from kvmesh.gpu.kv_pack import as_words, check_caches
+from kvmesh.kv.segment import SharedSegment
 
 # numba threads per data plane copy. One: a parallel copy waits at its barrier for every
 # thread, and on a busy host (the engine, ZeroMQ and UCX threads, other actors) a
@@ -95,8 +87,8 @@ def copy_blocks(
     When both pools lie layer after layer in one allocation, all the layers' rows form
     one group (G = 2 * len(layers) row blocks) and one kernel launch copies them.
     """
-    _check_caches(src_caches, "src_caches")
-    _check_caches(dst_caches, "dst_caches")
+    check_caches(src_caches, "src_caches")
+    check_caches(dst_caches, "dst_caches")
     if len(src_block_ids) == 0 or len(layers) == 0:
         return
     srcs = _row_groups(src_caches, layers)
@@ -106,7 +98,7 @@ def copy_blocks(
         dsts = _row_groups(dst_caches, layers, per_layer=True)
     src_nb, dst_nb = src_caches[0].shape[1], dst_caches[0].shape[1]
     if src_caches[0].device.type == "cpu":
-        srcs, dsts = _as_words(srcs, dsts)
+        srcs, dsts = as_words(srcs, dsts)
         with numba_threads(COPY_THREADS):
             for src, dst in zip(srcs, dsts, strict=True):
                 _copy_rows(src.numpy(), dst.numpy(), src_block_ids, dst_block_ids, src_nb, dst_nb)

@@ -154,7 +154,7 @@ def test_events_are_the_connections_sender_whatever_their_frames_say():
 
 def test_a_frontend_takes_tokens_only_from_the_worker_it_placed_the_request_on(tiny_model_dir):
     from kvmesh.actors.frontend import FrontendActor, FrontendSettings, RequestState
-    from kvmesh.engine.params import SamplingParams
+    from kvmesh.params import SamplingParams
 
     frontend = FrontendActor(
         make_config("frontend-0"),
@@ -207,7 +207,7 @@ def test_a_decode_worker_takes_abort_and_request_ids_only_from_the_requests_fron
     every token it asked for."""
     from kvmesh.actors.router import RouterActor, RouterActorSettings
     from kvmesh.actors.worker import DecodeWorker, WorkerSettings
-    from kvmesh.engine.params import SamplingParams
+    from kvmesh.params import SamplingParams
     from kvmesh.protocol import Abort, Generate
 
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

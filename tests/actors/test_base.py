@@ -159,6 +159,7 @@ def echo(request, tmp_path_factory):
 # --- request-reply, PUB/SUB, PUSH/PULL, extra frames ---
 
 
+@pytest.mark.cluster
 def test_request_reply_round_trip(echo):
     async def scenario():
         async with Probe(make_config("probe-rr")) as probe:
@@ -171,6 +172,7 @@ def test_request_reply_round_trip(echo):
     assert reply == Pong(in_reply_to=2)  # request 1 was the Hello
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     "out_kind, echo_in, in_kind, echo_out",
     [
@@ -198,6 +200,7 @@ def test_one_way_messages_arrive_in_order(echo, out_kind, echo_in, in_kind, echo
     ]
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("path", ["request", "push_tracked"])
 def test_extra_frames_arrive_byte_identical(echo, path):
     sockets = [
@@ -225,6 +228,7 @@ def test_extra_frames_arrive_byte_identical(echo, path):
 HELLO_FIELDS = dict(actor_id="stranger", role="probe", node="n")
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     "hello, version",
     [
@@ -258,6 +262,7 @@ def test_other_protocol_version_is_refused_and_not_registered(echo, zmq_context,
 # --- liveness ---
 
 
+@pytest.mark.cluster
 def test_request_to_a_killed_peer_raises_peer_dead(tmp_path):
     async def scenario(echo):
         async with Probe(make_config()) as probe:
@@ -391,6 +396,7 @@ class PullDriver(SubDriver):
     into, out_of = (zmq.PUSH, "jobs_in"), (zmq.PULL, "jobs_out")
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     "driver", [RouterDriver, DealerDriver, SubDriver, PullDriver], ids=lambda d: d.__name__
 )
@@ -418,6 +424,7 @@ def test_garbage_on_every_socket_is_rejected_and_serving_goes_on(tmp_path, zmq_c
 # --- graceful shutdown ---
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_drains_the_handler_in_progress_and_exits_0(tmp_path, signum):
     async def scenario(echo):
@@ -1014,11 +1021,12 @@ def test_actor_config_names_the_bad_field(overrides, text):
     assert str(caught.value) == text
 
 
+@pytest.mark.cluster
 def test_a_refused_one_way_message_names_its_request(echo):
     """A Generate the peer cannot take (here: no handler; in a cluster, a draining worker)
     comes back as an Error naming its request_id, handed to request_refused, so the
     request's owner can end or move it at once instead of waiting for its timeout."""
-    from kvmesh.engine.params import SamplingParams
+    from kvmesh.params import SamplingParams
     from kvmesh.protocol import Generate
 
     class Owner(Probe):
@@ -1055,6 +1063,7 @@ def test_sockets_carry_the_frame_limit():
     assert make_config(max_frame_size=123).frame_limit == 123
 
 
+@pytest.mark.cluster
 def test_a_frame_over_the_limit_drops_its_sender_unread(echo, zmq_context):
     """Past max_frame_size ZeroMQ cuts the connection before holding the frame (a 1 GB
     frame costs the actor nothing); the actor goes on serving."""
@@ -1074,6 +1083,7 @@ def test_a_frame_over_the_limit_drops_its_sender_unread(echo, zmq_context):
     assert isinstance(asyncio.run(still_serving()), Pong)
 
 
+@pytest.mark.cluster
 def test_handlers_past_max_handlers_are_refused_and_serving_goes_on(tmp_path):
     async def scenario(echo):
         async with Probe(make_config("probe-flood")) as probe:
@@ -1093,6 +1103,7 @@ def test_handlers_past_max_handlers_are_refused_and_serving_goes_on(tmp_path):
     assert isinstance(after, Pong)
 
 
+@pytest.mark.cluster
 def test_replayed_frames_are_answered_or_ignored_never_a_crash(echo, zmq_context):
     """A captured request sent again is just another request; a replayed or forged reply
     answers nothing pending and is dropped; the actor serves on."""

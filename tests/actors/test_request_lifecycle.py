@@ -16,12 +16,12 @@ import pytest
 from kvmesh.actors.base import ActorConfig, Inbound
 from kvmesh.actors.frontend import FrontendActor, FrontendSettings, RequestState
 from kvmesh.actors.peers import Route
-from kvmesh.engine.params import SamplingParams
 from kvmesh.frontend.backend import (
     BackendUnavailable,
     LocalBackend,
     exception_of,
 )
+from kvmesh.params import SamplingParams
 from kvmesh.protocol import (
     Delta,
     Error,

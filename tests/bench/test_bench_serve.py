@@ -147,6 +147,7 @@ def test_missing_default_trace_is_a_clear_cli_error(tmp_path):
 # --- the benches ---
 
 
+@pytest.mark.cluster
 def test_routing_kv_caches_more_than_round_robin(tmp_path, tiny_model_dir):
     trace = make_trace(tmp_path / "trace.jsonl")
     # load_weight=0: kv follows the prefix alone. With load counted, a busy machine (a
@@ -187,6 +188,7 @@ def test_routing_kv_caches_more_than_round_robin(tmp_path, tiny_model_dir):
     assert "ratio kv / round_robin: TTFT mean" in result["stdout"]
 
 
+@pytest.mark.cluster
 def test_disagg_moves_prefill_off_the_decode_workers(tmp_path, tiny_model_dir):
     result = run_bench(
         tmp_path,
@@ -218,6 +220,7 @@ def test_disagg_moves_prefill_off_the_decode_workers(tmp_path, tiny_model_dir):
     assert "ratio disaggregated / aggregated: ITL p99" in result["stdout"]
 
 
+@pytest.mark.cluster
 def test_overhead_cluster_outputs_equal_the_engine(tmp_path, tiny_model_dir):
     result = run_bench(
         tmp_path,

@@ -126,6 +126,7 @@ def test_idle_invariants_name_what_is_still_held(monkeypatch):
 # --- real clusters ---
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     "scenario, seed", [("kv-kill", 11), ("round_robin", 12), ("kv-disagg-keyed-kill", 13)]
 )
@@ -136,6 +137,7 @@ def test_short_stress_round(engine, tiny_model_dir, scenario, seed):
     assert (result["killed"] is not None) == SCENARIOS[scenario][1]
 
 
+@pytest.mark.cluster
 @pytest.mark.slow
 def test_long_stress_run_every_scenario(tmp_path, tiny_model_dir):
     """Two rounds of every scenario through the CLI (CI runs this)."""

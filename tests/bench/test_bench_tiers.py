@@ -120,6 +120,7 @@ def test_pool_too_small_is_a_clear_error(tiny_model_dir, tmp_path):
     assert not out_file.exists()
 
 
+@pytest.mark.cluster
 def test_through_clusters_the_cache_actor_serves_the_same_prefixes(tiny_model_dir, tmp_path):
     # The same chats through `kvmesh up` clusters, the tiers held by the cache actor:
     # every reply equals the in-process Engine's, and the cache actor brings back exactly

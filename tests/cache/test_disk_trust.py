@@ -11,8 +11,8 @@ import pytest
 
 from kvmesh.cache.disk_tier import DiskTier
 from kvmesh.config import ConfigError, load_config
-from kvmesh.gpu.block_pool import hash_blocks
 from kvmesh.gpu.model_config import ModelConfig
+from kvmesh.kv.block_hash import hash_blocks
 from kvmesh.transport.private_dir import private_dir
 
 KEY = bytes(32)  # the block-hash key: fixed, so only what the test varies differs

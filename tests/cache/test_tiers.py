@@ -14,8 +14,8 @@ from kvmesh.cache import disk_tier, host_tier
 from kvmesh.cache.disk_tier import HEADER, DiskTier
 from kvmesh.cache.host_tier import GEN, HASH, HostTier, num_slots_for, pool_bytes
 from kvmesh.cache.store import Hit, TieredStore
+from kvmesh.kv.segment import SHM_DIR, segment_name
 from kvmesh.protocol import AllBlocksCleared, BlockRemoved, BlockStored
-from kvmesh.transport import shm
 
 RECORD = 1000  # bytes of one block record; not a multiple of the 64-byte slot alignment
 A, B, C, D, E, F, X = (0xA0 + i for i in range(7))  # X is never stored
@@ -33,7 +33,7 @@ def make_host():
 
     def make(num_slots: int = 4, policy: str = "lru") -> HostTier:
         tier = HostTier.create(
-            shm.segment_name("test-cache"), RECORD, pool_bytes(num_slots, RECORD), policy
+            segment_name("test-cache"), RECORD, pool_bytes(num_slots, RECORD), policy
         )
         tiers.append(tier)
         return tier
@@ -99,7 +99,7 @@ def test_num_slots_for_counts_the_header_table_and_slot_alignment():
     assert num_slots_for(4096 + 3 * 1024 - 1, RECORD) == 2
     assert num_slots_for(4096, RECORD) == 0
     with pytest.raises(ValueError, match=r"kv.host_gb.* holds no block record of 1000 bytes"):
-        HostTier.create(shm.segment_name("test-cache"), RECORD, 4096)
+        HostTier.create(segment_name("test-cache"), RECORD, 4096)
 
 
 def _child_reads_and_writes(info, read_slot, read_hash, write_slot, write_hash, results):
@@ -238,7 +238,7 @@ def test_clear_drops_held_blocks_and_fails_pending_commits(make_host):
 def test_segment_unlinked_on_close(make_host):
     host = make_host(2)
     info = host.info
-    path = shm.SHM_DIR / info.shm_name
+    path = SHM_DIR / info.shm_name
     assert path.exists()
     host.close()
     assert not path.exists()
@@ -603,7 +603,7 @@ def test_worker_packs_into_a_slot_and_unpacks_from_it(make_host):
     src = [torch.randn(shape, dtype=torch.bfloat16) for _ in range(2)]
     dst = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(2)]
     record_bytes = 2 * 2 * 2 * 1 * 8 * 2  # layers * K/V * block_size * heads * dim * bf16
-    host = HostTier.create(shm.segment_name("test-cache"), record_bytes, 8192)
+    host = HostTier.create(segment_name("test-cache"), record_bytes, 8192)
     try:
         slot, _ = host.allocate(A)
         with host.writing(slot, A) as payload:  # offload device block 1: packed in place

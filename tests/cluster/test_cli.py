@@ -15,7 +15,7 @@ import pytest
 
 from kvmesh.bench.cluster import free_port_range, start_cluster
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
 FAKE_PACKAGE = 'raise ImportError("the kvmesh/ of the working directory was imported")\n'
 

@@ -4,21 +4,18 @@ exactly as the single-process Engine says."""
 
 import json
 import os
-import random
 import signal
 import threading
-import time
 
 import httpx
 import pytest
 
 from kvmesh import SamplingParams
 from kvmesh.bench.cluster import start_cluster
+from tests.polling import wait_until
+from tests.prompts import random_prompt
 
-
-def make_prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, 2048) for _ in range(n)]
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +74,12 @@ def run_streams(cluster, model_name, prompts, max_tokens, during=None):
     for s in streams:
         s.start()
     if during is not None:
-        deadline = time.monotonic() + 120
-        while min(s.chunks for s in streams) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: min(s.chunks for s in streams) >= 3,
+            "every stream's first chunks",
+            timeout=120,
+            interval=0.05,
+        )
         during()
     for s in streams:
         s.join(timeout=240)
@@ -87,7 +87,7 @@ def run_streams(cluster, model_name, prompts, max_tokens, during=None):
 
 
 def test_sigkill_of_a_decode_worker_loses_no_stream(cluster, model_name, engine):
-    prompts = [make_prompt(40 + 10 * i, seed=100 + i) for i in range(16)]
+    prompts = [random_prompt(40 + 10 * i, seed=100 + i) for i in range(16)]
     expected = engine.generate(
         prompts, SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
     )
@@ -99,18 +99,16 @@ def test_sigkill_of_a_decode_worker_loses_no_stream(cluster, model_name, engine)
     assert [s.finish_reason for s in streams] == ["length"] * 16
     assert [s.text for s in streams] == [o.text for o in expected]
     # the launcher restarts the worker and it rejoins
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        row = cluster.status().get("decode-0")
-        if row is not None and row["pid"] not in (0, victim):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("decode-0 did not come back")
+    wait_until(
+        lambda: (row := cluster.status().get("decode-0")) and row["pid"] not in (0, victim),
+        "decode-0 coming back",
+        timeout=120,
+        interval=0.5,
+    )
 
 
 def test_sigkill_of_the_prefill_worker_still_finishes_requests(cluster, model_name, engine):
-    prompts = [make_prompt(300, seed=200 + i) for i in range(4)]
+    prompts = [random_prompt(300, seed=200 + i) for i in range(4)]
     expected = engine.generate(
         prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     )
@@ -121,7 +119,7 @@ def test_sigkill_of_the_prefill_worker_still_finishes_requests(cluster, model_na
 
 
 def test_sigterm_drains_streams_in_flight(cluster, model_name, engine):
-    prompts = [make_prompt(30 + i, seed=300 + i) for i in range(4)]
+    prompts = [random_prompt(30 + i, seed=300 + i) for i in range(4)]
     expected = engine.generate(
         prompts, SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
     )
@@ -151,7 +149,7 @@ def test_request_timeout_aborts_and_answers_429(tmp_path, tiny_model_dir):
             timeout=60,
             json={
                 "model": name,
-                "prompt": make_prompt(20, 1),
+                "prompt": random_prompt(20, 1),
                 "max_tokens": 4000,
                 "ignore_eos": True,
             },
@@ -165,7 +163,7 @@ def test_request_timeout_aborts_and_answers_429(tmp_path, tiny_model_dir):
             json={"model": name, "prompt": "hi", "max_tokens": 2},
         )
         assert quick.status_code == 200  # the timed-out request freed its worker
-        streamed = Stream(c.url, name, make_prompt(20, 2), 4000)
+        streamed = Stream(c.url, name, random_prompt(20, 2), 4000)
         streamed.run()
         assert streamed.error is not None and "request_timeout" in json.dumps(streamed.error)
     finally:

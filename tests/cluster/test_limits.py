@@ -11,6 +11,8 @@ import pytest
 
 from kvmesh.bench.cluster import start_cluster
 
+pytestmark = pytest.mark.cluster
+
 KEY = "sk-cluster-test"
 
 

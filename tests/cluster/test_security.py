@@ -25,6 +25,8 @@ from kvmesh.protocol import (
 )
 from kvmesh.transport.keys import KeyRing
 
+pytestmark = pytest.mark.cluster
+
 
 @pytest.fixture(scope="module")
 def secure_cluster(tmp_path_factory, tiny_model_dir):

@@ -3,7 +3,6 @@ the single-process Engine as the reference for every output."""
 
 import json
 import os
-import random
 import time
 
 import httpx
@@ -11,11 +10,10 @@ import pytest
 import zmq
 
 from kvmesh import SamplingParams
+from tests.polling import wait_until
+from tests.prompts import random_prompt
 
-
-def make_prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, 2048) for _ in range(n)]
+pytestmark = pytest.mark.cluster
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -38,7 +36,7 @@ def metric(cluster, name: str) -> float:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_completions_equal_engine(openai_client, model_name, engine, stream):
-    prompts = [make_prompt(n, seed=n) for n in (40, 180, 300)]
+    prompts = [random_prompt(n, seed=n) for n in (40, 180, 300)]
     expected = [o.text for o in engine.generate(prompts, greedy(16))]
     for prompt, want in zip(prompts, expected, strict=True):
         kwargs = dict(
@@ -85,26 +83,39 @@ def test_chat_equals_engine(openai_client, model_name, engine, stream):
 
 
 def test_prompts_were_prefilled_remotely(cluster, openai_client, model_name):
-    openai_client.completions.create(model=model_name, prompt=make_prompt(200, 1), max_tokens=2)
+    openai_client.completions.create(model=model_name, prompt=random_prompt(200, 1), max_tokens=2)
     assert metric(cluster, "kvmesh_remote_prefill_total") >= 1
     assert metric(cluster, "kvmesh_kv_transfer_bytes_total") > 0
 
 
-def decode_cached_totals(cluster) -> dict[str, int]:
+def decode_totals(cluster, key: str = "cached_tokens_total") -> dict[str, int]:
+    """A counter of each decode worker, as its last load report to the router says."""
     rows = json.loads(cluster.kvmesh("status", "--json").stdout)
-    return {r["actor"]: r["cached_tokens_total"] for r in rows if r["role"] == "decode"}
+    return {r["actor"]: r[key] for r in rows if r["role"] == "decode"}
 
 
 def test_shared_prefix_is_cached_and_lands_on_its_holder(cluster, openai_client, model_name):
-    base = make_prompt(256, seed=77)
+    base = random_prompt(256, seed=77)
+    prompted = sum(decode_totals(cluster, "prompt_tokens_total").values())
     openai_client.completions.create(model=model_name, prompt=base + [20, 21], max_tokens=2)
-    time.sleep(1.0)  # the holder's KV events and load reports reach the router
-    before = decode_cached_totals(cluster)
+    # The holder counts a prompt when it finishes, in the load report it publishes after
+    # that prompt's KV events: once the router has it, it has the events too.
+    wait_until(
+        lambda: sum(decode_totals(cluster, "prompt_tokens_total").values()) >= prompted + 258,
+        "the holder's load report with the first prompt reaching the router",
+    )
+    before = decode_totals(cluster)
     for tail in ([30, 31, 32], [40, 41], [50]):  # the holder wins every time, not by luck
         reply = openai_client.completions.create(model=model_name, prompt=base + tail, max_tokens=2)
         assert reply.usage.prompt_tokens_details.cached_tokens == 256
-    time.sleep(1.0)
-    after = decode_cached_totals(cluster)
+    after = wait_until(
+        lambda: (
+            (now := decode_totals(cluster))
+            and sum(now.values()) - sum(before.values()) >= 3 * 256
+            and now
+        ),
+        "the load reports counting the three cached prompts",
+    )
     gains = sorted(after[w] - before[w] for w in before)
     assert gains == [0, 3 * 256], (before, after)
 
@@ -178,9 +189,9 @@ def test_garbage_on_every_actor_endpoint_crashes_nothing(cluster, openai_client,
             sock.send_multipart(frames)
         sock.close()
     ctx.term()
-    time.sleep(1.0)
+    time.sleep(1.0)  # time to crash, were garbage to crash an actor: nothing to poll for
     reply = openai_client.completions.create(
-        model=model_name, prompt=make_prompt(150, 3), max_tokens=4
+        model=model_name, prompt=random_prompt(150, 3), max_tokens=4
     )
     assert reply.usage.completion_tokens == 4
     after = json.loads(cluster.kvmesh("status", "--json").stdout)
@@ -190,7 +201,7 @@ def test_garbage_on_every_actor_endpoint_crashes_nothing(cluster, openai_client,
 def test_client_disconnect_cancels_the_request_on_its_worker(cluster, model_name):
     body = {
         "model": model_name,
-        "prompt": make_prompt(50, 9),
+        "prompt": random_prompt(50, 9),
         "max_tokens": 3000,
         "ignore_eos": True,
         "stream": True,
@@ -199,11 +210,8 @@ def test_client_disconnect_cancels_the_request_on_its_worker(cluster, model_name
         for n, _ in enumerate(reply.iter_lines()):
             if n > 5:
                 break  # leave mid-stream
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        rows = json.loads(cluster.kvmesh("status", "--json").stdout)
-        if all(r["running"] == 0 for r in rows if r["role"] == "decode"):
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"the request kept running after the client left: {rows}")
+    wait_until(
+        lambda: all(running == 0 for running in decode_totals(cluster, "running").values()),
+        "the request stopping on its worker after the client left",
+        timeout=30,
+    )

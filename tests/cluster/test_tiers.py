@@ -8,9 +8,7 @@ by the next one. The host tier has 20 slots, so a third prompt's evictions push 
 first prompt's blocks on to disk; the disk tier holds them all."""
 
 import os
-import random
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +17,10 @@ import pytest
 from kvmesh import SamplingParams
 from kvmesh.bench.cluster import start_cluster
 from kvmesh.cache.host_tier import pool_bytes
+from tests.polling import wait_until
+from tests.prompts import random_prompt
+
+pytestmark = pytest.mark.cluster
 
 PROMPT_TOKENS = 300
 FULL_BLOCKS = PROMPT_TOKENS // 16  # 18: what a repeat of the prompt may find cached
@@ -46,11 +48,6 @@ def cluster(tmp_path_factory, tiny_model_dir, disk_dir):
     )
     yield c
     assert c.stop() == 0
-
-
-def make_prompt(seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, 2048) for _ in range(PROMPT_TOKENS)]
 
 
 def complete(cluster, model: str, prompt: list[int]) -> dict:
@@ -83,20 +80,10 @@ def tier_metrics(cluster) -> dict[str, float]:
     }
 
 
-def wait_for(check, timeout: float = 30.0):
-    """check()'s first truthy value; the counters travel in periodic reports."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.25)
-
-
 def evict_through_tiers(cluster, model, seeds: tuple[int, int, int]) -> list[int]:
     """Run three fresh prompts; the first one's blocks end up in the host and disk tiers.
     Returns the first prompt, extended by a token (a new request with its prefix)."""
-    first, *others = (make_prompt(seed) for seed in seeds)
+    first, *others = (random_prompt(PROMPT_TOKENS, seed) for seed in seeds)
     for prompt in (first, *others):
         complete(cluster, model, prompt)
     return first + [40]
@@ -127,7 +114,7 @@ def test_evicted_prefix_comes_back_from_host_and_ssd(cluster, model_name, engine
             and m
         )
 
-    metrics = wait_for(settled) or tier_metrics(cluster)
+    metrics = wait_until(settled, "the tier counters of the prompt's trip", timeout=30)
     assert metrics[onboard % "disk"] - before.get(onboard % "disk", 0) > 0
     assert metrics[offload % "host"] >= FULL_BLOCKS
     assert metrics[offload % "disk"] > 0
@@ -152,14 +139,13 @@ def test_sigkilled_cache_actor_costs_hits_not_requests(cluster, model_name, engi
     before = cluster.status()["cache-0"]["pid"]
     os.kill(before, signal.SIGKILL)
     # Requests go on while the cache actor is down (and as it comes back).
-    prompt = make_prompt(27)
+    prompt = random_prompt(PROMPT_TOKENS, 27)
     result = complete(cluster, model_name, prompt)
     assert result["choices"][0]["text"] == expected_text(engine, prompt)
-    restarted = wait_for(
-        lambda: (pid := cluster.status().get("cache-0", {}).get("pid")) and pid != before and pid,
-        timeout=60,
+    wait_until(
+        lambda: (pid := cluster.status().get("cache-0", {}).get("pid")) and pid != before,
+        "the launcher restarting the cache actor",
     )
-    assert restarted, "the launcher did not restart the cache actor"
     # The worker attaches to the new cache actor once it sees the old one dead: evicted
     # prefixes come back again. Each try is a fresh eviction cycle (a repeat would hit
     # the device pool); the first tries may predate the attach.

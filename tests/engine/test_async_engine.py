@@ -1,17 +1,12 @@
 """AsyncEngine: concurrent asyncio streams equal the synchronous Engine's output."""
 
 import asyncio
-import random
 
 import pytest
 
 from kvmesh import Engine, SamplingParams
 from kvmesh.engine.async_engine import AsyncEngine, EngineDeadError
-
-
-def make_prompts(n: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(16, 2048) for _ in range(rng.randint(4, 120))] for _ in range(n)]
+from tests.prompts import random_prompts
 
 
 def greedy(n: int) -> SamplingParams:
@@ -30,14 +25,16 @@ async def collect(engine: AsyncEngine, prompt, params, request_id: str):
 @pytest.fixture(scope="module")
 def expected(tiny_model_dir):
     engine = Engine.from_pretrained(tiny_model_dir, num_blocks=256)
-    return [o.token_ids for o in engine.generate(make_prompts(6, seed=11), greedy(12))]
+    return [
+        o.token_ids for o in engine.generate(random_prompts([(4, 120)] * 6, seed=11), greedy(12))
+    ]
 
 
 def test_concurrent_streams_equal_engine(tiny_model_dir, expected):
     async def main():
         engine = AsyncEngine(Engine.from_pretrained(tiny_model_dir, num_blocks=256))
         engine.start()
-        prompts = make_prompts(6, seed=11)
+        prompts = random_prompts([(4, 120)] * 6, seed=11)
         results = await asyncio.gather(
             *(collect(engine, p, greedy(12), f"r{i}") for i, p in enumerate(prompts))
         )
@@ -55,7 +52,7 @@ def test_bad_input_raises_and_leaving_early_aborts(tiny_model_dir):
         engine.start()
         with pytest.raises(ValueError, match="prompt must not be empty"):
             await collect(engine, [], greedy(4), "bad")
-        stream = engine.generate(make_prompts(1, 3)[0], greedy(500), "long")
+        stream = engine.generate(random_prompts([(4, 120)], seed=3)[0], greedy(500), "long")
         await anext(stream)
         await stream.aclose()  # the client went away
         for _ in range(200):

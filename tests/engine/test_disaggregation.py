@@ -2,18 +2,12 @@
 parks the prompt, the prefill engine computes it, its KV blocks are copied into the
 decode engine's blocks, and decoding goes on. Output must equal a single Engine."""
 
-import random
-
 import pytest
 
 from kvmesh import Engine, SamplingParams
-from kvmesh.engine.params import first_token_params
 from kvmesh.gpu.kv_pack import pack_blocks, unpack_blocks
-
-
-def make_prompts(n: int, seed: int, low: int = 20, high: int = 300) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(16, 2048) for _ in range(rng.randint(low, high))] for _ in range(n)]
+from kvmesh.params import first_token_params
+from tests.prompts import random_prompts
 
 
 def make_engine(path, num_blocks=256) -> Engine:
@@ -63,7 +57,7 @@ def serve_disaggregated(prefill: Engine, decode: Engine, prompts, params) -> lis
     ids=["greedy", "logprobs", "seeded", "one-token"],
 )
 def test_disaggregated_equals_single_engine(tiny_model_dir, params):
-    prompts = make_prompts(5, seed=21)
+    prompts = random_prompts([(20, 300)] * 5, seed=21)
     expected = make_engine(tiny_model_dir).generate(prompts, params)
     prefill, decode = make_engine(tiny_model_dir), make_engine(tiny_model_dir)
     outs = serve_disaggregated(prefill, decode, prompts, params)
@@ -77,7 +71,7 @@ def test_disaggregated_equals_single_engine(tiny_model_dir, params):
 
 
 def test_decode_side_prefix_cache_shrinks_the_transfer(tiny_model_dir):
-    prompt = make_prompts(1, seed=8, low=200, high=200)[0]
+    prompt = random_prompts([(200, 200)], seed=8)[0]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     decode = make_engine(tiny_model_dir)
     decode.generate([prompt[:100]], params)  # decode now caches 6 full blocks of the prefix
@@ -90,7 +84,7 @@ def test_decode_side_prefix_cache_shrinks_the_transfer(tiny_model_dir):
 
 
 def test_failed_remote_prefill_falls_back_to_local_compute(tiny_model_dir):
-    prompts = make_prompts(2, seed=4)
+    prompts = random_prompts([(20, 300)] * 2, seed=4)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     expected = make_engine(tiny_model_dir).generate(prompts, params)
     decode = make_engine(tiny_model_dir)
@@ -107,7 +101,7 @@ def test_failed_remote_prefill_falls_back_to_local_compute(tiny_model_dir):
 def test_abort_while_parked_frees_the_blocks(tiny_model_dir):
     decode = make_engine(tiny_model_dir, num_blocks=64)
     decode.add_request(
-        make_prompts(1, seed=2)[0],
+        random_prompts([(20, 300)], seed=2)[0],
         SamplingParams(max_tokens=4),
         request_id="r",
         remote_prefill=True,
@@ -122,7 +116,7 @@ def test_pool_full_of_parked_prompts_preempts_instead_of_cutting_short(tiny_mode
     """A running sequence that needs a block while parked prompts (awaiting their remote
     prefill) hold the rest of the pool waits for room: it gets every one of its max_tokens,
     the single Engine's tokens, never a 'length' finish at 17 of 23 (issue 18)."""
-    local, parked = make_prompts(2, seed=31, low=60, high=60)
+    local, parked = random_prompts([(60, 60)] * 2, seed=31)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     expected = make_engine(tiny_model_dir).generate([local, parked], params)
     decode = make_engine(tiny_model_dir, num_blocks=10)  # local needs 7 blocks, parked 4

@@ -1,19 +1,14 @@
 """Engine against the reference: transformers' greedy output on the same checkpoint."""
 
 import json
-import random
 import shutil
 
 import pytest
 import torch
 
 from kvmesh import Engine, SamplingParams
+from tests.prompts import random_prompts
 from tests.reference import hf_greedy
-
-
-def make_prompts(vocab_size: int, lengths: list[int], seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(16, vocab_size) for _ in range(n)] for n in lengths]
 
 
 def greedy(max_tokens: int, **kwargs) -> SamplingParams:
@@ -39,7 +34,7 @@ def reference(hf_model, engine):
     """Prompts of mixed lengths (several longer than one 256-token prefill chunk) and
     transformers' greedy continuations of them."""
     lengths = [1, 7, 16, 17, 63, 200, 257, 600]
-    prompts = make_prompts(engine.config.vocab_size, lengths, seed=1234)
+    prompts = random_prompts(lengths, seed=1234, vocab_size=engine.config.vocab_size)
     return prompts, [hf_greedy(hf_model, p, 24) for p in prompts]
 
 
@@ -263,7 +258,7 @@ def test_kv_events_report_stored_blocks(tiny_model_dir, reference):
     engine.generate([prompts[4]], greedy(1))  # 63 prompt tokens + 1 computed: 3 full blocks
     events = engine.take_kv_events()
     stored = [h for e in events if type(e).__name__ == "BlockStored" for h in e.block_hashes]
-    from kvmesh.gpu.block_pool import hash_blocks, wire_hashes
+    from kvmesh.kv.block_hash import hash_blocks, wire_hashes
 
     salt = engine.salt
     assert stored == wire_hashes(hash_blocks(prompts[4], 16, salt=salt))[:3]  # on the wire

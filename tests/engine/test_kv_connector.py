@@ -14,11 +14,12 @@ from kvmesh.engine.block_manager import BlockManager
 from kvmesh.engine.kv_connector import LocalTieredConnector
 from kvmesh.engine.scheduler import Scheduler
 from kvmesh.engine.sequence import Sequence, SequenceStatus
-from kvmesh.gpu.block_pool import BlockPool, hash_blocks, wire_hash, wire_hashes
+from kvmesh.gpu.block_pool import BlockPool
 from kvmesh.gpu.kv_pack import pack_blocks
 from kvmesh.gpu.model_config import RECORD_TAG_BYTES
+from kvmesh.kv.block_hash import hash_blocks, wire_hash, wire_hashes
 from kvmesh.transport.keys import hash_key
-from tests.engine import make_prompt
+from tests.prompts import random_prompt
 
 BLOCK = 16
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -29,7 +30,7 @@ def prompts(config) -> dict[str, list[int]]:
     """a: 6 full blocks and 4 tokens; b, c: unrelated, 15 full blocks each, so that either
     one evicts every block a 16-block pool cached before it."""
     return {
-        name: make_prompt(config.vocab_size, n, seed)
+        name: random_prompt(n, seed, config.vocab_size)
         for name, n, seed in (("a", 100, 1), ("b", 240, 2), ("c", 240, 3))
     }
 
@@ -237,7 +238,7 @@ def test_host_slot_failing_its_checksum_at_load_is_recomputed(
 
 def test_preemption_with_a_connector_keeps_the_output(tiny_model_dir, make_connector, config):
     lengths = [60, 90, 120, 150]
-    batch = [make_prompt(config.vocab_size, n, seed=10 + n) for n in lengths]
+    batch = [random_prompt(n, 10 + n, config.vocab_size) for n in lengths]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     expected = [
         o.token_ids

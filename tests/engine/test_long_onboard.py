@@ -19,10 +19,10 @@ from kvmesh.bench.cluster import start_cluster
 from kvmesh.cache.disk_tier import HEADER
 from kvmesh.cache.host_tier import pool_bytes
 from kvmesh.engine.kv_connector import CacheActorConnector, LocalTieredConnector
-from kvmesh.gpu.block_pool import hash_blocks, wire_hash, wire_hashes
+from kvmesh.kv.block_hash import hash_blocks, wire_hash, wire_hashes
 from kvmesh.protocol import OnboardCounters
 from kvmesh.transport.keys import hash_key
-from tests.engine import make_prompt
+from tests.prompts import random_prompt
 
 BLOCK = 16
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -44,7 +44,7 @@ def prompts(config) -> dict[str, list[int]]:
     """long: LONG_BLOCKS full blocks and 4 tokens; b, c: unrelated, as long, so that each
     one evicts from a DEVICE_BLOCKS pool every block cached before it."""
     return {
-        name: make_prompt(config.vocab_size, LONG_BLOCKS * BLOCK + 4, seed)
+        name: random_prompt(LONG_BLOCKS * BLOCK + 4, seed, config.vocab_size)
         for name, seed in (("long", 41), ("b", 42), ("c", 43))
     }
 
@@ -232,11 +232,13 @@ def complete(url: str, model: str, prompt: list[int]) -> dict:
     return response.json()
 
 
+@pytest.mark.cluster
 def test_prefix_longer_than_the_host_tier_comes_back_whole_on_a_cluster(
     cluster, tiny_model_dir, config
 ):
     model = httpx.get(f"{cluster.url}/v1/models").json()["data"][0]["id"]
-    first, *others = (make_prompt(config.vocab_size, CLUSTER_TOKENS, seed) for seed in (51, 52, 53))
+    prompts = [random_prompt(CLUSTER_TOKENS, seed, config.vocab_size) for seed in (51, 52, 53)]
+    first, *others = prompts
     for prompt in (first, *others):  # each evicts the one before from the 40-block pool
         complete(cluster.url, model, prompt)
     prompt = first + [40]

@@ -12,10 +12,10 @@ from kvmesh.cache.host_tier import HostTier, pool_bytes
 from kvmesh.cache.store import Hit, TieredStore
 from kvmesh.engine.kv_connector import CacheActorConnector
 from kvmesh.engine.prefetch import DevicePrefix, Prefetch, named
-from kvmesh.gpu.block_pool import wire_hash, wire_hashes
+from kvmesh.kv.block_hash import wire_hash, wire_hashes
+from kvmesh.kv.segment import segment_name
 from kvmesh.protocol import AllBlocksCleared, BlockRemoved, BlockStored, OnboardCounters
-from kvmesh.transport.segment import segment_name
-from tests.engine import make_prompt
+from tests.prompts import random_prompt
 
 BLOCK = 16
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -51,7 +51,7 @@ class StoreChannel:
 def prompts(config) -> dict[str, list[int]]:
     """a: 6 full blocks and 4 tokens; b: 15 full blocks, evicting a from a 16-block pool."""
     return {
-        name: make_prompt(config.vocab_size, n, seed)
+        name: random_prompt(n, seed, config.vocab_size)
         for name, n, seed in (("a", 100, 1), ("b", 240, 2))
     }
 

@@ -1,26 +1,20 @@
 """Priority levels: admission in (priority, arrival) order, preemption of the lowest
 priority, outputs unchanged; the real engine on the tiny model, order from step() outputs."""
 
-import random
-
 import msgspec
 import pytest
 
 from kvmesh import Engine, SamplingParams
-from kvmesh.engine.params import MAX_PRIORITY, first_token_params
 from kvmesh.engine.scheduler import WaitingQueue
 from kvmesh.engine.sequence import Sequence
+from kvmesh.params import MAX_PRIORITY, first_token_params
+from tests.prompts import random_prompt
 
 PROMPT_LEN = 16  # one block: the block size the engine defaults to
 
 
 def make_engine(tiny_model_dir, **kwargs) -> Engine:
     return Engine.from_pretrained(tiny_model_dir, **{"num_blocks": 64} | kwargs)
-
-
-def make_prompt(seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, 2048) for _ in range(PROMPT_LEN)]
 
 
 def greedy(priority: int = 0, max_tokens: int = 8) -> SamplingParams:
@@ -48,7 +42,9 @@ def reference(tiny_model_dir) -> dict[str, list[int]]:
     """Greedy outputs of prompts a..e without priorities, nothing queued."""
     engine = make_engine(tiny_model_dir)
     names = "abcde"
-    outs = engine.generate([make_prompt(seed) for seed in range(len(names))], greedy())
+    outs = engine.generate(
+        [random_prompt(PROMPT_LEN, seed) for seed in range(len(names))], greedy()
+    )
     return {name: out.token_ids for name, out in zip(names, outs, strict=True)}
 
 
@@ -69,17 +65,17 @@ def test_queued_requests_are_admitted_by_priority_then_arrival(
 ):
     engine = make_engine(tiny_model_dir, max_num_seqs=1)
     for seed, (name, priority) in enumerate(priorities.items()):
-        engine.add_request(make_prompt(seed), greedy(priority), request_id=name)
+        engine.add_request(random_prompt(PROMPT_LEN, seed), greedy(priority), request_id=name)
     assert first_token_order(engine) == expected
 
 
 def test_high_priority_arriving_later_overtakes_the_queue_not_the_running(tiny_model_dir):
     engine = make_engine(tiny_model_dir, max_num_seqs=1)
-    engine.add_request(make_prompt(0), greedy(3), request_id="a")
+    engine.add_request(random_prompt(PROMPT_LEN, 0), greedy(3), request_id="a")
     assert [out.request_id for out in engine.step()] == ["a"]  # a runs
-    engine.add_request(make_prompt(1), greedy(3), request_id="b")
-    engine.add_request(make_prompt(2), greedy(3), request_id="c")
-    engine.add_request(make_prompt(3), greedy(-3), request_id="d")
+    engine.add_request(random_prompt(PROMPT_LEN, 1), greedy(3), request_id="b")
+    engine.add_request(random_prompt(PROMPT_LEN, 2), greedy(3), request_id="c")
+    engine.add_request(random_prompt(PROMPT_LEN, 3), greedy(-3), request_id="d")
     assert engine.scheduler.waiting_ids() == ["d", "b", "c"]
     assert first_token_order(engine) == ["a", "d", "b", "c"]  # a had its first already
     assert engine.num_preemptions == 0  # admission never preempts for priority
@@ -89,7 +85,7 @@ def test_token_budget_admits_the_higher_priority_first(tiny_model_dir):
     # a budget of one prompt per step: the step that has room takes the best waiting
     engine = make_engine(tiny_model_dir, max_num_batched_tokens=PROMPT_LEN)
     for seed, (name, priority) in enumerate({"a": 1, "b": 1, "c": 0}.items()):
-        engine.add_request(make_prompt(seed), greedy(priority), request_id=name)
+        engine.add_request(random_prompt(PROMPT_LEN, seed), greedy(priority), request_id=name)
     assert first_token_order(engine) == ["c", "a", "b"]
 
 
@@ -111,7 +107,7 @@ def test_preemption_takes_the_lowest_priority_and_requeues_it_first_in_its_level
     # each and only one is free. d and e come later and wait (max_num_seqs).
     engine = make_engine(tiny_model_dir, num_blocks=4, max_num_seqs=3)
     for seed, (name, priority) in enumerate(priorities.items()):
-        engine.add_request(make_prompt(seed), greedy(priority), request_id=name)
+        engine.add_request(random_prompt(PROMPT_LEN, seed), greedy(priority), request_id=name)
         if name == "c":
             engine.step()  # a, b, c prefilled
     seqs = {name: engine.requests[name].seq for name in priorities}
@@ -131,7 +127,7 @@ def test_greedy_outputs_do_not_depend_on_priority(tiny_model_dir, reference):
     engine = make_engine(tiny_model_dir, max_num_seqs=2, max_num_batched_tokens=24)
     names = list(reference)
     params = [greedy(priority) for priority in (3, -2, 0, 3, -MAX_PRIORITY)]
-    outs = engine.generate([make_prompt(seed) for seed in range(len(names))], params)
+    outs = engine.generate([random_prompt(PROMPT_LEN, seed) for seed in range(len(names))], params)
     assert {name: out.token_ids for name, out in zip(names, outs, strict=True)} == reference
 
 

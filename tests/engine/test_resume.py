@@ -1,16 +1,10 @@
 """Resuming a request on another engine (request migration): given the outputs so far
 and how much of their text was streamed, the rest equals an uninterrupted run."""
 
-import random
-
 import pytest
 
 from kvmesh import Engine, SamplingParams
-
-
-def make_prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, 2048) for _ in range(n)]
+from tests.prompts import random_prompt
 
 
 def stream(engine: Engine, request_id: str) -> tuple[list, str, object]:
@@ -34,7 +28,7 @@ PARAMS = [
 @pytest.mark.parametrize("params", PARAMS, ids=["greedy", "seeded", "logprobs"])
 @pytest.mark.parametrize("cut", [1, 17, 39])
 def test_resumed_stream_continues_exactly(tiny_model_dir, params, cut):
-    prompt = make_prompt(90, seed=cut)
+    prompt = random_prompt(90, seed=cut)
     first = Engine.from_pretrained(tiny_model_dir, num_blocks=64)
     first.add_request(prompt, params, "r")
     ids, text = [], ""
@@ -53,7 +47,7 @@ def test_resumed_stream_continues_exactly(tiny_model_dir, params, cut):
 
 
 def test_resume_with_a_stop_string_across_the_cut(tiny_model_dir):
-    prompt = make_prompt(60, seed=5)
+    prompt = random_prompt(60, seed=5)
     greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     full = Engine.from_pretrained(tiny_model_dir, num_blocks=64).generate([prompt], greedy)[0]
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 4]

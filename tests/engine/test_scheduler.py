@@ -3,10 +3,10 @@
 import pytest
 
 from kvmesh.engine.block_manager import BlockManager
-from kvmesh.engine.params import SamplingParams
 from kvmesh.engine.scheduler import Scheduler, SchedulerStats
 from kvmesh.engine.sequence import Sequence, SequenceStatus
 from kvmesh.gpu.block_pool import BlockPool
+from kvmesh.params import SamplingParams
 
 BLOCK = 4
 

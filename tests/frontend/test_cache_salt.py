@@ -3,8 +3,6 @@ API key) enters every block hash, so requests of other salts never hit its block
 cached_tokens cannot be used to learn whether someone else sent a prefix. Outputs do not
 change. The Engine, and the HTTP server over a real LocalBackend."""
 
-import random
-
 import httpx
 import pytest
 
@@ -13,13 +11,9 @@ from kvmesh.frontend.app import create_app
 from kvmesh.frontend.backend import LocalBackend
 from kvmesh.frontend.limits import HTTPLimits
 from tests.frontend import running_server
+from tests.prompts import random_prompt
 
 KEYS = ("sk-tenant-a", "sk-tenant-b")
-
-
-def make_prompt(n: int = 80, seed: int = 5) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, 2048) for _ in range(n)]
 
 
 def greedy(**kwargs) -> SamplingParams:
@@ -28,7 +22,7 @@ def greedy(**kwargs) -> SamplingParams:
 
 def test_engine_shares_blocks_only_within_a_salt(tiny_model_dir):
     engine = Engine.from_pretrained(tiny_model_dir, num_blocks=256)
-    prompt = make_prompt()
+    prompt = random_prompt(80, seed=5)
     (first,) = engine.generate([prompt], greedy(cache_salt="tenant-a"))
     (other,) = engine.generate([prompt], greedy(cache_salt="tenant-b"))
     (unsalted,) = engine.generate([prompt], greedy())
@@ -64,7 +58,7 @@ def cached(url: str, prompt: list[int], key: str | None = None, **fields) -> int
 
 def test_the_http_cache_salt_field_isolates_requests(backend):
     with running_server(create_app(backend)) as url:
-        prompt = make_prompt(seed=11)
+        prompt = random_prompt(80, seed=11)
         assert cached(url, prompt, cache_salt="a") == 0
         assert cached(url, prompt, cache_salt="b") == 0  # a's blocks are not b's
         assert cached(url, prompt) == 0
@@ -78,7 +72,7 @@ def test_the_http_cache_salt_field_isolates_requests(backend):
 def test_salt_by_api_key_keeps_tenants_apart(backend):
     limits = HTTPLimits(api_keys=frozenset(KEYS), salt_by_api_key=True)
     with running_server(create_app(backend, limits)) as url:
-        prompt = make_prompt(seed=12)
+        prompt = random_prompt(80, seed=12)
         assert cached(url, prompt, KEYS[0]) == 0
         assert cached(url, prompt, KEYS[1]) == 0  # tenant b learns nothing of a's prompt
         assert cached(url, prompt, KEYS[1], cache_salt="x") == 0

@@ -2,7 +2,6 @@
 checked against Engine.generate; plus a stub Backend for the overload/outage paths."""
 
 import json
-import random
 import time
 
 import httpx
@@ -14,6 +13,7 @@ from kvmesh.frontend.backend import BackendUnavailable, LocalBackend, Overloaded
 from kvmesh.protocol import Delta
 from kvmesh.tokenizer import Tokenizer
 from tests.frontend import StubBackend, running_server
+from tests.prompts import random_prompt
 
 MODEL = "tiny"
 TEXTS = ["Once upon a time", "The capital of France is"]
@@ -21,11 +21,6 @@ MESSAGES = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Tell me a story"},
 ]
-
-
-def token_prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(16, 2048) for _ in range(n)]
 
 
 def completion(prompt, **params) -> dict:
@@ -102,7 +97,7 @@ def http(url):
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("kind", ["text", "token_ids"])
 def test_greedy_completions_equal_engine(http, engine, kind, stream):
-    prompts = TEXTS if kind == "text" else [token_prompt(40, 1), token_prompt(7, 2)]
+    prompts = TEXTS if kind == "text" else [random_prompt(40, 1), random_prompt(7, 2)]
     expected = engine.generate(prompts, greedy())
     body = completion(prompts, stream=stream, stream_options={"include_usage": True})
     if stream:
@@ -185,7 +180,7 @@ def test_official_openai_client(url, engine):
 
 
 def test_repeated_long_prompt_is_served_from_prefix_cache(http):
-    body = completion(token_prompt(300, seed=3), max_tokens=2)
+    body = completion(random_prompt(300, seed=3), max_tokens=2)
     first = http.post("/v1/completions", json=body).json()["usage"]
     second = http.post("/v1/completions", json=body).json()["usage"]
     assert first["prompt_tokens_details"]["cached_tokens"] == 0

@@ -4,8 +4,8 @@ bad values are a 400 naming it; the official openai client sends it in extra_bod
 import httpx
 import pytest
 
-from kvmesh.engine.params import MAX_PRIORITY
 from kvmesh.frontend.app import create_app
+from kvmesh.params import MAX_PRIORITY
 from kvmesh.tokenizer import Tokenizer
 from tests.frontend import running_server
 from tests.frontend.test_openai_api import StubBackend

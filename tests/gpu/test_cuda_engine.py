@@ -1,11 +1,10 @@
 """The same engine code on CUDA: greedy output equals transformers on CPU (gpu marker)."""
 
-import random
-
 import pytest
 import torch
 
 from kvmesh import Engine, SamplingParams
+from tests.prompts import random_prompts
 from tests.reference import hf_greedy
 
 pytestmark = [
@@ -14,15 +13,10 @@ pytestmark = [
 ]
 
 
-def make_prompts(n: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(16, 2048) for _ in range(rng.randint(8, 700))] for _ in range(n)]
-
-
 def test_cuda_engine_equals_transformers_on_cpu(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    prompts = make_prompts(6, seed=3)
+    prompts = random_prompts([(8, 700)] * 6, seed=3)
     engine = Engine.from_pretrained(
         tiny_model_dir, device="cuda", num_blocks=512, max_num_batched_tokens=256
     )
@@ -35,7 +29,7 @@ def test_cuda_engine_equals_transformers_on_cpu(tiny_model_dir):
 
 def test_cuda_bfloat16_engine_runs_with_prefix_cache(tiny_model_dir):
     engine = Engine.from_pretrained(tiny_model_dir, device="cuda", dtype="bfloat16", num_blocks=256)
-    prompt = make_prompts(1, seed=4)[0]
+    prompt = random_prompts([(8, 700)], seed=4)[0]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     first = engine.generate([prompt], params)[0]
     second = engine.generate([prompt], params)[0]

@@ -2,7 +2,6 @@
 sharded safetensors, float32/bfloat16/float16 checkpoints; output equals transformers."""
 
 import json
-import random
 import shutil
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from kvmesh import Engine, SamplingParams
 from kvmesh.gpu.model_config import ModelConfig
+from tests.prompts import random_prompts
 from tests.reference import hf_greedy
 
 ARCHITECTURES = {
@@ -48,11 +48,6 @@ def make_checkpoint(
     return path
 
 
-def make_prompts(n: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(16, 2048) for _ in range(rng.randint(5, 80))] for _ in range(n)]
-
-
 def hf_greedy_all(path, prompts, max_tokens, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +68,7 @@ def test_engine_equals_transformers(tmp_path, tiny_model_dir, arch, shard, tie):
     path = make_checkpoint(tmp_path, tiny_model_dir, arch, shard=shard, tie=tie)
     if shard:
         assert (path / "model.safetensors.index.json").is_file()
-    prompts = make_prompts(4, seed=len(arch))
+    prompts = random_prompts([(5, 80)] * 4, seed=len(arch))
     engine = Engine.from_pretrained(path, num_blocks=64, block_size=8)
     outs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     expected = hf_greedy_all(path, prompts, 12)
@@ -93,7 +88,7 @@ def test_half_precision_checkpoint_loads_exactly_into_float32(
     tmp_path, tiny_model_dir, checkpoint_dtype
 ):
     path = make_checkpoint(tmp_path, tiny_model_dir, "llama", dtype=checkpoint_dtype)
-    prompts = make_prompts(3, seed=5)
+    prompts = random_prompts([(5, 80)] * 3, seed=5)
     engine = Engine.from_pretrained(path, dtype="float32", num_blocks=64)
     outs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     assert [o.token_ids for o in outs] == hf_greedy_all(path, prompts, 8)
@@ -102,7 +97,7 @@ def test_half_precision_checkpoint_loads_exactly_into_float32(
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_engine_tracks_float32_logprobs(tmp_path, tiny_model_dir, dtype):
     path = make_checkpoint(tmp_path, tiny_model_dir, "llama")
-    prompt = make_prompts(1, seed=9)[0]
+    prompt = random_prompts([(5, 80)], seed=9)[0]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
     full = Engine.from_pretrained(path, dtype="float32", num_blocks=32).generate([prompt], params)[
         0

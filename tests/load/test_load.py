@@ -29,6 +29,8 @@ from kvmesh import Engine, SamplingParams
 from kvmesh.bench.cluster import Cluster, start_cluster
 from kvmesh.client import CHAT, COMPLETIONS, DONE, APIError, chunk_deltas, event_data
 
+pytestmark = pytest.mark.cluster
+
 WORDS = (
     "once upon a time the river ran past seven blue mountains where a quick cat "
     "told stories about numbers and the capital of France"

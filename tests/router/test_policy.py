@@ -1,8 +1,13 @@
 """Routing policies: kv cost tables (prefix, load, tiers, in-flight predictions), the
 conditional disaggregation rule, the baselines, dead workers and settings errors."""
 
+from pathlib import Path
+
+import msgspec
 import pytest
 
+from kvmesh.config import load_config
+from kvmesh.config.schema import RouterConfig
 from kvmesh.protocol import BlockStored
 from kvmesh.router.kv_index import KVIndex
 from kvmesh.router.policy import NoWorkerError, Router, RouterSettings, WorkerState
@@ -314,6 +319,16 @@ def test_no_alive_decode_worker_is_a_clear_error(workers):
 def test_bad_settings_name_the_field(settings, message):
     with pytest.raises(ValueError, match=message):
         RouterSettings(**settings)
+
+
+def test_settings_default_to_the_router_table():
+    """One default per setting, stated once in the schema: a Router built without settings
+    routes as the default cluster.toml does (disagg_min_tokens was 1024 here, 128 there)."""
+    defaults = msgspec.structs.asdict(RouterSettings())
+    assert defaults == msgspec.structs.asdict(RouterConfig())
+    shipped = load_config(Path(__file__).resolve().parents[2] / "cluster.toml").router
+    assert defaults == msgspec.structs.asdict(shipped)
+    assert RouterSettings().disagg_min_tokens == 128
 
 
 def test_bad_role_names_the_field():

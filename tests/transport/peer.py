@@ -11,7 +11,6 @@ then runs the JSON commands it reads on stdin, each in its own task, answering o
         backend (default "auto") is the sending plane's setting
         pause_after=k: writes layer by layer, prints {"event": "paused", "id"} after k
         layers and waits for {"op": "resume", "id"}
-    {"op": "expect", "from", "id"} -> {"event": "landed", "id"} | {"event": "error", ...}
     {"op": "dump", "path"}         -> the pool's bytes in path, then {"event": "dumped"}
     {"op": "exit"}                 -> closes (segment unlinked) and exits 0
 
@@ -135,9 +134,6 @@ class PeerActor(Actor):
                 say(event="written", id=cmd["id"], backend=link.backend)
             elif op == "resume":
                 self.resume[cmd["id"]].set()
-            elif op == "expect":
-                await self.kv_plane.expect(cmd["from"], cmd["id"]).wait(timeout=30)
-                say(event="landed", id=cmd["id"])
             elif op == "dump":
                 with open(cmd["path"], "wb") as out:
                     for cache in self.kv_caches:

@@ -15,16 +15,17 @@ import pytest
 import torch
 
 from kvmesh.actors.base import Actor, ActorConfig, RemoteError
+from kvmesh.kv.segment import HEADER_BYTES, SHM_DIR
+from kvmesh.kv.segment import available as shm_available
 from kvmesh.protocol import KvWrite
-from kvmesh.transport import shm, ucx
+from kvmesh.transport import ucx
 from kvmesh.transport.dataplane import (
     CHUNK_BYTES,
     DataPlaneHandlers,
     KVDataPlane,
-    TransferError,
     allocate_shared_pool,
 )
-from kvmesh.transport.shm import SHM_DIR, copy_blocks
+from kvmesh.transport.shm import copy_blocks
 from tests.transport.peer import PeerProcess, fill_pool, make_cuda_pool, make_layout
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,7 +36,7 @@ DEATH_NOTICE = LIVENESS_TIMEOUT + HEARTBEAT + 1.0  # the next heartbeat tick, an
 PEER_BLOCKS, OWN_BLOCKS = 16, 24  # the two pools differ in num_blocks only
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BACKENDS = [
-    pytest.param("shm", marks=pytest.mark.skipif(not shm.available(), reason="no /dev/shm")),
+    pytest.param("shm", marks=pytest.mark.skipif(not shm_available(), reason="no /dev/shm")),
     "zmq",
     pytest.param(
         "ucx", marks=pytest.mark.skipif(not ucx.available(), reason=f"ucxx: {ucx.import_error()}")
@@ -189,18 +190,18 @@ def peer(request, tmp_path_factory):
 # --- exchange: exact bytes ---
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_write_to_peer(peer, backend, tmp_path):
-    """This side's SRC blocks land in the peer's DST blocks; every other byte stays. One
-    layer per chunk: zmq and ucx send 4 KvWrites, 3 in flight, from reused buffers."""
+    """This side's SRC blocks land in the peer's DST blocks; every other byte stays, and
+    they are in place when write returns. One layer per chunk: zmq and ucx send 4
+    KvWrites, 3 in flight, from reused buffers."""
     src, dst = DST, [3, 15, 0, 8]
     before = dump(peer, tmp_path / "before", peer.dtype)
 
     async def scenario():
         async with connected(peer, peer.dtype, backend, chunk_bytes=1) as side:
-            peer.command(op="expect", **{"from": side.actor_id, "id": f"to-{backend}"})
             await side.kv_plane.write("peer", f"to-{backend}", src, dst)
-            await event(peer, "landed")
             link, _ = await side.kv_plane.link("peer")
             assert link.backend == backend
             return [cache.clone() for cache in side.kv_caches]
@@ -210,27 +211,28 @@ def test_write_to_peer(peer, backend, tmp_path):
     assert_same_bytes(after, expected(before, own, src, dst))
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_write_from_peer(peer, backend, tmp_path):
-    """The peer's SRC blocks land in this side's DST blocks; every other byte stays."""
+    """The peer's SRC blocks land in this side's DST blocks, in place when the peer's
+    write returns; every other byte stays."""
     source = dump(peer, tmp_path / "source", peer.dtype)
 
     async def scenario():
         async with connected(peer, peer.dtype, "auto") as side:
             before = [cache.clone() for cache in side.kv_caches]
-            incoming = side.kv_plane.expect("peer", "from")
             peer.command(op="write", to=side.actor_id, id="from", src=SRC, dst=DST, backend=backend)
             assert (await event(peer, "written"))["backend"] == backend
-            await incoming.wait(timeout=5)
             assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST))
 
     run(scenario())
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("backend", ["zmq", "shm"])
 def test_a_write_needs_a_grant_from_the_receiver(peer, backend, tmp_path):
     """Ungranted, or into blocks beyond the grant: refused before a byte is unpacked
-    (zmq) and never marked landed; granted: it lands."""
+    (zmq), the write fails at its sender; granted: it lands."""
     source = dump(peer, tmp_path / "source", peer.dtype)
 
     async def attempt(side, transfer_id: str) -> dict:
@@ -248,14 +250,11 @@ def test_a_write_needs_a_grant_from_the_receiver(peer, backend, tmp_path):
             if backend == "zmq":  # shm copies into the mapped pool before its KvWrite
                 assert_same_bytes(side.kv_caches, before)
             side.kv_plane.grant("peer", "granted", DST)
-            incoming = side.kv_plane.expect("peer", "granted")
             granted = await attempt(side, "granted")
-            await incoming.wait(timeout=5)
             assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST))
-            stray = [side.kv_plane.expect("peer", t).done() for t in ("stranger", "short")]
-            return ungranted, beyond, granted, stray
+            return ungranted, beyond, granted
 
-    ungranted, beyond, granted, stray = run(scenario())
+    ungranted, beyond, granted = run(scenario())
     assert (ungranted["event"], ungranted["type"]) == ("error", "RemoteError")
     assert ungranted["message"].endswith(
         "forbidden: KvWrite of transfer 'stranger' from 'peer': no such transfer was granted to it"
@@ -264,9 +263,9 @@ def test_a_write_needs_a_grant_from_the_receiver(peer, backend, tmp_path):
         beyond["event"] == "error" and f"blocks [{DST[-1]}] were not granted" in beyond["message"]
     )
     assert granted["event"] == "written"
-    assert stray == [False, False]
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layers_land_one_by_one(peer, backend, tmp_path):
     """A layer-by-layer write: layers 0-1 are in place (2-3 untouched) before 2 is sent."""
@@ -275,7 +274,6 @@ def test_layers_land_one_by_one(peer, backend, tmp_path):
     async def scenario():
         async with connected(peer, peer.dtype, "auto") as side:
             before = [cache.clone() for cache in side.kv_caches]
-            incoming = side.kv_plane.expect("peer", "layers")
             peer.command(
                 op="write",
                 to=side.actor_id,
@@ -286,11 +284,8 @@ def test_layers_land_one_by_one(peer, backend, tmp_path):
                 pause_after=2,
             )
             await event(peer, "paused")
-            await incoming.wait_layer(1, timeout=5)
-            assert incoming.landed == [True, True, False, False]
             assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST, range(2)))
             peer.command(op="resume", id="layers")
-            await incoming.wait(timeout=5)
             await event(peer, "written")
             assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST))
 
@@ -300,15 +295,18 @@ def test_layers_land_one_by_one(peer, backend, tmp_path):
 # --- a peer killed mid-transfer ---
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sender_killed_mid_transfer(backend, tmp_path):
-    """Half the layers landed, then SIGKILL: the waiting receiver gets TransferError within
-    the liveness timeout, and the dead peer's segment is unlinked for it."""
+    """Half the layers landed, then SIGKILL: the receiver keeps what landed and nothing
+    else (it learns of the failure from the request that asked for the transfer, not
+    from the data plane), and the dead peer's segment is unlinked for it."""
     with spawn_peer(tmp_path, "float32") as peer:
+        source = dump(peer, tmp_path / "source", torch.float32)
 
-        async def scenario() -> float:
+        async def scenario():
             async with connected(peer, torch.float32, "auto") as side:
-                incoming = side.kv_plane.expect("peer", "doomed")
+                before = [cache.clone() for cache in side.kv_caches]
                 peer.command(
                     op="write",
                     to=side.actor_id,
@@ -319,17 +317,14 @@ def test_sender_killed_mid_transfer(backend, tmp_path):
                     pause_after=2,
                 )
                 await event(peer, "paused")
-                await incoming.wait_layer(1, timeout=5)
                 peer.kill()
-                start = time.monotonic()
-                with pytest.raises(TransferError, match="2/4 layers landed"):
-                    await incoming.wait(timeout=10)
-                return time.monotonic() - start
+                assert_same_bytes(side.kv_caches, expected(before, source, SRC, DST, range(2)))
 
-        assert run(scenario()) < DEATH_NOTICE
+        run(scenario())
         assert segment_gone(peer.ready["shm"]), "the killed peer's segment is still there"
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_receiver_killed_mid_transfer(backend, tmp_path):
     """The receiver dies while the blocks are on their way: write raises ConnectionError
@@ -352,6 +347,7 @@ def test_receiver_killed_mid_transfer(backend, tmp_path):
 # --- errors at the boundary ---
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize(
     "src, dst, layers, message",
     [
@@ -372,6 +368,7 @@ def test_bad_write_names_the_field(peer, src, dst, layers, message):
     run(scenario())
 
 
+@pytest.mark.cluster
 def test_pools_of_another_layout_are_refused(peer):
     other = torch.float32 if peer.dtype == torch.bfloat16 else torch.bfloat16
     want = f"another KV pool layout: dtype is {peer.dtype} there, {other} here"
@@ -384,6 +381,7 @@ def test_pools_of_another_layout_are_refused(peer):
     run(scenario())
 
 
+@pytest.mark.cluster
 def test_receiver_checks_what_comes_off_the_wire(peer):
     """A malformed KvWrite is refused by the receiver, naming the field."""
 
@@ -403,6 +401,7 @@ def test_receiver_checks_what_comes_off_the_wire(peer):
     run(scenario())
 
 
+@pytest.mark.cluster
 def test_forced_shm_to_an_unshared_pool_names_the_setting(peer):
     async def scenario():
         async with connected(peer, peer.dtype, "auto", shared=False) as side:
@@ -429,23 +428,10 @@ def test_segment_is_unlinked_on_close():
     layout = make_layout(torch.float32, 4)
     kv_caches, segment = allocate_shared_pool(layout, "closer")
     name = segment.name
-    assert (SHM_DIR / name).stat().st_size == shm.HEADER_BYTES + layout.pool_bytes
+    assert (SHM_DIR / name).stat().st_size == HEADER_BYTES + layout.pool_bytes
     plane = KVDataPlane(None, kv_caches, segment=segment)
     run(plane.close())
     assert not (SHM_DIR / name).exists()
-
-
-def test_a_supervisor_unlinks_the_segments_of_a_dead_pid():
-    mine = SHM_DIR / "kvmesh-a-999999999-0bad"
-    other = SHM_DIR / "kvmesh-a-9999999990-0bad"  # another pid that starts alike
-    mine.touch()
-    other.touch()
-    try:
-        assert shm.unlink_segments_of(999999999) == [mine.name]
-        assert not mine.exists() and other.exists()
-    finally:
-        mine.unlink(missing_ok=True)
-        other.unlink(missing_ok=True)
 
 
 def make_pools(dtype, num_blocks, one_allocation, seed):
@@ -469,6 +455,7 @@ def test_copy_blocks_is_exact(dtype, src_one, dst_one, layers):
     assert_same_bytes(dst, want)
 
 
+@pytest.mark.cluster
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["shm", "zmq"])
@@ -483,17 +470,13 @@ def test_cuda_pools_exchange_blocks(backend, tmp_path):
                 link, _ = await side.kv_plane.link("peer")
                 assert link.backend == backend
                 before = [cache.cpu() for cache in side.kv_caches]
-                incoming = side.kv_plane.expect("peer", "from")
                 peer.command(
                     op="write", to=side.actor_id, id="from", src=SRC, dst=DST, backend=backend
                 )
                 await event(peer, "written")
-                await incoming.wait(timeout=10)
                 got = [cache.cpu() for cache in side.kv_caches]
                 assert_same_bytes(got, expected(before, source, SRC, DST))
-                peer.command(op="expect", **{"from": side.actor_id, "id": "to"})
                 await side.kv_plane.write("peer", "to", DST, [1, 2, 3, 4])
-                await event(peer, "landed")
                 return got
 
         own = run(scenario())

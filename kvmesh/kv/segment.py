@@ -1,6 +1,7 @@
 """Named POSIX shared-memory segments: what every same-host sharing in kvmesh maps (a
-worker's KV pool for the shm data plane, the cache actor's host tier). numpy only, so an
-actor that maps segments but runs no model (the cache actor) never imports torch.
+worker's KV pool for the shm data plane, the cache actor's host tier). numpy only, so a
+process that maps or cleans up segments but runs no model (the cache actor, the launcher)
+never imports torch.
 
     /dev/shm/kvmesh-<actor>-<pid>-<random>:   [magic|token][ pool ... ]
                                               0            HEADER_BYTES

@@ -1,0 +1,69 @@
+"""Imports point down: the processes that run no model (launcher, router, frontend, cache
+actor) never load torch or numba, and the plain-data modules import nothing above them.
+Each check imports in a fresh interpreter, so what another test loaded cannot hide it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "numba")
+TORCH_FREE = [
+    "kvmesh.launcher",
+    "kvmesh.protocol",
+    "kvmesh.params",
+    "kvmesh.kv.block_hash",
+    "kvmesh.kv.segment",
+    "kvmesh.gpu.block_pool",
+    "kvmesh.gpu.model_config",
+    "kvmesh.config",
+    "kvmesh.client",
+    "kvmesh.router.kv_index",
+    "kvmesh.router.policy",
+    "kvmesh.frontend.app",
+    "kvmesh.frontend.backend",
+    "kvmesh.frontend.choices",
+    "kvmesh.frontend.limits",
+    "kvmesh.frontend.metrics",
+    "kvmesh.frontend.schemas",
+    "kvmesh.frontend.serving",
+    "kvmesh.actors.router",
+    "kvmesh.actors.frontend",
+    "kvmesh.actors.cache",
+]
+# Plain data and torch-free foundations: the kvmesh modules each may load, itself aside.
+FOUNDATIONS = {
+    "kvmesh.protocol": {"kvmesh", "kvmesh.params"},
+    "kvmesh.params": {"kvmesh"},
+    "kvmesh.kv.block_hash": {"kvmesh", "kvmesh.kv"},
+    "kvmesh.kv.segment": {"kvmesh", "kvmesh.kv"},
+}
+
+
+def loaded_after(code: str) -> set[str]:
+    """The module names sys.modules holds after running `code` in a fresh interpreter."""
+    script = f"import json, sys\n{code}\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_module_loads_no_torch_or_numba(module):
+    assert loaded_after(f"import {module}") & set(HEAVY) == set()
+
+
+def test_the_launcher_releases_a_dead_actors_segments_without_torch():
+    """Cleaning up after a killed actor is the one thing the launcher does with shared
+    memory: it must not pull in the data plane's torch and numba to do it."""
+    code = "from kvmesh import launcher\nlauncher._release_segments(999999999)"
+    assert loaded_after(code) & set(HEAVY) == set()
+
+
+@pytest.mark.parametrize("module", sorted(FOUNDATIONS))
+def test_foundations_import_nothing_above_them(module):
+    kvmesh_modules = {
+        name for name in loaded_after(f"import {module}") if name.startswith("kvmesh")
+    }
+    assert kvmesh_modules - {module} <= FOUNDATIONS[module]
