@@ -8,7 +8,7 @@ A request's life, in `generate`, with its state in one RequestState:
              worker (connecting on first use)
     stream:  turn the TokenBatches that worker streams back into Deltas; tokens from any
              other worker are dropped
-    migrate: the worker dies (on_peer_dead) or refuses the Generate (request_refused):
+    migrate: the worker dies (a watch on every peer) or refuses the Generate (request_refused):
              a coded StreamError (worker_died / refused) wakes the loop, which places the
              request again with the tokens and text already streamed, at most
              max_migrations times; the client's stream goes on as if nothing happened

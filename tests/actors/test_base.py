@@ -232,7 +232,10 @@ HELLO_FIELDS = dict(actor_id="stranger", role="probe", node="n")
 @pytest.mark.parametrize(
     "hello, version",
     [
-        (encode(Hello(version=PROTOCOL_VERSION + 1, call_id=7, **HELLO_FIELDS)), 2),
+        (
+            encode(Hello(version=PROTOCOL_VERSION + 1, call_id=7, **HELLO_FIELDS)),
+            PROTOCOL_VERSION + 1,
+        ),
         (encode(Hello(version=0, call_id=7, **HELLO_FIELDS)), 0),
         # a future version's Hello whose other fields this version cannot decode
         (msgspec.msgpack.encode({"type": "Hello", "version": 99, "call_id": 7}), 99),
