@@ -392,7 +392,7 @@ class DecodeWorker(EngineWorker):
                 continue
             if out.finished:
                 del self.frontend_of[out.request_id]
-            batches.setdefault(frontend, []).append(to_delta(out))
+            batches.setdefault(frontend, []).append(out.delta())
         for frontend, deltas in batches.items():
             self.supervise("stream", self._stream, frontend, deltas)
 
@@ -515,18 +515,3 @@ def warm_up(engine: Engine) -> None:
     engine.generate([[engine.config.bos_token_id or 0] * 3], SamplingParams(max_tokens=2))
     engine.pool.reset_prefix_cache()
     engine.take_kv_events()
-
-
-def to_delta(out: RequestOutput) -> Delta:
-    new_logprobs = None
-    if out.logprobs is not None and out.new_token_ids:
-        new_logprobs = out.logprobs[-len(out.new_token_ids) :]
-    return Delta(
-        request_id=out.request_id,
-        new_token_ids=out.new_token_ids,
-        new_text=out.new_text,
-        new_logprobs=new_logprobs,
-        finish_reason=out.finish_reason,
-        num_prompt_tokens=len(out.prompt_token_ids),
-        num_cached_tokens=out.num_cached_tokens,
-    )

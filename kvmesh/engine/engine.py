@@ -26,7 +26,7 @@ from kvmesh.gpu.loader import load_model, torch_dtype
 from kvmesh.gpu.model_config import ModelConfig, capped_context
 from kvmesh.kv.block_hash import hash_blocks, salt_id
 from kvmesh.params import SamplingParams
-from kvmesh.protocol import KVEvent, WorkerLoad
+from kvmesh.protocol import Delta, KVEvent, WorkerLoad
 from kvmesh.tokenizer import IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -54,6 +54,22 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def delta(self) -> Delta:
+        """This step's part of the stream, as workers and the in-process backend send it."""
+        new_logprobs = None
+        if self.logprobs is not None:  # aligned with token_ids: slice by position
+            end = len(self.token_ids)
+            new_logprobs = self.logprobs[end - len(self.new_token_ids) : end]
+        return Delta(
+            request_id=self.request_id,
+            new_token_ids=self.new_token_ids,
+            new_text=self.new_text,
+            new_logprobs=new_logprobs,
+            finish_reason=self.finish_reason,
+            num_prompt_tokens=len(self.prompt_token_ids),
+            num_cached_tokens=self.num_cached_tokens,
+        )
 
 
 @dataclass(frozen=True)

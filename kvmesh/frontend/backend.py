@@ -147,21 +147,7 @@ class LocalBackend:
         self.num_requests += 1
         try:
             async for out in self.engine.generate(prompt_token_ids, params, request_id):
-                num_new = len(out.new_token_ids)
-                new_logprobs = None
-                if out.logprobs is not None:
-                    # out.logprobs is the sequence's live list: slice by position, not from the end.
-                    end = len(out.token_ids)
-                    new_logprobs = out.logprobs[end - num_new : end]
-                yield Delta(
-                    request_id=request_id,
-                    new_token_ids=out.new_token_ids,
-                    new_text=out.new_text,
-                    new_logprobs=new_logprobs,
-                    finish_reason=out.finish_reason,
-                    num_prompt_tokens=len(out.prompt_token_ids),
-                    num_cached_tokens=out.num_cached_tokens,
-                )
+                yield out.delta()
         except EngineDeadError as error:
             dead = StreamError(code=StreamErrorCode.ENGINE_DEAD, message=str(error))
             raise exception_of(dead) from error
