@@ -393,6 +393,22 @@ def shm_segments() -> set[str]:
     return {p.name for p in SHM_DIR.glob("kvmesh-*")}
 
 
+def orphaned(names: set[str]) -> list[str]:
+    """The segments among `names` whose creator (kvmesh-<actor>-<pid>-<random>) is gone:
+    once the cluster has stopped, its leaks; another cluster running on the machine
+    meanwhile has live creators and is none of this round's business."""
+    left = []
+    for name in sorted(names):
+        pid = int(name.rsplit("-", 2)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            left.append(name)
+        except PermissionError:
+            pass  # alive, another user's
+    return left
+
+
 # --- a round ---
 
 
@@ -491,9 +507,9 @@ def stress_round(
             code = cluster.stop()
         if code != 0:
             problems.append(f"kvmesh up exited {code} on SIGTERM")
-        left = shm_segments() - before
+        left = orphaned(shm_segments() - before)
         if left:
-            problems.append(f"shared-memory segments left in /dev/shm: {sorted(left)}")
+            problems.append(f"shared-memory segments left in /dev/shm: {left}")
         kept = Path(tempfile.gettempdir()) / f"kvmesh-stress-{scenario}-{seed}.log"
         if problems:  # the cluster's log outlives its directory
             kept.write_bytes(cluster.log.read_bytes())

@@ -2,6 +2,7 @@
 checks notice a lost token, a wrong finish reason or a busy idle cluster, and short rounds
 against real clusters (a worker SIGKILLed in one) pass every check; the long run is slow."""
 
+import os
 import subprocess
 import sys
 
@@ -13,9 +14,20 @@ from kvmesh.bench.stress import (
     compare,
     idle_problems,
     make_workload,
+    orphaned,
     reference_engine,
     stress_round,
 )
+
+
+def test_a_leak_is_a_segment_whose_creator_is_gone_not_another_clusters():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    names = {
+        f"kvmesh-kv-cache-0-{gone.pid}-0a1b2c3d",  # its creator exited: leaked
+        f"kvmesh-decode-1-{os.getpid()}-0a1b2c3d",  # a live process's: not this round's
+    }
+    assert orphaned(names) == [f"kvmesh-kv-cache-0-{gone.pid}-0a1b2c3d"]
 
 
 @pytest.fixture(scope="module")
