@@ -123,7 +123,7 @@ class GGUFCheckpoint:
         """config.json: everything kvmesh.gpu.model_config reads, in transformers' keys."""
         heads = int(self.arch_field("attention.head_count"))
         hidden = int(self.arch_field("embedding_length"))
-        theta = float(self.arch_field("rope.freq_base", 10000.0))
+        theta = decimal(self.arch_field("rope.freq_base", 10000.0))
         config = {
             "architectures": [self.architecture],
             "model_type": self.model_type,
@@ -136,7 +136,7 @@ class GGUFCheckpoint:
             "head_dim": int(self.arch_field("attention.key_length", hidden // heads)),
             "hidden_act": "silu",
             "max_position_embeddings": int(self.arch_field("context_length", 2048)),
-            "rms_norm_eps": float(self.arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rms_norm_eps": decimal(self.arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_theta": theta,
             "rope_scaling": self.rope_scaling(),
             "attention_bias": "blk.0.attn_q.bias" in self.tensors,
@@ -154,7 +154,10 @@ class GGUFCheckpoint:
         if kind == "none":
             return None
         if kind == "linear":
-            return {"rope_type": "linear", "factor": float(self.arch_field("rope.scaling.factor"))}
+            return {
+                "rope_type": "linear",
+                "factor": decimal(self.arch_field("rope.scaling.factor")),
+            }
         raise GGUFImportError(
             f"{self.file.name}: rope scaling {kind!r} is not supported; supported: none, linear"
         )
@@ -315,6 +318,12 @@ def write_weights(out: Path, weights: Iterator[tuple[str, np.ndarray]], dtype: s
     for name, (file, _) in zip(names, written, strict=True):
         file.chmod(0o644)  # save_file makes it 0600; a model is not a secret
         file.rename(out / name)
+
+
+def decimal(value: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not
+    9.999999747378752e-06): the shortest that rounds to the same float32."""
+    return float(str(np.float32(value)))
 
 
 def write_json(file: Path, data: dict) -> None:
