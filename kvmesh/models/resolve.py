@@ -112,9 +112,9 @@ def packaged_file(short: ShortName, search_path: Sequence[str] | None = None) ->
 def cache_dir() -> Path:
     """Where imported models are kept (see the module)."""
     if os.environ.get("KVMESH_CACHE"):
-        return Path(os.environ["KVMESH_CACHE"])
+        return Path(os.environ["KVMESH_CACHE"]).expanduser().absolute()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kvmesh" / "models"
+    return (Path(base) / "kvmesh" / "models").absolute()
 
 
 def cache_key(file: Path, dtype: str) -> str:
