@@ -267,11 +267,12 @@ def import_gguf(file: str | Path, out_dir: str | Path, dtype: str = "float32") -
         raise GGUFImportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     with Progress(f"reading {Path(file).name}"):
         checkpoint = GGUFCheckpoint(file)
+        config = checkpoint.config(dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with Progress("converting its tokenizer"):
         checkpoint.write_tokenizer(out)
-    write_json(out / "config.json", checkpoint.config(dtype))
+    write_json(out / "config.json", config)
     write_json(out / "generation_config.json", checkpoint.generation_config())
     with Progress(f"importing {Path(file).name}", total=len(checkpoint.tensors)) as progress:
         write_weights(out, progress.track(checkpoint.weights()), dtype)

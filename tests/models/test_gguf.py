@@ -178,3 +178,18 @@ def test_the_cli_imports(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert result.output == f"{tmp_path / 'out'}  (bfloat16)\n"
     assert Engine.from_pretrained(tmp_path / "out", num_blocks=16).config.num_layers == 4
+
+
+def test_unsupported_rope_scaling_is_refused_by_name(tmp_path, tiny_model_dir):
+    file = tmp_path / "yarn.gguf"
+    write_tiny_gguf(file, tiny_model_dir, "F32", rope_scaling="yarn")
+    assert "rope scaling 'yarn' is not supported; supported: none, linear" in refused(
+        file, tmp_path
+    )
+
+
+def test_linear_rope_scaling_is_kept(tmp_path, tiny_model_dir):
+    _, imported = make_import(tmp_path, tiny_model_dir, "F32", rope_scaling="linear")
+    config = json.loads((imported / "config.json").read_text())
+    assert config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    assert Engine.from_pretrained(imported, num_blocks=16).config.rope_scaling["factor"] == 4.0

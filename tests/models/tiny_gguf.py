@@ -73,9 +73,10 @@ def write_tiny_gguf(
     arch: str = "llama",
     name: str = "tiny",
     weights: dict[str, np.ndarray] | None = None,
+    rope_scaling: str | None = None,
 ) -> Path:
     """Write `weights` (the tiny model's by default) as a GGUF of `arch` with 2-D tensors
-    in `qtype`; returns path."""
+    in `qtype` (and llama.cpp's rope.scaling.type, if given); returns path."""
     weights = make_weights() if weights is None else weights
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
@@ -88,6 +89,9 @@ def write_tiny_gguf(
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(tiny.HEAD_DIM)
+    if rope_scaling is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling))
+        writer.add_rope_scaling_factor(4.0)
     add_tokenizer(writer, tiny_dir)
     for hf, values in weights.items():
         if arch == "llama" and ".q_proj." in hf:
