@@ -62,6 +62,7 @@ LAYER_TENSORS = {
     "ffn_down.weight": "mlp.down_proj.weight",
 }
 LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
+REQUIRED = object()  # GGUFCheckpoint.arch_field's default: the key must be there
 
 
 class GGUFImportError(ValueError):
@@ -94,8 +95,14 @@ class GGUFCheckpoint:
         field = self.reader.fields.get(key)
         return default if field is None else field.contents()
 
-    def arch_field(self, key: str, default=None):
-        return self.field(f"{self.gguf_architecture}.{key}", default)
+    def arch_field(self, key: str, default=REQUIRED):
+        """`<architecture>.<key>`; a missing key without a default is an error naming it."""
+        value = self.field(f"{self.gguf_architecture}.{key}", default)
+        if value is REQUIRED:
+            raise GGUFImportError(
+                f"{self.file.name}: metadata key {self.gguf_architecture}.{key} is missing"
+            )
+        return value
 
     def check_tensors(self) -> None:
         size = self.file.stat().st_size
@@ -123,7 +130,6 @@ class GGUFCheckpoint:
         """config.json: everything kvmesh.gpu.model_config reads, in transformers' keys."""
         heads = int(self.arch_field("attention.head_count"))
         hidden = int(self.arch_field("embedding_length"))
-        theta = decimal(self.arch_field("rope.freq_base", 10000.0))
         config = {
             "architectures": [self.architecture],
             "model_type": self.model_type,
@@ -137,7 +143,7 @@ class GGUFCheckpoint:
             "hidden_act": "silu",
             "max_position_embeddings": int(self.arch_field("context_length", 2048)),
             "rms_norm_eps": decimal(self.arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": theta,
+            "rope_theta": decimal(self.arch_field("rope.freq_base", 10000.0)),
             "rope_scaling": self.rope_scaling(),
             "attention_bias": "blk.0.attn_q.bias" in self.tensors,
             "tie_word_embeddings": "output.weight" not in self.tensors,

@@ -134,21 +134,30 @@ def test_a_truncated_file_is_refused(tmp_path, tiny_model_dir):
         assert "truncated" in refused(file, tmp_path)
 
 
-def test_an_unsupported_tensor_type_is_refused_by_name(tmp_path, tiny_model_dir):
-    file = tmp_path / "q2k.gguf"
+def write_embedding_only(file, kind: gguf.GGMLQuantizationType):
+    """A Llama GGUF of one zero embedding in `kind` and no metadata but its block count."""
     writer = gguf.GGUFWriter(str(file), "llama")
     writer.add_block_count(1)
-    q2k = gguf.GGMLQuantizationType.Q2_K
-    block, block_bytes = gguf.GGML_QUANT_SIZES[q2k]
+    block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
     raw = np.zeros((2048, 256 // block * block_bytes), dtype=np.uint8)
-    writer.add_tensor("token_embd.weight", raw, raw_shape=raw.shape, raw_dtype=q2k)
+    writer.add_tensor("token_embd.weight", raw, raw_shape=raw.shape, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return file
+
+
+def test_an_unsupported_tensor_type_is_refused_by_name(tmp_path):
+    file = write_embedding_only(tmp_path / "q2k.gguf", gguf.GGMLQuantizationType.Q2_K)
     message = refused(file, tmp_path)
     assert "'token_embd.weight' has type Q2_K" in message
     assert "supported types: F32, F16, BF16, Q8_0, Q4_0, Q4_1" in message
+
+
+def test_missing_metadata_is_refused_by_key(tmp_path):
+    file = write_embedding_only(tmp_path / "bare.gguf", gguf.GGMLQuantizationType.Q8_0)
+    assert "metadata key llama.attention.head_count is missing" in refused(file, tmp_path)
 
 
 def test_an_unsupported_architecture_is_refused_by_name(tmp_path, tiny_model_dir):
