@@ -80,10 +80,10 @@ def resolve_model(
 
         return ResolvedModel(ensure_tiny())
     spec = str(spec)
-    if spec in SHORT_NAMES and not Path(spec).exists():
+    if is_short_name(spec):
         file = packaged_file(SHORT_NAMES[spec], search_path)
         return ResolvedModel(cached_import(file, dtype, cache), name=spec)
-    if spec.lower().endswith(".gguf"):
+    if is_gguf(spec):
         file = Path(spec).expanduser()
         if not file.is_file():
             raise ModelNotFound(f"model {spec!r}: no such GGUF file")
@@ -94,7 +94,16 @@ def resolve_model(
 def needs_resolving(spec: str) -> bool:
     """Whether `spec` names something other than a model directory (a GGUF file or a
     short name): what `kvmesh up` resolves before its actors start."""
-    return spec.lower().endswith(".gguf") or (spec in SHORT_NAMES and not Path(spec).exists())
+    return is_gguf(spec) or is_short_name(spec)
+
+
+def is_gguf(spec: str) -> bool:
+    return spec.lower().endswith(".gguf")
+
+
+def is_short_name(spec: str) -> bool:
+    """A name of SHORT_NAMES that no file or directory here shadows."""
+    return spec in SHORT_NAMES and not Path(spec).exists()
 
 
 def packaged_file(short: ShortName, search_path: Sequence[str] | None = None) -> Path:
