@@ -73,10 +73,10 @@ def test_up_accepts_the_log_options_after_the_subcommand(args):
     assert result.exit_code == 0, result.output
 
 
-def test_the_quick_start_begins_with_kvmesh_up():
+def test_the_quick_start_begins_with_kvmesh_up_on_smollm2():
     result = CliRunner().invoke(cli, ["--help"])
-    quick_start = result.output.split("Quick start")[1].splitlines()[1]
-    assert quick_start.split("(")[0].strip() == 'kvmesh up --ask "Hello"'
+    quick_start = result.output.split("Quick start")[1].splitlines()[2]
+    assert quick_start.strip() == 'kvmesh up --model smollm2 --ask "What is the capital of France?"'
 
 
 def test_chat_says_how_to_quit_and_an_empty_line_quits(configured, monkeypatch):

@@ -19,6 +19,8 @@ TORCH_FREE = [
     "kvmesh.gpu.model_config",
     "kvmesh.config",
     "kvmesh.client",
+    "kvmesh.models.resolve",  # the CLI resolves --model before anything loads torch
+    "kvmesh.models.gguf",  # torch only as an import writes its safetensors
     "kvmesh.router.kv_index",
     "kvmesh.router.policy",
     "kvmesh.frontend.app",

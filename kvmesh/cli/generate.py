@@ -4,6 +4,8 @@ import sys
 
 import click
 
+from kvmesh.models import resolve
+
 
 @click.command()
 @click.argument("prompts", nargs=-1, required=True)
@@ -12,7 +14,7 @@ import click
     "model_path",
     default=None,
     metavar="PATH",
-    help="HF model directory [default: the bundled tiny model, made on first use].",
+    help=f"{resolve.HELP} [default: the bundled tiny model, made on first use].",
 )
 @click.option("--max-tokens", type=int, default=32, show_default=True, help="Tokens to generate.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
@@ -35,11 +37,10 @@ def generate(prompts, model_path, max_tokens, temperature, top_p, top_k, seed, c
       kvmesh generate "The capital of France is" --max-tokens 16
     """
     from kvmesh.engine.engine import Engine
-    from kvmesh.gpu.tiny import ensure_tiny
     from kvmesh.params import SamplingParams
 
-    path = ensure_tiny() if model_path is None else model_path
     try:
+        path = resolve.resolve_model(model_path, dtype).path
         engine = Engine.from_pretrained(path, device=device, dtype=dtype)
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed

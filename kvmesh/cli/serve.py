@@ -3,6 +3,8 @@
 import click
 import structlog
 
+from kvmesh.models import resolve
+
 log = structlog.get_logger(__name__)
 
 
@@ -12,7 +14,7 @@ log = structlog.get_logger(__name__)
     "model_path",
     default=None,
     metavar="PATH",
-    help="HF model directory [default: the bundled tiny model, made on first use].",
+    help=f"{resolve.HELP} [default: the bundled tiny model, made on first use].",
 )
 @click.option(
     "--host",
@@ -54,12 +56,11 @@ def serve(model_path, host, port, device, dtype, num_blocks):
 
     from kvmesh.frontend.app import create_app
     from kvmesh.frontend.backend import LocalBackend
-    from kvmesh.gpu.tiny import ensure_tiny
 
-    path = ensure_tiny() if model_path is None else model_path
     try:
+        model = resolve.resolve_model(model_path, dtype)
         backend = LocalBackend.from_pretrained(
-            path, device=device, dtype=dtype, num_blocks=num_blocks
+            model.path, device=device, dtype=dtype, num_blocks=num_blocks, model_name=model.name
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

