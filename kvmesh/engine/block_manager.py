@@ -28,6 +28,13 @@ if TYPE_CHECKING:
     from kvmesh.engine.kv_connector import KVConnector, Onboard
 
 
+def num_reusable_blocks(num_tokens: int, block_size: int) -> int:
+    """How many leading full blocks of a request of num_tokens may come from a cache
+    (device or connector): all but a block holding its last token, which is always
+    computed (its logits sample the next token)."""
+    return (num_tokens - 1) // block_size
+
+
 class BlockManager:
     def __init__(
         self, pool: BlockPool, salt: bytes = b"", connector: KVConnector | None = None
@@ -48,9 +55,7 @@ class BlockManager:
         """Cached blocks holding seq's leading full blocks (for a seq holding no blocks)."""
         assert not seq.block_table, f"{seq.request_id} already holds blocks"
         hits = self.pool.match_prefix(self.hashes(seq))
-        if len(hits) * self.block_size >= seq.num_tokens:
-            hits = hits[:-1]
-        return hits
+        return hits[: num_reusable_blocks(seq.num_tokens, self.block_size)]
 
     def find_onboard(self, seq: Sequence, num_hits: int) -> list[Onboard]:
         """The connector's leading run of seq's full blocks after its `num_hits` device
@@ -59,7 +64,7 @@ class BlockManager:
         prefetched, seq.prefetched = seq.prefetched, None
         if self.connector is None or not self.pool.enable_caching:
             return []
-        end = (seq.num_tokens - 1) // self.block_size
+        end = num_reusable_blocks(seq.num_tokens, self.block_size)
         if end <= num_hits:
             return []
         hashes = self.hashes(seq)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from kvmesh.engine.block_manager import BlockManager
+from kvmesh.engine.block_manager import BlockManager, num_reusable_blocks
 from kvmesh.engine.model_runner import ModelRunner
 from kvmesh.engine.sampler import Sampler
 from kvmesh.engine.scheduler import ScheduledBatch, Scheduler
@@ -303,7 +303,7 @@ class Engine:
         always computed). ValueError for a prompt add_request refuses. It reads only
         what never changes after construction: any thread may call it."""
         ids = self._prompt_ids(token_ids)
-        end = (len(ids) - 1) // self.block_size * self.block_size
+        end = num_reusable_blocks(len(ids), self.block_size) * self.block_size
         return hash_blocks(ids[:end], self.block_size, salt=params.salted(self.salt))
 
     def abort_request(self, request_id: str) -> None:
