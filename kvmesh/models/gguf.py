@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvmesh.gpu.model_config import DTYPES
 from kvmesh.progress import Progress
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
@@ -36,7 +37,6 @@ ARCHITECTURES = {
 }
 MISTRAL = ("MistralForCausalLM", "mistral")  # llama.cpp writes Mistral as "llama"
 ROPE_PERMUTED = frozenset({"llama"})  # architectures whose q/k rows the converter permuted
-DTYPES = ("float32", "float16", "bfloat16")
 MAX_SHARD_BYTES = 2 << 30
 MAGIC = b"GGUF"
 TOKENIZER_FLAGS = ("add_bos_token", "add_eos_token")
