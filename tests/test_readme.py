@@ -61,6 +61,17 @@ def test_ci_installs_what_the_quick_start_says():
     ]
 
 
+def test_tests_and_ci_install_the_system_tools_first():
+    """The Slurm and Prometheus tests run the real daemons: the test command installs them
+    first, and CI turns a missing tool into a failure instead of a skip."""
+    tests = fenced(section("Quick start"), "bash")[1]
+    assert tests.split("&&")[0].strip() == "scripts/install-tools"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "\nscripts/install-tools\nexport KVMESH_REQUIRE_TOOLS=1\n" in ci
+    assert ci.index("scripts/install-tools") < ci.index("pytest")
+    assert (ROOT / "scripts" / "install-tools").stat().st_mode & 0o111
+
+
 def test_the_quick_start_is_one_command_that_asks_smollm2():
     serve = fenced(section("Quick start"), "bash")[0]
     assert len(serve.replace("\\\n", " ").strip().splitlines()) == 1
