@@ -41,8 +41,7 @@ def cluster(tmp_path_factory, tiny_model_dir):
         tmp_path_factory.mktemp("monitored"),
         tiny_model_dir,
         f"frontend.max_num_requests={MAX_NUM_REQUESTS}",
-        "cluster.heartbeat_interval=0.2",  # a killed worker is declared dead in 0.6 s
-    )
+    )  # liveness stays the default 3 x 1 s: shorter, a busy worker on 2 cores is taken for dead
     yield c
     c.stop()
 
@@ -185,14 +184,49 @@ def test_refusing_requests_fires_model_overload(cluster, prometheus):
 
 
 def test_a_killed_decode_worker_fires_backend_failure(cluster, prometheus):
-    """SIGKILL decode-0: the router declares it dead, counts the death, and the
-    worker_died cause of BackendFailure fires (its `for:` is 0 s)."""
+    """SIGKILL decode-0 while it streams: the router declares it dead and counts the
+    death, the worker_died cause of BackendFailure fires (its `for:` is 0 s), and the
+    streams it carried move to decode-1 (kvmesh_migrations_total) and finish."""
     assert "worker_died" not in firing(prometheus, "BackendFailure")
+    api, name = client(cluster), model(cluster)
+    texts: list[str] = []
+    errors: list[str] = []
+
+    def stream(seed: int) -> None:
+        try:
+            chunks = api.completions.create(
+                model=name,
+                prompt=random_prompt(32, seed=seed),
+                max_tokens=1000,  # still streaming when the kill is noticed (3 s)
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            texts.append("".join(c.choices[0].text for c in chunks if c.choices))
+        except openai.OpenAIError as exc:
+            errors.append(repr(exc))
+
     victim = cluster.status()["decode-0"]["pid"]
+    idle = "sum(kvmesh_requests_running) == 0"  # the flood before has left the frontend
+    wait_until(lambda: query(prometheus, idle), "no request in flight", timeout=30)
+    streams = [threading.Thread(target=stream, args=(seed,)) for seed in range(10, 13)]
+    for t in streams:  # fewer than frontend.max_num_requests: none is refused
+        t.start()
+    running = 'kvmesh_worker_num_running{worker="decode-0"} > 0'
+    wait_until(lambda: query(prometheus, running), "decode-0 streaming", timeout=30)
     os.kill(victim, signal.SIGKILL)
     wait_until(
         lambda: "worker_died" in firing(prometheus, "BackendFailure"),
         "BackendFailure (worker_died) firing",
         timeout=60,
     )
+    for t in streams:
+        t.join()
+    assert errors == []
+    assert len(texts) == len(streams) and all(texts)
     assert query(prometheus, "sum(kvmesh_router_worker_deaths_total)") == [1.0]
+    wait_until(
+        lambda: query(prometheus, "sum(kvmesh_migrations_total) >= 1"),
+        "migrations counted",
+        timeout=30,
+    )
