@@ -146,7 +146,11 @@ def test_every_dashboard_query_returns_data(cluster, prometheus):
         for t in clients:
             t.join()
         assert without_data == {}
-    assert query(prometheus, "sum(kvmesh_router_cached_tokens_total)")[0] > 0
+    # the shared prefix: reusable in the traffic, held, and reused by the placements
+    assert query(prometheus, "sum(kvmesh_reusable_tokens_total)")[0] > 0
+    [achieved] = query(prometheus, "sum(kvmesh_router_cached_tokens_total)")
+    [achievable] = query(prometheus, "sum(kvmesh_router_best_cached_tokens_total)")
+    assert 0 < achieved <= achievable
     assert firing(prometheus, "BackendFailure") == set()
     assert firing(prometheus, "ModelOverload") == set()
 
