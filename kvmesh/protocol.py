@@ -391,12 +391,18 @@ class CacheLoad(msgspec.Struct, frozen=True, kw_only=True, tag=True):
 
 
 class RouterLoad(msgspec.Struct, frozen=True, kw_only=True, tag=True):
-    """The router's own: requests placed since it started, and its predictions of load
-    not reported yet (see kvmesh.router.policy)."""
+    """The router's own: requests placed since it started, what its placements reused
+    (routing quality), workers it declared dead, and its predictions of load not
+    reported yet (see kvmesh.router.policy)."""
 
     routed_total: int = 0
     pending_tokens: int = 0
     pending_placements: int = 0
+    prompt_tokens_total: int = 0  # of the requests placed
+    cached_tokens_total: int = 0  # of those, held by the chosen decode worker (any tier)
+    best_cached_tokens_total: int = 0  # held by the best alive decode worker: achievable
+    remote_prefills_total: int = 0  # placements with a prefill worker (not local prefill)
+    worker_deaths_total: int = 0  # workers gone silent (not a Goodbye): crashed or killed
 
 
 class LoadReport(Message, frozen=True, kw_only=True):

@@ -153,6 +153,11 @@ def test_status_prints_each_actors_typed_load_as_flat_numbers(configured, monkey
         "routed_total": 7.0,
         "pending_tokens": 40.0,
         "pending_placements": 0.0,
+        "prompt_tokens_total": 0.0,
+        "cached_tokens_total": 0.0,
+        "best_cached_tokens_total": 0.0,
+        "remote_prefills_total": 0.0,
+        "worker_deaths_total": 0.0,
     }
     decode = rows["decode-0"]
     assert decode["load"] == {

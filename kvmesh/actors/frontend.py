@@ -33,7 +33,7 @@ import structlog
 from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, Retry, any_peer
 from kvmesh.frontend.backend import BackendUnavailable, OverloadedError, exception_of
 from kvmesh.frontend.limits import HTTPLimits
-from kvmesh.frontend.metrics import BackendMetrics, WorkerMetrics
+from kvmesh.frontend.metrics import BackendMetrics, ReuseMeter, WorkerMetrics
 from kvmesh.gpu.model_config import ModelConfig, capped_context
 from kvmesh.kv.block_hash import hash_blocks, salt_id, wire_hashes
 from kvmesh.params import SamplingParams
@@ -47,6 +47,7 @@ from kvmesh.protocol import (
     Placement,
     RequestDone,
     RouteRequest,
+    RouterLoad,
     StatusQuery,
     StreamErrorCode,
     Tier,
@@ -171,6 +172,8 @@ class FrontendActor(Actor):
         self.router_id: str | None = None
         self.status: ClusterStatus | None = None
         self.requests: dict[str, RequestState] = {}  # in flight, by request id
+        self.num_migrations = 0
+        self.reuse = ReuseMeter(settings.block_size)
         self._server = None
         self._http: asyncio.Task | None = None
         self.watch(lambda peer_id: peer_id == self.router_id, self._router_died)
@@ -271,6 +274,7 @@ class FrontendActor(Actor):
                         dead=state.lost_workers[-1],
                         num_outputs=len(state.output_token_ids),
                     )
+                    self.num_migrations += 1
                     await self._start(state)
                 else:
                     state.finished = True  # the worker ended it, or never had it
@@ -315,6 +319,8 @@ class FrontendActor(Actor):
         token_ids = state.token_ids()
         salt = state.params.salted(self.salt)
         hashes = wire_hashes(hash_blocks(token_ids, self.settings.block_size, salt=salt))
+        if not state.lost_workers:  # its first placement: a request, not a migration
+            self.reuse.observe(hashes)
         try:
             return await self.request(
                 self.router_id,
@@ -351,15 +357,24 @@ class FrontendActor(Actor):
         workers' remote prefills and KV bytes, the tiers' counters summed per tier."""
         workers: list[WorkerMetrics] = []
         caches: list[CacheLoad] = []
-        for actor in self.status.actors if self.status else []:
+        router = None
+        actors = self.status.actors if self.status else []
+        for actor in actors:
             if isinstance(actor.load, WorkerLoad):
                 workers.append(WorkerMetrics(actor.actor_id, actor.role, actor.load))
             elif isinstance(actor.load, CacheLoad):
                 caches.append(actor.load)
+            elif isinstance(actor.load, RouterLoad):
+                router = actor.load
         decodes = [w.load for w in workers if w.role == "decode"]
         return BackendMetrics(
             remote_prefill_total=sum(load.remote_prefills_total for load in decodes),
             kv_transfer_bytes_total=sum(load.transfer_bytes_total for load in decodes),
+            migrations_total=self.num_migrations,
+            reusable_tokens_total=self.reuse.reusable_tokens,
+            workers_alive=sum(1 for a in actors if a.role in ("prefill", "decode")),
+            workers_expected=self.settings.expected_workers,
+            router=router,
             workers=workers,
             tiers=sum_tiers(cache.tiers for cache in caches),
             onboards=sum_tiers(w.load.tiers for w in workers),

@@ -60,6 +60,24 @@ class RouterActorSettings:
     policy: RouterSettings = RouterSettings()
 
 
+@dataclass
+class RoutingQuality:
+    """What the router's placements reused, summed since it started: the chosen decode
+    worker's cached prefix (achieved) next to the best any alive decode worker held at
+    decision time (achievable), in prompt tokens; the frontend serves them as counters."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    best_cached_tokens: int = 0
+    remote_prefills: int = 0
+
+    def count(self, placed) -> None:
+        self.prompt_tokens += placed.num_prompt_tokens
+        self.cached_tokens += placed.expected_cached_tokens
+        self.best_cached_tokens += placed.best_cached_tokens
+        self.remote_prefills += placed.prefill is not None
+
+
 SALT_MISMATCH = (
     "{who} block hashes are salted {salt}, the workers' {cluster}: their model files, "
     "dtype, block size or hash key (security.key_dir's cluster.hash_key, or the per-user "
@@ -80,6 +98,8 @@ class RouterActor(Actor):
         self.workers: dict[str, WorkerState] = {}
         self.loads: dict[str, WorkerLoad] = {}
         self.num_routed = 0
+        self.quality = RoutingQuality()
+        self.num_worker_deaths = 0
         # node -> its cache actor; cache actor -> per tier, the blocks it holds
         self.cache_of: dict[str, str] = {}
         self.node_of_cache: dict[str, str] = {}
@@ -271,6 +291,7 @@ class RouterActor(Actor):
         except NoWorkerError as exc:
             return Error(code="no_worker", message=str(exc))
         self.num_routed += 1
+        self.quality.count(placed)
         self._expire_predictions()
         key = f"{inbound.peer}:{msg.request_id}"
         self.policy.on_placed(key, placed)
@@ -319,6 +340,11 @@ class RouterActor(Actor):
                     routed_total=self.num_routed,
                     pending_tokens=self.policy.num_pending_tokens,
                     pending_placements=self.policy.num_in_flight,
+                    prompt_tokens_total=self.quality.prompt_tokens,
+                    cached_tokens_total=self.quality.cached_tokens,
+                    best_cached_tokens_total=self.quality.best_cached_tokens,
+                    remote_prefills_total=self.quality.remote_prefills,
+                    worker_deaths_total=self.num_worker_deaths,
                 ),
             )
         ]
@@ -350,6 +376,7 @@ class RouterActor(Actor):
                 self.log.info("worker_left", worker=peer_id)
             else:
                 self.log.warning("worker_dead", worker=peer_id)
+                self.num_worker_deaths += 1
             self._forget(peer_id)
             self._close_socket(f"events_{peer_id}")
             del self.workers[peer_id]

@@ -57,7 +57,7 @@ def create_app(backend: Backend, limits: HTTPLimits | None = None) -> FastAPI:
             await backend.close()
 
     app = FastAPI(title="kvmesh", version=__version__, lifespan=lifespan)
-    metrics = Metrics(backend)
+    metrics = Metrics(backend, endpoints=(CHAT_PATH, COMPLETIONS_PATH))
     chat = ChatServing(backend, metrics, limits)
     completions = CompletionServing(backend, metrics, limits)
     app.state.backend = backend

@@ -10,7 +10,11 @@ up to about a second (1.5 s for the tiers); a request that has just ended may no
 counted yet.
 
     kvmesh_remote_prefill_total, kvmesh_kv_transfer_bytes_total     (counters)
-    kvmesh_kv_{offload,onboard}_blocks_total{tier}, kvmesh_kv_hit_rate{tier}
+    kvmesh_migrations_total, kvmesh_reusable_tokens_total           (counters)
+    kvmesh_workers_alive, kvmesh_workers_expected                   (gauges)
+    kvmesh_kv_{offload,onboard,lookup,hit}_blocks_total{tier}, kvmesh_kv_hit_rate{tier}
+    kvmesh_router_<metric>                   one per field of ROUTER_METRICS (the router's
+                                             RouterLoad): routing quality, worker deaths
     kvmesh_worker_<metric>{worker, role}     one per field of WORKER_METRICS: gauges of
                                              load, <metric>_total counters since start
     kvmesh_worker_kv_*_blocks_total{worker, role, tier}   WORKER_TIER_METRICS
@@ -34,7 +38,7 @@ import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, UnknownMetricFamily
 
-from kvmesh.protocol import OnboardCounters, Tier, TierCounters
+from kvmesh.protocol import OnboardCounters, RouterLoad, Tier, TierCounters
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -45,7 +49,18 @@ TIER_LAG = " From the workers' and cache actors' reports: up to ~1.5 s behind."
 BACKEND_COUNTERS = {
     "remote_prefill_total": "Prompts prefilled on a prefill worker, not the decode worker." + LAG,
     "kv_transfer_bytes_total": "KV-cache bytes moved between workers on the data plane." + LAG,
+    "migrations_total": "Requests moved to another decode worker because theirs died or "
+    "refused them (the client's stream goes on).",
+    "reusable_tokens_total": "Prompt tokens in leading blocks that an earlier request also "
+    "had (among the last REUSE_WINDOW blocks seen): what an unbounded prefix cache would "
+    "serve, whatever the cluster held.",
 }
+# the `kvmesh serve` backend has no router, no expected workers and no block hashes
+CLUSTER_GAUGES = {
+    "workers_alive": "Prefill and decode workers registered with the router now." + LAG,
+    "workers_expected": "Prefill and decode workers the cluster's config starts.",
+}
+REUSE_WINDOW = 1 << 18  # block hashes the frontend remembers (~25 MB): 4M tokens of prefixes
 
 
 class WorkerMetrics(NamedTuple):
@@ -63,6 +78,11 @@ class BackendMetrics:
 
     remote_prefill_total: int = 0
     kv_transfer_bytes_total: int = 0
+    migrations_total: int = 0
+    reusable_tokens_total: int = 0
+    workers_alive: int = 0
+    workers_expected: int = 0  # 0: not a cluster (no router, nothing expected)
+    router: RouterLoad | None = None  # the router's last status of itself
     workers: list[WorkerMetrics] = field(default_factory=list)
     tiers: dict[Tier, TierCounters] = field(default_factory=dict)  # the tier stores'
     onboards: dict[Tier, OnboardCounters] = field(default_factory=dict)  # the workers'
@@ -122,6 +142,36 @@ WORKER_METRICS = {
         "preemptions", "Sequences the worker preempted for KV room (recomputed later)."
     ),
 }
+# field of the router's RouterLoad -> kvmesh_router_<name>. Routing quality is
+# cached_tokens_total (what the chosen decode workers held) next to
+# best_cached_tokens_total (the most any alive decode worker held, per placement).
+ROUTER_METRICS = {
+    "routed_total": counter("routed", "Requests the router placed (a migration is placed again)."),
+    "pending_tokens": gauge(
+        "pending_tokens", "Tokens the router predicts on workers that have not reported since."
+    ),
+    "pending_placements": gauge(
+        "pending_placements", "Placements whose request has not ended nor expired."
+    ),
+    "prompt_tokens_total": counter("prompt_tokens", "Prompt tokens of the requests placed."),
+    "cached_tokens_total": counter(
+        "cached_tokens",
+        "Of those prompt tokens, the leading ones the chosen decode worker held (any tier): "
+        "the prefix routing achieved.",
+    ),
+    "best_cached_tokens_total": counter(
+        "best_cached_tokens",
+        "Of those prompt tokens, the leading ones the best alive decode worker held (any "
+        "tier) at each decision: the prefix routing could have achieved.",
+    ),
+    "remote_prefills_total": counter(
+        "remote_prefills",
+        "Placements with a prefill worker (the rest prefill on the decode worker).",
+    ),
+    "worker_deaths_total": counter(
+        "worker_deaths", "Workers declared dead: silent past the liveness limit, not a Goodbye."
+    ),
+}
 # field of a worker's OnboardCounters (WorkerLoad.tiers[tier]) ->
 # kvmesh_worker_<name>_total{worker, role, tier}. What the tiers themselves count (offloaded,
 # lookups, hits) is the cache actor's, served per tier as kvmesh_kv_*{tier}.
@@ -140,7 +190,7 @@ WORKER_TIER_METRICS = {
 class Metrics:
     """The frontend's counters and histograms plus a live view of the backend's."""
 
-    def __init__(self, backend) -> None:
+    def __init__(self, backend, endpoints: tuple[str, ...] = ()) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(BackendCollector(backend))
         r = self.registry
@@ -150,6 +200,8 @@ class Metrics:
             ["endpoint", "status"],
             registry=r,
         )
+        for endpoint in endpoints:  # served as 0 before the first: rate() has a series
+            self.requests.labels(endpoint, "429")
         self.requests_running = Gauge(
             "kvmesh_requests_running",
             "Completion requests the frontend is serving now.",
@@ -202,8 +254,20 @@ class BackendCollector:
         stats = self.backend.metrics()
         for key, help_text in BACKEND_COUNTERS.items():
             yield CounterMetricFamily(f"kvmesh_{key}", help_text, value=getattr(stats, key))
+        if stats.workers_expected:
+            for key, help_text in CLUSTER_GAUGES.items():
+                yield GaugeMetricFamily(f"kvmesh_{key}", help_text, value=getattr(stats, key))
+        if stats.router is not None:
+            yield from router_metrics(stats.router)
         yield from tier_metrics(stats.tiers, stats.onboards)
         yield from worker_metrics(stats.workers)
+
+
+def router_metrics(load: RouterLoad):
+    """Each field of the router's load as the metric ROUTER_METRICS names for it."""
+    for name, value in msgspec.structs.asdict(load).items():
+        metric = described(name, ROUTER_METRICS, "router")
+        yield metric.kind(f"kvmesh_router_{metric.name}", metric.help, value=value)
 
 
 def worker_metrics(workers: list[WorkerMetrics]):
@@ -225,18 +289,19 @@ def worker_metrics(workers: list[WorkerMetrics]):
             if isinstance(value, dict):
                 for tier, counters in value.items():
                     for key, count in msgspec.structs.asdict(counters).items():
-                        add(described(key, WORKER_TIER_METRICS), [worker, role, tier], count)
+                        key_metric = described(key, WORKER_TIER_METRICS, "worker")
+                        add(key_metric, [worker, role, tier], count)
             elif isinstance(value, int | float) and not isinstance(value, bool):
-                add(described(name, WORKER_METRICS), [worker, role], value)
+                add(described(name, WORKER_METRICS, "worker"), [worker, role], value)
     yield from families.values()
 
 
-def described(name: str, table: dict[str, WorkerMetric]) -> WorkerMetric:
+def described(name: str, table: dict[str, WorkerMetric], owner: str) -> WorkerMetric:
     """The metric `table` names for a field; an untyped one that says so if none."""
     return table.get(name) or WorkerMetric(
         name,
         UnknownMetricFamily,
-        f"Per-worker {name}, not described in kvmesh/frontend/metrics.py." + LAG,
+        f"Per-{owner} {name}, not described in kvmesh/frontend/metrics.py." + LAG,
     )
 
 
@@ -252,13 +317,50 @@ def tier_metrics(tiers: dict[Tier, TierCounters], onboards: dict[Tier, OnboardCo
         "KV blocks onboarded from a tier instead of recomputed." + TIER_LAG,
         labels=["tier"],
     )
+    lookup = CounterMetricFamily(
+        "kvmesh_kv_lookup_blocks",
+        "KV blocks looked up in a tier (the disk: those the host tier lacked)." + TIER_LAG,
+        labels=["tier"],
+    )
+    hit = CounterMetricFamily(
+        "kvmesh_kv_hit_blocks", "Of those, blocks found in the tier." + TIER_LAG, labels=["tier"]
+    )
     hit_rate = GaugeMetricFamily(
-        "kvmesh_kv_hit_rate", "Blocks found in a tier / looked up." + TIER_LAG, labels=["tier"]
+        "kvmesh_kv_hit_rate",
+        "Blocks found in a tier / looked up, since the cache actors started." + TIER_LAG,
+        labels=["tier"],
     )
     for tier in sorted(tiers.keys() | onboards.keys()):
         counters = tiers.get(tier, TierCounters())
         offload.add_metric([tier], counters.offloaded)
         onboard.add_metric([tier], onboards.get(tier, OnboardCounters()).onboarded)
+        lookup.add_metric([tier], counters.lookups)
+        hit.add_metric([tier], counters.hits)
         lookups = counters.lookups
         hit_rate.add_metric([tier], counters.hits / lookups if lookups else 0.0)
-    yield from (offload, onboard, hit_rate)
+    yield from (offload, onboard, lookup, hit, hit_rate)
+
+
+class ReuseMeter:
+    """Counts the prompt tokens an unbounded prefix cache would serve: per request, its
+    leading full blocks whose hash an earlier request had, among the last `window`
+    distinct hashes seen (oldest forgotten first). Against the served cached tokens it
+    tells a cache too small or a router that misses (LowCacheHitRate) from traffic that
+    has no reuse to find."""
+
+    def __init__(self, block_size: int, window: int = REUSE_WINDOW) -> None:
+        self.block_size = block_size
+        self.window = window
+        self.seen: dict[int, None] = {}  # insertion order: oldest first
+        self.reusable_tokens = 0
+
+    def observe(self, block_hashes: list[int]) -> None:
+        num_reused = 0
+        while num_reused < len(block_hashes) and block_hashes[num_reused] in self.seen:
+            num_reused += 1
+        self.reusable_tokens += num_reused * self.block_size
+        for block_hash in block_hashes:
+            self.seen.pop(block_hash, None)  # re-inserted last: most recently seen
+            self.seen[block_hash] = None
+        while len(self.seen) > self.window:
+            del self.seen[next(iter(self.seen))]

@@ -123,6 +123,8 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
     """Where a request goes: prefill worker (None: the decode worker prefills) and decode.
 
     expected_cached_tokens: leading prompt tokens the decode worker holds (any tier).
+    best_cached_tokens: the most any candidate decode worker held (any tier): what the
+    placement could have reused; the gap to expected_cached_tokens is routing quality.
     prefill_tokens: prompt tokens the prefilling worker has to compute.
     local_reason: why prefill is local ("short_suffix", "no_prefill_worker",
     "prefill_busy"), None when remote. *_scores: what the policy compared per worker,
@@ -133,6 +135,7 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
     decode: str
     num_prompt_tokens: int
     expected_cached_tokens: int
+    best_cached_tokens: int
     prefill_tokens: int
     local_reason: str | None
     decode_scores: dict[str, float]
@@ -174,6 +177,8 @@ class Router:
         overlaps = index.overlaps(block_hashes) if index is not None else {}
         decode, decode_scores = self._pick(decoders, overlaps, num_prompt_tokens, block_size)
         cached = min(num_prompt_tokens, block_size * _num_blocks(overlaps, decode))
+        most = max(_num_blocks(overlaps, w) for w in decoders)
+        best_cached = min(num_prompt_tokens, block_size * most)
         prefill, prefill_scores, local_reason = None, {}, None
         prefill_tokens = num_prompt_tokens - cached
         if prefill_tokens < self.settings.disagg_min_tokens:
@@ -195,6 +200,7 @@ class Router:
             decode=decode.worker_id,
             num_prompt_tokens=num_prompt_tokens,
             expected_cached_tokens=cached,
+            best_cached_tokens=best_cached,
             prefill_tokens=prefill_tokens,
             local_reason=local_reason,
             decode_scores=decode_scores,

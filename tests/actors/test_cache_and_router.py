@@ -20,7 +20,15 @@ from kvmesh.actors.client import query_status
 from kvmesh.actors.peers import Inbound, Route
 from kvmesh.actors.router import RouterActor, RouterActorSettings
 from kvmesh.cache.host_tier import pool_bytes
-from kvmesh.protocol import CacheAttach, RegisterWorker, RouteRequest, TierCounters
+from kvmesh.protocol import (
+    BlockStored,
+    CacheAttach,
+    RegisterWorker,
+    RouteRequest,
+    StatusQuery,
+    TierCounters,
+)
+from kvmesh.router.policy import RouterSettings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -355,6 +363,51 @@ def test_a_worker_declared_dead_is_never_placed_before_its_watch_runs():
 
     placements = asyncio.run(scenario())
     assert [p.decode for p in placements] == ["decode-0"] * 4
+
+
+def test_router_counts_what_its_placements_reused_and_the_workers_it_lost():
+    """Routing quality as the frontend serves it: per placement, the chosen decode
+    worker's cached prefix (achieved) next to the best any alive one held (achievable);
+    and a worker gone silent counts as a death."""
+
+    async def scenario():
+        router = RouterActor(
+            node_config("router-0", "a"),
+            RouterActorSettings(
+                endpoint="tcp://127.0.0.1:0",
+                model_name="m",
+                block_size=16,
+                policy=RouterSettings(policy="round_robin", disagg_min_tokens=10**9),
+            ),
+        )
+        async with (
+            router,
+            RegisteredWorker(node_config("decode-0", "a")) as empty,
+            RegisteredWorker(node_config("decode-1", "a")) as holder,
+        ):
+            await empty.register(router)
+            await holder.register(router)
+            router.index.apply("decode-1", BlockStored(block_hashes=[1, 2, 3]))
+            inbound = Inbound(Route("from_peers"), "frontend-0", [])
+            for n in range(2):  # round robin: decode-0 (holds nothing), then decode-1
+                ask = RouteRequest(
+                    request_id=f"r{n}", block_hashes=[1, 2, 3, 4], num_prompt_tokens=70
+                )
+                await router.on_route_request(ask, inbound)
+            router.peers.declare_dead(router.peers["decode-1"], "test")
+            await until(lambda: "decode-1" not in router.workers, "the watch")
+            status = await router.on_status_query(StatusQuery(), inbound)
+            return status.actors[0].load
+
+    load = asyncio.run(scenario())
+    assert (
+        load.routed_total,
+        load.prompt_tokens_total,
+        load.cached_tokens_total,
+        load.best_cached_tokens_total,
+        load.remote_prefills_total,
+        load.worker_deaths_total,
+    ) == (2, 140, 48, 96, 0, 1)
 
 
 def test_router_refuses_workers_and_frontends_whose_block_hashes_are_salted_otherwise():

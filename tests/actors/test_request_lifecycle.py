@@ -9,6 +9,7 @@ and refusals into it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import types
 
 import pytest
@@ -23,14 +24,18 @@ from kvmesh.frontend.backend import (
 )
 from kvmesh.params import SamplingParams
 from kvmesh.protocol import (
+    ActorStatus,
+    ClusterStatus,
     Delta,
     Error,
     ErrorCode,
     Generate,
     Placement,
+    RouterLoad,
     StreamError,
     StreamErrorCode,
     TokenBatch,
+    WorkerLoad,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -268,6 +273,7 @@ def test_a_refusal_then_the_death_of_the_same_worker_is_one_migration(tiny_model
     assert [d.new_token_ids for d in deltas] == [[7]]
     assert [worker for worker, _ in frontend.generates()] == ["decode-0", "decode-1"]
     assert frontend.placed[1] == (PROMPT, ["decode-0"])
+    assert frontend.metrics().migrations_total == 1
 
 
 def test_a_request_that_loses_more_workers_than_max_migrations_is_unavailable(tiny_model_dir):
@@ -285,6 +291,32 @@ def test_a_request_that_loses_more_workers_than_max_migrations_is_unavailable(ti
     error, frontend = asyncio.run(scenario())
     assert (str(error), error.retry_after) == ("decode worker decode-1 died", 1.0)
     assert len(frontend.generates()) == 2
+    assert frontend.metrics().migrations_total == 1  # the second loss ended it instead
+
+
+def test_metrics_count_the_routers_workers_and_take_its_own_load(tiny_model_dir):
+    frontend = ScriptedFrontend(tiny_model_dir, [])
+    frontend.settings = dataclasses.replace(frontend.settings, expected_workers=3)
+
+    def actor(actor_id: str, role: str, load=None) -> ActorStatus:
+        return ActorStatus(
+            actor_id=actor_id, role=role, node="n", pid=1, endpoints={}, alive=True, load=load
+        )
+
+    router_load = RouterLoad(routed_total=2, cached_tokens_total=32, best_cached_tokens_total=48)
+    frontend.status = ClusterStatus(
+        actors=[
+            actor("router-0", "router", router_load),
+            actor("decode-0", "decode", WorkerLoad(remote_prefills_total=1)),
+            actor("prefill-0", "prefill"),  # registered, no load report yet: alive all the same
+            actor("frontend-0", "frontend"),
+        ]
+    )
+    stats = frontend.metrics()
+    assert (stats.workers_alive, stats.workers_expected) == (2, 3)
+    assert stats.router == router_load
+    assert [w.worker for w in stats.workers] == ["decode-0"]
+    assert stats.remote_prefill_total == 1
     assert frontend.requests == {}
 
 

@@ -11,13 +11,15 @@ import pytest
 from kvmesh.engine.async_engine import EngineStats
 from kvmesh.frontend.metrics import (
     LAG,
+    ROUTER_METRICS,
     WORKER_METRICS,
     WORKER_TIER_METRICS,
     BackendMetrics,
     Metrics,
+    ReuseMeter,
     WorkerMetrics,
 )
-from kvmesh.protocol import OnboardCounters, TierCounters, WorkerLoad
+from kvmesh.protocol import OnboardCounters, RouterLoad, TierCounters, WorkerLoad
 
 
 class FixedBackend:
@@ -59,7 +61,8 @@ def make_stats(*workers: WorkerMetrics) -> BackendMetrics:
 
 
 def render(stats: BackendMetrics) -> str:
-    return Metrics(FixedBackend(stats)).render().decode()
+    endpoints = ("/v1/chat/completions", "/v1/completions")
+    return Metrics(FixedBackend(stats), endpoints).render().decode()
 
 
 def comments(text: str, kind: str) -> dict[str, str]:
@@ -77,6 +80,16 @@ CLUSTER = make_stats(
         make_load(host=OnboardCounters(onboarded=4), disk=OnboardCounters(failed=1)),
     ),
     WorkerMetrics("prefill-0", "prefill", make_load()),
+)
+
+
+ROUTED = RouterLoad(
+    routed_total=4,
+    prompt_tokens_total=400,
+    cached_tokens_total=96,
+    best_cached_tokens_total=160,
+    remote_prefills_total=3,
+    worker_deaths_total=1,
 )
 
 
@@ -167,7 +180,15 @@ def test_a_field_not_in_the_tables_is_served_untyped_and_says_so():
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
-@pytest.mark.parametrize("stats", [CLUSTER, BackendMetrics()], ids=["cluster", "no workers"])
+@pytest.mark.parametrize(
+    "stats",
+    [
+        CLUSTER,
+        BackendMetrics(),
+        BackendMetrics(router=ROUTED, workers_expected=3, workers_alive=3),
+    ],
+    ids=["cluster", "no workers", "router"],
+)
 def test_promtool_accepts_the_page(stats):
     result = subprocess.run(
         ["promtool", "check", "metrics"],
@@ -177,3 +198,68 @@ def test_promtool_accepts_the_page(stats):
         timeout=60,
     )
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+# --- what the alert rules and the dashboard read (deploy/prometheus, deploy/grafana) ---
+
+
+def test_cluster_series_for_alerts_and_routing_quality():
+    text = render(
+        BackendMetrics(
+            migrations_total=2,
+            reusable_tokens_total=320,
+            workers_alive=2,
+            workers_expected=3,
+            router=ROUTED,
+            tiers=CLUSTER.tiers,
+            onboards=CLUSTER.onboards,
+        )
+    )
+    lines = text.splitlines()
+    for line in (
+        "kvmesh_migrations_total 2.0",
+        "kvmesh_reusable_tokens_total 320.0",
+        "kvmesh_workers_alive 2.0",
+        "kvmesh_workers_expected 3.0",
+        "kvmesh_router_routed_total 4.0",
+        "kvmesh_router_prompt_tokens_total 400.0",
+        "kvmesh_router_cached_tokens_total 96.0",
+        "kvmesh_router_best_cached_tokens_total 160.0",
+        "kvmesh_router_remote_prefills_total 3.0",
+        "kvmesh_router_worker_deaths_total 1.0",
+        "kvmesh_router_pending_tokens 0.0",
+        'kvmesh_kv_lookup_blocks_total{tier="host"} 8.0',
+        'kvmesh_kv_hit_blocks_total{tier="host"} 4.0',
+        'kvmesh_requests_total{endpoint="/v1/chat/completions",status="429"} 0.0',
+    ):
+        assert line in lines, line
+
+
+def test_every_router_load_field_is_described():
+    assert {f.name for f in msgspec.structs.fields(RouterLoad)} == ROUTER_METRICS.keys()
+    types = comments(render(BackendMetrics(router=RouterLoad())), "TYPE")
+    assert types["kvmesh_router_best_cached_tokens_total"] == "counter"
+    assert types["kvmesh_router_pending_tokens"] == "gauge"
+
+
+def test_the_in_process_engine_has_no_cluster_series():
+    text = render(BackendMetrics())
+    for name in ("kvmesh_workers_alive", "kvmesh_workers_expected", "kvmesh_router_"):
+        assert name not in text
+
+
+@pytest.mark.parametrize(
+    "requests, expected",
+    [
+        ([[1, 2, 3]], 0),
+        ([[1, 2, 3], [1, 2, 4]], 2 * 16),  # two leading blocks seen before
+        ([[1, 2, 3], [9, 2, 3]], 0),  # reuse is of a prefix: a new first block ends it
+        ([[1, 2], [3, 4], [5, 6], [1, 2]], 0),  # window of 4: 1 and 2 were forgotten
+        ([[1, 2], [3, 1], [4, 5], [1, 2]], 16),  # 1 seen again: it became the newest
+    ],
+)
+def test_reuse_meter_counts_leading_blocks_seen_before(requests, expected):
+    meter = ReuseMeter(block_size=16, window=4)
+    for hashes in requests:
+        meter.observe(hashes)
+    assert meter.reusable_tokens == expected

@@ -253,6 +253,28 @@ def test_least_loaded_ignores_the_prefix():
     assert placement.expected_cached_tokens == 0  # b holds nothing
 
 
+@pytest.mark.parametrize(
+    "policy, index, expected",
+    [
+        # (achieved, achievable): what the chosen decode worker held, the most any did
+        ("kv", make_index(a=2, b=5), (80, 80)),
+        ("least_loaded", make_index(b=5), (0, 80)),  # picks a (lower id): b's prefix wasted
+        ("kv", make_index(a=(3, "host"), b=1), (48, 48)),  # any tier counts as held
+        ("kv", make_index(), (0, 0)),
+        ("kv", make_index(dead=8), (0, 0)),  # a dead worker's blocks are not achievable
+    ],
+)
+def test_placement_reports_achieved_and_achievable_prefix(policy, index, expected):
+    workers = make_workers("a", "b") + [make_worker("dead", alive=False)]
+    placement = choose(make_router(policy, **LOCAL), workers, index)
+    assert (placement.expected_cached_tokens, placement.best_cached_tokens) == expected
+
+
+def test_achievable_prefix_is_capped_at_the_prompt():
+    placement = choose(make_router(**LOCAL), make_workers("a"), make_index(a=8), num_tokens=100)
+    assert (placement.expected_cached_tokens, placement.best_cached_tokens) == (100, 100)
+
+
 @pytest.mark.parametrize("policy", ["round_robin", "random", "least_loaded"])
 def test_baselines_apply_the_disaggregation_rule(policy):
     router = make_router(policy, **DISAGG)
