@@ -13,12 +13,14 @@ directory must not shadow the installed package. Their stderr passes through the
 launcher, which keeps each one's last lines for that report.
 Shutdown (SIGINT/SIGTERM): SIGTERM to the frontend first (it stops taking requests
 and finishes its streams), then workers, then the router; each group gets the grace
-period to drain, then SIGKILL. Nothing is left running.
+period to drain, then SIGKILL. Nothing is left running, and no shared-memory segment of
+an actor that had to be killed: the launcher unlinks them for it.
 """
 
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +31,8 @@ from typing import IO
 
 import structlog
 
-from kvmesh.config import ActorSpec, ClusterConfig
+from kvmesh.config import ActorSpec, ClusterConfig, ConfigError
+from kvmesh.config.book import bind_host
 
 log = structlog.get_logger(__name__)
 
@@ -158,7 +161,29 @@ class Launcher:
                     log.warning("actor_killed", actor=child.spec.actor_id, after_s=grace)
                     child.process.kill()
                     child.process.wait()
+                _release_segments(child.process.pid)  # a killed one could not
         log.info("cluster_stopped")
+
+
+def check_listen(cfg: ClusterConfig, node: str) -> None:
+    """ConfigError unless this host can listen where `node`'s actors bind: its address
+    from the address book (a host that lacks it is not that node), or every interface."""
+    if cfg.cluster.ipc_dir:
+        return
+    n, entry = next((n, e) for n, e in enumerate(cfg.nodes) if e.name == node)
+    host = bind_host(cfg.cluster.host, entry.address)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError as exc:
+        raise ConfigError(
+            f"nodes.{n}.address: node {node}'s actors listen on {host}, which this host "
+            f"cannot bind ({exc.strerror or exc}); expected `kvmesh up --node NAME` with "
+            'the node whose address this host has, or cluster.host = "0.0.0.0" (every '
+            "interface; peers are told the node's address)",
+            f"nodes.{n}.address",
+        ) from None
 
 
 def _relay(stream: IO[str], tail: deque[str]) -> None:

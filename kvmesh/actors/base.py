@@ -130,6 +130,9 @@ class ActorConfig:
     max_message_size: int = MAX_MESSAGE_SIZE
     grace_period: float = 10.0  # bound on drain at shutdown
     linger: float = 1.0  # bound on flushing unsent messages at close
+    # The host peers reach this actor at: it replaces a wildcard (0.0.0.0, ::) in the
+    # endpoints announced in Hello/Welcome, which a peer on another host cannot dial.
+    advertise: str = ""
     key_dir: Path | None = None  # CurveZMQ on every socket when set
     key_name: str = ""  # whose secret key this process holds; "" = actor_id's
     # A frame above this drops its sender's connection in ZeroMQ itself, unread (a
@@ -379,7 +382,7 @@ class Actor:
         self._socks[name] = sock
         self._kinds[name] = kind
         if bind:
-            self.endpoints[name] = endpoint
+            self.endpoints[name] = advertised(endpoint, self.config.advertise)
         elif kind in (zmq.SUB, zmq.PULL) and peer is not None:
             self._socket_peer[name] = peer
         if kind in RECEIVE_KINDS:
@@ -551,7 +554,14 @@ class Actor:
 
     async def _read(self, name: str, sock: zmq.asyncio.Socket) -> None:
         while True:
-            frames = await sock.recv_multipart(copy=False)
+            try:
+                frames = await sock.recv_multipart(copy=False)
+            except zmq.ZMQError:
+                # closed while handling its own last message (a peer's Goodbye on our
+                # DEALER buries that connection): nothing more to read
+                if self._socks.get(name) is not sock:
+                    return
+                raise
             try:
                 await self._receive(name, frames)
             except Exception:  # the last guard: a bug here must not stop the socket
@@ -850,6 +860,16 @@ class Actor:
             endpoints=dict(self.endpoints),
             pid=os.getpid(),
         )
+
+
+def advertised(endpoint: str, host: str) -> str:
+    """endpoint as peers dial it: a wildcard host (tcp://0.0.0.0:PORT, tcp://[::]:PORT)
+    becomes `host` (an actor's node address); anything else, or no host, is kept."""
+    scheme, _, rest = endpoint.partition("://")
+    bound, _, port = rest.rpartition(":")
+    if not host or scheme != "tcp" or bound not in ("0.0.0.0", "[::]", "*"):
+        return endpoint
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
 def handler_names(cls: type[Actor]) -> dict[type[Message], str]:
