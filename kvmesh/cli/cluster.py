@@ -250,7 +250,8 @@ def _slurm_cluster(cfg):
     click.echo(
         f"slurm job {allocation.job_id}: node {allocation.node} ({allocation.index + 1} of "
         f"{len(allocation.names)}: {', '.join(allocation.names)}); the frontend listens on "
-        f"{cluster.frontend_url}/v1 (node {frontend.node})"
+        f"{cluster.frontend_url}/v1 (node {frontend.node}); `kvmesh status --config {path}` "
+        "on this node shows the cluster"
     )
     return cluster, allocation.node, path
 

@@ -150,7 +150,7 @@ def cluster_for(cfg: ClusterConfig, allocation: Allocation) -> ClusterConfig:
             actors = tuple(group for group in actors if group.role not in LEADER_ROLES)
         nodes.append(NodeConfig(name, address, actors))
     cluster = msgspec.structs.replace(cfg, nodes=tuple(nodes))
-    check(cluster, f"slurm job {allocation.job_id} ({len(nodes)} nodes): ")
+    check(cluster, f"slurm job {allocation.job_id} ({len(nodes)} node{'s' * (len(nodes) != 1)}): ")
     return cluster
 
 
