@@ -145,7 +145,7 @@ def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout,
     from kvmesh.cli import log_settings
     from kvmesh.cli.monitor import NodeMonitor, describe_ready
     from kvmesh.config import ConfigError
-    from kvmesh.config.slurm import under_srun
+    from kvmesh.config.slurm import JobCluster, under_srun
     from kvmesh.launcher import ActorFailedToStart, Launcher, check_listen
 
     cfg, args = load(config_path, overrides, model_path, http_port, resolve_model=True)
@@ -154,11 +154,15 @@ def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout,
     written = None
     try:
         if slurm:
-            cfg, node, written = _slurm_cluster(cfg)
+            job = JobCluster.of(cfg)
+            click.echo(job.banner)
+            cfg, node, written = job.cluster, job.allocation.node, job.path
             args = ["--config", str(written)]
         node = node or _default_node(cfg)
         check_listen(cfg, node)
     except ConfigError as exc:
+        if written is not None:
+            written.unlink(missing_ok=True)
         raise click.UsageError(str(exc)) from exc
     api_key = _api_key(cfg)
     logs = log_settings(
@@ -237,23 +241,6 @@ def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout,
             launcher.stop(cfg.cluster.grace_period)
         if written is not None:
             written.unlink(missing_ok=True)
-
-
-def _slurm_cluster(cfg):
-    """(cluster of this Slurm job, this node's name, the file its actors load)."""
-    from kvmesh.config.slurm import cluster_for, discover, write_cluster
-
-    allocation = discover()
-    cluster = cluster_for(cfg, allocation)
-    path = write_cluster(cluster, allocation)
-    frontend = next(s for s in cluster.actors if s.role == "frontend")
-    click.echo(
-        f"slurm job {allocation.job_id}: node {allocation.node} ({allocation.index + 1} of "
-        f"{len(allocation.names)}: {', '.join(allocation.names)}); the frontend listens on "
-        f"{cluster.frontend_url}/v1 (node {frontend.node}); `kvmesh status --config {path}` "
-        "on this node shows the cluster"
-    )
-    return cluster, allocation.node, path
 
 
 def _api_key(cfg) -> str | None:

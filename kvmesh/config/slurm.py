@@ -161,3 +161,30 @@ def write_cluster(cfg: ClusterConfig, allocation: Allocation) -> Path:
     with os.fdopen(fd, "w") as file:
         file.write(config_to_toml(cfg, comments=False))
     return path
+
+
+@dataclass(frozen=True)
+class JobCluster:
+    """This job's cluster, this node's place in it, and the file its actors load."""
+
+    cluster: ClusterConfig
+    allocation: Allocation
+    path: Path
+
+    @classmethod
+    def of(cls, cfg: ClusterConfig) -> JobCluster:
+        allocation = discover()
+        cluster = cluster_for(cfg, allocation)
+        return cls(cluster, allocation, write_cluster(cluster, allocation))
+
+    @property
+    def banner(self) -> str:
+        """What the node prints at start: where it is, and where the frontend listens."""
+        a = self.allocation
+        frontend = next(spec for spec in self.cluster.actors if spec.role == "frontend")
+        return (
+            f"slurm job {a.job_id}: node {a.node} ({a.index + 1} of {len(a.names)}: "
+            f"{', '.join(a.names)}); the frontend listens on {self.cluster.frontend_url}/v1 "
+            f"(node {frontend.node}); `kvmesh status --config {self.path}` on this node "
+            "shows the cluster"
+        )
