@@ -199,6 +199,9 @@ def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout,
         while stop["signal"] is None:
             launcher.supervise_once()
             now = time.monotonic()
+            if monitor.broken is not None and not has_frontend and not ready:
+                click.echo(f"{monitor.broken}; not waiting for node {node} to register", err=True)
+                ready = True  # as far as this node can tell
             if not ready and (_healthy(cfg.frontend_url) if has_frontend else monitor.ready()):
                 ready = True
                 if has_frontend:

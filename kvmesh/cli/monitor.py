@@ -48,10 +48,9 @@ class NodeMonitor:
         self.answered_at: float | None = None  # time.monotonic() of the last answer
         self.first_answer_at: float | None = None
         self.error = "no answer yet"
+        self.broken: str | None = None  # why it cannot ask at all (no operator key)
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=lambda: asyncio.run(self._watch()), name="node-monitor", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="node-monitor", daemon=True)
 
     @property
     def hosts_router(self) -> bool:
@@ -118,6 +117,12 @@ class NodeMonitor:
 
     def _address(self, node: str) -> str:
         return next(n.address for n in self.cfg.nodes if n.name == node)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._watch())
+        except (ValueError, OSError) as exc:  # the keys: no operator key on this node
+            self.broken = f"cannot ask {self.router.actor_id} for the cluster's state: {exc}"
 
     async def _watch(self) -> None:
         from kvmesh.actors.base import ActorConfig, RemoteError
