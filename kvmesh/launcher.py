@@ -11,14 +11,19 @@ path, device): supervise_once raises ActorFailedToStart with its last stderr lin
 Actors run with Python's safe-path mode (-P): a `kvmesh/` folder in the working
 directory must not shadow the installed package. Their stderr passes through the
 launcher, which keeps each one's last lines for that report.
-Shutdown (SIGINT/SIGTERM): SIGTERM to the frontend first (it stops taking requests
+Shutdown (SIGINT/SIGTERM): SIGINT to the frontend first (it stops taking requests
 and finishes its streams), then workers, then the router; each group gets the grace
-period to drain, then SIGKILL. Nothing is left running, and no shared-memory segment of
-an actor that had to be killed: the launcher unlinks them for it.
+period to drain, then SIGKILL. SIGINT, because a SIGTERM that reaches every process at
+once (Slurm's scancel, systemd, `kill -- -PGID`) would drain them all together, the
+router gone while the frontend still routes: an actor leaves SIGTERM to its live
+launcher (`kvmesh actor --launcher PID`), and obeys it once the launcher is gone (the
+parent-death signal). Nothing is left running, and no shared-memory segment of an actor
+that had to be killed: the launcher unlinks them for it.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -86,7 +91,8 @@ class Launcher:
             self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
-        command = [sys.executable, "-P", "-m", "kvmesh", *self.actor_args, child.spec.actor_id]
+        command = [sys.executable, "-P", "-m", "kvmesh", *self.actor_args]
+        command += ["--launcher", str(os.getpid()), child.spec.actor_id]
         # Own session: a terminal's Ctrl-C reaches only the launcher, which then stops
         # the actors in order. Parent-death signal: no actor outlives a killed launcher.
         child.process = subprocess.Popen(
@@ -152,7 +158,7 @@ class Launcher:
             ]
             for child in group:
                 if child.process.poll() is None:
-                    child.process.send_signal(signal.SIGTERM)
+                    child.process.send_signal(signal.SIGINT)
             deadline = time.monotonic() + grace
             for child in group:
                 try:

@@ -304,11 +304,16 @@ class Actor:
         self.peers.shutting_down = True
         self._stop_requested.set()
 
-    async def serve(self) -> None:
-        """Serve until stop() (SIGTERM, SIGINT, Shutdown), drain, close."""
+    async def serve(self, launcher: int = 0) -> None:
+        """Serve until stop() (SIGTERM, SIGINT, Shutdown), drain, close.
+
+        launcher: the pid of the `kvmesh up` that started this actor, or 0. A SIGTERM
+        reaching the actor while that process is its parent is left to it: it came to
+        every process at once (Slurm's scancel, a process group, a cgroup), and the
+        launcher stops its actors in order (frontend, workers, router) with SIGINT."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stop)
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm, launcher)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
         try:
             await self.start()
             await self._stop_requested.wait()
@@ -316,10 +321,16 @@ class Actor:
         finally:
             await self.close()
 
-    def run(self) -> int:
+    def run(self, launcher: int = 0) -> int:
         """The process entry point: serve on a fresh event loop; returns the exit code."""
-        asyncio.run(self.serve())
+        asyncio.run(self.serve(launcher))
         return 0
+
+    def _on_sigterm(self, launcher: int) -> None:
+        if launcher and os.getppid() == launcher:
+            self.log.info("sigterm_left_to_launcher", launcher=launcher)
+            return
+        self.stop()
 
     async def _drain_within_grace(self) -> None:
         self._accepting = False

@@ -238,10 +238,10 @@ def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout,
         click.echo(f"kvmesh up: {exc}\nstopped the cluster; the log: {logs.file}", err=True)
         sys.exit(1)
     finally:
-        monitor.stop()
         if not launcher.stopping:
             click.echo("draining and stopping…", err=True)
             launcher.stop(cfg.cluster.grace_period)
+        monitor.stop()
         if written is not None:
             written.unlink(missing_ok=True)
 
@@ -305,10 +305,18 @@ def _healthy(url: str) -> bool:
 @click.command()
 @click.argument("actor_id")
 @config_options
-def actor(actor_id, config_path, overrides, model_path, http_port):
+@click.option(
+    "--launcher",
+    type=int,
+    default=0,
+    hidden=True,
+    help="The pid of the `kvmesh up` that started this actor: SIGTERM is left to it while "
+    "it lives (it stops its actors in order, with SIGINT).",
+)
+def actor(actor_id, config_path, overrides, model_path, http_port, launcher):
     """Run one actor of the cluster, ACTOR_ID as listed by `kvmesh status` (e.g. decode-0).
 
-    `kvmesh up` and Slurm scripts call this; it serves until SIGTERM/SIGINT.
+    `kvmesh up` calls this; it serves until SIGTERM/SIGINT.
     """
     from kvmesh.actors.roles import build_actor
     from kvmesh.config import ConfigError
@@ -318,7 +326,7 @@ def actor(actor_id, config_path, overrides, model_path, http_port):
         process = build_actor(cfg, actor_id)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    sys.exit(process.run())
+    sys.exit(process.run(launcher))
 
 
 @click.command()

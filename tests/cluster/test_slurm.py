@@ -4,7 +4,8 @@ scripts/slurm/kvmesh-nnode.sbatch on both nodes with the tiny model, reads where
 frontend listens from the job's stdout, talks to it with the official openai client
 (outputs equal the in-process Engine's), sees both nodes in `kvmesh status`, then
 scancels the job in the middle of a stream: the stream ends whole (the drain), the job
-ends, and no kvmesh process or shared-memory segment of it is left."""
+ends, and no kvmesh process or shared-memory segment of it is left. Slurm signals every
+process of the job at once; the launchers still stop their actors in order."""
 
 from __future__ import annotations
 
@@ -179,3 +180,7 @@ def test_nnode_sbatch_serves_on_two_nodes_and_scancel_drains(
     assert kvmesh_processes([f"kvmesh-slurm-{job}-", f"cluster.base_port={base}"]) == []
     assert not Path(f"/tmp/kvmesh-slurm-{job}-n1.toml").exists()
     assert "Traceback" not in out.read_text(), out.read_text()[-4000:]
+    # scancel's SIGTERM reached every process at once; the launchers still drained in
+    # order (frontend, workers, router), so the frontend never lost its router
+    assert "[warning" not in out.read_text(), out.read_text()[-4000:]
+    assert "sigterm_left_to_launcher" in (logs / "kvmesh-n1.log").read_text()
