@@ -47,18 +47,21 @@ def test_a_silent_router_is_named_after_ten_seconds(tmp_path):
     assert not monitor.ready()
 
 
-def test_actors_not_registered_are_named_by_node_thirty_seconds_after_the_router_answered(
-    tmp_path,
-):
+def test_actors_not_registered_are_named_by_node_after_the_router_answered(tmp_path):
+    """Another node's after 30 s, this node's own (loading a model) after 90 s."""
     monitor = answered(make_monitor(tmp_path, "a"), 200.0, "router-0", "frontend-0")
     assert monitor.reason(started=100.0, now=229.9) is None
     assert monitor.reason(started=100.0, now=230.0) == (
+        "not registered with router-0 yet: node b (127.0.0.2): decode-1, cache-0 (is "
+        "`kvmesh up --node b` running there?)"
+    )
+    assert monitor.reason(started=100.0, now=290.0) == (
         "not registered with router-0 yet: this node's decode-0 (still starting?); node b "
         "(127.0.0.2): decode-1, cache-0 (is `kvmesh up --node b` running there?)"
     )
     assert not monitor.ready()
     answered(monitor, 231.0, "router-0", "frontend-0", "decode-0", "decode-1", "cache-0")
-    assert monitor.reason(started=100.0, now=231.0) is None
+    assert monitor.reason(started=100.0, now=300.0) is None
     assert monitor.ready()
 
 

@@ -12,8 +12,10 @@ Reasons, by what is missing after how long (actors may be loading a model, so th
 longer, counted from the router's first answer):
 
     no answer from the router       REPORT_AFTER_S after start   "router-0 at ... does not answer"
-    actors not registered           SLOW_START_S after the router's first answer
+    other nodes' actors missing     SLOW_START_S after the router's first answer
                                     "node b (127.0.0.2): decode-2, cache-1 (is ... running?)"
+    this node's actors missing      OWN_START_S after it (the launcher reports a crash loop
+                                    itself; this is for one that hangs)
     router silent for ROUTER_LOST_AFTER_S once it had answered  -> this node stops
 """
 
@@ -31,6 +33,7 @@ POLL_S = 1.0
 QUERY_TIMEOUT_S = 2.0
 REPORT_AFTER_S = 10.0
 SLOW_START_S = 30.0
+OWN_START_S = 90.0
 # A restarted router is back within ~2 s (the launcher's first backoff is 1 s); a
 # router silent for longer has stopped with its node.
 ROUTER_LOST_AFTER_S = 10.0
@@ -72,11 +75,11 @@ class NodeMonitor:
         None while nothing is overdue."""
         if self.first_answer_at is None:
             return self._router_silent() if now - started >= REPORT_AFTER_S else None
-        if now - self.first_answer_at < SLOW_START_S:
-            return None
+        since = now - self.first_answer_at
         missing: dict[str, list[str]] = defaultdict(list)
         for spec in self.cfg.actors:
-            if spec.actor_id not in self.registered:
+            overdue = since >= (OWN_START_S if spec.node == self.node else SLOW_START_S)
+            if overdue and spec.actor_id not in self.registered:
                 missing[spec.node].append(spec.actor_id)
         if not missing:
             return None
