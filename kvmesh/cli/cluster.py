@@ -219,7 +219,8 @@ def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout,
                     click.echo(f"waiting: {reason}", err=True)
                     said = reason
                 if now - started > timeout:
-                    click.echo(f"cluster not ready after {timeout:.0f} s; stopping", err=True)
+                    why = f" ({said})" if said else ""
+                    click.echo(f"cluster not ready after {timeout:.0f} s{why}; stopping", err=True)
                     launcher.stop(cfg.cluster.grace_period)
                     sys.exit(1)
             if ready and ask is not None and not asked and _healthy(cfg.frontend_url):
