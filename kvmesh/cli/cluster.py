@@ -130,10 +130,9 @@ def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout,
     GGUF; either is imported once, before the actors start, into ~/.cache/kvmesh/models.
 
     \b
-    Many hosts: `kvmesh up --node NAME` on each host of cluster.toml's [[nodes]], or
-    `srun --ntasks-per-node=1 kvmesh up --slurm` (scripts/slurm/). Each node says when
-    its actors are registered, or why not; a node without the router stops when the
-    router has been gone for 10 s (its cluster stopped).
+    Many hosts: `kvmesh up --node NAME` on each host of [[nodes]], or `srun kvmesh up
+    --slurm` (scripts/slurm/). Each node says when its actors are registered, or why
+    not; a node without the router stops once the router is gone for 10 s.
 
     \b
     Log lines: warnings here; info (or [logging] level) and above in
