@@ -11,14 +11,21 @@ path, device): supervise_once raises ActorFailedToStart with its last stderr lin
 Actors run with Python's safe-path mode (-P): a `kvmesh/` folder in the working
 directory must not shadow the installed package. Their stderr passes through the
 launcher, which keeps each one's last lines for that report.
-Shutdown (SIGINT/SIGTERM): SIGTERM to the frontend first (it stops taking requests
+Shutdown (SIGINT/SIGTERM): SIGINT to the frontend first (it stops taking requests
 and finishes its streams), then workers, then the router; each group gets the grace
-period to drain, then SIGKILL. Nothing is left running.
+period to drain, then SIGKILL. SIGINT, because a SIGTERM that reaches every process at
+once (Slurm's scancel, systemd, `kill -- -PGID`) would drain them all together, the
+router gone while the frontend still routes: an actor leaves SIGTERM to its live
+launcher (`kvmesh actor --launcher PID`), and obeys it once the launcher is gone (the
+parent-death signal). Nothing is left running, and no shared-memory segment of an actor
+that had to be killed: the launcher unlinks them for it.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +36,8 @@ from typing import IO
 
 import structlog
 
-from kvmesh.config import ActorSpec, ClusterConfig
+from kvmesh.config import ActorSpec, ClusterConfig, ConfigError
+from kvmesh.config.book import bind_host
 
 log = structlog.get_logger(__name__)
 
@@ -83,7 +91,8 @@ class Launcher:
             self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
-        command = [sys.executable, "-P", "-m", "kvmesh", *self.actor_args, child.spec.actor_id]
+        command = [sys.executable, "-P", "-m", "kvmesh", *self.actor_args]
+        command += ["--launcher", str(os.getpid()), child.spec.actor_id]
         # Own session: a terminal's Ctrl-C reaches only the launcher, which then stops
         # the actors in order. Parent-death signal: no actor outlives a killed launcher.
         child.process = subprocess.Popen(
@@ -149,7 +158,7 @@ class Launcher:
             ]
             for child in group:
                 if child.process.poll() is None:
-                    child.process.send_signal(signal.SIGTERM)
+                    child.process.send_signal(signal.SIGINT)
             deadline = time.monotonic() + grace
             for child in group:
                 try:
@@ -158,7 +167,29 @@ class Launcher:
                     log.warning("actor_killed", actor=child.spec.actor_id, after_s=grace)
                     child.process.kill()
                     child.process.wait()
+                _release_segments(child.process.pid)  # a killed one could not
         log.info("cluster_stopped")
+
+
+def check_listen(cfg: ClusterConfig, node: str) -> None:
+    """ConfigError unless this host can listen where `node`'s actors bind: its address
+    from the address book (a host that lacks it is not that node), or every interface."""
+    if cfg.cluster.ipc_dir:
+        return
+    n, entry = next((n, e) for n, e in enumerate(cfg.nodes) if e.name == node)
+    host = bind_host(cfg.cluster.host, entry.address)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError as exc:
+        raise ConfigError(
+            f"nodes.{n}.address: node {node}'s actors listen on {host}, which this host "
+            f"cannot bind ({exc.strerror or exc}); expected `kvmesh up --node NAME` with "
+            'the node whose address this host has, or cluster.host = "0.0.0.0" (every '
+            "interface; peers are told the node's address)",
+            f"nodes.{n}.address",
+        ) from None
 
 
 def _relay(stream: IO[str], tail: deque[str]) -> None:

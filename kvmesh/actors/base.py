@@ -130,6 +130,9 @@ class ActorConfig:
     max_message_size: int = MAX_MESSAGE_SIZE
     grace_period: float = 10.0  # bound on drain at shutdown
     linger: float = 1.0  # bound on flushing unsent messages at close
+    # The host peers reach this actor at: it replaces a wildcard (0.0.0.0, ::) in the
+    # endpoints announced in Hello/Welcome, which a peer on another host cannot dial.
+    advertise: str = ""
     key_dir: Path | None = None  # CurveZMQ on every socket when set
     key_name: str = ""  # whose secret key this process holds; "" = actor_id's
     # A frame above this drops its sender's connection in ZeroMQ itself, unread (a
@@ -301,11 +304,16 @@ class Actor:
         self.peers.shutting_down = True
         self._stop_requested.set()
 
-    async def serve(self) -> None:
-        """Serve until stop() (SIGTERM, SIGINT, Shutdown), drain, close."""
+    async def serve(self, launcher: int = 0) -> None:
+        """Serve until stop() (SIGTERM, SIGINT, Shutdown), drain, close.
+
+        launcher: the pid of the `kvmesh up` that started this actor, or 0. A SIGTERM
+        reaching the actor while that process is its parent is left to it: it came to
+        every process at once (Slurm's scancel, a process group, a cgroup), and the
+        launcher stops its actors in order (frontend, workers, router) with SIGINT."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stop)
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm, launcher)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
         try:
             await self.start()
             await self._stop_requested.wait()
@@ -313,10 +321,16 @@ class Actor:
         finally:
             await self.close()
 
-    def run(self) -> int:
+    def run(self, launcher: int = 0) -> int:
         """The process entry point: serve on a fresh event loop; returns the exit code."""
-        asyncio.run(self.serve())
+        asyncio.run(self.serve(launcher))
         return 0
+
+    def _on_sigterm(self, launcher: int) -> None:
+        if launcher and os.getppid() == launcher:
+            self.log.info("sigterm_left_to_launcher", launcher=launcher)
+            return
+        self.stop()
 
     async def _drain_within_grace(self) -> None:
         self._accepting = False
@@ -379,7 +393,7 @@ class Actor:
         self._socks[name] = sock
         self._kinds[name] = kind
         if bind:
-            self.endpoints[name] = endpoint
+            self.endpoints[name] = advertised(endpoint, self.config.advertise)
         elif kind in (zmq.SUB, zmq.PULL) and peer is not None:
             self._socket_peer[name] = peer
         if kind in RECEIVE_KINDS:
@@ -551,7 +565,14 @@ class Actor:
 
     async def _read(self, name: str, sock: zmq.asyncio.Socket) -> None:
         while True:
-            frames = await sock.recv_multipart(copy=False)
+            try:
+                frames = await sock.recv_multipart(copy=False)
+            except zmq.ZMQError:
+                # closed while handling its own last message (a peer's Goodbye on our
+                # DEALER buries that connection): nothing more to read
+                if self._socks.get(name) is not sock:
+                    return
+                raise
             try:
                 await self._receive(name, frames)
             except Exception:  # the last guard: a bug here must not stop the socket
@@ -850,6 +871,16 @@ class Actor:
             endpoints=dict(self.endpoints),
             pid=os.getpid(),
         )
+
+
+def advertised(endpoint: str, host: str) -> str:
+    """endpoint as peers dial it: a wildcard host (tcp://0.0.0.0:PORT, tcp://[::]:PORT)
+    becomes `host` (an actor's node address); anything else, or no host, is kept."""
+    scheme, _, rest = endpoint.partition("://")
+    bound, _, port = rest.rpartition(":")
+    if not host or scheme != "tcp" or bound not in ("0.0.0.0", "[::]", "*"):
+        return endpoint
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
 def handler_names(cls: type[Actor]) -> dict[type[Message], str]:

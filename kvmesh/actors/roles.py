@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from kvmesh.actors.base import Actor, ActorConfig
 from kvmesh.config import ActorSpec, ClusterConfig, ConfigError
-from kvmesh.config.book import exposure
+from kvmesh.config.book import bind_host, exposure
 
 if TYPE_CHECKING:
     from kvmesh.frontend.limits import HTTPLimits
@@ -29,10 +29,15 @@ def find_spec(cfg: ClusterConfig, actor_id: str) -> ActorSpec:
     )
 
 
+def node_address(cfg: ClusterConfig, node: str) -> str:
+    return next(n.address for n in cfg.nodes if n.name == node)
+
+
 def actor_config(cfg: ClusterConfig, spec: ActorSpec, max_frame_size: int = 0) -> ActorConfig:
     return ActorConfig(
         actor_id=spec.actor_id,
         node=spec.node,
+        advertise=node_address(cfg, spec.node),
         heartbeat_interval=cfg.cluster.heartbeat_interval,
         liveness=cfg.cluster.liveness,
         grace_period=cfg.cluster.grace_period,
@@ -82,7 +87,7 @@ def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         router_id=cfg.router_id,
         hash_key=cluster_hash_key(cfg),
         dtype=cfg.model.dtype,
-        host=cfg.cluster.host,
+        host=bind_host(cfg.cluster.host, node_address(cfg, spec.node)),
         http_port=cfg.frontend.http_port,
         expected_workers=workers,
         max_num_requests=cfg.frontend.max_num_requests,

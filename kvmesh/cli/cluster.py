@@ -87,8 +87,16 @@ def resolved_model(model) -> list[str]:
 @click.option(
     "--node",
     default=None,
-    help="Which node of cluster.toml this host is "
-    "[default: the first, or $SLURM_NODEID's under Slurm].",
+    help="Which node of cluster.toml this host is [default: the first; with --no-slurm "
+    "under Slurm, $SLURM_NODEID's].",
+)
+@click.option(
+    "--slurm/--no-slurm",
+    default=None,
+    help="Take the nodes from this Slurm job (scontrol show hostnames $SLURM_JOB_NODELIST, "
+    "this node from $SLURM_NODEID); cluster.toml's [[nodes]] are then templates: entry i "
+    "for node i, the last entry for the rest, less frontend and router. [default: on "
+    "under srun ($SLURM_JOB_ID and $SLURM_STEP_ID set) unless --node is given]",
 )
 @click.option(
     "--timeout",
@@ -103,9 +111,14 @@ def resolved_model(model) -> list[str]:
     metavar="TEXT",
     help="Once ready, send TEXT as a chat message and stream the answer here.",
 )
-@click.option("--once", is_flag=True, help="With --ask: stop the cluster after the answer.")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="With --ask: stop this node after the answer (on the router's node: the "
+    "cluster; the other nodes notice and stop).",
+)
 @click.pass_context
-def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, once):
+def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout, ask, once):
     """Start every actor of this node and keep them running (Ctrl-C drains and stops).
 
     \b
@@ -117,6 +130,11 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
     GGUF; either is imported once, before the actors start, into ~/.cache/kvmesh/models.
 
     \b
+    Many hosts: `kvmesh up --node NAME` on each host of [[nodes]], or `srun kvmesh up
+    --slurm` (scripts/slurm/). Each node says when its actors are registered, or why
+    not; a node without the router stops once the router is gone for 10 s.
+
+    \b
     Log lines: warnings here; info (or [logging] level) and above in
     $XDG_STATE_HOME/kvmesh/logs/<cluster>-<node>.log, named at start (-v: here too).
     An actor that keeps exiting right after its start stops the cluster, showing
@@ -124,10 +142,27 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
     """
     from kvmesh import log
     from kvmesh.cli import log_settings
-    from kvmesh.launcher import ActorFailedToStart, Launcher
+    from kvmesh.cli.monitor import NodeMonitor, describe_ready
+    from kvmesh.config import ConfigError
+    from kvmesh.config.slurm import JobCluster, under_srun
+    from kvmesh.launcher import ActorFailedToStart, Launcher, check_listen
 
     cfg, args = load(config_path, overrides, model_path, http_port, resolve_model=True)
-    node = node or _default_node(cfg)
+    if slurm is None:
+        slurm = node is None and under_srun()
+    written = None
+    try:
+        if slurm:
+            job = JobCluster.of(cfg)
+            click.echo(job.banner)
+            cfg, node, written = job.cluster, job.allocation.node, job.path
+            args = ["--config", str(written)]
+        node = node or _default_node(cfg)
+        check_listen(cfg, node)
+    except ConfigError as exc:
+        if written is not None:
+            written.unlink(missing_ok=True)
+        raise click.UsageError(str(exc)) from exc
     api_key = _api_key(cfg)
     logs = log_settings(
         ctx,
@@ -145,6 +180,7 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
 
         ensure_tiny(cfg.model.resolved_path)
     launcher = Launcher(cfg, node, [*logs.args(), "actor", *args])
+    monitor = NodeMonitor(cfg, node)
     stop = {"signal": None}
 
     def on_signal(signum, frame):
@@ -153,25 +189,49 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     launcher.start()
+    monitor.start()
     has_frontend = any(c.spec.role == "frontend" for c in launcher.children)
-    ready = not has_frontend
-    deadline = time.monotonic() + timeout
+    ready = asked = False
+    said = None  # the last reason for waiting, printed once
+    started = time.monotonic()
     try:
         while stop["signal"] is None:
             launcher.supervise_once()
-            if not ready and _healthy(cfg.frontend_url):
+            now = time.monotonic()
+            if monitor.broken is not None and not has_frontend and not ready:
+                click.echo(f"{monitor.broken}; not waiting for node {node} to register", err=True)
+                ready = True  # as far as this node can tell
+            if not ready and (_healthy(cfg.frontend_url) if has_frontend else monitor.ready()):
                 ready = True
-                click.echo(f"kvmesh is up: {cfg.frontend_url}/v1  (model {cfg.model.served_name})")
-                _print_status(cfg, as_json=False)
-                if ask is not None:
-                    _ask(cfg.frontend_url, ask, api_key)
-                    if once:
-                        break
+                if has_frontend:
+                    click.echo(
+                        f"kvmesh is up: {cfg.frontend_url}/v1  (model {cfg.model.served_name})"
+                    )
+                    _print_status(cfg, as_json=False)
+                else:
+                    click.echo(describe_ready(cfg, node, [c.spec for c in launcher.children]))
+                if ask is None:
+                    click.echo("serving; Ctrl-C drains and stops", err=True)
+            elif not ready:
+                reason = monitor.reason(started, now)
+                if reason is not None and reason != said:
+                    click.echo(f"waiting: {reason}", err=True)
+                    said = reason
+                if now - started > timeout:
+                    why = f" ({said})" if said else ""
+                    click.echo(f"cluster not ready after {timeout:.0f} s{why}; stopping", err=True)
+                    launcher.stop(cfg.cluster.grace_period)
+                    sys.exit(1)
+            if ready and ask is not None and not asked and _healthy(cfg.frontend_url):
+                asked = True
+                _ask(cfg.frontend_url, ask, api_key)
+                if once:
+                    break
                 click.echo("serving; Ctrl-C drains and stops", err=True)
-            elif not ready and time.monotonic() > deadline:
-                click.echo(f"cluster not ready after {timeout:.0f} s; stopping", err=True)
-                launcher.stop(cfg.cluster.grace_period)
-                sys.exit(1)
+            lost = monitor.router_lost(now)
+            if lost is not None:
+                click.echo(lost, err=True)
+                break
             time.sleep(0.2)
     except ActorFailedToStart as exc:
         launcher.stop(cfg.cluster.grace_period)
@@ -181,6 +241,9 @@ def up(ctx, config_path, overrides, model_path, http_port, node, timeout, ask, o
         if not launcher.stopping:
             click.echo("draining and stopping…", err=True)
             launcher.stop(cfg.cluster.grace_period)
+        monitor.stop()
+        if written is not None:
+            written.unlink(missing_ok=True)
 
 
 def _api_key(cfg) -> str | None:
@@ -212,12 +275,22 @@ def _ask(url: str, text: str, api_key: str | None = None) -> None:
 
 
 def _default_node(cfg) -> str:
+    """The first node, or under Slurm (--no-slurm) $SLURM_NODEID's, which must exist."""
     import os
 
+    from kvmesh.config import ConfigError
+
     slurm = os.environ.get("SLURM_NODEID")
-    if slurm is not None and slurm.isdigit() and int(slurm) < len(cfg.nodes):
-        return cfg.nodes[int(slurm)].name
-    return cfg.nodes[0].name
+    if slurm is None:
+        return cfg.nodes[0].name
+    if not slurm.isdigit() or int(slurm) >= len(cfg.nodes):
+        raise ConfigError(
+            f"SLURM_NODEID is {slurm!r}, but cluster.toml has {len(cfg.nodes)} [[nodes]]; "
+            f"expected an integer from 0 to {len(cfg.nodes) - 1}, or --node NAME, or "
+            "--slurm (nodes from the job)",
+            "SLURM_NODEID",
+        )
+    return cfg.nodes[int(slurm)].name
 
 
 def _healthy(url: str) -> bool:
@@ -232,10 +305,18 @@ def _healthy(url: str) -> bool:
 @click.command()
 @click.argument("actor_id")
 @config_options
-def actor(actor_id, config_path, overrides, model_path, http_port):
+@click.option(
+    "--launcher",
+    type=int,
+    default=0,
+    hidden=True,
+    help="The pid of the `kvmesh up` that started this actor: SIGTERM is left to it while "
+    "it lives (it stops its actors in order, with SIGINT).",
+)
+def actor(actor_id, config_path, overrides, model_path, http_port, launcher):
     """Run one actor of the cluster, ACTOR_ID as listed by `kvmesh status` (e.g. decode-0).
 
-    `kvmesh up` and Slurm scripts call this; it serves until SIGTERM/SIGINT.
+    `kvmesh up` calls this; it serves until SIGTERM/SIGINT.
     """
     from kvmesh.actors.roles import build_actor
     from kvmesh.config import ConfigError
@@ -245,7 +326,7 @@ def actor(actor_id, config_path, overrides, model_path, http_port):
         process = build_actor(cfg, actor_id)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    sys.exit(process.run())
+    sys.exit(process.run(launcher))
 
 
 @click.command()

@@ -32,7 +32,13 @@ def keys() -> None:
     is_flag=True,
     help="Replace keys that exist (cuts off every process holding the old ones).",
 )
-def generate(directory: Path, config_path, overrides, operators, force: bool) -> None:
+@click.option(
+    "--slurm",
+    is_flag=True,
+    help="For the actors of this Slurm job's cluster (as `kvmesh up --slurm` makes it): "
+    "run in the batch script, before srun.",
+)
+def generate(directory: Path, config_path, overrides, operators, force: bool, slurm) -> None:
     """Write a keypair for every actor of the cluster into DIRECTORY.
 
     Each actor gets NAME.key (public) and NAME.key_secret (mode 600), NAME being its id
@@ -47,6 +53,14 @@ def generate(directory: Path, config_path, overrides, operators, force: bool) ->
     from kvmesh.transport.keys import OPERATOR, check_name, generate
 
     cfg, _ = load(config_path, overrides, None, None)
+    if slurm:
+        from kvmesh.config import ConfigError
+        from kvmesh.config.slurm import cluster_for, discover
+
+        try:
+            cfg = cluster_for(cfg, discover())
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from exc
     try:
         identities = [(spec.actor_id, spec.role) for spec in cfg.actors]
         identities += [(check_name(name), OPERATOR) for name in (OPERATOR, *operators)]

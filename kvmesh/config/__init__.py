@@ -23,7 +23,7 @@ same config:
 
     endpoint         tcp://<its node's address>:<base_port + 2i>      ipc://<ipc_dir>/<id>
     events_endpoint  tcp://<its node's address>:<base_port + 2i + 1>  ipc://<ipc_dir>/<id>.events
-    bind, events_bind: the same, with cluster.host for the address    the same ipc:// paths
+    bind, events_bind: the same (cluster.host's 0.0.0.0 or :: if set)  the same ipc:// paths
 """
 
 from kvmesh.config.book import expand

@@ -18,6 +18,15 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 PORTS_PER_ACTOR = 2  # endpoint (ROUTER) and events_endpoint (PUB)
 UNIX_PATH_MAX = 107  # bytes of a Unix socket path (sun_path less its NUL)
+WILDCARDS = ("0.0.0.0", "::")  # cluster.host values that bind every interface
+
+
+def bind_host(cluster_host: str, address: str) -> str:
+    """What a node's actors (and its frontend's HTTP server) bind: every interface when
+    cluster.host is a wildcard (they advertise `address`, their node's, to peers), else
+    the node's own address, so two nodes on one host (127.0.0.1, 127.0.0.2) each listen
+    where the address book says they are."""
+    return cluster_host if cluster_host in WILDCARDS else address
 
 
 def expand(cfg: ClusterConfig) -> list[tuple[str, ActorSpec]]:
@@ -38,7 +47,8 @@ def expand(cfg: ClusterConfig) -> list[tuple[str, ActorSpec]]:
                 else:
                     port = cfg.cluster.base_port + PORTS_PER_ACTOR * len(book)
                     connect = [f"tcp://{host_port(node.address, port + k)}" for k in (0, 1)]
-                    bind = [f"tcp://{host_port(cfg.cluster.host, port + k)}" for k in (0, 1)]
+                    host = bind_host(cfg.cluster.host, node.address)
+                    bind = [f"tcp://{host_port(host, port + k)}" for k in (0, 1)]
                 book.append(
                     (
                         f"nodes.{n}.actors.{a}",

@@ -42,9 +42,11 @@ class ClusterSettings(Table):
     host: Annotated[
         str,
         doc(
-            "Address every actor and the frontend's HTTP server bind. 127.0.0.1 accepts "
-            'connections from this host only; binding wider ("0.0.0.0") is an explicit '
-            "choice, needed when nodes are on several hosts.",
+            "Where actors and the frontend's HTTP server listen. A loopback address "
+            "(127.0.0.1) accepts connections from this host only: each node listens on its "
+            'own nodes.address (127.0.0.1, 127.0.0.2, ...). "0.0.0.0" or "::" listens on '
+            "every interface, advertising the node's address to peers: an explicit choice, "
+            "needed when nodes are on several hosts.",
             min_length=1,
         ),
     ] = "127.0.0.1"
