@@ -67,3 +67,27 @@ def test_a_cluster_toml_is_taken_as_written(cpus, tmp_path):
     cfg, args = load(str(path), (), None, None)
     assert "prefill-0" in actor_ids(cfg) and "decode-1" in actor_ids(cfg)
     assert args == ["--config", str(path)]
+
+
+@pytest.mark.parametrize(
+    ("cpus", "engines", "threads"),
+    [(2, 1, 1), (4, 1, 3), (4, 3, 1), (7, 2, 3), (8, 1, None), (64, 4, None)],
+)
+def test_engines_on_a_few_cores_leave_one_core_to_serving(monkeypatch, cpus, engines, threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert topology.engine_threads(engines, cpus=cpus) == threads
+
+
+def test_omp_num_threads_set_by_the_user_wins(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert topology.engine_threads(1, cpus=2) is None
+
+
+def test_each_cpu_worker_of_the_node_gets_its_share(monkeypatch, cpus):
+    from kvmesh.actors.roles import init_worker
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpus(4)
+    cfg, _ = load(None, ("nodes.0.actors.2.count=1", "nodes.0.actors.3.count=2"), None, None)
+    spec = next(a for a in cfg.actors if a.actor_id == "decode-1")
+    assert init_worker(cfg, spec).settings.threads == 1  # (4 - 1) // 3 engines

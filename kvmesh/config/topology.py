@@ -32,3 +32,16 @@ def machine_overrides(cpus: int | None = None) -> list[str]:
     (default: this one's): one aggregated worker below SMALL_MACHINE_CPUS, else none."""
     cpus = usable_cpus() if cpus is None else cpus
     return list(ONE_WORKER) if cpus < SMALL_MACHINE_CPUS else []
+
+
+def engine_threads(engines: int = 1, cpus: int | None = None) -> int | None:
+    """Torch threads for each of `engines` CPU engines serving on this machine: below
+    SMALL_MACHINE_CPUS, (cpus - 1) // engines, at least 1, so one core stays for the HTTP
+    server and the actors' event loops (a compute thread that shares its cores with them
+    waits on them at every parallel region; vLLM's CPU server likewise reserves one core
+    for its API server); None (torch's choice) on a bigger machine, or when the user set
+    OMP_NUM_THREADS."""
+    cpus = usable_cpus() if cpus is None else cpus
+    if cpus >= SMALL_MACHINE_CPUS or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (cpus - 1) // max(1, engines))
