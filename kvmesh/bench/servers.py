@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ from kvmesh.models import resolve
 from kvmesh.progress import Progress
 
 SERVERS = ("vllm", "serve", "up")
-READY_TIMEOUT = 600.0  # s: vLLM's first start on a busy 2-core machine takes minutes
+READY_TIMEOUT = 1200.0  # s: vLLM's first start on a busy 2-core machine takes minutes
 WARM_ROUNDS = 2
 
 
@@ -269,17 +270,28 @@ def server_process(command: list[str], port: int, log: Path, env: dict | None = 
         while True:
             if process.poll() is not None:
                 raise click.ClickException(
-                    f"{command[:4]} exited {process.returncode}:\n{log.read_text()[-3000:]}"
+                    f"{command[:4]} exited {process.returncode} (its log: {log}):\n"
+                    + first_error(log.read_text())
                 )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise click.ClickException(f"{command[:4]} not ready in {READY_TIMEOUT} s")
+                raise click.ClickException(
+                    f"{command[:4]} not ready in {READY_TIMEOUT} s (its log: {log})"
+                )
             time.sleep(0.5)
         yield url, time.perf_counter() - start, process.pid
     finally:
         stop(process)
+
+
+def first_error(log: str) -> str:
+    """The log from its first traceback or error line on (a root cause, not the last
+    re-raise), at most 3000 characters."""
+    lines = log.splitlines()
+    first = next((i for i, line in enumerate(lines) if "Traceback" in line or "Error" in line), 0)
+    return "\n".join(lines[first:])[:3000]
 
 
 def stop(process: subprocess.Popen, timeout: float = 60) -> None:
@@ -423,10 +435,8 @@ def bench_peer(
         "cpus": len(os.sched_getaffinity(0)),
         "servers": {},
     }
-    with (
-        tempfile.TemporaryDirectory(prefix="kvmesh-bench-peer-") as tmp,
-        contextlib.ExitStack() as stack,
-    ):
+    tmp = tempfile.mkdtemp(prefix="kvmesh-bench-peer-")  # the servers' logs: kept on failure
+    with contextlib.ExitStack() as stack:
         targets = []
         if "engine" in servers:
             with Progress("engine: loading"):
@@ -464,6 +474,7 @@ def bench_peer(
             "ready_after_s": target.ready_s,
             "rounds": rounds[target.name],
         }
+    shutil.rmtree(tmp, ignore_errors=True)
     check_prompts(result["servers"])
     result["ratios"] = ratios(result["servers"])
     return result
