@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,10 @@ from kvmesh.models import resolve
 from kvmesh.progress import Progress
 
 SERVERS = ("vllm", "serve", "up")
+RAISED = re.compile(r"\b\w+(Error|Exception): ")
+# vLLM's CPU backend takes this share of the machine's memory for itself and refuses to
+# start when that much is not free (0.92 by default): a shared machine has less free
+VLLM_MEMORY = ("--gpu-memory-utilization", "0.25")
 READY_TIMEOUT = 1200.0  # s: vLLM's first start on a busy 2-core machine takes minutes
 WARM_ROUNDS = 2
 
@@ -287,11 +292,11 @@ def server_process(command: list[str], port: int, log: Path, env: dict | None = 
 
 
 def first_error(log: str) -> str:
-    """The log from its first traceback or error line on (a root cause, not the last
-    re-raise), at most 3000 characters."""
+    """The log from its first raised exception on (the root cause, not the last
+    re-raise), at most 3000 characters; its tail when it names none."""
     lines = log.splitlines()
-    first = next((i for i, line in enumerate(lines) if "Traceback" in line or "Error" in line), 0)
-    return "\n".join(lines[first:])[:3000]
+    first = next((i for i, line in enumerate(lines) if RAISED.search(line)), None)
+    return "\n".join(lines[first:])[:3000] if first is not None else log[-3000:]
 
 
 def stop(process: subprocess.Popen, timeout: float = 60) -> None:
@@ -327,6 +332,7 @@ def running(server: str, model_dir: Path, tmp: Path, options: dict):
             "--dtype",
             "float32",
             "--enforce-eager",
+            *VLLM_MEMORY,
             *options["peer_args"],
         ]
         with server_process(command, port, log) as ready:

@@ -119,3 +119,16 @@ def test_every_server_answers_the_same_workload_in_full(tmp_path, tiny_model_dir
         up["output_tokens_per_s"] / engine["output_tokens_per_s"]
     )
     assert "ratio up / engine: output tok/s" in proc.stdout
+
+
+def test_a_server_that_fails_to_start_shows_its_root_cause():
+    from kvmesh.bench.servers import first_error
+
+    log = (
+        "WARNING found ulimit; failed with error current limit\n"
+        "(Worker) ERROR Traceback (most recent call last):\n"
+        "(Worker) ERROR ValueError: Available memory on node 0 is less than desired\n"
+        "RuntimeError: Engine core initialization failed. See root cause above.\n"
+    )
+    assert first_error(log).splitlines() == log.splitlines()[2:]
+    assert first_error("just\nstarting\n") == "just\nstarting\n"
