@@ -9,7 +9,7 @@ import sys
 import click
 import pytest
 
-from kvmesh.bench.servers import ChatRecord, Workload, check, check_prompts, make_workload
+from kvmesh.bench.chat_load import ChatRecord, Workload, check, check_prompts, make_workload
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
