@@ -133,9 +133,13 @@ def http_limits(frontend) -> HTTPLimits:
 
 def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     from kvmesh.actors.worker import DecodeWorker, PrefillWorker, WorkerSettings
+    from kvmesh.config.topology import engine_threads
     from kvmesh.gpu.kv_cache import configured_num_blocks
 
     cache = node_cache(cfg, spec.node)
+    cpu_engines = [
+        a for a in cfg.actors_on(spec.node) if a.role in ("prefill", "decode") and a.device == "cpu"
+    ]
     settings = WorkerSettings(
         model_path=str(cfg.model.resolved_path),
         model_name=cfg.model.served_name,
@@ -154,6 +158,8 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         cache_id=cache.actor_id if cache else None,
         cache_endpoint=cache.endpoint if cache else None,
         max_model_len=cfg.model.max_model_len,
+        # the node's CPU engines split its cores, one core left for the other actors
+        threads=engine_threads(len(cpu_engines)) if spec.device == "cpu" else None,
     )
     worker_class = PrefillWorker if spec.role == "prefill" else DecodeWorker
     return worker_class(actor_config(cfg, spec, worker_frame_size(cfg)), settings)

@@ -85,6 +85,7 @@ class WorkerSettings:
     max_model_len: int = 0  # cap on prompt + output tokens; 0 = the model's context
     remote_prefill_timeout: float = 120.0
     connect_timeout: float = 60.0
+    threads: int | None = None  # torch threads of the engine thread; None: torch's choice
 
 
 class EngineWorker(Actor):
@@ -109,7 +110,12 @@ class EngineWorker(Actor):
 
     async def setup(self) -> None:
         engine, segment = await asyncio.to_thread(self._build_engine)
-        self.engine = AsyncEngine(engine, on_step=self._on_step, on_crash=self._on_engine_crash)
+        self.engine = AsyncEngine(
+            engine,
+            on_step=self._on_step,
+            on_crash=self._on_engine_crash,
+            threads=self.settings.threads,
+        )
         self.engine.start()
         self.kv_plane = KVDataPlane(
             self,

@@ -15,6 +15,11 @@ from pathlib import Path
 
 import httpx
 
+# The documented default's workers (1 prefill + 2 decode), whatever the machine: without
+# a cluster.toml, `kvmesh up` on a few cores starts one worker (kvmesh.config.topology).
+# Indices: the default node's entries are frontend, router, prefill, decode, cache.
+DISAGGREGATED = ("nodes.0.actors.2.count=1", "nodes.0.actors.3.count=2")
+
 
 def free_port_range(count: int) -> int:
     """A base port with `count` free ports above it (checked by binding each)."""

@@ -37,6 +37,7 @@ from unittest import mock
 
 import click
 
+from kvmesh.bench.cluster import DISAGGREGATED
 from kvmesh.bench.trace import (
     StreamRecord,
     decode_under_prefill,
@@ -51,11 +52,11 @@ from kvmesh.models import resolve
 from kvmesh.progress import Progress
 
 ROUTING_POLICIES = ("kv", "round_robin")  # measured, then the baseline
-DISAGG_MODES = {  # measured, then the baseline
-    "disaggregated": ["router.disagg_min_tokens=0"],
-    "aggregated": ["nodes.0.actors.2.count=0"],  # actors: frontend, router, prefill, decode
+DISAGG_MODES = {  # measured, then the baseline; actors: frontend, router, prefill, decode
+    "disaggregated": [*DISAGGREGATED, "router.disagg_min_tokens=0"],
+    "aggregated": ["nodes.0.actors.2.count=0", "nodes.0.actors.3.count=2"],
 }
-DECODE_COUNT = "nodes.0.actors.3.count"
+PREFILL_COUNT, DECODE_COUNT = "nodes.0.actors.2.count", "nodes.0.actors.3.count"
 START_ATTEMPTS, START_TIMEOUT = 3, 120.0  # a busy 2-core machine starts one in ~10 s
 METRICS_LAG = 1.5  # s: worker totals reach /metrics via load reports and status polls
 FULL_POOL = "kv.device_blocks=4096"  # a CPU worker's auto default; start_cluster's 512: tests
@@ -222,6 +223,7 @@ def bench_routing(
     for policy in ROUTING_POLICIES:
         cluster_overrides = [
             FULL_POOL,
+            *DISAGGREGATED,
             f"router.policy={policy}",
             f"router.seed={seed}",
             *overrides,
@@ -377,7 +379,9 @@ def bench_overhead(
     for count in decode_workers:
         rounds = []
         with running_cluster(
-            model_dir, [FULL_POOL, f"{DECODE_COUNT}={count}", *overrides], threads
+            model_dir,
+            [FULL_POOL, f"{PREFILL_COUNT}=1", f"{DECODE_COUNT}={count}", *overrides],
+            threads,
         ) as (cluster, model):
             for workload in workloads:
                 ours = engine_pass(engine, workload)

@@ -469,7 +469,7 @@ def stress_round(
     """One scenario on one seeded workload; raises StressFailure naming both."""
     import httpx
 
-    from kvmesh.bench.cluster import start_cluster
+    from kvmesh.bench.cluster import DISAGGREGATED, start_cluster
 
     overrides, kill = SCENARIOS[scenario]
     requests = make_workload(engine, seed, num_sessions, max_turns)
@@ -485,6 +485,7 @@ def stress_round(
             *TIERS,
             f"kv.disk_path={tmp}/tiers",
             f"router.seed={seed}",
+            *DISAGGREGATED,  # the scenarios' counts are changes to 1 prefill + 2 decode
             *overrides,
             timeout=120,
         )

@@ -6,6 +6,7 @@ import click
 from kvmesh.bench.engine import engine_command
 from kvmesh.bench.router_index import index_command
 from kvmesh.bench.serve import serve_group
+from kvmesh.bench.servers import peer_command
 from kvmesh.bench.stress import stress_command
 from kvmesh.bench.tiers import tiers_command
 from kvmesh.bench.transfer import transfer_command
@@ -19,6 +20,7 @@ def bench() -> None:
 bench.add_command(engine_command)
 bench.add_command(transfer_command)
 bench.add_command(index_command)
+serve_group.add_command(peer_command)
 bench.add_command(serve_group)
 bench.add_command(tiers_command)
 bench.add_command(stress_command)

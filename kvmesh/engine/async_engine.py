@@ -68,11 +68,14 @@ class AsyncEngine:
         engine: Engine,
         on_step: Callable[[StepResult], None] | None = None,
         on_crash: Callable[[BaseException], None] | None = None,
+        threads: int | None = None,
     ) -> None:
         """With `on_step`, every step's outputs, new remote-prefill tasks and KV events
         go to that callback (on the event loop) instead of per-request streams.
-        `on_crash` is called (on the event loop) if the engine thread dies of an error."""
+        `on_crash` is called (on the event loop) if the engine thread dies of an error.
+        `threads`: torch's intra-op threads for the engine thread (None: torch's choice)."""
         self.engine = engine
+        self.threads = threads
         self.on_step = on_step
         self.on_crash = on_crash
         self.emitted: list[RequestOutput] = []  # outputs of commands, for the next on_step
@@ -199,6 +202,10 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            if self.threads:
+                import torch
+
+                torch.set_num_threads(self.threads)
             while not self.stopping:
                 while not self.commands.empty():
                     self.commands.get()()

@@ -112,16 +112,18 @@ class LocalBackend:
         dtype: str = "float32",
         num_blocks: int | None = None,
         model_name: str | None = None,
+        threads: int | None = None,
         **engine_kwargs,
     ) -> LocalBackend:
-        """Load the model (this imports torch) into an AsyncEngine, not yet started."""
+        """Load the model (this imports torch) into an AsyncEngine, not yet started, whose
+        thread computes with `threads` torch threads (None: torch's choice)."""
         from kvmesh.engine.async_engine import AsyncEngine
         from kvmesh.engine.engine import Engine
 
         engine = Engine.from_pretrained(
             path, device=device, dtype=dtype, num_blocks=num_blocks, **engine_kwargs
         )
-        return cls(AsyncEngine(engine), model_name=model_name)
+        return cls(AsyncEngine(engine, threads=threads), model_name=model_name)
 
     async def start(self) -> None:
         self.engine.start()

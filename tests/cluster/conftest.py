@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from kvmesh import Engine
-from kvmesh.bench.cluster import start_cluster
+from kvmesh.bench.cluster import DISAGGREGATED, start_cluster
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,10 @@ def cluster(tmp_path_factory, tiny_model_dir):
     """Frontend + router + 1 prefill + 2 decode; every prompt is prefilled remotely
     (disagg_min_tokens=0) so the disaggregated path is what gets tested."""
     c = start_cluster(
-        tmp_path_factory.mktemp("cluster"), tiny_model_dir, "router.disagg_min_tokens=0"
+        tmp_path_factory.mktemp("cluster"),
+        tiny_model_dir,
+        *DISAGGREGATED,
+        "router.disagg_min_tokens=0",
     )
     yield c
     assert c.stop() == 0, c.log.read_text()[-3000:]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from kvmesh import SamplingParams
-from kvmesh.bench.cluster import start_cluster
+from kvmesh.bench.cluster import DISAGGREGATED, start_cluster
 from tests.polling import wait_until
 from tests.prompts import random_prompt
 
@@ -21,7 +21,10 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, tiny_model_dir):
     c = start_cluster(
-        tmp_path_factory.mktemp("faults"), tiny_model_dir, "router.disagg_min_tokens=0"
+        tmp_path_factory.mktemp("faults"),
+        tiny_model_dir,
+        *DISAGGREGATED,
+        "router.disagg_min_tokens=0",
     )
     yield c
     c.stop()

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import zmq
 
-from kvmesh.bench.cluster import free_port_range, start_cluster
+from kvmesh.bench.cluster import DISAGGREGATED, free_port_range, start_cluster
 from kvmesh.protocol import (
     PROTOCOL_VERSION,
     Error,
@@ -36,7 +36,12 @@ def secure_cluster(tmp_path_factory, tiny_model_dir):
         check=True,
         capture_output=True,
     )
-    c = start_cluster(tmp_path_factory.mktemp("secure"), tiny_model_dir, f"security.key_dir={keys}")
+    c = start_cluster(
+        tmp_path_factory.mktemp("secure"),
+        tiny_model_dir,
+        *DISAGGREGATED,
+        f"security.key_dir={keys}",
+    )
     c.keys = keys
     yield c
     assert c.stop() == 0

@@ -66,3 +66,18 @@ def test_bad_input_raises_and_leaving_early_aborts(tiny_model_dir):
         return free
 
     assert asyncio.run(main()) == 64
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_engine_thread_computes_with_the_threads_asked_for(tiny_model_dir, threads):
+    import torch
+
+    async def main():
+        engine = AsyncEngine(Engine.from_pretrained(tiny_model_dir, num_blocks=64), threads=threads)
+        engine.start()
+        inside = await engine.call(lambda e: torch.get_num_threads())
+        ids, _, _ = await collect(engine, [5, 6, 7], greedy(3), "r")
+        await engine.close()
+        return inside, len(ids)
+
+    assert asyncio.run(main()) == (threads, 3)

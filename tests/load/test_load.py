@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from kvmesh import Engine, SamplingParams
-from kvmesh.bench.cluster import Cluster, start_cluster
+from kvmesh.bench.cluster import DISAGGREGATED, Cluster, start_cluster
 from kvmesh.client import CHAT, COMPLETIONS, DONE, APIError, chunk_deltas, event_data
 
 pytestmark = pytest.mark.cluster
@@ -325,7 +325,10 @@ def cluster(tmp_path_factory, tiny_model_dir):
     prefill worker (disagg_min_tokens=0), so the load crosses the KV data plane too. The
     first load is its first traffic: the frontend connects to the workers mid-burst."""
     with running_cluster(
-        tmp_path_factory.mktemp("load"), tiny_model_dir, "router.disagg_min_tokens=0"
+        tmp_path_factory.mktemp("load"),
+        tiny_model_dir,
+        *DISAGGREGATED,
+        "router.disagg_min_tokens=0",
     ) as c:
         yield c
 
@@ -336,6 +339,7 @@ def limited_cluster(tmp_path_factory, tiny_model_dir):
     with running_cluster(
         tmp_path_factory.mktemp("limited"),
         tiny_model_dir,
+        *DISAGGREGATED,
         "router.disagg_min_tokens=0",
         "frontend.max_num_requests=8",
     ) as c:
