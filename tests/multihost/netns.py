@@ -34,6 +34,14 @@ HOST_NAMES = "abcdefgh"
 PRIVATE_SHM = 'mount -t tmpfs -o mode=1777,size={} tmpfs /dev/shm && exec "$@"'
 
 
+class NetnsError(RuntimeError):
+    """A namespace, link or address could not be made; the message names the command."""
+
+
+class QdiscUnknown(NetnsError):
+    """The kernel lacks a tc qdisc (netem is a module some kernels leave out)."""
+
+
 @dataclass(frozen=True)
 class Host:
     """One namespace of a run: its name (a, b, ...), namespace and address."""
@@ -41,10 +49,6 @@ class Host:
     name: str
     netns: str
     address: str
-
-
-class NetnsError(RuntimeError):
-    """A namespace, link or address could not be made; the message names the command."""
 
 
 def ip(*args: str, netns: str | None = None) -> str:
@@ -146,17 +150,24 @@ class NetnsHosts:
         """Take host `name`'s cable out of the switch (down) or put it back (up)."""
         ip("link", "set", name, "up" if up else "down", netns=self.switch)
 
-    def netem(self, name: str, spec: str | None) -> None:
-        """Degrade host `name`'s link (tc netem, e.g. "delay 20ms loss 1%"), or restore it
-        (None)."""
+    def shape(self, name: str, qdisc: str | None) -> None:
+        """Degrade what host `name` sends with a tc qdisc ("netem delay 20ms loss 1%",
+        "tbf rate 10mbit burst 32kbit latency 50ms"), or restore its link (None).
+        Raises QdiscUnknown when this kernel lacks the qdisc."""
         netns = self.host(name).netns
-        if spec is None:
+        if qdisc is None:
             command = ["tc", "qdisc", "del", "dev", "eth0", "root"]
         else:
-            command = ["tc", "qdisc", "replace", "dev", "eth0", "root", "netem", *spec.split()]
+            command = ["tc", "qdisc", "replace", "dev", "eth0", "root", *qdisc.split()]
         done = subprocess.run(
             ["ip", "netns", "exec", netns, *command], capture_output=True, text=True
         )
+        if "qdisc kind is unknown" in done.stderr:
+            raise QdiscUnknown(
+                f"this kernel has no {qdisc.split()[0]} qdisc (tc: {done.stderr.strip()})"
+            )
+        if qdisc is None and "handle of zero" in done.stderr:
+            return  # nothing to remove: the link had its default qdisc
         if done.returncode != 0:
             raise NetnsError(f"`{' '.join(command)}` in {netns} failed: {done.stderr.strip()}")
 
