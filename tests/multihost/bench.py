@@ -3,12 +3,19 @@
 same two namespaces in the same run (root, ip):
 
     python -m tests.multihost.bench --sizes 64,256 --repeats 3 [--json out.json]
+    python -m tests.multihost.bench --ttft 1000 --repeats 4      # TTFT, 4 (+1 warm-up) prompts
 
 Geometry and rounds as `kvmesh bench transfer` (kvmesh/bench/transfer.py): Llama-3-8B KV,
 2 MiB a block; one untimed round, then each figure the best of `repeats` rounds, the
 baseline and the transfer back to back. Host b runs the receiving actor (its pool in b's
 own /dev/shm) and the raw echo, host a the sender. Exits non-zero when a figure is
-missing or the receiver fails."""
+missing or the receiver fails.
+
+--ttft TOKENS: mean time to first token of `repeats` distinct TOKENS-token prompts
+(max_tokens 4, streamed one at a time by the openai client on host a) on three hosts
+(a: frontend, router; b: prefill; c: decode, cache), with every prompt prefilled on b
+and its KV sent to c (router.disagg_min_tokens = 0) against prefilled on c itself, each
+on a fresh cluster in the same run; a request that fails fails the run."""
 
 from __future__ import annotations
 
@@ -154,6 +161,47 @@ def bench(sizes_mib: list[int], repeats: int) -> dict:
             receiver.wait(30)
 
 
+def ttft(prompt_tokens: int, num_requests: int, model_dir: Path, tmp: Path) -> dict:
+    """Mean TTFT (s) of `num_requests` distinct prompts, streamed one at a time by the
+    openai client on host a, with remote prefill (prefill on b, KV to c) and local
+    prefill (on c), each on a fresh three-host cluster."""
+    import statistics
+
+    from kvmesh.bench.cluster import free_port_range
+    from tests.multihost.nodes import Node, ask, write_config
+    from tests.prompts import random_prompts
+
+    roles = {"a": ["frontend", "router"], "b": ["prefill"], "c": ["decode", "cache"]}
+    prompts = random_prompts([prompt_tokens] * (num_requests + 1), seed=7)
+    results = {}
+    with NetnsHosts(3) as hosts:
+        for mode, min_tokens in (("remote", 0), ("local", 10**9)):
+            base = free_port_range(40)
+            run = tmp / mode
+            run.mkdir(parents=True)
+            router = f"[router]\ndisagg_min_tokens = {min_tokens}\n"
+            config = write_config(run / "cluster.toml", hosts, model_dir, base, roles, router)
+            nodes = [Node(hosts, run, config, name) for name in ("c", "b", "a")]
+            try:
+                url = f"http://{hosts.host('a').address}:{base + 30}/v1"
+                nodes[-1].wait_said(f"kvmesh is up: {url}", timeout=600)
+                job = {"url": url, "model": model_dir.name, "requests": [
+                    {"id": i, "prompt": p, "max_tokens": 4, "stream": True}
+                    for i, p in enumerate(prompts)
+                ]}  # fmt: skip
+                got = ask(hosts, "a", job, timeout=900)
+                errors = [r["error"] for r in got if "error" in r]
+                if errors:
+                    raise RuntimeError(f"{mode} prefill: {errors}")
+                # the first request warms the path (links, first KV write): left out
+                results[mode] = statistics.mean(r["ttft"] for r in got[1:])
+            finally:
+                for node in nodes:
+                    node.stop()
+    results["load_avg"] = os.getloadavg()[0]
+    return results
+
+
 def _env(extra: dict) -> dict:
     return os.environ | extra
 
@@ -170,7 +218,26 @@ def main() -> int:
     parser.add_argument("--sizes", default="64,256", help="MiB of KV blocks per transfer")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--ttft", type=int, metavar="TOKENS", help="instead: TTFT, remote vs local prefill"
+    )
     args = parser.parse_args()
+    if args.ttft:
+        import tempfile
+
+        from kvmesh.gpu.tiny import init_tiny
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model = init_tiny(Path(tmp) / "tiny-llama", seed=0)
+            r = ttft(args.ttft, args.repeats, model, Path(tmp))
+        print(
+            f"TTFT of {args.ttft}-token prompts across hosts: remote prefill "
+            f"{r['remote'] * 1e3:.0f} ms, local prefill {r['local'] * 1e3:.0f} ms, "
+            f"{r['remote'] / r['local']:.2f}x local; load average {r['load_avg']:.2f}"
+        )
+        if args.json:
+            args.json.write_text(json.dumps(r, indent=2))
+        return 0
     results = bench([int(s) for s in args.sizes.split(",")], args.repeats)
     for size, r in results.items():
         ratio = r["zmq_gbps"] / r["zmq_raw_gbps"]

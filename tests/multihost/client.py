@@ -2,12 +2,13 @@
 `ip netns exec`): reads {"url", "model", "requests": [{"prompt", "max_tokens", "stream"}]}
 as JSON on stdin, sends the requests one after another (or all at once with "parallel"),
 and prints one JSON line per request: {"text"} or {"error": "<type>: <message>"}, with
-"chunks" (text pieces received) for streams."""
+"chunks" (text pieces received) and "ttft" (seconds to the first) for streams."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -24,12 +25,15 @@ def send(client: openai.OpenAI, model: str, request: dict) -> dict:
             extra_body={"ignore_eos": True},
         )
         if request.get("stream"):
+            start = time.perf_counter()
+            ttft = None
             for chunk in client.completions.create(stream=True, **args):
                 if chunk.choices:
                     pieces.append(chunk.choices[0].text)
                     if len(pieces) == 1:
+                        ttft = time.perf_counter() - start
                         print(json.dumps({"started": request.get("id")}), flush=True)
-            return {"text": "".join(pieces), "chunks": len(pieces)}
+            return {"text": "".join(pieces), "chunks": len(pieces), "ttft": ttft}
         return {"text": client.completions.create(**args).choices[0].text}
     except Exception as exc:  # reported to the test, which asserts on it
         return {"error": f"{type(exc).__name__}: {exc}", "chunks": len(pieces)}

@@ -19,14 +19,17 @@ ROOT = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).with_name("client.py")
 
 
-def write_config(path: Path, hosts: NetnsHosts, model_dir: Path, base: int, roles: dict) -> Path:
-    """roles: host name -> its actor roles, e.g. {"a": ["frontend", "router"], ...}."""
+def write_config(
+    path: Path, hosts: NetnsHosts, model_dir: Path, base: int, roles: dict, extra: str = ""
+) -> Path:
+    """roles: host name -> its actor roles, e.g. {"a": ["frontend", "router"], ...};
+    extra: more tables (TOML) before the nodes."""
     text = (
         f'[cluster]\nhost = "0.0.0.0"\nbase_port = {base}\nheartbeat_interval = 0.5\n'
         f'[model]\npath = "{model_dir}"\n'
         f"[kv]\ndevice_blocks = 256\nhost_gb = 0.02\n"
         f"[frontend]\nhttp_port = {base + 30}\n"
-        f'[security]\nkey_dir = "{path.parent / "keys"}"\n'
+        f'[security]\nkey_dir = "{path.parent / "keys"}"\n{extra}'
     )
     for name, actors in roles.items():
         text += f'[[nodes]]\nname = "{name}"\naddress = "{hosts.host(name).address}"\n'
