@@ -68,6 +68,11 @@ def receive(address: str, num_blocks: int) -> None:
             ends = {"actor": endpoint, "raw": echo.last_endpoint.decode()}
             print(json.dumps(ends), flush=True)
 
+        async def close(self) -> None:
+            await super().close()
+            if hasattr(self, "kv_plane"):
+                await self.kv_plane.close()  # unlinks the pool's segment
+
     Receiver(ActorConfig(actor_id="bench-receiver", heartbeat_interval=1.0, liveness=10)).run()
 
 
