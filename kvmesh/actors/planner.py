@@ -96,6 +96,7 @@ class PlannerActor(Actor):
         self.metrics = PlannerMetrics()
         self.router_id: str | None = None
         self.status: ClusterStatus | None = None  # the router's, at the last measurement
+        self.scrape_failing = False
 
     async def setup(self) -> None:
         if self.settings.metrics_port:
@@ -135,10 +136,12 @@ class PlannerActor(Actor):
         try:
             text = await asyncio.to_thread(self._scrape)
         except OSError as exc:
-            self.log.warning(
-                "frontend_metrics_unreachable", url=self.settings.metrics_url, error=str(exc)
-            )
+            # told once until it answers again (the frontend starts after the planner)
+            log = self.log.debug if self.scrape_failing else self.log.warning
+            log("frontend_metrics_unreachable", url=self.settings.metrics_url, error=str(exc))
+            self.scrape_failing = True
             return {TTFT: None, ITL: None}
+        self.scrape_failing = False
         return self.window.observe(text)
 
     def _scrape(self) -> str:
