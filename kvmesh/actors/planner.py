@@ -6,7 +6,7 @@
 
 Each decision (hold included) is logged with its reasons and pressures and counted in
 kvmesh_planner_decisions_total{action, outcome}, served on planner.metrics_port.
-Workers of a cluster with a planner are SwitchingWorkers (kvmesh.actors.worker).
+Workers of a cluster with a planner are SwitchingWorkers (kvmesh.actors.switching).
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     )
     config = actor_config(cfg, spec, worker_frame_size(cfg))
     if any(a.role == "planner" for a in cfg.actors):  # it may switch this worker's role
-        from kvmesh.actors.worker import SwitchingWorker
+        from kvmesh.actors.switching import SwitchingWorker
 
         return SwitchingWorker(config, settings, spec.role)
     worker_class = PrefillWorker if spec.role == "prefill" else DecodeWorker
