@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError
+from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, Retry
 from kvmesh.planner.policy import (
     Decision,
     Measurements,
@@ -34,6 +34,7 @@ WORKER_ROLES = ("prefill", "decode")
 ROUTER_TIMEOUT = 5.0
 SWITCH_TIMEOUT = 30.0
 SCRAPE_TIMEOUT = 5.0
+ROUTER_RETRY = Retry((TimeoutError, ConnectionError, RemoteError), "router_unreachable")
 
 
 @dataclass(frozen=True)
@@ -97,20 +98,28 @@ class PlannerActor(Actor):
         self.router_id: str | None = None
         self.status: ClusterStatus | None = None  # the router's, at the last measurement
         self.scrape_failing = False
+        self.watch(lambda peer_id: peer_id == self.router_id, self._router_died)
 
     async def setup(self) -> None:
         if self.settings.metrics_port:
             start_http_server(
                 self.settings.metrics_port, self.settings.host, registry=self.metrics.registry
             )
+        await self._join_router()
+        await self.measure()  # the first scrape only sets the window's start
+        self.supervise("plan", self._plan)
+
+    async def _join_router(self) -> None:
         self.router_id = await self.connect(
             "to_router",
             self.settings.router_endpoint,
             self.settings.connect_timeout,
             self.settings.router_id,
         )
-        await self.measure()  # the first scrape only sets the window's start
-        self.supervise("plan", self._plan)
+
+    async def _router_died(self, peer_id: str) -> None:
+        """Reconnect to the router's successor (meanwhile each interval is skipped)."""
+        self.supervise("rejoin_router", self._join_router, retry=ROUTER_RETRY)
 
     async def _plan(self) -> None:
         while True:
@@ -142,6 +151,7 @@ class PlannerActor(Actor):
             self.scrape_failing = True
             return {TTFT: None, ITL: None}
         self.scrape_failing = False
+        self.watch(lambda peer_id: peer_id == self.router_id, self._router_died)
         return self.window.observe(text)
 
     def _scrape(self) -> str:
