@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvmesh.config import ConfigError, load_config
 from kvmesh.planner.policy import (
     Measurements,
     PlannerSettings,
@@ -146,3 +147,13 @@ def test_window_takes_the_interval_difference():
     # a restarted frontend: its counts are taken as they are
     third = window.observe(exposition({0.1: 2, 1.0: 2, inf: 2}, {0.01: 0, 0.1: 0, inf: 0}))
     assert third == {TTFT: pytest.approx(0.05), ITL: None}
+
+
+def test_a_planner_with_keys_is_refused():
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, ["nodes.0.actors.4.role=planner", "security.key_dir=/tmp/keys"])
+    assert refused.value.key == "security.key_dir"
+    assert str(refused.value) == (
+        "security.key_dir: a planner switches workers' roles, and a worker's key names one "
+        "role: expected no keys where a planner runs, got a key directory"
+    )
