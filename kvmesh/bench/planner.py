@@ -39,14 +39,17 @@ from kvmesh.bench.serve import (
 )
 from kvmesh.bench.trace import ReplayRequest, random_prompt, replay, stats
 
+# The default node's entries: frontend, router, prefill, decode, cache. Counts are
+# explicit: without a cluster.toml, a small machine gets one aggregated worker.
+ONE_TWO = ["nodes.0.actors.2.count=1", "nodes.0.actors.3.count=2"]
 CONFIGS = {
-    "fixed_1p2d": ["nodes.0.actors.4.count=0"],  # frontend, router, prefill, decode, cache
+    "fixed_1p2d": [*ONE_TWO, "nodes.0.actors.4.count=0"],
     "fixed_2p1d": [
-        "nodes.0.actors.4.count=0",
         "nodes.0.actors.2.count=2",
         "nodes.0.actors.3.count=1",
+        "nodes.0.actors.4.count=0",
     ],
-    "planner": ["nodes.0.actors.4.role=planner"],
+    "planner": [*ONE_TWO, "nodes.0.actors.4.role=planner"],
 }
 FIXED = ("fixed_1p2d", "fixed_2p1d")
 

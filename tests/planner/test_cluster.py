@@ -51,6 +51,9 @@ def cluster(tmp_path_factory, tiny_model_dir, metrics_port):
     c = start_cluster(
         tmp_path_factory.mktemp("planner"),
         tiny_model_dir,
+        # explicit counts: without a cluster.toml, a small machine gets one worker
+        "nodes.0.actors.2.count=1",
+        "nodes.0.actors.3.count=2",
         "nodes.0.actors.4.role=planner",
         "router.disagg_min_tokens=0",
         "planner.ttft_target=0.000001",
