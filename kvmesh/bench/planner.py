@@ -171,6 +171,10 @@ def bench_planner(
         key: result["planner"][key] - result[best][key]
         for key in ("ttft_attainment", "itl_attainment", "both_attainment")
     }
+    both = result[best]["both_attainment"]
+    result["ratio_planner_vs_best_fixed"] = (
+        result["planner"]["both_attainment"] / both if both else None
+    )
     return result
 
 
@@ -187,10 +191,11 @@ def report(result: dict) -> str:
             f"ITL mean p50 {r['itl_p50_s']:.4f} s)"
         )
     lines.append(f"planner decisions: {result['planner']['planner_decisions']}")
-    diff = result["planner_vs_best_fixed"]
+    diff, ratio = result["planner_vs_best_fixed"], result["ratio_planner_vs_best_fixed"]
     lines.append(
         f"planner - best fixed ({result['best_fixed']}): TTFT {diff['ttft_attainment']:+.1%}, "
-        f"ITL {diff['itl_attainment']:+.1%}, both {diff['both_attainment']:+.1%}"
+        f"ITL {diff['itl_attainment']:+.1%}, both {diff['both_attainment']:+.1%}; "
+        f"ratio of both: {ratio if ratio is None else round(ratio, 3)}"
     )
     return "\n".join(lines)
 
