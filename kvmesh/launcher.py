@@ -41,7 +41,7 @@ from kvmesh.config.book import bind_host
 
 log = structlog.get_logger(__name__)
 
-START_ORDER = {"router": 0, "cache": 1, "prefill": 2, "decode": 2, "frontend": 3}
+START_ORDER = {"router": 0, "cache": 1, "prefill": 2, "decode": 2, "frontend": 3, "planner": 4}
 BACKOFF_START, BACKOFF_MAX, STABLE_AFTER = 1.0, 30.0, 60.0
 MAX_START_FAILURES = 3  # exits in a row, each within STABLE_AFTER of its start
 TAIL_LINES = 20  # of an actor's stderr, kept for ActorFailedToStart

@@ -321,6 +321,10 @@ class RegisterWorker(Request, frozen=True, kw_only=True):
     max_num_seqs: int
     events_endpoint: str  # where the worker PUBlishes KV events and LoadReports
     salt_id: str = ""  # block_hash.salt_id of its block-hash salt ("" = not told)
+    role: str = ""  # the role it serves now ("" = its Hello's); a planner may switch it
+    # the same process again, after a role switch: its KV (and the router's index of it)
+    # is kept
+    role_switch: bool = False
 
 
 class Registered(Reply, frozen=True, kw_only=True):
@@ -455,6 +459,18 @@ class ClusterStatus(Reply, frozen=True, kw_only=True):
     actors: list[ActorStatus]
 
 
+class SwitchRole(Request, frozen=True, kw_only=True):
+    """The planner asks a worker to serve `role` ("prefill" or "decode") from now on:
+    the worker re-registers in that role and finishes its requests of the old one."""
+
+    role: str
+
+
+class RoleSwitched(Reply, frozen=True, kw_only=True):
+    role: str
+    num_draining: int  # requests of the old role still running when it re-registered
+
+
 class Generate(Message, frozen=True, kw_only=True):
     """Frontend -> decode worker: run this prompt and stream TokenBatches back."""
 
@@ -564,6 +580,8 @@ AnyMessage = (
     | Placement
     | StatusQuery
     | ClusterStatus
+    | SwitchRole
+    | RoleSwitched
     | Generate
     | Abort
     | TokenBatch
@@ -600,7 +618,7 @@ SENDERS: dict[type[Message], frozenset[str]] = {
     LoadReport: WORKERS,
     RouteRequest: frozenset({"frontend"}),
     RequestDone: frozenset({"frontend"}),
-    StatusQuery: frozenset({"frontend", "operator"}),
+    StatusQuery: frozenset({"frontend", "operator", "planner"}),
     Generate: frozenset({"frontend"}),
     Abort: frozenset({"frontend"}),  # and only the frontend that sent the Generate
     TokenBatch: frozenset({"decode"}),  # and only for requests placed on that worker
@@ -612,6 +630,7 @@ SENDERS: dict[type[Message], frozenset[str]] = {
     RegisterCache: frozenset({"cache"}),
     CacheReport: frozenset({"cache"}),
     CacheSnapshotQuery: frozenset({"router"}),
+    SwitchRole: frozenset({"planner"}),
 }
 
 _encoder = msgspec.msgpack.Encoder()

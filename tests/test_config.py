@@ -276,7 +276,7 @@ BROKEN = [  # (file text, message after "<path>: ")
     (
         "[routr]\n",
         " routr: unknown key (did you mean router?); allowed: cluster, model, kv, router, "
-        "frontend, security, logging, nodes",
+        "frontend, planner, security, logging, nodes",
     ),
     ('[model]\nblock_size = "16"\n', ' model.block_size: expected an integer >= 1, got "16"'),
     ("[logging]\njson = 1\n", " logging.json: expected true or false, got 1"),
@@ -335,8 +335,20 @@ BROKEN = [  # (file text, message after "<path>: ")
     ),
     (
         BASIC + '[[nodes.actors]]\nrole = "decoder"\n',
-        ' nodes.0.actors.4.role: expected one of "cache", "decode", "frontend", "prefill", '
-        '"router", got "decoder"',
+        ' nodes.0.actors.4.role: expected one of "cache", "decode", "frontend", "planner", '
+        '"prefill", "router", got "decoder"',
+    ),
+    (
+        BASIC + '[[nodes.actors]]\nrole = "planner"\ncount = 2\n',
+        " nodes.0.actors.4: 2 planners; expected at most one in the cluster",
+    ),
+    (
+        BASIC + "[planner]\nlow = 1.0\nhigh = 1.0\n",
+        " planner.low: expected < planner.high (1.0), got 1.0",
+    ),
+    (
+        BASIC + "[planner]\nmin_decode = 3\nmax_decode = 2\n",
+        " planner.min_decode: expected <= planner.max_decode (2), got 3",
     ),
     (
         BASIC + '[[nodes.actors]]\nrole = "decode"\ncount = true\n',

@@ -32,6 +32,9 @@ TORCH_FREE = [
     "kvmesh.frontend.serving",
     "kvmesh.actors.router",
     "kvmesh.actors.frontend",
+    "kvmesh.actors.planner",
+    "kvmesh.planner.policy",
+    "kvmesh.planner.window",
     "kvmesh.actors.cache",
 ]
 # Plain data and torch-free foundations: the kvmesh modules each may load, itself aside.

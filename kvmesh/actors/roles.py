@@ -161,8 +161,13 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         # the node's CPU engines split its cores, one core left for the other actors
         threads=engine_threads(len(cpu_engines)) if spec.device == "cpu" else None,
     )
+    config = actor_config(cfg, spec, worker_frame_size(cfg))
+    if any(a.role == "planner" for a in cfg.actors):  # it may switch this worker's role
+        from kvmesh.actors.switching import SwitchingWorker
+
+        return SwitchingWorker(config, settings, spec.role)
     worker_class = PrefillWorker if spec.role == "prefill" else DecodeWorker
-    return worker_class(actor_config(cfg, spec, worker_frame_size(cfg)), settings)
+    return worker_class(config, settings)
 
 
 def init_cache(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
@@ -186,6 +191,24 @@ def init_cache(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     return CacheActor(actor_config(cfg, spec), settings)
 
 
+def init_planner(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
+    from kvmesh.actors.planner import PlannerActor, PlannerActorSettings
+    from kvmesh.planner.policy import PlannerSettings
+
+    p = cfg.planner
+    fields = {name: getattr(p, name) for name in PlannerSettings.__dataclass_fields__}
+    settings = PlannerActorSettings(
+        router_endpoint=cfg.router_endpoint,
+        router_id=cfg.router_id,
+        metrics_url=f"{cfg.frontend_url}/metrics",
+        interval=p.interval,
+        policy=PlannerSettings(**fields),
+        host=cfg.cluster.host,
+        metrics_port=p.metrics_port,
+    )
+    return PlannerActor(actor_config(cfg, spec), settings)
+
+
 def node_cache(cfg: ClusterConfig, node: str) -> ActorSpec | None:
     """The cache actor of `node` (at most one), or None."""
     return next((a for a in cfg.actors if a.role == "cache" and a.node == node), None)
@@ -197,6 +220,7 @@ INIT = {
     "frontend": init_frontend,
     "prefill": init_worker,
     "decode": init_worker,
+    "planner": init_planner,
 }
 
 

@@ -49,6 +49,7 @@ from kvmesh.protocol import (
 from kvmesh.router.kv_index import KVIndex
 from kvmesh.router.policy import NoWorkerError, Router, RouterSettings, WorkerState
 
+WORKER_ROLES = ("prefill", "decode")
 PREDICTION_TTL = 5.0  # seconds a placement counts as load before it is forgotten
 
 
@@ -117,8 +118,12 @@ class RouterActor(Actor):
         """Admit a worker into the registry, or refuse it naming the mismatch."""
         peer = self.peers.get(inbound.peer)
         problem = None
-        if peer is None or peer.role not in ("prefill", "decode"):
+        if peer is None or peer.role not in WORKER_ROLES:
             problem = f"only prefill and decode workers register, not {peer and peer.role!r}"
+        elif msg.role and msg.role not in WORKER_ROLES:
+            problem = f"role {msg.role!r}: expected one of {', '.join(WORKER_ROLES)}"
+        elif msg.role_switch and inbound.peer not in self.workers:
+            problem = "role_switch from a worker that is not registered: register it first"
         elif msg.model != self.settings.model_name:
             problem = f"model {msg.model!r} differs from the cluster's {self.settings.model_name!r}"
         elif msg.block_size != self.settings.block_size:
@@ -132,20 +137,24 @@ class RouterActor(Actor):
             self.log.warning("registration_refused", worker=inbound.peer, reason=problem)
             return Error(code="refused", message=f"registration refused: {problem}")
         worker_id = inbound.peer
+        role = msg.role or peer.role
+        if msg.role_switch:  # the same process: its KV, and so its index entry, stay
+            old = self.workers[worker_id].role
+            self.workers[worker_id].role = role
+            self.log.info("worker_role_switched", worker=worker_id, old=old, role=role)
+            return Registered(router_id=self.actor_id)
         self.salt_id = self.salt_id or msg.salt_id
         if worker_id in self.workers:  # a restarted worker: forget what the old one held
             self._forget(worker_id)
         self.workers[worker_id] = WorkerState(
-            worker_id, peer.role, capacity_tokens=msg.num_blocks * msg.block_size
+            worker_id, role, capacity_tokens=msg.num_blocks * msg.block_size
         )
         self._subscribe(worker_id, msg.events_endpoint)
         cache = self.cache_of.get(peer.node)
         for tier, blocks in self.cache_blocks.get(cache, {}).items():
             if blocks:  # the node's tiers hold these for this worker too
                 self.index.apply(worker_id, BlockStored(block_hashes=list(blocks), tier=tier))
-        self.log.info(
-            "worker_registered", worker=worker_id, role=peer.role, num_blocks=msg.num_blocks
-        )
+        self.log.info("worker_registered", worker=worker_id, role=role, num_blocks=msg.num_blocks)
         return Registered(router_id=self.actor_id)
 
     async def on_register_cache(self, msg: RegisterCache, inbound) -> Registered | Error:
@@ -351,13 +360,14 @@ class RouterActor(Actor):
         for peer in self.peers.values():
             if peer.role == "operator":  # a `kvmesh status` asking, not a member
                 continue
-            if peer.role in ("prefill", "decode") and peer.actor_id not in self.workers:
+            if peer.role in WORKER_ROLES and peer.actor_id not in self.workers:
                 continue  # connected but not (or not yet) registered: not serving
             report = self.cache_reports.get(peer.actor_id)
+            worker = self.workers.get(peer.actor_id)
             actors.append(
                 ActorStatus(
                     actor_id=peer.actor_id,
-                    role=peer.role,
+                    role=worker.role if worker else peer.role,  # a planner may switch it
                     node=peer.node,
                     pid=peer.pid,
                     endpoints=dict(peer.endpoints),

@@ -136,13 +136,16 @@ class EngineWorker(Actor):
         self.supervise("report_load", self._report_load)
 
     async def _join_router(self) -> None:
-        engine = self.engine.engine
         self.router_id = await self.connect(
             "to_router",
             self.settings.router_endpoint,
             self.settings.connect_timeout,
             self.settings.router_id,
         )
+        await self._register()
+
+    async def _register(self, role_switch: bool = False) -> None:
+        engine = self.engine.engine
         await self.request(
             self.router_id,
             RegisterWorker(
@@ -152,6 +155,8 @@ class EngineWorker(Actor):
                 max_num_seqs=engine.scheduler.max_num_seqs,
                 events_endpoint=self.endpoints["events_out"],
                 salt_id=engine.salt_id,
+                role=self.role,
+                role_switch=role_switch,
             ),
             timeout=self.settings.connect_timeout,
         )

@@ -4,6 +4,7 @@ same run, plus JSON results. The commands live in kvmesh.bench.*."""
 import click
 
 from kvmesh.bench.engine import engine_command
+from kvmesh.bench.planner import planner_command
 from kvmesh.bench.router_index import index_command
 from kvmesh.bench.serve import serve_group
 from kvmesh.bench.servers import peer_command
@@ -24,3 +25,4 @@ serve_group.add_command(peer_command)
 bench.add_command(serve_group)
 bench.add_command(tiers_command)
 bench.add_command(stress_command)
+bench.add_command(planner_command)

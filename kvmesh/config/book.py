@@ -119,6 +119,22 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
     if roles["router"] > 1:
         second = next(key for key, spec in book if spec.actor_id == "router-1")
         fail(second, f"{roles['router']} routers; expected exactly one in the cluster")
+    if roles["planner"] > 1:
+        second = next(key for key, spec in book if spec.actor_id == "planner-1")
+        fail(second, f"{roles['planner']} planners; expected at most one in the cluster")
+    if roles["planner"] and cfg.security.key_dir:
+        fail(
+            "security.key_dir",
+            "a planner switches workers' roles, and a worker's key names one role: "
+            "expected no keys where a planner runs, got a key directory",
+        )
+    planner = cfg.planner
+    if planner.low >= planner.high:
+        fail("planner.low", f"expected < planner.high ({planner.high}), got {planner.low}")
+    for role in ("prefill", "decode"):
+        low, high = getattr(planner, f"min_{role}"), getattr(planner, f"max_{role}")
+        if low > high:
+            fail(f"planner.min_{role}", f"expected <= planner.max_{role} ({high}), got {low}")
     if roles["cache"] and cfg.kv.host_gb <= 0:
         cache = next(key for key, spec in book if spec.role == "cache")
         fail(

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-Role = Literal["frontend", "router", "prefill", "decode", "cache"]
+Role = Literal["frontend", "router", "prefill", "decode", "cache", "planner"]
 
 
 def doc(text: str, **constraints) -> Meta:
@@ -307,6 +307,51 @@ class FrontendConfig(Table):
     ] = ""
 
 
+class PlannerConfig(Table):
+    """The [planner] table: what a planner actor (role = "planner" in [[nodes.actors]],
+    at most one per cluster) aims for; the rule is kvmesh/planner/policy.py's."""
+
+    ttft_target: Annotated[
+        float, doc("Time to first token the cluster aims for, in seconds.", gt=0)
+    ] = 1.0
+    itl_target: Annotated[
+        float, doc("Time between tokens of one request the cluster aims for, in seconds.", gt=0)
+    ] = 0.1
+    quantile: Annotated[
+        float,
+        doc("Which quantile of each interval's TTFT and ITL is held to the target.", gt=0, le=1),
+    ] = 0.9
+    high: Annotated[
+        float,
+        doc("A phase is short of workers when its quantile / target exceeds this.", gt=0),
+    ] = 1.0
+    low: Annotated[
+        float,
+        doc(
+            "A phase can give a worker when its quantile / target is below this (< high: "
+            "the band between them is the hysteresis).",
+            gt=0,
+        ),
+    ] = 0.7
+    patience: Annotated[
+        int, doc("Intervals in a row a switch must be wanted before it is made.", ge=1)
+    ] = 2
+    cooldown: Annotated[float, doc("Seconds after a switch before the next.", ge=0)] = 10.0
+    interval: Annotated[float, doc("Seconds between measurements.", gt=0)] = 2.0
+    min_prefill: Annotated[int, doc("Fewest prefill workers it leaves.", ge=0)] = 0
+    max_prefill: Annotated[int, doc("Most prefill workers it makes.", ge=0)] = 64
+    min_decode: Annotated[int, doc("Fewest decode workers it leaves.", ge=1)] = 1
+    max_decode: Annotated[int, doc("Most decode workers it makes.", ge=1)] = 64
+    metrics_port: Annotated[
+        int,
+        doc(
+            "HTTP port of the planner's /metrics (kvmesh_planner_decisions_total); 0 = none.",
+            ge=0,
+            le=65535,
+        ),
+    ] = 0
+
+
 class SecurityConfig(Table):
     """The [security] table."""
 
@@ -351,8 +396,8 @@ class ActorGroup(Table):
     role: Annotated[
         Role,
         doc(
-            "frontend (HTTP), router (one per cluster), prefill, decode, or cache (at most "
-            "one per node)."
+            "frontend (HTTP), router (one per cluster), prefill, decode, cache (at most "
+            "one per node), or planner (at most one per cluster; see [planner])."
         ),
     ]
     count: Annotated[int, doc("How many; 0 disables the entry.", ge=0)] = 1
@@ -426,6 +471,9 @@ class ClusterConfig(Table):
     frontend: Annotated[FrontendConfig, doc("The OpenAI-compatible HTTP server.")] = (
         FrontendConfig()
     )
+    planner: Annotated[
+        PlannerConfig, doc("Targets of the planner actor, where the cluster runs one.")
+    ] = PlannerConfig()
     security: Annotated[SecurityConfig, doc("CurveZMQ on every actor socket.")] = SecurityConfig()
     logging: Annotated[
         LoggingConfig, doc("The log file of `kvmesh up`; the terminal shows warnings.")

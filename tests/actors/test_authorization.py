@@ -60,7 +60,14 @@ def client(role: str, actor_id: str) -> Actor:
 
 
 @pytest.mark.parametrize(
-    "role, answered", [("frontend", True), ("operator", True), ("decode", False), ("cache", False)]
+    "role, answered",
+    [
+        ("frontend", True),
+        ("operator", True),
+        ("planner", True),
+        ("decode", False),
+        ("cache", False),
+    ],
 )
 def test_a_request_from_a_role_that_may_not_send_it_is_refused(role, answered):
     async def scenario():
@@ -77,7 +84,10 @@ def test_a_request_from_a_role_that_may_not_send_it_is_refused(role, answered):
     else:
         assert (reply.code, reply.message) == (
             ErrorCode.FORBIDDEN,
-            (f"StatusQuery may come from frontend, operator, not from {role}-0 (role {role})"),
+            (
+                f"StatusQuery may come from frontend, operator, planner, not from {role}-0 "
+                f"(role {role})"
+            ),
         )
 
 

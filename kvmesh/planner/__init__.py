@@ -1,0 +1,2 @@
+"""The planner: moves workers between the prefill and decode roles against TTFT and ITL
+targets (policy.py decides, window.py measures, kvmesh.actors.planner acts)."""
