@@ -229,6 +229,10 @@ def planner_command(
     planner_sets,
 ) -> None:
     """The shifting trace on fixed splits and on the planner: TTFT/ITL attainment."""
+    if plot_file is not None:
+        raise click.UsageError(
+            "bench planner draws no plot (--plot is for bench serve); --json FILE writes results"
+        )
     vocab_size, _ = model_shape(model_dir(model_path))
     trace = shifting_trace(
         vocab_size, phase_s, long_rate, chat_rate, (400, 800), 4, (16, 64), 48, seed
