@@ -60,9 +60,21 @@ def make_workload(
     return random_workload(vocab_size, seed, num_requests, shape.prompt_lens, shape.output_lens)
 
 
-def default_peer_python() -> str | None:
-    """This interpreter when it can import vLLM, else None (no peer)."""
+def find_peer_python(option: str | None) -> str | None:
+    """The interpreter that runs vLLM: --peer-python, else this one if it can import vllm,
+    else None (no vLLM side)."""
+    if option:
+        return option
     return sys.executable if importlib.util.find_spec("vllm") is not None else None
+
+
+peer_python_option = click.option(
+    "--peer-python",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Interpreter with vLLM installed to run the vLLM side [default: this one if it "
+    "can import vllm, else no vLLM side].",
+)
 
 
 def run_vllm_peer(python: str, request: dict, timeout: float = 3600) -> dict:
@@ -288,13 +300,7 @@ def _agree(a: list[list[int]], b: list[list[int]]) -> int:
     show_default=True,
     help="Weights and KV dtype of every side.",
 )
-@click.option(
-    "--peer-python",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="Interpreter with vLLM installed to run the vLLM side [default: this one if it "
-    "can import vllm, else no vLLM side].",
-)
+@peer_python_option
 @click.option(
     "--json",
     "json_file",
@@ -306,7 +312,7 @@ def engine_command(model_path, seed, threads, num_requests, dtype, peer_python, 
     """Engine vs transformers generate (padded batches of 8) and vLLM: useful output tok/s."""
     if threads is not None and threads < 1:
         raise click.BadParameter(f"must be at least 1, got {threads}", param_hint="--threads")
-    peer_python = peer_python or default_peer_python()
+    peer_python = find_peer_python(peer_python)
     result = bench_engine(model_path, seed, threads, num_requests, dtype, peer_python)
     if json_file:
         Path(json_file).write_text(json.dumps(result, indent=2))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -47,6 +46,7 @@ from kvmesh.bench.chat_load import (
     make_workload,
     summarize,
 )
+from kvmesh.bench.engine import find_peer_python, peer_python_option
 from kvmesh.models import resolve
 from kvmesh.progress import Progress
 
@@ -90,13 +90,6 @@ class HTTPTarget:
 
 
 # --- the servers ---
-
-
-def find_peer(option: str | None) -> str | None:
-    """The interpreter that runs vLLM: --peer-python, else this one if it imports vllm."""
-    if option:
-        return option
-    return sys.executable if importlib.util.find_spec("vllm") else None
 
 
 def tree_cpu_seconds(root: int) -> float:
@@ -420,13 +413,7 @@ def ratios(servers: dict) -> dict:
     show_default=True,
     help="Comma-separated: engine, vllm, serve, up.",
 )
-@click.option(
-    "--peer-python",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="Interpreter whose environment has vLLM [default: this one, if it imports vllm; "
-    "else vllm is left out].",
-)
+@peer_python_option
 @click.option(
     "--peer-arg",
     "peer_args",
@@ -475,7 +462,7 @@ def peer_command(
         raise click.BadParameter(str(exc), param_hint="--model") from exc
     workload = make_workload(model.path, num_requests, input_tokens, output_tokens, concurrency)
     options = {
-        "peer_python": find_peer(peer_python),
+        "peer_python": find_peer_python(peer_python),
         "peer_args": list(peer_args),
         "overrides": list(overrides),
     }
