@@ -45,8 +45,10 @@ def config_options(func):
     return func
 
 
-def load(config_path, overrides, model_path, http_port, resolve_model=False):
+def load(config_path, overrides, model_path, http_port, resolve_model=False, fit_machine=True):
     """The cluster config plus the argument list that reproduces it in a child process.
+    fit_machine: without a cluster.toml, the default cluster sized to this machine's cores
+    (False: the full default node, as for keys that must cover any size of it).
     resolve_model: a model.path that names a GGUF file or a short name (smollm2) becomes
     its imported directory here, once, so the children get that directory."""
     from kvmesh.config import ConfigError, load_config
@@ -54,7 +56,8 @@ def load(config_path, overrides, model_path, http_port, resolve_model=False):
 
     # no cluster.toml: the default cluster, fitted to this machine's cores (the user's
     # overrides come after, so they can ask for more workers)
-    overrides = [*(machine_overrides() if config_path is None else []), *overrides]
+    fitted = machine_overrides() if config_path is None and fit_machine else []
+    overrides = [*fitted, *overrides]
     if model_path is not None:
         overrides.append(f"model.path={model_path}")
     if http_port is not None:

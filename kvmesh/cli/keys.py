@@ -42,7 +42,8 @@ def generate(directory: Path, config_path, overrides, operators, force: bool, sl
     """Write a keypair for every actor of the cluster into DIRECTORY.
 
     Each actor gets NAME.key (public) and NAME.key_secret (mode 600), NAME being its id
-    (decode-0, ...). Keys already there are kept, so after adding nodes to cluster.toml,
+    (decode-0, ...). Without --config: every actor of the full default node (1 prefill, 2
+    decode), also where `kvmesh up` runs one worker on a small machine. Keys already there are kept, so after adding nodes to cluster.toml,
     running this again writes only the new actors' keys.
 
     To distribute: every node needs every .key file, and the .key_secret files of the
@@ -52,7 +53,9 @@ def generate(directory: Path, config_path, overrides, operators, force: bool, sl
     from kvmesh.cli.cluster import load
     from kvmesh.transport.keys import OPERATOR, check_name, generate
 
-    cfg, _ = load(config_path, overrides, None, None)
+    # without a cluster.toml: keys for the full default node (1 prefill + 2 decode), not
+    # the one worker `kvmesh up` runs on a small machine, so --set can ask for more later
+    cfg, _ = load(config_path, overrides, None, None, fit_machine=False)
     if slurm:
         from kvmesh.config import ConfigError
         from kvmesh.config.slurm import cluster_for, discover

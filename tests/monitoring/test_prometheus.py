@@ -22,7 +22,7 @@ import openai
 import pytest
 import yaml
 
-from kvmesh.bench.cluster import free_port_range, start_cluster
+from kvmesh.bench.cluster import DISAGGREGATED, free_port_range, start_cluster
 from tests.monitoring.deploy import PROMETHEUS, dashboard_queries, shortened
 from tests.polling import wait_until
 from tests.prompts import random_prompt, random_prompts
@@ -40,6 +40,7 @@ def cluster(tmp_path_factory, tiny_model_dir):
     c = start_cluster(
         tmp_path_factory.mktemp("monitored"),
         tiny_model_dir,
+        *DISAGGREGATED,  # 2 decode workers: the streams of the one killed move to the other
         f"frontend.max_num_requests={MAX_NUM_REQUESTS}",
     )  # liveness stays the default 3 x 1 s: shorter, a busy worker on 2 cores is taken for dead
     yield c
