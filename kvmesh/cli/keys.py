@@ -43,8 +43,9 @@ def generate(directory: Path, config_path, overrides, operators, force: bool, sl
 
     Each actor gets NAME.key (public) and NAME.key_secret (mode 600), NAME being its id
     (decode-0, ...). Without --config: every actor of the full default node (1 prefill, 2
-    decode), also where `kvmesh up` runs one worker on a small machine. Keys already there are kept, so after adding nodes to cluster.toml,
-    running this again writes only the new actors' keys.
+    decode), also where `kvmesh up` runs one worker on a small machine. Keys already
+    there are kept, so after adding nodes to cluster.toml, running this again writes only
+    the new actors' keys.
 
     To distribute: every node needs every .key file, and the .key_secret files of the
     actors it runs (plus operator.key_secret where `kvmesh status` runs). Running actors
