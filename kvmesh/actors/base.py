@@ -96,7 +96,7 @@ from kvmesh.protocol import (
     Welcome,
 )
 from kvmesh.transport import messaging
-from kvmesh.transport.keys import KeyRing
+from kvmesh.transport.keys import KeyRing, plays
 from kvmesh.transport.messaging import Buffer, Sockets
 
 log = structlog.get_logger(__name__)
@@ -635,7 +635,7 @@ class Actor:
         senders = self.senders.get(type(msg))
         if senders is not None:
             role = self.role_of(peer)
-            if role not in senders:
+            if not plays(role, senders):
                 return (
                     ErrorCode.FORBIDDEN,
                     f"{name} may come from {', '.join(sorted(senders))}, "

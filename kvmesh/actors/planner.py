@@ -43,6 +43,7 @@ class PlannerActorSettings:
 
     router_endpoint: str
     metrics_url: str  # the frontend's /metrics
+    metrics_key: str | None = None  # an API key, where the frontend's /metrics needs one
     router_id: str | None = None
     interval: float = 2.0
     policy: PlannerSettings = PlannerSettings()
@@ -155,7 +156,10 @@ class PlannerActor(Actor):
         return self.window.observe(text)
 
     def _scrape(self) -> str:
-        with urllib.request.urlopen(self.settings.metrics_url, timeout=SCRAPE_TIMEOUT) as reply:
+        request = urllib.request.Request(self.settings.metrics_url)
+        if self.settings.metrics_key:
+            request.add_header("Authorization", f"Bearer {self.settings.metrics_key}")
+        with urllib.request.urlopen(request, timeout=SCRAPE_TIMEOUT) as reply:
             return reply.read().decode()
 
     async def plan_once(self) -> Decision:

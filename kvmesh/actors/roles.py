@@ -201,12 +201,24 @@ def init_planner(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         router_endpoint=cfg.router_endpoint,
         router_id=cfg.router_id,
         metrics_url=f"{cfg.frontend_url}/metrics",
+        metrics_key=planner_metrics_key(cfg),
         interval=p.interval,
         policy=PlannerSettings(**fields),
         host=cfg.cluster.host,
         metrics_port=p.metrics_port,
     )
     return PlannerActor(actor_config(cfg, spec), settings)
+
+
+def planner_metrics_key(cfg: ClusterConfig) -> str | None:
+    """The API key the planner scrapes /metrics with: the first of the frontend's key
+    file (in sort order) when /metrics needs one, else None."""
+    frontend = cfg.frontend
+    if not (frontend.metrics_auth and frontend.api_key_file):
+        return None
+    from kvmesh.frontend.limits import read_api_keys
+
+    return min(read_api_keys(frontend.api_key_file))
 
 
 def node_cache(cfg: ClusterConfig, node: str) -> ActorSpec | None:

@@ -10,6 +10,7 @@ from kvmesh.actors.base import ActorConfig, PeerDeadError, RemoteError
 from kvmesh.actors.worker import DecodeWorker, PrefillWorker, WorkerSettings
 from kvmesh.engine.engine import RequestOutput
 from kvmesh.protocol import Error, ErrorCode, RoleSwitched, SwitchRole
+from kvmesh.transport.keys import SWITCHING
 
 
 class SwitchingWorker(DecodeWorker, PrefillWorker):
@@ -24,6 +25,14 @@ class SwitchingWorker(DecodeWorker, PrefillWorker):
     def __init__(self, config: ActorConfig, settings: WorkerSettings, role: str) -> None:
         self.role = role  # before Actor.__init__, which binds it into the log
         super().__init__(config, settings)
+        if self._keys is not None and self._keys.own.role != SWITCHING:
+            # a one-role key would be refused by every peer after the first switch
+            raise ValueError(
+                f"key {self._keys.own.name!r} is for the role {self._keys.own.role}; a "
+                "worker the planner switches needs a key for the role "
+                f'"{SWITCHING}": `kvmesh keys generate DIR --config cluster.toml --force` '
+                "writes them for a cluster with a planner"
+            )
 
     def handle_outputs(self, outputs: list[RequestOutput]) -> None:
         DecodeWorker.handle_outputs(self, outputs)  # streams: requests it decodes

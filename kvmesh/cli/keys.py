@@ -42,10 +42,11 @@ def generate(directory: Path, config_path, overrides, operators, force: bool, sl
     """Write a keypair for every actor of the cluster into DIRECTORY.
 
     Each actor gets NAME.key (public) and NAME.key_secret (mode 600), NAME being its id
-    (decode-0, ...). Without --config: every actor of the full default node (1 prefill, 2
-    decode), also where `kvmesh up` runs one worker on a small machine. Keys already
-    there are kept, so after adding nodes to cluster.toml, running this again writes only
-    the new actors' keys.
+    (decode-0, ...). In a cluster with a planner, workers' keys name the role "worker",
+    which the planner may switch between prefill and decode. Without --config: every
+    actor of the full default node (1 prefill, 2 decode), also where `kvmesh up` runs
+    one worker on a small machine. Keys already there are kept, so after adding nodes to
+    cluster.toml, running this again writes only the new actors' keys.
 
     To distribute: every node needs every .key file, and the .key_secret files of the
     actors it runs (plus operator.key_secret where `kvmesh status` runs). Running actors
@@ -66,7 +67,7 @@ def generate(directory: Path, config_path, overrides, operators, force: bool, sl
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from exc
     try:
-        identities = [(spec.actor_id, spec.role) for spec in cfg.actors]
+        identities = [(spec.actor_id, key_role(cfg, spec.role)) for spec in cfg.actors]
         identities += [(check_name(name), OPERATOR) for name in (OPERATOR, *operators)]
         written = generate(directory, identities, force=force)
     except (ValueError, OSError) as exc:
@@ -75,3 +76,12 @@ def generate(directory: Path, config_path, overrides, operators, force: bool, sl
     click.echo(f"wrote {len(written)} keypair(s) into {directory}: {', '.join(written) or '-'}")
     if kept:
         click.echo(f"kept {len(kept)} existing: {', '.join(kept)} (--force replaces them)")
+
+
+def key_role(cfg, role: str) -> str:
+    """The role a key names: a worker of a cluster with a planner gets a "worker" key,
+    which admits it in both worker roles (the planner switches between them)."""
+    from kvmesh.transport.keys import SWITCHING, SWITCHING_ROLES
+
+    planner = any(spec.role == "planner" for spec in cfg.actors)
+    return SWITCHING if planner and role in SWITCHING_ROLES else role

@@ -122,12 +122,6 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
     if roles["planner"] > 1:
         second = next(key for key, spec in book if spec.actor_id == "planner-1")
         fail(second, f"{roles['planner']} planners; expected at most one in the cluster")
-    if roles["planner"] and cfg.security.key_dir:
-        fail(
-            "security.key_dir",
-            "a planner switches workers' roles, and a worker's key names one role: "
-            "expected no keys where a planner runs, got a key directory",
-        )
     planner = cfg.planner
     if planner.low >= planner.high:
         fail("planner.low", f"expected < planner.high ({planner.high}), got {planner.low}")

@@ -13,9 +13,11 @@ A key directory (cluster.toml's `security.key_dir`, written by `kvmesh keys gene
                         use ($XDG_CACHE_HOME/kvmesh/hash_key): a one-host cluster's actors
                         all read the same.
 
-`name` is an actor id of the cluster (router-0, decode-1, ...) with that actor's role,
-or an operator (role "operator": `kvmesh status`, a person's tools), whose connections
-say Hello as `<name>` or `<name>:<anything>`, so several may be open at once.
+`name` is an actor id of the cluster (router-0, decode-1, ...) with that actor's role
+("worker" for a prefill or decode worker of a cluster with a planner, which may switch
+it between the two), or an operator (role "operator": `kvmesh status`, a person's
+tools), whose connections say Hello as `<name>` or `<name>:<anything>`, so several may
+be open at once.
 
 Who proves what:
     bound socket     the ZAP handler admits a client only if its public key is in the
@@ -49,11 +51,21 @@ import zmq
 from kvmesh.transport.private_dir import own_dir, private_dir
 
 OPERATOR = "operator"
-ACTOR_ROLES = ("router", "frontend", "prefill", "decode", "cache")
-KEY_ROLES = (*ACTOR_ROLES, OPERATOR)
+SWITCHING = "worker"  # the key role of a worker a planner moves between SWITCHING_ROLES
+SWITCHING_ROLES = frozenset({"prefill", "decode"})
+ACTOR_ROLES = ("router", "frontend", "prefill", "decode", "cache", "planner")
+KEY_ROLES = (*ACTOR_ROLES, SWITCHING, OPERATOR)
 RELOAD_INTERVAL = 1.0  # seconds between rereads of the directory for an unknown key
 HASH_KEY_FILE = "cluster.hash_key"
 HASH_KEY_BYTES = 32
+
+
+def plays(role: str | None, senders: frozenset[str]) -> bool:
+    """May an actor of `role` (a key's or a Hello's) send what `senders` may send? A
+    "worker" key plays both worker roles: its planner moves it between them."""
+    if role == SWITCHING:
+        return bool(senders & SWITCHING_ROLES)
+    return role in senders
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,10 @@ class Identity:
     public: bytes  # z85, as ZeroMQ's curve options take it
 
     def admits(self, actor_id: str, role: str) -> bool:
-        """May a connection holding this key say Hello as actor_id in role?"""
+        """May a connection holding this key say Hello as actor_id in role? A "worker"
+        key (a cluster with a planner) is its worker's in either worker role."""
+        if self.role == SWITCHING:
+            return role in SWITCHING_ROLES and actor_id == self.name
         if role != self.role:
             return False
         if self.role == OPERATOR:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -43,14 +45,36 @@ def metrics_port() -> int:
     return free_port()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, tiny_model_dir, metrics_port):
+API_KEY = "planner-test-key"
+
+
+@pytest.fixture(scope="module", params=["open", "keys"])
+def cluster(request, tmp_path_factory, tiny_model_dir, metrics_port):
     """frontend, router, prefill-0, decode-0, decode-1 and a planner (in the cache
     actor's place) whose targets make prefill short and decode spare: TTFT over any
-    measurable target, ITL far under its own. One switch (long cooldown)."""
+    measurable target, ITL far under its own. One switch (long cooldown). "keys": every
+    actor holds a CurveZMQ key (the workers' name the role "worker", which the planner
+    switches) and /metrics needs an API key (the planner scrapes with the key file's)."""
+    directory = tmp_path_factory.mktemp("planner")
+    secured = []
+    if request.param == "keys":
+        planner = "nodes.0.actors.4.role=planner"
+        subprocess.run(
+            [sys.executable, "-m", "kvmesh", "keys", "generate", str(directory / "keys")]
+            + ["--set", planner],
+            check=True,
+            capture_output=True,
+        )
+        (directory / "api_keys").write_text(f"{API_KEY}\n")
+        secured = [
+            f"security.key_dir={directory / 'keys'}",
+            f"frontend.api_key_file={directory / 'api_keys'}",
+            "frontend.metrics_auth=true",
+        ]
     c = start_cluster(
-        tmp_path_factory.mktemp("planner"),
+        directory,
         tiny_model_dir,
+        *secured,
         # explicit counts: without a cluster.toml, a small machine gets one worker
         "nodes.0.actors.2.count=1",
         "nodes.0.actors.3.count=2",
@@ -63,11 +87,12 @@ def cluster(tmp_path_factory, tiny_model_dir, metrics_port):
         "planner.cooldown=3600",
         f"planner.metrics_port={metrics_port}",
     )
+    c.headers = {"Authorization": f"Bearer {API_KEY}"} if secured else {}
     yield c
     assert c.stop() == 0, c.log.read_text()[-3000:]
 
 
-def complete(url: str, model: str, prompt: list[int]) -> str:
+def complete(url: str, model: str, prompt: list[int], headers: dict) -> str:
     """One streamed completion's text; raises on an error status or a stream error."""
     body = {
         "model": model,
@@ -78,7 +103,9 @@ def complete(url: str, model: str, prompt: list[int]) -> str:
         "stream": True,
     }
     text = []
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as reply:
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json=body, headers=headers, timeout=120
+    ) as reply:
         reply.raise_for_status()
         for line in reply.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -94,7 +121,7 @@ def test_planner_switches_a_worker_without_losing_a_request(cluster, tiny_model_
     engine = Engine.from_pretrained(tiny_model_dir, num_blocks=512)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     expected = [out.text for out in engine.generate(prompts, params)]
-    model = httpx.get(f"{cluster.url}/v1/models").json()["data"][0]["id"]
+    model = httpx.get(f"{cluster.url}/v1/models", headers=cluster.headers).json()["data"][0]["id"]
 
     switched = threading.Event()
     results: list[tuple[int, str | BaseException, bool]] = []  # prompt, text, after switch
@@ -105,7 +132,9 @@ def test_planner_switches_a_worker_without_losing_a_request(cluster, tiny_model_
         while stop_at is None or time.monotonic() < stop_at:
             after = switched.is_set()
             try:
-                results.append((n % 6, complete(cluster.url, model, prompts[n % 6]), after))
+                results.append(
+                    (n % 6, complete(cluster.url, model, prompts[n % 6], cluster.headers), after)
+                )
             except Exception as exc:  # every failure is reported below, none lost
                 results.append((n % 6, exc, after))
             n += 4
@@ -139,4 +168,4 @@ def test_planner_switches_a_worker_without_losing_a_request(cluster, tiny_model_
     assert planner_metric(metrics_port, "to_decode", "switched") == 0.0
     # requests after the switch: one decode worker, two prefill workers
     for i in range(6):
-        assert complete(cluster.url, model, prompts[i]) == expected[i]
+        assert complete(cluster.url, model, prompts[i], cluster.headers) == expected[i]

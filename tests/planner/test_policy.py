@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvmesh.config import ConfigError, load_config
+from kvmesh.actors.base import ActorConfig
+from kvmesh.actors.switching import SwitchingWorker
+from kvmesh.actors.worker import WorkerSettings
+from kvmesh.config import load_config
 from kvmesh.planner.policy import (
     Measurements,
     PlannerSettings,
@@ -13,6 +16,7 @@ from kvmesh.planner.policy import (
     decide,
 )
 from kvmesh.planner.window import ITL, TTFT, LatencyWindow, quantile
+from kvmesh.transport.keys import generate
 
 SETTINGS = PlannerSettings(
     ttft_target=1.0, itl_target=0.1, high=1.0, low=0.7, patience=1, cooldown=10.0
@@ -149,11 +153,23 @@ def test_window_takes_the_interval_difference():
     assert third == {TTFT: pytest.approx(0.05), ITL: None}
 
 
-def test_a_planner_with_keys_is_refused():
-    with pytest.raises(ConfigError) as refused:
-        load_config(None, ["nodes.0.actors.4.role=planner", "security.key_dir=/tmp/keys"])
-    assert refused.value.key == "security.key_dir"
+def test_a_planner_with_keys_loads():
+    cfg = load_config(None, ["nodes.0.actors.4.role=planner", "security.key_dir=/tmp/keys"])
+    assert sorted(spec.role for spec in cfg.actors).count("planner") == 1
+
+
+def test_a_switching_worker_with_a_one_role_key_is_refused(tmp_path):
+    """Its own role's key passes the actor's check, but peers would refuse it once the
+    planner switched it: refused at start instead."""
+    generate(tmp_path / "keys", [("decode-0", "decode")])
+    config = ActorConfig(actor_id="decode-0", key_dir=tmp_path / "keys")
+    settings = WorkerSettings("m", "m", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2", "tcp://x:3")
+
+    with pytest.raises(ValueError) as refused:
+        SwitchingWorker(config, settings, "decode")
+
     assert str(refused.value) == (
-        "security.key_dir: a planner switches workers' roles, and a worker's key names one "
-        "role: expected no keys where a planner runs, got a key directory"
+        "key 'decode-0' is for the role decode; a worker the planner switches needs a "
+        'key for the role "worker": `kvmesh keys generate DIR --config cluster.toml --force` '
+        "writes them for a cluster with a planner"
     )

@@ -15,7 +15,7 @@ import zmq
 import zmq.auth
 
 from kvmesh.protocol import MalformedMessage, Ping, decode
-from kvmesh.transport.keys import Identity, KeyRing, generate, hash_key
+from kvmesh.transport.keys import Identity, KeyRing, generate, hash_key, plays
 from kvmesh.transport.messaging import Sockets, send, split, user_of
 
 pytestmark = pytest.mark.timeout(30)
@@ -234,10 +234,32 @@ def test_key_ring_reads_keys_added_later(tmp_path, monkeypatch):
         ("operator", "operator", "operator:123", "operator", True),
         ("operator", "operator", "operatorx", "operator", False),
         ("decode-0", "decode", "decode-0:1", "decode", False),
+        ("decode-0", "worker", "decode-0", "decode", True),
+        ("decode-0", "worker", "decode-0", "prefill", True),
+        ("decode-0", "worker", "decode-1", "prefill", False),
+        ("decode-0", "worker", "decode-0", "router", False),
+        ("decode-0", "worker", "decode-0", "worker", False),
+        ("planner-0", "planner", "planner-0", "planner", True),
     ],
 )
 def test_identity_admits_only_its_own_id_and_role(name, role, actor_id, claimed, admitted):
     assert Identity(name, role, b"x" * 40).admits(actor_id, claimed) is admitted
+
+
+@pytest.mark.parametrize(
+    "role, senders, may",
+    [
+        ("decode", frozenset({"decode"}), True),
+        ("prefill", frozenset({"decode"}), False),
+        ("worker", frozenset({"decode"}), True),
+        ("worker", frozenset({"prefill", "decode"}), True),
+        ("worker", frozenset({"frontend"}), False),
+        ("worker", frozenset({"planner"}), False),
+        (None, frozenset({"frontend"}), False),
+    ],
+)
+def test_a_worker_key_plays_both_worker_roles_and_nothing_else(role, senders, may):
+    assert plays(role, senders) is may
 
 
 def test_generate_writes_a_keypair_per_name_owner_only_and_keeps_existing(tmp_path):
@@ -291,6 +313,25 @@ def test_cli_keys_generate_writes_every_actor_of_the_cluster_and_keeps_existing(
     names = {path.name.split(".")[0] for path in directory.iterdir()}
     assert names == {*actors.split(", "), "operator", "alice", "cluster"}  # cluster.hash_key
     assert len(hash_key(directory)) == 32
+
+
+def test_cli_keys_generate_gives_a_planners_workers_worker_keys(tmp_path):
+    directory = tmp_path / "keys"
+    done = kvmesh_cli("keys", "generate", str(directory), "--set", "nodes.0.actors.4.role=planner")
+    roles = {
+        name: KeyRing(directory, name).own.role
+        for name in ("frontend-0", "router-0", "prefill-0", "decode-0", "decode-1", "planner-0")
+    }
+
+    assert done.returncode == 0, done.stderr
+    assert roles == {
+        "frontend-0": "frontend",
+        "router-0": "router",
+        "prefill-0": "worker",
+        "decode-0": "worker",
+        "decode-1": "worker",
+        "planner-0": "planner",
+    }
 
 
 def test_the_hash_key_is_the_directorys_or_one_per_user_made_once(tmp_path, monkeypatch):
