@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmesh.bench.router_index import bench_index, index_command
+from kvmesh.bench.index_workload import make_conversation_trace
+from kvmesh.bench.router_index import AnswerMismatch, bench_index, check_answers, index_command
 from kvmesh.protocol import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, Heartbeat
 from kvmesh.router.kv_index import KVIndex, Overlap
 
@@ -250,39 +251,55 @@ def write_trace(path, requests: list[list[int]]):
 TINY_TRACE = [[0, 1, 2], [0, 1, 3], [4, 5], [0, 1, 2, 6], [4, 7], [0, 8], [9], [0, 1, 2, 6, 10]]
 
 
-def test_bench_index_agrees_with_the_naive_index(tmp_path):
+def test_bench_index_answers_agree_with_the_naive_index(tmp_path):
     trace = write_trace(tmp_path / "trace.jsonl", TINY_TRACE)
-    result = bench_index(trace, workers=2, capacity_blocks=4, in_flight=2, repeats=1, dynamo=False)
+    result = bench_index(trace, workers=2, capacity_blocks=4, in_flight=2, repeats=2, dynamo=False)
     assert result["requests"] == 8
     assert result["blocks"] == 22
     assert result["unique_blocks"] == 11
-    assert result["kvmesh"]["lookups_disagreeing"] == 0
-    assert result["naive"]["lookups_disagreeing"] == 0
+    assert result["workers_used"] == 2
     assert result["hit_blocks"] > 0
     assert result["dynamo"] is None
     assert result["dynamo_unavailable"] == "disabled (--no-dynamo)"
     assert result["ratio_vs_naive"] > 0
+    assert result["ratio_vs_dynamo"] is None
 
 
 def test_bench_index_agrees_with_dynamo_when_installed(tmp_path):
     pytest.importorskip("dynamo.llm")
     trace = write_trace(tmp_path / "trace.jsonl", TINY_TRACE)
-    result = bench_index(trace, workers=2, capacity_blocks=4, in_flight=2, repeats=1)
-    assert result["dynamo"]["lookups_disagreeing"] == 0
+    result = bench_index(trace, workers=3, capacity_blocks=4, in_flight=2, repeats=1)
+    assert result["dynamo"]["lookups_per_s"] > 0
     assert result["ratio_vs_dynamo"] > 0
 
 
-def test_bench_index_command_writes_json(tmp_path):
+def test_a_disagreeing_index_fails_the_benchmark_naming_the_lookup():
+    ops = [("lookup", [1, 2]), ("event", "w0", None), ("lookup", [1, 2, 3])]
+    kvmesh = [{}, {"w0": 2, "w1": 1}]
+    naive = [{}, {"w0": 3, "w1": 1}]
+    check_answers(("kvmesh", kvmesh), ("naive", kvmesh), ops)  # equal: no error
+    with pytest.raises(AnswerMismatch) as error:
+        check_answers(("kvmesh", kvmesh), ("naive", naive), ops)
+    assert error.value.message == (
+        "lookup 1 (3 blocks): naive and kvmesh disagree on workers ['w0']: "
+        "naive {'w0': 3}, kvmesh {'w0': 2}"
+    )
+
+
+def test_bench_index_command_runs_the_grid_and_writes_json(tmp_path):
     trace = write_trace(tmp_path / "trace.jsonl", TINY_TRACE)
     out = tmp_path / "index.json"
-    run = CliRunner().invoke(
-        index_command, ["--trace", str(trace), "--repeats", "1", "--no-dynamo", "--json", str(out)]
-    )
+    args = ["--trace", str(trace), "--workers", "2", "--workers", "3", "--repeats", "1"]
+    run = CliRunner().invoke(index_command, [*args, "--no-dynamo", "--json", str(out)])
     assert run.exit_code == 0, run.output
-    assert "lookups/s ratio: kvmesh vs naive" in run.output
+    assert "trace.jsonl                    2" in run.output
+    assert "trace.jsonl                    3" in run.output
     assert "block hash (16-token blocks, frontends and workers): keyed BLAKE2b-128" in run.output
     result = json.loads(out.read_text())
-    assert result["requests"] == 8
+    assert [(r["requests"], r["workers"], r["in_flight"]) for r in result["runs"]] == [
+        (8, 2, 4),
+        (8, 3, 6),
+    ]
     assert result["block_hash"]["keyed_blake2b_128_ns"] > 0 < result["block_hash"]["xxh3_64_ns"]
 
 
@@ -290,4 +307,27 @@ def test_bench_index_command_names_a_missing_trace(tmp_path):
     run = CliRunner().invoke(index_command, ["--trace", str(tmp_path / "nope.jsonl")])
     assert run.exit_code != 0
     assert "trace not found" in run.output
-    assert "--trace" in run.output
+    assert "--trace conversation" in run.output
+
+
+# --- the multi-turn conversation trace ---
+
+
+def test_conversation_turns_resend_the_history_but_its_last_block():
+    requests = make_conversation_trace(2000, concurrent=8, system_prompts=3, seed=1)
+    assert len(requests) == 2000
+    firsts = {r[0] for r in requests}
+    assert len(firsts) == 3  # every request opens with one of the shared system prompts
+    parent: dict = {}
+    for request in requests:  # chained ids: an id always follows the same id
+        for before, block in zip((None, *request), request, strict=False):
+            assert parent.setdefault(block, before) == before, (block, before)
+    extends = sum(
+        any(
+            later[: len(r) - 1] == r[:-1] and len(later) > len(r) - 1
+            for later in requests[i + 1 :][:40]
+        )
+        for i, r in enumerate(requests[:200])
+    )
+    assert extends > 150  # most turns come back as a longer prompt sharing all but one block
+    assert make_conversation_trace(50, seed=1) == make_conversation_trace(50, seed=1)
