@@ -37,6 +37,7 @@ from kvmesh.router.policy import Router, RouterSettings, WorkerState
 
 TRACE_BLOCK_TOKENS = 512  # Mooncake: one hash id per 512 prompt tokens
 CONVERSATION = "conversation"  # --trace value naming the trace made here
+LOOKUP_BATCH = 32  # requests looked up between two batches of their events
 
 
 def load_requests(trace: str | Path) -> list[list[int]]:
@@ -89,22 +90,34 @@ def make_conversation_trace(
 
 
 def make_ops(
-    requests: list[list[int]], num_workers: int, capacity_blocks: int, in_flight: int
+    requests: list[list[int]],
+    num_workers: int,
+    capacity_blocks: int,
+    in_flight: int,
+    batch: int = LOOKUP_BATCH,
 ) -> tuple[list[tuple], dict]:
-    """The replay's op stream: ("lookup", hashes) and ("event", worker, event), in order.
+    """The replay's op stream: ("lookups", [hashes, ...]) for `batch` requests, then
+    ("events", [(worker, event), ...]) for what those requests made the workers emit.
 
     A kvmesh Router (policy kv, no load reports, `in_flight` requests outstanding)
     places each request on one of `num_workers` workers, each an LRU prefix cache of
     `capacity_blocks` blocks emitting BlockRemoved / BlockStored as a real pool would.
+    The router sees every event at once; an index replaying the stream sees a batch's
+    events after its lookups, as a router sees events a few requests late.
     """
     router = Router(RouterSettings(policy="kv"))
     index = KVIndex()
     workers = [WorkerState(worker_id=f"w{i}", role="decode") for i in range(num_workers)]
     caches: dict[str, OrderedDict[int, None]] = {w.worker_id: OrderedDict() for w in workers}
     ops: list[tuple] = []
+    events: list[tuple[str, object]] = []
     hit_blocks = 0
     for request_id, hashes in enumerate(requests):
-        ops.append(("lookup", hashes))
+        if request_id % batch == 0:
+            ops += [("events", events)] if events else []
+            ops.append(("lookups", []))
+            events = []
+        ops[-1][1].append(hashes)
         placement = router.choose(
             hashes, len(hashes) * TRACE_BLOCK_TOKENS, TRACE_BLOCK_TOKENS, workers, index
         )
@@ -115,17 +128,19 @@ def make_ops(
         worker_id = placement.decode
         for event in worker_events(caches[worker_id], hashes[:capacity_blocks], capacity_blocks):
             index.apply(worker_id, event)
-            ops.append(("event", worker_id, event))
+            events.append((worker_id, event))
+    ops += [("events", events)] if events else []
+    all_events = [item for kind, items in ops if kind == "events" for item in items]
     stats = {
         "requests": len(requests),
         "blocks": sum(map(len, requests)),
         "unique_blocks": len({h for r in requests for h in r}),
-        "events": sum(op[0] == "event" for op in ops),
+        "events": len(all_events),
+        "event_blocks": sum(len(event.block_hashes) for _, event in all_events),
         "hit_blocks": hit_blocks,
-        "workers_used": len({op[1] for op in ops if op[0] == "event"}),
+        "hit_rate": hit_blocks / max(1, sum(map(len, requests))),
+        "workers_used": len({worker for worker, _ in all_events}),
     }
-    stats["event_blocks"] = sum(len(op[2].block_hashes) for op in ops if op[0] == "event")
-    stats["hit_rate"] = hit_blocks / max(1, stats["blocks"])
     return ops, stats
 
 
