@@ -14,12 +14,21 @@ Holders of one block are one int, three bits per worker slot (a "lane"):
 
     holders = 0b 010 000 001   slot 2 holds it on host, slot 0 on device, slot 1 not at all
 
-Consecutive blocks of a request usually have equal holder ints (the same workers
-stored the same prefix), so the walk only compares ints per block and does per-worker
-work once per run of equal ints. A block held in several tiers of one worker counts
-once, at its fastest tier. (Measured on the Mooncake trace, a plain loop with `in`
-beat itertools.groupby over map(dict.get) and a per-worker dict walk; see
-`kvmesh bench index`.)
+The walk. A worker's run goes on while it holds the block in some tier, so the set of
+running lanes only shrinks, and only where the holder int changes. Consecutive blocks of
+a request usually have equal holder ints (the same workers stored the same prefix), so
+per block the walk does one dict get and one `is` (holder ints are canonical: one int
+object per distinct value, so `is` is `==`, and few objects stay in cache). Where the
+int changes, the lanes that drop out end their runs there:
+
+    block        0     1     2     3     4
+    holders     {a,b,c} same {a,c} same {c}   -> b: 2 blocks, a: 4, c: 5 (end of request)
+
+Each ending set of lanes becomes worker ids once (decoded with itertools.compress over
+the int's binary digits, cached per lane set: the same sets recur request after
+request), and its workers share one Overlap(n, 0, 0). A block held off device by some
+lane switches to a slower walk that also tallies host and disk blocks per worker; a
+block held in several tiers of one worker counts once, at its fastest tier.
 
 BlockStored.parent_hash is not needed: the chain is already inside each hash.
 """
@@ -27,17 +36,16 @@ BlockStored.parent_hash is not needed: the chain is already inside each hash.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Iterator, Sequence
-from itertools import chain, compress
+from itertools import compress
 from typing import NamedTuple
 
 from kvmesh.protocol import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 LANE_BITS = len(TIERS)  # device, host, disk
-LANE_MASK = (1 << LANE_BITS) - 1
 _TIER_INDEX = {tier: i for i, tier in enumerate(TIERS)}
-# lane value (a 3-bit tier mask) -> index of its fastest tier (the lowest set bit)
 _FLAG_BYTES = bytes.maketrans(b"01", b"\x00\x01")
 CANONICAL_MIN = 4096  # distinct holder values kept before unused ones are forgotten
+FEW_LANES = 6  # lane sets up to this size are decoded bit by bit (see _workers_of)
 LANE_CACHE_SIZE = 4096  # lane sets whose worker ids KVIndex keeps decoded
 _DEVICE_RUNS: dict[int, Overlap] = {}  # n -> Overlap(n, 0, 0), shared: it is immutable
 
@@ -74,6 +82,7 @@ class KVIndex:
         # one int object per distinct holder value, so the walk compares with `is`
         self._canonical: dict[int, int] = {}
         self._canonical_limit = CANONICAL_MIN
+        self._num_off_device = 0  # blocks some worker holds on host or disk
         # worker id -> per tier, the block hashes it holds there
         self._held: dict[Hashable, tuple[set[int], ...]] = {}
         self._on_event = {
@@ -132,12 +141,11 @@ class KVIndex:
         value = get(next(blocks, None))
         if value is None:
             return {}  # most requests of a trace: nobody holds the first block
-        off_device_bits = self._off_device_bits
-        if value & off_device_bits:
+        if self._num_off_device:
             running = (value | value >> 1 | value >> 2) & self._lane_lows
-            return self._overlaps_tiered(blocks, value, running, {}, 0, 1)
+            return self._overlaps_tiered(blocks, value, running)
         running = value  # device bits only: the lanes whose run goes on
-        ends: list[tuple[int, int]] = []  # (lanes whose runs end, blocks in those runs)
+        ends: list[tuple[int, int, int]] = []  # (running lanes, those ending, run length)
         position = 1
         for block_hash in blocks:
             held = get(block_hash)
@@ -146,48 +154,51 @@ class KVIndex:
                 continue
             if held is None:
                 break
-            if held & off_device_bits:
-                blocks = chain((block_hash,), blocks)  # read again, on the tier-aware walk
-                answer = self._settle_device_runs(ends)
-                return self._overlaps_tiered(blocks, value, running, answer, position, position)
             still = running & held
             if still != running:
-                ends.append((running ^ still, position))
+                ends.append((running, running ^ still, position))
                 if not still:
                     return self._settle_device_runs(ends)
-                running = still
+                running = held if still == held else still
             value = held
             position += 1
-        ends.append((running, position))
+        ends.append((running, running, position))
         return self._settle_device_runs(ends)
 
-    def _settle_device_runs(self, ends: list[tuple[int, int]]) -> dict[Hashable, Overlap]:
-        """The answer for runs held on device only: (lanes, blocks in their runs) each."""
+    def _settle_device_runs(self, ends: list[tuple[int, int, int]]) -> dict[Hashable, Overlap]:
+        """The answer for runs held on device only, from the walk's (running lanes,
+        lanes whose runs end there, blocks in their runs), in walk order.
+
+        Giving the run length to the whole running set is as right as giving it to the
+        ending lanes alone, since deeper entries overwrite it for the lanes that go on;
+        the running set is often a block's whole holder set, seen (and decoded) before,
+        where the ending set is a difference that may be new.
+        """
         lane_workers = self._lane_workers
-        if len(ends) == 1:
-            lanes, num_blocks = ends[0]
-            workers = lane_workers.get(lanes) or self._workers_of(lanes)
-            return dict.fromkeys(workers, _DEVICE_RUNS.get(num_blocks) or _device_run(num_blocks))
-        answer: dict[Hashable, Overlap] = {}
-        for lanes, num_blocks in ends:
-            workers = lane_workers.get(lanes) or self._workers_of(lanes)
+        answer: dict[Hashable, Overlap] | None = None
+        for running, ending, num_blocks in ends:
+            workers = lane_workers.get(ending)
+            if workers is None:
+                workers = lane_workers.get(running)
+                if workers is None:
+                    recurs = self._canonical.get(running) is running
+                    workers = self._workers_of(running if recurs else ending)
             overlap = _DEVICE_RUNS.get(num_blocks) or _device_run(num_blocks)
-            answer.update(dict.fromkeys(workers, overlap))
+            if answer is None:
+                answer = dict.fromkeys(workers, overlap)
+            else:
+                answer.update(dict.fromkeys(workers, overlap))
+        assert answer is not None, "a walk ends at least once"
         return answer
 
     def _overlaps_tiered(
-        self,
-        blocks: Iterator[int],
-        value: int,
-        running: int,
-        answer: dict[Hashable, Overlap],
-        segment_start: int,
-        position: int,
+        self, blocks: Iterator[int], value: int, running: int
     ) -> dict[Hashable, Overlap]:
-        """overlaps() once a block is held off device: the same walk, from `position`
-        (the next block `blocks` yields) on, tallying host and disk blocks per worker.
-        Blocks segment_start .. position - 1 all have holders `value`."""
+        """overlaps() while some block is held off device: the same walk from block 1
+        on (block 0 has holders `value`), tallying host and disk blocks per worker."""
         get = self._holders.get
+        answer: dict[Hashable, Overlap] = {}
+        segment_start, position = 0, 1
         off_device: dict[int, list[int]] = {}  # lane's lowest bit -> [host, disk] blocks
         for block_hash in blocks:
             held = get(block_hash)
@@ -225,13 +236,22 @@ class KVIndex:
 
     def _workers_of(self, lanes: int) -> tuple[Hashable, ...]:
         """The worker ids of a lane-bit set; cached, as the same sets recur request after
-        request (and decoding a 3,000-bit int costs more than hashing it)."""
+        request (and decoding a 3,000-bit int costs more than hashing it). A few lanes
+        are peeled off one by one; more, by one pass over the int's binary digits."""
         workers = self._lane_workers.get(lanes)
         if workers is None:
             if len(self._lane_workers) >= LANE_CACHE_SIZE:
                 self._lane_workers.clear()
-            flags = bin(lanes)[:1:-1][::LANE_BITS].encode().translate(_FLAG_BYTES)
-            workers = tuple(compress(self._worker_by_slot, flags))
+            if lanes.bit_count() <= FEW_LANES:
+                worker_at_bit, found, rest = self._worker_at_bit, [], lanes
+                while rest:
+                    low = rest & -rest
+                    found.append(worker_at_bit[low.bit_length() - 1])
+                    rest ^= low
+                workers = tuple(found)
+            else:
+                flags = bin(lanes)[:1:-1][::LANE_BITS].encode().translate(_FLAG_BYTES)
+                workers = tuple(compress(self._worker_by_slot, flags))
             self._lane_workers[lanes] = workers
         return workers
 
@@ -260,14 +280,20 @@ class KVIndex:
         holders = self._holders
         get = holders.get
         canonical = self._canonical
+        off_device_bits = self._off_device_bits
+        counting = bit & off_device_bits  # stored on host or disk
         before = after = None  # consecutive blocks mostly share one holder value
+        newly_off_device = added = 0
         for block_hash in event.block_hashes:
             value = get(block_hash, 0)
             if value is not before:
                 before = value
                 after = value | bit
                 after = canonical.setdefault(after, after)
+                newly_off_device = 1 if counting and not value & off_device_bits else 0
             holders[block_hash] = after
+            added += newly_off_device
+        self._num_off_device += added
         self._held[worker_id][_TIER_INDEX[event.tier]].update(event.block_hashes)
         if len(canonical) > self._canonical_limit:
             self._recanonicalize()
@@ -292,18 +318,26 @@ class KVIndex:
     def _drop(self, bit: int, block_hashes: Iterable[int]) -> None:
         holders = self._holders
         canonical = self._canonical
+        off_device_bits = self._off_device_bits
+        counting = bit & off_device_bits  # dropped from host or disk
         keep = ~bit
         before = after = None
+        no_longer_off_device = removed = 0
         for block_hash in block_hashes:
             value = holders[block_hash]
             if value is not before:
                 before = value
                 after = value & keep
                 after = canonical.setdefault(after, after)
+                no_longer_off_device = (
+                    1 if counting and value & off_device_bits and not after & off_device_bits else 0
+                )
             if after:
                 holders[block_hash] = after
             else:
                 del holders[block_hash]
+            removed += no_longer_off_device
+        self._num_off_device -= removed
         if len(canonical) > self._canonical_limit:
             self._recanonicalize()
 

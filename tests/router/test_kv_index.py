@@ -21,6 +21,7 @@ from kvmesh.bench.router_index import (
     index_command,
 )
 from kvmesh.protocol import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, Heartbeat
+from kvmesh.router import kv_index
 from kvmesh.router.kv_index import KVIndex, Overlap
 
 
@@ -272,7 +273,28 @@ def test_overlaps_match_the_naive_index_on_random_streams(num_workers, num_ops):
         answer = index.overlaps(request)
         assert answer == naive.overlaps(request), (worker, event, request)
         lookups += bool(answer)
+    off_device = {h for blocks in naive.blocks.values() for h, mask in blocks.items() if mask > 1}
+    assert index._num_off_device == len(off_device)  # picks the tier-aware walk or not
     assert lookups > num_ops // 3  # many lookups matched some worker: the test has teeth
+
+
+def test_unused_holder_values_are_forgotten_and_answers_stay_exact(monkeypatch):
+    monkeypatch.setattr(kv_index, "CANONICAL_MIN", 8)
+    rng = random.Random(5)
+    index, naive = KVIndex(), NaiveIndex()
+    most = 0
+    for worker, event, request in random_stream(rng, 8, 600, 60):
+        if event is None:
+            index.remove_worker(worker)
+            naive.blocks.pop(worker, None)
+        else:
+            index.apply(worker, event)
+            naive.apply(worker, event)
+        assert index.overlaps(request) == naive.overlaps(request)
+        live = len(set(index._holders.values()))
+        most = max(most, len(index._canonical))
+        assert len(index._canonical) <= max(8, 2 * live) + 60  # one event adds <= 60
+    assert most > 8  # the limit was reached: values were forgotten at least once
 
 
 @settings(max_examples=200, deadline=None)
