@@ -3,6 +3,7 @@ a property test against a plain reference model, the torch-free rule, and the in
 benchmark on a tiny trace."""
 
 import json
+import random
 import subprocess
 import sys
 
@@ -11,8 +12,16 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmesh.bench.router_index import bench_index, index_command
+from kvmesh.bench.index_workload import make_conversation_trace
+from kvmesh.bench.router_index import (
+    AnswerMismatch,
+    NaiveIndex,
+    bench_index,
+    check_answers,
+    index_command,
+)
 from kvmesh.protocol import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, Heartbeat
+from kvmesh.router import kv_index
 from kvmesh.router.kv_index import KVIndex, Overlap
 
 
@@ -224,6 +233,89 @@ def test_overlaps_match_a_reference_model(ops, requests):
     assert len(index) == len(set().union(*(s for t in held.values() for s in t.values())))
 
 
+# --- property: KVIndex answers what the benchmark's NaiveIndex answers ---
+
+
+def random_stream(rng: random.Random, num_workers: int, num_ops: int, num_hashes: int):
+    """(worker, event or None for remove_worker, request) triples: prefix-shaped stores
+    (runs of consecutive hashes from a random start, as chained prefixes are), random
+    removals and clears, on all tiers."""
+    for _ in range(num_ops):
+        worker = f"w{rng.randrange(num_workers)}"
+        tier = rng.choice(TIERS)
+        kind = rng.random()
+        start = rng.randrange(num_hashes)
+        run = list(range(start, min(num_hashes, start + rng.randrange(1, 12))))
+        if kind < 0.6:
+            event = stored(*run, tier=tier)
+        elif kind < 0.9:
+            event = removed(*rng.sample(range(num_hashes), rng.randrange(1, 6)), tier=tier)
+        elif kind < 0.97:
+            event = cleared(tier)
+        else:
+            event = None
+        first = rng.randrange(num_hashes // 4)
+        yield worker, event, list(range(first, first + rng.randrange(0, 20)))
+
+
+@pytest.mark.parametrize("num_workers, num_ops", [(1, 3000), (8, 3000), (64, 2000), (1000, 800)])
+def test_overlaps_match_the_naive_index_on_random_streams(num_workers, num_ops):
+    rng = random.Random(num_workers)
+    index, naive = KVIndex(), NaiveIndex()
+    lookups = 0
+    for worker, event, request in random_stream(rng, num_workers, num_ops, 60):
+        if event is None:
+            index.remove_worker(worker)
+            naive.blocks.pop(worker, None)
+        else:
+            index.apply(worker, event)
+            naive.apply(worker, event)
+        answer = index.overlaps(request)
+        assert answer == naive.overlaps(request), (worker, event, request)
+        lookups += bool(answer)
+    off_device = {h for blocks in naive.blocks.values() for h, mask in blocks.items() if mask > 1}
+    assert index._num_off_device == len(off_device)  # picks the tier-aware walk or not
+    assert lookups > num_ops // 3  # many lookups matched some worker: the test has teeth
+
+
+def test_unused_holder_values_are_forgotten_and_answers_stay_exact(monkeypatch):
+    monkeypatch.setattr(kv_index, "CANONICAL_MIN", 8)
+    rng = random.Random(5)
+    index, naive = KVIndex(), NaiveIndex()
+    most = 0
+    for worker, event, request in random_stream(rng, 8, 600, 60):
+        if event is None:
+            index.remove_worker(worker)
+            naive.blocks.pop(worker, None)
+        else:
+            index.apply(worker, event)
+            naive.apply(worker, event)
+        assert index.overlaps(request) == naive.overlaps(request)
+        live = len(set(index._holders.values()))
+        most = max(most, len(index._canonical))
+        assert len(index._canonical) <= max(8, 2 * live) + 60  # one event adds <= 60
+    assert most > 8  # the limit was reached: values were forgotten at least once
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ops=st.lists(st.tuples(st.integers(0, 70), EVENTS), max_size=40),
+    requests=st.lists(st.lists(st.integers(1, 7), max_size=8), min_size=1, max_size=4),
+)
+def test_overlaps_match_the_naive_index_with_wide_lanes(ops, requests):
+    """Worker slots up to 70: holder ints past 200 bits, slots freed and reused."""
+    index, naive = KVIndex(), NaiveIndex()
+    for worker, event in ops:
+        if event is None:
+            index.remove_worker(worker)
+            naive.blocks.pop(worker, None)
+        else:
+            index.apply(worker, event)
+            naive.apply(worker, event)
+        for request in requests:
+            assert index.overlaps(request) == naive.overlaps(request)
+
+
 # --- torch-free, and the benchmark on a tiny trace ---
 
 
@@ -250,39 +342,74 @@ def write_trace(path, requests: list[list[int]]):
 TINY_TRACE = [[0, 1, 2], [0, 1, 3], [4, 5], [0, 1, 2, 6], [4, 7], [0, 8], [9], [0, 1, 2, 6, 10]]
 
 
-def test_bench_index_agrees_with_the_naive_index(tmp_path):
+def test_bench_index_answers_agree_with_the_naive_index(tmp_path):
     trace = write_trace(tmp_path / "trace.jsonl", TINY_TRACE)
-    result = bench_index(trace, workers=2, capacity_blocks=4, in_flight=2, repeats=1, dynamo=False)
+    result = bench_index(
+        trace, workers=2, capacity_blocks=4, in_flight=2, repeats=2, dynamo=False, lookup_batch=1
+    )
     assert result["requests"] == 8
     assert result["blocks"] == 22
     assert result["unique_blocks"] == 11
-    assert result["kvmesh"]["lookups_disagreeing"] == 0
-    assert result["naive"]["lookups_disagreeing"] == 0
+    assert result["workers_used"] == 2
     assert result["hit_blocks"] > 0
     assert result["dynamo"] is None
     assert result["dynamo_unavailable"] == "disabled (--no-dynamo)"
     assert result["ratio_vs_naive"] > 0
+    assert result["ratio_vs_dynamo"] is None
 
 
 def test_bench_index_agrees_with_dynamo_when_installed(tmp_path):
     pytest.importorskip("dynamo.llm")
     trace = write_trace(tmp_path / "trace.jsonl", TINY_TRACE)
-    result = bench_index(trace, workers=2, capacity_blocks=4, in_flight=2, repeats=1)
-    assert result["dynamo"]["lookups_disagreeing"] == 0
+    result = bench_index(
+        trace, workers=3, capacity_blocks=4, in_flight=2, repeats=1, lookup_batch=1
+    )
+    assert result["dynamo"]["lookups_per_s"] > 0
     assert result["ratio_vs_dynamo"] > 0
 
 
-def test_bench_index_command_writes_json(tmp_path):
+def test_a_disagreeing_index_fails_the_benchmark_naming_the_lookup():
+    lookups = [[1, 2], [1, 2, 3]]
+    kvmesh = [{}, {"w0": 2, "w1": 1}]
+    naive = [{}, {"w0": 3, "w1": 1}]
+    check_answers(("kvmesh", kvmesh), ("naive", kvmesh), lookups, 40)  # equal: no error
+    with pytest.raises(AnswerMismatch) as error:
+        check_answers(("kvmesh", kvmesh), ("naive", naive), lookups, 40)
+    assert error.value.message == (
+        "lookup 41 (3 blocks): naive and kvmesh disagree on workers ['w0']: "
+        "naive {'w0': 3}, kvmesh {'w0': 2}"
+    )
+
+
+def test_bench_index_fails_when_an_index_answers_wrong(tmp_path, monkeypatch):
+    trace = write_trace(tmp_path / "trace.jsonl", TINY_TRACE)
+    monkeypatch.setattr(NaiveIndex, "overlaps", lambda self, hashes: {})  # never a hit
+    with pytest.raises(AnswerMismatch, match=r"^lookup \d+ \(\d+ blocks\): naive and kvmesh"):
+        bench_index(
+            trace,
+            workers=2,
+            capacity_blocks=4,
+            in_flight=2,
+            repeats=1,
+            dynamo=False,
+            lookup_batch=1,
+        )
+
+
+def test_bench_index_command_runs_the_grid_and_writes_json(tmp_path):
     trace = write_trace(tmp_path / "trace.jsonl", TINY_TRACE)
     out = tmp_path / "index.json"
-    run = CliRunner().invoke(
-        index_command, ["--trace", str(trace), "--repeats", "1", "--no-dynamo", "--json", str(out)]
-    )
+    args = ["--trace", str(trace), "--workers", "2", "--workers", "3", "--repeats", "1"]
+    run = CliRunner().invoke(index_command, [*args, "--no-dynamo", "--json", str(out)])
     assert run.exit_code == 0, run.output
-    assert "lookups/s ratio: kvmesh vs naive" in run.output
+    assert "trace.jsonl                    2" in run.output
+    assert "trace.jsonl                    3" in run.output
     assert "block hash (16-token blocks, frontends and workers): keyed BLAKE2b-128" in run.output
     result = json.loads(out.read_text())
-    assert result["requests"] == 8
+    assert [(r["requests"], r["workers"], r["in_flight"]) for r in result["runs"]] == [
+        (8, 2, 4),
+        (8, 3, 6),
+    ]
     assert result["block_hash"]["keyed_blake2b_128_ns"] > 0 < result["block_hash"]["xxh3_64_ns"]
 
 
@@ -290,4 +417,27 @@ def test_bench_index_command_names_a_missing_trace(tmp_path):
     run = CliRunner().invoke(index_command, ["--trace", str(tmp_path / "nope.jsonl")])
     assert run.exit_code != 0
     assert "trace not found" in run.output
-    assert "--trace" in run.output
+    assert "--trace conversation" in run.output
+
+
+# --- the multi-turn conversation trace ---
+
+
+def test_conversation_turns_resend_the_history_but_its_last_block():
+    requests = make_conversation_trace(2000, concurrent=8, system_prompts=3, seed=1)
+    assert len(requests) == 2000
+    firsts = {r[0] for r in requests}
+    assert len(firsts) == 3  # every request opens with one of the shared system prompts
+    parent: dict = {}
+    for request in requests:  # chained ids: an id always follows the same id
+        for before, block in zip((None, *request), request, strict=False):
+            assert parent.setdefault(block, before) == before, (block, before)
+    extends = sum(
+        any(
+            later[: len(r) - 1] == r[:-1] and len(later) > len(r) - 1
+            for later in requests[i + 1 :][:40]
+        )
+        for i, r in enumerate(requests[:200])
+    )
+    assert extends > 150  # most turns come back as a longer prompt sharing all but one block
+    assert make_conversation_trace(50, seed=1) == make_conversation_trace(50, seed=1)
