@@ -32,7 +32,7 @@ import click
 
 from kvmesh.bench.mock_cluster import MockCluster
 from kvmesh.bench.trace import StreamRecord, http_client, stream_completion
-from kvmesh.engine.mock import first_plain_token, mock_reply
+from kvmesh.engine.mock import mock_reply, plain_token_ids
 from kvmesh.progress import Progress
 from kvmesh.router.policy import Router, RouterSettings
 
@@ -48,11 +48,12 @@ class Replies:
 
         config = ModelConfig.from_pretrained(model_dir)
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        self.vocab_size = config.vocab_size
-        self.first = first_plain_token(config.bos_token_id, config.eos_token_ids)
+        eos = frozenset(self.tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
+        # the mock's plain ids: prompts of them too, so a reply's text is its ids' decode
+        self.plain = plain_token_ids(self.tokenizer, config.vocab_size, config.bos_token_id, eos)
 
     def tokens(self, prompt: list[int], max_tokens: int) -> list[int]:
-        return mock_reply(prompt, max_tokens, self.vocab_size, self.first)
+        return mock_reply(prompt, max_tokens, self.plain)
 
     def check(self, record: StreamRecord, prompt: list[int], max_tokens: int) -> None:
         """Raise ClickException for a failed, short or wrong reply."""
@@ -70,19 +71,19 @@ class Replies:
             )
 
 
-def random_tokens(rng: random.Random, n: int, vocab_size: int) -> list[int]:
-    return [rng.randrange(16, vocab_size) for _ in range(n)]
+def random_tokens(rng: random.Random, n: int, plain: list[int]) -> list[int]:
+    return [rng.choice(plain) for _ in range(n)]
 
 
 def decision_prompts(
-    num_requests: int, num_prefixes: int, vocab_size: int, seed: int
+    num_requests: int, num_prefixes: int, plain: list[int], seed: int
 ) -> list[list[int]]:
     """Prompts of a shared 128-token system prompt (one of num_prefixes) and a
     16-256-token question of their own."""
     rng = random.Random(seed)
-    prefixes = [random_tokens(rng, 128, vocab_size) for _ in range(num_prefixes)]
+    prefixes = [random_tokens(rng, 128, plain) for _ in range(num_prefixes)]
     return [
-        rng.choice(prefixes) + random_tokens(rng, rng.randint(16, 256), vocab_size)
+        rng.choice(prefixes) + random_tokens(rng, rng.randint(16, 256), plain)
         for _ in range(num_requests)
     ]
 
@@ -135,7 +136,7 @@ async def measure_decisions(
 ) -> dict:
     """One cluster of num_workers mock workers: kv, then round_robin on the same one."""
     replies = Replies(model_dir)
-    prompts = decision_prompts(num_requests, num_prefixes, replies.vocab_size, seed)
+    prompts = decision_prompts(num_requests, num_prefixes, replies.plain, seed)
     result: dict = {"workers": num_workers}
     with Progress(f"starting {num_workers} mock workers"):
         started = time.perf_counter()
@@ -246,7 +247,7 @@ async def replay_sessions(
     from kvmesh.bench.sessions import replay, synthesize
 
     replies = Replies(model_dir)
-    sessions = synthesize(spec, replies.vocab_size, replies.tokens)
+    sessions = synthesize(spec, replies.plain, replies.tokens)
     total = sum(len(s.turns) for s in sessions)
     with Progress(f"starting {num_workers} mock workers ({policy})"):
         cluster = MockCluster(

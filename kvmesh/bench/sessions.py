@@ -75,13 +75,13 @@ class TurnRecord:
 
 
 def synthesize(
-    spec: SessionSpec, vocab_size: int, reply: Callable[[list[int], int], list[int]]
+    spec: SessionSpec, token_ids: list[int], reply: Callable[[list[int], int], list[int]]
 ) -> list[Session]:
-    """The sessions of `spec`, prompts fixed (token ids in [16, vocab_size))."""
+    """The sessions of `spec`, prompts fixed, drawn from `token_ids`."""
     rng = random.Random(spec.seed)
 
     def tokens(n: int) -> list[int]:
-        return [rng.randrange(16, vocab_size) for _ in range(n)]
+        return [rng.choice(token_ids) for _ in range(n)]
 
     systems = [tokens(spec.system_tokens) for _ in range(spec.num_system_prompts)]
     sessions = []

@@ -24,9 +24,11 @@ What it replaces:
   `scale` stretches them (a bigger model: scale 10 is a 10x slower forward pass).
 - The sampler: deterministic tokens, each from the one before and its position
   (`mock_token`), so a reply depends on its prompt only, whichever worker makes it,
-  and tests know every token in advance. Token ids avoid the model's special tokens
-  (every id up to its bos and eos ids), so a reply ends by max_tokens, a stop string
-  or a stop token id. Logprobs, when asked, give the chosen token logprob 0.0.
+  and tests know every token in advance. Token ids are "plain" (plain_token_ids): past
+  the model's bos and eos ids, so a reply ends by max_tokens, a stop string or a stop
+  token id, and each decoding alone to whole characters, so the streamed text of a
+  reply is the tokenizer's decode of its ids. Logprobs, when asked, give the chosen
+  token logprob 0.0.
 - The KV pool: one layer, one head of dimension 1 (a few bytes per token), so a
   remote prefill's KV transfer between mock workers moves real (tiny) blocks. Block
   hashes are salted with the real model's fingerprint, so they equal the frontend's.
@@ -75,22 +77,41 @@ class MockTiming:
         return seconds * self.scale
 
 
-def first_plain_token(bos_token_id: int | None, eos_token_ids) -> int:
-    """The lowest token id a mock reply uses: past every bos and eos id."""
-    return 1 + max((bos_token_id or 0, *eos_token_ids))
+_PLAIN: dict[tuple[str, int], list[int]] = {}  # (model path, vocab size) -> plain ids
 
 
-def mock_token(prev: int, position: int, vocab_size: int, first: int) -> int:
+def plain_token_ids(tokenizer, vocab_size: int, bos_token_id, eos_token_ids, key="") -> list[int]:
+    """The ids a mock reply uses: past every bos and eos id, each decoding alone to
+    whole characters (no U+FFFD), so a reply's streamed text is the decode of its ids
+    whatever the prompt. Cached per `key` (the model path): one process may hold a
+    thousand mock engines of one model."""
+    cached = _PLAIN.get((key, vocab_size)) if key else None
+    if cached is not None:
+        return cached
+    first = 1 + max((bos_token_id or 0, *eos_token_ids))
+    plain = []
+    for token in range(first, vocab_size):
+        text = tokenizer.decode([token])
+        if text and "\ufffd" not in text:
+            plain.append(token)
+    if not plain:
+        raise ValueError(f"the vocabulary ({vocab_size} ids) has no plain token for a mock")
+    if key:
+        _PLAIN[(key, vocab_size)] = plain
+    return plain
+
+
+def mock_token(prev: int, position: int, plain: list[int]) -> int:
     """The token a mock engine emits at `position` (its index in prompt + output) after
-    token `prev`: in [first, vocab_size), the same on every worker."""
-    return first + (prev * TOKEN_MULTIPLIER + position * POSITION_MULTIPLIER) % (vocab_size - first)
+    token `prev`: one of `plain` (plain_token_ids), the same on every worker."""
+    return plain[(prev * TOKEN_MULTIPLIER + position * POSITION_MULTIPLIER) % len(plain)]
 
 
-def mock_reply(prompt: list[int], max_tokens: int, vocab_size: int, first: int) -> list[int]:
+def mock_reply(prompt: list[int], max_tokens: int, plain: list[int]) -> list[int]:
     """The max_tokens tokens a mock engine answers `prompt` with (no stop condition)."""
     tokens = list(prompt)
     for _ in range(max_tokens):
-        tokens.append(mock_token(tokens[-1], len(tokens), vocab_size, first))
+        tokens.append(mock_token(tokens[-1], len(tokens), plain))
     return tokens[len(prompt) :]
 
 
@@ -123,18 +144,13 @@ class MockRunner:
 class MockSampler:
     """The Sampler's place: mock_token for every sequence, whatever its params."""
 
-    def __init__(self, vocab_size: int, first: int) -> None:
-        if not 0 <= first < vocab_size:
-            raise ValueError(
-                f"the vocabulary ({vocab_size} ids) has no id past the special ones (ids < {first})"
-            )
-        self.vocab_size = vocab_size
-        self.first = first
+    def __init__(self, plain: list[int]) -> None:
+        self.plain = plain
 
     def __call__(self, logits: None, seqs: list[Sequence]) -> list[int]:
         tokens = []
         for seq in seqs:
-            token = mock_token(seq.token_ids[-1], seq.num_tokens, self.vocab_size, self.first)
+            token = mock_token(seq.token_ids[-1], seq.num_tokens, self.plain)
             if seq.logprobs is not None:
                 seq.logprobs.append({token: 0.0})
             tokens.append(token)
@@ -168,8 +184,10 @@ class MockEngine(Engine):
         pool_config = dataclasses.replace(config, num_layers=1, num_kv_heads=1, head_dim=1)
         super().__init__(None, tokenizer, pool_config, **kwargs)
         self.runner = MockRunner(timing or MockTiming(), sleep)
-        first = first_plain_token(config.bos_token_id, self.eos_token_ids)
-        self.sampler = MockSampler(config.vocab_size, first)
+        plain = plain_token_ids(
+            tokenizer, config.vocab_size, config.bos_token_id, self.eos_token_ids, config.path
+        )
+        self.sampler = MockSampler(plain)
 
     @classmethod
     def from_model_dir(cls, path: str | Path, **kwargs) -> MockEngine:

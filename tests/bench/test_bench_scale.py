@@ -30,8 +30,8 @@ def test_sessions_grow_their_history_turn_by_turn():
         reply_tokens=5,
         seed=7,
     )
-    sessions = synthesize(spec, 2048, reply_of)
-    assert sessions == synthesize(spec, 2048, reply_of)  # seeded
+    sessions = synthesize(spec, list(range(16, 2048)), reply_of)
+    assert sessions == synthesize(spec, list(range(16, 2048)), reply_of)  # seeded
     assert len(sessions) == 3
     for session in sessions:
         assert len(session.turns) == 3
@@ -64,7 +64,7 @@ def test_mock_host_refuses_a_cluster_without_the_mock_engine(tmp_path):
 @pytest.mark.cluster
 def test_mock_workers_answer_through_the_openai_client(tiny_model_dir):
     replies = Replies(tiny_model_dir)
-    prompt = [100 + i for i in range(70)]
+    prompt = replies.plain[:70]
 
     async def scenario():
         async with MockCluster(tiny_model_dir, 3) as cluster:

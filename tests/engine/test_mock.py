@@ -3,13 +3,7 @@
 import pytest
 
 from kvmesh.engine.engine import Engine
-from kvmesh.engine.mock import (
-    MockEngine,
-    MockTiming,
-    first_plain_token,
-    mock_reply,
-    mock_token,
-)
+from kvmesh.engine.mock import MockEngine, MockTiming, mock_reply, mock_token, plain_token_ids
 from kvmesh.kv.block_hash import hash_blocks, wire_hashes
 from kvmesh.params import SamplingParams
 from kvmesh.protocol import BlockRemoved, BlockStored
@@ -35,44 +29,48 @@ def prompt_of(n: int, start: int = 100) -> list[int]:
     return [start + i for i in range(n)]
 
 
-def test_mock_token_is_a_plain_token_from_the_one_before_and_its_position():
-    # tiny model: bos 0, eos 1 and 5, vocabulary 2048
-    first = first_plain_token(0, (1, 5))
-    assert first == 6
-    assert mock_token(100, 40, 2048, 6) == 6 + (100 * 7919 + 40 * 104729) % 2042
-    assert mock_reply([100, 101], 3, 2048, 6) == [
-        t1 := mock_token(101, 2, 2048, 6),
-        t2 := mock_token(t1, 3, 2048, 6),
-        mock_token(t2, 4, 2048, 6),
-    ]
+@pytest.fixture(scope="module")
+def plain(tokenizer, config) -> list[int]:
+    return plain_token_ids(tokenizer, config.vocab_size, 0, (1, 5))
 
 
-def test_reply_is_mock_reply_of_the_prompt(config, tokenizer):
+def test_plain_tokens_are_past_the_special_ones_and_whole_characters(tokenizer, plain):
+    # tiny model: bos 0, eos 1 and 5; ids 100-257 are single bytes of multibyte characters
+    assert plain[:3] == [6, 7, 8]
+    assert 100 not in plain and 99 in plain
+    assert all("\ufffd" not in tokenizer.decode([t]) for t in plain)
+
+
+def test_mock_token_is_a_plain_token_from_the_one_before_and_its_position(plain):
+    assert mock_token(100, 40, plain) == plain[(100 * 7919 + 40 * 104729) % len(plain)]
+    t1 = mock_token(101, 2, plain)
+    t2 = mock_token(t1, 3, plain)
+    assert mock_reply([100, 101], 3, plain) == [t1, t2, mock_token(t2, 4, plain)]
+
+
+def test_reply_is_mock_reply_of_the_prompt(config, tokenizer, plain):
     engine = make_engine(config, tokenizer)
     prompt = prompt_of(40)
     [out] = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))
-    expected = mock_reply(prompt, 12, config.vocab_size, 6)
+    expected = mock_reply(prompt, 12, plain)
     assert out.token_ids == expected
     assert out.finish_reason == "length"
     assert out.text == tokenizer.decode(expected)
-    assert all(6 <= t < config.vocab_size for t in expected)
 
 
-def test_streams_are_equal_on_every_engine_and_batch(config, tokenizer):
+def test_streams_are_equal_on_every_engine_and_batch(config, tokenizer, plain):
     prompts = [prompt_of(20), prompt_of(37, 500), prompt_of(5, 900)]
     params = SamplingParams(max_tokens=9)
     together = make_engine(config, tokenizer).generate(prompts, params)
     alone = [make_engine(config, tokenizer).generate([p], params)[0] for p in prompts]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
-    assert [o.token_ids for o in together] == [
-        mock_reply(p, 9, config.vocab_size, 6) for p in prompts
-    ]
+    assert [o.token_ids for o in together] == [mock_reply(p, 9, plain) for p in prompts]
 
 
-def test_stop_token_ids_and_logprobs(config, tokenizer):
+def test_stop_token_ids_and_logprobs(config, tokenizer, plain):
     engine = make_engine(config, tokenizer)
     prompt = prompt_of(10)
-    reply = mock_reply(prompt, 8, config.vocab_size, 6)
+    reply = mock_reply(prompt, 8, plain)
     params = SamplingParams(max_tokens=8, stop_token_ids=[reply[3]], logprobs=0)
     [out] = engine.generate([prompt], params)
     assert out.token_ids == reply[:4]
