@@ -296,6 +296,7 @@ class RouterActor(Actor):
                 self.settings.block_size,
                 workers,
                 self.index,
+                scores=False,  # a score per worker costs every worker, every request
             )
         except NoWorkerError as exc:
             return Error(code="no_worker", message=str(exc))
@@ -311,7 +312,6 @@ class RouterActor(Actor):
             prefill=placed.prefill,
             cached=placed.expected_cached_tokens,
             local=placed.local_reason,
-            scores=placed.decode_scores,
         )
         prefill_endpoint = None
         if placed.prefill is not None:

@@ -44,6 +44,7 @@ class RouterProbe:
         self.num_events = 0
         self.num_event_blocks = 0
         self.placed: dict[str, int] = {}  # decode worker -> requests placed on it
+        self.placed_tokens: dict[str, int] = {}  # decode worker -> uncached prompt tokens
         decide = router._handlers[RouteRequest]
         index = router._index
 
@@ -55,6 +56,8 @@ class RouterProbe:
             decode = getattr(reply, "decode", None)
             if decode is not None:
                 self.placed[decode] = self.placed.get(decode, 0) + 1
+                work = msg.num_prompt_tokens - reply.expected_cached_tokens
+                self.placed_tokens[decode] = self.placed_tokens.get(decode, 0) + work
             return reply
 
         def counted(actor_id, event) -> None:
@@ -69,6 +72,7 @@ class RouterProbe:
         self.decisions_ns = []
         self.decisions_cpu_ns = []
         self.placed = {}
+        self.placed_tokens = {}
         self.num_events = self.num_event_blocks = 0
 
 

@@ -265,6 +265,7 @@ async def replay_sessions(
         wall = time.perf_counter() - t0
         quality = cluster.router.quality
         placed = [cluster.probe.placed.get(w, 0) for w in cluster.router.workers]
+        work = [cluster.probe.placed_tokens.get(w, 0) for w in cluster.router.workers]
     finally:
         await cluster.__aexit__(None, None, None)
     ttfts = [t.ttft_s for t in turns]
@@ -290,6 +291,8 @@ async def replay_sessions(
         "requests_per_worker_max": max(placed),
         "requests_per_worker_mean": statistics.fmean(placed),
         "load_max_vs_mean": max(placed) / statistics.fmean(placed),
+        "uncached_tokens_per_worker_max": max(work),
+        "uncached_tokens_max_vs_mean": max(work) / statistics.fmean(work) if any(work) else 1.0,
     }
 
 
