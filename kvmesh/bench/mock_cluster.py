@@ -84,6 +84,7 @@ def cluster_toml(
     device_blocks: int,
     policy: str,
     max_num_seqs: int,
+    load_weight: float = 1.0,
 ) -> str:
     """Two nodes on this host: head (frontend, router) and mocks (the decode workers)."""
     return f"""
@@ -101,6 +102,7 @@ device_blocks = {device_blocks}
 
 [router]
 policy = "{policy}"
+load_weight = {load_weight}
 
 [frontend]
 http_port = {http_port}
@@ -136,6 +138,8 @@ class MockCluster:
         policy: str = "kv",
         max_num_seqs: int = 64,
         scale: float | None = None,
+        load_weight: float = 1.0,
+        load_report_interval: float = 0.5,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.num_workers = num_workers
@@ -143,6 +147,8 @@ class MockCluster:
         self.policy = policy
         self.max_num_seqs = max_num_seqs
         self.scale = scale
+        self.load_weight = load_weight
+        self.load_report_interval = load_report_interval
         self.url = ""
         self.model = ""
         self.router: RouterActor | None = None
@@ -176,6 +182,7 @@ class MockCluster:
                 self.device_blocks,
                 self.policy,
                 self.max_num_seqs,
+                self.load_weight,
             )
         )
         cfg = load_config(config)
@@ -197,6 +204,7 @@ class MockCluster:
         host = [sys.executable, "-m", "kvmesh.bench.mock_host", "--config", str(config)]
         if self.scale is not None:
             host += ["--scale", str(self.scale)]
+        host += ["--load-report-interval", str(self.load_report_interval)]
         self.processes.append(
             subprocess.Popen(
                 [*host, "--node", MOCKS], stdout=log, stderr=subprocess.STDOUT, env=env

@@ -31,7 +31,9 @@ WORKER_ROLES = ("prefill", "decode")
 START_BATCH = 50  # workers started at once: a thousand connecting together floods the router
 
 
-def node_workers(cfg: ClusterConfig, node: str, timing: MockTiming | None) -> list[Actor]:
+def node_workers(
+    cfg: ClusterConfig, node: str, timing: MockTiming | None, load_report_interval: float = 0.5
+) -> list[Actor]:
     """The worker actors of `node`, built as `kvmesh actor` builds them; ValueError when
     the node has none or the cluster's engine is not the mock."""
     from kvmesh.actors.roles import build_actor
@@ -58,6 +60,7 @@ def node_workers(cfg: ClusterConfig, node: str, timing: MockTiming | None) -> li
             max_num_seqs=spec.max_num_seqs,
             max_num_batched_tokens=spec.max_num_batched_tokens,
             mock_timing=timing,
+            load_report_interval=load_report_interval,
         )
         config = dataclasses.replace(template.config, actor_id=spec.actor_id)
         actors.append(type(template)(config, settings))
@@ -90,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node", required=True, help="the node whose workers to host")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     parser.add_argument("--scale", type=float, default=None, help="MockTiming.scale")
+    parser.add_argument(
+        "--load-report-interval",
+        type=float,
+        default=0.5,
+        help="seconds between a worker's periodic load reports (it also reports each change)",
+    )
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     from kvmesh.log import configure
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     configure(args.log_level)
     cfg = load_config(args.config, args.overrides)
     timing = MockTiming(scale=args.scale) if args.scale is not None else None
-    actors = node_workers(cfg, args.node, timing)
+    actors = node_workers(cfg, args.node, timing, args.load_report_interval)
 
     def ready() -> None:
         print(f"ready {len(actors)}", flush=True)

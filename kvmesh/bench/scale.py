@@ -133,14 +133,15 @@ async def measure_decisions(
     num_prefixes: int,
     max_tokens: int,
     seed: int,
+    load_report_interval: float,
 ) -> dict:
     """One cluster of num_workers mock workers: kv, then round_robin on the same one."""
     replies = Replies(model_dir)
     prompts = decision_prompts(num_requests, num_prefixes, replies.plain, seed)
-    result: dict = {"workers": num_workers}
+    result: dict = {"workers": num_workers, "load_report_interval_s": load_report_interval}
     with Progress(f"starting {num_workers} mock workers"):
         started = time.perf_counter()
-        cluster = MockCluster(model_dir, num_workers)
+        cluster = MockCluster(model_dir, num_workers, load_report_interval=load_report_interval)
         await cluster.__aenter__()
     result["start_s"] = time.perf_counter() - started
     try:
@@ -206,11 +207,27 @@ def scale_group() -> None:
 @click.option("--concurrency", type=int, default=16, show_default=True)
 @click.option("--prefixes", "num_prefixes", type=int, default=64, show_default=True)
 @click.option("--max-tokens", type=int, default=4, show_default=True)
+@click.option(
+    "--load-report-interval",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Seconds between each worker's periodic load reports (a worker's default: 0.5; "
+    "a thousand at 0.5 s send the router 2,000 a second).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--model", default=None, help="Model directory (default: the tiny model).")
 @click.option("--json", "json_file", default=None, help="Write the results here too.")
 def router_command(
-    worker_counts, num_requests, concurrency, num_prefixes, max_tokens, seed, model, json_file
+    worker_counts,
+    num_requests,
+    concurrency,
+    num_prefixes,
+    max_tokens,
+    load_report_interval,
+    seed,
+    model,
+    json_file,
 ):
     """Router decision latency p50/p99 and KV events/s at 10, 100 and 1,000 workers."""
     for name, value in (("--requests", num_requests), ("--concurrency", concurrency)):
@@ -223,7 +240,14 @@ def router_command(
     for count in worker_counts:
         result = asyncio.run(
             measure_decisions(
-                model_dir, count, num_requests, concurrency, num_prefixes, max_tokens, seed
+                model_dir,
+                count,
+                num_requests,
+                concurrency,
+                num_prefixes,
+                max_tokens,
+                seed,
+                load_report_interval,
             )
         )
         print_decisions(result)
@@ -241,7 +265,13 @@ TTFT_TARGET, HITS_TARGET, BALANCE_TARGET = 0.5, 0.9, 1.3
 
 
 async def replay_sessions(
-    model_dir: Path, num_workers: int, policy: str, spec, device_blocks: int, scale: float | None
+    model_dir: Path,
+    num_workers: int,
+    policy: str,
+    spec,
+    device_blocks: int,
+    scale: float | None,
+    load_weight: float,
 ) -> dict:
     """One fresh cluster of `policy`: the sessions replayed, TTFT, hits and balance."""
     from kvmesh.bench.sessions import replay, synthesize
@@ -251,7 +281,12 @@ async def replay_sessions(
     total = sum(len(s.turns) for s in sessions)
     with Progress(f"starting {num_workers} mock workers ({policy})"):
         cluster = MockCluster(
-            model_dir, num_workers, device_blocks=device_blocks, policy=policy, scale=scale
+            model_dir,
+            num_workers,
+            device_blocks=device_blocks,
+            policy=policy,
+            scale=scale,
+            load_weight=load_weight,
         )
         await cluster.__aenter__()
     try:
@@ -297,7 +332,12 @@ async def replay_sessions(
 
 
 def bench_routing(
-    model_dir: Path, worker_counts, spec_of, device_blocks: int, scale: float | None
+    model_dir: Path,
+    worker_counts,
+    spec_of,
+    device_blocks: int,
+    scale: float | None,
+    load_weight: float,
 ) -> list[dict]:
     results = []
     for count in worker_counts:
@@ -309,10 +349,11 @@ def bench_routing(
             "device_blocks": device_blocks,
             "spec": dataclasses.asdict(spec),
             "scale": scale,
+            "load_weight": load_weight,
         }
         for policy in ROUTING_POLICIES:
             result[policy] = asyncio.run(
-                replay_sessions(model_dir, count, policy, spec, device_blocks, scale)
+                replay_sessions(model_dir, count, policy, spec, device_blocks, scale, load_weight)
             )
         kv, rr = result["kv"], result["round_robin"]
         result["ratio_ttft_mean_kv_vs_round_robin"] = kv["ttft_mean_s"] / rr["ttft_mean_s"]
@@ -348,6 +389,9 @@ def bench_routing(
     help="Each worker's pool (block_size 16): fewer sessions than --sessions-per-worker.",
 )
 @click.option("--scale", type=float, default=None, help="MockTiming.scale (default 1).")
+@click.option(
+    "--load-weight", type=float, default=1.0, show_default=True, help="router.load_weight"
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--model", default=None, help="Model directory (default: the tiny model).")
 @click.option("--json", "json_file", default=None, help="Write the results here too.")
@@ -359,6 +403,7 @@ def routing_command(
     think_mean_s,
     device_blocks,
     scale,
+    load_weight,
     seed,
     model,
     json_file,
@@ -381,7 +426,9 @@ def routing_command(
         except ValueError as exc:
             raise click.BadParameter(str(exc)) from exc
 
-    results = bench_routing(model_dir_of(model), worker_counts, spec_of, device_blocks, scale)
+    results = bench_routing(
+        model_dir_of(model), worker_counts, spec_of, device_blocks, scale, load_weight
+    )
     text = json.dumps({"bench": "scale routing", "results": results}, indent=1)
     click.echo(text)
     if json_file:
