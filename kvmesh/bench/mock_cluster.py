@@ -92,6 +92,7 @@ def cluster_toml(
 name = "mock-scale"
 ipc_dir = "{ipc_dir}"
 heartbeat_interval = 2.0
+liveness = 10
 
 [model]
 path = "{model_dir}"
