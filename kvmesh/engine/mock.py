@@ -16,12 +16,15 @@ What it replaces:
       prefill_s_per_token * P + (decode_s_per_step + decode_s_per_seq * D if D else 0)
 
   all times `scale`. The defaults are the bundled tiny model's, measured with
-  `python -m kvmesh.engine.mock --calibrate` (the real Engine, 1 torch thread, the
-  minimum of 5 runs per point) on this project's 2-core CPU machine, 2026-12-07:
-  prefill_s_per_token = 9e-5 (one 512-token prompt in one step: 46 ms),
-  decode_s_per_step = 2.5e-3 (a batch of 1 decodes in 2.5 ms),
-  decode_s_per_seq = 2.5e-4 (a batch of 32 in 10.5 ms).
-  `scale` stretches them (a bigger model: scale 10 is a 10x slower forward pass).
+  `python -m kvmesh.engine.mock --calibrate` (calibrate(): the real Engine, 1 torch
+  thread, the minimum of 9 runs per point: a step prefilling one 512-token prompt, and
+  decode steps of batches of 1 and 32) on this project's 2-core CPU machine,
+  2026-12-07, while other jobs kept its load average at 6-9:
+  prefill_s_per_token = 2.4e-3 (512 tokens: 1.22 s), decode_s_per_step = 2.0e-2,
+  decode_s_per_seq = 4.8e-4 (a batch of 32: 36 ms). Three runs that day gave
+  2.4e-3 to 7.4e-3 s per prefill token as the load went from 6 to 14: the machine's
+  load, not the model, sets them; on a quiet machine they are lower, and `scale`
+  stretches or shrinks them all (scale 0.1: a forward pass ten times faster).
 - The sampler: deterministic tokens, each from the one before and its position
   (`mock_token`), so a reply depends on its prompt only, whichever worker makes it,
   and tests know every token in advance. Token ids are "plain" (plain_token_ids): past
@@ -58,9 +61,9 @@ POSITION_MULTIPLIER = 104729
 class MockTiming:
     """Seconds a mock step takes; see the module docstring for how they were measured."""
 
-    prefill_s_per_token: float = 9e-5
-    decode_s_per_step: float = 2.5e-3
-    decode_s_per_seq: float = 2.5e-4
+    prefill_s_per_token: float = 2.4e-3
+    decode_s_per_step: float = 2.0e-2
+    decode_s_per_seq: float = 4.8e-4
     scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -217,7 +220,7 @@ def build_mock_engine(settings) -> MockEngine:
     )
 
 
-def calibrate(path: str | Path | None = None, repeats: int = 5) -> dict[str, float]:
+def calibrate(path: str | Path | None = None, repeats: int = 9) -> dict[str, float]:
     """Measure the real Engine on the model at `path` (default: the bundled tiny model)
     with 1 torch thread: the minimum over `repeats` of a step prefilling one 512-token
     prompt, and of a decode step of batches of 1 and 32; returns MockTiming's fields."""

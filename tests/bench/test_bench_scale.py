@@ -118,7 +118,7 @@ def test_bench_scale_router_times_every_decision_of_both_policies(tiny_model_dir
 def test_bench_scale_routing_replays_every_turn_and_kv_reuses_history(tiny_model_dir):
     out = run_bench(
         "routing", "--workers", "2", "--sessions-per-worker", "2", "--turns", "3",
-        "--think", "0", "--model", str(tiny_model_dir),
+        "--think", "0", "--scale", "0.1", "--model", str(tiny_model_dir),
     )  # fmt: skip
     [result] = out["results"]
     assert result["sessions"] == 4
