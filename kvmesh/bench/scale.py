@@ -32,7 +32,6 @@ import click
 
 from kvmesh.bench.mock_cluster import MockCluster
 from kvmesh.bench.trace import StreamRecord, http_client, stream_completion
-from kvmesh.engine.mock import mock_reply, plain_token_ids
 from kvmesh.progress import Progress
 from kvmesh.router.policy import Router, RouterSettings
 
@@ -43,6 +42,7 @@ class Replies:
     """What every mock reply must be: the tokenizer's text of mock_reply."""
 
     def __init__(self, model_dir: Path) -> None:
+        from kvmesh.engine.mock import plain_token_ids
         from kvmesh.gpu.model_config import ModelConfig
         from kvmesh.tokenizer import Tokenizer
 
@@ -53,6 +53,8 @@ class Replies:
         self.plain = plain_token_ids(self.tokenizer, config.vocab_size, config.bos_token_id, eos)
 
     def tokens(self, prompt: list[int], max_tokens: int) -> list[int]:
+        from kvmesh.engine.mock import mock_reply
+
         return mock_reply(prompt, max_tokens, self.plain)
 
     def check(self, record: StreamRecord, prompt: list[int], max_tokens: int) -> None:
