@@ -166,6 +166,8 @@ class Router:
         # worker id -> load(worker) as on_load_report and the predictions left it, a
         # float (for choose(scores=False), which reads no WorkerState field for it)
         self._loads: dict[str, float] = {}
+        self._split_of: Collection[WorkerState] | None = None  # see _roles
+        self._split: tuple = ()
         self._report_epochs: dict[str, int] = {}
         # request id -> [(worker id, predicted tokens, worker's report epoch when placed)]
         self._in_flight: dict[Hashable, list[tuple[str, int, int]]] = {}
@@ -182,10 +184,13 @@ class Router:
         """The placement of one request; raises NoWorkerError when no decode worker is alive.
 
         scores=False: the same placement without the per-worker score tables (empty):
-        kv at temperature 0 then costs only the workers holding a prefix, not all."""
-        # the candidates of each role, filtered in C: (alive, role) per worker, once
-        states = list(map(_ALIVE_ROLE, workers))
-        decoders = list(itertools.compress(workers, map(_ALIVE_DECODE.__eq__, states)))
+        kv at temperature 0 then costs only the workers holding a prefix, not all; and
+        the split of `workers` by role is kept while the same list object comes again,
+        so the caller must pass a new list when a worker's role or alive changes (the
+        router actor does: a new list for each change of its registry)."""
+        # the candidates of each role, filtered in C: (alive, role) per worker, once; with
+        # scores=False, once per list of workers (see _roles)
+        decoders, prefillers_of = self._roles(workers, cached=not scores)
         if not decoders:
             raise NoWorkerError("decode")
         overlaps = index.overlaps(block_hashes) if index is not None else {}
@@ -200,7 +205,7 @@ class Router:
         if prefill_tokens < self.settings.disagg_min_tokens:
             local_reason = "short_suffix"
         else:
-            prefillers = list(itertools.compress(workers, map(_ALIVE_PREFILL.__eq__, states)))
+            prefillers = prefillers_of()
             idle = [w for w in prefillers if not self.is_busy(w)]
             if not prefillers:
                 local_reason = "no_prefill_worker"
@@ -222,6 +227,18 @@ class Router:
             decode_scores=decode_scores,
             prefill_scores=prefill_scores,
         )
+
+    def _roles(self, workers, cached: bool):
+        """(alive decode workers, a function giving the alive prefill workers)."""
+        if cached and workers is self._split_of:
+            return self._split
+        states = list(map(_ALIVE_ROLE, workers))
+        decoders = list(itertools.compress(workers, map(_ALIVE_DECODE.__eq__, states)))
+        prefillers = list(itertools.compress(workers, map(_ALIVE_PREFILL.__eq__, states)))
+        split = decoders, prefillers.copy
+        if cached:
+            self._split_of, self._split = workers, split
+        return split
 
     @property
     def num_pending_tokens(self) -> int:
