@@ -115,6 +115,7 @@ def test_bench_scale_router_times_every_decision_of_both_policies(tiny_model_dir
 
 
 @pytest.mark.cluster
+@pytest.mark.slow  # two clusters; the router bench above is the default suite's
 def test_bench_scale_routing_replays_every_turn_and_kv_reuses_history(tiny_model_dir):
     out = run_bench(
         "routing", "--workers", "2", "--sessions-per-worker", "2", "--turns", "3",
