@@ -168,6 +168,8 @@ class Router:
         self._loads: dict[str, float] = {}
         self._split_of: Collection[WorkerState] | None = None  # see _roles
         self._split: tuple = ()
+        self._ids_for: list[WorkerState] | None = None  # see _ids_of
+        self._ids: tuple = ()
         self._report_epochs: dict[str, int] = {}
         # request id -> [(worker id, predicted tokens, worker's report epoch when placed)]
         self._in_flight: dict[Hashable, list[tuple[str, int, int]]] = {}
@@ -199,7 +201,9 @@ class Router:
             pick = self._pick_kv_unscored
         decode, decode_scores = pick(decoders, overlaps, num_prompt_tokens, block_size)
         cached = min(num_prompt_tokens, block_size * _num_blocks(overlaps, decode))
-        best_cached = min(num_prompt_tokens, block_size * _most_blocks(overlaps, decoders))
+        best_cached = min(
+            num_prompt_tokens, block_size * _most_blocks(overlaps, self._ids_of(decoders)[1])
+        )
         prefill, prefill_scores, local_reason = None, {}, None
         prefill_tokens = num_prompt_tokens - cached
         if prefill_tokens < self.settings.disagg_min_tokens:
@@ -227,6 +231,16 @@ class Router:
             decode_scores=decode_scores,
             prefill_scores=prefill_scores,
         )
+
+    def _ids_of(self, candidates: list[WorkerState]) -> tuple[list[str], dict]:
+        """The candidates' ids and id -> worker; kept for the list _roles kept."""
+        if candidates is self._ids_for:
+            return self._ids
+        ids = list(map(_WORKER_ID, candidates))
+        result = ids, dict(zip(ids, candidates, strict=True))
+        if self._split and candidates is self._split[0]:
+            self._ids_for, self._ids = candidates, result
+        return result
 
     def _roles(self, workers, cached: bool):
         """(alive decode workers, a function giving the alive prefill workers)."""
@@ -362,11 +376,10 @@ class Router:
         no more than that. So the pick is among the prefix holders and the least loaded.
         Loads come from the reports and predictions this Router was told of (_loads),
         and the passes over all candidates run in C (map, min, compress)."""
-        ids = list(map(_WORKER_ID, candidates))
+        ids, by_id = self._ids_of(candidates)
         loads = list(map(self._loads.get, ids, itertools.repeat(0.0)))
         lowest = min(loads)
         least = min(itertools.compress(ids, map(lowest.__eq__, loads)))
-        by_id = dict(zip(ids, candidates, strict=True))
         if not overlaps:
             return by_id[least], {}
         holders = [by_id[w] for w in overlaps if w in by_id and w != least]
@@ -393,10 +406,9 @@ def _num_blocks(overlaps: dict[Hashable, Overlap], worker: WorkerState) -> int:
     return overlap.num_blocks if overlap is not None else 0
 
 
-def _most_blocks(overlaps: dict[Hashable, Overlap], candidates: list[WorkerState]) -> int:
-    """The most leading blocks any candidate holds: a walk of the (few) overlaps, not
-    of the (many) candidates, once the candidates' ids are a set."""
+def _most_blocks(overlaps: dict[Hashable, Overlap], ids) -> int:
+    """The most leading blocks any candidate (`ids`: a set or dict of their ids) holds:
+    a walk of the (few) overlaps, not of the (many) candidates."""
     if not overlaps:
         return 0
-    ids = set(map(_WORKER_ID, candidates))
     return max((o.num_blocks for worker_id, o in overlaps.items() if worker_id in ids), default=0)
