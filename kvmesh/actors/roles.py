@@ -160,6 +160,7 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         max_model_len=cfg.model.max_model_len,
         # the node's CPU engines split its cores, one core left for the other actors
         threads=engine_threads(len(cpu_engines)) if spec.device == "cpu" else None,
+        engine=cfg.model.engine,
     )
     config = actor_config(cfg, spec, worker_frame_size(cfg))
     if any(a.role == "planner" for a in cfg.actors):  # it may switch this worker's role

@@ -21,6 +21,8 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
+from itertools import compress
+from operator import attrgetter
 
 import zmq
 
@@ -50,6 +52,7 @@ from kvmesh.router.kv_index import KVIndex
 from kvmesh.router.policy import NoWorkerError, Router, RouterSettings, WorkerState
 
 WORKER_ROLES = ("prefill", "decode")
+WORKER_ID = attrgetter("worker_id")
 PREDICTION_TTL = 5.0  # seconds a placement counts as load before it is forgotten
 
 
@@ -109,6 +112,11 @@ class RouterActor(Actor):
         # (when, request key), oldest first: predictions a lost RequestDone would leave
         self.placed: deque[tuple[float, str]] = deque()
         self.salt_id = ""  # the workers' block-hash salt, as the first one registered
+        # the live workers as of (registry version, number of peers): placements reuse
+        # the list instead of filtering every worker for every request
+        self._registry_version = 0
+        self._candidates_key: tuple[int, int] | None = None
+        self._candidates: list[WorkerState] = []
         self.watch(any_peer, self._member_died)
 
     async def setup(self) -> None:
@@ -141,11 +149,13 @@ class RouterActor(Actor):
         if msg.role_switch:  # the same process: its KV, and so its index entry, stay
             old = self.workers[worker_id].role
             self.workers[worker_id].role = role
+            self._registry_version += 1
             self.log.info("worker_role_switched", worker=worker_id, old=old, role=role)
             return Registered(router_id=self.actor_id)
         self.salt_id = self.salt_id or msg.salt_id
         if worker_id in self.workers:  # a restarted worker: forget what the old one held
             self._forget(worker_id)
+        self._registry_version += 1
         self.workers[worker_id] = WorkerState(
             worker_id, role, capacity_tokens=msg.num_blocks * msg.block_size
         )
@@ -284,19 +294,12 @@ class RouterActor(Actor):
                 ),
             )
         try:
-            # a worker out of `peers` is dead, its watches not yet run: not a candidate
-            workers = [
-                w
-                for w in self.workers.values()
-                if w.worker_id not in msg.exclude and w.worker_id in self.peers
-            ]
-            placed = self.policy.choose(
-                msg.block_hashes,
-                msg.num_prompt_tokens,
-                self.settings.block_size,
-                workers,
-                self.index,
-            )
+            placed = self._place(msg, self._live_workers(msg.exclude))
+            if placed.decode not in self.peers or (
+                placed.prefill is not None and placed.prefill not in self.peers
+            ):  # one died and another joined since the list was made: make it anew
+                self._candidates_key = None
+                placed = self._place(msg, self._live_workers(msg.exclude))
         except NoWorkerError as exc:
             return Error(code="no_worker", message=str(exc))
         self.num_routed += 1
@@ -311,7 +314,6 @@ class RouterActor(Actor):
             prefill=placed.prefill,
             cached=placed.expected_cached_tokens,
             local=placed.local_reason,
-            scores=placed.decode_scores,
         )
         prefill_endpoint = None
         if placed.prefill is not None:
@@ -323,6 +325,30 @@ class RouterActor(Actor):
             prefill_endpoint=prefill_endpoint,
             expected_cached_tokens=placed.expected_cached_tokens,
         )
+
+    def _place(self, msg: RouteRequest, workers: list[WorkerState]):
+        return self.policy.choose(
+            msg.block_hashes,
+            msg.num_prompt_tokens,
+            self.settings.block_size,
+            workers,
+            self.index,
+            scores=False,  # a score per worker costs every worker, every request
+        )
+
+    def _live_workers(self, exclude) -> list[WorkerState]:
+        """The registered workers still in `peers` (one out of it is dead, its watches not
+        yet run), less `exclude`: filtered in C, and kept while neither the registry nor
+        the number of peers changes."""
+        key = (self._registry_version, len(self.peers))
+        if key != self._candidates_key or exclude:
+            live = set(self.peers).difference(exclude).__contains__
+            workers = list(self.workers.values())
+            workers = list(compress(workers, map(live, map(WORKER_ID, workers))))
+            if exclude:
+                return workers
+            self._candidates_key, self._candidates = key, workers
+        return self._candidates
 
     async def on_request_done(self, msg: RequestDone, inbound) -> None:
         """A request ended: its workers no longer carry its predicted load."""
@@ -390,6 +416,7 @@ class RouterActor(Actor):
             self._forget(peer_id)
             self._close_socket(f"events_{peer_id}")
             del self.workers[peer_id]
+            self._registry_version += 1
             self.loads.pop(peer_id, None)
         if peer_id in self.cache_blocks:
             if left:

@@ -29,6 +29,7 @@ from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, R
 from kvmesh.actors.cache import CacheClient
 from kvmesh.engine.async_engine import AsyncEngine, StepResult
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
+from kvmesh.engine.mock import MockTiming, build_mock_engine
 from kvmesh.engine.prefetch import Prefetch
 from kvmesh.params import SamplingParams, first_token_params
 from kvmesh.protocol import (
@@ -86,6 +87,8 @@ class WorkerSettings:
     remote_prefill_timeout: float = 120.0
     connect_timeout: float = 60.0
     threads: int | None = None  # torch threads of the engine thread; None: torch's choice
+    engine: str = "kvmesh"  # model.engine: "mock" runs kvmesh.engine.mock's MockEngine
+    mock_timing: MockTiming | None = None  # the mock's step times; None: its defaults
 
 
 class EngineWorker(Actor):
@@ -176,6 +179,8 @@ class EngineWorker(Actor):
         self.supervise("attach_cache", self._attach_cache, retry=CACHE_RETRY)
 
     def _build_engine(self) -> tuple[Engine, object]:
+        if self.settings.engine == "mock":  # no weights, no shared pool, no tiers
+            return build_mock_engine(self.settings), None
         from kvmesh.gpu.kv_cache import default_num_blocks
         from kvmesh.gpu.loader import load_model, torch_dtype
         from kvmesh.gpu.model_config import ModelConfig

@@ -6,6 +6,7 @@ import click
 from kvmesh.bench.engine import engine_command
 from kvmesh.bench.planner import planner_command
 from kvmesh.bench.router_index import index_command
+from kvmesh.bench.scale import scale_group
 from kvmesh.bench.serve import serve_group
 from kvmesh.bench.servers import peer_command
 from kvmesh.bench.stress import stress_command
@@ -26,3 +27,4 @@ bench.add_command(serve_group)
 bench.add_command(tiers_command)
 bench.add_command(stress_command)
 bench.add_command(planner_command)
+bench.add_command(scale_group)

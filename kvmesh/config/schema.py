@@ -110,6 +110,14 @@ class ModelConfig(Table):
             ge=0,
         ),
     ] = 0
+    engine: Annotated[
+        Literal["kvmesh", "mock"],
+        doc(
+            "What the prefill and decode workers run: kvmesh (the torch Engine) or mock "
+            "(kvmesh.engine.mock: no weights, a calibrated timing model, deterministic "
+            "tokens and real KV events; for scale tests and routing benchmarks)."
+        ),
+    ] = "kvmesh"
 
     @property
     def resolved_path(self) -> Path:

@@ -46,7 +46,9 @@ cluster runs with.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import random
 from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
@@ -59,6 +61,9 @@ from kvmesh.router.kv_index import KVIndex, Overlap
 ROLES = ("prefill", "decode")
 POLICIES = ("kv", "round_robin", "random", "least_loaded")
 DEFAULTS = RouterConfig()  # every setting's default, as the [router] table states it
+_WORKER_ID = operator.attrgetter("worker_id")
+_ALIVE_ROLE = operator.attrgetter("alive", "role")
+_ALIVE_DECODE, _ALIVE_PREFILL = (True, "decode"), (True, "prefill")
 
 
 class NoWorkerError(Exception):
@@ -158,6 +163,13 @@ class Router:
         self._rng = random.Random(settings.seed)
         self._cursors = dict.fromkeys(ROLES, 0)
         self.pending_tokens: dict[str, int] = {}
+        # worker id -> load(worker) as on_load_report and the predictions left it, a
+        # float (for choose(scores=False), which reads no WorkerState field for it)
+        self._loads: dict[str, float] = {}
+        self._split_of: Collection[WorkerState] | None = None  # see _roles
+        self._split: tuple = ()
+        self._ids_for: list[WorkerState] | None = None  # see _ids_of
+        self._ids: tuple = ()
         self._report_epochs: dict[str, int] = {}
         # request id -> [(worker id, predicted tokens, worker's report epoch when placed)]
         self._in_flight: dict[Hashable, list[tuple[str, int, int]]] = {}
@@ -169,29 +181,42 @@ class Router:
         block_size: int,
         workers: Collection[WorkerState],
         index: KVIndex | None,
+        scores: bool = True,
     ) -> Placement:
-        """The placement of one request; raises NoWorkerError when no decode worker is alive."""
-        decoders = [w for w in workers if w.alive and w.role == "decode"]
+        """The placement of one request; raises NoWorkerError when no decode worker is alive.
+
+        scores=False: the same placement without the per-worker score tables (empty):
+        kv at temperature 0 then costs only the workers holding a prefix, not all; and
+        the split of `workers` by role is kept while the same list object comes again,
+        so the caller must pass a new list when a worker's role or alive changes (the
+        router actor does: a new list for each change of its registry)."""
+        # the candidates of each role, filtered in C: (alive, role) per worker, once; with
+        # scores=False, once per list of workers (see _roles)
+        decoders, prefillers_of = self._roles(workers, cached=not scores)
         if not decoders:
             raise NoWorkerError("decode")
         overlaps = index.overlaps(block_hashes) if index is not None else {}
-        decode, decode_scores = self._pick(decoders, overlaps, num_prompt_tokens, block_size)
+        pick = self._pick
+        if not scores and pick == self._pick_kv and self.settings.temperature == 0:
+            pick = self._pick_kv_unscored
+        decode, decode_scores = pick(decoders, overlaps, num_prompt_tokens, block_size)
         cached = min(num_prompt_tokens, block_size * _num_blocks(overlaps, decode))
-        most = max(_num_blocks(overlaps, w) for w in decoders)
-        best_cached = min(num_prompt_tokens, block_size * most)
+        best_cached = min(
+            num_prompt_tokens, block_size * _most_blocks(overlaps, self._ids_of(decoders)[1])
+        )
         prefill, prefill_scores, local_reason = None, {}, None
         prefill_tokens = num_prompt_tokens - cached
         if prefill_tokens < self.settings.disagg_min_tokens:
             local_reason = "short_suffix"
         else:
-            prefillers = [w for w in workers if w.alive and w.role == "prefill"]
+            prefillers = prefillers_of()
             idle = [w for w in prefillers if not self.is_busy(w)]
             if not prefillers:
                 local_reason = "no_prefill_worker"
             elif not idle:
                 local_reason = "prefill_busy"
             else:
-                prefill, prefill_scores = self._pick(idle, overlaps, num_prompt_tokens, block_size)
+                prefill, prefill_scores = pick(idle, overlaps, num_prompt_tokens, block_size)
                 prefill_tokens = num_prompt_tokens - min(
                     num_prompt_tokens, block_size * _num_blocks(overlaps, prefill)
                 )
@@ -206,6 +231,28 @@ class Router:
             decode_scores=decode_scores,
             prefill_scores=prefill_scores,
         )
+
+    def _ids_of(self, candidates: list[WorkerState]) -> tuple[list[str], dict]:
+        """The candidates' ids and id -> worker; kept for the list _roles kept."""
+        if candidates is self._ids_for:
+            return self._ids
+        ids = list(map(_WORKER_ID, candidates))
+        result = ids, dict(zip(ids, candidates, strict=True))
+        if self._split and candidates is self._split[0]:
+            self._ids_for, self._ids = candidates, result
+        return result
+
+    def _roles(self, workers, cached: bool):
+        """(alive decode workers, a function giving the alive prefill workers)."""
+        if cached and workers is self._split_of:
+            return self._split
+        states = list(map(_ALIVE_ROLE, workers))
+        decoders = list(itertools.compress(workers, map(_ALIVE_DECODE.__eq__, states)))
+        prefillers = list(itertools.compress(workers, map(_ALIVE_PREFILL.__eq__, states)))
+        split = decoders, prefillers.copy
+        if cached:
+            self._split_of, self._split = workers, split
+        return split
 
     @property
     def num_pending_tokens(self) -> int:
@@ -238,6 +285,7 @@ class Router:
         record = []
         for worker_id, tokens in predictions:
             self.pending_tokens[worker_id] = self.pending_tokens.get(worker_id, 0) + tokens
+            self._loads[worker_id] = self._loads.get(worker_id, 0.0) + tokens
             record.append((worker_id, tokens, self._report_epochs.get(worker_id, 0)))
         self._in_flight[request_id] = record
 
@@ -246,6 +294,7 @@ class Router:
         for worker_id, tokens, epoch in self._in_flight.pop(request_id, ()):
             if self._report_epochs.get(worker_id, 0) == epoch:
                 self.pending_tokens[worker_id] -= tokens
+                self._loads[worker_id] = self._loads.get(worker_id, 0.0) - tokens
 
     def on_load_report(
         self, worker: WorkerState, *, num_running: int, num_queued_tokens: int, kv_usage: float
@@ -255,11 +304,13 @@ class Router:
         worker.num_queued_tokens = num_queued_tokens
         worker.kv_usage = kv_usage
         self._forget_predictions(worker.worker_id)
+        self._loads[worker.worker_id] = float(num_queued_tokens + kv_usage * worker.capacity_tokens)
 
     def on_worker_removed(self, worker_id: str) -> None:
         """The worker left or died: its predictions no longer mean anything."""
         self._forget_predictions(worker_id)
         self.pending_tokens.pop(worker_id, None)
+        self._loads.pop(worker_id, None)
 
     def _forget_predictions(self, worker_id: str) -> None:
         self._report_epochs[worker_id] = self._report_epochs.get(worker_id, 0) + 1
@@ -274,33 +325,67 @@ class Router:
         num_prompt_tokens: int,
         block_size: int,
     ) -> tuple[WorkerState, dict[str, float]]:
+        # The hot path of every placement, once per candidate (a thousand workers: a
+        # thousand turns): Router.load inlined, no tuple built per worker.
         device_weight, host_weight, disk_weight = self._weights
         load_weight = self.settings.load_weight
+        pending = self.pending_tokens
+        overlap_of = overlaps.get
         scores: dict[str, float] = {}
-        best, best_key = None, None
+        best, best_cost, best_load, best_id = None, math.inf, math.inf, ""
         for worker in candidates:
             worker_id = worker.worker_id
-            overlap = overlaps.get(worker_id)
-            uncached = num_prompt_tokens
-            if overlap is not None:
+            load = (
+                worker.num_queued_tokens
+                + worker.kv_usage * worker.capacity_tokens
+                + pending.get(worker_id, 0)
+            )
+            overlap = overlap_of(worker_id)
+            if overlap is None:
+                cost = num_prompt_tokens + load_weight * load
+            else:
                 credit = block_size * (
                     device_weight * overlap.device
                     + host_weight * overlap.host
                     + disk_weight * overlap.disk
                 )
-                uncached = max(0.0, num_prompt_tokens - credit)
-            load = self.load(worker)
-            cost = uncached + load_weight * load
+                cost = max(0.0, num_prompt_tokens - credit) + load_weight * load
             scores[worker_id] = cost
-            key = (cost, load, worker_id)
-            if best_key is None or key < best_key:
-                best, best_key = worker, key
+            # lowest (cost, load, worker id)
+            if cost < best_cost or (
+                cost == best_cost
+                and (load < best_load or (load == best_load and worker_id < best_id))
+            ):
+                best, best_cost, best_load, best_id = worker, cost, load, worker_id
         temperature = self.settings.temperature
         if temperature == 0 or len(candidates) == 1:
             return best, scores
-        lowest = best_key[0]
-        weights = [math.exp((lowest - scores[w.worker_id]) / temperature) for w in candidates]
+        weights = [math.exp((best_cost - scores[w.worker_id]) / temperature) for w in candidates]
         return self._rng.choices(candidates, weights)[0], scores
+
+    def _pick_kv_unscored(
+        self,
+        candidates: list[WorkerState],
+        overlaps: dict[Hashable, Overlap],
+        num_prompt_tokens: int,
+        block_size: int,
+    ) -> tuple[WorkerState, dict[str, float]]:
+        """_pick_kv's pick at temperature 0, costing few workers: a worker holding no
+        prefix costs num_prompt_tokens + load_weight * load, so of those the least loaded
+        (then lowest id) wins; and the least loaded of all, if it holds a prefix, costs
+        no more than that. So the pick is among the prefix holders and the least loaded.
+        Loads come from the reports and predictions this Router was told of (_loads),
+        and the passes over all candidates run in C (map, min, compress)."""
+        ids, by_id = self._ids_of(candidates)
+        loads = list(map(self._loads.get, ids, itertools.repeat(0.0)))
+        lowest = min(loads)
+        least = min(itertools.compress(ids, map(lowest.__eq__, loads)))
+        if not overlaps:
+            return by_id[least], {}
+        holders = [by_id[w] for w in overlaps if w in by_id and w != least]
+        return self._pick_kv([by_id[least], *holders], overlaps, num_prompt_tokens, block_size)[
+            0
+        ], {}
 
     def _pick_round_robin(self, candidates, overlaps, num_prompt_tokens, block_size):
         role = candidates[0].role
@@ -319,3 +404,11 @@ class Router:
 def _num_blocks(overlaps: dict[Hashable, Overlap], worker: WorkerState) -> int:
     overlap = overlaps.get(worker.worker_id)
     return overlap.num_blocks if overlap is not None else 0
+
+
+def _most_blocks(overlaps: dict[Hashable, Overlap], ids) -> int:
+    """The most leading blocks any candidate (`ids`: a set or dict of their ids) holds:
+    a walk of the (few) overlaps, not of the (many) candidates."""
+    if not overlaps:
+        return 0
+    return max((o.num_blocks for worker_id, o in overlaps.items() if worker_id in ids), default=0)
