@@ -160,7 +160,7 @@ def check_engine_vllm(cfg: ClusterConfig, book, roles: Counter, fail) -> None:
     for role, why in (("prefill", "disaggregation"), ("cache", "host and disk KV tiers")):
         if roles[role]:
             key = next(key for key, spec in book if spec.role == role)
-            fail(key, f'{why} need model.engine = "kvmesh"; expected no {role} actor with vllm')
+            fail(key, f'{why}: with model.engine = "kvmesh" only; expected no {role} actor')
     check_vllm(cfg, [spec.device for _, spec in book if spec.role in ENGINE_ROLES], fail)
 
 

@@ -61,7 +61,7 @@ def apply_override(cfg: ClusterConfig, text: str) -> ClusterConfig:
         here, key = dotted(path[:i]), dotted(path[: i + 1])
         if isinstance(node, dict):
             # a free-form table ([model.vllm]) takes any key; its owner checks them
-            if part not in node and not isinstance(type_at(path[:i]), mi.DictType):
+            if part not in node and not free_form(path[:i]):
                 raise unknown_key("override ", path[:i], part, list(node))
         elif isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
@@ -138,6 +138,12 @@ def unknown_key(where: str, parent: list, name: str, names: list[str]) -> Config
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" (did you mean {dotted([*parent, close[0]])}?)" if close else ""
     return ConfigError(f"{where}{key}: unknown key{hint}; allowed: {', '.join(names)}", key)
+
+
+def free_form(path: list[str]) -> bool:
+    """Whether the table at an override's path takes any key (a dict, not a Struct)."""
+    parts = [int(part) if part.isdigit() else part for part in path]
+    return isinstance(type_at(parts), mi.DictType)
 
 
 def type_at(path: list) -> mi.Type:
