@@ -96,7 +96,11 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         load = SchedulerLoad()
-        args = dict(disable_log_stats=True) | s.extra  # our stat logger runs regardless
+        # the model runs in the EngineCore process, not a third one (vLLM's default on
+        # GPU; on CPU only with VLLM_ENABLE_V1_MULTIPROCESSING=0, which AsyncLLM ignores)
+        args = dict(disable_log_stats=True, distributed_executor_backend="uni") | s.extra
+        if args["distributed_executor_backend"] == "uni":
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         args |= dict(
             model=s.model_path,
             dtype=s.dtype,
