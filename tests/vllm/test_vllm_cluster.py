@@ -6,9 +6,11 @@ it, told by vLLM's own KV events renamed by kvmesh's hashes."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +18,8 @@ from tokenizers import Tokenizer
 
 from kvmesh.bench.cluster import start_cluster
 from kvmesh.bench.engine import run_vllm_peer
+from tests.cluster.test_faults import run_streams
+from tests.polling import wait_until
 from tests.prompts import random_prompts
 from tests.tools import require_vllm
 
@@ -34,6 +38,7 @@ VLLM_CLUSTER = (
     "model.vllm.enforce_eager=true",
 )
 PROMPTS = random_prompts([(20, 90)] * 4, seed=15)
+LONG = 400  # output tokens of the streams a worker's death migrates
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def started(tmp_path_factory, tiny_model_dir, vllm_python):
         "dtype": "float32",
         "threads": 1,
         "max_model_len": 512,
-        "workload": [[ids, MAX_TOKENS] for ids in PROMPTS],
+        "workload": [[ids, MAX_TOKENS] for ids in PROMPTS] + [[ids, LONG] for ids in PROMPTS[:2]],
     }
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # vllm.LLM's engine in-process
     with ThreadPoolExecutor(1) as pool:
@@ -141,4 +146,56 @@ def test_an_unknown_engine_arg_stops_kvmesh_up_naming_it(vllm_python, tiny_model
     assert (
         "model.vllm.gpu_memory_utilisation: not an argument of vllm.EngineArgs; did you mean "
         "gpu_memory_utilization" in proc.stderr
+    )
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (vLLM's EngineCore of a worker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def migrations(cluster) -> float:
+    metrics = httpx.get(f"{cluster.url}/metrics", timeout=10).text
+    return sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("kvmesh_migrations_total")
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigkill_of_a_vllm_worker_migrates_its_streams_unchanged(started):
+    """The frontend replays prompt + tokens so far on the other worker: greedy text as
+    if nothing happened. The dead worker's EngineCore does not outlive it."""
+    cluster, reference = started
+    victim = cluster.status()["decode-0"]["pid"]
+    engine_cores = children(victim)
+
+    streams = run_streams(
+        cluster, "tiny-llama", PROMPTS[:2], LONG, during=lambda: os.kill(victim, signal.SIGKILL)
+    )
+    assert [s.error for s in streams] == [None, None]
+    assert [s.finish_reason for s in streams] == ["length", "length"]
+    assert [s.text for s in streams] == reference["texts"][len(PROMPTS) :]
+    assert migrations(cluster) >= 1  # decode-0 ran one of them at least
+    assert engine_cores
+    wait_until(
+        lambda: not any(alive(pid) for pid in engine_cores),
+        "the killed worker's EngineCore exiting",
+        timeout=60,
     )
