@@ -154,10 +154,15 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
 
 
 def check_engine_vllm(cfg: ClusterConfig, book, roles: Counter, fail) -> None:
-    """vLLM workers serve aggregated: no prefill workers, no host/disk tiers (yet)."""
+    """vLLM workers serve aggregated: no prefill workers, no host/disk tiers, no planner
+    (yet)."""
     from kvmesh.config.vllm_args import check_vllm
 
-    for role, why in (("prefill", "disaggregation"), ("cache", "host and disk KV tiers")):
+    for role, why in (
+        ("prefill", "disaggregation"),
+        ("cache", "host and disk KV tiers"),
+        ("planner", "role switches"),
+    ):
         if roles[role]:
             key = next(key for key, spec in book if spec.role == role)
             fail(key, f'{why}: with model.engine = "kvmesh" only; expected no {role} actor')

@@ -98,7 +98,15 @@ class VllmEngine:
         load = SchedulerLoad()
         # the model runs in the EngineCore process, not a third one (vLLM's default on
         # GPU; on CPU only with VLLM_ENABLE_V1_MULTIPROCESSING=0, which AsyncLLM ignores)
-        args = dict(disable_log_stats=True, distributed_executor_backend="uni") | s.extra
+        # scheduling_policy: SamplingParams.priority orders admission, as on kvmesh's engine
+        args = (
+            dict(
+                disable_log_stats=True,
+                distributed_executor_backend="uni",
+                scheduling_policy="priority",
+            )
+            | s.extra
+        )
         if args["distributed_executor_backend"] == "uni":
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         args |= dict(

