@@ -21,6 +21,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+import msgspec
 import structlog
 import zmq
 import zmq.asyncio
@@ -212,12 +213,9 @@ class VllmWorker(Actor):
             await asyncio.sleep(self.settings.load_report_interval)
 
     def load_report(self) -> LoadReport:
-        load = self.engine.load()
         return LoadReport(
-            load=type(load)(
-                num_running=load.num_running,
-                num_waiting=load.num_waiting,
-                kv_usage=load.kv_usage,
+            load=msgspec.structs.replace(
+                self.engine.load(),
                 prompt_tokens_total=self.prompt_tokens_total,
                 cached_tokens_total=self.cached_tokens_total,
             )
