@@ -80,6 +80,7 @@ class VllmWorker(Actor):
         self.prompt_tokens_total = 0
         self.cached_tokens_total = 0
         self._zmq: zmq.asyncio.Context | None = None
+        self._outbox: dict[str, list[Delta]] = {}  # frontend -> this step's deltas
         self.watch(any_peer, self._frontend_died)
         self.watch(lambda peer_id: peer_id == self.router_id, self._router_died)
 
@@ -156,20 +157,35 @@ class VllmWorker(Actor):
                     self.frontend_of.pop(request_id, None)
                     self.prompt_tokens_total += delta.num_prompt_tokens
                     self.cached_tokens_total += delta.num_cached_tokens
-                await self.send(frontend, TokenBatch(deltas=[delta]))
+                self._queue(frontend, delta)
         except ValueError as exc:  # vLLM refused it (too long, bad parameter)
-            delta = Delta.failed(request_id, StreamErrorCode.INVALID_REQUEST, str(exc))
-            await self._send_quietly(frontend, delta)
-        except PeerDeadError:
-            await self.engine.abort(request_id)
+            self._queue(
+                frontend, Delta.failed(request_id, StreamErrorCode.INVALID_REQUEST, str(exc))
+            )
         finally:
             self.frontend_of.pop(request_id, None)
 
-    async def _send_quietly(self, frontend: str, delta: Delta) -> None:
+    def _queue(self, frontend: str, delta: Delta) -> None:
+        """One TokenBatch per frontend per engine step, as kvmesh's workers send: vLLM
+        hands a step's outputs to every request's stream at once, so the requests woken
+        in this loop iteration all queue theirs before the flush runs, in the next."""
+        outbox = self._outbox.get(frontend)
+        if outbox is None:
+            self._outbox[frontend] = [delta]
+            asyncio.get_running_loop().call_soon(self._flush, frontend)
+        else:
+            outbox.append(delta)
+
+    def _flush(self, frontend: str) -> None:
+        self.supervise("stream", self._stream, frontend, self._outbox.pop(frontend))
+
+    async def _stream(self, frontend: str, deltas: list[Delta]) -> None:
         try:
-            await self.send(frontend, TokenBatch(deltas=[delta]))
+            await self.send(frontend, TokenBatch(deltas=deltas))
         except PeerDeadError:
-            pass
+            for delta in deltas:
+                if delta.finish_reason is None and delta.error is None:
+                    await self._abort(delta.request_id)
 
     async def on_abort(self, msg: Abort, inbound) -> None:
         """The client went away: stop the request (only its own frontend may)."""
