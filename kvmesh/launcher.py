@@ -126,6 +126,7 @@ class Launcher:
         for child in self.dead_children():
             code = child.process.returncode
             child.exits.append(code)
+            _kill_group(child.process.pid)
             _release_segments(child.process.pid)
             child.process = None
             child.relay.join(timeout=2.0)  # its last lines: read the pipe to its end
@@ -199,6 +200,15 @@ def _relay(stream: IO[str], tail: deque[str]) -> None:
             tail.append(line)
             sys.stderr.write(line)
             sys.stderr.flush()
+
+
+def _kill_group(pid: int) -> None:
+    """What a dead actor started (vLLM's EngineCore, in the actor's own session and so
+    its process group) dies with it: nothing is left holding memory or cores."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left in the group
 
 
 def _release_segments(pid: int) -> None:

@@ -163,6 +163,10 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         engine=cfg.model.engine,
     )
     config = actor_config(cfg, spec, worker_frame_size(cfg))
+    if cfg.model.engine == "vllm":
+        from kvmesh.actors.vllm_worker import init_vllm_worker
+
+        return init_vllm_worker(cfg, config, settings)
     if any(a.role == "planner" for a in cfg.actors):  # it may switch this worker's role
         from kvmesh.actors.switching import SwitchingWorker
 

@@ -71,8 +71,13 @@ class Cluster:
 
 
 def start_cluster(
-    tmp_path: Path, model_dir: Path, *overrides: str, timeout: float = 240
+    tmp_path: Path,
+    model_dir: Path,
+    *overrides: str,
+    timeout: float = 240,
+    python: str = sys.executable,
 ) -> Cluster:
+    """`kvmesh up` under `python` (another environment's, e.g. one with vLLM), healthy."""
     base = free_port_range(24)
     http_port = base + 22
     args = [
@@ -89,7 +94,7 @@ def start_cluster(
         args += ["--set", override]
     log = tmp_path / "cluster.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "kvmesh", "up", *args],
+        [python, "-m", "kvmesh", "up", *args],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )

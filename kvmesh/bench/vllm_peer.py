@@ -5,8 +5,9 @@ imports nothing from kvmesh: `PYTHON vllm_peer.py REQUEST.json RESULT.json`.
 
 REQUEST.json: {"model": checkpoint dir, "dtype": "float32"|"bfloat16", "threads": int,
 "max_model_len": int, "workload": [[prompt token ids, output tokens], ...]}.
-RESULT.json: {"vllm_version", "load_seconds", "seconds", "outputs": [[token ids], ...]},
-outputs in workload order, each greedy with EOS ignored. A bad request exits with
+RESULT.json: {"vllm_version", "load_seconds", "seconds", "outputs": [[token ids], ...],
+"texts": [vLLM's text of each output, ...]}, in workload order, each greedy with EOS
+ignored. A bad request exits with
 status 2 and a message naming the field; vLLM missing exits with status 3.
 """
 
@@ -97,16 +98,17 @@ def run(request: dict) -> dict:
             vllm.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in workload
         ]
         outs = llm.generate(prompts, params, use_tqdm=False)
-        return [list(out.outputs[0].token_ids) for out in outs]
+        return [list(out.outputs[0].token_ids) for out in outs], [o.outputs[0].text for o in outs]
 
     generate([(ids[:8], 4) for ids, _ in request["workload"][:2]])  # warm-up
     start = time.perf_counter()
-    outputs = generate(request["workload"])
+    outputs, texts = generate(request["workload"])
     return {
         "vllm_version": vllm.__version__,
         "load_seconds": load_seconds,
         "seconds": time.perf_counter() - start,
         "outputs": outputs,
+        "texts": texts,
     }
 
 

@@ -142,7 +142,25 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
             "kv.disk_path",
             f'expected a directory when kv.disk_gb > 0 (it is {cfg.kv.disk_gb}), got ""',
         )
+    if cfg.model.engine == "vllm":
+        check_engine_vllm(cfg, book, roles, fail)
     check_network(cfg, book, fail)
+
+
+def check_engine_vllm(cfg: ClusterConfig, book, roles: Counter, fail) -> None:
+    """vLLM workers serve aggregated: no prefill workers, no host/disk tiers, no planner
+    (yet)."""
+    from kvmesh.config.vllm_args import check_vllm
+
+    for role, why in (
+        ("prefill", "disaggregation"),
+        ("cache", "host and disk KV tiers"),
+        ("planner", "role switches"),
+    ):
+        if roles[role]:
+            key = next(key for key, spec in book if spec.role == role)
+            fail(key, f'{why}: with model.engine = "kvmesh" only; expected no {role} actor')
+    check_vllm(cfg, [spec.device for _, spec in book if spec.role in ENGINE_ROLES], fail)
 
 
 def check_network(cfg: ClusterConfig, book: list[tuple[str, ActorSpec]], fail) -> None:

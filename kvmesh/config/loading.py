@@ -60,7 +60,8 @@ def apply_override(cfg: ClusterConfig, text: str) -> ClusterConfig:
     for i, part in enumerate(path):
         here, key = dotted(path[:i]), dotted(path[: i + 1])
         if isinstance(node, dict):
-            if part not in node:
+            # a free-form table ([model.vllm]) takes any key; its owner checks them
+            if part not in node and not free_form(path[:i]):
                 raise unknown_key("override ", path[:i], part, list(node))
         elif isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
@@ -139,6 +140,12 @@ def unknown_key(where: str, parent: list, name: str, names: list[str]) -> Config
     return ConfigError(f"{where}{key}: unknown key{hint}; allowed: {', '.join(names)}", key)
 
 
+def free_form(path: list[str]) -> bool:
+    """Whether the table at an override's path takes any key (a dict, not a Struct)."""
+    parts = [int(part) if part.isdigit() else part for part in path]
+    return isinstance(type_at(parts), mi.DictType)
+
+
 def type_at(path: list) -> mi.Type:
     info = mi.type_info(ClusterConfig)
     for part in path:
@@ -194,7 +201,7 @@ def render(lines: list[str], table: Struct, path: list[str], comments: bool) -> 
     nested = []
     for f in fields:
         value = getattr(table, f.name)
-        if isinstance(value, (Struct, tuple)):
+        if isinstance(value, (Struct, tuple, dict)):
             nested.append((f, value))
             continue
         if comments:
@@ -207,7 +214,20 @@ def render(lines: list[str], table: Struct, path: list[str], comments: bool) -> 
             if comments and i == 0:
                 lines.extend(comment(f))
             lines.append(f"[[{key}]]" if isinstance(value, tuple) else f"[{key}]")
-            render(lines, item, [*path, f.name], comments and i == 0)
+            if isinstance(item, dict):
+                lines.extend(f"{name} = {toml_value(v)}" for name, v in item.items())
+            else:
+                render(lines, item, [*path, f.name], comments and i == 0)
+
+
+def toml_value(value: object) -> str:
+    """A free-form table's value as TOML text (strings, numbers, booleans, arrays and
+    inline tables of those)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return shown(value)
 
 
 def comment(f: mi.Field) -> list[str]:

