@@ -299,13 +299,17 @@ class CacheReport(Message, frozen=True, kw_only=True):
 
 
 class CacheSnapshotQuery(Request, frozen=True, kw_only=True):
-    """Router -> cache actor: every block you hold (after (re)registering, so blocks
-    kept from before, such as the disk tier's files, are credited too)."""
+    """Router -> cache actor or worker: every block you hold, asked once the asker's
+    events arrive after a (re)registration, so blocks kept from before (the disk tier's
+    files; a worker's device prefix cache across a router restart) are credited too."""
 
 
 class CacheSnapshot(Reply, frozen=True, kw_only=True):
-    host: list[int]
-    disk: list[int]
+    """The block hashes a cache actor's tiers (host, disk) or a worker's device pool hold."""
+
+    host: list[int] = []
+    disk: list[int] = []
+    device: list[int] = []
 
 
 # --- serving: registration, load, routing, generation ---

@@ -6,7 +6,10 @@ where the worker publishes KV events (into the KVIndex) and LoadReports (into th
 policy's load). Frontends ask RouteRequest and get a Placement; the decision itself
 is kvmesh.router.policy's. StatusQuery lists every actor for `kvmesh status` and the
 frontend's /health. A worker declared dead (heartbeats lost) leaves the index and is
-never chosen again; when it restarts it registers anew.
+never chosen again; when it restarts it registers anew. Once a registered worker's
+first LoadReport arrives (its events reach us), the router asks it for a snapshot of its
+device prefix cache: after a router restart the workers keep their caches, and routing
+recovers them all, not only the blocks stored since.
 
 A node's cache actor registers too (RegisterCache). Its KV events describe the node's
 host and disk tiers, which every worker of the node reads: the router applies each to
@@ -262,10 +265,12 @@ class RouterActor(Actor):
                 self.index.apply(worker_id, event)
 
     async def on_load_report(self, msg: LoadReport, inbound) -> None:
-        """A worker's load: replaces the router's predictions for it."""
+        """A worker's load: replaces the router's predictions for it. The first one
+        since it registered says its events reach us: time to ask what it holds."""
         worker = self.workers.get(inbound.peer)
         if worker is None:
             return
+        first = inbound.peer not in self.loads
         load = self.loads[inbound.peer] = msg.load
         self.policy.on_load_report(
             worker,
@@ -273,6 +278,28 @@ class RouterActor(Actor):
             num_queued_tokens=load.queued_prefill_tokens,
             kv_usage=load.kv_usage,
         )
+        if first:
+            await self._learn_device_blocks(worker)
+
+    async def _learn_device_blocks(self, worker: WorkerState) -> None:
+        """Index the blocks a worker's device pool held before it registered here (this
+        router restarted; the worker kept its cache). Asked once its events arrive, so
+        none published after the snapshot is missed; those published before it arrive
+        in order and leave the index as the snapshot says."""
+        worker_id = worker.worker_id
+        try:
+            snapshot = await self.request(worker_id, CacheSnapshotQuery(), timeout=30.0)
+        except (TimeoutError, ConnectionError, RemoteError) as exc:
+            self.log.warning("device_snapshot_failed", worker=worker_id, error=str(exc))
+            if self.workers.get(worker_id) is worker:
+                self.loads.pop(worker_id, None)  # ask again on the next report
+            return
+        assert isinstance(snapshot, CacheSnapshot)
+        if self.workers.get(worker_id) is not worker:
+            return  # gone (or registered anew) while it answered
+        if snapshot.device:
+            self.index.apply(worker_id, BlockStored(block_hashes=snapshot.device))
+        self.log.info("device_blocks_learned", worker=worker_id, num_blocks=len(snapshot.device))
 
     async def on_route_request(self, msg: RouteRequest, inbound) -> Placement | Error:
         """Place one request: decode worker, and prefill worker or local prefill."""
@@ -390,7 +417,6 @@ class RouterActor(Actor):
             self._forget(peer_id)
             self._close_socket(f"events_{peer_id}")
             del self.workers[peer_id]
-            self.loads.pop(peer_id, None)
         if peer_id in self.cache_blocks:
             if left:
                 self.log.info("cache_left", cache=peer_id)
@@ -399,5 +425,6 @@ class RouterActor(Actor):
             self._forget_cache(peer_id)
 
     def _forget(self, worker_id: str) -> None:
+        self.loads.pop(worker_id, None)  # a registration anew reports (and is asked) anew
         self.index.remove_worker(worker_id)
         self.policy.on_worker_removed(worker_id)

@@ -30,9 +30,12 @@ from kvmesh.actors.cache import CacheClient
 from kvmesh.engine.async_engine import AsyncEngine, StepResult
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
 from kvmesh.engine.prefetch import Prefetch
+from kvmesh.kv.block_hash import wire_hashes
 from kvmesh.params import SamplingParams, first_token_params
 from kvmesh.protocol import (
     Abort,
+    CacheSnapshot,
+    CacheSnapshotQuery,
     Delta,
     Generate,
     KvPoolQuery,
@@ -160,6 +163,14 @@ class EngineWorker(Actor):
             ),
             timeout=self.settings.connect_timeout,
         )
+
+    async def on_cache_snapshot_query(self, msg: CacheSnapshotQuery, inbound) -> CacheSnapshot:
+        """The router (re)learns what this worker's device prefix cache holds: asked
+        once this worker's events reach it after a registration, so a restarted router
+        routes on the blocks cached before it came back."""
+        device = await self.engine.call(lambda e: wire_hashes(e.pool.cached))
+        self.log.info("device_blocks_announced", router=inbound.peer, num_blocks=len(device))
+        return CacheSnapshot(device=device)
 
     async def _router_died(self, peer_id: str) -> None:
         """Keep trying to register with the router's successor."""
