@@ -261,7 +261,17 @@ class EngineWorker(Actor):
         return await self.cache.prefetch(hashes)
 
     async def drain(self) -> None:
-        """Finish what is in flight: wait until the engine has nothing left to run."""
+        """Leave the router first, so new work goes to other workers (a placement made
+        just before is refused, and its frontend moves it); then finish what is in
+        flight: wait until the engine has nothing left to run."""
+        if self.router_id is not None:
+            load = self.load
+            self.log.info(
+                "leaving_router",
+                router=self.router_id,
+                in_flight=load.num_running + load.num_waiting + load.num_remote,
+            )
+            await self.leave(self.router_id)
         while self.engine is not None and self.engine.engine.has_unfinished():
             await asyncio.sleep(0.05)
 
