@@ -138,6 +138,7 @@ class ErrorCode:
     NO_REPLY = "no_reply"  # the handler of a Request returned nothing
     OVERLOADED = "overloaded"  # the actor has max_handlers handlers running already
     FORBIDDEN = "forbidden"  # the sender's role may not send this (or its key is not its id)
+    ID_TAKEN = "id_taken"  # Hello with the id of a connected actor of another node
 
 
 class Error(Reply, frozen=True, kw_only=True):
@@ -387,6 +388,8 @@ class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     transfer_bytes_total: int = 0  # KV bytes received (decode) or sent (prefill)
     preemptions_total: int = 0  # sequences preempted for room (recomputed later)
     tiers: dict[Tier, OnboardCounters] = {}  # its connector's, per tier (none: no tiers)
+    # the peers it needs and cannot reach now, each with why (its node's cache actor)
+    unreachable: list[str] = []
 
 
 class CacheLoad(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -453,6 +456,9 @@ class ActorStatus(msgspec.Struct, frozen=True, kw_only=True):
     endpoints: dict[str, str]
     alive: bool
     load: WorkerLoad | CacheLoad | RouterLoad | None = None  # by its kind; None: reports none
+    # why the peers that need it cannot use it (its events do not reach the router, it
+    # cannot reach its node's cache actor); empty: healthy
+    problems: list[str] = []
 
 
 class StatusQuery(Request, frozen=True, kw_only=True):

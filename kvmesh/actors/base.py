@@ -867,6 +867,18 @@ class Actor:
                     reason=reason,
                 )
                 return Error(code=ErrorCode.FORBIDDEN, message=reason)
+        taken = self.peers.get(msg.actor_id)
+        if taken is not None and taken.node != msg.node:
+            # a restart comes back from its own node; this is another actor under the
+            # same id (a joining node whose cluster.toml numbers the actors otherwise)
+            reason = (
+                f"actor id {msg.actor_id!r} is taken by the {taken.role} of node {taken.node} "
+                f"(pid {taken.pid}), connected; this one is on node {msg.node}: every node "
+                "must read the same cluster.toml, a joining node's [[nodes]] entry "
+                "appended after the others"
+            )
+            self.log.warning("hello_refused", claimed=msg.actor_id, node=msg.node, reason=reason)
+            return Error(code=ErrorCode.ID_TAKEN, message=reason)
         await self.peers.register(Peer.introduced(msg, inbound.route))
         return Welcome(**self._card())
 

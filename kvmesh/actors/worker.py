@@ -109,6 +109,7 @@ class EngineWorker(Actor):
         self._events: asyncio.Queue = asyncio.Queue()  # KV events and load reports, in order
         self.load = WorkerLoad()  # the engine's, after its last step
         self.cache: CacheClient | None = None  # set while building the engine, if any
+        self.cache_error = ""  # why the last attach to the cache actor failed
         self.watch(lambda peer_id: peer_id == self.router_id, self._router_died)
 
     async def setup(self) -> None:
@@ -244,7 +245,12 @@ class EngineWorker(Actor):
         (supervised with CACHE_RETRY: retried until the cache actor answers; meanwhile
         every lookup misses and nothing is offloaded)."""
         record_bytes = self.engine.engine.kv_connector.record_bytes
-        host = await self.cache.attach(record_bytes, CACHE_ATTACH_WAIT)
+        try:
+            host = await self.cache.attach(record_bytes, CACHE_ATTACH_WAIT)
+        except CACHE_RETRY.errors as exc:
+            self.cache_error = str(exc)  # for the router's status, until attached
+            raise
+        self.cache_error = ""
         await self.engine.call(lambda e: e.kv_connector.attach(host))
         self.log.info("cache_attached", cache=self.settings.cache_id, slots=host.num_slots)
 
@@ -331,8 +337,18 @@ class EngineWorker(Actor):
                 cached_tokens_total=self.cached_tokens_total,
                 remote_prefills_total=self.remote_prefills_total,
                 transfer_bytes_total=self.transfer_bytes_total,
+                unreachable=self.unreachable(),
             )
         )
+
+    def unreachable(self) -> list[str]:
+        """The peers this worker needs and cannot reach now, each with why: its node's
+        cache actor while it is not attached (`kvmesh status` shows the worker unhealthy)."""
+        if self.cache is None or self.cache.attached:
+            return []
+        s = self.settings
+        why = self.cache_error or "not attached yet"
+        return [f"{s.cache_id} at {s.cache_endpoint} (this node's cache actor): {why}"]
 
 
 def _queues(load: WorkerLoad) -> tuple[int, int, int]:

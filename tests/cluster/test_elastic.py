@@ -4,8 +4,10 @@ decode-1) serves alone, as `kvmesh up --node a` with a cluster.toml that lists o
 - Its router is SIGKILLed and restarted by the launcher: the workers re-register and
   the router asks each for its device prefix cache, so a prompt warmed before the
   restart goes back to the worker that holds it, which reports the cached tokens.
-- Node b (127.0.0.2: decode-2) joins: the same cluster.toml with b appended, `kvmesh up
+- Node b (127.0.0.2: decode-2, cache-0) joins: the same cluster.toml with b appended, `kvmesh up
   --node b` on it; nothing on node a restarts and the router places work on decode-2.
+  `kvmesh status` shows decode-2 unhealthy, naming cache-0, while b's cache actor is
+  stopped (SIGSTOP), and alive again once it runs on.
   Then b leaves: SIGTERM to its `kvmesh up` while decode-2 streams; decode-2 leaves the
   router first (new work goes elsewhere), finishes its streams, and b exits 0.
 
@@ -40,7 +42,10 @@ NODE_A = (
     '[[nodes.actors]]\nrole = "frontend"\n[[nodes.actors]]\nrole = "router"\n'
     '[[nodes.actors]]\nrole = "decode"\ncount = 2\n'
 )
-NODE_B = '[[nodes]]\nname = "b"\naddress = "127.0.0.2"\n[[nodes.actors]]\nrole = "decode"\n'
+NODE_B = (
+    '[[nodes]]\nname = "b"\naddress = "127.0.0.2"\n'
+    '[[nodes.actors]]\nrole = "decode"\n[[nodes.actors]]\nrole = "cache"\n'
+)
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -55,7 +60,7 @@ class Site:
         head = (
             f"[cluster]\nbase_port = {self.base}\ngrace_period = 60\n"
             f'[model]\npath = "{model_dir}"\n'
-            f"[kv]\ndevice_blocks = 256\n[frontend]\nhttp_port = {self.base + 30}\n"
+            f"[kv]\ndevice_blocks = 256\nhost_gb = 0.02\n[frontend]\nhttp_port = {self.base + 30}\n"
         )
         self.config_a = tmp_path / "cluster.toml"
         self.config_a.write_text(head + NODE_A)
@@ -73,6 +78,8 @@ class Site:
             text=True,
             timeout=60,
         )
+        if proc.returncode != 0 and "no router answers" not in proc.stderr:
+            raise RuntimeError(f"kvmesh status failed: {proc.stderr}")
         return {row["actor"]: row for row in json.loads(proc.stdout or "[]")}
 
     def complete(self, prompt: list[int], max_tokens: int):
@@ -157,10 +164,10 @@ def learned(log: Path) -> int:
 def test_a_restarted_router_routes_a_warm_prefix_back_to_the_worker_holding_it(site, engine):
     # 170 and 234 tokens: 10 and 14 full blocks of 16 are reusable
     p0, p1 = random_prompt(170, seed=71), random_prompt(234, seed=72)
-    (long0,) = engine.generate([p0], greedy(64))
+    (long0,) = engine.generate([p0], greedy(200))
     short = engine.generate([p0, p1], greedy(8))
     # p0 streams on one worker while p1 is placed: p1 goes to the other one
-    first = Stream(site, p0, 64)
+    first = Stream(site, p0, 200)
     first.start()
     wait_until(lambda: first.chunks >= 2 or first.error, "p0's first chunks", timeout=120)
     assert site.complete(p1, 8).choices[0].text == short[1].text
@@ -199,15 +206,35 @@ def test_a_node_joins_and_leaves_while_requests_flow(site, engine):
     spawned_before = spawned_pids(node_a.log)
     prompts = random_prompts([(20, 90)] * 4, seed=81)
     short = [o.text for o in engine.generate(prompts, greedy(6))]
-    streamed = random_prompts([(20, 60)] * 6, seed=82)
-    long = [o.text for o in engine.generate(streamed, greedy(400))]
+    streamed = random_prompts([(20, 60)] * 4, seed=82)
+    long = [o.text for o in engine.generate(streamed, greedy(200))]
     traffic = Traffic(site, prompts, 6)
     traffic.start()
     node_b = Node(node_a.log.parent, site.config_ab, "b")
     try:
-        node_b.wait_said("node b is up: decode-2 registered with router-0", timeout=240)
-        # six streams at once: the router spreads them, decode-2 included
-        streams = [Stream(site, p, 400) for p in streamed]
+        node_b.wait_said("node b is up: cache-0, decode-2 registered with router-0", timeout=240)
+        # health is reachability: decode-2 cannot reach its node's cache actor (stopped)
+        cache = spawned_pids(node_b.log)["cache-0"]
+        os.kill(cache, signal.SIGSTOP)
+        try:
+            unhealthy = wait_until(
+                lambda: (row := site.status().get("decode-2")) and row["problems"] and row,
+                "decode-2 unhealthy",
+                timeout=120,
+            )
+        finally:
+            os.kill(cache, signal.SIGCONT)
+        assert unhealthy["health"] == "unhealthy"
+        assert unhealthy["problems"][0].startswith(
+            f"cannot reach cache-0 at tcp://127.0.0.2:{site.base + 2 * 5} (this node's cache actor)"
+        ), unhealthy
+        wait_until(
+            lambda: site.status().get("decode-2", {}).get("health") == "alive",
+            "decode-2 healthy again, its cache actor back",
+            timeout=120,
+        )
+        # four streams at once: the router spreads them, decode-2 included
+        streams = [Stream(site, p, 200) for p in streamed]
         for s in streams:
             s.start()
         wait_until(
@@ -220,7 +247,7 @@ def test_a_node_joins_and_leaves_while_requests_flow(site, engine):
         assert node_b.process.wait(timeout=120) == 0, node_b.output()
         for s in streams:
             s.join(timeout=240)
-        assert [s.error for s in streams] == [None] * 6
+        assert [s.error for s in streams] == [None] * 4
         assert [s.text for s in streams] == long
         assert "decode-2" not in site.status()
         served_after_leaving = len(traffic.results)
