@@ -302,7 +302,10 @@ class RouterActor(Actor):
         worker_id = worker.worker_id
         try:
             snapshot = await self.request(worker_id, CacheSnapshotQuery(), timeout=30.0)
-        except (TimeoutError, ConnectionError, RemoteError) as exc:
+        except RemoteError as exc:  # it cannot tell (an engine without a prefix cache)
+            self.log.warning("device_snapshot_refused", worker=worker_id, error=str(exc))
+            return
+        except (TimeoutError, ConnectionError) as exc:
             self.log.warning("device_snapshot_failed", worker=worker_id, error=str(exc))
             if self.workers.get(worker_id) is worker:
                 self.loads.pop(worker_id, None)  # ask again on the next report

@@ -56,6 +56,7 @@ class CachingWorker(Actor):
         self.later = list(later)
         self.unreachable = list(unreachable)
         self.asked = 0
+        self.reported = 0
 
     async def setup(self) -> None:
         self.open("from_peers", zmq.ROUTER, "tcp://127.0.0.1:0", bind=True)
@@ -66,6 +67,7 @@ class CachingWorker(Actor):
         while True:
             load = WorkerLoad(unreachable=self.unreachable)
             await self.emit("events_out", LoadReport(load=load))
+            self.reported += 1
             await asyncio.sleep(0.05)
 
     async def on_cache_snapshot_query(self, msg: CacheSnapshotQuery, inbound) -> CacheSnapshot:
@@ -212,3 +214,20 @@ def test_a_second_actor_under_a_connected_actors_id_from_another_node_is_refused
     )
     assert kept == ("a", True)
     assert replaced_by == "actor"  # the same node's Hello replaced the connection
+
+
+def test_a_worker_that_cannot_tell_its_blocks_is_asked_once():
+    class Blind(CachingWorker):
+        async def on_cache_snapshot_query(self, msg, inbound) -> CacheSnapshot:
+            self.asked += 1
+            raise NotImplementedError("this engine keeps no prefix cache")
+
+    async def scenario():
+        async with make_router() as router, Blind("decode-0", device=[]) as blind:
+            await blind.register(router)
+            await until(lambda: blind.asked, "the question")
+            since = blind.reported
+            await until(lambda: blind.reported >= since + 10, "ten more load reports")
+            return blind.asked, "decode-0" in router.workers
+
+    assert asyncio.run(scenario()) == (1, True)
