@@ -13,7 +13,6 @@ import asyncio
 import json
 
 import pytest
-import zmq
 from click.testing import CliRunner
 
 from kvmesh.actors import router as router_module
@@ -28,11 +27,10 @@ from kvmesh.protocol import (
     CacheSnapshotQuery,
     ClusterStatus,
     LoadReport,
-    RegisterWorker,
     StatusQuery,
     WorkerLoad,
 )
-from tests.actors.test_cache_and_router import node_config, until
+from tests.actors.test_cache_and_router import RegisteredWorker, node_config, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,7 +40,7 @@ def make_router() -> RouterActor:
     return RouterActor(node_config("router-0", "a"), settings)
 
 
-class CachingWorker(Actor):
+class CachingWorker(RegisteredWorker):
     """A decode worker whose device pool holds `device` from before it registered; it
     publishes a LoadReport every 50 ms, and a BlockStored of `later` once asked."""
 
@@ -59,8 +57,7 @@ class CachingWorker(Actor):
         self.reported = 0
 
     async def setup(self) -> None:
-        self.open("from_peers", zmq.ROUTER, "tcp://127.0.0.1:0", bind=True)
-        self.open("events_out", zmq.PUB, "tcp://127.0.0.1:0", bind=True)
+        await super().setup()
         self.supervise("report_load", self._report_load)
 
     async def _report_load(self) -> None:
@@ -75,20 +72,6 @@ class CachingWorker(Actor):
         if self.later:  # stored after the snapshot: arrives as an ordinary event
             await self.emit("events_out", BlockStored(block_hashes=self.later))
         return CacheSnapshot(device=self.device)
-
-    async def register(self, router: RouterActor, events: str = "") -> None:
-        await self.connect("to_router", router.endpoints["from_peers"], timeout=5)
-        await self.request(
-            router.actor_id,
-            RegisterWorker(
-                model="m",
-                block_size=16,
-                num_blocks=64,
-                max_num_seqs=8,
-                events_endpoint=events or self.endpoints["events_out"],
-            ),
-            timeout=5,
-        )
 
 
 def test_a_router_learns_the_device_blocks_its_workers_held_before_it_started():
@@ -135,7 +118,8 @@ def test_status_names_the_members_their_peers_cannot_use(monkeypatch):
         ):
             await fine.register(router)
             await lonely.register(router)
-            await unheard.register(router, events="tcp://127.0.0.1:9")  # nobody there
+            unheard.endpoints["events_out"] = "tcp://127.0.0.1:9"  # nobody listens there
+            await unheard.register(router)
             await until(lambda: "decode-1" in router.loads, "decode-1's report")
             asking = Inbound(Route("from_peers"), None, [])
             problems = {}
