@@ -5,7 +5,10 @@
   asks it for a snapshot and indexes it;
 - its status says which members the peers that need them cannot use: a worker whose
   events never reach it, a worker that reports it cannot reach its node's cache actor;
-  `kvmesh status` shows such a member unhealthy, saying why."""
+  `kvmesh status` shows such a member unhealthy, saying why;
+- a worker that leaves (Actor.leave, as a draining worker does) is forgotten at once, as
+  a clean departure, and an actor of another node under a connected actor's id is
+  refused."""
 
 from __future__ import annotations
 
@@ -215,3 +218,22 @@ def test_a_worker_that_cannot_tell_its_blocks_is_asked_once():
             return blind.asked, "decode-0" in router.workers
 
     assert asyncio.run(scenario()) == (1, True)
+
+
+def test_a_worker_that_leaves_is_forgotten_at_once_as_a_clean_departure():
+    async def scenario():
+        async with make_router() as router, CachingWorker("decode-0", device=[]) as worker:
+            seen = []
+
+            async def on_router_gone(peer_id: str) -> None:
+                seen.append((peer_id, worker.peers.left(peer_id)))
+
+            worker.watch("router-0", on_router_gone)
+            await worker.register(router)
+            await worker.leave("router-0")
+            await until(lambda: "decode-0" not in router.workers, "the router forgetting it")
+            await until(lambda: seen, "the worker's watch")
+            await worker.leave("router-0")  # not connected any more: nothing to do
+            return seen, router.num_worker_deaths, "router-0" in worker.peers
+
+    assert asyncio.run(scenario()) == ([("router-0", True)], 0, False)

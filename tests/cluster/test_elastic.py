@@ -164,10 +164,10 @@ def learned(log: Path) -> int:
 def test_a_restarted_router_routes_a_warm_prefix_back_to_the_worker_holding_it(site, engine):
     # 170 and 234 tokens: 10 and 14 full blocks of 16 are reusable
     p0, p1 = random_prompt(170, seed=71), random_prompt(234, seed=72)
-    (long0,) = engine.generate([p0], greedy(200))
+    (long0,) = engine.generate([p0], greedy(120))
     short = engine.generate([p0, p1], greedy(8))
     # p0 streams on one worker while p1 is placed: p1 goes to the other one
-    first = Stream(site, p0, 200)
+    first = Stream(site, p0, 120)
     first.start()
     wait_until(lambda: first.chunks >= 2 or first.error, "p0's first chunks", timeout=120)
     assert site.complete(p1, 8).choices[0].text == short[1].text
@@ -207,7 +207,7 @@ def test_a_node_joins_and_leaves_while_requests_flow(site, engine):
     prompts = random_prompts([(20, 90)] * 4, seed=81)
     short = [o.text for o in engine.generate(prompts, greedy(6))]
     streamed = random_prompts([(20, 60)] * 4, seed=82)
-    long = [o.text for o in engine.generate(streamed, greedy(200))]
+    long = [o.text for o in engine.generate(streamed, greedy(120))]
     traffic = Traffic(site, prompts, 6)
     traffic.start()
     node_b = Node(node_a.log.parent, site.config_ab, "b")
@@ -234,7 +234,7 @@ def test_a_node_joins_and_leaves_while_requests_flow(site, engine):
             timeout=120,
         )
         # four streams at once: the router spreads them, decode-2 included
-        streams = [Stream(site, p, 200) for p in streamed]
+        streams = [Stream(site, p, 120) for p in streamed]
         for s in streams:
             s.start()
         wait_until(
