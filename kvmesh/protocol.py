@@ -388,8 +388,6 @@ class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     transfer_bytes_total: int = 0  # KV bytes received (decode) or sent (prefill)
     preemptions_total: int = 0  # sequences preempted for room (recomputed later)
     tiers: dict[Tier, OnboardCounters] = {}  # its connector's, per tier (none: no tiers)
-    # the peers it needs and cannot reach now, each with why (its node's cache actor)
-    unreachable: list[str] = []
 
 
 class CacheLoad(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -420,6 +418,8 @@ class LoadReport(Message, frozen=True, kw_only=True):
     """A worker's load, published on its events socket after each busy step (and idly)."""
 
     load: WorkerLoad
+    # the peers it needs and cannot reach now, each with why (its node's cache actor)
+    unreachable: list[str] = []
 
 
 class RouteRequest(Request, frozen=True, kw_only=True):

@@ -49,14 +49,12 @@ from kvmesh.protocol import (
     StatusQuery,
     WorkerLoad,
 )
+from kvmesh.router.health import MemberHealth
 from kvmesh.router.kv_index import KVIndex
 from kvmesh.router.policy import NoWorkerError, Router, RouterSettings, WorkerState
 
 WORKER_ROLES = ("prefill", "decode")
 PREDICTION_TTL = 5.0  # seconds a placement counts as load before it is forgotten
-# seconds without a report (a worker's LoadReport, a cache's CacheReport; each comes
-# every second or faster) after which `kvmesh status` says its events do not reach us
-EVENTS_STALE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -115,10 +113,7 @@ class RouterActor(Actor):
         # (when, request key), oldest first: predictions a lost RequestDone would leave
         self.placed: deque[tuple[float, str]] = deque()
         self.salt_id = ""  # the workers' block-hash salt, as the first one registered
-        # worker or cache actor -> (its events endpoint, when it registered, when its
-        # last report came): whether its events reach us, for `kvmesh status`
-        self.events_of: dict[str, str] = {}
-        self.heard: dict[str, tuple[float, float | None]] = {}
+        self.health = MemberHealth(config.actor_id)  # for `kvmesh status`
         self.watch(any_peer, self._member_died)
 
     async def setup(self) -> None:
@@ -195,7 +190,7 @@ class RouterActor(Actor):
             return
         first = cache_id not in self.cache_reports
         self.cache_reports[cache_id] = msg
-        self._heard_from(cache_id)
+        self.health.reported(cache_id, time.monotonic())
         if first:
             try:
                 snapshot = await self.request(cache_id, CacheSnapshotQuery(), timeout=30.0)
@@ -210,8 +205,7 @@ class RouterActor(Actor):
                     self._index(cache_id, BlockStored(block_hashes=blocks, tier=tier))
 
     def _subscribe(self, actor_id: str, events_endpoint: str) -> None:
-        self.events_of[actor_id] = events_endpoint
-        self.heard[actor_id] = (time.monotonic(), None)
+        self.health.registered(actor_id, events_endpoint, time.monotonic())
         socket = f"events_{actor_id}"
         self._close_socket(socket)
         self.open(socket, zmq.SUB, events_endpoint, bind=False, peer=actor_id)
@@ -258,8 +252,7 @@ class RouterActor(Actor):
         """The node's tiers are gone: out of every worker's index entry, not routed on."""
         blocks = self.cache_blocks.pop(cache_id, None)
         self.cache_reports.pop(cache_id, None)
-        self.heard.pop(cache_id, None)
-        self.events_of.pop(cache_id, None)
+        self.health.forget(cache_id)
         self._close_socket(f"events_{cache_id}")
         if blocks is not None:
             for tier in blocks:
@@ -284,7 +277,7 @@ class RouterActor(Actor):
             return
         first = inbound.peer not in self.loads
         load = self.loads[inbound.peer] = msg.load
-        self._heard_from(inbound.peer)
+        self.health.reported(inbound.peer, time.monotonic(), msg.unreachable)
         self.policy.on_load_report(
             worker,
             num_running=load.num_running,
@@ -417,33 +410,10 @@ class RouterActor(Actor):
                     endpoints=dict(peer.endpoints),
                     alive=True,
                     load=self.loads.get(peer.actor_id, report.load if report else None),
-                    problems=self._problems(peer.actor_id, now),
+                    problems=self.health.problems(peer.actor_id, now),
                 )
             )
         return ClusterStatus(actors=actors)
-
-    def _heard_from(self, actor_id: str) -> None:
-        registered, _ = self.heard.get(actor_id, (time.monotonic(), None))
-        self.heard[actor_id] = (registered, time.monotonic())
-
-    def _problems(self, actor_id: str, now: float) -> list[str]:
-        """Why the peers that need this actor cannot use it: its events do not reach
-        this router (so routing is blind to it), or, as it reports, it cannot reach a
-        peer it needs (a worker its node's cache actor)."""
-        problems = []
-        if actor_id in self.heard:
-            registered, last = self.heard[actor_id]
-            silent = now - (last if last is not None else registered)
-            if silent > EVENTS_STALE_S:
-                since = "ever since it registered" if last is None else f"for {silent:.0f} s"
-                problems.append(
-                    f"its events ({self.events_of[actor_id]}) have not reached "
-                    f"{self.actor_id} {since}: does this host reach that address?"
-                )
-        load = self.loads.get(actor_id)
-        if load is not None:
-            problems += [f"cannot reach {peer}" for peer in load.unreachable]
-        return problems
 
     async def _member_died(self, peer_id: str) -> None:
         """A silent (or departed) actor: out of the registry and the index."""
@@ -467,7 +437,6 @@ class RouterActor(Actor):
 
     def _forget(self, worker_id: str) -> None:
         self.loads.pop(worker_id, None)  # a registration anew reports (and is asked) anew
-        self.heard.pop(worker_id, None)
-        self.events_of.pop(worker_id, None)
+        self.health.forget(worker_id)
         self.index.remove_worker(worker_id)
         self.policy.on_worker_removed(worker_id)

@@ -337,8 +337,8 @@ class EngineWorker(Actor):
                 cached_tokens_total=self.cached_tokens_total,
                 remote_prefills_total=self.remote_prefills_total,
                 transfer_bytes_total=self.transfer_bytes_total,
-                unreachable=self.unreachable(),
-            )
+            ),
+            unreachable=self.unreachable(),
         )
 
     def unreachable(self) -> list[str]:

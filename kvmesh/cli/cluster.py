@@ -464,8 +464,6 @@ def _flat(load) -> dict[str, float]:
     flat: dict[str, float] = {}
     numbers: dict[str, dict[str, float]] = {}  # tier -> its "<name>_<tier>" numbers
     for name, value in msgspec.structs.asdict(load).items() if load is not None else ():
-        if isinstance(value, list):  # words, not numbers (unreachable: the row's problems)
-            continue
         if not isinstance(value, dict):
             flat[name] = float(value)
             continue
