@@ -428,6 +428,7 @@ class RouterActor(Actor):
             self._forget(peer_id)
             self._close_socket(f"events_{peer_id}")
             del self.workers[peer_id]
+            self.loads.pop(peer_id, None)
         if peer_id in self.cache_blocks:
             if left:
                 self.log.info("cache_left", cache=peer_id)
