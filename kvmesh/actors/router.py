@@ -105,6 +105,7 @@ class RouterActor(Actor):
         self.num_routed = 0
         self.quality = RoutingQuality()
         self.num_worker_deaths = 0
+        self.health = MemberHealth(config.actor_id)  # for `kvmesh status`
         # node -> its cache actor; cache actor -> per tier, the blocks it holds
         self.cache_of: dict[str, str] = {}
         self.node_of_cache: dict[str, str] = {}
@@ -113,7 +114,6 @@ class RouterActor(Actor):
         # (when, request key), oldest first: predictions a lost RequestDone would leave
         self.placed: deque[tuple[float, str]] = deque()
         self.salt_id = ""  # the workers' block-hash salt, as the first one registered
-        self.health = MemberHealth(config.actor_id)  # for `kvmesh status`
         self.watch(any_peer, self._member_died)
 
     async def setup(self) -> None:
