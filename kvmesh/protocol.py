@@ -138,6 +138,7 @@ class ErrorCode:
     NO_REPLY = "no_reply"  # the handler of a Request returned nothing
     OVERLOADED = "overloaded"  # the actor has max_handlers handlers running already
     FORBIDDEN = "forbidden"  # the sender's role may not send this (or its key is not its id)
+    ID_TAKEN = "id_taken"  # Hello with the id of a connected actor of another node
 
 
 class Error(Reply, frozen=True, kw_only=True):
@@ -299,13 +300,17 @@ class CacheReport(Message, frozen=True, kw_only=True):
 
 
 class CacheSnapshotQuery(Request, frozen=True, kw_only=True):
-    """Router -> cache actor: every block you hold (after (re)registering, so blocks
-    kept from before, such as the disk tier's files, are credited too)."""
+    """Router -> cache actor or worker: every block you hold, asked once the asker's
+    events arrive after a (re)registration, so blocks kept from before (the disk tier's
+    files; a worker's device prefix cache across a router restart) are credited too."""
 
 
 class CacheSnapshot(Reply, frozen=True, kw_only=True):
-    host: list[int]
-    disk: list[int]
+    """The block hashes a cache actor's tiers (host, disk) or a worker's device pool hold."""
+
+    host: list[int] = []
+    disk: list[int] = []
+    device: list[int] = []
 
 
 # --- serving: registration, load, routing, generation ---
@@ -413,6 +418,8 @@ class LoadReport(Message, frozen=True, kw_only=True):
     """A worker's load, published on its events socket after each busy step (and idly)."""
 
     load: WorkerLoad
+    # the peers it needs and cannot reach now, each with why (its node's cache actor)
+    unreachable: list[str] = []
 
 
 class RouteRequest(Request, frozen=True, kw_only=True):
@@ -449,6 +456,9 @@ class ActorStatus(msgspec.Struct, frozen=True, kw_only=True):
     endpoints: dict[str, str]
     alive: bool
     load: WorkerLoad | CacheLoad | RouterLoad | None = None  # by its kind; None: reports none
+    # why the peers that need it cannot use it (its events do not reach the router, it
+    # cannot reach its node's cache actor); empty: healthy
+    problems: list[str] = []
 
 
 class StatusQuery(Request, frozen=True, kw_only=True):

@@ -44,7 +44,8 @@ Lifecycle, and the two helpers for what runs besides the handlers:
               watch(peer_id | predicate, on_dead) calls `await on_dead(peer_id)` each
               time a matching peer is declared dead or leaves, until unwatch()
     stop()    (SIGTERM, SIGINT, Shutdown) new work refused; drain() and the handlers in
-              progress awaited, within grace_period
+              progress awaited, within grace_period (a drain may first leave(peer):
+              say Goodbye to the router, so it places nothing more here)
     close()   supervised tasks cancelled, watches dropped, handlers cancelled,
               Goodbye said, sockets closed. An actor whose close() releases what its
               tasks use (an engine, a pool) calls cancel_supervised() first.
@@ -364,6 +365,23 @@ class Actor:
         self._readers.clear()
         self.log.info("actor_closed")
 
+    async def leave(self, peer_id: str) -> None:
+        """Say Goodbye to one registered peer and end that connection, while serving on:
+        the peer forgets us at once, as at our close (a draining worker leaves the
+        router first, so no new work is placed on it). Our watches on it run as after
+        its own Goodbye (`self.peers.left(peer_id)` is true). No-op for a stranger."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return
+        route = peer.route
+        sock = self._socks.get(route.socket)
+        if sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                await messaging.send(sock, _GOODBYE, head=route.identity, flags=zmq.NOBLOCK)
+        if route.identity is None:  # our DEALER: closed within linger, the Goodbye flushed
+            self._close_socket(route.socket, linger=self.config.linger)
+        self.peers.leave(route, reason="we said goodbye (leaving)")
+
     async def _say_goodbye(self) -> None:
         """Tell every registered peer we are going (best effort: the linger bound flushes
         it), so it forgets us now instead of declaring us dead after liveness."""
@@ -400,13 +418,13 @@ class Actor:
             self._readers[name] = asyncio.create_task(self._read(name, sock))
         return endpoint
 
-    def _close_socket(self, name: str) -> None:
+    def _close_socket(self, name: str, linger: float = 0.0) -> None:
         reader = self._readers.pop(name, None)
         if reader is not None:
             reader.cancel()
         sock = self._socks.pop(name, None)
         if sock is not None:
-            self._sockets.close(sock, linger=0)
+            self._sockets.close(sock, linger=linger)
         self.endpoints.pop(name, None)
         self._socket_peer.pop(name, None)
 
@@ -849,6 +867,18 @@ class Actor:
                     reason=reason,
                 )
                 return Error(code=ErrorCode.FORBIDDEN, message=reason)
+        taken = self.peers.get(msg.actor_id)
+        if taken is not None and taken.node != msg.node:
+            # a restart comes back from its own node; this is another actor under the
+            # same id (a joining node whose cluster.toml numbers the actors otherwise)
+            reason = (
+                f"actor id {msg.actor_id!r} is taken by the {taken.role} of node {taken.node} "
+                f"(pid {taken.pid}), connected; this one is on node {msg.node}: every node "
+                "must read the same cluster.toml, a joining node's [[nodes]] entry "
+                "appended after the others"
+            )
+            self.log.warning("hello_refused", claimed=msg.actor_id, node=msg.node, reason=reason)
+            return Error(code=ErrorCode.ID_TAKEN, message=reason)
         await self.peers.register(Peer.introduced(msg, inbound.route))
         return Welcome(**self._card())
 

@@ -183,12 +183,13 @@ class Peers(Mapping[str, Peer]):
         self._burying[peer.actor_id] = burial
         burial.add_done_callback(partial(self._buried, peer.actor_id))
 
-    def leave(self, route: Route) -> None:
-        """The peer on route said Goodbye: end its connection now, as a clean one."""
+    def leave(self, route: Route, reason: str = "it said goodbye (shutting down)") -> None:
+        """The peer on route said Goodbye (or we did, Actor.leave): end its connection
+        now, as a clean one."""
         peer = self._at.get(route)
         if peer is not None:
             self._left.add(peer.actor_id)
-            self.declare_dead(peer, "it said goodbye (shutting down)")
+            self.declare_dead(peer, reason)
 
     def left(self, actor_id: str) -> bool:
         """Whether actor_id's connection ended with its Goodbye (asked by a watch)."""

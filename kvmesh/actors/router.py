@@ -6,7 +6,10 @@ where the worker publishes KV events (into the KVIndex) and LoadReports (into th
 policy's load). Frontends ask RouteRequest and get a Placement; the decision itself
 is kvmesh.router.policy's. StatusQuery lists every actor for `kvmesh status` and the
 frontend's /health. A worker declared dead (heartbeats lost) leaves the index and is
-never chosen again; when it restarts it registers anew.
+never chosen again; when it restarts it registers anew. Once a registered worker's
+first LoadReport arrives (its events reach us), the router asks it for a snapshot of its
+device prefix cache: after a router restart the workers keep their caches, and routing
+recovers them all, not only the blocks stored since.
 
 A node's cache actor registers too (RegisterCache). Its KV events describe the node's
 host and disk tiers, which every worker of the node reads: the router applies each to
@@ -48,6 +51,7 @@ from kvmesh.protocol import (
     StatusQuery,
     WorkerLoad,
 )
+from kvmesh.router.health import MemberHealth
 from kvmesh.router.kv_index import KVIndex
 from kvmesh.router.policy import NoWorkerError, Router, RouterSettings, WorkerState
 
@@ -104,6 +108,7 @@ class RouterActor(Actor):
         self.num_routed = 0
         self.quality = RoutingQuality()
         self.num_worker_deaths = 0
+        self.health = MemberHealth(config.actor_id)  # for `kvmesh status`
         # node -> its cache actor; cache actor -> per tier, the blocks it holds
         self.cache_of: dict[str, str] = {}
         self.node_of_cache: dict[str, str] = {}
@@ -195,6 +200,7 @@ class RouterActor(Actor):
             return
         first = cache_id not in self.cache_reports
         self.cache_reports[cache_id] = msg
+        self.health.reported(cache_id, time.monotonic())
         if first:
             try:
                 snapshot = await self.request(cache_id, CacheSnapshotQuery(), timeout=30.0)
@@ -209,6 +215,7 @@ class RouterActor(Actor):
                     self._index(cache_id, BlockStored(block_hashes=blocks, tier=tier))
 
     def _subscribe(self, actor_id: str, events_endpoint: str) -> None:
+        self.health.registered(actor_id, events_endpoint, time.monotonic())
         socket = f"events_{actor_id}"
         self._close_socket(socket)
         self.open(socket, zmq.SUB, events_endpoint, bind=False, peer=actor_id)
@@ -255,6 +262,7 @@ class RouterActor(Actor):
         """The node's tiers are gone: out of every worker's index entry, not routed on."""
         blocks = self.cache_blocks.pop(cache_id, None)
         self.cache_reports.pop(cache_id, None)
+        self.health.forget(cache_id)
         self._close_socket(f"events_{cache_id}")
         if blocks is not None:
             for tier in blocks:
@@ -272,17 +280,45 @@ class RouterActor(Actor):
                 self.index.apply(worker_id, event)
 
     async def on_load_report(self, msg: LoadReport, inbound) -> None:
-        """A worker's load: replaces the router's predictions for it."""
+        """A worker's load: replaces the router's predictions for it. The first one
+        since it registered says its events reach us: time to ask what it holds."""
         worker = self.workers.get(inbound.peer)
         if worker is None:
             return
+        first = inbound.peer not in self.loads
         load = self.loads[inbound.peer] = msg.load
+        self.health.reported(inbound.peer, time.monotonic(), msg.unreachable)
         self.policy.on_load_report(
             worker,
             num_running=load.num_running,
             num_queued_tokens=load.queued_prefill_tokens,
             kv_usage=load.kv_usage,
         )
+        if first:
+            await self._learn_device_blocks(worker)
+
+    async def _learn_device_blocks(self, worker: WorkerState) -> None:
+        """Index the blocks a worker's device pool held before it registered here (this
+        router restarted; the worker kept its cache). Asked once its events arrive, so
+        none published after the snapshot is missed; those published before it arrive
+        in order and leave the index as the snapshot says."""
+        worker_id = worker.worker_id
+        try:
+            snapshot = await self.request(worker_id, CacheSnapshotQuery(), timeout=30.0)
+        except RemoteError as exc:  # it cannot tell (an engine without a prefix cache)
+            self.log.warning("device_snapshot_refused", worker=worker_id, error=str(exc))
+            return
+        except (TimeoutError, ConnectionError) as exc:
+            self.log.warning("device_snapshot_failed", worker=worker_id, error=str(exc))
+            if self.workers.get(worker_id) is worker:
+                self.loads.pop(worker_id, None)  # ask again on the next report
+            return
+        assert isinstance(snapshot, CacheSnapshot)
+        if self.workers.get(worker_id) is not worker:
+            return  # gone (or registered anew) while it answered
+        if snapshot.device:
+            self.index.apply(worker_id, BlockStored(block_hashes=snapshot.device))
+        self.log.info("device_blocks_learned", worker=worker_id, num_blocks=len(snapshot.device))
 
     async def on_route_request(self, msg: RouteRequest, inbound) -> Placement | Error:
         """Place one request: decode worker, and prefill worker or local prefill."""
@@ -383,6 +419,7 @@ class RouterActor(Actor):
                 ),
             )
         ]
+        now = time.monotonic()
         for peer in self.peers.values():
             if peer.role == "operator":  # a `kvmesh status` asking, not a member
                 continue
@@ -399,6 +436,7 @@ class RouterActor(Actor):
                     endpoints=dict(peer.endpoints),
                     alive=True,
                     load=self.loads.get(peer.actor_id, report.load if report else None),
+                    problems=self.health.problems(peer.actor_id, now),
                 )
             )
         return ClusterStatus(actors=actors)
@@ -426,5 +464,7 @@ class RouterActor(Actor):
             self._forget_cache(peer_id)
 
     def _forget(self, worker_id: str) -> None:
+        self.loads.pop(worker_id, None)  # a registration anew reports (and is asked) anew
+        self.health.forget(worker_id)
         self.index.remove_worker(worker_id)
         self.policy.on_worker_removed(worker_id)

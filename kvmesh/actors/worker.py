@@ -31,9 +31,12 @@ from kvmesh.engine.async_engine import AsyncEngine, StepResult
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
 from kvmesh.engine.mock import MockTiming, build_mock_engine
 from kvmesh.engine.prefetch import Prefetch
+from kvmesh.kv.block_hash import wire_hashes
 from kvmesh.params import SamplingParams, first_token_params
 from kvmesh.protocol import (
     Abort,
+    CacheSnapshot,
+    CacheSnapshotQuery,
     Delta,
     Generate,
     KvPoolQuery,
@@ -109,6 +112,7 @@ class EngineWorker(Actor):
         self._events: asyncio.Queue = asyncio.Queue()  # KV events and load reports, in order
         self.load = WorkerLoad()  # the engine's, after its last step
         self.cache: CacheClient | None = None  # set while building the engine, if any
+        self.cache_error = ""  # why the last attach to the cache actor failed
         self.watch(lambda peer_id: peer_id == self.router_id, self._router_died)
 
     async def setup(self) -> None:
@@ -163,6 +167,14 @@ class EngineWorker(Actor):
             ),
             timeout=self.settings.connect_timeout,
         )
+
+    async def on_cache_snapshot_query(self, msg: CacheSnapshotQuery, inbound) -> CacheSnapshot:
+        """The router (re)learns what this worker's device prefix cache holds: asked
+        once this worker's events reach it after a registration, so a restarted router
+        routes on the blocks cached before it came back."""
+        device = await self.engine.call(lambda e: wire_hashes(e.pool.cached))
+        self.log.info("device_blocks_announced", router=inbound.peer, num_blocks=len(device))
+        return CacheSnapshot(device=device)
 
     async def _router_died(self, peer_id: str) -> None:
         """Keep trying to register with the router's successor."""
@@ -238,7 +250,12 @@ class EngineWorker(Actor):
         (supervised with CACHE_RETRY: retried until the cache actor answers; meanwhile
         every lookup misses and nothing is offloaded)."""
         record_bytes = self.engine.engine.kv_connector.record_bytes
-        host = await self.cache.attach(record_bytes, CACHE_ATTACH_WAIT)
+        try:
+            host = await self.cache.attach(record_bytes, CACHE_ATTACH_WAIT)
+        except CACHE_RETRY.errors as exc:
+            self.cache_error = str(exc)  # for the router's status, until attached
+            raise
+        self.cache_error = ""
         await self.engine.call(lambda e: e.kv_connector.attach(host))
         self.log.info("cache_attached", cache=self.settings.cache_id, slots=host.num_slots)
 
@@ -255,7 +272,17 @@ class EngineWorker(Actor):
         return await self.cache.prefetch(hashes)
 
     async def drain(self) -> None:
-        """Finish what is in flight: wait until the engine has nothing left to run."""
+        """Leave the router first, so new work goes to other workers (a placement made
+        just before is refused, and its frontend moves it); then finish what is in
+        flight: wait until the engine has nothing left to run."""
+        if self.router_id is not None:
+            load = self.load
+            self.log.info(
+                "leaving_router",
+                router=self.router_id,
+                in_flight=load.num_running + load.num_waiting + load.num_remote,
+            )
+            await self.leave(self.router_id)
         while self.engine is not None and self.engine.engine.has_unfinished():
             await asyncio.sleep(0.05)
 
@@ -315,8 +342,18 @@ class EngineWorker(Actor):
                 cached_tokens_total=self.cached_tokens_total,
                 remote_prefills_total=self.remote_prefills_total,
                 transfer_bytes_total=self.transfer_bytes_total,
-            )
+            ),
+            unreachable=self.unreachable(),
         )
+
+    def unreachable(self) -> list[str]:
+        """The peers this worker needs and cannot reach now, each with why: its node's
+        cache actor while it is not attached (`kvmesh status` shows the worker unhealthy)."""
+        if self.cache is None or self.cache.attached:
+            return []
+        s = self.settings
+        why = self.cache_error or "not attached yet"
+        return [f"{s.cache_id} at {s.cache_endpoint} (this node's cache actor): {why}"]
 
 
 def _queues(load: WorkerLoad) -> tuple[int, int, int]:

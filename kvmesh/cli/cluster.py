@@ -144,7 +144,11 @@ def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout,
     \b
     Many hosts: `kvmesh up --node NAME` on each host of [[nodes]], or `srun kvmesh up
     --slurm` (scripts/slurm/). Each node says when its actors are registered, or why
-    not; a node without the router stops once the router is gone for 10 s.
+    not; a node without the router stops once the router is gone for 10 s. A node
+    joins a running cluster: append its [[nodes]] entry to cluster.toml and run
+    `kvmesh up --node NAME` there (nothing else restarts). A node leaves by draining:
+    Ctrl-C or SIGTERM to its `kvmesh up` (scancel under Slurm): its workers leave the
+    router, finish their requests, then stop.
 
     \b
     Log lines: warnings here; info (or [logging] level) and above in
@@ -365,8 +369,9 @@ def _print_status(cfg, as_json: bool) -> bool:
         return False
     rows = []
     for a in cluster.actors:
+        health = {"health": _health(a), "problems": list(a.problems)}
         if isinstance(a.load, CacheLoad):
-            rows.append(_cache_row(a, a.load) | {"endpoint": _reachable(cfg, a)})
+            rows.append(_cache_row(a, a.load) | {"endpoint": _reachable(cfg, a)} | health)
             continue
         load = a.load if isinstance(a.load, WorkerLoad) else WorkerLoad()
         prompt = load.prompt_tokens_total
@@ -378,7 +383,7 @@ def _print_status(cfg, as_json: bool) -> bool:
                 "pid": a.pid,
                 "endpoints": a.endpoints,
                 "endpoint": _reachable(cfg, a),
-                "health": "alive" if a.alive else "dead",
+                **health,
                 "running": load.num_running,
                 "waiting": load.num_waiting,
                 "kv_usage": round(load.kv_usage, 3),
@@ -403,7 +408,17 @@ def _print_status(cfg, as_json: bool) -> bool:
             f"{r['health']:<6} {r['running']:>4} {r['waiting']:>4} "
             f"{r['kv_usage']:>6.1%} {r['cache_hit_rate']:>6.1%}  {r['endpoint']}"
         )
+        for problem in r["problems"]:
+            click.echo(f"  {r['actor']} is unhealthy: {problem}")
     return True
+
+
+def _health(a) -> str:
+    """alive: registered, and reachable by the peers that need it; unhealthy: registered,
+    but a peer that needs it cannot use it (ActorStatus.problems say why); dead."""
+    if not a.alive:
+        return "dead"
+    return "unhealthy" if a.problems else "alive"
 
 
 def _reachable(cfg, a) -> str:
@@ -432,7 +447,6 @@ def _cache_row(a, load) -> dict:
         "node": a.node,
         "pid": a.pid,
         "endpoints": a.endpoints,
-        "health": "alive" if a.alive else "dead",
         "running": 0,
         "waiting": 0,
         "kv_usage": round(load.blocks.get("host", 0) / capacity, 3) if capacity else 0.0,
