@@ -148,6 +148,13 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
             "kv.disk_path",
             f'expected a directory when kv.disk_gb > 0 (it is {cfg.kv.disk_gb}), got ""',
         )
+    if cfg.kv.object_url:
+        from kvmesh.cache.object_tier import parse_url
+
+        try:
+            parse_url(cfg.kv.object_url)
+        except ValueError:
+            fail("kv.object_url", f"expected s3://bucket[/prefix], got {cfg.kv.object_url!r}")
     check_network(cfg, book, fail)
 
 

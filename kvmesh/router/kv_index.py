@@ -6,13 +6,14 @@ request's hash list is walked from the front up to the first block nobody holds;
 worker's run ends at the first block it holds in no tier. Cost: O(matched blocks), not
 O(blocks indexed) and not O(workers x blocks).
 
-Holders of one block are one int, three bits per worker slot (a "lane"):
+Holders of one block are one int, four bits per worker slot (a "lane"):
 
-    bit  3*slot + 0   device
-    bit  3*slot + 1   host
-    bit  3*slot + 2   disk
+    bit  4*slot + 0   device
+    bit  4*slot + 1   host
+    bit  4*slot + 2   disk
+    bit  4*slot + 3   object (the node's cache actor lists it in its object store)
 
-    holders = 0b 010 000 001   slot 2 holds it on host, slot 0 on device, slot 1 not at all
+    holders = 0b 0010 0000 0001   slot 2 holds it on host, slot 0 on device, slot 1 not at all
 
 Consecutive blocks of a request usually have equal holder ints (the same workers
 stored the same prefix), so the walk only compares ints per block and does per-worker
@@ -31,10 +32,10 @@ from typing import NamedTuple
 
 from kvmesh.protocol import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
-LANE_BITS = len(TIERS)  # device, host, disk
+LANE_BITS = len(TIERS)  # device, host, disk, object
 LANE_MASK = (1 << LANE_BITS) - 1
 _TIER_INDEX = {tier: i for i, tier in enumerate(TIERS)}
-# lane value (a 3-bit tier mask) -> index of its fastest tier (the lowest set bit)
+# lane value (a 4-bit tier mask) -> index of its fastest tier (the lowest set bit)
 _FASTEST = [(lane & -lane).bit_length() - 1 for lane in range(1 << LANE_BITS)]
 
 
@@ -44,10 +45,11 @@ class Overlap(NamedTuple):
     device: int = 0
     host: int = 0
     disk: int = 0
+    object: int = 0
 
     @property
     def num_blocks(self) -> int:
-        return self.device + self.host + self.disk
+        return self.device + self.host + self.disk + self.object
 
 
 class KVIndex:
@@ -61,7 +63,7 @@ class KVIndex:
     def __init__(self) -> None:
         self._holders: dict[int, int] = {}  # block hash -> holder lanes (see module doc)
         self._slots: dict[Hashable, int] = {}  # worker id -> slot
-        self._worker_at_bit: dict[int, Hashable] = {}  # 3*slot -> worker id
+        self._worker_at_bit: dict[int, Hashable] = {}  # LANE_BITS*slot -> worker id
         self._free_slots: list[int] = []
         self._lane_lows = 0  # the lowest bit of every slot's lane
         # worker id -> per tier, the block hashes it holds there
@@ -135,11 +137,11 @@ class KVIndex:
                 current, num = value, 1
         runs.append((current, num))
 
-        tallies: dict[int, list[int]] = {}  # lane's lowest bit -> [device, host, disk]
+        tallies: dict[int, list[int]] = {}  # lane's lowest bit -> count per tier
         running = self._lane_lows  # the lowest bit of each lane whose run goes on
         for value, num in runs:
-            # a lane's lowest bit ORed with its own host and disk bits: held in any tier
-            running &= value | value >> 1 | value >> 2
+            # a lane's lowest bit ORed with its own slower tiers' bits: held in any tier
+            running &= value | value >> 1 | value >> 2 | value >> 3
             if not running:
                 break
             lanes = running
@@ -148,7 +150,7 @@ class KVIndex:
                 bit = low.bit_length() - 1
                 tally = tallies.get(bit)
                 if tally is None:
-                    tally = tallies[bit] = [0, 0, 0]
+                    tally = tallies[bit] = [0, 0, 0, 0]
                 tally[_FASTEST[(value >> bit) & LANE_MASK]] += num
                 lanes ^= low
         worker_at_bit = self._worker_at_bit
