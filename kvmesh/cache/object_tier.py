@@ -72,8 +72,10 @@ READERS = 16  # parallel GETs of a run
 WRITERS = 4  # background PUTs
 MAX_PENDING_BYTES = 256 << 20  # queued PUTs' records; more are dropped
 RETRY_AFTER = 5.0  # seconds a failed tier is passed over before it is tried again
+# A lookup waits for the run's GETs and a worker waits 2 s for its lookup
+# (CacheClient.timeout): a stalled store must cost a miss well before that.
 CONNECT_TIMEOUT = "1s"
-REQUEST_TIMEOUT = "10s"
+REQUEST_TIMEOUT = "1s"
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -112,7 +114,7 @@ class ObjectTier:
             options["allow_http"] = True
         retry = {
             "max_retries": 1,
-            "retry_timeout": timedelta(seconds=2),
+            "retry_timeout": timedelta(seconds=1),
             "backoff": {"init_backoff": timedelta(milliseconds=50)},
         }
         extra = {"endpoint": endpoint} if endpoint else {}

@@ -160,6 +160,7 @@ class TieredStore:
 
     def counters(self) -> dict[Tier, TierCounters]:
         """What each tier it has counted (the tiers it has only)."""
+        self._collect_objects()
         has = {"host": True, "disk": self.disk is not None, "object": self.objects is not None}
         return {tier: stats.counters() for tier, stats in self.stats.items() if has[tier]}
 
@@ -271,12 +272,7 @@ class TieredStore:
     def take_events(self) -> list[KVEvent]:
         """KV events since the last call, oldest first; runs of one kind and tier merged
         (the object tier's: its puts finished and its blocks found gone, since)."""
-        if self.objects is not None:
-            for block_hash in self.objects.take_stored():
-                self.stats["object"].offloaded += 1
-                self._event(BlockStored, "object", block_hash)
-            for block_hash in self.objects.take_removed():
-                self._event(BlockRemoved, "object", block_hash)
+        self._collect_objects()
         events, self._events = self._events, []
         return [
             kind(tier=tier) if kind is AllBlocksCleared else kind(block_hashes=hashes, tier=tier)
@@ -387,6 +383,17 @@ class TieredStore:
         assert committed, f"promoted block {block_hash:016x} did not commit to slot {slot}"
         self._event(BlockStored, "host", block_hash)
         return slot
+
+    def _collect_objects(self) -> None:
+        """The object tier's writes finished and blocks found gone since the last call:
+        counted, and queued as events."""
+        if self.objects is None:
+            return
+        for block_hash in self.objects.take_stored():
+            self.stats["object"].offloaded += 1
+            self._event(BlockStored, "object", block_hash)
+        for block_hash in self.objects.take_removed():
+            self._event(BlockRemoved, "object", block_hash)
 
     def _count(self, tier: str, queries: int, hits: int) -> None:
         self.stats[tier].lookups += queries

@@ -152,7 +152,9 @@ def test_removal_from_an_unknown_worker_takes_no_slot():
 @pytest.mark.parametrize("event", [stored(11, tier="gpu"), removed(11, tier="gpu"), cleared("gpu")])
 def test_unknown_tier_is_a_clear_error(event):
     index = KVIndex()
-    with pytest.raises(ValueError, match="tier must be one of device, host, disk, object, got 'gpu'"):
+    with pytest.raises(
+        ValueError, match="tier must be one of device, host, disk, object, got 'gpu'"
+    ):
         index.apply("a", event)
     assert index.workers == []
 
