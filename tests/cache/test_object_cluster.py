@@ -1,7 +1,8 @@
 """The object tier on real clusters (`kvmesh up`, the tiny model) over a moto S3 server
 process: blocks a decode worker evicts go through the host tier into the bucket and come
 back with the Engine's output; a second cluster on the same bucket finds them at start
-(the cache actor lists the bucket and announces them) and serves them as cached tokens.
+(the cache actor lists the bucket and announces them) and serves them as cached tokens;
+a killed object server costs hits, never a request.
 
 One decode worker with 24 device blocks, a host tier of 20 slots and no disk: a 300-token
 prompt (18 full blocks) is pushed out of the device by the next prompt and out of the
@@ -136,3 +137,27 @@ def test_a_second_cluster_finds_the_blocks_in_the_bucket(
         assert onboarded * 16 == cached_tokens(result)
     finally:
         assert restarted.stop() == 0, restarted.log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_killed_object_server_costs_hits_not_requests(
+    tmp_path_factory,
+    tiny_model_dir,
+    s3,  # the AWS environment; this test kills a server of its own
+    engine,
+):
+    server = MotoServer()
+    server.create_bucket(BUCKET)
+    cluster = start(tmp_path_factory, tiny_model_dir, server, "objects-killed")
+    try:
+        first, *others = (random_prompt(PROMPT_TOKENS, seed) for seed in (17, 18, 19))
+        for p in (first, *others):
+            complete(cluster, p)
+        wait_until(lambda: objects_in_bucket(server) > 0, "blocks demoted into the bucket")
+        server.kill()
+        for p in (first + [40], random_prompt(PROMPT_TOKENS, 20), others[0] + [41]):
+            result = complete(cluster, p)  # misses where the bucket was: recomputed
+            assert result["choices"][0]["text"] == expected_text(engine, p)
+    finally:
+        server.kill()
+        assert cluster.stop() == 0, cluster.log.read_text()[-3000:]
