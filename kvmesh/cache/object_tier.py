@@ -73,9 +73,11 @@ WRITERS = 4  # background PUTs
 MAX_PENDING_BYTES = 256 << 20  # queued PUTs' records; more are dropped
 RETRY_AFTER = 5.0  # seconds a failed tier is passed over before it is tried again
 # A lookup waits for the run's GETs and a worker waits 2 s for its lookup
-# (CacheClient.timeout): a stalled store must cost a miss well before that.
+# (CacheClient.timeout): a stalled store must cost a miss well before that. PUTs run in
+# the background, nobody waits on them: a loaded store gets longer.
 CONNECT_TIMEOUT = "1s"
 REQUEST_TIMEOUT = "1s"
+PUT_TIMEOUT = "10s"
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -119,6 +121,9 @@ class ObjectTier:
         }
         extra = {"endpoint": endpoint} if endpoint else {}
         self.bucket = S3Store(bucket, client_options=options, retry_config=retry, **extra)
+        self._put_bucket = S3Store(  # the same bucket, for the background writes
+            bucket, client_options=options | {"timeout": PUT_TIMEOUT}, retry_config=retry, **extra
+        )
         self._lock = threading.Lock()
         self._held: set[int] = set()
         self._pending: dict[int, int] = {}  # being written: hash -> bytes
@@ -196,7 +201,7 @@ class ObjectTier:
         ok = False
         try:
             self._wait()
-            obstore.put(self.bucket, self.key_of(block_hash), body)
+            obstore.put(self._put_bucket, self.key_of(block_hash), body)
             ok = True
         except Exception as exc:
             self._failed("object_tier_put_failed", block_hash, exc)
