@@ -29,7 +29,7 @@ class Message(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 
 # --- KV events: what a worker's (or the cache actor's) block pool stored or dropped ---
 
-TIERS = ("device", "host", "disk")
+TIERS = ("device", "host", "disk", "object")
 
 
 class BlockStored(Message, frozen=True):
@@ -246,7 +246,7 @@ class CacheLookup(Request, frozen=True, kw_only=True):
 
 class CacheHit(msgspec.Struct, frozen=True, array_like=True):
     """One block of a CacheLookup's run: the host slot holding it now, and the tier it
-    was found in ("host", or "disk": promoted into a host slot for this read)."""
+    was found in ("host", or "disk" / "object": promoted into a host slot for this read)."""
 
     block_hash: int
     slot: int
@@ -306,11 +306,13 @@ class CacheSnapshotQuery(Request, frozen=True, kw_only=True):
 
 
 class CacheSnapshot(Reply, frozen=True, kw_only=True):
-    """The block hashes a cache actor's tiers (host, disk) or a worker's device pool hold."""
+    """The block hashes a cache actor's tiers (host, disk, object) or a worker's device
+    pool hold."""
 
     host: list[int] = []
     disk: list[int] = []
     device: list[int] = []
+    object: list[int] = []  # the object tier's index: the bucket's blocks of this model
 
 
 # --- serving: registration, load, routing, generation ---
@@ -345,7 +347,7 @@ class Registered(Reply, frozen=True, kw_only=True):
 # actor's, or an in-process connector's) counts the blocks it served to lookups (`hits`);
 # a worker's connector counts those it then loaded into its device pool (`onboarded`).
 
-Tier = typing.Literal["host", "disk"]  # the KV tiers behind the device pools
+Tier = typing.Literal["host", "disk", "object"]  # the KV tiers behind the device pools
 
 
 class Counters(msgspec.Struct, frozen=True, kw_only=True):

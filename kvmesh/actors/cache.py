@@ -1,4 +1,4 @@
-"""The cache actor: one per node, owning the node's host-DRAM and disk KV tiers.
+"""The cache actor: one per node, owning the node's host-DRAM, disk and object KV tiers.
 
     worker ──CacheAttach──► cache: the host tier's shared-memory segment (name, token)
     worker ──CacheLookup(hashes)──► cache: leading run held, as host slots (disk hits
@@ -9,7 +9,7 @@
                                     the host tier, once the one before is read ──► CacheHits
     worker ──CacheReserve(evicted hashes)──► cache: a slot per block     ──► CacheSlots
     worker writes the slots itself, then ──CacheCommit──► cache (one-way)
-    cache ══BlockStored/BlockRemoved(tier host|disk), CacheReport══► router (PUB)
+    cache ══BlockStored/BlockRemoved(tier host|disk|object), CacheReport══► router (PUB)
 
 The store (kvmesh.cache.store.TieredStore) does the bookkeeping; this actor puts it
 behind messages, one call at a time and in arrival order (disk I/O runs off the event
@@ -22,7 +22,12 @@ CacheReserve timed out drops the late answer, and with it the slots).
 The router learns which blocks the node holds from this actor's KV events and credits
 them to every worker of the node; after (re)registering with a router it is asked for a
 snapshot, so blocks kept from before (the disk tier's files survive a restart: the tier
-rescans its directory) are credited too.
+rescans its directory; the object tier lists its bucket at start) are credited too.
+
+The object tier (kv.object_url) is checked at start: a bucket that cannot be listed (bad
+credentials, no such bucket, no server) fails the actor with an error naming the URL.
+After that its failures are misses (kvmesh.cache.object_tier). Its writes finish in the
+background; their events go out with the next store call or report.
 
 The worker side is CacheClient: lookups prefetched on the worker's event loop when it
 accepts a request (kvmesh.engine.prefetch), and the engine thread's blocking
@@ -43,6 +48,7 @@ import zmq
 from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, Retry, any_peer
 from kvmesh.cache.disk_tier import DiskTier
 from kvmesh.cache.host_tier import HostTier, HostTierInfo
+from kvmesh.cache.object_tier import ObjectTier
 from kvmesh.cache.store import Hit, TieredStore
 from kvmesh.engine.prefetch import Prefetch, named
 from kvmesh.kv.block_hash import wire_hashes
@@ -88,6 +94,10 @@ class CacheSettings:
     host_eviction: str = "lru"
     disk_eviction: str = "lru"
     fingerprint: str = ""  # the model's (ModelConfig.fingerprint): a disk tier of another is wiped
+    object_url: str = ""  # the object tier's bucket, s3://bucket[/prefix] ("" = none)
+    object_endpoint: str = ""  # "" = the AWS environment's
+    object_write: str = "demoted"
+    object_latency: float = 0.0  # seconds added to each object request (benchmarks)
     report_interval: float = 1.0
     connect_timeout: float = 60.0
 
@@ -118,8 +128,8 @@ class CacheActor(Actor):
         host = HostTier.create(
             segment_name(f"kv-{self.actor_id}"), s.record_bytes, s.host_bytes, s.host_eviction
         )
+        disk = objects = None
         try:
-            disk = None
             if s.disk_bytes > 0:
                 private_dir(s.disk_path, "kv.disk_path")  # the tiers' parent, too
                 disk = await asyncio.to_thread(
@@ -130,14 +140,22 @@ class CacheActor(Actor):
                     s.disk_eviction,
                     s.fingerprint,
                 )
+            if s.object_url:
+                objects = ObjectTier(
+                    s.object_url, s.record_bytes, s.fingerprint, s.object_endpoint, s.object_latency
+                )
+                await asyncio.to_thread(objects.check)
+            self.store = TieredStore(host, disk, objects, s.object_write)
         except BaseException:
-            host.close()
+            for tier in (host, disk, objects):
+                if tier is not None:
+                    tier.close()
             raise
-        self.store = TieredStore(host, disk)
         self.log.info(
             "tiers_ready",
             host_slots=host.num_slots,
             disk_blocks=len(disk) if disk is not None else None,
+            object_blocks=len(objects) if objects is not None else None,
             record_bytes=s.record_bytes,
         )
         self.open("from_peers", zmq.ROUTER, s.endpoint, bind=True)
@@ -186,12 +204,16 @@ class CacheActor(Actor):
         return CacheSnapshot(
             host=self.store.held("host", SNAPSHOT_MAX_BLOCKS),
             disk=self.store.held("disk", SNAPSHOT_MAX_BLOCKS),
+            object=self.store.held("object", SNAPSHOT_MAX_BLOCKS),
         )
 
     async def _report(self) -> None:
-        """The counters, every report_interval (the router's sign that it hears us); and
-        reservations past RESERVATION_TTL given up."""
+        """The counters, every report_interval (the router's sign that it hears us); the
+        object tier's writes finished since; and reservations past RESERVATION_TTL given up."""
         while True:
+            if self.store.objects is not None:
+                async with self._lock:
+                    await self._publish_events()
             await self.emit("events_out", CacheReport(load=self.load()))
             await self._expire_reservations(asyncio.get_running_loop().time() - RESERVATION_TTL)
             await asyncio.sleep(self.settings.report_interval)
@@ -216,6 +238,8 @@ class CacheActor(Actor):
         if store.disk is not None:
             blocks["disk"] = len(store.disk)
             capacity["disk"] = store.disk.num_files
+        if store.objects is not None:
+            blocks["object"] = len(store.objects)  # no capacity: the bucket's
         return CacheLoad(
             tiers=store.counters(),
             blocks=blocks,
@@ -279,9 +303,9 @@ class CacheActor(Actor):
 
     async def _call(self, fn: Callable, *args):
         """fn(*args) on the store, after every call that arrived before it; off the
-        event loop when there is a disk tier (its reads and writes block)."""
+        event loop when there is a disk or object tier (their reads and writes block)."""
         async with self._lock:
-            if self.store.disk is None:
+            if self.store.disk is None and self.store.objects is None:
                 result = fn(*args)
             else:
                 result = await asyncio.to_thread(fn, *args)

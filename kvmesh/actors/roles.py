@@ -7,6 +7,7 @@ role needs, so a router or frontend never imports torch.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from kvmesh.actors.base import Actor, ActorConfig
@@ -192,6 +193,11 @@ def init_cache(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         disk_bytes=int(cfg.kv.disk_gb * 2**30),
         host_eviction=cfg.kv.host_eviction,
         disk_eviction=cfg.kv.disk_eviction,
+        object_url=cfg.kv.object_url,
+        object_endpoint=cfg.kv.object_endpoint,
+        object_write=cfg.kv.object_write,
+        # benchmarks: a far object store's round trip (kvmesh.cache.object_tier)
+        object_latency=float(os.environ.get("KVMESH_OBJECT_LATENCY_MS", "0")) / 1e3,
     )
     return CacheActor(actor_config(cfg, spec), settings)
 

@@ -173,7 +173,7 @@ class RouterActor(Actor):
         return Registered(router_id=self.actor_id)
 
     async def on_register_cache(self, msg: RegisterCache, inbound) -> Registered | Error:
-        """A node's cache actor: its events are the node's host and disk tiers."""
+        """A node's cache actor: its events are the node's host, disk and object tiers."""
         peer = self.peers.get(inbound.peer)
         if peer is None or peer.role != "cache":
             return Error(
@@ -187,7 +187,7 @@ class RouterActor(Actor):
             self._forget_cache(old)
         self.cache_of[peer.node] = cache_id
         self.node_of_cache[cache_id] = peer.node
-        self.cache_blocks[cache_id] = {"host": set(), "disk": set()}
+        self.cache_blocks[cache_id] = {"host": set(), "disk": set(), "object": set()}
         self._subscribe(cache_id, msg.events_endpoint)
         self.log.info("cache_registered", cache=cache_id, node=peer.node)
         return Registered(router_id=self.actor_id)
@@ -209,7 +209,7 @@ class RouterActor(Actor):
                 self.cache_reports.pop(cache_id, None)  # ask again on the next report
                 return
             assert isinstance(snapshot, CacheSnapshot)
-            for tier in ("host", "disk"):
+            for tier in ("host", "disk", "object"):
                 blocks = getattr(snapshot, tier)
                 if blocks:
                     self._index(cache_id, BlockStored(block_hashes=blocks, tier=tier))

@@ -97,13 +97,13 @@ class NaiveIndex:
     def overlaps(self, block_hashes: list[int]) -> dict[Hashable, Overlap]:
         matches = {}
         for worker_id, blocks in self.blocks.items():
-            counts = [0, 0, 0]
+            counts = [0] * len(TIERS)
             for h in block_hashes:
                 mask = blocks.get(h)
                 if mask is None:
                     break
                 counts[(mask & -mask).bit_length() - 1] += 1  # fastest tier
-            if counts != [0, 0, 0]:
+            if any(counts):
                 matches[worker_id] = Overlap._make(counts)
         return matches
 

@@ -1,5 +1,6 @@
 """`kvmesh bench tiers`: the tiered KV cache on a multi-turn workload larger than the
-device pool; device only (the baseline) against + host and + host + disk, same run.
+device pool; device only (the baseline) against + host and + host + disk, and small host
+and disk tiers with and without the object tier behind them, same run.
 
 Workload (seeded): `conversations` chats of `turns` turns. Each user message is random
 token ids (FIRST_TOKEN_ID.., as trace.random_prompt draws them): `first_tokens` for the
@@ -22,10 +23,15 @@ Configurations, each a fresh Engine (same model, same pool size) with:
   host       + a host tier holding the whole working set (plus one pool of slack)
   host_disk  + a host tier of `host_blocks` (default 1x the pool) over a disk tier holding
              the whole working set, in a fresh temp dir (under `disk_dir`), deleted after
+  small      host `host_blocks` over a disk of `small_disk_blocks`: DRAM + SSD smaller
+             than the working set (with --object, the default)
+  object     small + the object tier, a bucket with a latency injected per request
+             (kvmesh.bench.tiers_object; its crossover sweep is there too)
 Rounds: every configuration runs once per round, in turn, so a burst of load from
 elsewhere hits all of them; each figure is its configuration's round of lowest TTFT
 mean. Hit rate: cached prompt tokens (device prefix cache and onboarded blocks) / prompt
-tokens. Greedy outputs must be equal in all three: the tiers move KV, never change it.
+tokens. Greedy outputs must be equal in all of them: the tiers move KV, never change it;
+a mismatch fails the command (after the table and JSON are written).
 The disk tier's files were written moments before they are read, so its reads mostly
 come from the OS page cache: this measures the store's path, not the drive.
 """
@@ -49,6 +55,8 @@ from kvmesh.progress import Progress
 from kvmesh.protocol import TierCounters
 
 CONFIGS = ("device", "host", "host_disk")
+OBJECT_CONFIGS = ("small", "object")
+TARGET_OBJECT_TTFT = 0.5  # TTFT with the object tier, x recomputing, on long prompts
 TARGET_HOST_DISK_TTFT = 0.5  # TTFT mean with host + disk, x device only
 BLOCK_SIZE = 16
 
@@ -147,9 +155,14 @@ def tier_counters(connector) -> dict[str, dict[str, int]]:
 
 
 def make_connector(
-    record_bytes: int, host_blocks: int, disk_dir: str | None = None, disk_blocks: int = 0
+    record_bytes: int,
+    host_blocks: int,
+    disk_dir: str | None = None,
+    disk_blocks: int = 0,
+    objects=None,
 ):
-    """A LocalTieredConnector of exactly host_blocks host slots (and disk_blocks files)."""
+    """A LocalTieredConnector of exactly host_blocks host slots (and disk_blocks files, and
+    an ObjectTier behind them)."""
     from kvmesh.cache.disk_tier import HEADER
     from kvmesh.cache.host_tier import pool_bytes
     from kvmesh.engine.kv_connector import LocalTieredConnector
@@ -159,6 +172,7 @@ def make_connector(
         pool_bytes(host_blocks, record_bytes),
         disk_dir,
         disk_blocks * (HEADER.size + record_bytes),
+        objects=objects,
     )
 
 
@@ -172,8 +186,10 @@ def bench_tiers(
     repeats: int = 1,
     disk_dir: str | None = None,
     cluster: bool = False,
+    objects: dict | None = None,
 ) -> dict:
-    """Every configuration on the same workload; see the module doc."""
+    """Every configuration on the same workload; see the module doc. `objects`: the
+    object tier's settings (latency_ms, url, endpoint, small_disk_blocks, crossover)."""
     import torch
 
     from kvmesh.gpu.loader import load_model, torch_dtype
@@ -209,6 +225,16 @@ def bench_tiers(
         "host": (whole, 0),
         "host_disk": (pool_blocks if host_blocks is None else host_blocks, whole),
     }
+    all_tiers = dict(tiers)
+    bucket = crossover = None
+    if objects is not None:
+        from kvmesh.bench.tiers_object import Bucket
+
+        bucket = Bucket(
+            bench.record_bytes, objects["latency_ms"] / 1e3, objects["url"], objects["endpoint"]
+        )
+        small = (tiers["host_disk"][0], objects["small_disk_blocks"])
+        all_tiers |= {"small": small, "object": (*small, bucket.tier)}
     if disk_dir is not None:
         Path(disk_dir).mkdir(parents=True, exist_ok=True)
     bench.disk_root = Path(tempfile.mkdtemp(prefix="kvmesh-bench-tiers-", dir=disk_dir))
@@ -216,9 +242,16 @@ def bench_tiers(
         with Progress("warming up (kernels compile)"):
             bench.warm_up()
         messages = workload.user_messages(config.vocab_size, seed)
-        best, equal = bench.rounds(workload, messages, tiers, repeats)
+        best, equal = bench.rounds(workload, messages, all_tiers, repeats)
+        if bucket is not None and objects["crossover"]:
+            from kvmesh.bench.tiers_object import crossover as sweep
+
+            with Progress("object tier vs recompute, per prompt length"):
+                crossover = sweep(bench, bucket, objects["crossover"], seed, repeats)
     finally:
         shutil.rmtree(bench.disk_root, ignore_errors=True)
+        if bucket is not None:
+            bucket.close()
     through_clusters = None
     if cluster:
         from kvmesh.bench.tiers_cluster import bench_tiers_cluster
@@ -235,6 +268,7 @@ def bench_tiers(
             disk_dir,
         )
     device = best["device"]
+    names = [name for name in (*CONFIGS, *OBJECT_CONFIGS) if name in best]
     return {
         "model": path,
         "threads": torch.get_num_threads(),
@@ -248,14 +282,25 @@ def bench_tiers(
         "working_set_vs_pool": workload.working_set_blocks / pool_blocks,
         "configs": best,
         "ttft_mean_vs_device": {
-            name: best[name]["ttft_mean_s"] / device["ttft_mean_s"] for name in CONFIGS[1:]
+            name: best[name]["ttft_mean_s"] / device["ttft_mean_s"] for name in names[1:]
         },
         "target_ttft_mean_host_disk_vs_device": TARGET_HOST_DISK_TTFT,
         "greedy_outputs_equal_device": equal,
         "greedy_outputs_all_equal": all(
             n == workload.conversations * workload.turns for n in equal.values()
-        ),
+        )
+        and all(row["outputs_equal"] for row in crossover or ()),
         "cluster": through_clusters,
+        "object": None
+        if objects is None
+        else {
+            "latency_ms": objects["latency_ms"],
+            "url": bucket.url,
+            "server": "moto (local process)" if bucket.server else bucket.endpoint or "AWS",
+            "working_set_vs_host_disk": workload.working_set_blocks / sum(all_tiers["small"]),
+            "crossover": crossover,
+            "target_ttft_vs_recompute": TARGET_OBJECT_TTFT,
+        },
     }
 
 
@@ -279,9 +324,11 @@ class TiersBench:
         disk_blocks: int,
         name: str,
         pool_blocks: int | None = None,
+        objects: list | None = None,
     ) -> dict:
         """One configuration on a fresh engine (no connector when host_blocks is 0), with
-        the connector's counters; the disk tier starts empty in a fresh directory."""
+        the connector's counters; the disk tier starts empty in a fresh directory, and
+        the object tier (`objects`: [a factory of empty ones]) in a fresh prefix."""
         from kvmesh.engine.engine import Engine
 
         connector = None
@@ -289,7 +336,10 @@ class TiersBench:
             disk_dir = (
                 tempfile.mkdtemp(prefix=f"{name}-", dir=self.disk_root) if disk_blocks else None
             )
-            connector = make_connector(self.record_bytes, host_blocks, disk_dir, disk_blocks)
+            tier = objects[0]() if objects else None
+            connector = make_connector(
+                self.record_bytes, host_blocks, disk_dir, disk_blocks, objects=tier
+            )
         try:
             engine = Engine(
                 self.model,
@@ -311,6 +361,8 @@ class TiersBench:
                 result["host_blocks"] = connector.store.host.num_slots
                 if connector.store.disk is not None:
                     result["disk_blocks"] = connector.store.disk.num_files
+                if connector.store.objects is not None:
+                    result["object_blocks"] = len(connector.store.objects)
             return result
         finally:
             if connector is not None:
@@ -341,8 +393,10 @@ class TiersBench:
         runs = [name for _ in range(repeats) for name in tiers]
         with Progress("measuring (configurations run)", total=len(runs)) as progress:
             for name in progress.track(runs):
-                host_blocks, disk_blocks = tiers[name]
-                result = self.run(workload, messages, host_blocks, disk_blocks, name)
+                host_blocks, disk_blocks, *objects = tiers[name]
+                result = self.run(
+                    workload, messages, host_blocks, disk_blocks, name, objects=objects
+                )
                 outputs = result.pop("outputs")
                 texts = result.pop("texts")
                 if reference is None:
@@ -366,20 +420,28 @@ def report(result: dict) -> str:
         f"{result['working_set_vs_pool']:.1f}x the device pool ({result['pool_blocks']} "
         f"blocks of {result['block_size']}), threads {result['threads']}",
         f"{'config':<10} {'tiers (blocks)':<22} {'hit rate':>8} {'TTFT mean':>10} "
-        f"{'p50':>8} {'p90':>8} {'onboard host/disk':>18} {'vs device':>10}",
+        f"{'p50':>8} {'p90':>8} {'onboard host/disk/obj':>22} {'vs device':>10}",
     ]
-    for name in CONFIGS:
-        r = result["configs"][name]
+    for name in (*CONFIGS, *OBJECT_CONFIGS):
+        r = result["configs"].get(name)
+        if r is None:
+            continue
         tiers = "-" if "host_blocks" not in r else f"host {r['host_blocks']}"
         if "disk_blocks" in r:
             tiers += f", disk {r['disk_blocks']}"
+        if "object_blocks" in r:
+            tiers += ", bucket"
         onboarded = r["onboarded"]
-        onboard = f"{onboarded.get('host', 0)}/{onboarded.get('disk', 0)}" if onboarded else "-"
+        onboard = (
+            "/".join(str(onboarded.get(t, 0)) for t in ("host", "disk", "object"))
+            if onboarded
+            else "-"
+        )
         ratio = result["ttft_mean_vs_device"].get(name, 1.0)
         lines.append(
             f"{name:<10} {tiers:<22} {r['hit_rate']:>8.1%} {r['ttft_mean_s'] * 1e3:>8.1f}ms "
             f"{r['ttft_p50_s'] * 1e3:>6.1f}ms {r['ttft_p90_s'] * 1e3:>6.1f}ms "
-            f"{onboard:>18} {ratio:>9.2f}x"
+            f"{onboard:>22} {ratio:>9.2f}x"
         )
     equal = result["greedy_outputs_equal_device"]
     ratio = result["ttft_mean_vs_device"]["host_disk"]
@@ -388,7 +450,22 @@ def report(result: dict) -> str:
         f"{result['target_ttft_mean_host_disk_vs_device']}x); greedy outputs equal to "
         f"device only: host {equal['host']}/{result['requests']}, "
         f"host_disk {equal['host_disk']}/{result['requests']}"
+        + "".join(
+            f", {name} {equal[name]}/{result['requests']}"
+            for name in OBJECT_CONFIGS
+            if name in equal
+        )
     )
+    if result.get("object"):
+        from kvmesh.bench.tiers_object import report_crossover
+
+        obj = result["object"]
+        lines.append(
+            f"object tier: {obj['latency_ms']:g} ms injected per request, {obj['server']}; "
+            f"working set {obj['working_set_vs_host_disk']:.1f}x the small host + disk"
+        )
+        if obj["crossover"]:
+            lines.append(report_crossover(obj["crossover"], obj["latency_ms"]))
     if result.get("cluster"):
         from kvmesh.bench.tiers_cluster import report_cluster
 
@@ -475,6 +552,38 @@ def report(result: dict) -> str:
     "worker, the cache actor holding the tiers), one per configuration.",
 )
 @click.option(
+    "--object/--no-object",
+    "with_object",
+    default=True,
+    show_default=True,
+    help="Also run the small / object configurations and the crossover sweep.",
+)
+@click.option(
+    "--object-latency-ms",
+    type=click.FloatRange(0),
+    default=50.0,
+    show_default=True,
+    help="Latency injected before each object request (parallel requests overlap).",
+)
+@click.option(
+    "--object-url",
+    default="",
+    help="s3://bucket[/prefix] of a real store [default: a moto server process].",
+)
+@click.option("--object-endpoint", default="", help="Its endpoint (MinIO, ...).")
+@click.option(
+    "--small-disk-blocks",
+    type=click.IntRange(1),
+    default=None,
+    help="Disk tier of the small / object configs, in blocks [default: --pool-blocks].",
+)
+@click.option(
+    "--crossover-tokens",
+    default="256,1024,2048,4000",
+    show_default=True,
+    help='Prompt lengths of the fetch-vs-recompute sweep, comma-separated ("": none).',
+)
+@click.option(
     "--json",
     "json_file",
     type=click.Path(dir_okay=False),
@@ -495,13 +604,50 @@ def tiers_command(
     repeats,
     disk_dir,
     cluster,
+    with_object,
+    object_latency_ms,
+    object_url,
+    object_endpoint,
+    small_disk_blocks,
+    crossover_tokens,
     json_file,
 ) -> None:
-    """Tiered KV cache on multi-turn chats: device only vs + host vs + host + disk."""
+    """Tiered KV cache on multi-turn chats: device only vs + host vs + host + disk, and
+    small host + disk with and without the object tier (a bucket) behind them."""
     workload = MultiTurn(conversations, turns, first_tokens, user_tokens, output_tokens)
+    objects = None
+    if with_object:
+        try:
+            lengths = [int(n) for n in crossover_tokens.split(",") if n.strip()]
+        except ValueError:
+            raise click.BadParameter(
+                f"expected comma-separated token counts, got {crossover_tokens!r}",
+                param_hint="--crossover-tokens",
+            ) from None
+        objects = {
+            "latency_ms": object_latency_ms,
+            "url": object_url,
+            "endpoint": object_endpoint,
+            "small_disk_blocks": small_disk_blocks or pool_blocks,
+            "crossover": lengths,
+        }
     result = bench_tiers(
-        model_path, seed, threads, workload, pool_blocks, host_blocks, repeats, disk_dir, cluster
+        model_path,
+        seed,
+        threads,
+        workload,
+        pool_blocks,
+        host_blocks,
+        repeats,
+        disk_dir,
+        cluster,
+        objects,
     )
     click.echo(report(result))
     if json_file:
         Path(json_file).write_text(json.dumps(result, indent=2))
+    if not result["greedy_outputs_all_equal"]:
+        raise click.ClickException(
+            "a tier configuration changed greedy outputs (see the table): the tiers must move "
+            "KV, never change it"
+        )

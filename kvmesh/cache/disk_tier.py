@@ -130,6 +130,10 @@ class DiskTier:
     def file_of(self, block_hash: int) -> Path:
         return self.path / f"{block_hash:016x}{SUFFIX}"
 
+    def victim(self, keep: Container[int] = ()) -> int | None:
+        """The block a write into the full tier would evict now (never one in `keep`)."""
+        return self._policy.victim(keep)
+
     def touch(self, block_hash: int) -> None:
         """Count a use of a held block without reading it (e.g. it left the host tier)."""
         self._policy.touch(block_hash)

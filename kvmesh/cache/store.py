@@ -1,7 +1,11 @@
-"""TieredStore: the cache actor's two tiers, host DRAM (shared memory) over disk.
+"""TieredStore: the cache actor's tiers, host DRAM (shared memory) over disk over objects.
 
     worker ──reserve, write slot, commit──► host ──evicted: demote──► disk ──evicted: deleted
     worker ◄──get_leading, read slots────── host ◄──disk hit: promote── disk
+                                             │ ▲
+        object_write "demoted": put as it ───┘ └── object hit: promote (parallel GETs)
+        leaves host; "evicted": as it leaves      object tier (an S3 bucket, optional)
+        the last local tier (disk, else host)
 
 Offload: a worker evicting a cached device block asks for a host slot (`reserve`), packs
 the block into it and reports back (`commit`). A full host evicts its policy's victim
@@ -42,6 +46,15 @@ get_leading; the disk is asked for those the host lacked), hits (those found the
 served to the lookup; whether a worker then loads them is its connector's count) and
 evicted.
 
+The object tier (kvmesh.cache.object_tier) is the last: a block missing from host and disk
+is looked up there, and a run's object blocks in the window being staged are fetched all
+at once (parallel GETs), checked, and promoted into host slots like disk hits; a failed
+or corrupt fetch ends the run there (a miss). Its writes run in the background: a block
+is counted offloaded, and its BlockStored event sent, once its PUT finished. Its counters
+are those of the disk tier, lookups being those host and disk lacked; it evicts nothing
+(the bucket's lifecycle rules do), and `clear` stops using it (its keys carry the model
+fingerprint, which new weights loaded in place do not change).
+
 One thread drives a store: the cache actor's. Disk I/O blocks, so an asyncio actor
 calls it off its event loop (asyncio.to_thread), one call at a time.
 """
@@ -57,6 +70,7 @@ import numpy as np
 
 from kvmesh.cache.disk_tier import DiskTier
 from kvmesh.cache.host_tier import HostTier
+from kvmesh.cache.object_tier import ObjectTier
 from kvmesh.protocol import (
     AllBlocksCleared,
     BlockRemoved,
@@ -96,18 +110,35 @@ class TierStats:
         return TierCounters(**asdict(self))
 
 
-class TieredStore:
-    """Host tier over an optional disk tier; owns both. See the module doc."""
+OBJECT_WRITES = ("demoted", "evicted")
 
-    def __init__(self, host: HostTier, disk: DiskTier | None = None) -> None:
+
+class TieredStore:
+    """Host tier over an optional disk tier over an optional object tier; owns them all.
+    See the module doc."""
+
+    def __init__(
+        self,
+        host: HostTier,
+        disk: DiskTier | None = None,
+        objects: ObjectTier | None = None,
+        object_write: str = "demoted",
+    ) -> None:
         assert host.owner, "a TieredStore owns its host tier (HostTier.create)"
-        if disk is not None and disk.record_bytes != host.record_bytes:
+        for name, tier in (("disk", disk), ("object", objects)):
+            if tier is not None and tier.record_bytes != host.record_bytes:
+                raise ValueError(
+                    f"{name} tier records are {tier.record_bytes} bytes, host tier "
+                    f"records {host.record_bytes}"
+                )
+        if object_write not in OBJECT_WRITES:
             raise ValueError(
-                f"disk tier records are {disk.record_bytes} bytes, host tier "
-                f"records {host.record_bytes}"
+                f"kv.object_write must be one of {', '.join(OBJECT_WRITES)}, got {object_write!r}"
             )
         self.host = host
         self.disk = disk
+        self.objects = objects
+        self.object_write = object_write
         self.stats = {tier: TierStats() for tier in STORE_TIERS}
         # staging for disk -> host (promote) and host -> disk (demote, inside a promote)
         self._promoting = np.empty(host.record_bytes, dtype=np.uint8)
@@ -120,24 +151,24 @@ class TieredStore:
             return "host"
         if self.disk is not None and block_hash in self.disk:
             return "disk"
+        if self.objects is not None and block_hash in self.objects and self.objects.available:
+            return "object"
         return None
 
     def __contains__(self, block_hash: int) -> bool:
         return self.tier_of(block_hash) is not None
 
     def counters(self) -> dict[Tier, TierCounters]:
-        """What each tier it has counted (without a disk tier: the host's only)."""
-        return {
-            tier: stats.counters()
-            for tier, stats in self.stats.items()
-            if tier == "host" or self.disk is not None
-        }
+        """What each tier it has counted (the tiers it has only)."""
+        self._collect_objects()
+        has = {"host": True, "disk": self.disk is not None, "object": self.objects is not None}
+        return {tier: stats.counters() for tier, stats in self.stats.items() if has[tier]}
 
     def held(self, tier: str, limit: int | None = None) -> list[int]:
         """The block hashes `tier` holds (committed), at most `limit` of them."""
-        blocks = self.host if tier == "host" else self.disk if tier == "disk" else None
         if tier not in STORE_TIERS:
             raise ValueError(f"tier {tier!r}: expected one of {STORE_TIERS}")
+        blocks = {"host": self.host, "disk": self.disk, "object": self.objects}[tier]
         return list(itertools.islice(blocks if blocks is not None else (), limit))
 
     # ---- offload ----------------------------------------------------------------------
@@ -184,9 +215,14 @@ class TieredStore:
         yet to load)."""
         hits = self.stage(block_hashes, keep)
         num_host = sum(hit.tier == "host" for hit in hits)
+        num_disk = sum(hit.tier == "disk" for hit in hits)
         self._count("host", len(block_hashes), num_host)
         if self.disk is not None:
-            self._count("disk", len(block_hashes) - num_host, len(hits) - num_host)
+            self._count("disk", len(block_hashes) - num_host, num_disk)
+        if self.objects is not None:
+            self._count(
+                "object", len(block_hashes) - num_host - num_disk, len(hits) - num_host - num_disk
+            )
         return hits
 
     def stage(self, block_hashes: Sequence[int], keep: Iterable[int] = ()) -> list[Hit]:
@@ -203,6 +239,7 @@ class TieredStore:
         keep = set(keep)
         host_keep = keep.union(block_hash for block_hash, _ in found[:window])
         disk_keep = keep.union(block_hash for block_hash, _ in found)
+        fetched = self._fetch_objects([h for h, tier in found[:window] if tier == "object"])
         hits: list[Hit] = []
         staging = True
         for block_hash, tier in found:
@@ -211,7 +248,7 @@ class TieredStore:
             if staging and tier == "host":
                 slot = self.host.lookup([block_hash])[0]
             elif staging:
-                if not self._fetch(block_hash):
+                if not self._fetch(block_hash, tier, fetched):
                     break
                 slot = self._promote(block_hash, host_keep, disk_keep)
                 staging = slot is not None
@@ -227,9 +264,15 @@ class TieredStore:
         if self.disk is not None:
             self.disk.clear()
             self._events.append((AllBlocksCleared, "disk", []))
+        if self.objects is not None:  # see the module doc
+            self.objects.close()
+            self.objects = None
+            self._events.append((AllBlocksCleared, "object", []))
 
     def take_events(self) -> list[KVEvent]:
-        """KV events since the last call, oldest first; runs of one kind and tier merged."""
+        """KV events since the last call, oldest first; runs of one kind and tier merged
+        (the object tier's: its puts finished and its blocks found gone, since)."""
+        self._collect_objects()
         events, self._events = self._events, []
         return [
             kind(tier=tier) if kind is AllBlocksCleared else kind(block_hashes=hashes, tier=tier)
@@ -237,11 +280,13 @@ class TieredStore:
         ]
 
     def close(self) -> None:
-        """Unlink the host tier's shared memory and stop the disk tier's helper thread
-        (its block files stay)."""
+        """Unlink the host tier's shared memory, stop the disk tier's helper thread (its
+        block files stay) and finish the object tier's queued writes."""
         self.host.close()
         if self.disk is not None:
             self.disk.close()
+        if self.objects is not None:
+            self.objects.close()
 
     # ---- inside ----------------------------------------------------------------------
 
@@ -259,16 +304,29 @@ class TieredStore:
         return slot
 
     def _demote(self, block_hash: int, slot: int, keep: Container[int]) -> None:
-        """block_hash left the host (still readable in slot): copy it to disk."""
+        """block_hash left the host (still readable in slot): copy it to disk, and to the
+        object tier (see the module doc)."""
         self.stats["host"].evicted += 1
         self._event(BlockRemoved, "host", block_hash)
-        if self.disk is None:
+        objects = self.objects
+        if self.disk is None and objects is None:
             return
-        if block_hash in self.disk:
+        if self.disk is not None and block_hash in self.disk:
             self.disk.touch(block_hash)
             return
+        write_object = objects is not None and (self.disk is None or self.object_write == "demoted")
+        if write_object and block_hash in objects:
+            write_object = False
+            if self.disk is None:
+                return  # held in the bucket already: nothing to copy
         if not self.host.read_into(slot, block_hash, self._demoting):
             return  # not intact in its slot: dropped, not demoted
+        if write_object:
+            objects.put(block_hash, self._demoting)
+        if self.disk is None:
+            return
+        if objects is not None and self.object_write == "evicted":
+            self._write_back(keep)
         stored, evicted = self.disk.write(block_hash, self._demoting, keep)
         for dropped in evicted:
             self.stats["disk"].evicted += 1
@@ -277,9 +335,36 @@ class TieredStore:
             self.stats["disk"].offloaded += 1
             self._event(BlockStored, "disk", block_hash)
 
-    def _fetch(self, block_hash: int) -> bool:
-        """Read a disk block into the promotion buffer; False (a miss) if it fails its
-        checks. Read before a slot is allocated, so a corrupt block evicts nothing."""
+    def _write_back(self, keep: Container[int]) -> None:
+        """object_write "evicted": a full disk's victim goes to the object tier as it is
+        evicted (read back from its file first: checked, a corrupt one is only dropped)."""
+        while len(self.disk) >= self.disk.num_files:
+            victim = self.disk.victim(keep)
+            if victim is None:
+                return
+            if victim not in self.objects and self.disk.read_into(victim, self._promoting):
+                self.objects.put(victim, self._promoting)
+            self.disk.remove(victim)
+            self.stats["disk"].evicted += 1
+            self._event(BlockRemoved, "disk", victim)
+
+    def _fetch_objects(self, block_hashes: list[int]) -> dict[int, object]:
+        """The object tier's records of block_hashes, fetched in parallel; misses absent."""
+        if not block_hashes:
+            return {}
+        records = self.objects.get_many(block_hashes)
+        return {h: r for h, r in zip(block_hashes, records, strict=True) if r is not None}
+
+    def _fetch(self, block_hash: int, tier: str, fetched: dict[int, object]) -> bool:
+        """Put a disk or object block into the promotion buffer; False (a miss) if it
+        fails its checks. Read before a slot is allocated, so a corrupt block evicts
+        nothing."""
+        if tier == "object":
+            record = fetched.get(block_hash)
+            if record is None:
+                return False
+            np.copyto(self._promoting, record)
+            return True
         if self.disk.read_into(block_hash, self._promoting):
             return True
         if block_hash not in self.disk:  # the failed read deleted it
@@ -298,6 +383,17 @@ class TieredStore:
         assert committed, f"promoted block {block_hash:016x} did not commit to slot {slot}"
         self._event(BlockStored, "host", block_hash)
         return slot
+
+    def _collect_objects(self) -> None:
+        """The object tier's writes finished and blocks found gone since the last call:
+        counted, and queued as events."""
+        if self.objects is None:
+            return
+        for block_hash in self.objects.take_stored():
+            self.stats["object"].offloaded += 1
+            self._event(BlockStored, "object", block_hash)
+        for block_hash in self.objects.take_removed():
+            self._event(BlockRemoved, "object", block_hash)
 
     def _count(self, tier: str, queries: int, hits: int) -> None:
         self.stats[tier].lookups += queries

@@ -144,6 +144,13 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
         )
     if cfg.model.engine == "vllm":
         check_engine_vllm(cfg, book, roles, fail)
+    if cfg.kv.object_url:
+        from kvmesh.cache.object_tier import parse_url
+
+        try:
+            parse_url(cfg.kv.object_url)
+        except ValueError:
+            fail("kv.object_url", f"expected s3://bucket[/prefix], got {cfg.kv.object_url!r}")
     check_network(cfg, book, fail)
 
 

@@ -197,6 +197,31 @@ class KVConfig(Table):
     disk_eviction: Annotated[
         Literal["lru", "lfu", "fifo"], doc("Which block a full disk tier deletes first.")
     ] = "lru"
+    object_url: Annotated[
+        str,
+        doc(
+            "Object tier behind the disk tier: an S3-compatible bucket, s3://bucket[/prefix], "
+            "shared by every node (objects keyed by the model fingerprint and block hash, so "
+            "clusters and models may share it); credentials and region from the AWS "
+            "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION). Needs the "
+            'kvmesh[s3] extra. "" = no object tier.'
+        ),
+    ] = ""
+    object_endpoint: Annotated[
+        str,
+        doc(
+            'Endpoint of the object store, e.g. http://minio:9000 (MinIO, moto); "" = '
+            "AWS_ENDPOINT_URL, else AWS S3."
+        ),
+    ] = ""
+    object_write: Annotated[
+        Literal["demoted", "evicted"],
+        doc(
+            "When a block is written to the object tier: demoted, as it leaves host DRAM "
+            "(the bucket holds all the disk holds, for other nodes and restarts at once); "
+            "evicted, only as the node drops it from its last tier (write-back, fewer PUTs)."
+        ),
+    ] = "demoted"
 
 
 class RouterConfig(Table):
@@ -219,6 +244,16 @@ class RouterConfig(Table):
     disk_weight: Annotated[float, doc("kv: credit for prompt blocks in the disk tier.", ge=0)] = (
         0.25
     )
+    object_weight: Annotated[
+        float,
+        doc(
+            "kv: credit for prompt blocks in the object tier (kv.object_url). Below "
+            "disk_weight: a fetch costs a round trip to the object store per window of the "
+            "run (~50-100 ms) where the disk costs a file read; every node on one bucket gets "
+            "the same credit, so it weighs the prefix against load and the local tiers.",
+            ge=0,
+        ),
+    ] = 0.1
     load_weight: Annotated[
         float, doc("kv: weight of the worker's load (queued, cached and predicted tokens).", ge=0)
     ] = 1.0

@@ -342,6 +342,7 @@ class LocalTieredConnector(HostSlotConnector):
         disk_bytes: int = 0,
         policy: str = "lru",
         fingerprint: str = "",
+        objects=None,  # an ObjectTier behind the disk (kvmesh.cache.object_tier), owned
     ) -> None:
         super().__init__(record_bytes)
         host = HostTier.create(segment_name("kv-connector"), record_bytes, host_bytes, policy)
@@ -354,7 +355,7 @@ class LocalTieredConnector(HostSlotConnector):
         except BaseException:
             host.close()
             raise
-        self.store = TieredStore(host, disk)
+        self.store = TieredStore(host, disk, objects)
         self.host = host
 
     def _find(self, block_hashes: list[int], prefetched: Prefetch | None) -> list[Onboard]:

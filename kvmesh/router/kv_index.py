@@ -6,13 +6,14 @@ request's hash list is walked from the front up to the first block nobody holds;
 worker's run ends at the first block it holds in no tier. Cost: O(matched blocks), not
 O(blocks indexed) and not O(workers x blocks).
 
-Holders of one block are one int, three bits per worker slot (a "lane"):
+Holders of one block are one int, four bits per worker slot (a "lane"):
 
-    bit  3*slot + 0   device
-    bit  3*slot + 1   host
-    bit  3*slot + 2   disk
+    bit  4*slot + 0   device
+    bit  4*slot + 1   host
+    bit  4*slot + 2   disk
+    bit  4*slot + 3   object (the node's cache actor lists it in its object store)
 
-    holders = 0b 010 000 001   slot 2 holds it on host, slot 0 on device, slot 1 not at all
+    holders = 0b 0010 0000 0001   slot 2 holds it on host, slot 0 on device, slot 1 not at all
 
 The walk. A worker's run goes on while it holds the block in some tier, so the set of
 running lanes only shrinks, and only where the holder int changes. Consecutive blocks of
@@ -26,8 +27,8 @@ int changes, the lanes that drop out end their runs there:
 
 Each ending set of lanes becomes worker ids once (decoded with itertools.compress over
 the int's binary digits, cached per lane set: the same sets recur request after
-request), and its workers share one Overlap(n, 0, 0). A block held off device by some
-lane switches to a slower walk that also tallies host and disk blocks per worker; a
+request), and its workers share one Overlap(n). A block held off device by some
+lane switches to a slower walk that also tallies host, disk and object blocks per worker; a
 block held in several tiers of one worker counts once, at its fastest tier.
 
 BlockStored.parent_hash is not needed: the chain is already inside each hash.
@@ -41,13 +42,13 @@ from typing import NamedTuple
 
 from kvmesh.protocol import TIERS, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
-LANE_BITS = len(TIERS)  # device, host, disk
+LANE_BITS = len(TIERS)  # device, host, disk, object
 _TIER_INDEX = {tier: i for i, tier in enumerate(TIERS)}
 _FLAG_BYTES = bytes.maketrans(b"01", b"\x00\x01")
 CANONICAL_MIN = 4096  # distinct holder values kept before unused ones are forgotten
 FEW_LANES = 6  # lane sets up to this size are decoded bit by bit (see _workers_of)
 LANE_CACHE_SIZE = 4096  # lane sets whose worker ids KVIndex keeps decoded
-_DEVICE_RUNS: dict[int, Overlap] = {}  # n -> Overlap(n, 0, 0), shared: it is immutable
+_DEVICE_RUNS: dict[int, Overlap] = {}  # n -> Overlap(n) (device only), shared: immutable
 
 
 class Overlap(NamedTuple):
@@ -56,10 +57,11 @@ class Overlap(NamedTuple):
     device: int = 0
     host: int = 0
     disk: int = 0
+    object: int = 0
 
     @property
     def num_blocks(self) -> int:
-        return self.device + self.host + self.disk
+        return self.device + self.host + self.disk + self.object
 
 
 class KVIndex:
@@ -73,16 +75,16 @@ class KVIndex:
     def __init__(self) -> None:
         self._holders: dict[int, int] = {}  # block hash -> holder lanes (see module doc)
         self._slots: dict[Hashable, int] = {}  # worker id -> slot
-        self._worker_at_bit: dict[int, Hashable] = {}  # 3*slot -> worker id
+        self._worker_at_bit: dict[int, Hashable] = {}  # LANE_BITS*slot -> worker id
         self._free_slots: list[int] = []
         self._worker_by_slot: list[Hashable] = []
         self._lane_lows = 0  # the lowest bit of every slot's lane
-        self._off_device_bits = 0  # every lane's host and disk bits
+        self._off_device_bits = 0  # every lane's host, disk and object bits
         self._lane_workers: dict[int, tuple[Hashable, ...]] = {}  # see _workers_of
         # one int object per distinct holder value, so the walk compares with `is`
         self._canonical: dict[int, int] = {}
         self._canonical_limit = CANONICAL_MIN
-        self._num_off_device = 0  # blocks some worker holds on host or disk
+        self._num_off_device = 0  # blocks some worker holds off device
         # worker id -> per tier, the block hashes it holds there
         self._held: dict[Hashable, tuple[set[int], ...]] = {}
         self._on_event = {
@@ -142,7 +144,7 @@ class KVIndex:
         if value is None:
             return {}  # most requests of a trace: nobody holds the first block
         if self._num_off_device:
-            running = (value | value >> 1 | value >> 2) & self._lane_lows
+            running = _any_tier(value) & self._lane_lows
             return self._overlaps_tiered(blocks, value, running)
         running = value  # device bits only: the lanes whose run goes on
         ends: list[tuple[int, int, int]] = []  # (running lanes, those ending, run length)
@@ -195,11 +197,11 @@ class KVIndex:
         self, blocks: Iterator[int], value: int, running: int
     ) -> dict[Hashable, Overlap]:
         """overlaps() while some block is held off device: the same walk from block 1
-        on (block 0 has holders `value`), tallying host and disk blocks per worker."""
+        on (block 0 has holders `value`), tallying blocks off device per worker."""
         get = self._holders.get
         answer: dict[Hashable, Overlap] = {}
         segment_start, position = 0, 1
-        off_device: dict[int, list[int]] = {}  # lane's lowest bit -> [host, disk] blocks
+        off_device: dict[int, list[int]] = {}  # lane's lowest bit -> [host, disk, object]
         for block_hash in blocks:
             held = get(block_hash)
             if held != value:
@@ -207,7 +209,7 @@ class KVIndex:
                     _tally_off_device(off_device, value, running, position - segment_start)
                 if held is None:
                     break
-                still = running & (held | held >> 1 | held >> 2)
+                still = running & _any_tier(held)
                 if still != running:
                     self._settle(answer, running ^ still, position, off_device)
                     if not still:
@@ -230,9 +232,11 @@ class KVIndex:
             num_blocks, Overlap(num_blocks)
         )
         answer.update(dict.fromkeys(self._workers_of(lanes), overlap))
-        for bit, (host, disk) in off_device.items():
+        for bit, (host, disk, in_object) in off_device.items():
             if lanes >> bit & 1:
-                answer[self._worker_at_bit[bit]] = Overlap(num_blocks - host - disk, host, disk)
+                answer[self._worker_at_bit[bit]] = Overlap(
+                    num_blocks - host - disk - in_object, host, disk, in_object
+                )
 
     def _workers_of(self, lanes: int) -> tuple[Hashable, ...]:
         """The worker ids of a lane-bit set; cached, as the same sets recur request after
@@ -266,7 +270,8 @@ class KVIndex:
             else:
                 slot = len(self._slots)
             self._lane_lows |= 1 << (slot * LANE_BITS)
-            self._off_device_bits = (self._lane_lows << 1) | (self._lane_lows << 2)
+            lows = self._lane_lows
+            self._off_device_bits = lows << 1 | lows << 2 | lows << 3
             self._slots[worker_id] = slot
             self._worker_at_bit[slot * LANE_BITS] = worker_id
             if slot == len(self._worker_by_slot):
@@ -281,7 +286,7 @@ class KVIndex:
         get = holders.get
         canonical = self._canonical
         off_device_bits = self._off_device_bits
-        counting = bit & off_device_bits  # stored on host or disk
+        counting = bit & off_device_bits  # stored off device
         before = after = None  # consecutive blocks mostly share one holder value
         newly_off_device = added = 0
         for block_hash in event.block_hashes:
@@ -319,7 +324,7 @@ class KVIndex:
         holders = self._holders
         canonical = self._canonical
         off_device_bits = self._off_device_bits
-        counting = bit & off_device_bits  # dropped from host or disk
+        counting = bit & off_device_bits  # dropped from a tier off device
         keep = ~bit
         before = after = None
         no_longer_off_device = removed = 0
@@ -354,17 +359,23 @@ class KVIndex:
 def _tally_off_device(
     off_device: dict[int, list[int]], value: int, running: int, num_blocks: int
 ) -> None:
-    """Add `num_blocks` blocks of holder lanes `value` to the host or disk tally of each
-    running lane (lowest lane bits) whose fastest tier there is host or disk."""
+    """Add `num_blocks` blocks of holder lanes `value` to the host, disk or object tally
+    of each running lane (lowest lane bits) whose fastest tier there is off device."""
     device = value
     host = value >> 1 & ~device
     disk = value >> 2 & ~device & ~host
-    for tier, lanes in ((0, host & running), (1, disk & running)):
+    in_object = value >> 3 & ~device & ~host & ~disk
+    for tier, lanes in ((0, host & running), (1, disk & running), (2, in_object & running)):
         for bit in _set_bits(lanes):
             tally = off_device.get(bit)
             if tally is None:
-                tally = off_device[bit] = [0, 0]
+                tally = off_device[bit] = [0, 0, 0]
             tally[tier] += num_blocks
+
+
+def _any_tier(value: int) -> int:
+    """Each lane's lowest bit set where the lane holds the block in any tier."""
+    return value | value >> 1 | value >> 2 | value >> 3
 
 
 def _set_bits(mask: int) -> list[int]:

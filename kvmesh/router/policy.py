@@ -3,11 +3,12 @@
 Algorithm (policy "kv", the default). For a request of n prompt tokens whose full
 blocks hash to h_0..h_k-1 (block_size tokens each):
 
-1. One KVIndex lookup gives, per worker, the leading blocks it holds on device, host
-   and disk (nd, nh, nk).
+1. One KVIndex lookup gives, per worker, the leading blocks it holds on device, host,
+   disk and in its node's object tier (nd, nh, nk, no).
 2. Every alive worker w of the role gets a cost in tokens, lower is better:
 
-       credit(w)   = block_size * (device_weight*nd + host_weight*nh + disk_weight*nk)
+       credit(w)   = block_size * (device_weight*nd + host_weight*nh + disk_weight*nk
+                                   + object_weight*no)
        uncached(w) = max(0, n - credit(w))                 prefill work left on w
        load(w)     = queued_tokens + kv_usage * capacity_tokens      (w's last report)
                      + pending_tokens                       (router's own predictions)
@@ -38,7 +39,8 @@ load(w), then id). They ignore the overlaps when picking, but step 4 still measu
 D's cached prefix, so every policy's disaggregation decisions and Placement numbers
 are comparable.
 
-Settings (RouterSettings): policy, device_weight, host_weight, disk_weight, load_weight,
+Settings (RouterSettings): policy, device_weight, host_weight, disk_weight, object_weight,
+load_weight,
 temperature, seed, disagg_min_tokens, prefill_busy_tokens. Their defaults are stated once,
 as cluster.toml's [router] table (kvmesh.config.schema.RouterConfig), which is what a
 cluster runs with.
@@ -81,6 +83,7 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     device_weight: float = DEFAULTS.device_weight
     host_weight: float = DEFAULTS.host_weight
     disk_weight: float = DEFAULTS.disk_weight
+    object_weight: float = DEFAULTS.object_weight
     load_weight: float = DEFAULTS.load_weight
     temperature: float = DEFAULTS.temperature
     seed: int = DEFAULTS.seed
@@ -94,6 +97,7 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             "device_weight",
             "host_weight",
             "disk_weight",
+            "object_weight",
             "load_weight",
             "temperature",
             "disagg_min_tokens",
@@ -159,7 +163,12 @@ class Router:
             "random": self._pick_random,
             "least_loaded": self._pick_least_loaded,
         }[settings.policy]
-        self._weights = (settings.device_weight, settings.host_weight, settings.disk_weight)
+        self._weights = (
+            settings.device_weight,
+            settings.host_weight,
+            settings.disk_weight,
+            settings.object_weight,
+        )
         self._rng = random.Random(settings.seed)
         self._cursors = dict.fromkeys(ROLES, 0)
         self.pending_tokens: dict[str, int] = {}
@@ -327,7 +336,7 @@ class Router:
     ) -> tuple[WorkerState, dict[str, float]]:
         # The hot path of every placement, once per candidate (a thousand workers: a
         # thousand turns): Router.load inlined, no tuple built per worker.
-        device_weight, host_weight, disk_weight = self._weights
+        device_weight, host_weight, disk_weight, object_weight = self._weights
         load_weight = self.settings.load_weight
         pending = self.pending_tokens
         overlap_of = overlaps.get
@@ -348,6 +357,7 @@ class Router:
                     device_weight * overlap.device
                     + host_weight * overlap.host
                     + disk_weight * overlap.disk
+                    + object_weight * overlap.object
                 )
                 cost = max(0.0, num_prompt_tokens - credit) + load_weight * load
             scores[worker_id] = cost

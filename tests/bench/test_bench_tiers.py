@@ -11,7 +11,9 @@ from kvmesh.cli.bench import bench
 
 # 4 chats x 3 turns: prompts of 96, 96+4+32 = 132 and 132+4+32 = 168 tokens. The pool (16
 # blocks) holds about one chat, so device only loses every prefix before its chat's next
-# turn; the host tier of host_disk (16 blocks) pushes most of them on to disk.
+# turn; the host tier of host_disk (16 blocks) pushes most of them on to disk. small and
+# object: host 16 + disk 8 blocks, less than the working set (44); object adds a bucket on
+# a moto server process, 5 ms injected per request. Crossover: a prompt of 200 tokens.
 SMALL = [
     "--conversations",
     "4",
@@ -25,6 +27,12 @@ SMALL = [
     "4",
     "--pool-blocks",
     "16",
+    "--small-disk-blocks",
+    "8",
+    "--object-latency-ms",
+    "5",
+    "--crossover-tokens",
+    "200",
 ]
 NUM_REQUESTS = 12
 PROMPT_TOKENS = 4 * (96 + 132 + 168)
@@ -70,8 +78,8 @@ def test_json_structure(small_run):
         "output_tokens": 4,
     }
     assert result["working_set_blocks"] == 4 * 11  # 96 + 2 * 32 + 3 * 4 = 172 tokens
-    assert set(result["configs"]) == {"device", "host", "host_disk"}
-    assert set(result["ttft_mean_vs_device"]) == {"host", "host_disk"}
+    assert set(result["configs"]) == {"device", "host", "host_disk", "small", "object"}
+    assert set(result["ttft_mean_vs_device"]) == {"host", "host_disk", "small", "object"}
     for config in result["configs"].values():
         assert config["prompt_tokens"] == PROMPT_TOKENS
         assert len(config["ttft_s"]) == NUM_REQUESTS
@@ -81,6 +89,9 @@ def test_json_structure(small_run):
     assert result["configs"]["host"]["host_blocks"] == 44 + 16
     assert result["configs"]["host_disk"]["host_blocks"] == 16
     assert result["configs"]["host_disk"]["disk_blocks"] == 44 + 16
+    assert result["configs"]["object"]["disk_blocks"] == 8
+    assert result["object"]["working_set_vs_host_disk"] == 44 / (16 + 8)
+    assert [row["prompt_tokens"] for row in result["object"]["crossover"]] == [200]
 
 
 def test_tiers_never_change_outputs(small_run):
@@ -88,7 +99,10 @@ def test_tiers_never_change_outputs(small_run):
     assert result["greedy_outputs_equal_device"] == {
         "host": NUM_REQUESTS,
         "host_disk": NUM_REQUESTS,
+        "small": NUM_REQUESTS,
+        "object": NUM_REQUESTS,
     }
+    assert [row["outputs_equal"] for row in result["object"]["crossover"]] == [True]
     assert result["greedy_outputs_all_equal"] is True
 
 
@@ -104,6 +118,20 @@ def test_tiers_serve_the_prefixes_device_lost(small_run):
     assert host_disk["onboarded"]["disk"] > 0
     for config in (host, host_disk):
         assert all(counters["failed"] == 0 for counters in config["tiers"].values())
+
+
+def test_the_object_tier_serves_what_fell_out_of_host_and_disk(small_run):
+    _, result, _ = small_run
+    small, objects = result["configs"]["small"], result["configs"]["object"]
+    assert small["cached_tokens"] < WHOLE_PREFIX_CACHED  # DRAM + SSD < the working set
+    assert small["onboarded"]["object"] == 0
+    assert objects["onboarded"]["object"] > 0
+    assert objects["tiers"]["object"]["offloaded"] > 0
+    assert all(counters["failed"] == 0 for counters in objects["tiers"].values())
+    # every full block but the last (the engine computes at least one token) came from
+    # the bucket alone
+    for row in result["object"]["crossover"]:
+        assert row["cached_tokens"] == (row["prompt_tokens"] - 1) // 16 * 16
 
 
 def test_disk_dir_left_empty(small_run):

@@ -69,6 +69,15 @@ REQUEST = [11, 12, 13, 14, 15, 16]
             ],
             {"a": Overlap(2, 2, 1)},
         ),
+        # the object tier is the slowest: counted where no faster tier holds the block
+        (
+            [
+                ("a", stored(11, 12, 13, tier="object")),
+                ("a", stored(12, tier="disk")),
+                ("b", stored(11, 12, tier="object")),
+            ],
+            {"a": Overlap(0, 0, 1, 2), "b": Overlap(0, 0, 0, 2)},
+        ),
         # a gap on device filled by host keeps the run going
         ([("a", stored(11, 13)), ("a", stored(12, tier="host"))], {"a": Overlap(2, 1, 0)}),
         # held on device and host: counted once, at device
@@ -138,7 +147,7 @@ def test_remove_worker_forgets_only_that_worker_and_frees_its_slot():
 
 def test_num_blocks_per_tier_and_len():
     index = make_index(("a", stored(11, 12)), ("a", stored(12, 13, tier="host")), ("b", stored(11)))
-    assert [index.num_blocks("a", tier) for tier in TIERS] == [2, 2, 0]
+    assert [index.num_blocks("a", tier) for tier in TIERS] == [2, 2, 0, 0]
     assert index.num_blocks("a") == 3
     assert index.num_blocks("nobody") == 0
     assert len(index) == 3
@@ -152,7 +161,9 @@ def test_removal_from_an_unknown_worker_takes_no_slot():
 @pytest.mark.parametrize("event", [stored(11, tier="gpu"), removed(11, tier="gpu"), cleared("gpu")])
 def test_unknown_tier_is_a_clear_error(event):
     index = KVIndex()
-    with pytest.raises(ValueError, match="tier must be one of device, host, disk, got 'gpu'"):
+    with pytest.raises(
+        ValueError, match="tier must be one of device, host, disk, object, got 'gpu'"
+    ):
         index.apply("a", event)
     assert index.workers == []
 
@@ -196,7 +207,7 @@ def reference_overlaps(held: dict, request: list[int]) -> dict:
     """held[worker][tier] = set of hashes; each worker's leading run, fastest tier first."""
     result = {}
     for worker_id, tiers in held.items():
-        counts = [0, 0, 0]
+        counts = [0] * len(TIERS)
         for block_hash in request:
             holding = [i for i, tier in enumerate(TIERS) if block_hash in tiers[tier]]
             if not holding:

@@ -106,6 +106,13 @@ def test_disk_blocks_earn_the_disk_weight():
     assert placement.expected_cached_tokens == 128  # held is held, whatever the tier
 
 
+def test_object_blocks_earn_the_object_weight():
+    index = make_index(a=(8, "object"), b=(2, "disk"))
+    placement = choose(make_router(**LOCAL), make_workers("a", "b"), index)
+    assert placement.decode_scores == {"a": 128 - 8 * BLOCK * 0.1, "b": 128 - 2 * BLOCK * 0.25}
+    assert placement.decode == "a"
+
+
 # --- in-flight predictions ---
 
 
