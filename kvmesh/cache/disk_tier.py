@@ -230,7 +230,7 @@ class DiskTier:
         except (OSError, ValueError, AttributeError):
             recorded = None
         if recorded != self.fingerprint:
-            stale = [e.path for e in os.scandir(self.path) if _hash_of(e.name) is not None]
+            stale = [e.path for e in os.scandir(self.path) if hash_of_name(e.name) is not None]
             if stale:
                 log.warning(
                     "disk_tier_stale_blocks_deleted",
@@ -254,7 +254,7 @@ class DiskTier:
             if name.startswith(".") and name.endswith(TMP_SUFFIX):
                 _unlink(entry.path)
                 continue
-            block_hash = _hash_of(name)
+            block_hash = hash_of_name(name)
             if block_hash is None or not entry.is_file(follow_symlinks=False):
                 continue
             try:
@@ -418,8 +418,9 @@ def _nofollow(path, flags: int) -> int:
     return os.open(path, flags | NOFOLLOW)
 
 
-def _hash_of(name: str) -> int | None:
-    """The block hash a file name stands for, None for a name the tier never writes."""
+def hash_of_name(name: str) -> int | None:
+    """The block hash a file (or object) name stands for, None for a name the disk (or
+    object) tier never writes."""
     stem, suffix = name[: -len(SUFFIX)], name[-len(SUFFIX) :]
     if suffix != SUFFIX or len(stem) != 16:
         return None

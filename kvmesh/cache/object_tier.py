@@ -60,6 +60,7 @@ import numpy as np
 import structlog
 import xxhash
 
+from kvmesh.cache.disk_tier import hash_of_name
 from kvmesh.cache.host_tier import as_bytes
 
 log = structlog.get_logger(__name__)
@@ -67,7 +68,7 @@ log = structlog.get_logger(__name__)
 MAGIC = b"KVMOBJCT"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQQ")  # magic, version, reserved, hash, length, checksum
-SUFFIX = ".kv"
+SUFFIX = ".kv"  # object names: <16 hex digits of the block hash>.kv, as the disk tier's files
 READERS = 16  # parallel GETs of a run
 WRITERS = 4  # background PUTs
 MAX_PENDING_BYTES = 256 << 20  # queued PUTs' records; more are dropped
@@ -163,7 +164,7 @@ class ObjectTier:
         try:
             for batch in obstore.list(self.bucket, self.root + "/", chunk_size=1000):
                 for meta in batch:
-                    block_hash = _hash_of(meta["path"].rsplit("/", 1)[-1])
+                    block_hash = hash_of_name(meta["path"].rsplit("/", 1)[-1])
                     if block_hash is not None and meta["size"] == self.object_bytes:
                         found.add(block_hash)
         except Exception as exc:  # obstore raises its own and builtin errors
@@ -314,15 +315,3 @@ def _reason(exc: Exception) -> str:
     first = text.splitlines()[0] if text else ""
     code = re.search(r"<Code>([^<]+)</Code>", text)
     return f"{code.group(1)}: {first}" if code else f"{type(exc).__name__}: {first}"
-
-
-def _hash_of(name: str) -> int | None:
-    """The block hash an object name stands for, None for a name the tier never writes."""
-    stem, suffix = name[: -len(SUFFIX)], name[-len(SUFFIX) :]
-    if suffix != SUFFIX or len(stem) != 16:
-        return None
-    try:
-        block_hash = int(stem, 16)
-    except ValueError:
-        return None
-    return block_hash if f"{block_hash:016x}" == stem else None
