@@ -452,7 +452,7 @@ def test_actors_on_expands_counts_with_stable_ids_and_distinct_endpoints(tmp_pat
         spec("decode-2", "b", "cuda:0", "10.0.0.2", 7010),
         spec("decode-3", "b", "cuda:2", "10.0.0.2", 7012),
     ]
-    assert cfg.actors == cfg.actors_on("a") + cfg.actors_on("b")
+    assert list(cfg.actors) == cfg.actors_on("a") + cfg.actors_on("b")
     assert cfg.router_endpoint == "tcp://10.0.0.1:7002"
     assert cfg.frontend_url == "http://10.0.0.1:8000"
 
@@ -503,7 +503,15 @@ def test_every_process_computes_the_same_address_book(tmp_path):
             check=True,
         ).stdout
         books.append(json.loads(out))
-    here = msgspec.to_builtins(load_config(path, ["nodes.1.actors.1.count=3"]).actors)
+    here = msgspec.to_builtins(list(load_config(path, ["nodes.1.actors.1.count=3"]).actors))
     assert books[0] == books[1] == [here, False]  # and kvmesh.config never imports torch
     endpoints = {a[key] for a in here for key in ("endpoint", "events_endpoint")}
     assert len(endpoints) == 2 * len(here) == 16
+
+
+def test_the_address_book_is_made_once_per_config():
+    cfg = load_config(None, ["nodes.0.actors.3.count=1000"])
+    other = load_config(None, ["nodes.0.actors.3.count=2"])
+
+    assert cfg.actors is cfg.actors
+    assert [len(cfg.actors), len(other.actors)] == [1004, 6]

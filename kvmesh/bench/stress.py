@@ -452,7 +452,7 @@ def make_keys(overrides: list[str]) -> None:
         cfg = load_config(None, overrides)
         generate(
             Path(key_dir),
-            [(spec.actor_id, spec.role) for spec in cfg.actors] + [(OPERATOR, OPERATOR)],
+            [*((spec.actor_id, spec.role) for spec in cfg.actors), (OPERATOR, OPERATOR)],
         )
 
 

@@ -5,6 +5,7 @@ generated cluster.toml (see kvmesh.config)."""
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -505,8 +506,9 @@ class ActorSpec(Struct, frozen=True):
     events_bind: str  # and for events_endpoint
 
 
-class ClusterConfig(Table):
-    """The whole of cluster.toml. Build it with load_config, which checks it."""
+class ClusterConfig(Table, dict=True):
+    """The whole of cluster.toml. Build it with load_config, which checks it. (dict=True:
+    room for the address book, computed once per config; see `actors`.)"""
 
     cluster: Annotated[
         ClusterSettings, doc("Where actors listen and how they watch each other.")
@@ -541,12 +543,13 @@ class ClusterConfig(Table):
         ),
     ] = (DEFAULT_NODE,)
 
-    @property
-    def actors(self) -> list[ActorSpec]:
-        """The address book: every actor of the cluster, in a fixed order."""
+    @functools.cached_property
+    def actors(self) -> tuple[ActorSpec, ...]:
+        """The address book: every actor of the cluster, in a fixed order. Made once per
+        config (a frozen one): building 1,000 actors asks for it per actor."""
         from kvmesh.config.book import expand  # the book's rules import this module
 
-        return [spec for _, spec in expand(self)]
+        return tuple(spec for _, spec in expand(self))
 
     def actors_on(self, node: str) -> list[ActorSpec]:
         """The actors that `kvmesh up --node NAME` starts."""
