@@ -291,6 +291,7 @@ class RegisterCache(Request, frozen=True, kw_only=True):
     disk tiers. Answered by Registered."""
 
     events_endpoint: str
+    model: str = ""  # the served name of the model whose KV it holds ("" = the first)
 
 
 class CacheReport(Message, frozen=True, kw_only=True):
@@ -432,6 +433,7 @@ class RouteRequest(Request, frozen=True, kw_only=True):
     num_prompt_tokens: int
     exclude: list[str] = []  # workers the asker saw die: never place there
     salt_id: str = ""  # the asker's block-hash salt (block_hash.salt_id; "" = not told)
+    model: str = ""  # the served name of the model; "" = the cluster's first
 
 
 class RequestDone(Message, frozen=True, kw_only=True):
@@ -458,6 +460,7 @@ class ActorStatus(msgspec.Struct, frozen=True, kw_only=True):
     endpoints: dict[str, str]
     alive: bool
     load: WorkerLoad | CacheLoad | RouterLoad | None = None  # by its kind; None: reports none
+    model: str = ""  # prefill, decode and cache actors: the served name of their model
     # why the peers that need it cannot use it (its events do not reach the router, it
     # cannot reach its node's cache actor); empty: healthy
     problems: list[str] = []

@@ -94,6 +94,7 @@ class CacheSettings:
     host_eviction: str = "lru"
     disk_eviction: str = "lru"
     fingerprint: str = ""  # the model's (ModelConfig.fingerprint): a disk tier of another is wiped
+    model: str = ""  # the served name of the model whose KV it holds ("" = the cluster's first)
     object_url: str = ""  # the object tier's bucket, s3://bucket[/prefix] ("" = none)
     object_endpoint: str = ""  # "" = the AWS environment's
     object_write: str = "demoted"
@@ -182,7 +183,7 @@ class CacheActor(Actor):
         )
         await self.request(
             self.router_id,
-            RegisterCache(events_endpoint=self.endpoints["events_out"]),
+            RegisterCache(events_endpoint=self.endpoints["events_out"], model=self.settings.model),
             timeout=self.settings.connect_timeout,
         )
         self.log.info("registered", router=self.router_id)

@@ -33,9 +33,9 @@ import structlog
 from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, Retry, any_peer
 from kvmesh.frontend.backend import BackendUnavailable, OverloadedError, exception_of
 from kvmesh.frontend.limits import HTTPLimits
-from kvmesh.frontend.metrics import BackendMetrics, ReuseMeter, WorkerMetrics
-from kvmesh.gpu.model_config import ModelConfig, capped_context
-from kvmesh.kv.block_hash import hash_blocks, salt_id, wire_hashes
+from kvmesh.frontend.metrics import BackendMetrics, WorkerMetrics
+from kvmesh.frontend.models import ModelFront, ServedModel
+from kvmesh.kv.block_hash import hash_blocks, wire_hashes
 from kvmesh.params import SamplingParams
 from kvmesh.protocol import (
     Abort,
@@ -54,7 +54,6 @@ from kvmesh.protocol import (
     TokenBatch,
     WorkerLoad,
 )
-from kvmesh.tokenizer import Tokenizer
 from kvmesh.transport.keys import hash_key
 
 log = structlog.get_logger(__name__)
@@ -66,21 +65,16 @@ ROUTER_RETRY = Retry((TimeoutError, ConnectionError), "router_unreachable")
 
 @dataclass(frozen=True)
 class FrontendSettings:
-    model_path: str
-    model_name: str
-    block_size: int
+    models: tuple[ServedModel, ...]  # what it serves, the default (first) model first
     router_endpoint: str
     router_id: str | None = None  # the actor at router_endpoint (required with keys)
     hash_key: bytes | None = None  # the cluster's block-hash key; None: this user's
-    dtype: str = "float32"  # the workers' KV dtype: part of every block hash
     host: str = "127.0.0.1"
     http_port: int = 8000
-    expected_workers: int = 1  # /health is 200 once this many workers registered
     max_num_requests: int = 1024  # in flight; beyond it requests get 429 + Retry-After
     max_migrations: int = 3  # moves of one request off dead decode workers
     request_timeout: float = 600.0  # seconds; a request still running then is aborted
     keep_alive: float = 30.0  # seconds an idle HTTP connection stays open
-    max_model_len: int = 0  # cap on prompt + output tokens; 0 = the model's context
     limits: HTTPLimits = HTTPLimits()
     max_connections: int = 4096  # open HTTP connections; more are answered 503
     route_timeout: float = 10.0
@@ -108,6 +102,7 @@ class RequestState:
     worker: str | None = None
     lost_workers: list[str] = field(default_factory=list)
     finished: bool = False  # the stream ended on the worker's side: nothing to abort
+    model: ModelFront | None = None  # whose workers run it; None: the default model
 
     def token_ids(self) -> list[int]:
         """What a placement computes: the prompt, then the outputs so far."""
@@ -161,19 +156,18 @@ class FrontendActor(Actor):
     def __init__(self, config: ActorConfig, settings: FrontendSettings) -> None:
         super().__init__(config)
         self.settings = settings
-        model = ModelConfig.from_pretrained(settings.model_path)
-        self.model_name = settings.model_name
-        self.tokenizer = Tokenizer.from_pretrained(settings.model_path)
-        self.max_model_len = capped_context(model.max_model_len, settings.max_model_len)
-        self.vocab_size = model.vocab_size
         key = settings.hash_key if settings.hash_key is not None else hash_key(None)
-        self.salt = model.kv_salt(settings.dtype, settings.block_size, key)
-        self.salt_id = salt_id(self.salt)
+        fronts = [ModelFront(served, key, self) for served in settings.models]
+        self.models = {front.model_name: front for front in fronts}
+        self.default = fronts[0]  # a request that names no model (and the Backend's own)
+        self.model_name = self.default.model_name
+        self.tokenizer = self.default.tokenizer
+        self.max_model_len = self.default.max_model_len
+        self.vocab_size = self.default.vocab_size
         self.router_id: str | None = None
         self.status: ClusterStatus | None = None
         self.requests: dict[str, RequestState] = {}  # in flight, by request id
         self.num_migrations = 0
-        self.reuse = ReuseMeter(settings.block_size)
         self._server = None
         self._http: asyncio.Task | None = None
         self.watch(lambda peer_id: peer_id == self.router_id, self._router_died)
@@ -188,7 +182,7 @@ class FrontendActor(Actor):
 
         await self._connect_router()
         config = uvicorn.Config(
-            create_app(self, self.settings.limits),
+            create_app(self, self.settings.limits, models=self.models),
             host=self.settings.host,
             port=self.settings.http_port,
             log_level="warning",
@@ -241,24 +235,38 @@ class FrontendActor(Actor):
     # --- Backend ---
 
     def ready(self) -> bool:
+        """Every model has its workers, a decode worker among them."""
+        return all(self.model_ready(name) for name in self.models)
+
+    def model_ready(self, name: str) -> bool:
         if self.status is None:
             return False
-        workers = [a for a in self.status.actors if a.role in ("prefill", "decode")]
-        return len(workers) >= self.settings.expected_workers and any(
+        default = self.default.model_name
+        workers = [
+            a
+            for a in self.status.actors
+            if a.role in ("prefill", "decode") and (a.model or default) == name
+        ]
+        return len(workers) >= self.models[name].served.expected_workers and any(
             a.role == "decode" for a in workers
         )
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        model: ModelFront | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream one request: place it, stream its worker's tokens, and when that worker
         dies or refuses it, place it again with what it already streamed (at most
-        max_migrations times); the client's stream goes on as if nothing happened."""
+        max_migrations times); the client's stream goes on as if nothing happened.
+        `model`: whose workers run it (None: the default model's)."""
         if not self._accepting:
             raise BackendUnavailable("the frontend is shutting down", retry_after=1.0)
         if len(self.requests) >= self.settings.max_num_requests:
             raise OverloadedError(f"{len(self.requests)} requests in flight; try again shortly")
-        state = RequestState(request_id, prompt_token_ids, params)
+        state = RequestState(request_id, prompt_token_ids, params, model=model or self.default)
         self.requests[request_id] = state
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
         try:
@@ -317,10 +325,11 @@ class FrontendActor(Actor):
         if self.router_id not in self.peers:
             raise BackendUnavailable("the router is unreachable", retry_after=2.0)
         token_ids = state.token_ids()
-        salt = state.params.salted(self.salt)
-        hashes = wire_hashes(hash_blocks(token_ids, self.settings.block_size, salt=salt))
+        model = state.model or self.default
+        salt = state.params.salted(model.salt)
+        hashes = wire_hashes(hash_blocks(token_ids, model.block_size, salt=salt))
         if not state.lost_workers:  # its first placement: a request, not a migration
-            self.reuse.observe(hashes)
+            model.reuse.observe(hashes)
         try:
             return await self.request(
                 self.router_id,
@@ -329,7 +338,8 @@ class FrontendActor(Actor):
                     block_hashes=hashes,
                     num_prompt_tokens=len(token_ids),
                     exclude=list(state.lost_workers),
-                    salt_id=self.salt_id,
+                    salt_id=model.salt_id,
+                    model=model.model_name,
                 ),
                 timeout=self.settings.route_timeout,
             )
@@ -371,9 +381,9 @@ class FrontendActor(Actor):
             remote_prefill_total=sum(load.remote_prefills_total for load in decodes),
             kv_transfer_bytes_total=sum(load.transfer_bytes_total for load in decodes),
             migrations_total=self.num_migrations,
-            reusable_tokens_total=self.reuse.reusable_tokens,
+            reusable_tokens_total=sum(m.reuse.reusable_tokens for m in self.models.values()),
             workers_alive=sum(1 for a in actors if a.role in ("prefill", "decode")),
-            workers_expected=self.settings.expected_workers,
+            workers_expected=sum(m.served.expected_workers for m in self.models.values()),
             router=router,
             workers=workers,
             tiers=sum_tiers(cache.tiers for cache in caches),

@@ -47,18 +47,19 @@ def actor_config(cfg: ClusterConfig, spec: ActorSpec, max_frame_size: int = 0) -
     )
 
 
-def worker_frame_size(cfg: ClusterConfig) -> int:
-    """The largest frame a worker takes: a KV data-plane chunk holds whole layers, so
-    one layer of the longest prompt's blocks, or 4 x the message limit if that is more."""
+def worker_frame_size(served) -> int:
+    """The largest frame a worker of model `served` (a [model] table) takes: a KV
+    data-plane chunk holds whole layers, so one layer of the longest prompt's blocks, or
+    4 x the message limit if that is more."""
     from kvmesh.gpu.model_config import DTYPE_BYTES, ModelConfig, capped_context
     from kvmesh.protocol import MAX_MESSAGE_SIZE
 
-    model = ModelConfig.from_pretrained(cfg.model.resolved_path)
-    block_size = cfg.model.block_size
+    model = ModelConfig.from_pretrained(served.resolved_path)
+    block_size = served.block_size
     layer_block = (
-        model.kv_bytes_per_block(block_size, DTYPE_BYTES[cfg.model.dtype]) // model.num_layers
+        model.kv_bytes_per_block(block_size, DTYPE_BYTES[served.dtype]) // model.num_layers
     )
-    max_blocks = -(-capped_context(model.max_model_len, cfg.model.max_model_len) // block_size)
+    max_blocks = -(-capped_context(model.max_model_len, served.max_model_len) // block_size)
     return max(4 * MAX_MESSAGE_SIZE, max_blocks * layer_block + (1 << 20))
 
 
@@ -67,35 +68,44 @@ def init_router(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     from kvmesh.router.policy import RouterSettings
 
     fields = {name: getattr(cfg.router, name) for name in RouterSettings.__struct_fields__}
+    first, *others = cfg.served_models
     settings = RouterActorSettings(
         endpoint=spec.bind,
-        model_name=cfg.model.served_name,
-        block_size=cfg.model.block_size,
+        model_name=first.served_name,
+        block_size=first.block_size,
         policy=RouterSettings(**fields),
+        other_models={m.served_name: m.block_size for m in others},
     )
     return RouterActor(actor_config(cfg, spec), settings)
 
 
 def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     from kvmesh.actors.frontend import FrontendActor, FrontendSettings
+    from kvmesh.frontend.models import ServedModel
 
-    workers = sum(1 for a in cfg.actors if a.role in WORKER_ROLES)
+    workers = [a for a in cfg.actors if a.role in WORKER_ROLES]
+    models = tuple(
+        ServedModel(
+            name=m.served_name,
+            path=str(m.resolved_path),
+            block_size=m.block_size,
+            dtype=m.dtype,
+            max_model_len=m.max_model_len,
+            expected_workers=sum(1 for a in workers if a.model == m.served_name),
+        )
+        for m in cfg.served_models
+    )
     settings = FrontendSettings(
-        model_path=str(cfg.model.resolved_path),
-        model_name=cfg.model.served_name,
-        block_size=cfg.model.block_size,
+        models=models,
         router_endpoint=cfg.router_endpoint,
         router_id=cfg.router_id,
         hash_key=cluster_hash_key(cfg),
-        dtype=cfg.model.dtype,
         host=bind_host(cfg.cluster.host, node_address(cfg, spec.node)),
         http_port=cfg.frontend.http_port,
-        expected_workers=workers,
         max_num_requests=cfg.frontend.max_num_requests,
         max_migrations=cfg.frontend.max_migrations,
         request_timeout=cfg.frontend.request_timeout,
         keep_alive=cfg.frontend.keep_alive,
-        max_model_len=cfg.model.max_model_len,
         max_connections=cfg.frontend.max_connections,
         limits=http_limits(cfg.frontend),
     )
@@ -137,34 +147,35 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     from kvmesh.config.topology import engine_threads
     from kvmesh.gpu.kv_cache import configured_num_blocks
 
-    cache = node_cache(cfg, spec.node)
+    served = cfg.model_of(spec)
+    cache = node_cache(cfg, spec.node, spec.model)
     cpu_engines = [
         a for a in cfg.actors_on(spec.node) if a.role in ("prefill", "decode") and a.device == "cpu"
     ]
     settings = WorkerSettings(
-        model_path=str(cfg.model.resolved_path),
-        model_name=cfg.model.served_name,
+        model_path=str(served.resolved_path),
+        model_name=served.served_name,
         endpoint=spec.bind,
         events_endpoint=spec.events_bind,
         router_endpoint=cfg.router_endpoint,
         router_id=cfg.router_id,
         hash_key=cluster_hash_key(cfg),
         device=spec.device,
-        dtype=cfg.model.dtype,
-        block_size=cfg.model.block_size,
+        dtype=served.dtype,
+        block_size=served.block_size,
         num_blocks=configured_num_blocks(cfg.kv.device_blocks, spec.device),
         max_num_seqs=spec.max_num_seqs,
         max_num_batched_tokens=spec.max_num_batched_tokens,
         transfer=cfg.kv.transfer,
         cache_id=cache.actor_id if cache else None,
         cache_endpoint=cache.endpoint if cache else None,
-        max_model_len=cfg.model.max_model_len,
+        max_model_len=served.max_model_len,
         # the node's CPU engines split its cores, one core left for the other actors
         threads=engine_threads(len(cpu_engines)) if spec.device == "cpu" else None,
-        engine=cfg.model.engine,
+        engine=served.engine,
     )
-    config = actor_config(cfg, spec, worker_frame_size(cfg))
-    if cfg.model.engine == "vllm":
+    config = actor_config(cfg, spec, worker_frame_size(served))
+    if served.engine == "vllm":
         from kvmesh.actors.vllm_worker import init_vllm_worker
 
         return init_vllm_worker(cfg, config, settings)
@@ -180,14 +191,16 @@ def init_cache(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     from kvmesh.actors.cache import CacheActor, CacheSettings
     from kvmesh.gpu.model_config import DTYPE_BYTES, ModelConfig
 
-    model = ModelConfig.from_pretrained(cfg.model.resolved_path)
+    served = cfg.model_of(spec)
+    model = ModelConfig.from_pretrained(served.resolved_path)
     settings = CacheSettings(
         endpoint=spec.bind,
         events_endpoint=spec.events_bind,
         router_endpoint=cfg.router_endpoint,
         router_id=cfg.router_id,
-        record_bytes=model.kv_record_bytes(cfg.model.block_size, DTYPE_BYTES[cfg.model.dtype]),
-        fingerprint=model.fingerprint(cfg.model.dtype, cfg.model.block_size),
+        record_bytes=model.kv_record_bytes(served.block_size, DTYPE_BYTES[served.dtype]),
+        fingerprint=model.fingerprint(served.dtype, served.block_size),
+        model=served.served_name,
         host_bytes=int(cfg.kv.host_gb * 2**30),
         disk_path=cfg.kv.disk_path,
         disk_bytes=int(cfg.kv.disk_gb * 2**30),
@@ -232,9 +245,11 @@ def planner_metrics_key(cfg: ClusterConfig) -> str | None:
     return min(read_api_keys(frontend.api_key_file))
 
 
-def node_cache(cfg: ClusterConfig, node: str) -> ActorSpec | None:
-    """The cache actor of `node` (at most one), or None."""
-    return next((a for a in cfg.actors if a.role == "cache" and a.node == node), None)
+def node_cache(cfg: ClusterConfig, node: str, model: str) -> ActorSpec | None:
+    """The cache actor of `node` for `model` (at most one), or None."""
+    return next(
+        (a for a in cfg.actors if a.role == "cache" and a.node == node and a.model == model), None
+    )
 
 
 INIT = {

@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from itertools import compress
 from operator import attrgetter
 
@@ -63,9 +64,15 @@ PREDICTION_TTL = 5.0  # seconds a placement counts as load before it is forgotte
 @dataclass(frozen=True)
 class RouterActorSettings:
     endpoint: str
-    model_name: str
+    model_name: str  # the cluster's first (default) model
     block_size: int
     policy: RouterSettings = RouterSettings()
+    other_models: Mapping[str, int] = field(default_factory=dict)  # name -> block size
+
+    @property
+    def block_sizes(self) -> dict[str, int]:
+        """Every served model's block size, by served name, the default first."""
+        return {self.model_name: self.block_size, **self.other_models}
 
 
 @dataclass
@@ -104,24 +111,25 @@ class RouterActor(Actor):
         self.index = KVIndex()
         self.policy = Router(settings.policy)
         self.workers: dict[str, WorkerState] = {}
+        self.model_of: dict[str, str] = {}  # worker or cache actor -> its model's served name
         self.loads: dict[str, WorkerLoad] = {}
         self.num_routed = 0
         self.quality = RoutingQuality()
         self.num_worker_deaths = 0
         self.health = MemberHealth(config.actor_id)  # for `kvmesh status`
-        # node -> its cache actor; cache actor -> per tier, the blocks it holds
-        self.cache_of: dict[str, str] = {}
+        # (node, model) -> its cache actor; cache actor -> per tier, the blocks it holds
+        self.cache_of: dict[tuple[str, str], str] = {}
         self.node_of_cache: dict[str, str] = {}
         self.cache_blocks: dict[str, dict[str, set[int]]] = {}
         self.cache_reports: dict[str, CacheReport] = {}
         # (when, request key), oldest first: predictions a lost RequestDone would leave
         self.placed: deque[tuple[float, str]] = deque()
-        self.salt_id = ""  # the workers' block-hash salt, as the first one registered
-        # the live workers as of (registry version, number of peers): placements reuse
-        # the list instead of filtering every worker for every request
+        # per model, its workers' block-hash salt, as the first one registered
+        self.salt_ids: dict[str, str] = {}
+        # per model, its live workers as of (registry version, number of peers):
+        # placements reuse the list instead of filtering every worker for every request
         self._registry_version = 0
-        self._candidates_key: tuple[int, int] | None = None
-        self._candidates: list[WorkerState] = []
+        self._candidates: dict[str, tuple[tuple[int, int], list[WorkerState]]] = {}
         self.watch(any_peer, self._member_died)
 
     async def setup(self) -> None:
@@ -137,15 +145,20 @@ class RouterActor(Actor):
             problem = f"role {msg.role!r}: expected one of {', '.join(WORKER_ROLES)}"
         elif msg.role_switch and inbound.peer not in self.workers:
             problem = "role_switch from a worker that is not registered: register it first"
-        elif msg.model != self.settings.model_name:
-            problem = f"model {msg.model!r} differs from the cluster's {self.settings.model_name!r}"
-        elif msg.block_size != self.settings.block_size:
+        elif msg.model not in self.settings.block_sizes:
+            problem = f"model {msg.model!r} is not served here; the cluster serves " + ", ".join(
+                map(repr, self.settings.block_sizes)
+            )
+        elif msg.block_size != self.settings.block_sizes[msg.model]:
             problem = (
                 f"block_size {msg.block_size} differs from the cluster's "
-                f"{self.settings.block_size}: its KV hashes would never match"
+                f"{self.settings.block_sizes[msg.model]} for {msg.model!r}: its KV hashes "
+                "would never match"
             )
-        elif msg.salt_id and self.salt_id and msg.salt_id != self.salt_id:
-            problem = SALT_MISMATCH.format(who="its", salt=msg.salt_id, cluster=self.salt_id)
+        elif msg.salt_id and msg.salt_id != self.salt_ids.get(msg.model, msg.salt_id):
+            problem = SALT_MISMATCH.format(
+                who="its", salt=msg.salt_id, cluster=self.salt_ids[msg.model]
+            )
         if problem is not None:
             self.log.warning("registration_refused", worker=inbound.peer, reason=problem)
             return Error(code="refused", message=f"registration refused: {problem}")
@@ -157,19 +170,27 @@ class RouterActor(Actor):
             self._registry_version += 1
             self.log.info("worker_role_switched", worker=worker_id, old=old, role=role)
             return Registered(router_id=self.actor_id)
-        self.salt_id = self.salt_id or msg.salt_id
+        if msg.salt_id:
+            self.salt_ids.setdefault(msg.model, msg.salt_id)
         if worker_id in self.workers:  # a restarted worker: forget what the old one held
             self._forget(worker_id)
         self._registry_version += 1
         self.workers[worker_id] = WorkerState(
             worker_id, role, capacity_tokens=msg.num_blocks * msg.block_size
         )
+        self.model_of[worker_id] = msg.model
         self._subscribe(worker_id, msg.events_endpoint)
-        cache = self.cache_of.get(peer.node)
+        cache = self.cache_of.get((peer.node, msg.model))
         for tier, blocks in self.cache_blocks.get(cache, {}).items():
             if blocks:  # the node's tiers hold these for this worker too
                 self.index.apply(worker_id, BlockStored(block_hashes=list(blocks), tier=tier))
-        self.log.info("worker_registered", worker=worker_id, role=role, num_blocks=msg.num_blocks)
+        self.log.info(
+            "worker_registered",
+            worker=worker_id,
+            role=role,
+            model=msg.model,
+            num_blocks=msg.num_blocks,
+        )
         return Registered(router_id=self.actor_id)
 
     async def on_register_cache(self, msg: RegisterCache, inbound) -> Registered | Error:
@@ -181,15 +202,23 @@ class RouterActor(Actor):
                 message="registration refused: RegisterCache is "
                 f"for cache actors, not {peer and peer.role!r}",
             )
+        model = msg.model or self.settings.model_name
+        if model not in self.settings.block_sizes:
+            return Error(
+                code="refused",
+                message=f"registration refused: model {model!r} is not served here; the "
+                "cluster serves " + ", ".join(map(repr, self.settings.block_sizes)),
+            )
         cache_id = inbound.peer
-        old = self.cache_of.get(peer.node)
+        old = self.cache_of.get((peer.node, model))
         if old is not None:  # a restarted (or replaced) cache: what it held is gone
             self._forget_cache(old)
-        self.cache_of[peer.node] = cache_id
+        self.cache_of[peer.node, model] = cache_id
         self.node_of_cache[cache_id] = peer.node
+        self.model_of[cache_id] = model
         self.cache_blocks[cache_id] = {"host": set(), "disk": set(), "object": set()}
         self._subscribe(cache_id, msg.events_endpoint)
-        self.log.info("cache_registered", cache=cache_id, node=peer.node)
+        self.log.info("cache_registered", cache=cache_id, node=peer.node, model=model)
         return Registered(router_id=self.actor_id)
 
     async def on_cache_report(self, msg: CacheReport, inbound) -> None:
@@ -268,15 +297,17 @@ class RouterActor(Actor):
             for tier in blocks:
                 self._index_node(cache_id, AllBlocksCleared(tier=tier))
         node = self.node_of_cache.pop(cache_id, None)
-        if self.cache_of.get(node) == cache_id:
-            del self.cache_of[node]
+        model = self.model_of.pop(cache_id, None)
+        if self.cache_of.get((node, model)) == cache_id:
+            del self.cache_of[node, model]
 
     def _index_node(self, cache_id: str, event) -> None:
-        """Apply a cache actor's event to every worker on its node."""
+        """Apply a cache actor's event to every worker of its model on its node."""
         node = self.node_of_cache.get(cache_id)
+        model = self.model_of.get(cache_id)
         for worker_id in self.workers:
             worker = self.peers.get(worker_id)
-            if worker is not None and worker.node == node:
+            if worker is not None and worker.node == node and self.model_of[worker_id] == model:
                 self.index.apply(worker_id, event)
 
     async def on_load_report(self, msg: LoadReport, inbound) -> None:
@@ -321,23 +352,32 @@ class RouterActor(Actor):
         self.log.info("device_blocks_learned", worker=worker_id, num_blocks=len(snapshot.device))
 
     async def on_route_request(self, msg: RouteRequest, inbound) -> Placement | Error:
-        """Place one request: decode worker, and prefill worker or local prefill."""
-        if msg.salt_id and self.salt_id and msg.salt_id != self.salt_id:
+        """Place one request on its model's workers: decode worker, and prefill worker or
+        local prefill."""
+        model = msg.model or self.settings.model_name
+        if model not in self.settings.block_sizes:
+            return Error(
+                code="unknown_model",
+                message=f"model {model!r} is not served here; the cluster serves "
+                + ", ".join(map(repr, self.settings.block_sizes)),
+            )
+        salt = self.salt_ids.get(model)
+        if msg.salt_id and salt and msg.salt_id != salt:
             return Error(
                 code="refused",
                 message=SALT_MISMATCH.format(
-                    who=f"{inbound.peer}'s", salt=msg.salt_id, cluster=self.salt_id
+                    who=f"{inbound.peer}'s", salt=msg.salt_id, cluster=salt
                 ),
             )
         try:
-            placed = self._place(msg, self._live_workers(msg.exclude))
+            placed = self._place(msg, model, self._live_workers(model, msg.exclude))
             if placed.decode not in self.peers or (
                 placed.prefill is not None and placed.prefill not in self.peers
             ):  # one died and another joined since the list was made: make it anew
-                self._candidates_key = None
-                placed = self._place(msg, self._live_workers(msg.exclude))
+                self._candidates.pop(model, None)
+                placed = self._place(msg, model, self._live_workers(model, msg.exclude))
         except NoWorkerError as exc:
-            return Error(code="no_worker", message=str(exc))
+            return Error(code="no_worker", message=f"model {model!r}: {exc}")
         self.num_routed += 1
         self.quality.count(placed)
         self._expire_predictions()
@@ -362,29 +402,32 @@ class RouterActor(Actor):
             expected_cached_tokens=placed.expected_cached_tokens,
         )
 
-    def _place(self, msg: RouteRequest, workers: list[WorkerState]):
+    def _place(self, msg: RouteRequest, model: str, workers: list[WorkerState]):
         return self.policy.choose(
             msg.block_hashes,
             msg.num_prompt_tokens,
-            self.settings.block_size,
+            self.settings.block_sizes[model],
             workers,
             self.index,
             scores=False,  # a score per worker costs every worker, every request
         )
 
-    def _live_workers(self, exclude) -> list[WorkerState]:
-        """The registered workers still in `peers` (one out of it is dead, its watches not
-        yet run), less `exclude`: filtered in C, and kept while neither the registry nor
-        the number of peers changes."""
+    def _live_workers(self, model: str, exclude) -> list[WorkerState]:
+        """The registered workers of `model` still in `peers` (one out of it is dead, its
+        watches not yet run), less `exclude`: filtered in C, and kept while neither the
+        registry nor the number of peers changes."""
         key = (self._registry_version, len(self.peers))
-        if key != self._candidates_key or exclude:
-            live = set(self.peers).difference(exclude).__contains__
-            workers = list(self.workers.values())
-            workers = list(compress(workers, map(live, map(WORKER_ID, workers))))
-            if exclude:
-                return workers
-            self._candidates_key, self._candidates = key, workers
-        return self._candidates
+        kept = self._candidates.get(model)
+        if kept is not None and kept[0] == key and not exclude:
+            return kept[1]
+        live = set(self.peers).difference(exclude)
+        if len(self.settings.block_sizes) > 1:
+            live = {w for w in live if self.model_of.get(w) == model}
+        workers = list(self.workers.values())
+        workers = list(compress(workers, map(live.__contains__, map(WORKER_ID, workers))))
+        if not exclude:
+            self._candidates[model] = (key, workers)
+        return workers
 
     async def on_request_done(self, msg: RequestDone, inbound) -> None:
         """A request ended: its workers no longer carry its predicted load."""
@@ -437,6 +480,7 @@ class RouterActor(Actor):
                     alive=True,
                     load=self.loads.get(peer.actor_id, report.load if report else None),
                     problems=self.health.problems(peer.actor_id, now),
+                    model=self.model_of.get(peer.actor_id, ""),
                 )
             )
         return ClusterStatus(actors=actors)
@@ -454,6 +498,7 @@ class RouterActor(Actor):
             self._forget(peer_id)
             self._close_socket(f"events_{peer_id}")
             del self.workers[peer_id]
+            self.model_of.pop(peer_id, None)
             self._registry_version += 1
             self.loads.pop(peer_id, None)
         if peer_id in self.cache_blocks:

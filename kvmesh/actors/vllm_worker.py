@@ -276,7 +276,7 @@ def init_vllm_worker(cfg, config: ActorConfig, worker) -> VllmWorker:
         events_endpoint=vllm_events_endpoint(config.actor_id),
         device=worker.device,
         threads=worker.threads,
-        extra=dict(cfg.model.vllm),
+        extra=dict(cfg.model_named(worker.model_name).vllm),
     )
     model = ModelConfig.from_pretrained(worker.model_path)
     settings = VllmWorkerSettings(

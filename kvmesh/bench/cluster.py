@@ -72,24 +72,27 @@ class Cluster:
 
 def start_cluster(
     tmp_path: Path,
-    model_dir: Path,
+    model_dir: Path | None,
     *overrides: str,
     timeout: float = 240,
     python: str = sys.executable,
+    config: Path | None = None,
 ) -> Cluster:
-    """`kvmesh up` under `python` (another environment's, e.g. one with vLLM), healthy."""
+    """`kvmesh up` under `python` (another environment's, e.g. one with vLLM), healthy.
+    `config`: a cluster.toml (its own [[models]] when model_dir is None)."""
     base = free_port_range(24)
     http_port = base + 22
-    args = [
+    args = ["--config", str(config)] if config is not None else []
+    args += [
         "--set",
         f"cluster.base_port={base}",
         "--set",
         f"frontend.http_port={http_port}",
         "--set",
-        f"model.path={model_dir}",
-        "--set",
         "kv.device_blocks=512",
     ]
+    if model_dir is not None:
+        args += ["--set", f"model.path={model_dir}"]
     for override in overrides:
         args += ["--set", override]
     log = tmp_path / "cluster.log"

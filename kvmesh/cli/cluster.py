@@ -64,8 +64,12 @@ def load(config_path, overrides, model_path, http_port, resolve_model=False, fit
         overrides.append(f"frontend.http_port={http_port}")
     try:
         cfg = load_config(config_path, overrides)
-        if resolve_model and resolve.needs_resolving(cfg.model.path):
-            overrides += resolved_model(cfg.model)
+        resolved = []  # a GGUF file or short name, replaced by its imported directory
+        for m, model in enumerate(cfg.served_models if resolve_model else ()):
+            if resolve.needs_resolving(model.path):
+                resolved += resolved_model(model, f"models.{m}" if cfg.models else "model")
+        if resolved:
+            overrides += resolved
             cfg = load_config(config_path, overrides)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -75,16 +79,22 @@ def load(config_path, overrides, model_path, http_port, resolve_model=False, fit
     return cfg, args
 
 
-def resolved_model(model) -> list[str]:
-    """The overrides that replace [model] path (a GGUF file or short name) with its
-    imported directory, and give it its served name unless model.name sets one."""
+def served_models(cfg) -> str:
+    names = [model.served_name for model in cfg.served_models]
+    return f"model {names[0]}" if len(names) == 1 else "models " + ", ".join(names)
+
+
+def resolved_model(model, key: str = "model") -> list[str]:
+    """The overrides that replace a model's path (a GGUF file or short name) with its
+    imported directory, and give it its served name unless its name sets one. `key`:
+    the model's table, "model" or "models.N"."""
     try:
         resolved = resolve.resolve_model(model.path, model.dtype)
     except ValueError as exc:  # not installed, not importable: say so, no traceback
-        raise click.ClickException(f"model.path: {exc}") from exc
-    overrides = [f"model.path={resolved.path}"]
+        raise click.ClickException(f"{key}.path: {exc}") from exc
+    overrides = [f"{key}.path={resolved.path}"]
     if not model.name and resolved.name:
-        overrides.append(f"model.name={resolved.name}")
+        overrides.append(f"{key}.name={resolved.name}")
     return overrides
 
 
@@ -191,10 +201,11 @@ def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout,
     click.echo(
         f"log: {logs.file}" + ("" if logs.explicit else "  (-v shows info lines here)"), err=True
     )
-    if cfg.model.path == "":
-        from kvmesh.gpu.tiny import ensure_tiny
+    for model in cfg.served_models:
+        if model.path == "":
+            from kvmesh.gpu.tiny import ensure_tiny
 
-        ensure_tiny(cfg.model.resolved_path)
+            ensure_tiny(model.resolved_path)
     launcher = Launcher(cfg, node, [*logs.args(), "actor", *args])
     monitor = NodeMonitor(cfg, node)
     stop = {"signal": None}
@@ -220,9 +231,7 @@ def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout,
             if not ready and (_healthy(cfg.frontend_url) if has_frontend else monitor.ready()):
                 ready = True
                 if has_frontend:
-                    click.echo(
-                        f"kvmesh is up: {cfg.frontend_url}/v1  (model {cfg.model.served_name})"
-                    )
+                    click.echo(f"kvmesh is up: {cfg.frontend_url}/v1  ({served_models(cfg)})")
                     _print_status(cfg, as_json=False)
                 else:
                     click.echo(describe_ready(cfg, node, [c.spec for c in launcher.children]))
@@ -369,7 +378,7 @@ def _print_status(cfg, as_json: bool) -> bool:
         return False
     rows = []
     for a in cluster.actors:
-        health = {"health": _health(a), "problems": list(a.problems)}
+        health = {"health": _health(a), "problems": list(a.problems), "model": a.model}
         if isinstance(a.load, CacheLoad):
             rows.append(_cache_row(a, a.load) | {"endpoint": _reachable(cfg, a)} | health)
             continue
@@ -398,14 +407,16 @@ def _print_status(cfg, as_json: bool) -> bool:
             row["load"] = _flat(a.load)
         click.echo(json.dumps(rows, indent=2))
         return True
+    many = len(cfg.served_models) > 1  # a model column
+    width = max((len(r["model"]) for r in rows), default=0) + 1 if many else 0
     click.echo(
-        f"{'actor':<12} {'role':<9} {'node':<10} {'pid':>7} {'health':<6} "
-        f"{'run':>4} {'wait':>4} {'kv':>6} {'hit':>6}  endpoint"
+        f"{'actor':<12} {'role':<9} {'node':<10} {'model' if many else '':<{width}}"
+        f"{'pid':>7} {'health':<6} {'run':>4} {'wait':>4} {'kv':>6} {'hit':>6}  endpoint"
     )
     for r in rows:
         click.echo(
-            f"{r['actor']:<12} {r['role']:<9} {r['node']:<10} {r['pid']:>7} "
-            f"{r['health']:<6} {r['running']:>4} {r['waiting']:>4} "
+            f"{r['actor']:<12} {r['role']:<9} {r['node']:<10} {r['model'] if many else '':<{width}}"
+            f"{r['pid']:>7} {r['health']:<6} {r['running']:>4} {r['waiting']:>4} "
             f"{r['kv_usage']:>6.1%} {r['cache_hit_rate']:>6.1%}  {r['endpoint']}"
         )
         for problem in r["problems"]:

@@ -4,6 +4,7 @@ type can state: nodes, roles, devices, addresses, ports (see kvmesh.config)."""
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import itertools
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 from kvmesh.config.schema import ActorSpec, ClusterConfig, ConfigError, host_port, shown
 
 ENGINE_ROLES = ("prefill", "decode")  # the roles that run a model on a device
+MODEL_ROLES = ("prefill", "decode", "cache")  # the roles that serve one model
 REQUIRED_ROLES = ("frontend", "router", "decode")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -33,6 +35,7 @@ def expand(cfg: ClusterConfig) -> list[tuple[str, ActorSpec]]:
     """(key of the [[nodes.actors]] entry, spec) for every actor, in address book order."""
     book: list[tuple[str, ActorSpec]] = []
     counts: Counter[str] = Counter()
+    default_model = cfg.served_models[0].served_name
     for n, node in enumerate(cfg.nodes):
         named = {int(m[1]) for g in node.actors if (m := re.fullmatch(r"cuda:(\d+)", g.device))}
         free_gpus = (k for k in itertools.count() if k not in named)
@@ -61,6 +64,9 @@ def expand(cfg: ClusterConfig) -> list[tuple[str, ActorSpec]]:
                             group.max_num_batched_tokens,
                             *connect,
                             *bind,
+                            model=(group.model or default_model)
+                            if group.role in MODEL_ROLES
+                            else "",
                         ),
                     )
                 )
@@ -101,12 +107,20 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
                 fail(
                     key, f'a {group.role} runs no model; expected "cpu", got {shown(group.device)}'
                 )
-        caches = sum(group.count for group in node.actors if group.role == "cache")
-        if caches > 1:
-            fail(
-                f"nodes.{n}.actors",
-                f"{caches} cache actors on node {shown(node.name)}; expected at most one per node",
-            )
+    served = check_models(cfg, fail)
+    for n, node in enumerate(cfg.nodes):
+        caches: Counter[str] = Counter()
+        for group in node.actors:
+            if group.role == "cache":
+                caches[group.model or served[0]] += group.count
+        for model, count in caches.items():
+            if count > 1:
+                per = f" of model {shown(model)}" if len(served) > 1 else ""
+                fail(
+                    f"nodes.{n}.actors",
+                    f"{count} cache actors{per} on node {shown(node.name)}; expected at most "
+                    "one per node" + (" and model" if per else ""),
+                )
     book = expand(cfg)
     roles = Counter(spec.role for _, spec in book)
     for role in REQUIRED_ROLES:
@@ -142,8 +156,19 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
             "kv.disk_path",
             f'expected a directory when kv.disk_gb > 0 (it is {cfg.kv.disk_gb}), got ""',
         )
-    if cfg.model.engine == "vllm":
-        check_engine_vllm(cfg, book, roles, fail)
+    for m, model in enumerate(cfg.served_models):
+        name = model.served_name
+        own = [(key, spec) for key, spec in book if spec.model == name]
+        table = f"models.{m}" if cfg.models else "model"
+        if not any(spec.role == "decode" for _, spec in own) and cfg.models:
+            fail(
+                "nodes",
+                f"no decode actor serves model {shown(name)} ({table}); expected a "
+                f'[[nodes.actors]] entry with role = "decode", count >= 1 and model = '
+                f"{shown(name)}",
+            )
+        if model.engine == "vllm":
+            check_engine_vllm(cfg, model, table, own, roles, fail)
     if cfg.kv.object_url:
         from kvmesh.cache.object_tier import parse_url
 
@@ -154,20 +179,55 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
     check_network(cfg, book, fail)
 
 
-def check_engine_vllm(cfg: ClusterConfig, book, roles: Counter, fail) -> None:
+def check_models(cfg: ClusterConfig, fail) -> list[str]:
+    """[[models]]' served names (unique), and every actor group naming one of them;
+    returns the served names, the default first."""
+    if cfg.models and cfg.model != type(cfg.model)():
+        fail("model", "set [model] or [[models]], not both; expected the keys in [[models]]")
+    served: list[str] = []
+    for m, model in enumerate(cfg.served_models):
+        name = model.served_name
+        if name in served:
+            fail(
+                f"models.{m}.name",
+                f"duplicate served name {shown(name)} (also models.{served.index(name)}); "
+                "expected a name unique in the cluster (set name = ...)",
+            )
+        served.append(name)
+    for n, node in enumerate(cfg.nodes):
+        for a, group in enumerate(node.actors):
+            if not group.model:
+                continue
+            key = f"nodes.{n}.actors.{a}.model"
+            if group.role not in MODEL_ROLES:
+                fail(
+                    key, f'a {group.role} serves every model; expected "", got {shown(group.model)}'
+                )
+            if group.model not in served:
+                close = difflib.get_close_matches(group.model, served, n=1)
+                hint = f" (did you mean {shown(close[0])}?)" if close else ""
+                fail(
+                    key,
+                    f"no model is served as {shown(group.model)}{hint}; served: "
+                    + ", ".join(shown(name) for name in served),
+                )
+    return served
+
+
+def check_engine_vllm(cfg: ClusterConfig, model, where: str, own, roles: Counter, fail) -> None:
     """vLLM workers serve aggregated: no prefill workers, no host/disk tiers, no planner
-    (yet)."""
+    (yet). `own`: the (key, spec) of the actors serving this model."""
     from kvmesh.config.vllm_args import check_vllm
 
-    for role, why in (
-        ("prefill", "disaggregation"),
-        ("cache", "host and disk KV tiers"),
-        ("planner", "role switches"),
+    for role, why, actors in (
+        ("prefill", "disaggregation", own),
+        ("cache", "host and disk KV tiers", own),
+        ("planner", "role switches", expand(cfg)),
     ):
-        if roles[role]:
-            key = next(key for key, spec in book if spec.role == role)
-            fail(key, f'{why}: with model.engine = "kvmesh" only; expected no {role} actor')
-    check_vllm(cfg, [spec.device for _, spec in book if spec.role in ENGINE_ROLES], fail)
+        key = next((key for key, spec in actors if spec.role == role), None)
+        if key is not None:
+            fail(key, f'{why}: with {where}.engine = "kvmesh" only; expected no {role} actor')
+    check_vllm(model, where, [spec.device for _, spec in own if spec.role in ENGINE_ROLES], fail)
 
 
 def check_network(cfg: ClusterConfig, book: list[tuple[str, ActorSpec]], fail) -> None:

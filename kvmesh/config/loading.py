@@ -209,6 +209,8 @@ def render(lines: list[str], table: Struct, path: list[str], comments: bool) -> 
         lines.append(f"{f.name} = {shown(value)}")
     for f, value in nested:
         key = dotted([*path, f.name])
+        if value == () and comments:  # an empty array of tables: its comment, none given
+            lines.extend(["", *comment(f), f"# [[{key}]] (none)"])
         for i, item in enumerate(value if isinstance(value, tuple) else [value]):
             lines.append("")
             if comments and i == 0:

@@ -466,6 +466,13 @@ class ActorGroup(Table):
     max_num_batched_tokens: Annotated[
         int, doc("prefill and decode: tokens computed per step.", ge=1)
     ] = 2048
+    model: Annotated[
+        str,
+        doc(
+            "prefill, decode and cache: the served name of the [[models]] entry these "
+            'actors serve; "" = the first model (the [model] table without [[models]]).'
+        ),
+    ] = ""
 
 
 class NodeConfig(Table):
@@ -504,6 +511,7 @@ class ActorSpec(Struct, frozen=True):
     events_endpoint: str  # where the router subscribes to its PUB socket
     bind: str  # what the actor binds for endpoint
     events_bind: str  # and for events_endpoint
+    model: str = ""  # prefill, decode, cache: the served name of its model; others ""
 
 
 class ClusterConfig(Table, dict=True):
@@ -513,9 +521,19 @@ class ClusterConfig(Table, dict=True):
     cluster: Annotated[
         ClusterSettings, doc("Where actors listen and how they watch each other.")
     ] = ClusterSettings()
-    model: Annotated[ModelConfig, doc("What every prefill and decode worker serves.")] = (
-        ModelConfig()
-    )
+    model: Annotated[
+        ModelConfig, doc("What every prefill and decode worker serves (without [[models]]).")
+    ] = ModelConfig()
+    models: Annotated[
+        tuple[ModelConfig, ...],
+        doc(
+            "Several models in one cluster, each a table of [model]'s keys with a served "
+            "name unique in the cluster; [[nodes.actors]] entries name theirs (model = "
+            '"NAME", default the first). Requests go to the workers of the model they name; '
+            "its KV (block hashes salted by its weights) never serves another, and it has its "
+            "own cache actor per node. Empty = the one [model]."
+        ),
+    ] = ()
     kv: Annotated[
         KVConfig,
         doc("KV block pools, the data plane between workers, and the cache actor's tiers."),
@@ -550,6 +568,21 @@ class ClusterConfig(Table, dict=True):
         from kvmesh.config.book import expand  # the book's rules import this module
 
         return tuple(spec for _, spec in expand(self))
+
+    @property
+    def served_models(self) -> tuple[ModelConfig, ...]:
+        """Every model the cluster serves, the default (first) one first."""
+        return self.models or (self.model,)
+
+    def model_named(self, name: str) -> ModelConfig:
+        """The model served as `name` ("" = the first)."""
+        if not name:
+            return self.served_models[0]
+        return next(m for m in self.served_models if m.served_name == name)
+
+    def model_of(self, spec: ActorSpec) -> ModelConfig:
+        """The model a prefill, decode or cache actor serves."""
+        return self.model_named(spec.model)
 
     def actors_on(self, node: str) -> list[ActorSpec]:
         """The actors that `kvmesh up --node NAME` starts."""

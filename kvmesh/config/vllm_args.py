@@ -64,18 +64,18 @@ def engine_arg_names() -> frozenset[str] | None:
     return frozenset(names) or None
 
 
-def check_vllm(cfg, devices: list[str], fail: Callable[[str, str], None]) -> None:
-    """engine = "vllm"'s rules: the block size on CPU, and [model.vllm]'s keys."""
-    model = cfg.model
+def check_vllm(model, where: str, devices: list[str], fail: Callable[[str, str], None]) -> None:
+    """engine = "vllm"'s rules: the block size on CPU, and [model.vllm]'s keys; `where`
+    is the model's table ("model" or "models.N")."""
     if "cpu" in devices and model.block_size % CPU_BLOCK_MULTIPLE:
         fail(
-            "model.block_size",
+            f"{where}.block_size",
             f"vLLM's CPU attention takes multiples of {CPU_BLOCK_MULTIPLE} only; expected "
             f"32, 64, ... where model.engine is vllm, got {model.block_size}",
         )
     for key in model.vllm:
         if key in RESERVED:
-            fail(f"model.vllm.{key}", f"set by kvmesh from {RESERVED[key]}; remove it here")
+            fail(f"{where}.vllm.{key}", f"set by kvmesh from {RESERVED[key]}; remove it here")
     names = engine_arg_names()
     if names is None:
         return  # checked when the worker starts, where vLLM must be installed
@@ -83,4 +83,4 @@ def check_vllm(cfg, devices: list[str], fail: Callable[[str, str], None]) -> Non
         if key not in names:
             close = difflib.get_close_matches(key, sorted(names), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            fail(f"model.vllm.{key}", f"not an argument of vllm.EngineArgs{hint}")
+            fail(f"{where}.vllm.{key}", f"not an argument of vllm.EngineArgs{hint}")

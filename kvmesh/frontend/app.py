@@ -12,6 +12,7 @@ cannot serve; 500 for a bug. The server keeps serving after any of them.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
@@ -35,6 +36,7 @@ from kvmesh.frontend.serving import (
     ClientDisconnected,
     CompletionServing,
     RequestError,
+    Serving,
     describe_error,
 )
 
@@ -43,10 +45,18 @@ COMPLETIONS_PATH = "/v1/completions"
 STATUS_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error"}
 
 
-def create_app(backend: Backend, limits: HTTPLimits | None = None) -> FastAPI:
+def create_app(
+    backend: Backend,
+    limits: HTTPLimits | None = None,
+    models: Mapping[str, Backend] | None = None,
+) -> FastAPI:
     """The app starts the backend when the server starts and closes it on shutdown.
-    `limits` (kvmesh.frontend.limits) bound what a request may ask for and cost."""
+    `limits` (kvmesh.frontend.limits) bound what a request may ask for and cost.
+    `models`: the Backend of each served model, by name (None: backend's one model);
+    a request goes to the one its `model` names, and `backend` answers /health and
+    /metrics for them all."""
     limits = limits or HTTPLimits()
+    models = dict(models or {backend.model_name: backend})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -58,27 +68,31 @@ def create_app(backend: Backend, limits: HTTPLimits | None = None) -> FastAPI:
 
     app = FastAPI(title="kvmesh", version=__version__, lifespan=lifespan)
     metrics = Metrics(backend, endpoints=(CHAT_PATH, COMPLETIONS_PATH))
-    chat = ChatServing(backend, metrics, limits)
-    completions = CompletionServing(backend, metrics, limits)
+    chat = {name: ChatServing(model, metrics, limits) for name, model in models.items()}
+    completions = {
+        name: CompletionServing(model, metrics, limits) for name, model in models.items()
+    }
     app.state.backend = backend
     app.state.metrics = metrics
 
     @app.post(CHAT_PATH)
     async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Response:
-        response = await chat(request, body)
+        response = await serving_of(chat, body.model)(request, body)
         metrics.count_request(CHAT_PATH, response.status_code)
         return response
 
     @app.post(COMPLETIONS_PATH)
     async def create_completion(request: Request, body: CompletionRequest) -> Response:
-        response = await completions(request, body)
+        response = await serving_of(completions, body.model)(request, body)
         metrics.count_request(COMPLETIONS_PATH, response.status_code)
         return response
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        card = ModelCard(id=backend.model_name, max_model_len=backend.max_model_len)
-        return ModelList(data=[card])
+        cards = [
+            ModelCard(id=name, max_model_len=model.max_model_len) for name, model in models.items()
+        ]
+        return ModelList(data=cards)
 
     @app.get("/health")
     async def health() -> Response:
@@ -96,6 +110,20 @@ def create_app(backend: Backend, limits: HTTPLimits | None = None) -> FastAPI:
     add_error_handlers(app, metrics)
     app.add_middleware(Gate, limits=limits)
     return app
+
+
+def serving_of(servings: Mapping[str, Serving], model: str) -> Serving:
+    """The Serving of the model a request names; 404 naming the served ones."""
+    serving = servings.get(model)
+    if serving is None:
+        served = ", ".join(repr(name) for name in servings)
+        raise RequestError(
+            404,
+            f"model {model!r} does not exist; this server serves {served}",
+            "model",
+            code="model_not_found",
+        )
+    return serving
 
 
 def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:

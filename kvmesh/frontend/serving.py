@@ -165,14 +165,6 @@ class Serving:
         self.tokenizer = backend.tokenizer
 
     async def __call__(self, request: Request, body: SamplingRequest) -> Response:
-        if body.model != self.backend.model_name:
-            raise RequestError(
-                404,
-                f"model {body.model!r} does not exist; this server serves "
-                f"{self.backend.model_name!r}",
-                "model",
-                code="model_not_found",
-            )
         n = body.n or 1
         self.check_choices(body, n)
         # tokenizing and templating a large body takes a while: off the event loop, which

@@ -164,14 +164,13 @@ def test_events_are_the_connections_sender_whatever_their_frames_say():
 
 def test_a_frontend_takes_tokens_only_from_the_worker_it_placed_the_request_on(tiny_model_dir):
     from kvmesh.actors.frontend import FrontendActor, FrontendSettings, RequestState
+    from kvmesh.frontend.models import ServedModel
     from kvmesh.params import SamplingParams
 
     frontend = FrontendActor(
         make_config("frontend-0"),
         FrontendSettings(
-            model_path=str(tiny_model_dir),
-            model_name="tiny",
-            block_size=16,
+            models=(ServedModel("tiny", str(tiny_model_dir)),),
             router_endpoint="tcp://127.0.0.1:9",
         ),
     )

@@ -22,6 +22,7 @@ from kvmesh.frontend.backend import (
     LocalBackend,
     exception_of,
 )
+from kvmesh.frontend.models import ServedModel
 from kvmesh.params import SamplingParams
 from kvmesh.protocol import (
     ActorStatus,
@@ -79,9 +80,7 @@ class ScriptedFrontend(FrontendActor):
         super().__init__(
             ActorConfig(actor_id="frontend-0"),
             FrontendSettings(
-                model_path=str(model_dir),
-                model_name="tiny",
-                block_size=16,
+                models=(ServedModel("tiny", str(model_dir)),),
                 router_endpoint="tcp://127.0.0.1:9",
                 max_migrations=max_migrations,
             ),
@@ -296,7 +295,8 @@ def test_a_request_that_loses_more_workers_than_max_migrations_is_unavailable(ti
 
 def test_metrics_count_the_routers_workers_and_take_its_own_load(tiny_model_dir):
     frontend = ScriptedFrontend(tiny_model_dir, [])
-    frontend.settings = dataclasses.replace(frontend.settings, expected_workers=3)
+    model = frontend.models["tiny"]
+    model.served = dataclasses.replace(model.served, expected_workers=3)
 
     def actor(actor_id: str, role: str, load=None) -> ActorStatus:
         return ActorStatus(

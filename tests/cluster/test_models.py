@@ -1,0 +1,151 @@
+"""Two models in one cluster ([[models]]): real processes, the official openai client, and
+each model's own in-process Engine as the reference. Model "alpha" is the tiny model
+(seed 0) on one aggregated decode worker; model "beta" is the tiny model with other
+weights (seed 1) on a prefill and a decode worker; each has its node's cache actor."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from kvmesh import Engine, SamplingParams
+from kvmesh.bench.cluster import start_cluster
+from kvmesh.gpu.tiny import init_tiny
+from tests.prompts import random_prompt
+
+pytestmark = pytest.mark.cluster
+
+CONFIG = """
+[router]
+disagg_min_tokens = 0
+
+[[models]]
+name = "alpha"
+path = "{alpha}"
+
+[[models]]
+name = "beta"
+path = "{beta}"
+
+[[nodes]]
+name = "local"
+address = "127.0.0.1"
+
+[[nodes.actors]]
+role = "frontend"
+
+[[nodes.actors]]
+role = "router"
+
+[[nodes.actors]]
+role = "decode"
+model = "alpha"
+
+[[nodes.actors]]
+role = "cache"
+model = "alpha"
+
+[[nodes.actors]]
+role = "prefill"
+model = "beta"
+
+[[nodes.actors]]
+role = "decode"
+model = "beta"
+
+[[nodes.actors]]
+role = "cache"
+model = "beta"
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tiny_model_dir):
+    beta = init_tiny(tmp_path_factory.mktemp("beta") / "tiny-beta", seed=1)
+    return {"alpha": tiny_model_dir, "beta": beta}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, model_dirs):
+    tmp = tmp_path_factory.mktemp("models")
+    config = tmp / "cluster.toml"
+    config.write_text(CONFIG.format(**model_dirs))
+    c = start_cluster(tmp, None, config=config)
+    yield c
+    assert c.stop() == 0, c.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def engines(model_dirs):
+    return {name: Engine.from_pretrained(path, num_blocks=256) for name, path in model_dirs.items()}
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    import openai
+
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+
+
+def complete(client, model: str, prompt: str, max_tokens: int = 12):
+    return client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        extra_body={"ignore_eos": True},
+    )
+
+
+def test_models_lists_both(client):
+    assert [m.id for m in client.models.list().data] == ["alpha", "beta"]
+
+
+def test_each_request_is_served_by_its_own_model(client, engines):
+    """The same prompts to both models, interleaved: each answer equals its own
+    model's Engine, and the two models disagree (other weights), so neither was served
+    by the other's workers or KV."""
+    prompts = [random_prompt(n, seed=500 + n) for n in (40, 150)]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = {name: [o.text for o in e.generate(prompts, greedy)] for name, e in engines.items()}
+    assert expected["alpha"] != expected["beta"]
+    for prompt_index, prompt in enumerate(prompts):
+        for name in ("alpha", "beta", "alpha", "beta"):  # the second round hits the caches
+            reply = complete(client, name, prompt)
+            assert reply.model == name
+            assert reply.choices[0].text == expected[name][prompt_index], (name, prompt_index)
+
+
+def test_kv_of_one_model_never_serves_the_other(client):
+    """A long prompt twice on alpha is a prefix hit there; the same prompt on beta then
+    reuses nothing (its block hashes are salted by its own weights)."""
+    prompt = random_prompt(200, seed=901)
+    complete(client, "alpha", prompt, max_tokens=2)
+    again = complete(client, "alpha", prompt, max_tokens=2)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    other = complete(client, "beta", prompt, max_tokens=2)
+    assert (other.usage.prompt_tokens_details.cached_tokens or 0) == 0
+
+
+def test_an_unknown_model_is_a_404_naming_the_served_ones(cluster):
+    response = httpx.post(
+        f"{cluster.url}/v1/completions", json={"model": "gamma", "prompt": "hi", "max_tokens": 2}
+    )
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert error["message"] == "model 'gamma' does not exist; this server serves 'alpha', 'beta'"
+    assert (error["param"], error["code"]) == ("model", "model_not_found")
+
+
+def test_status_names_each_actors_model(cluster):
+    rows = cluster.status()
+    assert {actor: row["model"] for actor, row in rows.items() if row["model"]} == {
+        "decode-0": "alpha",
+        "cache-0": "alpha",
+        "prefill-0": "beta",
+        "decode-1": "beta",
+        "cache-1": "beta",
+    }
+    table = cluster.kvmesh("status")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split()[:4] == ["actor", "role", "node", "model"]
