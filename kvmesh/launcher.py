@@ -38,6 +38,7 @@ import structlog
 
 from kvmesh.config import ActorSpec, ClusterConfig, ConfigError
 from kvmesh.config.book import bind_host
+from kvmesh.protocol import UNLOADED_EXIT
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +73,7 @@ class Child:
     restarts: int = 0
     exits: list[int] = field(default_factory=list)
     start_failures: int = 0  # exits in a row soon after starting
+    unloaded_at: float | None = None  # exited as its model was unloaded: kept stopped
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     relay: threading.Thread | None = None  # copies the process's stderr to ours
 
@@ -130,6 +132,10 @@ class Launcher:
             _release_segments(child.process.pid)
             child.process = None
             child.relay.join(timeout=2.0)  # its last lines: read the pipe to its end
+            if code == UNLOADED_EXIT:  # not a failure: started again by load_models
+                child.unloaded_at, child.start_failures = now, 0
+                log.info("actor_unloaded", actor=child.spec.actor_id, model=child.spec.model)
+                continue
             if now - child.started_at > STABLE_AFTER:
                 child.backoff = BACKOFF_START
                 child.start_failures = 0
@@ -146,6 +152,18 @@ class Launcher:
         for child in self.children:
             if child.process is None and child.restart_at is not None and now >= child.restart_at:
                 child.restarts += 1
+                self._spawn(child)
+
+    def load_models(self, asked_at: float | None, unloaded: frozenset[str]) -> None:
+        """Start the actors that exited as their model was unloaded, once the router's
+        answer to a question asked after that (`asked_at`, time.monotonic()) no longer
+        lists their model as unloaded."""
+        for child in self.children:
+            if child.unloaded_at is None or asked_at is None or asked_at <= child.unloaded_at:
+                continue
+            if child.spec.model not in unloaded:
+                log.info("actor_loading", actor=child.spec.actor_id, model=child.spec.model)
+                child.unloaded_at = None
                 self._spawn(child)
 
     def stop(self, grace: float) -> None:

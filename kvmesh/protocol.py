@@ -472,6 +472,48 @@ class StatusQuery(Request, frozen=True, kw_only=True):
 
 class ClusterStatus(Reply, frozen=True, kw_only=True):
     actors: list[ActorStatus]
+    # served name -> "loaded", "loading", "unloading" or "unloaded" (see ModelControl)
+    models: dict[str, str] = {}
+
+
+# --- models at runtime: the router holds which models are loaded; launchers follow ---
+
+ModelAction = typing.Literal["load", "unload"]
+
+
+class ModelControl(Request, frozen=True, kw_only=True):
+    """Load or unload a model (the admin API, `kvmesh models`). Unload: the router stops
+    placing its requests and tells its workers to drain and exit (UnloadModel); their
+    launchers keep them stopped. Load: the launchers start them again. Answered by
+    ModelStates at once; the states then move on as the workers go and come."""
+
+    model: str
+    action: ModelAction
+
+
+class ModelQuery(Request, frozen=True, kw_only=True):
+    """Every served model's state and workers. Answered by ModelStates."""
+
+
+class ModelState(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    state: str  # "loaded", "loading", "unloading" or "unloaded"
+    workers: list[str] = []  # registered now
+    unloaded_workers: list[str] = []  # stopped by an unload, kept stopped by launchers
+
+
+class ModelStates(Reply, frozen=True, kw_only=True):
+    models: list[ModelState]
+
+
+UNLOADED_EXIT = 75  # a worker's exit code after UnloadModel: its launcher waits for a load
+
+
+class UnloadModel(Message, frozen=True, kw_only=True):
+    """Router -> worker: its model is unloaded; finish what is in flight, then exit with
+    UNLOADED_EXIT (its launcher does not restart it until the model is loaded again)."""
+
+    model: str
 
 
 class SwitchRole(Request, frozen=True, kw_only=True):
@@ -613,6 +655,10 @@ AnyMessage = (
     | CacheReport
     | CacheSnapshotQuery
     | CacheSnapshot
+    | ModelControl
+    | ModelQuery
+    | ModelStates
+    | UnloadModel
 )
 MESSAGE_TYPES: tuple[type[Message], ...] = typing.get_args(AnyMessage)
 
@@ -646,6 +692,9 @@ SENDERS: dict[type[Message], frozenset[str]] = {
     CacheReport: frozenset({"cache"}),
     CacheSnapshotQuery: frozenset({"router"}),
     SwitchRole: frozenset({"planner"}),
+    ModelControl: frozenset({"frontend", "operator"}),
+    ModelQuery: frozenset({"frontend", "operator"}),
+    UnloadModel: frozenset({"router"}),
 }
 
 _encoder = msgspec.msgpack.Encoder()

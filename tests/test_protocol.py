@@ -46,6 +46,10 @@ from kvmesh.protocol import (
     LoadReport,
     MalformedMessage,
     Message,
+    ModelControl,
+    ModelQuery,
+    ModelState,
+    ModelStates,
     OnboardCounters,
     Ping,
     Placement,
@@ -66,6 +70,7 @@ from kvmesh.protocol import (
     SwitchRole,
     TierCounters,
     TokenBatch,
+    UnloadModel,
     Welcome,
     WorkerLoad,
     decode,
@@ -253,6 +258,16 @@ EXAMPLES = [  # one of each message type, with every field away from its default
     ),
     CacheSnapshotQuery(call_id=14),
     CacheSnapshot(in_reply_to=14, host=[1, 2], disk=[3]),
+    ModelControl(call_id=15, model="beta", action="unload"),
+    ModelQuery(call_id=16),
+    ModelStates(
+        in_reply_to=16,
+        models=[
+            ModelState(name="alpha", state="loaded", workers=["decode-0"]),
+            ModelState(name="beta", state="unloaded", unloaded_workers=["decode-1"]),
+        ],
+    ),
+    UnloadModel(model="beta"),
 ]
 
 

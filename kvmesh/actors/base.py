@@ -235,6 +235,7 @@ class Actor:
         self._heartbeat_task: asyncio.Task | None = None
         self._accepting = True
         self._stop_requested = asyncio.Event()
+        self.exit_code = 0  # what run() returns once stopped
         self._connecting: dict[str, asyncio.Future] = {}  # peer id -> connect() under way
 
     def _load_keys(self, config: ActorConfig) -> KeyRing | None:
@@ -325,7 +326,7 @@ class Actor:
     def run(self, launcher: int = 0) -> int:
         """The process entry point: serve on a fresh event loop; returns the exit code."""
         asyncio.run(self.serve(launcher))
-        return 0
+        return self.exit_code
 
     def _on_sigterm(self, launcher: int) -> None:
         if launcher and os.getppid() == launcher:

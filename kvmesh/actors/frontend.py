@@ -44,6 +44,9 @@ from kvmesh.protocol import (
     Counters,
     Delta,
     Generate,
+    ModelControl,
+    ModelQuery,
+    ModelStates,
     Placement,
     RequestDone,
     RouteRequest,
@@ -182,7 +185,7 @@ class FrontendActor(Actor):
 
         await self._connect_router()
         config = uvicorn.Config(
-            create_app(self, self.settings.limits, models=self.models),
+            create_app(self, self.settings.limits, models=self.models, admin=self),
             host=self.settings.host,
             port=self.settings.http_port,
             log_level="warning",
@@ -235,8 +238,12 @@ class FrontendActor(Actor):
     # --- Backend ---
 
     def ready(self) -> bool:
-        """Every model has its workers, a decode worker among them."""
-        return all(self.model_ready(name) for name in self.models)
+        """Every model has its workers, a decode worker among them (but the models an
+        operator unloaded)."""
+        if self.status is None:
+            return False
+        unloaded = {m for m, s in self.status.models.items() if s in ("unloaded", "unloading")}
+        return all(self.model_ready(name) for name in self.models if name not in unloaded)
 
     def model_ready(self, name: str) -> bool:
         if self.status is None:
@@ -250,6 +257,29 @@ class FrontendActor(Actor):
         return len(workers) >= self.models[name].served.expected_workers and any(
             a.role == "decode" for a in workers
         )
+
+    # --- the admin API (kvmesh.frontend.app) ---
+
+    async def model_states(self) -> ModelStates:
+        """Every model's state and workers, as the router has them."""
+        return await self._ask_router(ModelQuery())
+
+    async def control_model(self, name: str, action: str) -> ModelStates:
+        """Load or unload a model (see protocol.ModelControl); KeyError for a model this
+        frontend does not serve."""
+        if name not in self.models:
+            raise KeyError(name)
+        return await self._ask_router(ModelControl(model=name, action=action))
+
+    async def _ask_router(self, request):
+        if self.router_id not in self.peers:
+            raise BackendUnavailable("the router is unreachable", retry_after=2.0)
+        try:
+            return await self.request(self.router_id, request, timeout=self.settings.route_timeout)
+        except RemoteError as exc:
+            raise BackendUnavailable(f"the router refused: {exc.error.message}") from exc
+        except (PeerDeadError, TimeoutError) as exc:
+            raise BackendUnavailable(f"the router did not answer: {exc}", retry_after=2.0) from exc
 
     async def generate(
         self,

@@ -42,6 +42,10 @@ from kvmesh.protocol import (
     ClusterStatus,
     Error,
     LoadReport,
+    ModelControl,
+    ModelQuery,
+    ModelState,
+    ModelStates,
     Placement,
     RegisterCache,
     Registered,
@@ -50,6 +54,7 @@ from kvmesh.protocol import (
     RouteRequest,
     RouterLoad,
     StatusQuery,
+    UnloadModel,
     WorkerLoad,
 )
 from kvmesh.router.health import MemberHealth
@@ -112,6 +117,8 @@ class RouterActor(Actor):
         self.policy = Router(settings.policy)
         self.workers: dict[str, WorkerState] = {}
         self.model_of: dict[str, str] = {}  # worker or cache actor -> its model's served name
+        # the models an operator unloaded (ModelControl) -> the workers told to exit
+        self.unloaded: dict[str, set[str]] = {}
         self.loads: dict[str, WorkerLoad] = {}
         self.num_routed = 0
         self.quality = RoutingQuality()
@@ -191,6 +198,9 @@ class RouterActor(Actor):
             model=msg.model,
             num_blocks=msg.num_blocks,
         )
+        if msg.model in self.unloaded:  # started before it heard of the unload: out again
+            self.unloaded[msg.model].add(worker_id)
+            await self.send(worker_id, UnloadModel(model=msg.model))
         return Registered(router_id=self.actor_id)
 
     async def on_register_cache(self, msg: RegisterCache, inbound) -> Registered | Error:
@@ -361,6 +371,12 @@ class RouterActor(Actor):
                 message=f"model {model!r} is not served here; the cluster serves "
                 + ", ".join(map(repr, self.settings.block_sizes)),
             )
+        if model in self.unloaded:
+            return Error(
+                code="no_worker",
+                message=f"model {model!r} is unloaded; load it with POST "
+                f"/v1/admin/models/{model}/load (or `kvmesh models load {model}`)",
+            )
         salt = self.salt_ids.get(model)
         if msg.salt_id and salt and msg.salt_id != salt:
             return Error(
@@ -440,6 +456,55 @@ class RouterActor(Actor):
         while self.placed and self.placed[0][0] < horizon:
             self.policy.on_finished(self.placed.popleft()[1])
 
+    # --- models at runtime ---
+
+    async def on_model_control(self, msg: ModelControl, inbound) -> ModelStates | Error:
+        """Unload: no more placements for the model; its workers drain and exit (their
+        launchers keep them stopped while the model is unloaded). Load: the launchers
+        start them again, and they register as at any start."""
+        if msg.model not in self.settings.block_sizes:
+            return Error(
+                code="unknown_model",
+                message=f"model {msg.model!r} is not served here; the cluster serves "
+                + ", ".join(map(repr, self.settings.block_sizes)),
+            )
+        if msg.action == "load":
+            if self.unloaded.pop(msg.model, None) is not None:
+                self.log.info("model_loading", model=msg.model, by=inbound.peer)
+        elif msg.model not in self.unloaded:
+            workers = self._workers_of(msg.model)
+            self.unloaded[msg.model] = set(workers)
+            self.log.info("model_unloading", model=msg.model, workers=workers, by=inbound.peer)
+            for worker_id in workers:
+                await self.send(worker_id, UnloadModel(model=msg.model))
+        return self._model_states()
+
+    async def on_model_query(self, msg: ModelQuery, inbound) -> ModelStates:
+        return self._model_states()
+
+    def _workers_of(self, model: str) -> list[str]:
+        return sorted(w for w in self.workers if self.model_of.get(w) == model)
+
+    def _model_state(self, model: str) -> str:
+        workers = self._workers_of(model)
+        if model in self.unloaded:
+            return "unloading" if workers else "unloaded"
+        decoding = any(self.workers[w].role == "decode" for w in workers)
+        return "loaded" if decoding else "loading"
+
+    def _model_states(self) -> ModelStates:
+        return ModelStates(
+            models=[
+                ModelState(
+                    name=model,
+                    state=self._model_state(model),
+                    workers=self._workers_of(model),
+                    unloaded_workers=sorted(self.unloaded.get(model, ())),
+                )
+                for model in self.settings.block_sizes
+            ]
+        )
+
     async def on_status_query(self, msg: StatusQuery, inbound) -> ClusterStatus:
         """Every actor known to the router (itself included), with load where reported."""
         actors = [
@@ -483,7 +548,8 @@ class RouterActor(Actor):
                     model=self.model_of.get(peer.actor_id, ""),
                 )
             )
-        return ClusterStatus(actors=actors)
+        models = {model: self._model_state(model) for model in self.settings.block_sizes}
+        return ClusterStatus(actors=actors, models=models)
 
     async def _member_died(self, peer_id: str) -> None:
         """A silent (or departed) actor: out of the registry and the index."""

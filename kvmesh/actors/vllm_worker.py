@@ -30,6 +30,7 @@ from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, R
 from kvmesh.engine.vllm_engine import VllmEngine, VllmSettings
 from kvmesh.engine.vllm_events import BlockSizeMismatch, VllmEventTranslator
 from kvmesh.protocol import (
+    UNLOADED_EXIT,
     Abort,
     Delta,
     Generate,
@@ -37,6 +38,7 @@ from kvmesh.protocol import (
     RegisterWorker,
     StreamErrorCode,
     TokenBatch,
+    UnloadModel,
 )
 
 log = structlog.get_logger(__name__)
@@ -236,6 +238,13 @@ class VllmWorker(Actor):
                 cached_tokens_total=self.cached_tokens_total,
             )
         )
+
+    async def on_unload_model(self, msg: UnloadModel, inbound) -> None:
+        """The router unloaded our model: drain, then exit as unloaded (our launcher
+        keeps this worker stopped until the model is loaded again)."""
+        self.log.info("model_unloaded_exiting", model=msg.model, router=inbound.peer)
+        self.exit_code = UNLOADED_EXIT
+        self.stop()
 
     async def drain(self) -> None:
         """Finish what is in flight."""

@@ -34,6 +34,7 @@ from kvmesh.engine.prefetch import Prefetch
 from kvmesh.kv.block_hash import wire_hashes
 from kvmesh.params import SamplingParams, first_token_params
 from kvmesh.protocol import (
+    UNLOADED_EXIT,
     Abort,
     CacheSnapshot,
     CacheSnapshotQuery,
@@ -47,6 +48,7 @@ from kvmesh.protocol import (
     RemotePrefillDone,
     StreamErrorCode,
     TokenBatch,
+    UnloadModel,
     WorkerLoad,
 )
 from kvmesh.transport.dataplane import (
@@ -167,6 +169,13 @@ class EngineWorker(Actor):
             ),
             timeout=self.settings.connect_timeout,
         )
+
+    async def on_unload_model(self, msg: UnloadModel, inbound) -> None:
+        """The router unloaded our model: drain, then exit as unloaded (our launcher
+        keeps this worker stopped until the model is loaded again)."""
+        self.log.info("model_unloaded_exiting", model=msg.model, router=inbound.peer)
+        self.exit_code = UNLOADED_EXIT
+        self.stop()
 
     async def on_cache_snapshot_query(self, msg: CacheSnapshotQuery, inbound) -> CacheSnapshot:
         """The router (re)learns what this worker's device prefix cache holds: asked

@@ -20,6 +20,7 @@ from kvmesh.cli.cluster import actor, chat, status, up
 from kvmesh.cli.generate import generate
 from kvmesh.cli.keys import keys
 from kvmesh.cli.model import model
+from kvmesh.cli.models import models
 from kvmesh.cli.serve import serve
 
 # Long-running servers show their info lines by default: they are the only account of
@@ -162,6 +163,7 @@ def cli() -> None:
       kvmesh up --ask "Hello"                (the same on the bundled tiny model)
       kvmesh chat                            (in another terminal: talk to it)
       kvmesh status                          (its actors, load and cache hits)
+      kvmesh models list                     (its models; unload, load at runtime)
       kvmesh generate "Once upon a time"     (one process, no cluster)
       kvmesh bench engine                    (Engine vs transformers generate)
 
@@ -172,7 +174,7 @@ def cli() -> None:
     """
 
 
-for _command in (up, status, chat, actor, model, generate, bench, keys, serve):
+for _command in (up, status, chat, actor, model, models, generate, bench, keys, serve):
     cli.add_command(_command)
 add_log_options(cli)
 

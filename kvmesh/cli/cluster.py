@@ -224,6 +224,7 @@ def up(ctx, config_path, overrides, model_path, http_port, node, slurm, timeout,
     try:
         while stop["signal"] is None:
             launcher.supervise_once()
+            launcher.load_models(*monitor.unloaded)
             now = time.monotonic()
             if monitor.broken is not None and not has_frontend and not ready:
                 click.echo(f"{monitor.broken}; not waiting for node {node} to register", err=True)

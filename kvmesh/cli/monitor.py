@@ -48,6 +48,9 @@ class NodeMonitor:
         self.router = next(spec for spec in cfg.actors if spec.role == "router")
         self.own = [spec.actor_id for spec in cfg.actors_on(node)]
         self.registered: frozenset[str] = frozenset()
+        # (time.monotonic() the last answer was asked, the models it says are unloaded
+        # or unloading): one tuple, so the launcher's thread reads both of one answer
+        self.unloaded: tuple[float | None, frozenset[str]] = (None, frozenset())
         self.answered_at: float | None = None  # time.monotonic() of the last answer
         self.first_answer_at: float | None = None
         self.error = "no answer yet"
@@ -151,8 +154,17 @@ class NodeMonitor:
                         await client.connect(
                             "to_router", self.router.endpoint, QUERY_TIMEOUT_S, router
                         )
+                    asked_at = time.monotonic()
                     status = await client.request(router, StatusQuery(), QUERY_TIMEOUT_S)
                     self.registered = frozenset(a.actor_id for a in status.actors if a.alive)
+                    self.unloaded = (
+                        asked_at,
+                        frozenset(
+                            model
+                            for model, state in status.models.items()
+                            if state in ("unloaded", "unloading")
+                        ),
+                    )
                     self.answered_at = time.monotonic()
                     self.first_answer_at = self.first_answer_at or self.answered_at
                 except (TimeoutError, ConnectionError, PeerDeadError, RemoteError) as exc:

@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions, POST /v1/completions   (SSE when "stream": true)
     GET  /v1/models, /health (503 until the backend is ready), /metrics (Prometheus)
+    GET, POST /v1/admin/models[/{name}/load|unload]   (a cluster's; kvmesh.frontend.admin)
 
 Every error is OpenAI-shaped, {"error": {"message", "type", "param", "code"}}:
 400 for a bad request (FastAPI's 422 included), naming the parameter; 404 for an
@@ -20,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from kvmesh import __version__
+from kvmesh.frontend.admin import ModelAdmin, add_admin_routes
 from kvmesh.frontend.backend import Backend, BackendUnavailable, OverloadedError
 from kvmesh.frontend.limits import Gate, HTTPLimits
 from kvmesh.frontend.metrics import CONTENT_TYPE, Metrics
@@ -49,12 +51,14 @@ def create_app(
     backend: Backend,
     limits: HTTPLimits | None = None,
     models: Mapping[str, Backend] | None = None,
+    admin: ModelAdmin | None = None,
 ) -> FastAPI:
     """The app starts the backend when the server starts and closes it on shutdown.
     `limits` (kvmesh.frontend.limits) bound what a request may ask for and cost.
     `models`: the Backend of each served model, by name (None: backend's one model);
     a request goes to the one its `model` names, and `backend` answers /health and
-    /metrics for them all."""
+    /metrics for them all. `admin`: the admin API's models (kvmesh.frontend.admin), if
+    this server has one."""
     limits = limits or HTTPLimits()
     models = dict(models or {backend.model_name: backend})
 
@@ -107,6 +111,8 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    if admin is not None:
+        add_admin_routes(app, admin)
     add_error_handlers(app, metrics)
     app.add_middleware(Gate, limits=limits)
     return app

@@ -6,7 +6,8 @@ The Gate is plain ASGI middleware in front of the whole app, checked in this ord
     API key          no `Authorization: Bearer <key>` from the key  -> 401 (when keys are
                      file, on every path but /health (and /metrics        configured)
                      unless `metrics_auth`)
-    Content-Type     a POST that is not application/json            -> 415
+    Content-Type     a POST with a body that is not application/json -> 415
+                     (a bodiless POST, as the admin API's, needs none)
     body size        Content-Length over `max_body_bytes`           -> 413 at once;
                      a chunked body is counted as it arrives         -> 413 at the cap
     body time        a body not complete within `body_timeout` s    -> 408
@@ -131,7 +132,8 @@ class Gate:
                 )
         if scope["method"] == "POST":
             media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-            if media != "application/json":
+            empty = headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers
+            if media != "application/json" and not (empty and not media):
                 return (
                     415,
                     f"Content-Type must be application/json, got {media or 'none'}",

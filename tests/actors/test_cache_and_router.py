@@ -16,7 +16,7 @@ import zmq
 
 from kvmesh.actors.base import Actor, ActorConfig, RemoteError
 from kvmesh.actors.cache import CacheActor, CacheClient, CacheSettings
-from kvmesh.actors.client import query_status
+from kvmesh.actors.client import ask_router
 from kvmesh.actors.peers import Inbound, Route
 from kvmesh.actors.router import RouterActor, RouterActorSettings
 from kvmesh.cache.host_tier import pool_bytes
@@ -258,7 +258,7 @@ def test_router_credits_the_node_tiers_to_every_worker_of_the_node(tmp_path):
                 )
                 await late.register(router)  # joins after: the node's blocks are replayed
                 late_held = router.index.num_blocks("decode-2", "host")
-                status = await query_status(router.endpoints["from_peers"])  # an operator
+                status = await ask_router(StatusQuery(), router.endpoints["from_peers"])  # operator
             # the cache actor is gone: its blocks leave every worker's entry
             cleared = await until(
                 lambda: (

@@ -5,6 +5,9 @@ weights (seed 1) on a prefill and a decode worker; each has its node's cache act
 
 from __future__ import annotations
 
+import json
+import time
+
 import httpx
 import pytest
 
@@ -149,3 +152,115 @@ def test_status_names_each_actors_model(cluster):
     table = cluster.kvmesh("status")
     assert table.returncode == 0, table.stderr
     assert table.stdout.splitlines()[0].split()[:4] == ["actor", "role", "node", "model"]
+
+
+def admin(cluster, method: str, path: str = "") -> httpx.Response:
+    return httpx.request(method, f"{cluster.url}/v1/admin/models{path}", timeout=30)
+
+
+def state_of(cluster, model: str) -> dict:
+    return next(m for m in admin(cluster, "GET").json()["data"] if m["id"] == model)
+
+
+def test_unload_drains_and_load_restores_while_the_other_model_serves(cluster, client, engines):
+    """beta is unloaded with a stream in flight (it ends whole) while alpha takes
+    requests throughout (none fails); beta then refuses with 503 until it is loaded
+    again (by the CLI), and serves as before."""
+    import threading
+
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    alpha_prompts = [random_prompt(30 + 7 * k, seed=700 + k) for k in range(6)]
+    alpha_expected = [o.text for o in engines["alpha"].generate(alpha_prompts, greedy)]
+    long_prompt = random_prompt(60, seed=801)
+    long_params = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+    long_expected = engines["beta"].generate([long_prompt], long_params)[0].text
+
+    alpha_answers: list[str] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def alpha_traffic():
+        k = 0
+        try:
+            while not stop.is_set():
+                alpha_answers.append(
+                    complete(client, "alpha", alpha_prompts[k % 6], 10).choices[0].text
+                )
+                k += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    traffic = threading.Thread(target=alpha_traffic)
+    traffic.start()
+    try:
+        stream = client.completions.create(
+            model="beta",
+            prompt=long_prompt,
+            max_tokens=150,
+            temperature=0.0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        chunks = iter(stream)
+        text = next(chunks).choices[0].text
+        unloaded = admin(cluster, "POST", "/beta/unload")
+        assert unloaded.status_code == 200, unloaded.text
+        assert state_of(cluster, "beta")["state"] in ("unloading", "unloaded")
+        text += "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == long_expected  # drained, not cut
+
+        wait = [state_of(cluster, "beta")]
+        while wait[-1]["state"] != "unloaded" and len(wait) < 120:
+            time.sleep(0.5)
+            wait.append(state_of(cluster, "beta"))
+        assert wait[-1] == {
+            "id": "beta",
+            "object": "model",
+            "state": "unloaded",
+            "workers": [],
+            "unloaded_workers": ["decode-1", "prefill-0"],
+        }
+        refused = httpx.post(
+            f"{cluster.url}/v1/completions",
+            json={"model": "beta", "prompt": "hi", "max_tokens": 2},
+            timeout=30,
+        )
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "2"
+        assert "model 'beta' is unloaded" in refused.json()["error"]["message"]
+        assert httpx.get(f"{cluster.url}/health").status_code == 200  # alpha serves
+
+        listed = cluster.kvmesh("models", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [(m["id"], m["state"]) for m in json.loads(listed.stdout)] == [
+            ("alpha", "loaded"),
+            ("beta", "unloaded"),
+        ]
+        loaded = cluster.kvmesh("models", "load", "beta")
+        assert loaded.returncode == 0, loaded.stderr
+        wait = [state_of(cluster, "beta")]
+        while wait[-1]["state"] != "loaded" and len(wait) < 240:
+            time.sleep(0.5)
+            wait.append(state_of(cluster, "beta"))
+        assert wait[-1]["state"] == "loaded", wait[-1]
+        assert wait[-1]["workers"] == ["decode-1", "prefill-0"]
+        prompt = random_prompt(80, seed=802)
+        assert complete(client, "beta", prompt).choices[0].text == (
+            engines["beta"]
+            .generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+            .text
+        )
+    finally:
+        stop.set()
+        traffic.join(timeout=120)
+    assert errors == []
+    assert len(alpha_answers) >= 6
+    assert alpha_answers == [alpha_expected[k % 6] for k in range(len(alpha_answers))]
+
+
+def test_admin_names_an_unknown_model(cluster):
+    response = admin(cluster, "POST", "/gamma/unload")
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == (
+        "model 'gamma' does not exist; this server serves 'alpha', 'beta'"
+    )

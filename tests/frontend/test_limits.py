@@ -134,6 +134,12 @@ def test_a_post_that_is_not_json_is_415(http, content_type):
     assert error_of(response)["code"] == "unsupported_media_type"
 
 
+def test_a_bodiless_post_needs_no_content_type_and_is_named_missing(http):
+    response = http.post("/v1/completions")
+    assert response.status_code == 400
+    assert error_of(response)["message"] == "the request body is missing: send a JSON object"
+
+
 def test_json_with_a_charset_is_json(http):
     response = http.post(
         "/v1/completions",
