@@ -329,6 +329,7 @@ class RegisterWorker(Request, frozen=True, kw_only=True):
     max_num_seqs: int
     events_endpoint: str  # where the worker PUBlishes KV events and LoadReports
     salt_id: str = ""  # block_hash.salt_id of its block-hash salt ("" = not told)
+    pool: str = ""  # the [[pools]] entry it is in ("" = none)
     role: str = ""  # the role it serves now ("" = its Hello's); a planner may switch it
     # the same process again, after a role switch: its KV (and the router's index of it)
     # is kept
@@ -415,6 +416,8 @@ class RouterLoad(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     best_cached_tokens_total: int = 0  # held by the best alive decode worker: achievable
     remote_prefills_total: int = 0  # placements with a prefill worker (not local prefill)
     worker_deaths_total: int = 0  # workers gone silent (not a Goodbye): crashed or killed
+    pool_routed_total: dict[str, int] = {}  # [[pools]] name -> requests placed there
+    pool_fallbacks_total: int = 0  # placed beyond their pool: it had no decode worker alive
 
 
 class LoadReport(Message, frozen=True, kw_only=True):

@@ -121,3 +121,111 @@ def test_model_mistakes_name_the_key(tmp_path, change, message):
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == f"{path}: {message}"
+
+
+POOLS = """
+[[pools]]
+name = "short"
+
+[[pools]]
+name = "long"
+min_prompt_tokens = 512
+
+[[nodes]]
+name = "a"
+address = "127.0.0.1"
+[[nodes.actors]]
+role = "frontend"
+[[nodes.actors]]
+role = "router"
+[[nodes.actors]]
+role = "decode"
+pool = "short"
+[[nodes.actors]]
+role = "prefill"
+pool = "long"
+[[nodes.actors]]
+role = "decode"
+pool = "long"
+"""
+
+
+def test_pool_members_are_in_the_book_and_the_routers_rule(tmp_path):
+    from kvmesh.actors.roles import build_actor
+
+    cfg = load_config(write(tmp_path, POOLS))
+    assert [(s.actor_id, s.pool) for s in cfg.actors] == [
+        ("frontend-0", ""),
+        ("router-0", ""),
+        ("decode-0", "short"),
+        ("prefill-0", "long"),
+        ("decode-1", "long"),
+    ]
+    router = build_actor(cfg, "router-0")
+    assert router.settings.pools == {"tiny-llama": ((512, "long"), (0, "short"))}
+    assert [router._pool_for("tiny-llama", n) for n in (0, 511, 512, 9000)] == [
+        "short",
+        "short",
+        "long",
+        "long",
+    ]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            ('name = "long"', 'name = "short"'),
+            'pools.1.name: duplicate pool name "short" (also pools.0.name)',
+        ),
+        (
+            ('role = "decode"\npool = "short"', 'role = "decode"\npool = "shrt"'),
+            'nodes.0.actors.2.pool: no [[pools]] entry is named "shrt"; pools: "short", "long"',
+        ),
+        (
+            ('role = "router"', 'role = "router"\npool = "long"'),
+            'nodes.0.actors.1.pool: a router is in no pool; expected "", got "long"',
+        ),
+        (
+            ('role = "decode"\npool = "short"', 'role = "decode"'),
+            'nodes.0.actors.2.pool: model "tiny-llama" has pools, so each of its prefill and '
+            'decode workers needs one; expected one of "short", "long"',
+        ),
+        (
+            ("min_prompt_tokens = 512", "min_prompt_tokens = 0"),
+            'pools.0.min_prompt_tokens: two pools of model "tiny-llama" start at 0 tokens; '
+            "expected different minimums",
+        ),
+        (
+            ('name = "short"\n', 'name = "short"\nmin_prompt_tokens = 8\n'),
+            'pools.0.min_prompt_tokens: no pool of model "tiny-llama" takes prompts from 0 '
+            "tokens; expected one pool with min_prompt_tokens = 0",
+        ),
+        (
+            ('role = "decode"\npool = "long"', 'role = "prefill"\npool = "long"'),
+            'pools.1: pool "long" has no decode actor; expected a [[nodes.actors]] entry with '
+            'role = "decode", count >= 1 and pool = "long"',
+        ),
+        (
+            ('name = "long"\n', 'name = "long"\nmodel = "other"\n'),
+            'pools.1.model: no model is served as "other"; served: "tiny-llama"',
+        ),
+    ],
+    ids=[
+        "duplicate",
+        "unknown",
+        "router",
+        "unpooled",
+        "same-start",
+        "no-zero",
+        "no-decode",
+        "model",
+    ],
+)
+def test_pool_mistakes_name_the_key(tmp_path, change, message):
+    old, new = change
+    assert old in POOLS
+    path = write(tmp_path, POOLS.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {message}"

@@ -69,12 +69,18 @@ def init_router(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
 
     fields = {name: getattr(cfg.router, name) for name in RouterSettings.__struct_fields__}
     first, *others = cfg.served_models
+    pools: dict[str, list[tuple[int, str]]] = {}
+    for pool in cfg.pools:
+        pools.setdefault(pool.model or first.served_name, []).append(
+            (pool.min_prompt_tokens, pool.name)
+        )
     settings = RouterActorSettings(
         endpoint=spec.bind,
         model_name=first.served_name,
         block_size=first.block_size,
         policy=RouterSettings(**fields),
         other_models={m.served_name: m.block_size for m in others},
+        pools={model: tuple(sorted(own, reverse=True)) for model, own in pools.items()},
     )
     return RouterActor(actor_config(cfg, spec), settings)
 
@@ -173,6 +179,7 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         # the node's CPU engines split its cores, one core left for the other actors
         threads=engine_threads(len(cpu_engines)) if spec.device == "cpu" else None,
         engine=served.engine,
+        pool=spec.pool,
     )
     config = actor_config(cfg, spec, worker_frame_size(served))
     if served.engine == "vllm":

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import compress
@@ -73,6 +73,8 @@ class RouterActorSettings:
     block_size: int
     policy: RouterSettings = RouterSettings()
     other_models: Mapping[str, int] = field(default_factory=dict)  # name -> block size
+    # model -> its [[pools]] as (min_prompt_tokens, name), largest minimum first
+    pools: Mapping[str, tuple[tuple[int, str], ...]] = field(default_factory=dict)
 
     @property
     def block_sizes(self) -> dict[str, int]:
@@ -117,6 +119,9 @@ class RouterActor(Actor):
         self.policy = Router(settings.policy)
         self.workers: dict[str, WorkerState] = {}
         self.model_of: dict[str, str] = {}  # worker or cache actor -> its model's served name
+        self.pool_of: dict[str, str] = {}  # worker -> its [[pools]] entry ("" = none)
+        self.pool_routed: Counter[str] = Counter()  # pool -> requests placed there
+        self.pool_fallbacks = 0  # requests placed beyond their pool (no decode alive there)
         # the models an operator unloaded (ModelControl) -> the workers told to exit
         self.unloaded: dict[str, set[str]] = {}
         self.loads: dict[str, WorkerLoad] = {}
@@ -136,7 +141,7 @@ class RouterActor(Actor):
         # per model, its live workers as of (registry version, number of peers):
         # placements reuse the list instead of filtering every worker for every request
         self._registry_version = 0
-        self._candidates: dict[str, tuple[tuple[int, int], list[WorkerState]]] = {}
+        self._candidates: dict[tuple[str, str], tuple[tuple[int, int], list[WorkerState]]] = {}
         self.watch(any_peer, self._member_died)
 
     async def setup(self) -> None:
@@ -186,6 +191,7 @@ class RouterActor(Actor):
             worker_id, role, capacity_tokens=msg.num_blocks * msg.block_size
         )
         self.model_of[worker_id] = msg.model
+        self.pool_of[worker_id] = msg.pool
         self._subscribe(worker_id, msg.events_endpoint)
         cache = self.cache_of.get((peer.node, msg.model))
         for tier, blocks in self.cache_blocks.get(cache, {}).items():
@@ -385,15 +391,21 @@ class RouterActor(Actor):
                     who=f"{inbound.peer}'s", salt=msg.salt_id, cluster=salt
                 ),
             )
+        pool = self._pool_for(model, msg.num_prompt_tokens)
         try:
-            placed = self._place(msg, model, self._live_workers(model, msg.exclude))
-            if placed.decode not in self.peers or (
-                placed.prefill is not None and placed.prefill not in self.peers
-            ):  # one died and another joined since the list was made: make it anew
-                self._candidates.pop(model, None)
-                placed = self._place(msg, model, self._live_workers(model, msg.exclude))
+            try:
+                placed = self._place_in(msg, model, pool)
+            except NoWorkerError:
+                if not pool:
+                    raise
+                self.pool_fallbacks += 1  # the whole model's workers rather than none
+                self.log.warning("pool_without_decode_worker", pool=pool, model=model)
+                pool = ""
+                placed = self._place_in(msg, model, pool)
         except NoWorkerError as exc:
             return Error(code="no_worker", message=f"model {model!r}: {exc}")
+        if pool:
+            self.pool_routed[pool] += 1
         self.num_routed += 1
         self.quality.count(placed)
         self._expire_predictions()
@@ -418,6 +430,23 @@ class RouterActor(Actor):
             expected_cached_tokens=placed.expected_cached_tokens,
         )
 
+    def _pool_for(self, model: str, num_prompt_tokens: int) -> str:
+        """The pool of `model` a prompt this long goes to: the one with the largest
+        minimum it reaches ("" when the model has no pools)."""
+        for minimum, pool in self.settings.pools.get(model, ()):
+            if num_prompt_tokens >= minimum:
+                return pool
+        return ""
+
+    def _place_in(self, msg: RouteRequest, model: str, pool: str):
+        placed = self._place(msg, model, self._live_workers(model, pool, msg.exclude))
+        if placed.decode not in self.peers or (
+            placed.prefill is not None and placed.prefill not in self.peers
+        ):  # one died and another joined since the list was made: make it anew
+            self._candidates.pop((model, pool), None)
+            placed = self._place(msg, model, self._live_workers(model, pool, msg.exclude))
+        return placed
+
     def _place(self, msg: RouteRequest, model: str, workers: list[WorkerState]):
         return self.policy.choose(
             msg.block_hashes,
@@ -428,21 +457,23 @@ class RouterActor(Actor):
             scores=False,  # a score per worker costs every worker, every request
         )
 
-    def _live_workers(self, model: str, exclude) -> list[WorkerState]:
-        """The registered workers of `model` still in `peers` (one out of it is dead, its
-        watches not yet run), less `exclude`: filtered in C, and kept while neither the
-        registry nor the number of peers changes."""
+    def _live_workers(self, model: str, pool: str, exclude) -> list[WorkerState]:
+        """The registered workers of `model` (in `pool`, unless "") still in `peers` (one
+        out of it is dead, its watches not yet run), less `exclude`: filtered in C, and
+        kept while neither the registry nor the number of peers changes."""
         key = (self._registry_version, len(self.peers))
-        kept = self._candidates.get(model)
+        kept = self._candidates.get((model, pool))
         if kept is not None and kept[0] == key and not exclude:
             return kept[1]
         live = set(self.peers).difference(exclude)
         if len(self.settings.block_sizes) > 1:
             live = {w for w in live if self.model_of.get(w) == model}
+        if pool:
+            live = {w for w in live if self.pool_of.get(w) == pool}
         workers = list(self.workers.values())
         workers = list(compress(workers, map(live.__contains__, map(WORKER_ID, workers))))
         if not exclude:
-            self._candidates[model] = (key, workers)
+            self._candidates[model, pool] = (key, workers)
         return workers
 
     async def on_request_done(self, msg: RequestDone, inbound) -> None:
@@ -524,6 +555,8 @@ class RouterActor(Actor):
                     best_cached_tokens_total=self.quality.best_cached_tokens,
                     remote_prefills_total=self.quality.remote_prefills,
                     worker_deaths_total=self.num_worker_deaths,
+                    pool_routed_total=dict(self.pool_routed),
+                    pool_fallbacks_total=self.pool_fallbacks,
                 ),
             )
         ]
@@ -565,6 +598,7 @@ class RouterActor(Actor):
             self._close_socket(f"events_{peer_id}")
             del self.workers[peer_id]
             self.model_of.pop(peer_id, None)
+            self.pool_of.pop(peer_id, None)
             self._registry_version += 1
             self.loads.pop(peer_id, None)
         if peer_id in self.cache_blocks:

@@ -52,6 +52,7 @@ class VllmWorkerSettings:
 
     engine: VllmSettings
     model_name: str
+    pool: str = ""  # its [[pools]] entry, if any
     endpoint: str  # our ROUTER, for frontends
     events_endpoint: str  # our PUB, for the router
     router_endpoint: str
@@ -114,6 +115,7 @@ class VllmWorker(Actor):
                 max_num_seqs=s.engine.max_num_seqs,
                 events_endpoint=self.endpoints["events_out"],
                 salt_id=salt_id(s.salt),
+                pool=s.pool,
                 role=self.role,
             ),
             timeout=s.connect_timeout,
@@ -291,6 +293,7 @@ def init_vllm_worker(cfg, config: ActorConfig, worker) -> VllmWorker:
     settings = VllmWorkerSettings(
         engine=engine,
         model_name=worker.model_name,
+        pool=worker.pool,
         endpoint=worker.endpoint,
         events_endpoint=worker.events_endpoint,
         router_endpoint=worker.router_endpoint,

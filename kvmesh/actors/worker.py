@@ -93,6 +93,7 @@ class WorkerSettings:
     connect_timeout: float = 60.0
     threads: int | None = None  # torch threads of the engine thread; None: torch's choice
     engine: str = "kvmesh"  # model.engine: "mock" runs kvmesh.engine.mock's MockEngine
+    pool: str = ""  # its [[pools]] entry, if any
     mock_timing: MockTiming | None = None  # the mock's step times; None: its defaults
 
 
@@ -164,6 +165,7 @@ class EngineWorker(Actor):
                 max_num_seqs=engine.scheduler.max_num_seqs,
                 events_endpoint=self.endpoints["events_out"],
                 salt_id=engine.salt_id,
+                pool=self.settings.pool,
                 role=self.role,
                 role_switch=role_switch,
             ),

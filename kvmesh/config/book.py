@@ -67,6 +67,7 @@ def expand(cfg: ClusterConfig) -> list[tuple[str, ActorSpec]]:
                             model=(group.model or default_model)
                             if group.role in MODEL_ROLES
                             else "",
+                            pool=group.pool,
                         ),
                     )
                 )
@@ -156,6 +157,7 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
             "kv.disk_path",
             f'expected a directory when kv.disk_gb > 0 (it is {cfg.kv.disk_gb}), got ""',
         )
+    check_pools(cfg, served, book, fail)
     for m, model in enumerate(cfg.served_models):
         name = model.served_name
         own = [(key, spec) for key, spec in book if spec.model == name]
@@ -212,6 +214,90 @@ def check_models(cfg: ClusterConfig, fail) -> list[str]:
                     + ", ".join(shown(name) for name in served),
                 )
     return served
+
+
+def check_pools(cfg: ClusterConfig, served: list[str], book, fail) -> None:
+    """[[pools]]: unique names, a served model each; workers join pools of their own
+    model; a model with pools has all its workers in them, one pool from 0 tokens, no two
+    from the same length, and a decode worker in each."""
+    pools: dict[str, int] = {}
+    for p, pool in enumerate(cfg.pools):
+        key = f"pools.{p}"
+        if not NAME.fullmatch(pool.name):
+            fail(
+                f"{key}.name",
+                f"expected a name of letters, digits, '.', '_' and '-', got {shown(pool.name)}",
+            )
+        if pool.name in pools:
+            fail(
+                f"{key}.name",
+                f"duplicate pool name {shown(pool.name)} (also pools.{pools[pool.name]}.name)",
+            )
+        pools[pool.name] = p
+        if pool.model and pool.model not in served:
+            fail(
+                f"{key}.model",
+                f"no model is served as {shown(pool.model)}; served: "
+                + ", ".join(shown(name) for name in served),
+            )
+    model_of = {pool.name: pool.model or served[0] for pool in cfg.pools}
+    for n, node in enumerate(cfg.nodes):
+        for a, group in enumerate(node.actors):
+            if not group.pool:
+                continue
+            key = f"nodes.{n}.actors.{a}.pool"
+            if group.role not in ENGINE_ROLES:
+                fail(key, f'a {group.role} is in no pool; expected "", got {shown(group.pool)}')
+            if group.pool not in pools:
+                fail(
+                    key,
+                    f"no [[pools]] entry is named {shown(group.pool)}; pools: "
+                    + (", ".join(shown(name) for name in pools) or "none"),
+                )
+            if model_of[group.pool] != (group.model or served[0]):
+                fail(
+                    key,
+                    f"pool {shown(group.pool)} holds workers of model "
+                    f"{shown(model_of[group.pool])}, these serve {shown(group.model or served[0])}",
+                )
+    for model in served:
+        own = [pool for pool in cfg.pools if model_of[pool.name] == model]
+        if not own:
+            continue
+        where = f"pools.{pools[own[0].name]}"
+        unpooled = next(
+            (k for k, s in book if s.model == model and s.role in ENGINE_ROLES and not s.pool),
+            None,
+        )
+        if unpooled is not None:
+            fail(
+                f"{unpooled}.pool",
+                f"model {shown(model)} has pools, so each of its prefill and decode "
+                f"workers needs one; expected one of "
+                + ", ".join(shown(pool.name) for pool in own),
+            )
+        starts = sorted(pool.min_prompt_tokens for pool in own)
+        if starts[0] != 0:
+            fail(
+                f"{where}.min_prompt_tokens",
+                f"no pool of model {shown(model)} takes prompts from 0 tokens; expected one "
+                "pool with min_prompt_tokens = 0",
+            )
+        if len(set(starts)) != len(starts):
+            twice = next(s for s in starts if starts.count(s) > 1)
+            fail(
+                f"{where}.min_prompt_tokens",
+                f"two pools of model {shown(model)} start at {twice} tokens; expected "
+                "different minimums",
+            )
+        for pool in own:
+            if not any(s.pool == pool.name and s.role == "decode" for _, s in book):
+                fail(
+                    f"pools.{pools[pool.name]}",
+                    f"pool {shown(pool.name)} has no decode actor; expected a "
+                    f'[[nodes.actors]] entry with role = "decode", count >= 1 and pool = '
+                    f"{shown(pool.name)}",
+                )
 
 
 def check_engine_vllm(cfg: ClusterConfig, model, where: str, own, roles: Counter, fail) -> None:

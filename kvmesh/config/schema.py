@@ -473,6 +473,33 @@ class ActorGroup(Table):
             'actors serve; "" = the first model (the [model] table without [[models]]).'
         ),
     ] = ""
+    pool: Annotated[
+        str,
+        doc(
+            'prefill and decode: the [[pools]] entry these workers belong to; "" = none '
+            "(a model with pools needs one on each of its prefill and decode entries)."
+        ),
+    ] = ""
+
+
+class PoolConfig(Table):
+    """One [[pools]] entry: some of a model's workers, taking its requests from a prompt
+    length up (the hybrid stack: short requests to an aggregated pool, long ones to a
+    disaggregated one)."""
+
+    name: Annotated[str, doc("Pool name, unique in the cluster; [[nodes.actors]] entries join it.")]
+    model: Annotated[
+        str, doc('Served name of the model whose workers it holds; "" = the first.')
+    ] = ""
+    min_prompt_tokens: Annotated[
+        int,
+        doc(
+            "Requests of the model with at least this many prompt tokens go to this pool, "
+            "unless another of its pools has a larger minimum they reach; one pool of each "
+            "model starts at 0.",
+            ge=0,
+        ),
+    ] = 0
 
 
 class NodeConfig(Table):
@@ -512,6 +539,7 @@ class ActorSpec(Struct, frozen=True):
     bind: str  # what the actor binds for endpoint
     events_bind: str  # and for events_endpoint
     model: str = ""  # prefill, decode, cache: the served name of its model; others ""
+    pool: str = ""  # prefill, decode: its [[pools]] entry's name, if any
 
 
 class ClusterConfig(Table, dict=True):
@@ -532,6 +560,16 @@ class ClusterConfig(Table, dict=True):
             '"NAME", default the first). Requests go to the workers of the model they name; '
             "its KV (block hashes salted by its weights) never serves another, and it has its "
             "own cache actor per node. Empty = the one [model]."
+        ),
+    ] = ()
+    pools: Annotated[
+        tuple[PoolConfig, ...],
+        doc(
+            "Pools of a model's workers, chosen by prompt length: the router sends a "
+            "request to the pool of its model with the largest min_prompt_tokens it reaches "
+            "(to another pool of the model only when that one has no decode worker alive). "
+            'Workers join with pool = "NAME". Empty = every worker of a model takes all its '
+            "requests."
         ),
     ] = ()
     kv: Annotated[

@@ -171,6 +171,15 @@ ROUTER_METRICS = {
     "worker_deaths_total": counter(
         "worker_deaths", "Workers declared dead: silent past the liveness limit, not a Goodbye."
     ),
+    "pool_routed_total": counter(
+        "pool_routed",
+        "Requests placed in each [[pools]] entry (by prompt length: the hybrid stack's "
+        "decision), labelled with the pool.",
+    ),
+    "pool_fallbacks_total": counter(
+        "pool_fallbacks",
+        "Requests placed beyond the pool their length chose, which had no decode worker alive.",
+    ),
 }
 # field of a worker's OnboardCounters (WorkerLoad.tiers[tier]) ->
 # kvmesh_worker_<name>_total{worker, role, tier}. What the tiers themselves count (offloaded,
@@ -267,6 +276,12 @@ def router_metrics(load: RouterLoad):
     """Each field of the router's load as the metric ROUTER_METRICS names for it."""
     for name, value in msgspec.structs.asdict(load).items():
         metric = described(name, ROUTER_METRICS, "router")
+        if isinstance(value, dict):  # per pool
+            family = metric.kind(f"kvmesh_router_{metric.name}", metric.help, labels=["pool"])
+            for pool, count in sorted(value.items()):
+                family.add_metric([pool], count)
+            yield family
+            continue
         yield metric.kind(f"kvmesh_router_{metric.name}", metric.help, value=value)
 
 
