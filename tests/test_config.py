@@ -222,7 +222,7 @@ def test_overrides_apply_over_the_file_in_order(tmp_path):
         (
             "nodes.0.actors.1.rol=decode",
             "override nodes.0.actors.1.rol: unknown key (did you mean nodes.0.actors.1.role?); "
-            "allowed: role, count, device, max_num_seqs, max_num_batched_tokens, model",
+            "allowed: role, count, device, max_num_seqs, max_num_batched_tokens, model, pool",
         ),
         (
             "router.policy=fastest",
@@ -276,7 +276,7 @@ BROKEN = [  # (file text, message after "<path>: ")
     ),
     (
         "[routr]\n",
-        " routr: unknown key (did you mean router?); allowed: cluster, model, models, kv, router, "
+        " routr: unknown key (did you mean router?); allowed: cluster, model, models, pools, kv, router, "
         "frontend, planner, security, logging, nodes",
     ),
     ('[model]\nblock_size = "16"\n', ' model.block_size: expected an integer >= 1, got "16"'),

@@ -163,7 +163,7 @@ def test_pool_members_are_in_the_book_and_the_routers_rule(tmp_path):
     ]
     router = build_actor(cfg, "router-0")
     assert router.settings.pools == {"tiny-llama": ((512, "long"), (0, "short"))}
-    assert [router._pool_for("tiny-llama", n) for n in (0, 511, 512, 9000)] == [
+    assert [router.models.pool_for("tiny-llama", n) for n in (0, 511, 512, 9000)] == [
         "short",
         "short",
         "long",

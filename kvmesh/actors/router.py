@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import compress
@@ -44,7 +44,6 @@ from kvmesh.protocol import (
     LoadReport,
     ModelControl,
     ModelQuery,
-    ModelState,
     ModelStates,
     Placement,
     RegisterCache,
@@ -59,6 +58,7 @@ from kvmesh.protocol import (
 )
 from kvmesh.router.health import MemberHealth
 from kvmesh.router.kv_index import KVIndex
+from kvmesh.router.models import ServedModels
 from kvmesh.router.policy import NoWorkerError, Router, RouterSettings, WorkerState
 
 WORKER_ROLES = ("prefill", "decode")
@@ -100,13 +100,6 @@ class RoutingQuality:
         self.remote_prefills += placed.prefill is not None
 
 
-SALT_MISMATCH = (
-    "{who} block hashes are salted {salt}, the workers' {cluster}: their model files, "
-    "dtype, block size or hash key (security.key_dir's cluster.hash_key, or the per-user "
-    "one without keys) differ, so no prefix would ever be found"
-)
-
-
 class RouterActor(Actor):
     """Registry + KV index + policy behind one ROUTER socket."""
 
@@ -118,12 +111,7 @@ class RouterActor(Actor):
         self.index = KVIndex()
         self.policy = Router(settings.policy)
         self.workers: dict[str, WorkerState] = {}
-        self.model_of: dict[str, str] = {}  # worker or cache actor -> its model's served name
-        self.pool_of: dict[str, str] = {}  # worker -> its [[pools]] entry ("" = none)
-        self.pool_routed: Counter[str] = Counter()  # pool -> requests placed there
-        self.pool_fallbacks = 0  # requests placed beyond their pool (no decode alive there)
-        # the models an operator unloaded (ModelControl) -> the workers told to exit
-        self.unloaded: dict[str, set[str]] = {}
+        self.models = ServedModels(settings.block_sizes, settings.pools)
         self.loads: dict[str, WorkerLoad] = {}
         self.num_routed = 0
         self.quality = RoutingQuality()
@@ -136,9 +124,7 @@ class RouterActor(Actor):
         self.cache_reports: dict[str, CacheReport] = {}
         # (when, request key), oldest first: predictions a lost RequestDone would leave
         self.placed: deque[tuple[float, str]] = deque()
-        # per model, its workers' block-hash salt, as the first one registered
-        self.salt_ids: dict[str, str] = {}
-        # per model, its live workers as of (registry version, number of peers):
+        # per (model, pool), its live workers as of (registry version, number of peers):
         # placements reuse the list instead of filtering every worker for every request
         self._registry_version = 0
         self._candidates: dict[tuple[str, str], tuple[tuple[int, int], list[WorkerState]]] = {}
@@ -157,20 +143,8 @@ class RouterActor(Actor):
             problem = f"role {msg.role!r}: expected one of {', '.join(WORKER_ROLES)}"
         elif msg.role_switch and inbound.peer not in self.workers:
             problem = "role_switch from a worker that is not registered: register it first"
-        elif msg.model not in self.settings.block_sizes:
-            problem = f"model {msg.model!r} is not served here; the cluster serves " + ", ".join(
-                map(repr, self.settings.block_sizes)
-            )
-        elif msg.block_size != self.settings.block_sizes[msg.model]:
-            problem = (
-                f"block_size {msg.block_size} differs from the cluster's "
-                f"{self.settings.block_sizes[msg.model]} for {msg.model!r}: its KV hashes "
-                "would never match"
-            )
-        elif msg.salt_id and msg.salt_id != self.salt_ids.get(msg.model, msg.salt_id):
-            problem = SALT_MISMATCH.format(
-                who="its", salt=msg.salt_id, cluster=self.salt_ids[msg.model]
-            )
+        else:
+            problem = self.models.registration_problem(msg)
         if problem is not None:
             self.log.warning("registration_refused", worker=inbound.peer, reason=problem)
             return Error(code="refused", message=f"registration refused: {problem}")
@@ -182,16 +156,13 @@ class RouterActor(Actor):
             self._registry_version += 1
             self.log.info("worker_role_switched", worker=worker_id, old=old, role=role)
             return Registered(router_id=self.actor_id)
-        if msg.salt_id:
-            self.salt_ids.setdefault(msg.model, msg.salt_id)
         if worker_id in self.workers:  # a restarted worker: forget what the old one held
             self._forget(worker_id)
         self._registry_version += 1
         self.workers[worker_id] = WorkerState(
             worker_id, role, capacity_tokens=msg.num_blocks * msg.block_size
         )
-        self.model_of[worker_id] = msg.model
-        self.pool_of[worker_id] = msg.pool
+        self.models.add_worker(worker_id, msg)
         self._subscribe(worker_id, msg.events_endpoint)
         cache = self.cache_of.get((peer.node, msg.model))
         for tier, blocks in self.cache_blocks.get(cache, {}).items():
@@ -204,8 +175,8 @@ class RouterActor(Actor):
             model=msg.model,
             num_blocks=msg.num_blocks,
         )
-        if msg.model in self.unloaded:  # started before it heard of the unload: out again
-            self.unloaded[msg.model].add(worker_id)
+        if msg.model in self.models.unloaded:  # started before it heard of the unload
+            self.models.unloaded[msg.model].add(worker_id)
             await self.send(worker_id, UnloadModel(model=msg.model))
         return Registered(router_id=self.actor_id)
 
@@ -218,20 +189,17 @@ class RouterActor(Actor):
                 message="registration refused: RegisterCache is "
                 f"for cache actors, not {peer and peer.role!r}",
             )
-        model = msg.model or self.settings.model_name
-        if model not in self.settings.block_sizes:
-            return Error(
-                code="refused",
-                message=f"registration refused: model {model!r} is not served here; the "
-                "cluster serves " + ", ".join(map(repr, self.settings.block_sizes)),
-            )
+        model = msg.model or self.models.default
+        problem = self.models.unknown(model)
+        if problem is not None:
+            return Error(code="refused", message=f"registration refused: {problem}")
         cache_id = inbound.peer
         old = self.cache_of.get((peer.node, model))
         if old is not None:  # a restarted (or replaced) cache: what it held is gone
             self._forget_cache(old)
         self.cache_of[peer.node, model] = cache_id
         self.node_of_cache[cache_id] = peer.node
-        self.model_of[cache_id] = model
+        self.models.model_of[cache_id] = model
         self.cache_blocks[cache_id] = {"host": set(), "disk": set(), "object": set()}
         self._subscribe(cache_id, msg.events_endpoint)
         self.log.info("cache_registered", cache=cache_id, node=peer.node, model=model)
@@ -313,17 +281,19 @@ class RouterActor(Actor):
             for tier in blocks:
                 self._index_node(cache_id, AllBlocksCleared(tier=tier))
         node = self.node_of_cache.pop(cache_id, None)
-        model = self.model_of.pop(cache_id, None)
+        model = self.models.model_of.get(cache_id)
+        self.models.remove(cache_id)
         if self.cache_of.get((node, model)) == cache_id:
             del self.cache_of[node, model]
 
     def _index_node(self, cache_id: str, event) -> None:
         """Apply a cache actor's event to every worker of its model on its node."""
         node = self.node_of_cache.get(cache_id)
-        model = self.model_of.get(cache_id)
+        model_of = self.models.model_of
+        model = model_of.get(cache_id)
         for worker_id in self.workers:
             worker = self.peers.get(worker_id)
-            if worker is not None and worker.node == node and self.model_of[worker_id] == model:
+            if worker is not None and worker.node == node and model_of[worker_id] == model:
                 self.index.apply(worker_id, event)
 
     async def on_load_report(self, msg: LoadReport, inbound) -> None:
@@ -370,42 +340,31 @@ class RouterActor(Actor):
     async def on_route_request(self, msg: RouteRequest, inbound) -> Placement | Error:
         """Place one request on its model's workers: decode worker, and prefill worker or
         local prefill."""
-        model = msg.model or self.settings.model_name
-        if model not in self.settings.block_sizes:
-            return Error(
-                code="unknown_model",
-                message=f"model {model!r} is not served here; the cluster serves "
-                + ", ".join(map(repr, self.settings.block_sizes)),
-            )
-        if model in self.unloaded:
-            return Error(
-                code="no_worker",
-                message=f"model {model!r} is unloaded; load it with POST "
-                f"/v1/admin/models/{model}/load (or `kvmesh models load {model}`)",
-            )
-        salt = self.salt_ids.get(model)
-        if msg.salt_id and salt and msg.salt_id != salt:
-            return Error(
-                code="refused",
-                message=SALT_MISMATCH.format(
-                    who=f"{inbound.peer}'s", salt=msg.salt_id, cluster=salt
-                ),
-            )
-        pool = self._pool_for(model, msg.num_prompt_tokens)
+        models = self.models
+        model = msg.model or models.default
+        problem = models.unknown(model)
+        if problem is not None:
+            return Error(code="unknown_model", message=problem)
+        if model in models.unloaded:
+            return Error(code="no_worker", message=models.unloaded_message(model))
+        problem = models.salt_mismatch(model, msg.salt_id, f"{inbound.peer}'s")
+        if problem is not None:
+            return Error(code="refused", message=problem)
+        pool = models.pool_for(model, msg.num_prompt_tokens)
         try:
             try:
                 placed = self._place_in(msg, model, pool)
             except NoWorkerError:
                 if not pool:
                     raise
-                self.pool_fallbacks += 1  # the whole model's workers rather than none
+                models.pool_fallbacks += 1  # the whole model's workers rather than none
                 self.log.warning("pool_without_decode_worker", pool=pool, model=model)
                 pool = ""
                 placed = self._place_in(msg, model, pool)
         except NoWorkerError as exc:
             return Error(code="no_worker", message=f"model {model!r}: {exc}")
         if pool:
-            self.pool_routed[pool] += 1
+            models.pool_routed[pool] += 1
         self.num_routed += 1
         self.quality.count(placed)
         self._expire_predictions()
@@ -430,14 +389,6 @@ class RouterActor(Actor):
             expected_cached_tokens=placed.expected_cached_tokens,
         )
 
-    def _pool_for(self, model: str, num_prompt_tokens: int) -> str:
-        """The pool of `model` a prompt this long goes to: the one with the largest
-        minimum it reaches ("" when the model has no pools)."""
-        for minimum, pool in self.settings.pools.get(model, ()):
-            if num_prompt_tokens >= minimum:
-                return pool
-        return ""
-
     def _place_in(self, msg: RouteRequest, model: str, pool: str):
         placed = self._place(msg, model, self._live_workers(model, pool, msg.exclude))
         if placed.decode not in self.peers or (
@@ -451,7 +402,7 @@ class RouterActor(Actor):
         return self.policy.choose(
             msg.block_hashes,
             msg.num_prompt_tokens,
-            self.settings.block_sizes[model],
+            self.models.block_sizes[model],
             workers,
             self.index,
             scores=False,  # a score per worker costs every worker, every request
@@ -466,10 +417,10 @@ class RouterActor(Actor):
         if kept is not None and kept[0] == key and not exclude:
             return kept[1]
         live = set(self.peers).difference(exclude)
-        if len(self.settings.block_sizes) > 1:
-            live = {w for w in live if self.model_of.get(w) == model}
+        if self.models.many:
+            live = {w for w in live if self.models.model_of.get(w) == model}
         if pool:
-            live = {w for w in live if self.pool_of.get(w) == pool}
+            live = {w for w in live if self.models.pool_of.get(w) == pool}
         workers = list(self.workers.values())
         workers = list(compress(workers, map(live.__contains__, map(WORKER_ID, workers))))
         if not exclude:
@@ -493,48 +444,23 @@ class RouterActor(Actor):
         """Unload: no more placements for the model; its workers drain and exit (their
         launchers keep them stopped while the model is unloaded). Load: the launchers
         start them again, and they register as at any start."""
-        if msg.model not in self.settings.block_sizes:
-            return Error(
-                code="unknown_model",
-                message=f"model {msg.model!r} is not served here; the cluster serves "
-                + ", ".join(map(repr, self.settings.block_sizes)),
-            )
+        models = self.models
+        problem = models.unknown(msg.model)
+        if problem is not None:
+            return Error(code="unknown_model", message=problem)
         if msg.action == "load":
-            if self.unloaded.pop(msg.model, None) is not None:
+            if models.unloaded.pop(msg.model, None) is not None:
                 self.log.info("model_loading", model=msg.model, by=inbound.peer)
-        elif msg.model not in self.unloaded:
-            workers = self._workers_of(msg.model)
-            self.unloaded[msg.model] = set(workers)
+        elif msg.model not in models.unloaded:
+            workers = models.workers_of(msg.model, self.workers)
+            models.unloaded[msg.model] = set(workers)
             self.log.info("model_unloading", model=msg.model, workers=workers, by=inbound.peer)
             for worker_id in workers:
                 await self.send(worker_id, UnloadModel(model=msg.model))
-        return self._model_states()
+        return models.states(self.workers)
 
     async def on_model_query(self, msg: ModelQuery, inbound) -> ModelStates:
-        return self._model_states()
-
-    def _workers_of(self, model: str) -> list[str]:
-        return sorted(w for w in self.workers if self.model_of.get(w) == model)
-
-    def _model_state(self, model: str) -> str:
-        workers = self._workers_of(model)
-        if model in self.unloaded:
-            return "unloading" if workers else "unloaded"
-        decoding = any(self.workers[w].role == "decode" for w in workers)
-        return "loaded" if decoding else "loading"
-
-    def _model_states(self) -> ModelStates:
-        return ModelStates(
-            models=[
-                ModelState(
-                    name=model,
-                    state=self._model_state(model),
-                    workers=self._workers_of(model),
-                    unloaded_workers=sorted(self.unloaded.get(model, ())),
-                )
-                for model in self.settings.block_sizes
-            ]
-        )
+        return self.models.states(self.workers)
 
     async def on_status_query(self, msg: StatusQuery, inbound) -> ClusterStatus:
         """Every actor known to the router (itself included), with load where reported."""
@@ -555,8 +481,8 @@ class RouterActor(Actor):
                     best_cached_tokens_total=self.quality.best_cached_tokens,
                     remote_prefills_total=self.quality.remote_prefills,
                     worker_deaths_total=self.num_worker_deaths,
-                    pool_routed_total=dict(self.pool_routed),
-                    pool_fallbacks_total=self.pool_fallbacks,
+                    pool_routed_total=dict(self.models.pool_routed),
+                    pool_fallbacks_total=self.models.pool_fallbacks,
                 ),
             )
         ]
@@ -578,11 +504,11 @@ class RouterActor(Actor):
                     alive=True,
                     load=self.loads.get(peer.actor_id, report.load if report else None),
                     problems=self.health.problems(peer.actor_id, now),
-                    model=self.model_of.get(peer.actor_id, ""),
+                    model=self.models.model_of.get(peer.actor_id, ""),
                 )
             )
-        models = {model: self._model_state(model) for model in self.settings.block_sizes}
-        return ClusterStatus(actors=actors, models=models)
+        models = self.models.states(self.workers).models
+        return ClusterStatus(actors=actors, models={m.name: m.state for m in models})
 
     async def _member_died(self, peer_id: str) -> None:
         """A silent (or departed) actor: out of the registry and the index."""
@@ -597,8 +523,7 @@ class RouterActor(Actor):
             self._forget(peer_id)
             self._close_socket(f"events_{peer_id}")
             del self.workers[peer_id]
-            self.model_of.pop(peer_id, None)
-            self.pool_of.pop(peer_id, None)
+            self.models.remove(peer_id)
             self._registry_version += 1
             self.loads.pop(peer_id, None)
         if peer_id in self.cache_blocks:
