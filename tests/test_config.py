@@ -276,8 +276,8 @@ BROKEN = [  # (file text, message after "<path>: ")
     ),
     (
         "[routr]\n",
-        " routr: unknown key (did you mean router?); allowed: cluster, model, models, pools, kv, router, "
-        "frontend, planner, security, logging, nodes",
+        " routr: unknown key (did you mean router?); allowed: cluster, model, models, pools, kv, "
+        "router, frontend, planner, security, logging, nodes",
     ),
     ('[model]\nblock_size = "16"\n', ' model.block_size: expected an integer >= 1, got "16"'),
     ("[logging]\njson = 1\n", " logging.json: expected true or false, got 1"),
