@@ -8,6 +8,7 @@ import torch
 from kvmesh.engine.scheduler import ScheduledBatch
 from kvmesh.engine.sequence import Sequence
 from kvmesh.gpu.attention import AttentionMetadata, PrefillSpan
+from kvmesh.gpu.lora import LoraBatch
 from kvmesh.gpu.model import CausalLM
 
 
@@ -46,7 +47,10 @@ class ModelRunner:
         meta = self._metadata(batch, decodes, prefills, positions)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        lora = LoraBatch.of(
+            [s.lora for s, _ in batch.items], [n for _, n in batch.items], ids.device
+        )
+        hidden = self.model(ids, pos, self.kv_caches, meta, lora)
         if not sample_rows:
             return None, []
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
