@@ -17,10 +17,10 @@ and a part the adapter leaves alone is zeros:
              [0, B_k, 0],
              [0, 0, B_v]]
 
-A batch mixes rows of several adapters and of the base model. LoraBatch groups the rows
-by adapter once per step; each adapted linear then costs, per adapter in the batch, one
-gather of its rows, two small matmuls and one index_add (no work at all for base rows,
-and no LoraBatch at all when no row has an adapter).
+A batch mixes rows of several adapters and of the base model. LoraStack concatenates the
+batch's adapters along the rank and LoraBatch masks each row to its own adapter's
+columns: three ops per adapted linear whatever the number of adapters (two when every
+row has the same one), and no LoraBatch at all when no row has an adapter.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ FUSED = {
     "down_proj": ("down_proj", 0),
 }
 TARGETS = tuple(FUSED)
+FUSED_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 TENSOR_NAME = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\."
     r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_([AB])\.weight$"
@@ -292,53 +293,98 @@ def write_random_lora(
     return path
 
 
-@dataclass
-class LayerLora:
-    """The LoRA work of one decoder layer in one step: the groups' weights for it."""
+class LoraStack:
+    """A set of adapters concatenated along the rank, per layer and module, so that one
+    step's rows of all of them take three ops per adapted linear, whatever their number:
 
-    groups: list[tuple[dict, torch.Tensor | None]]  # (layer's modules, rows or None: all)
+        h = x @ A_cat.T          [T, R_1 + ... + R_k]   every row against every adapter
+        h *= mask                 row t keeps only its adapter's columns (base rows: none)
+        out += h @ B_cat.T        B_cat = [B_1 | ... | B_k]   [out, R_1 + ... + R_k]
 
-    def add(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out += each group's delta of `module` on its rows of x; returns out."""
-        for modules, rows in self.groups:
-            pair = modules.get(module)
-            if pair is None:
-                continue
-            a, b = pair
-            if rows is None:
-                out.addmm_(x @ a.t(), b.t())
-            else:
-                out.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
-        return out
+    The masked columns cost k times the (small) rank work of one adapter; kept across
+    steps while the set of adapters in the batch stays the same (ModelRunner)."""
+
+    def __init__(self, adapters: tuple[LoraWeights, ...]):
+        self.adapters = adapters
+        self.layers: list[dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]] = []
+        for i in range(len(adapters[0].modules)):
+            modules = {}
+            for module in FUSED_MODULES:
+                parts = [
+                    (g, w.modules[i][module])
+                    for g, w in enumerate(adapters)
+                    if module in w.modules[i]
+                ]
+                if not parts:
+                    continue
+                a = torch.cat([pair[0] for _, pair in parts])
+                b = torch.cat([pair[1] for _, pair in parts], dim=1)
+                owner = tuple(g for g, pair in parts for _ in range(pair[0].shape[0]))
+                modules[module] = (a, b, owner)
+            self.layers.append(modules)
 
 
 class LoraBatch:
     """The adapters of one step's rows: built from one adapter (or None) per scheduled
     sequence and its row count; `layer(i)` is what decoder layer i applies."""
 
-    def __init__(
-        self, adapters: list[LoraWeights | None], num_rows: list[int], device: torch.device
-    ):
-        distinct = {id(w): w for w in adapters if w is not None}
-        index = {key: i for i, key in enumerate(distinct)}
-        slot = np.repeat(
-            np.array([-1 if w is None else index[id(w)] for w in adapters], np.int64),
-            np.array(num_rows, np.int64),
-        )
-        self.groups: list[tuple[LoraWeights, torch.Tensor | None]] = []
-        for i, weights in enumerate(distinct.values()):
-            rows = np.flatnonzero(slot == i)
-            if len(rows) == len(slot):
-                self.groups.append((weights, None))
-            else:
-                self.groups.append((weights, torch.from_numpy(rows).to(device)))
+    def __init__(self, stack: LoraStack, row_group: torch.Tensor | None):
+        self.stack = stack
+        self.row_group = row_group  # [T] index into stack.adapters, -1: base; None: all 0
+        self.masks: dict[tuple[int, ...], torch.Tensor] = {}
 
     @classmethod
-    def of(cls, adapters, num_rows, device) -> LoraBatch | None:
-        """None when no row has an adapter: the base model runs untouched."""
-        if all(w is None for w in adapters):
+    def of(
+        cls,
+        adapters: list[LoraWeights | None],
+        num_rows: list[int],
+        device: torch.device,
+        stack: LoraStack | None = None,
+    ) -> LoraBatch | None:
+        """None when no row has an adapter: the base model runs untouched. `stack`: the
+        previous step's, reused when it holds the same adapters."""
+        distinct = tuple({id(w): w for w in adapters if w is not None}.values())
+        if not distinct:
             return None
-        return cls(adapters, num_rows, device)
+        if stack is None or stack.adapters != distinct:
+            stack = LoraStack(distinct)
+        if len(distinct) == 1 and None not in adapters:
+            return cls(stack, None)
+        index = {id(w): g for g, w in enumerate(distinct)}
+        groups = np.array([-1 if w is None else index[id(w)] for w in adapters], np.int64)
+        row_group = np.repeat(groups, np.array(num_rows, np.int64))
+        return cls(stack, torch.from_numpy(row_group).to(device))
 
     def layer(self, i: int) -> LayerLora:
-        return LayerLora([(weights.modules[i], rows) for weights, rows in self.groups])
+        return LayerLora(self, self.stack.layers[i])
+
+    def mask(self, owner: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+        """[T, R] ones where row t's adapter owns column r (one per column layout)."""
+        if self.row_group is None:
+            return None
+        mask = self.masks.get(owner)
+        if mask is None:
+            columns = torch.tensor(owner, device=like.device)
+            mask = (self.row_group.unsqueeze(1) == columns.unsqueeze(0)).to(like.dtype)
+            self.masks[owner] = mask
+        return mask
+
+
+class LayerLora:
+    """The LoRA work of one decoder layer in one step."""
+
+    def __init__(self, batch: LoraBatch, modules: dict):
+        self.batch = batch
+        self.modules = modules
+
+    def add(self, module: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out += the rows' adapters' delta of `module` on x; returns out."""
+        entry = self.modules.get(module)
+        if entry is None:
+            return out
+        a, b, owner = entry
+        h = x @ a.t()
+        mask = self.batch.mask(owner, h)
+        if mask is not None:
+            h.mul_(mask)
+        return out.addmm_(h, b.t())

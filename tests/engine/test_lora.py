@@ -13,7 +13,7 @@ import torch
 
 from kvmesh import Engine, SamplingParams
 from kvmesh.engine.lora import AdapterBusyError
-from kvmesh.gpu.lora import LoraBatch, LoraWeights, write_random_lora
+from kvmesh.gpu.lora import LoraBatch, load_lora, write_random_lora
 from kvmesh.kv.block_hash import adapter_salt, hash_blocks, salt_with_adapter
 from tests.prompts import random_prompts
 from tests.reference import hf_greedy
@@ -244,13 +244,38 @@ def test_unknown_adapter_names_the_registered(tiny_model_dir, adapter_dirs):
     assert not engine.requests
 
 
-def test_lora_batch_groups_rows_by_adapter():
-    a, b = LoraWeights("a", []), LoraWeights("b", [])
-    batch = LoraBatch.of([a, None, b, a], [3, 1, 2, 1], torch.device("cpu"))
-    assert [(w.name, rows.tolist()) for w, rows in batch.groups] == [
-        ("a", [0, 1, 2, 6]),
-        ("b", [4, 5]),
-    ]
-    whole = LoraBatch.of([b, b], [2, 5], torch.device("cpu"))
-    assert [(w.name, rows) for w, rows in whole.groups] == [("b", None)]
-    assert LoraBatch.of([None, None], [4, 1], torch.device("cpu")) is None
+def test_lora_batch_masks_each_row_to_its_adapter(engine_config, tmp_path):
+    a, b = (
+        load_lora(
+            name,
+            write_random_lora(tmp_path / name, engine_config, rank=r, alpha=4.0, targets=targets),
+            engine_config,
+            "cpu",
+            torch.float32,
+        )
+        for name, r, targets in [("a", 2, ("q_proj", "down_proj")), ("b", 3, ("down_proj",))]
+    )
+    cpu = torch.device("cpu")
+    batch = LoraBatch.of([a, None, b, a], [3, 1, 2, 1], cpu)
+    assert batch.row_group.tolist() == [0, 0, 0, -1, 1, 1, 0]
+    layer = batch.stack.layers[0]
+    assert layer.keys() == {"qkv_proj", "down_proj"}
+    assert layer["qkv_proj"][2] == (0, 0)  # b has no q_proj: only a's 2 columns
+    assert layer["down_proj"][2] == (0, 0, 1, 1, 1)
+    mask = batch.mask(layer["down_proj"][2], torch.zeros(1))
+    assert mask.tolist()[2:5] == [[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 1, 1, 1]]
+    # the masked sum equals each row's own adapter's delta
+    x = torch.randn(7, engine_config.intermediate_size)
+    out = batch.layer(0).add("down_proj", x, torch.zeros(7, engine_config.hidden_size))
+    for row, w in enumerate([a, a, a, None, b, b, a]):
+        expected = torch.zeros(engine_config.hidden_size)
+        if w is not None:
+            down_a, down_b = w.modules[0]["down_proj"]
+            expected = down_b @ (down_a @ x[row])
+        torch.testing.assert_close(out[row], expected)
+    same = LoraBatch.of([b, b], [2, 5], cpu, batch.stack)
+    assert same.row_group is None and same.stack is not batch.stack
+    again = LoraBatch.of([b, a], [1, 1], cpu, batch.stack)
+    assert again.stack is not batch.stack  # another order of adapters: another stack
+    assert LoraBatch.of([a, b, a], [1, 1, 1], cpu, batch.stack).stack is batch.stack
+    assert LoraBatch.of([None, None], [4, 1], cpu) is None
