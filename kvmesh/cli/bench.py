@@ -4,6 +4,7 @@ same run, plus JSON results. The commands live in kvmesh.bench.*."""
 import click
 
 from kvmesh.bench.engine import engine_command
+from kvmesh.bench.lora import lora_command
 from kvmesh.bench.planner import planner_command
 from kvmesh.bench.router_index import index_command
 from kvmesh.bench.scale import scale_group
@@ -20,6 +21,7 @@ def bench() -> None:
 
 
 bench.add_command(engine_command)
+bench.add_command(lora_command)
 bench.add_command(transfer_command)
 bench.add_command(index_command)
 serve_group.add_command(peer_command)

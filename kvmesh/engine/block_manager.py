@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from kvmesh.engine.sequence import Sequence
 from kvmesh.gpu.block_pool import BlockPool
+from kvmesh.kv.block_hash import salt_with_adapter
 
 if TYPE_CHECKING:
     from kvmesh.engine.kv_connector import KVConnector, Onboard
@@ -45,8 +46,10 @@ class BlockManager:
         self.connector = connector
 
     def hashes(self, seq: Sequence) -> list[int]:
-        """seq's full-block hashes, salted with the model's salt and its cache_salt."""
-        return seq.full_block_hashes(self.block_size, seq.params.salted(self.salt))
+        """seq's full-block hashes, salted with the model's salt, its adapter's and its
+        cache_salt."""
+        salt = self.salt if seq.lora is None else salt_with_adapter(self.salt, seq.lora.salt)
+        return seq.full_block_hashes(self.block_size, seq.params.salted(salt))
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

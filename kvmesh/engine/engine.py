@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from kvmesh.engine.block_manager import BlockManager, num_reusable_blocks
+from kvmesh.engine.lora import AdapterCache, AdapterSpec
 from kvmesh.engine.model_runner import ModelRunner
 from kvmesh.engine.sampler import Sampler
 from kvmesh.engine.scheduler import ScheduledBatch, Scheduler
@@ -24,7 +25,7 @@ from kvmesh.gpu.block_pool import BlockPool
 from kvmesh.gpu.kv_cache import allocate_kv_caches, default_num_blocks, kv_cache_shape
 from kvmesh.gpu.loader import load_model, torch_dtype
 from kvmesh.gpu.model_config import ModelConfig, capped_context
-from kvmesh.kv.block_hash import hash_blocks, salt_id
+from kvmesh.kv.block_hash import hash_blocks, salt_id, salt_with_adapter
 from kvmesh.params import SamplingParams
 from kvmesh.protocol import Delta, KVEvent, WorkerLoad
 from kvmesh.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -84,6 +85,7 @@ class RemotePrefillTask:
     params: SamplingParams
     num_cached_tokens: int
     block_ids: list[int]
+    adapter: str | None = None  # the LoRA adapter the prompt is computed through
 
 
 class Request:
@@ -120,13 +122,17 @@ class Engine:
         kv_connector: KVConnector | None = None,
         max_model_len: int | None = None,
         hash_key: bytes | None = None,
+        adapters: dict[str, str | Path] | None = None,
+        max_loras: int = 4,
     ) -> None:
         """kv_caches: a pool allocated by the caller (e.g. in shared memory for the data
         plane), num_blocks blocks per layer; by default the engine allocates its own.
         kv_connector: offloads evicted blocks and onboards prefixes the pool lacks
         (kvmesh.engine.kv_connector); its block records must match this pool's.
         max_model_len: a cap on prompt + output tokens below the model's context.
-        hash_key: the secret keying block hashes (the cluster's); None: this user's."""
+        hash_key: the secret keying block hashes (the cluster's); None: this user's.
+        adapters: LoRA adapters by name -> PEFT directory (more: register_adapter);
+        max_loras: how many of them may be loaded at once (kvmesh.engine.lora)."""
         for name, value in (
             ("block_size", block_size),
             ("max_num_seqs", max_num_seqs),
@@ -184,6 +190,12 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Sequence] = {}  # finished, blocks kept until release()
         self._ids = itertools.count()
+        self.adapters = AdapterCache(config, device, torch_dtype(dtype), max_loras)
+        if adapters is not None:
+            if not isinstance(adapters, dict):
+                raise ValueError(f"adapters must be a dict of name -> path, got {adapters!r}")
+            for name, path in adapters.items():
+                self.adapters.register(name, path)
 
     @classmethod
     def from_pretrained(
@@ -222,6 +234,7 @@ class Engine:
         hold_blocks: bool = False,
         resume_from: tuple[list[int], int] | None = None,
         prefetched: Prefetch | None = None,
+        adapter: str | None = None,
     ) -> str:
         """Queue a request; returns its id. Bad input raises ValueError naming the field.
 
@@ -233,6 +246,9 @@ class Engine:
         stopped (same text, stop strings and max_tokens; seeded sampling included).
         prefetched: the KV connector's answer for the blocks of prefix_hashes(prompt and
         resumed outputs) past the device prefix, asked before adding (kvmesh.engine.prefetch).
+        adapter: the registered LoRA adapter to run through (None: the base model); it is
+        loaded if needed and kept until the request ends. AdapterBusyError (a ValueError)
+        when max_loras adapters are all in use by unfinished requests.
         """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
@@ -242,11 +258,20 @@ class Engine:
             request_id = f"req-{next(self._ids)}"
         if request_id in self.requests or request_id in self.held:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        seq = Sequence(request_id, prompt_ids, params, remote_prefill, hold_blocks, prefetched)
+        if adapter is not None and not isinstance(adapter, str):
+            raise ValueError(f"adapter must be a registered adapter's name, got {adapter!r}")
+        lora = None if adapter is None else self.adapters.acquire(adapter)
+        seq = Sequence(
+            request_id, prompt_ids, params, remote_prefill, hold_blocks, prefetched, lora
+        )
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         request = Request(seq, detok)
         if resume_from is not None:
-            self._resume(request, *resume_from)
+            try:
+                self._resume(request, *resume_from)
+            except ValueError:
+                self._unpin(seq)
+                raise
         self.requests[request_id] = request
         self.scheduler.add(seq)
         return request_id
@@ -297,20 +322,41 @@ class Engine:
             )
         return ids
 
-    def prefix_hashes(self, token_ids: list[int], params: SamplingParams) -> list[int]:
-        """The hashes of the full blocks a request of token_ids may find cached, as its
-        admission names them: all but a block holding its last token (one token is
-        always computed). ValueError for a prompt add_request refuses. It reads only
-        what never changes after construction: any thread may call it."""
+    def prefix_hashes(
+        self, token_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> list[int]:
+        """The hashes of the full blocks a request of token_ids (through `adapter`) may
+        find cached, as its admission names them: all but a block holding its last token
+        (one token is always computed). ValueError for a prompt or adapter add_request
+        refuses. It reads only what changes only by register_adapter: any thread may call it."""
         ids = self._prompt_ids(token_ids)
+        salt = self.salt
+        if adapter is not None:
+            salt = salt_with_adapter(salt, self.adapters.spec(adapter).salt)
         end = num_reusable_blocks(len(ids), self.block_size) * self.block_size
-        return hash_blocks(ids[:end], self.block_size, salt=params.salted(self.salt))
+        return hash_blocks(ids[:end], self.block_size, salt=params.salted(salt))
+
+    # --- LoRA adapters ---
+
+    def register_adapter(self, name: str, path: str | Path) -> AdapterSpec:
+        """Serve the PEFT LoRA directory `path` as adapter `name` (loaded on first use).
+        ValueError naming the file and field when it is no LoRA of this base model.
+        spec.salt is its identity in block hashes: the salt the frontend mixes in with
+        kvmesh.kv.block_hash.salt_with_adapter (the same as adapter_salt(path))."""
+        return self.adapters.register(name, path)
+
+    def _unpin(self, seq: Sequence) -> None:
+        """The request is over: its adapter may be evicted (its KV stays cached)."""
+        if seq.lora is not None:
+            self.adapters.release(seq.lora.name)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its blocks; unknown or finished ids are ignored."""
         request = self.requests.pop(request_id, None)
-        if request is not None and not request.seq.is_finished:
-            self.scheduler.abort(request.seq)
+        if request is not None:
+            self._unpin(request.seq)
+            if not request.seq.is_finished:
+                self.scheduler.abort(request.seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -326,6 +372,7 @@ class Engine:
                 s.params,
                 s.num_computed_tokens,
                 list(s.block_table),
+                s.adapter,
             )
             for s in self.scheduler.take_new_remote()
         ]
@@ -432,7 +479,8 @@ class Engine:
         new_ids = seq.token_ids[seq.num_prompt_tokens + request.num_sent_tokens :]
         request.num_sent_tokens = seq.num_output_tokens
         if finished:
-            self.requests.pop(seq.request_id, None)
+            if self.requests.pop(seq.request_id, None) is not None:
+                self._unpin(seq)
             if seq.hold_blocks and seq.finish_reason != "abort":
                 self.held[seq.request_id] = seq
         return RequestOutput(
@@ -451,8 +499,10 @@ class Engine:
         self,
         prompts: list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
+        adapters: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run prompts to completion together; outputs in the order of `prompts`."""
+        """Run prompts to completion together; outputs in the order of `prompts`.
+        adapters: one adapter name for all, or one (or None: the base model) per prompt."""
         if not isinstance(prompts, list):
             raise ValueError(f"prompts must be a list, got {type(prompts).__name__}")
         if isinstance(params, list):
@@ -460,10 +510,15 @@ class Engine:
                 raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
         else:
             params = [params] * len(prompts)
+        if isinstance(adapters, list):
+            if len(adapters) != len(prompts):
+                raise ValueError(f"adapters has {len(adapters)} entries for {len(prompts)} prompts")
+        else:
+            adapters = [adapters] * len(prompts)
         ids = []
         try:
-            for prompt, p in zip(prompts, params, strict=True):
-                ids.append(self.add_request(prompt, p))
+            for prompt, p, adapter in zip(prompts, params, adapters, strict=True):
+                ids.append(self.add_request(prompt, p, adapter=adapter))
         except ValueError:
             for request_id in ids:
                 self.abort_request(request_id)

@@ -8,6 +8,7 @@ import torch
 from kvmesh.engine.scheduler import ScheduledBatch
 from kvmesh.engine.sequence import Sequence
 from kvmesh.gpu.attention import AttentionMetadata, PrefillSpan
+from kvmesh.gpu.lora import LoraBatch, LoraStack
 from kvmesh.gpu.model import CausalLM
 
 
@@ -21,6 +22,7 @@ class ModelRunner:
         self.device = torch.device(device)
         # Float32 pools on CPU decode with the Numba kernel; everything else with torch.
         self.cpu_decode_kernel = self.device.type == "cpu" and kv_caches[0].dtype == torch.float32
+        self.lora_stack: LoraStack | None = None  # the last step's adapters, concatenated
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Sequence]]:
@@ -46,7 +48,14 @@ class ModelRunner:
         meta = self._metadata(batch, decodes, prefills, positions)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        lora = LoraBatch.of(
+            [s.lora for s, _ in batch.items],
+            [n for _, n in batch.items],
+            ids.device,
+            self.lora_stack,
+        )
+        self.lora_stack = None if lora is None else lora.stack
+        hidden = self.model(ids, pos, self.kv_caches, meta, lora)
         if not sample_rows:
             return None, []
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)

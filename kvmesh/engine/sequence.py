@@ -10,6 +10,7 @@ from kvmesh.params import SamplingParams
 
 if TYPE_CHECKING:
     from kvmesh.engine.prefetch import Prefetch
+    from kvmesh.gpu.lora import LoraWeights
 
 
 class SequenceStatus(enum.Enum):
@@ -31,12 +32,14 @@ class Sequence:
         remote_prefill: bool = False,
         hold_blocks: bool = False,
         prefetched: Prefetch | None = None,
+        lora: LoraWeights | None = None,
     ) -> None:
         self.request_id = request_id
         self.params = params
         self.remote_prefill = remote_prefill  # another worker computes the prompt's KV
         self.hold_blocks = hold_blocks  # keep the blocks after finishing, until released
         self.prefetched = prefetched  # the KV connector's hits, asked when it arrived
+        self.lora = lora  # the adapter this request runs through (None: the base model)
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.status = SequenceStatus.WAITING
@@ -50,6 +53,10 @@ class Sequence:
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.text = ""
         self.generator = None  # torch.Generator for seeded sampling, made by the sampler
+
+    @property
+    def adapter(self) -> str | None:
+        return None if self.lora is None else self.lora.name
 
     @property
     def num_tokens(self) -> int:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvmesh.gpu.attention import AttentionMetadata, paged_attention
+from kvmesh.gpu.lora import LayerLora, LoraBatch
 from kvmesh.gpu.model_config import ModelConfig
 
 
@@ -91,15 +92,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
-    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata, lora: LayerLora | None):
         qkv = self.qkv_proj(x)
+        if lora is not None:
+            lora.add("qkv_proj", x, qkv)
         # q and k rotated together: one set of elementwise ops over [T, heads + kv_heads]
         qk = qkv[:, : self.q_size + self.kv_size].unflatten(-1, (-1, self.head_dim))
         qk = apply_rope(qk, cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.flatten(1))
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale).flatten(1)
+        if lora is None:
+            return self.o_proj(out)
+        return lora.add("o_proj", out, self.o_proj(out))
 
 
 class MLP(nn.Module):
@@ -108,9 +113,13 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))
+    def forward(self, x, lora: LayerLora | None):
+        if lora is None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate).mul_(up))
+        gate, up = lora.add("gate_up_proj", x, self.gate_up_proj(x)).chunk(2, dim=-1)
+        h = F.silu(gate).mul_(up)
+        return lora.add("down_proj", h, self.down_proj(h))
 
 
 class DecoderLayer(nn.Module):
@@ -121,10 +130,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
+    def forward(self, x, cos, sin, kv_cache, meta, lora: LayerLora | None = None):
         # x is the stream's own tensor (the embedding's output, then these sums): in place
-        x = x.add_(self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta))
-        return x.add_(self.mlp(self.post_attention_layernorm(x)))
+        x = x.add_(self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, lora))
+        return x.add_(self.mlp(self.post_attention_layernorm(x), lora))
 
 
 class CausalLM(nn.Module):
@@ -145,11 +154,13 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
+        lora: LoraBatch | None = None,
     ) -> torch.Tensor:
+        """lora: the step's adapters per row (kvmesh.gpu.lora); None runs the base model."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x = layer(x, cos, sin, kv_cache, meta, None if lora is None else lora.layer(i))
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

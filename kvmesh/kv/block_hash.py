@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import struct
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 ROOT_PARENT_HASH = 0
 HASH_BYTES = 16
@@ -60,6 +62,41 @@ def salt_id(salt: bytes) -> str:
     """A name for a salt that gives nothing of it away: frontends and workers of one
     cluster must hash alike, and the router compares their salt ids."""
     return hashlib.blake2b(salt, digest_size=8, person=b"kvmesh-saltid").hexdigest()
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's LoRA format
+ADAPTER_MARK = b"\0adapter:"
+
+
+def adapter_salt(path: str | Path) -> bytes:
+    """A LoRA adapter's identity in block hashes: 16 bytes of BLAKE2b over its PEFT files
+    (config, then weights), so the same adapter under any name or path is one identity,
+    and a retrained one at the same path is another. ValueError names a missing file."""
+    digest = hashlib.blake2b(digest_size=HASH_BYTES, person=b"kvmesh-adapter")
+    for name in ADAPTER_FILES:
+        file = Path(path) / name
+        if not file.is_file():
+            raise ValueError(f"adapter path {str(path)!r} has no {name}")
+        with open(file, "rb") as f:
+            digest.update(len(name).to_bytes(4, "little") + name.encode())
+            digest.update(os.fstat(f.fileno()).st_size.to_bytes(8, "little"))
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.digest()
+
+
+def salt_with_adapter(salt: bytes, adapter: bytes | None) -> bytes:
+    """The model salt of a request served through the adapter whose adapter_salt is
+    `adapter` (None: the base model's, unchanged). It goes before any cache_salt
+    (SamplingParams.salted), and the adapter part is fixed-length, so no cache_salt
+    string can make a base request's salt equal an adapter request's."""
+    if adapter is None:
+        return salt
+    if len(adapter) != HASH_BYTES:
+        raise ValueError(
+            f"adapter salt must be {HASH_BYTES} bytes (adapter_salt), got {len(adapter)}"
+        )
+    return salt + ADAPTER_MARK + adapter
 
 
 def hash_blocks(
