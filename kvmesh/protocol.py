@@ -543,6 +543,7 @@ class Generate(Message, frozen=True, kw_only=True):
     # their text the client already has; generation resumes right after them.
     output_token_ids: list[int] = []
     num_sent_chars: int = 0
+    adapter: str = ""  # the model's LoRA adapter to run through ("" = the base model)
 
 
 class Abort(Message, frozen=True, kw_only=True):
@@ -605,6 +606,7 @@ class RemotePrefill(Request, frozen=True, kw_only=True):
     params: SamplingParams
     num_cached_tokens: int
     block_ids: list[int]
+    adapter: str = ""  # the LoRA adapter the prompt is computed through ("" = none)
 
 
 class RemotePrefillDone(Reply, frozen=True, kw_only=True):

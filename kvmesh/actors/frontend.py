@@ -106,6 +106,7 @@ class RequestState:
     lost_workers: list[str] = field(default_factory=list)
     finished: bool = False  # the stream ended on the worker's side: nothing to abort
     model: ModelFront | None = None  # whose workers run it; None: the default model
+    adapter: str | None = None  # the model's LoRA adapter it runs through; None: the base
 
     def token_ids(self) -> list[int]:
         """What a placement computes: the prompt, then the outputs so far."""
@@ -147,6 +148,7 @@ class RequestState:
             prefill_endpoint=None if resumed else placement.prefill_endpoint,
             output_token_ids=list(self.output_token_ids),
             num_sent_chars=self.num_sent_chars,
+            adapter=self.adapter or "",
         )
 
 
@@ -185,7 +187,7 @@ class FrontendActor(Actor):
 
         await self._connect_router()
         config = uvicorn.Config(
-            create_app(self, self.settings.limits, models=self.models, admin=self),
+            create_app(self, self.settings.limits, models=self.routes(), admin=self),
             host=self.settings.host,
             port=self.settings.http_port,
             log_level="warning",
@@ -258,6 +260,13 @@ class FrontendActor(Actor):
             a.role == "decode" for a in workers
         )
 
+    def routes(self) -> dict:
+        """Every name a request may give: each model's, and "<model>:<adapter>" for
+        each of its LoRA adapters."""
+        return {
+            name: route for front in self.models.values() for name, route in front.routes().items()
+        }
+
     # --- the admin API (kvmesh.frontend.app) ---
 
     async def model_states(self) -> ModelStates:
@@ -287,16 +296,20 @@ class FrontendActor(Actor):
         prompt_token_ids: list[int],
         params: SamplingParams,
         model: ModelFront | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[Delta]:
         """Stream one request: place it, stream its worker's tokens, and when that worker
         dies or refuses it, place it again with what it already streamed (at most
         max_migrations times); the client's stream goes on as if nothing happened.
-        `model`: whose workers run it (None: the default model's)."""
+        `model`: whose workers run it (None: the default model's), through its LoRA
+        `adapter` (None: the base model)."""
         if not self._accepting:
             raise BackendUnavailable("the frontend is shutting down", retry_after=1.0)
         if len(self.requests) >= self.settings.max_num_requests:
             raise OverloadedError(f"{len(self.requests)} requests in flight; try again shortly")
-        state = RequestState(request_id, prompt_token_ids, params, model=model or self.default)
+        state = RequestState(
+            request_id, prompt_token_ids, params, model=model or self.default, adapter=adapter
+        )
         self.requests[request_id] = state
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
         try:
@@ -356,7 +369,7 @@ class FrontendActor(Actor):
             raise BackendUnavailable("the router is unreachable", retry_after=2.0)
         token_ids = state.token_ids()
         model = state.model or self.default
-        salt = state.params.salted(model.salt)
+        salt = state.params.salted(model.salt_for(state.adapter))
         hashes = wire_hashes(hash_blocks(token_ids, model.block_size, salt=salt))
         if not state.lost_workers:  # its first placement: a request, not a migration
             model.reuse.observe(hashes)

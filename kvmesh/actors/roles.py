@@ -98,6 +98,7 @@ def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
             dtype=m.dtype,
             max_model_len=m.max_model_len,
             expected_workers=sum(1 for a in workers if a.model == m.served_name),
+            adapters=tuple(m.adapters.items()),
         )
         for m in cfg.served_models
     )
@@ -180,6 +181,8 @@ def init_worker(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
         threads=engine_threads(len(cpu_engines)) if spec.device == "cpu" else None,
         engine=served.engine,
         pool=spec.pool,
+        adapters=dict(served.adapters),
+        max_loras=served.max_loras,
     )
     config = actor_config(cfg, spec, worker_frame_size(served))
     if served.engine == "vllm":

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import msgspec
 import structlog
@@ -94,6 +95,8 @@ class WorkerSettings:
     threads: int | None = None  # torch threads of the engine thread; None: torch's choice
     engine: str = "kvmesh"  # model.engine: "mock" runs kvmesh.engine.mock's MockEngine
     pool: str = ""  # its [[pools]] entry, if any
+    adapters: Mapping[str, str] = field(default_factory=dict)  # LoRA name -> PEFT directory
+    max_loras: int = 4  # adapters loaded at once
     mock_timing: MockTiming | None = None  # the mock's step times; None: its defaults
 
 
@@ -241,6 +244,8 @@ class EngineWorker(Actor):
             kv_connector=self._tiers(config, dtype),
             max_model_len=s.max_model_len or None,
             hash_key=s.hash_key,
+            adapters=dict(s.adapters),
+            max_loras=s.max_loras,
         )
         warm_up(engine)
         return engine, segment
@@ -270,14 +275,16 @@ class EngineWorker(Actor):
         await self.engine.call(lambda e: e.kv_connector.attach(host))
         self.log.info("cache_attached", cache=self.settings.cache_id, slots=host.num_slots)
 
-    async def prefetch(self, token_ids: list[int], params: SamplingParams) -> Prefetch | None:
+    async def prefetch(
+        self, token_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> Prefetch | None:
         """The node's tiers' run for a request's blocks past the device's cached prefix,
         asked here, on the event loop, before the engine admits it: admission never waits
         on the cache actor (kvmesh.engine.prefetch). None without a cache actor."""
         if self.cache is None:
             return None
         try:
-            hashes = self.engine.prefetch_hashes(token_ids, params)
+            hashes = self.engine.prefetch_hashes(token_ids, params, adapter)
         except ValueError:
             return None  # add_request refuses it, naming the field
         return await self.cache.prefetch(hashes)
@@ -405,7 +412,9 @@ class DecodeWorker(EngineWorker):
         if remote:
             self.prefill_of[msg.request_id] = (msg.prefill, msg.prefill_endpoint)
         resume = (msg.output_token_ids, msg.num_sent_chars) if msg.output_token_ids else None
-        prefetched = await self.prefetch(msg.prompt_token_ids + msg.output_token_ids, msg.params)
+        adapter = msg.adapter or None
+        token_ids = msg.prompt_token_ids + msg.output_token_ids
+        prefetched = await self.prefetch(token_ids, msg.params, adapter)
         if self.frontend_of.get(msg.request_id) != inbound.peer:
             return  # aborted (or its frontend died) while the lookup ran
         try:
@@ -417,6 +426,7 @@ class DecodeWorker(EngineWorker):
                     remote_prefill=remote,
                     resume_from=resume,
                     prefetched=prefetched,
+                    adapter=adapter,
                 )
             )
         except ValueError as exc:
@@ -481,6 +491,7 @@ class DecodeWorker(EngineWorker):
                     params=task.params,
                     num_cached_tokens=task.num_cached_tokens,
                     block_ids=task.block_ids,
+                    adapter=task.adapter or "",
                 ),
                 timeout=self.settings.remote_prefill_timeout,
             )
@@ -523,7 +534,8 @@ class PrefillWorker(EngineWorker):
         params = first_token_params(msg.params)
         # before the request is registered: should the requester die meanwhile, the
         # request still runs and is released when its write fails, as after any death
-        prefetched = await self.prefetch(msg.prompt_token_ids, params)
+        adapter = msg.adapter or None
+        prefetched = await self.prefetch(msg.prompt_token_ids, params, adapter)
         future = asyncio.get_running_loop().create_future()
         self.first_token[request_id] = future
         self.requester_of[request_id] = inbound.peer
@@ -535,6 +547,7 @@ class PrefillWorker(EngineWorker):
                     request_id,
                     hold_blocks=True,
                     prefetched=prefetched,
+                    adapter=adapter,
                 )
             )
             out = await future

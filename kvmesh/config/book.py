@@ -169,6 +169,13 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
                 f'[[nodes.actors]] entry with role = "decode", count >= 1 and model = '
                 f"{shown(name)}",
             )
+        for adapter in model.adapters:
+            if not NAME.fullmatch(adapter):
+                fail(
+                    f"{table}.adapters.{adapter}",
+                    "expected an adapter name of letters, digits, '.', '_' and '-' (a request "
+                    f'names it as "{name}:NAME")',
+                )
         if model.engine == "vllm":
             check_engine_vllm(cfg, model, table, own, roles, fail)
     if cfg.kv.object_url:
@@ -313,6 +320,8 @@ def check_engine_vllm(cfg: ClusterConfig, model, where: str, own, roles: Counter
         key = next((key for key, spec in actors if spec.role == role), None)
         if key is not None:
             fail(key, f'{why}: with {where}.engine = "kvmesh" only; expected no {role} actor')
+    if model.adapters:
+        fail(f"{where}.adapters", 'LoRA adapters: with engine = "kvmesh" only; expected none')
     check_vllm(model, where, [spec.device for _, spec in own if spec.role in ENGINE_ROLES], fail)
 
 

@@ -129,6 +129,17 @@ class ModelConfig(Table):
             "block_size, max_model_len, prefix caching and KV events itself."
         ),
     ] = {}
+    adapters: Annotated[
+        dict[str, str],
+        doc(
+            '[model.adapters]: LoRA adapters served on this model, NAME = "PEFT directory" '
+            "(adapter_config.json + adapter_model.safetensors); a request asks for one as "
+            'model = "<served name>:NAME". kvmesh engine only.'
+        ),
+    ] = {}
+    max_loras: Annotated[
+        int, doc("LoRA adapters each worker keeps loaded at once (least recently used go).", ge=1)
+    ] = 4
 
     @property
     def resolved_path(self) -> Path:

@@ -178,11 +178,14 @@ class AsyncEngine:
             preemptions_total=stats.num_preemptions,
         )
 
-    def prefetch_hashes(self, token_ids: list[int], params: SamplingParams) -> list[int]:
-        """The full blocks of a request about to be added that a KV connector may hand
-        it: those past the prefix the device caches (as of the last step, with on_step),
-        for a prefetch to ask the tiers for. ValueError for a prompt the engine refuses."""
-        hashes = self.engine.prefix_hashes(token_ids, params)
+    def prefetch_hashes(
+        self, token_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> list[int]:
+        """The full blocks of a request about to be added (through LoRA `adapter`) that a
+        KV connector may hand it: those past the prefix the device caches (as of the last
+        step, with on_step), for a prefetch to ask the tiers for. ValueError for a prompt
+        the engine refuses."""
+        hashes = self.engine.prefix_hashes(token_ids, params, adapter)
         return hashes[self.device_prefix.num_leading(hashes) :]
 
     # --- engine thread ---

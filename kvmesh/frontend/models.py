@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from kvmesh.frontend.metrics import BackendMetrics, ReuseMeter
 from kvmesh.gpu.model_config import ModelConfig, capped_context
-from kvmesh.kv.block_hash import salt_id
+from kvmesh.kv.block_hash import adapter_salt, salt_id, salt_with_adapter
 from kvmesh.params import SamplingParams
 from kvmesh.protocol import Delta
 from kvmesh.tokenizer import Tokenizer
@@ -36,6 +36,7 @@ class ServedModel:
     dtype: str = "float32"  # the workers' KV dtype: part of every block hash
     max_model_len: int = 0  # cap on prompt + output tokens; 0 = the model's context
     expected_workers: int = 1  # /health waits for this many of its workers
+    adapters: tuple[tuple[str, str], ...] = ()  # LoRA (name, PEFT directory) on this model
 
 
 class ModelFront:
@@ -53,6 +54,8 @@ class ModelFront:
         self.salt_id = salt_id(self.salt)
         self.reuse = ReuseMeter(served.block_size)  # what its prompts could reuse
         self.frontend = frontend
+        # each LoRA adapter's identity in block hashes: the workers salt theirs alike
+        self.adapter_salts = {name: adapter_salt(path) for name, path in served.adapters}
 
     async def start(self) -> None:
         """Nothing: the frontend actor starts the sockets."""
@@ -68,8 +71,57 @@ class ModelFront:
     ) -> AsyncIterator[Delta]:
         return self.frontend.generate(request_id, prompt_token_ids, params, model=self)
 
+    def salt_for(self, adapter: str | None) -> bytes:
+        """The block-hash salt of a request through `adapter` (None: the base model)."""
+        if adapter is None:
+            return self.salt
+        return salt_with_adapter(self.salt, self.adapter_salts[adapter])
+
+    def routes(self) -> dict[str, ModelFront | AdapterFront]:
+        """What the API serves of this model, by the name a request gives: the model,
+        and each adapter as "<model>:<adapter>"."""
+        routes: dict[str, ModelFront | AdapterFront] = {self.model_name: self}
+        for adapter in self.adapter_salts:
+            routes[f"{self.model_name}:{adapter}"] = AdapterFront(self, adapter)
+        return routes
+
     async def abort(self, request_id: str) -> None:
         await self.frontend.abort(request_id)
 
     def metrics(self) -> BackendMetrics:
         return self.frontend.metrics()
+
+
+class AdapterFront:
+    """A LoRA adapter of a served model as a Backend: the model's tokenizer and context,
+    its requests run through the adapter on the model's workers."""
+
+    def __init__(self, base: ModelFront, adapter: str) -> None:
+        self.base = base
+        self.adapter = adapter
+        self.model_name = f"{base.model_name}:{adapter}"
+        self.tokenizer = base.tokenizer
+        self.max_model_len = base.max_model_len
+        self.vocab_size = base.vocab_size
+
+    async def start(self) -> None:
+        """Nothing: the frontend actor starts the sockets."""
+
+    async def close(self) -> None:
+        """Nothing: the frontend actor closes the sockets."""
+
+    def ready(self) -> bool:
+        return self.base.ready()
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[Delta]:
+        return self.base.frontend.generate(
+            request_id, prompt_token_ids, params, model=self.base, adapter=self.adapter
+        )
+
+    async def abort(self, request_id: str) -> None:
+        await self.base.abort(request_id)
+
+    def metrics(self) -> BackendMetrics:
+        return self.base.metrics()
