@@ -1,11 +1,14 @@
 """Admission (kvmesh.frontend.admission): one model's slots and queue. Order by
 (priority, arrival), max_queue and queue_timeout refusals with Retry-After, clients that
-leave while queued, a random hammer of cancels, independent models, the /metrics view."""
+leave while queued, a random hammer of cancels, independent models, the /metrics view,
+and a refusal through the real HTTP server as the official openai client sees it."""
 
 import asyncio
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -15,7 +18,11 @@ from kvmesh.frontend.admission import (
     AdmissionPolicy,
     AdmissionRefused,
 )
+from kvmesh.frontend.app import create_app
 from kvmesh.frontend.backend import OverloadedError
+from kvmesh.tokenizer import Tokenizer
+from tests.frontend import StubBackend, running_server
+from tests.polling import wait_until
 
 
 def make_admission(model: str = "m", **policy) -> Admission:
@@ -363,3 +370,50 @@ def test_a_priority_outside_the_api_range_is_refused_by_name():
         asyncio.run(admission.acquire(-1001))
     assert str(error.value) == "priority must be >= -1000, got -1001"
     assert admission.num_inflight == 0
+
+
+HOLD = 9  # a prompt of [HOLD] holds its slot until its client goes away
+
+
+class AdmittedBackend(StubBackend):
+    """The stub behind one Admission, wired as the frontend wires a model's backend."""
+
+    def __init__(self, tokenizer: Tokenizer, admission: Admission) -> None:
+        super().__init__(tokenizer)
+        self.admission = admission
+
+    async def generate(self, request_id, prompt_token_ids, params):
+        async with self.admission.slot(params.priority):
+            async for delta in super().generate(request_id, prompt_token_ids, params):
+                yield delta
+                if prompt_token_ids == [HOLD]:
+                    await asyncio.sleep(3600)
+
+
+def test_over_http_a_full_queue_is_a_429_with_retry_after_and_a_queued_request_is_served(
+    tiny_model_dir,
+):
+    openai = pytest.importorskip("openai")
+    admission = make_admission("stub", max_queue=1)
+    backend = AdmittedBackend(Tokenizer.from_pretrained(tiny_model_dir), admission)
+    backend.script = ["a", "b"]
+    with running_server(create_app(backend)) as url, httpx.Client(base_url=url) as http:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        body = {"model": "stub", "prompt": [HOLD], "max_tokens": 2, "stream": True}
+        with http.stream("POST", "/v1/completions", json=body, timeout=60) as holder:
+            lines = holder.iter_lines()  # kept: a dropped iterator closes the connection
+            assert next(lines).startswith("data: ")  # it holds the one slot
+            with ThreadPoolExecutor(1) as pool:
+                queued = pool.submit(
+                    client.completions.create, model="stub", prompt=[5], max_tokens=2
+                )
+                wait_until(lambda: admission.num_queued == 1, "a request queued")
+                with pytest.raises(openai.RateLimitError) as refused:
+                    client.completions.create(model="stub", prompt=[5], max_tokens=2)
+                assert refused.value.response.headers["retry-after"] == "2"  # 2 x 1 s / 1
+                assert refused.value.code == "overloaded"
+                assert admission.num_queued == 1
+                holder.close()  # its client goes away: its slot passes to the queued one
+                assert queued.result(timeout=60).choices[0].text == "ab"
+    stats = wait_until(lambda: (s := admission.stats()).num_inflight == 0 and s, "slots freed")
+    assert (stats.num_queued, stats.admitted_total, stats.refused_total["queue_full"]) == (0, 2, 1)
