@@ -11,11 +11,12 @@ the model and gives the slot back when it ends:
     waited queue_timeout seconds       -> AdmissionRefused("queue_timeout"): 429, Retry-After
     client gone (task cancelled)       -> leaves the queue, holding no slot
 
-A request that names no priority gets default_priority. A released slot goes straight to
-the first waiter (in flight stays the same), so a newcomer never overtakes the queue and
-"in flight < max_inflight" means nobody waits. Retry-After is the time the queue ahead
-would take to drain: (waiting + 1) x the mean service time (admission to release, a
-moving average) / max_inflight, within [1, 60] s.
+A request that names no priority gets default_priority. Priority is strict, as in the
+engine's scheduler: a level waits while a better one waits (queue_timeout bounds that).
+A released slot goes straight to the first waiter (in flight stays the same), so a
+newcomer never overtakes the queue and "in flight < max_inflight" means nobody waits.
+Retry-After is the time the queue ahead would take to drain: (waiting + 1) x the mean
+service time (admission to release, a moving average) / max_inflight, within [1, 60] s.
 
 One event loop owns an Admission: release, expiry and cancellation each run as one
 callback on it, so a slot is never lost nor handed out twice, whichever comes first.
@@ -29,6 +30,7 @@ import bisect
 import itertools
 import math
 import time
+from collections.abc import Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -258,8 +260,8 @@ class AdmissionCollector:
     kvmesh_admission_queue_wait_seconds{model}                              (histogram)
     """
 
-    def __init__(self, admissions) -> None:
-        self.admissions = admissions  # () -> the Admissions to report, read at each scrape
+    def __init__(self, admissions: Callable[[], Iterable[Admission]]) -> None:
+        self.admissions = admissions  # read at each scrape: models may come and go
 
     def collect(self):
         inflight = GaugeMetricFamily(
