@@ -183,11 +183,15 @@ class FrontendActor(Actor):
     async def setup(self) -> None:
         import uvicorn
 
+        from kvmesh.frontend.admission import AdmissionCollector
         from kvmesh.frontend.app import create_app
 
         await self._connect_router()
+        app = create_app(self, self.settings.limits, models=self.routes(), admin=self)
+        admissions = [model.admission for model in self.models.values()]
+        app.state.metrics.registry.register(AdmissionCollector(lambda: admissions))
         config = uvicorn.Config(
-            create_app(self, self.settings.limits, models=self.routes(), admin=self),
+            app,
             host=self.settings.host,
             port=self.settings.http_port,
             log_level="warning",
@@ -307,9 +311,12 @@ class FrontendActor(Actor):
             raise BackendUnavailable("the frontend is shutting down", retry_after=1.0)
         if len(self.requests) >= self.settings.max_num_requests:
             raise OverloadedError(f"{len(self.requests)} requests in flight; try again shortly")
-        state = RequestState(
-            request_id, prompt_token_ids, params, model=model or self.default, adapter=adapter
-        )
+        model = model or self.default
+        ticket = await model.admission.acquire(params.priority)  # may wait; 429 when full
+        if not self._accepting:
+            ticket.release()
+            raise BackendUnavailable("the frontend is shutting down", retry_after=1.0)
+        state = RequestState(request_id, prompt_token_ids, params, model=model, adapter=adapter)
         self.requests[request_id] = state
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
         try:
@@ -331,6 +338,7 @@ class FrontendActor(Actor):
                     state.finished = True  # the worker ended it, or never had it
                     raise exception_of(delta.error)
         finally:
+            ticket.release()
             self.requests.pop(request_id, None)
             if not state.finished and state.worker in self.peers:
                 await self.send(state.worker, Abort(request_id=request_id))

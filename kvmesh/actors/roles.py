@@ -87,6 +87,7 @@ def init_router(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
 
 def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
     from kvmesh.actors.frontend import FrontendActor, FrontendSettings
+    from kvmesh.frontend.admission import AdmissionPolicy
     from kvmesh.frontend.models import ServedModel
 
     workers = [a for a in cfg.actors if a.role in WORKER_ROLES]
@@ -99,6 +100,12 @@ def init_frontend(cfg: ClusterConfig, spec: ActorSpec) -> Actor:
             max_model_len=m.max_model_len,
             expected_workers=sum(1 for a in workers if a.model == m.served_name),
             adapters=tuple(m.adapters.items()),
+            admission=AdmissionPolicy(
+                max_inflight=m.max_inflight,
+                max_queue=m.max_queue,
+                queue_timeout=m.queue_timeout,
+                default_priority=m.default_priority,
+            ),
         )
         for m in cfg.served_models
     )

@@ -140,6 +140,40 @@ class ModelConfig(Table):
     max_loras: Annotated[
         int, doc("LoRA adapters each worker keeps loaded at once (least recently used go).", ge=1)
     ] = 4
+    max_inflight: Annotated[
+        int,
+        doc(
+            "Admission: requests of this model each frontend runs at once; more wait in its "
+            "queue (frontend.max_num_requests caps all models together).",
+            ge=1,
+        ),
+    ] = 1024
+    max_queue: Annotated[
+        int,
+        doc(
+            "Admission: requests that may wait for a slot of this model, by priority (lower "
+            "first), first come first served within one; more are refused with 429 + "
+            "Retry-After. 0 = refuse at once when max_inflight are running.",
+            ge=0,
+        ),
+    ] = 0
+    queue_timeout: Annotated[
+        float,
+        doc(
+            "Admission: seconds a request may wait in the queue, then 429 + Retry-After.",
+            gt=0,
+            le=3600,
+        ),
+    ] = 30.0
+    default_priority: Annotated[
+        int,
+        doc(
+            "Admission and scheduling: the priority of a request that names none (lower runs "
+            "sooner).",
+            ge=-1000,
+            le=1000,
+        ),
+    ] = 0
 
     @property
     def resolved_path(self) -> Path:

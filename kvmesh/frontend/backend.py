@@ -68,6 +68,7 @@ class Backend(Protocol):
     tokenizer: Tokenizer
     max_model_len: int
     vocab_size: int
+    default_priority: int  # of a request that names none
 
     async def start(self) -> None: ...
 
@@ -100,6 +101,7 @@ class LocalBackend:
         self.tokenizer = engine.tokenizer
         self.max_model_len = config.max_model_len
         self.vocab_size = config.vocab_size
+        self.default_priority = 0
         self.max_num_requests = max_num_requests
         self.num_requests = 0
         self.started = False

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvmesh.frontend.admission import Admission, AdmissionPolicy
 from kvmesh.frontend.metrics import BackendMetrics, ReuseMeter
 from kvmesh.gpu.model_config import ModelConfig, capped_context
 from kvmesh.kv.block_hash import adapter_salt, salt_id, salt_with_adapter
@@ -37,6 +38,7 @@ class ServedModel:
     max_model_len: int = 0  # cap on prompt + output tokens; 0 = the model's context
     expected_workers: int = 1  # /health waits for this many of its workers
     adapters: tuple[tuple[str, str], ...] = ()  # LoRA (name, PEFT directory) on this model
+    admission: AdmissionPolicy = AdmissionPolicy()  # its queue policy in this frontend
 
 
 class ModelFront:
@@ -54,6 +56,8 @@ class ModelFront:
         self.salt_id = salt_id(self.salt)
         self.reuse = ReuseMeter(served.block_size)  # what its prompts could reuse
         self.frontend = frontend
+        self.admission = Admission(served.admission, served.name)  # its adapters' too
+        self.default_priority = served.admission.default_priority
         # each LoRA adapter's identity in block hashes: the workers salt theirs alike
         self.adapter_salts = {name: adapter_salt(path) for name, path in served.adapters}
 
@@ -103,6 +107,7 @@ class AdapterFront:
         self.tokenizer = base.tokenizer
         self.max_model_len = base.max_model_len
         self.vocab_size = base.vocab_size
+        self.default_priority = base.default_priority
 
     async def start(self) -> None:
         """Nothing: the frontend actor starts the sockets."""

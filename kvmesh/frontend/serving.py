@@ -298,7 +298,7 @@ class Serving:
                 stop=body.stop,
                 ignore_eos=bool(body.ignore_eos),
                 logprobs=self.num_logprobs(body),
-                priority=body.priority or 0,
+                priority=self.backend.default_priority if body.priority is None else body.priority,
                 cache_salt=cache_salt,
             )
         except ValueError as error:

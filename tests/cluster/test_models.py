@@ -1,7 +1,8 @@
 """Two models in one cluster ([[models]]): real processes, the official openai client, and
 each model's own in-process Engine as the reference. Model "alpha" is the tiny model
 (seed 0) on one aggregated decode worker; model "beta" is the tiny model with other
-weights (seed 1) on a prefill and a decode worker; each has its node's cache actor."""
+weights (seed 1) on a prefill and a decode worker; each has its node's cache actor.
+alpha admits one request at a time and queues two more."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from kvmesh import Engine, SamplingParams
 from kvmesh.bench.cluster import start_cluster
 from kvmesh.gpu.tiny import init_tiny
+from tests.polling import wait_until
 from tests.prompts import random_prompt
 
 pytestmark = pytest.mark.cluster
@@ -25,6 +27,8 @@ disagg_min_tokens = 0
 [[models]]
 name = "alpha"
 path = "{alpha}"
+max_inflight = 1
+max_queue = 2
 
 [[models]]
 name = "beta"
@@ -152,6 +156,68 @@ def test_status_names_each_actors_model(cluster):
     table = cluster.kvmesh("status")
     assert table.returncode == 0, table.stderr
     assert table.stdout.splitlines()[0].split()[:4] == ["actor", "role", "node", "model"]
+
+
+def metric(cluster, name: str) -> float:
+    for line in httpx.get(f"{cluster.url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_one_models_full_queue_never_delays_the_others(cluster, client, engines):
+    """alpha's one slot is held by a long stream and its queue of two is full: a third
+    alpha request is refused at once (429, Retry-After) while beta's requests are served,
+    equal to beta's Engine; the queued alpha requests then run once the slot frees."""
+    import threading
+
+    import openai
+
+    holder = client.completions.create(
+        model="alpha",
+        prompt=random_prompt(20, seed=600),
+        max_tokens=1500,
+        temperature=0.0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = iter(holder)
+    next(chunks)  # alpha's slot is held from here
+    queued_prompts = [random_prompt(30, seed=601 + k) for k in range(2)]
+    queued_answers: dict[int, str] = {}
+
+    def queued(k: int) -> None:
+        queued_answers[k] = complete(client, "alpha", queued_prompts[k]).choices[0].text
+
+    waiters = [threading.Thread(target=queued, args=(k,)) for k in range(2)]
+    try:
+        for thread in waiters:
+            thread.start()
+        wait_until(
+            lambda: metric(cluster, 'kvmesh_admission_queued{model="alpha"}') == 2,
+            "two alpha requests queued",
+        )
+        with pytest.raises(openai.RateLimitError) as refused:
+            complete(client, "alpha", "one too many")
+        assert int(refused.value.response.headers["Retry-After"]) >= 1
+        assert "model 'alpha' is full" in refused.value.message
+        assert (
+            metric(cluster, 'kvmesh_admission_refused_total{code="queue_full",model="alpha"}') == 1
+        )
+
+        greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        prompts = [random_prompt(50, seed=610 + k) for k in range(3)]
+        expected = [o.text for o in engines["beta"].generate(prompts, greedy)]
+        assert [complete(client, "beta", p).choices[0].text for p in prompts] == expected
+        assert metric(cluster, 'kvmesh_admission_queued{model="alpha"}') == 2  # still held
+    finally:
+        holder.close()  # the client goes away: the slot passes to the queue
+        for thread in waiters:
+            thread.join(timeout=120)
+    alpha = engines["alpha"].generate(
+        queued_prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    )
+    assert queued_answers == {k: alpha[k].text for k in range(2)}
 
 
 def admin(cluster, method: str, path: str = "") -> httpx.Response:

@@ -38,6 +38,7 @@ class StubBackend:
 
     model_name = "stub"
     max_model_len = 64
+    default_priority = 0
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
