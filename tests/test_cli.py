@@ -158,6 +158,7 @@ def test_status_prints_each_actors_typed_load_as_flat_numbers(configured, monkey
         "best_cached_tokens_total": 0.0,
         "remote_prefills_total": 0.0,
         "worker_deaths_total": 0.0,
+        "pool_fallbacks_total": 0.0,
     }
     decode = rows["decode-0"]
     assert decode["load"] == {
