@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, Retry, any_peer
+from kvmesh.actors.load_reports import LoadReports
 from kvmesh.engine.vllm_engine import VllmEngine, VllmSettings
 from kvmesh.engine.vllm_events import BlockSizeMismatch, VllmEventTranslator
 from kvmesh.protocol import (
@@ -228,9 +229,8 @@ class VllmWorker(Actor):
             from_vllm.close(linger=0)
 
     async def _report_load(self) -> None:
-        while True:
-            await self.emit("events_out", self.load_report())
-            await asyncio.sleep(self.settings.load_report_interval)
+        reports = LoadReports(self.load_report, self.settings.load_report_interval)
+        await reports.run(lambda report: self.emit("events_out", report))
 
     def load_report(self) -> LoadReport:
         return LoadReport(

@@ -12,7 +12,8 @@ Life of a disaggregated request (README, Architecture; decode first):
 
 Without `prefill` in Generate, the decode worker prefills locally. When the prefill
 worker fails (dead, timeout, error) the prompt is computed locally instead.
-Both roles publish their KV events and a LoadReport on their events socket.
+Both roles publish their KV events and LoadReports on their events socket (a report
+when their load changes, else a keep-alive: kvmesh.actors.load_reports).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import zmq
 
 from kvmesh.actors.base import Actor, ActorConfig, PeerDeadError, RemoteError, Retry, any_peer
 from kvmesh.actors.cache import CacheClient
+from kvmesh.actors.load_reports import LoadReports
 from kvmesh.engine.async_engine import AsyncEngine, StepResult
 from kvmesh.engine.engine import Engine, RemotePrefillTask, RequestOutput
 from kvmesh.engine.mock import MockTiming, build_mock_engine
@@ -117,6 +119,7 @@ class EngineWorker(Actor):
         self.transfer_bytes_total = 0
         self._events: asyncio.Queue = asyncio.Queue()  # KV events and load reports, in order
         self.load = WorkerLoad()  # the engine's, after its last step
+        self.load_reports = LoadReports(self.load_report, settings.load_report_interval)
         self.cache: CacheClient | None = None  # set while building the engine, if any
         self.cache_error = ""  # why the last attach to the cache actor failed
         self.watch(lambda peer_id: peer_id == self.router_id, self._router_died)
@@ -324,7 +327,9 @@ class EngineWorker(Actor):
                 self.prompt_tokens_total += len(out.prompt_token_ids)
                 self.cached_tokens_total += out.num_cached_tokens
         if changed:  # the router's next decision should not see a finished request's load
-            self._events.put_nowait(self.load_report())
+            report = self.load_report()
+            self._events.put_nowait(report)
+            self.load_reports.published(report)
         self.handle_outputs(result.outputs)
         for task in result.remote_prefills:
             self.supervise("remote_prefill", self.remote_prefill, task)
@@ -347,9 +352,7 @@ class EngineWorker(Actor):
             await self.emit("events_out", event)
 
     async def _report_load(self) -> None:
-        while True:
-            await self.emit("events_out", self.load_report())
-            await asyncio.sleep(self.settings.load_report_interval)
+        await self.load_reports.run(lambda report: self.emit("events_out", report))
 
     def load_report(self) -> LoadReport:
         """The engine's last load with this worker's totals."""

@@ -8,9 +8,10 @@ subprocess (`kvmesh actor frontend-0`), and N mock workers in one more subproces
 
 RouterProbe wraps the live router's RouteRequest handler (the decision: candidate
 list, KV index lookup, policy, bookkeeping, reply; no await inside, so its wall time
-is its compute plus whatever preempted the process) and its KV event intake, from
-outside: the router's code is unchanged. It keeps each decision's wall time and its
-thread CPU time (the same without preemption by other processes on shared cores).
+is its compute plus whatever preempted the process), its KV event intake and the
+LoadReports it takes in, from outside: the router's code is unchanged. It keeps each
+decision's wall time and its thread CPU time (the same without preemption by other
+processes on shared cores).
 """
 
 from __future__ import annotations
@@ -29,23 +30,25 @@ import httpx
 
 from kvmesh.actors.router import RouterActor
 from kvmesh.bench.cluster import free_port_range
-from kvmesh.protocol import RouteRequest
+from kvmesh.protocol import LoadReport, RouteRequest
 
 START_TIMEOUT = 300.0  # a thousand workers register in about a minute on 2 busy cores
 HEAD, MOCKS = "head", "mocks"
 
 
 class RouterProbe:
-    """Decision times (ns) and KV events taken in by a live RouterActor."""
+    """Decision times (ns), KV events and LoadReports taken in by a live RouterActor."""
 
     def __init__(self, router: RouterActor) -> None:
         self.decisions_ns: list[int] = []
         self.decisions_cpu_ns: list[int] = []  # the same, in this thread's CPU time
         self.num_events = 0
         self.num_event_blocks = 0
+        self.num_load_reports = 0
         self.placed: dict[str, int] = {}  # decode worker -> requests placed on it
         self.placed_tokens: dict[str, int] = {}  # decode worker -> uncached prompt tokens
         decide = router._handlers[RouteRequest]
+        take_load = router._handlers[LoadReport]
         index = router._index
 
         async def timed(msg, inbound):
@@ -65,7 +68,12 @@ class RouterProbe:
             self.num_event_blocks += len(getattr(event, "block_hashes", ()))
             index(actor_id, event)
 
+        async def counted_load(msg, inbound):
+            self.num_load_reports += 1
+            return await take_load(msg, inbound)
+
         router._handlers[RouteRequest] = timed
+        router._handlers[LoadReport] = counted_load
         router._index = counted
 
     def reset(self) -> None:
@@ -73,7 +81,7 @@ class RouterProbe:
         self.decisions_cpu_ns = []
         self.placed = {}
         self.placed_tokens = {}
-        self.num_events = self.num_event_blocks = 0
+        self.num_events = self.num_event_blocks = self.num_load_reports = 0
 
 
 def cluster_toml(

@@ -59,6 +59,7 @@ import msgspec
 
 from kvmesh.config.schema import RouterConfig
 from kvmesh.router.kv_index import KVIndex, Overlap
+from kvmesh.router.least_loaded import LeastLoaded
 
 ROLES = ("prefill", "decode")
 POLICIES = ("kv", "round_robin", "random", "least_loaded")
@@ -66,6 +67,7 @@ DEFAULTS = RouterConfig()  # every setting's default, as the [router] table stat
 _WORKER_ID = operator.attrgetter("worker_id")
 _ALIVE_ROLE = operator.attrgetter("alive", "role")
 _ALIVE_DECODE, _ALIVE_PREFILL = (True, "decode"), (True, "prefill")
+MAX_SPLITS = 8  # lists of workers whose split by role choose(scores=False) keeps
 
 
 class NoWorkerError(Exception):
@@ -175,10 +177,10 @@ class Router:
         # worker id -> load(worker) as on_load_report and the predictions left it, a
         # float (for choose(scores=False), which reads no WorkerState field for it)
         self._loads: dict[str, float] = {}
-        self._split_of: Collection[WorkerState] | None = None  # see _roles
-        self._split: tuple = ()
-        self._ids_for: list[WorkerState] | None = None  # see _ids_of
-        self._ids: tuple = ()
+        # id(workers list) -> its split by role, for the lists choose(scores=False) was
+        # given (see _split_of): a few, so the lists of several models all stay
+        self._splits: dict[int, _Split] = {}
+        self._current: _Split | None = None  # the split of the choose() running now
         self._report_epochs: dict[str, int] = {}
         # request id -> [(worker id, predicted tokens, worker's report epoch when placed)]
         self._in_flight: dict[Hashable, list[tuple[str, int, int]]] = {}
@@ -195,30 +197,31 @@ class Router:
         """The placement of one request; raises NoWorkerError when no decode worker is alive.
 
         scores=False: the same placement without the per-worker score tables (empty):
-        kv at temperature 0 then costs only the workers holding a prefix, not all; and
-        the split of `workers` by role is kept while the same list object comes again,
-        so the caller must pass a new list when a worker's role or alive changes (the
-        router actor does: a new list for each change of its registry)."""
+        kv at temperature 0 then costs only the workers holding a prefix and the least
+        loaded one (kept in a LeastLoaded heap), not all; and the split of `workers` by
+        role is kept while the same list object comes again, so the caller must pass a
+        new list when a worker's role or alive changes (the router actor does: a new
+        list for each change of its registry)."""
         # the candidates of each role, filtered in C: (alive, role) per worker, once; with
-        # scores=False, once per list of workers (see _roles)
-        decoders, prefillers_of = self._roles(workers, cached=not scores)
+        # scores=False, once per list of workers (see _split_of)
+        split = self._split_of(workers, cached=not scores)
+        decoders = split.decoders
         if not decoders:
             raise NoWorkerError("decode")
         overlaps = index.overlaps(block_hashes) if index is not None else {}
         pick = self._pick
         if not scores and pick == self._pick_kv and self.settings.temperature == 0:
             pick = self._pick_kv_unscored
+            self._current = split
         decode, decode_scores = pick(decoders, overlaps, num_prompt_tokens, block_size)
         cached = min(num_prompt_tokens, block_size * _num_blocks(overlaps, decode))
-        best_cached = min(
-            num_prompt_tokens, block_size * _most_blocks(overlaps, self._ids_of(decoders)[1])
-        )
+        best_cached = min(num_prompt_tokens, block_size * _most_blocks(overlaps, split.by_id))
         prefill, prefill_scores, local_reason = None, {}, None
         prefill_tokens = num_prompt_tokens - cached
         if prefill_tokens < self.settings.disagg_min_tokens:
             local_reason = "short_suffix"
         else:
-            prefillers = prefillers_of()
+            prefillers = split.prefillers
             idle = [w for w in prefillers if not self.is_busy(w)]
             if not prefillers:
                 local_reason = "no_prefill_worker"
@@ -241,26 +244,19 @@ class Router:
             prefill_scores=prefill_scores,
         )
 
-    def _ids_of(self, candidates: list[WorkerState]) -> tuple[list[str], dict]:
-        """The candidates' ids and id -> worker; kept for the list _roles kept."""
-        if candidates is self._ids_for:
-            return self._ids
-        ids = list(map(_WORKER_ID, candidates))
-        result = ids, dict(zip(ids, candidates, strict=True))
-        if self._split and candidates is self._split[0]:
-            self._ids_for, self._ids = candidates, result
-        return result
-
-    def _roles(self, workers, cached: bool):
-        """(alive decode workers, a function giving the alive prefill workers)."""
-        if cached and workers is self._split_of:
-            return self._split
-        states = list(map(_ALIVE_ROLE, workers))
-        decoders = list(itertools.compress(workers, map(_ALIVE_DECODE.__eq__, states)))
-        prefillers = list(itertools.compress(workers, map(_ALIVE_PREFILL.__eq__, states)))
-        split = decoders, prefillers.copy
+    def _split_of(self, workers: Collection[WorkerState], cached: bool) -> _Split:
+        """`workers` split by role (alive only); with `cached`, kept for this list object
+        (MAX_SPLITS lists at most, then forgotten all at once)."""
         if cached:
-            self._split_of, self._split = workers, split
+            split = self._splits.get(id(workers))
+            if split is not None and split.workers is workers:
+                split.reused = True
+                return split
+        split = _Split(workers)
+        if cached:
+            if len(self._splits) >= MAX_SPLITS:
+                self._splits.clear()
+            self._splits[id(workers)] = split
         return split
 
     @property
@@ -295,6 +291,7 @@ class Router:
         for worker_id, tokens in predictions:
             self.pending_tokens[worker_id] = self.pending_tokens.get(worker_id, 0) + tokens
             self._loads[worker_id] = self._loads.get(worker_id, 0.0) + tokens
+            self._load_changed(worker_id)
             record.append((worker_id, tokens, self._report_epochs.get(worker_id, 0)))
         self._in_flight[request_id] = record
 
@@ -304,6 +301,7 @@ class Router:
             if self._report_epochs.get(worker_id, 0) == epoch:
                 self.pending_tokens[worker_id] -= tokens
                 self._loads[worker_id] = self._loads.get(worker_id, 0.0) - tokens
+                self._load_changed(worker_id)
 
     def on_load_report(
         self, worker: WorkerState, *, num_running: int, num_queued_tokens: int, kv_usage: float
@@ -314,12 +312,19 @@ class Router:
         worker.kv_usage = kv_usage
         self._forget_predictions(worker.worker_id)
         self._loads[worker.worker_id] = float(num_queued_tokens + kv_usage * worker.capacity_tokens)
+        self._load_changed(worker.worker_id)
 
     def on_worker_removed(self, worker_id: str) -> None:
         """The worker left or died: its predictions no longer mean anything."""
         self._forget_predictions(worker_id)
         self.pending_tokens.pop(worker_id, None)
         self._loads.pop(worker_id, None)
+        self._load_changed(worker_id)
+
+    def _load_changed(self, worker_id: str) -> None:
+        """_loads[worker_id] changed: the heaps that order the cached lists learn it."""
+        for split in self._splits.values():
+            split.load_changed(worker_id)
 
     def _forget_predictions(self, worker_id: str) -> None:
         self._report_epochs[worker_id] = self._report_epochs.get(worker_id, 0) + 1
@@ -384,12 +389,16 @@ class Router:
         prefix costs num_prompt_tokens + load_weight * load, so of those the least loaded
         (then lowest id) wins; and the least loaded of all, if it holds a prefix, costs
         no more than that. So the pick is among the prefix holders and the least loaded.
-        Loads come from the reports and predictions this Router was told of (_loads),
-        and the passes over all candidates run in C (map, min, compress)."""
-        ids, by_id = self._ids_of(candidates)
-        loads = list(map(self._loads.get, ids, itertools.repeat(0.0)))
-        lowest = min(loads)
-        least = min(itertools.compress(ids, map(lowest.__eq__, loads)))
+        Loads come from the reports and predictions this Router was told of (_loads).
+        The decode candidates of a list given again come with their LeastLoaded heap;
+        any other list (idle prefill workers) is passed over in C (map, min, compress)."""
+        split = self._current
+        if split is not None and candidates is split.decoders:
+            by_id, least = split.by_id, split.least_loaded(self._loads)
+        else:
+            ids = list(map(_WORKER_ID, candidates))
+            by_id = dict(zip(ids, candidates, strict=True))
+            least = _least_loaded(ids, self._loads)
         if not overlaps:
             return by_id[least], {}
         holders = [by_id[w] for w in overlaps if w in by_id and w != least]
@@ -409,6 +418,42 @@ class Router:
     def _pick_least_loaded(self, candidates, overlaps, num_prompt_tokens, block_size):
         scores = {w.worker_id: self.load(w) for w in candidates}
         return min(candidates, key=lambda w: (scores[w.worker_id], w.worker_id)), scores
+
+
+class _Split:
+    """A list of workers split by role, alive only, with the decode workers by id; the
+    LeastLoaded heap of the decode workers is built once the list comes a second time
+    (a list given once, such as one less some excluded workers, is scanned instead)."""
+
+    def __init__(self, workers: Collection[WorkerState]) -> None:
+        self.workers = workers
+        states = list(map(_ALIVE_ROLE, workers))
+        self.decoders = list(itertools.compress(workers, map(_ALIVE_DECODE.__eq__, states)))
+        self.prefillers = list(itertools.compress(workers, map(_ALIVE_PREFILL.__eq__, states)))
+        self.ids = list(map(_WORKER_ID, self.decoders))
+        self.by_id = dict(zip(self.ids, self.decoders, strict=True))
+        self.reused = False
+        self.least: LeastLoaded | None = None
+
+    def least_loaded(self, loads: dict[str, float]) -> str:
+        """The decode worker of lowest (load, id), loads as in `loads` (absent: 0.0)."""
+        if self.least is not None:
+            return self.least.least()
+        if self.reused:
+            self.least = LeastLoaded(self.ids, loads)
+            return self.least.least()
+        return _least_loaded(self.ids, loads)
+
+    def load_changed(self, worker_id: str) -> None:
+        if self.least is not None:
+            self.least.changed(worker_id)
+
+
+def _least_loaded(ids: list[str], loads: dict[str, float]) -> str:
+    """The id of lowest (load, id) among `ids`: a pass over them all, in C."""
+    values = list(map(loads.get, ids, itertools.repeat(0.0)))
+    lowest = min(values)
+    return min(itertools.compress(ids, map(lowest.__eq__, values)))
 
 
 def _num_blocks(overlaps: dict[Hashable, Overlap], worker: WorkerState) -> int:

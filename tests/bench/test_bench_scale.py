@@ -9,6 +9,7 @@ import sys
 import openai
 import pytest
 
+from kvmesh.actors.load_reports import KEEPALIVE_S
 from kvmesh.bench.mock_cluster import MockCluster
 from kvmesh.bench.mock_host import node_workers
 from kvmesh.bench.scale import Replies
@@ -112,6 +113,11 @@ def test_bench_scale_router_times_every_decision_of_both_policies(tiny_model_dir
         assert result[policy]["workers_registered"] == 3
         assert result[policy]["p50_s"] <= result[policy]["p99_s"] <= result[policy]["max_s"]
     assert result["kv"]["kv_events"] >= 1
+    # idle, each worker sends a keep-alive every KEEPALIVE_S (2 s), not a report per
+    # 0.5 s tick (10 each in 5 s); at most one more each: its last step's, if late
+    assert result["load_report_interval_s"] == 0.5
+    per_worker = result["idle_s"] // KEEPALIVE_S + 2
+    assert 3 <= result["idle_load_reports"] <= 3 * per_worker
 
 
 @pytest.mark.cluster
