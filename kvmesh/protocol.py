@@ -392,6 +392,7 @@ class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     transfer_bytes_total: int = 0  # KV bytes received (decode) or sent (prefill)
     preemptions_total: int = 0  # sequences preempted for room (recomputed later)
     tiers: dict[Tier, OnboardCounters] = {}  # its connector's, per tier (none: no tiers)
+    adapters: list[str] = []  # LoRA adapters loaded now (the router prefers their holders)
 
 
 class CacheLoad(msgspec.Struct, frozen=True, kw_only=True, tag=True):
@@ -437,6 +438,7 @@ class RouteRequest(Request, frozen=True, kw_only=True):
     exclude: list[str] = []  # workers the asker saw die: never place there
     salt_id: str = ""  # the asker's block-hash salt (block_hash.salt_id; "" = not told)
     model: str = ""  # the served name of the model; "" = the cluster's first
+    adapter: str = ""  # the model's LoRA adapter it runs through ("" = the base model)
 
 
 class RequestDone(Message, frozen=True, kw_only=True):

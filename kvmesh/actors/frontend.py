@@ -391,6 +391,7 @@ class FrontendActor(Actor):
                     exclude=list(state.lost_workers),
                     salt_id=model.salt_id,
                     model=model.model_name,
+                    adapter=state.adapter or "",
                 ),
                 timeout=self.settings.route_timeout,
             )

@@ -304,6 +304,7 @@ class RouterActor(Actor):
             return
         first = inbound.peer not in self.loads
         load = self.loads[inbound.peer] = msg.load
+        self.models.set_adapters(inbound.peer, load.adapters)
         self.health.reported(inbound.peer, time.monotonic(), msg.unreachable)
         self.policy.on_load_report(
             worker,
@@ -406,6 +407,9 @@ class RouterActor(Actor):
             workers,
             self.index,
             scores=False,  # a score per worker costs every worker, every request
+            credits=self.models.adapter_credits(
+                model, msg.adapter, self.settings.policy.adapter_weight
+            ),
         )
 
     def _live_workers(self, model: str, pool: str, exclude) -> list[WorkerState]:

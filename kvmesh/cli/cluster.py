@@ -401,6 +401,7 @@ def _print_status(cfg, as_json: bool) -> bool:
                 "cached_tokens_total": load.cached_tokens_total,
                 "remote_prefills_total": load.remote_prefills_total,
                 "cache_hit_rate": round(load.cached_tokens_total / prompt, 3) if prompt else 0.0,
+                "adapters": list(load.adapters),
             }
         )
     if as_json:  # every row also carries the actor's whole load, as reported
@@ -476,6 +477,8 @@ def _flat(load) -> dict[str, float]:
     flat: dict[str, float] = {}
     numbers: dict[str, dict[str, float]] = {}  # tier -> its "<name>_<tier>" numbers
     for name, value in msgspec.structs.asdict(load).items() if load is not None else ():
+        if isinstance(value, list):  # names (a worker's LoRA adapters), not numbers
+            continue
         if not isinstance(value, dict):
             flat[name] = float(value)
             continue

@@ -303,6 +303,14 @@ class RouterConfig(Table):
     load_weight: Annotated[
         float, doc("kv: weight of the worker's load (queued, cached and predicted tokens).", ge=0)
     ] = 1.0
+    adapter_weight: Annotated[
+        float,
+        doc(
+            "kv: credit, in prompt tokens, for a worker that has the request's LoRA adapter "
+            "loaded (elsewhere it is read from disk and may evict another).",
+            ge=0,
+        ),
+    ] = 256.0
     temperature: Annotated[
         float,
         doc(

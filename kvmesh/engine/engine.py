@@ -552,6 +552,7 @@ class Engine:
             queued_prefill_tokens=stats.queued_prefill_tokens,
             preemptions_total=stats.num_preemptions,
             tiers=self.kv_connector.metrics() if self.kv_connector is not None else {},
+            adapters=self.adapters.loaded(),
         )
 
     @property

@@ -39,6 +39,9 @@ class ServedModels:
         self.unloaded: dict[str, set[str]] = {}  # model -> the workers told to exit
         self.pool_routed: Counter[str] = Counter()  # pool -> requests placed there
         self.pool_fallbacks = 0  # requests placed beyond their pool (no decode alive there)
+        # (model, LoRA adapter) -> the workers that have it loaded (their load reports say)
+        self.adapter_holders: dict[tuple[str, str], set[str]] = {}
+        self.adapters_of: dict[str, frozenset[str]] = {}  # worker -> its loaded adapters
 
     @property
     def many(self) -> bool:
@@ -78,8 +81,34 @@ class ServedModels:
         self.pool_of[worker_id] = msg.pool
 
     def remove(self, actor_id: str) -> None:
+        self.set_adapters(actor_id, ())
         self.model_of.pop(actor_id, None)
         self.pool_of.pop(actor_id, None)
+
+    def set_adapters(self, worker_id: str, adapters) -> None:
+        """The LoRA adapters a worker's last load report says it has loaded."""
+        new, old = frozenset(adapters), self.adapters_of.get(worker_id, frozenset())
+        if new == old:
+            return
+        model = self.model_of.get(worker_id, "")
+        for adapter in old - new:
+            holders = self.adapter_holders.get((model, adapter), set())
+            holders.discard(worker_id)
+            if not holders:
+                self.adapter_holders.pop((model, adapter), None)
+        for adapter in new - old:
+            self.adapter_holders.setdefault((model, adapter), set()).add(worker_id)
+        if new:
+            self.adapters_of[worker_id] = new
+        else:
+            self.adapters_of.pop(worker_id, None)
+
+    def adapter_credits(self, model: str, adapter: str, weight: float) -> dict[str, float]:
+        """Router.choose's credits for a request through `adapter`: `weight` prompt
+        tokens for each worker that has it loaded."""
+        if not adapter or not weight:
+            return {}
+        return dict.fromkeys(self.adapter_holders.get((model, adapter), ()), weight)
 
     def pool_for(self, model: str, num_prompt_tokens: int) -> str:
         """The pool of `model` a prompt this long goes to: the one with the largest

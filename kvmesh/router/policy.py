@@ -12,7 +12,9 @@ blocks hash to h_0..h_k-1 (block_size tokens each):
        uncached(w) = max(0, n - credit(w))                 prefill work left on w
        load(w)     = queued_tokens + kv_usage * capacity_tokens      (w's last report)
                      + pending_tokens                       (router's own predictions)
-       cost(w)     = uncached(w) + load_weight * load(w)
+       cost(w)     = uncached(w) - adapter(w) + load_weight * load(w)
+       adapter(w)  = adapter_weight when the request names a LoRA adapter that w has
+                     loaded (choose's credits, from w's load reports), else 0
 
    temperature 0 takes the lowest cost, ties broken by lower load, then lower worker
    id; temperature T > 0 samples w with probability ~ exp(-cost(w) / T) from a
@@ -40,10 +42,9 @@ D's cached prefix, so every policy's disaggregation decisions and Placement numb
 are comparable.
 
 Settings (RouterSettings): policy, device_weight, host_weight, disk_weight, object_weight,
-load_weight,
-temperature, seed, disagg_min_tokens, prefill_busy_tokens. Their defaults are stated once,
-as cluster.toml's [router] table (kvmesh.config.schema.RouterConfig), which is what a
-cluster runs with.
+load_weight, adapter_weight, temperature, seed, disagg_min_tokens, prefill_busy_tokens.
+Their defaults are stated once, as cluster.toml's [router] table
+(kvmesh.config.schema.RouterConfig), which is what a cluster runs with.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import itertools
 import math
 import operator
 import random
-from collections.abc import Collection, Hashable, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -87,6 +88,7 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     disk_weight: float = DEFAULTS.disk_weight
     object_weight: float = DEFAULTS.object_weight
     load_weight: float = DEFAULTS.load_weight
+    adapter_weight: float = DEFAULTS.adapter_weight
     temperature: float = DEFAULTS.temperature
     seed: int = DEFAULTS.seed
     disagg_min_tokens: int = DEFAULTS.disagg_min_tokens
@@ -101,6 +103,7 @@ class RouterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             "disk_weight",
             "object_weight",
             "load_weight",
+            "adapter_weight",
             "temperature",
             "disagg_min_tokens",
             "prefill_busy_tokens",
@@ -181,6 +184,7 @@ class Router:
         # given (see _split_of): a few, so the lists of several models all stay
         self._splits: dict[int, _Split] = {}
         self._current: _Split | None = None  # the split of the choose() running now
+        self._credits: Mapping[str, float] = {}  # the choose() running now's credits
         self._report_epochs: dict[str, int] = {}
         # request id -> [(worker id, predicted tokens, worker's report epoch when placed)]
         self._in_flight: dict[Hashable, list[tuple[str, int, int]]] = {}
@@ -193,6 +197,7 @@ class Router:
         workers: Collection[WorkerState],
         index: KVIndex | None,
         scores: bool = True,
+        credits: Mapping[str, float] | None = None,
     ) -> Placement:
         """The placement of one request; raises NoWorkerError when no decode worker is alive.
 
@@ -201,7 +206,8 @@ class Router:
         loaded one (kept in a LeastLoaded heap), not all; and the split of `workers` by
         role is kept while the same list object comes again, so the caller must pass a
         new list when a worker's role or alive changes (the router actor does: a new
-        list for each change of its registry)."""
+        list for each change of its registry). credits: per worker, prompt tokens a kv
+        cost takes off beyond its cached blocks (the request's LoRA adapter loaded there)."""
         # the candidates of each role, filtered in C: (alive, role) per worker, once; with
         # scores=False, once per list of workers (see _split_of)
         split = self._split_of(workers, cached=not scores)
@@ -209,6 +215,7 @@ class Router:
         if not decoders:
             raise NoWorkerError("decode")
         overlaps = index.overlaps(block_hashes) if index is not None else {}
+        self._credits = credits or {}
         pick = self._pick
         if not scores and pick == self._pick_kv and self.settings.temperature == 0:
             pick = self._pick_kv_unscored
@@ -345,6 +352,7 @@ class Router:
         load_weight = self.settings.load_weight
         pending = self.pending_tokens
         overlap_of = overlaps.get
+        credit_of = self._credits.get  # the request's adapter loaded there (usually none)
         scores: dict[str, float] = {}
         best, best_cost, best_load, best_id = None, math.inf, math.inf, ""
         for worker in candidates:
@@ -365,6 +373,8 @@ class Router:
                     + object_weight * overlap.object
                 )
                 cost = max(0.0, num_prompt_tokens - credit) + load_weight * load
+            if credit_of(worker_id) is not None:
+                cost -= credit_of(worker_id)
             scores[worker_id] = cost
             # lowest (cost, load, worker id)
             if cost < best_cost or (
@@ -388,10 +398,11 @@ class Router:
         """_pick_kv's pick at temperature 0, costing few workers: a worker holding no
         prefix costs num_prompt_tokens + load_weight * load, so of those the least loaded
         (then lowest id) wins; and the least loaded of all, if it holds a prefix, costs
-        no more than that. So the pick is among the prefix holders and the least loaded.
-        Loads come from the reports and predictions this Router was told of (_loads).
-        The decode candidates of a list given again come with their LeastLoaded heap;
-        any other list (idle prefill workers) is passed over in C (map, min, compress)."""
+        no more than that. So the pick is among the prefix holders, the workers with a
+        credit (the request's adapter loaded) and the least loaded. Loads come from the
+        reports and predictions this Router was told of (_loads). The decode candidates
+        of a list given again come with their LeastLoaded heap; any other list (idle
+        prefill workers) is passed over in C (map, min, compress)."""
         split = self._current
         if split is not None and candidates is split.decoders:
             by_id, least = split.by_id, split.least_loaded(self._loads)
@@ -399,9 +410,9 @@ class Router:
             ids = list(map(_WORKER_ID, candidates))
             by_id = dict(zip(ids, candidates, strict=True))
             least = _least_loaded(ids, self._loads)
-        if not overlaps:
+        if not overlaps and not self._credits:
             return by_id[least], {}
-        holders = [by_id[w] for w in overlaps if w in by_id and w != least]
+        holders = [by_id[w] for w in {**overlaps, **self._credits} if w in by_id and w != least]
         return self._pick_kv([by_id[least], *holders], overlaps, num_prompt_tokens, block_size)[
             0
         ], {}

@@ -363,3 +363,34 @@ def test_settings_default_to_the_router_table():
 def test_bad_role_names_the_field():
     with pytest.raises(ValueError, match="role must be one of prefill, decode, got 'both'"):
         make_worker("a", role="both")
+
+
+# --- LoRA adapters: a credit for the workers that have the request's adapter loaded ---
+
+
+@pytest.mark.parametrize("scores", [True, False], ids=["scored", "unscored"])
+def test_an_adapter_credit_takes_tokens_off_and_loses_to_a_long_prefix(scores):
+    router = make_router(**LOCAL)
+    workers = make_workers("a", "b", "c")
+    credits = {"c": 64.0}
+    placed = router.choose(PROMPT, NUM_TOKENS, BLOCK, workers, KVIndex(), scores, credits)
+    assert placed.decode == "c"
+    if scores:
+        assert placed.decode_scores == {"a": 128.0, "b": 128.0, "c": 64.0}
+    assert placed.expected_cached_tokens == 0  # a credit is not a cached block
+    # a prefix worth more than the credit still wins: b holds 5 blocks (80 tokens)
+    placed = router.choose(PROMPT, NUM_TOKENS, BLOCK, workers, make_index(b=5), scores, credits)
+    assert placed.decode == "b"
+
+
+def test_an_adapter_credit_loses_to_a_load_difference_beyond_it():
+    router = make_router(**LOCAL)
+    workers = [make_worker("a"), make_worker("b", num_queued_tokens=100)]
+    assert (
+        router.choose(PROMPT, NUM_TOKENS, BLOCK, workers, KVIndex(), credits={"b": 64.0}).decode
+        == "a"
+    )
+    assert (
+        router.choose(PROMPT, NUM_TOKENS, BLOCK, workers, KVIndex(), credits={"b": 128.0}).decode
+        == "b"
+    )

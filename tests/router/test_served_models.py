@@ -64,3 +64,21 @@ def test_states_follow_workers_and_unloads():
     assert models.states(workers).models[1] == ModelState(
         name="beta", state="unloaded", unloaded_workers=["decode-0", "prefill-0"]
     )
+
+
+def test_adapter_credits_follow_the_load_reports():
+    models = ServedModels({"m": 16, "n": 16})
+    models.add_worker("decode-0", register("m"))
+    models.add_worker("decode-1", register("m"))
+    models.add_worker("decode-2", register("n"))
+    models.set_adapters("decode-0", ["sql", "chat"])
+    models.set_adapters("decode-1", ["sql"])
+    models.set_adapters("decode-2", ["sql"])  # another model's adapter of the same name
+    assert models.adapter_credits("m", "sql", 256.0) == {"decode-0": 256.0, "decode-1": 256.0}
+    assert models.adapter_credits("m", "chat", 256.0) == {"decode-0": 256.0}
+    assert models.adapter_credits("m", "", 256.0) == {}
+    assert models.adapter_credits("m", "sql", 0.0) == {}
+    models.set_adapters("decode-0", ["chat"])  # sql evicted there
+    models.remove("decode-1")
+    assert models.adapter_credits("m", "sql", 256.0) == {}
+    assert models.adapter_holders == {("m", "chat"): {"decode-0"}, ("n", "sql"): {"decode-2"}}
