@@ -24,8 +24,8 @@ from kvmesh.config import (
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTER_KEYS = (
-    "policy, device_weight, host_weight, disk_weight, object_weight, load_weight, temperature, "
-    "seed, disagg_min_tokens, prefill_busy_tokens"
+    "policy, device_weight, host_weight, disk_weight, object_weight, load_weight, "
+    "adapter_weight, temperature, seed, disagg_min_tokens, prefill_busy_tokens"
 )
 POLICIES = '"kv", "least_loaded", "random", "round_robin"'  # msgspec sorts them
 
