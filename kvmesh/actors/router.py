@@ -363,7 +363,8 @@ class RouterActor(Actor):
                 pool = ""
                 placed = self._place_in(msg, model, pool)
         except NoWorkerError as exc:
-            return Error(code="no_worker", message=f"model {model!r}: {exc}")
+            where = f"model {model!r}: " if models.many else ""
+            return Error(code="no_worker", message=f"{where}{exc}")
         if pool:
             models.pool_routed[pool] += 1
         self.num_routed += 1
