@@ -116,10 +116,12 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams,
         request_id: str,
+        adapter: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs step by step, the last one finished.
 
-        Bad input raises ValueError before anything is queued. Leaving the
+        Bad input raises ValueError before anything is queued (an unknown adapter
+        included; AdapterBusyError when max_loras adapters are all in use). Leaving the
         iteration early (a client went away) aborts the request.
         """
         if self.error is not None or self.stopping:
@@ -127,7 +129,7 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         added: asyncio.Future = self.loop.create_future()
         self.streams[request_id] = stream
-        self._submit(lambda: self._add(prompt, params, request_id, added))
+        self._submit(lambda: self._add(prompt, params, request_id, adapter, added))
         finished = False
         try:
             await added
@@ -178,11 +180,13 @@ class AsyncEngine:
             preemptions_total=stats.num_preemptions,
         )
 
-    def prefetch_hashes(self, token_ids: list[int], params: SamplingParams) -> list[int]:
+    def prefetch_hashes(
+        self, token_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> list[int]:
         """The full blocks of a request about to be added that a KV connector may hand
         it: those past the prefix the device caches (as of the last step, with on_step),
         for a prefetch to ask the tiers for. ValueError for a prompt the engine refuses."""
-        hashes = self.engine.prefix_hashes(token_ids, params)
+        hashes = self.engine.prefix_hashes(token_ids, params, adapter)
         return hashes[self.device_prefix.num_leading(hashes) :]
 
     # --- engine thread ---
@@ -191,9 +195,9 @@ class AsyncEngine:
         self.commands.put(command)
         self.wakeup.set()
 
-    def _add(self, prompt, params, request_id, added: asyncio.Future) -> None:
+    def _add(self, prompt, params, request_id, adapter, added: asyncio.Future) -> None:
         try:
-            self.engine.add_request(prompt, params, request_id)
+            self.engine.add_request(prompt, params, request_id, adapter=adapter)
         except ValueError as exc:
             self.loop.call_soon_threadsafe(_settle, added, exc)
             self.streams.pop(request_id, None)
