@@ -314,3 +314,13 @@ def test_async_engine_streams_through_adapters(tiny_model_dir, adapter_dirs):
     assert hashes == make_engine(tiny_model_dir, adapter_dirs).prefix_hashes(
         prompts[1], greedy(6), "all"
     )
+
+
+def test_remote_prefill_task_names_its_adapter(tiny_model_dir, adapter_dirs):
+    engine = make_engine(tiny_model_dir, adapter_dirs)
+    prompt = random_prompts([40], seed=5)[0]
+    engine.add_request(prompt, greedy(2), "r-attn", remote_prefill=True, adapter="attn")
+    engine.add_request(prompt, greedy(2), "r-base", remote_prefill=True)
+    engine.step()
+    tasks = engine.take_remote_prefills()
+    assert [(t.request_id, t.adapter) for t in tasks] == [("r-attn", "attn"), ("r-base", None)]
