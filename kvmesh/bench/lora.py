@@ -48,10 +48,10 @@ def run_setting(engine_factory, workload, count: int) -> dict:
 
     names = adapter_names(count)
     engine = engine_factory(names)
-    if names:  # warm-up: loads every adapter before the clock starts
-        engine.generate([[17, 18, 19]] * len(names), SamplingParams(max_tokens=1), names)
-    else:
-        engine.generate([[17, 18, 19]], SamplingParams(max_tokens=1))
+    # warm-up, prefill and decode (the first decode compiles the CPU kernel), which also
+    # loads every adapter before the clock starts
+    warm = [list(range(17, 57))] * max(len(names), 2)
+    engine.generate(warm, SamplingParams(max_tokens=4), (names * 2)[: len(warm)] or None)
     row_adapters = [names[i % count] if count else None for i in range(len(workload))]
     start = time.perf_counter()
     ids = [
