@@ -14,7 +14,7 @@ def test_bench_lora_small_workload(tmp_path, tiny_model_dir):
     out_file = tmp_path / "lora.json"
     proc = subprocess.run(
         [sys.executable, "-m", "kvmesh", "--log-level", "warning", "bench", "lora"]
-        + ["--model", str(tiny_model_dir), "--requests", "4", "--threads", "1"]
+        + ["--model", str(tiny_model_dir), "--requests", "4", "--threads", "1", "--repeats", "2"]
         + ["--json", str(out_file)],
         capture_output=True,
         text=True,
@@ -27,6 +27,7 @@ def test_bench_lora_small_workload(tmp_path, tiny_model_dir):
     assert [s["adapter_loads"] for s in result["settings"]] == [0, 1, 4]
     assert result["settings"][0]["ratio_vs_base"] == 1.0
     assert all(s["tokens_per_s"] > 0 for s in result["settings"])
+    assert [len(s["seconds"]) for s in result["settings"]] == [2, 2, 2]
     assert result["requests"] == 4 and result["threads"] == 1
 
 
