@@ -116,10 +116,12 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams,
         request_id: str,
+        adapter: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs step by step, the last one finished.
 
-        Bad input raises ValueError before anything is queued. Leaving the
+        Bad input raises ValueError before anything is queued (an unknown adapter
+        included; AdapterBusyError when max_loras adapters are all in use). Leaving the
         iteration early (a client went away) aborts the request.
         """
         if self.error is not None or self.stopping:
@@ -127,7 +129,7 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         added: asyncio.Future = self.loop.create_future()
         self.streams[request_id] = stream
-        self._submit(lambda: self._add(prompt, params, request_id, added))
+        self._submit(lambda: self._add(prompt, params, request_id, adapter, added))
         finished = False
         try:
             await added
@@ -194,9 +196,9 @@ class AsyncEngine:
         self.commands.put(command)
         self.wakeup.set()
 
-    def _add(self, prompt, params, request_id, added: asyncio.Future) -> None:
+    def _add(self, prompt, params, request_id, adapter, added: asyncio.Future) -> None:
         try:
-            self.engine.add_request(prompt, params, request_id)
+            self.engine.add_request(prompt, params, request_id, adapter=adapter)
         except ValueError as exc:
             self.loop.call_soon_threadsafe(_settle, added, exc)
             self.streams.pop(request_id, None)

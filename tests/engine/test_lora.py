@@ -4,6 +4,7 @@ Adapters are made with PEFT itself (random A and B: PEFT's default B is zeros, w
 would make every adapter the base model) and saved with save_pretrained.
 """
 
+import asyncio
 import dataclasses
 import json
 import shutil
@@ -279,3 +280,47 @@ def test_lora_batch_masks_each_row_to_its_adapter(engine_config, tmp_path):
     assert again.stack is not batch.stack  # another order of adapters: another stack
     assert LoraBatch.of([a, b, a], [1, 1, 1], cpu, batch.stack).stack is batch.stack
     assert LoraBatch.of([None, None], [4, 1], cpu) is None
+
+
+def test_async_engine_streams_through_adapters(tiny_model_dir, adapter_dirs):
+    from kvmesh.engine.async_engine import AsyncEngine
+
+    prompts = random_prompts([30, 45], seed=21)
+    expected = make_engine(tiny_model_dir, adapter_dirs).generate(
+        prompts, greedy(6), adapters=["attn", "all"]
+    )
+
+    async def collect(engine, prompt, request_id, adapter):
+        return [
+            t
+            async for out in engine.generate(prompt, greedy(6), request_id, adapter)
+            for t in out.new_token_ids
+        ]
+
+    async def main():
+        engine = AsyncEngine(make_engine(tiny_model_dir, adapter_dirs))
+        engine.start()
+        results = await asyncio.gather(
+            collect(engine, prompts[0], "r0", "attn"), collect(engine, prompts[1], "r1", "all")
+        )
+        with pytest.raises(ValueError, match=r"adapter 'nope' is not registered"):
+            await collect(engine, prompts[0], "r2", "nope")
+        hashes = engine.prefetch_hashes(prompts[1], greedy(6), "all")
+        await engine.close()
+        return results, hashes
+
+    results, hashes = asyncio.run(main())
+    assert results == [o.token_ids for o in expected]
+    assert hashes == make_engine(tiny_model_dir, adapter_dirs).prefix_hashes(
+        prompts[1], greedy(6), "all"
+    )
+
+
+def test_remote_prefill_task_names_its_adapter(tiny_model_dir, adapter_dirs):
+    engine = make_engine(tiny_model_dir, adapter_dirs)
+    prompt = random_prompts([40], seed=5)[0]
+    engine.add_request(prompt, greedy(2), "r-attn", remote_prefill=True, adapter="attn")
+    engine.add_request(prompt, greedy(2), "r-base", remote_prefill=True)
+    engine.step()
+    tasks = engine.take_remote_prefills()
+    assert [(t.request_id, t.adapter) for t in tasks] == [("r-attn", "attn"), ("r-base", None)]
