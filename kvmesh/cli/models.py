@@ -36,28 +36,24 @@ def list_models(config_path, overrides, model_path, http_port, as_json):
     _show(_ask(ModelQuery(), config_path, overrides, model_path, http_port), as_json)
 
 
-@models.command("load")
-@click.argument("name")
-@config_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def load_model(name, config_path, overrides, model_path, http_port, as_json):
-    """Load model NAME: its workers start again and register (state loading, then loaded)."""
-    from kvmesh.protocol import ModelControl
+def _control_command(action: str, summary: str) -> None:
+    """`kvmesh models load|unload NAME`."""
 
-    request = ModelControl(model=name, action="load")
-    _show(_ask(request, config_path, overrides, model_path, http_port), as_json)
+    @models.command(action, help=summary)
+    @click.argument("name")
+    @config_options
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    def command(name, config_path, overrides, model_path, http_port, as_json):
+        from kvmesh.protocol import ModelControl
+
+        request = ModelControl(model=name, action=action)
+        _show(_ask(request, config_path, overrides, model_path, http_port), as_json)
 
 
-@models.command("unload")
-@click.argument("name")
-@config_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def unload_model(name, config_path, overrides, model_path, http_port, as_json):
-    """Unload model NAME: no new requests (503); its workers drain and stop."""
-    from kvmesh.protocol import ModelControl
-
-    request = ModelControl(model=name, action="unload")
-    _show(_ask(request, config_path, overrides, model_path, http_port), as_json)
+_control_command(
+    "load", "Load model NAME: its workers start again and register (state loading, then loaded)."
+)
+_control_command("unload", "Unload model NAME: no new requests (503); its workers drain and stop.")
 
 
 def _ask(request, config_path, overrides, model_path, http_port):

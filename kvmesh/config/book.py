@@ -84,11 +84,7 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
         fail("nodes", "expected at least one [[nodes]] table, got none")
     first: dict[str, int] = {}
     for n, node in enumerate(cfg.nodes):
-        if not NAME.fullmatch(node.name):
-            fail(
-                f"nodes.{n}.name",
-                f"expected a name of letters, digits, '.', '_' and '-', got {shown(node.name)}",
-            )
+        check_name(f"nodes.{n}.name", node.name, fail)
         if node.name in first:
             fail(
                 f"nodes.{n}.name",
@@ -223,6 +219,11 @@ def check_models(cfg: ClusterConfig, fail) -> list[str]:
     return served
 
 
+def check_name(key: str, name: str, fail) -> None:
+    if not NAME.fullmatch(name):
+        fail(key, f"expected a name of letters, digits, '.', '_' and '-', got {shown(name)}")
+
+
 def check_pools(cfg: ClusterConfig, served: list[str], book, fail) -> None:
     """[[pools]]: unique names, a served model each; workers join pools of their own
     model; a model with pools has all its workers in them, one pool from 0 tokens, no two
@@ -230,11 +231,7 @@ def check_pools(cfg: ClusterConfig, served: list[str], book, fail) -> None:
     pools: dict[str, int] = {}
     for p, pool in enumerate(cfg.pools):
         key = f"pools.{p}"
-        if not NAME.fullmatch(pool.name):
-            fail(
-                f"{key}.name",
-                f"expected a name of letters, digits, '.', '_' and '-', got {shown(pool.name)}",
-            )
+        check_name(f"{key}.name", pool.name, fail)
         if pool.name in pools:
             fail(
                 f"{key}.name",
