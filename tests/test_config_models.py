@@ -111,8 +111,13 @@ def test_without_models_the_model_table_is_the_one_model():
             'nodes: no decode actor serves model "beta" (models.1); expected a '
             '[[nodes.actors]] entry with role = "decode", count >= 1 and model = "beta"',
         ),
+        (
+            ('role = "router"', 'role = "router"\n[[nodes.actors]]\nrole = "planner"'),
+            "nodes.0.actors.2: a planner balances one model's prefill and decode workers, and "
+            "this cluster serves 2; expected no planner with [[models]] (yet)",
+        ),
     ],
-    ids=["both", "duplicate", "unknown", "router", "two-caches", "no-decode"],
+    ids=["both", "duplicate", "unknown", "router", "two-caches", "no-decode", "planner"],
 )
 def test_model_mistakes_name_the_key(tmp_path, change, message):
     old, new = change

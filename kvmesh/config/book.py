@@ -133,6 +133,13 @@ def check(cfg: ClusterConfig, where: str = "") -> None:
     if roles["planner"] > 1:
         second = next(key for key, spec in book if spec.actor_id == "planner-1")
         fail(second, f"{roles['planner']} planners; expected at most one in the cluster")
+    if roles["planner"] and len(cfg.served_models) > 1:
+        key = next(key for key, spec in book if spec.role == "planner")
+        fail(
+            key,
+            f"a planner balances one model's prefill and decode workers, and this cluster "
+            f"serves {len(cfg.served_models)}; expected no planner with [[models]] (yet)",
+        )
     planner = cfg.planner
     if planner.low >= planner.high:
         fail("planner.low", f"expected < planner.high ({planner.high}), got {planner.low}")
