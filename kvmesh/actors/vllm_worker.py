@@ -53,7 +53,6 @@ class VllmWorkerSettings:
 
     engine: VllmSettings
     model_name: str
-    pool: str = ""  # its [[pools]] entry, if any
     endpoint: str  # our ROUTER, for frontends
     events_endpoint: str  # our PUB, for the router
     router_endpoint: str
@@ -61,6 +60,7 @@ class VllmWorkerSettings:
     router_id: str | None = None
     load_report_interval: float = 0.5
     connect_timeout: float = 60.0
+    pool: str = ""  # its [[pools]] entry, if any
 
 
 def vllm_events_endpoint(actor_id: str) -> str:

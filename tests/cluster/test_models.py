@@ -304,12 +304,12 @@ def test_unload_drains_and_load_restores_while_the_other_model_serves(cluster, c
         ]
         loaded = cluster.kvmesh("models", "load", "beta")
         assert loaded.returncode == 0, loaded.stderr
+        both = ["decode-1", "prefill-0"]  # "loaded" comes with the decode worker, maybe first
         wait = [state_of(cluster, "beta")]
-        while wait[-1]["state"] != "loaded" and len(wait) < 240:
+        while wait[-1]["workers"] != both and len(wait) < 240:
             time.sleep(0.5)
             wait.append(state_of(cluster, "beta"))
-        assert wait[-1]["state"] == "loaded", wait[-1]
-        assert wait[-1]["workers"] == ["decode-1", "prefill-0"]
+        assert (wait[-1]["state"], wait[-1]["workers"]) == ("loaded", both), wait[-1]
         prompt = random_prompt(80, seed=802)
         assert complete(client, "beta", prompt).choices[0].text == (
             engines["beta"]
