@@ -480,10 +480,15 @@ class ClusterStatus(Reply, frozen=True, kw_only=True):
     # served name -> "loaded", "loading", "unloading" or "unloaded" (see ModelControl)
     models: dict[str, str] = {}
 
+    def unloaded(self) -> frozenset[str]:
+        """The models an operator unloaded (their workers stopping or stopped)."""
+        return frozenset(m for m, state in self.models.items() if state in UNLOADED_STATES)
+
 
 # --- models at runtime: the router holds which models are loaded; launchers follow ---
 
 ModelAction = typing.Literal["load", "unload"]
+UNLOADED_STATES = ("unloading", "unloaded")
 
 
 class ModelControl(Request, frozen=True, kw_only=True):

@@ -248,7 +248,7 @@ class FrontendActor(Actor):
         operator unloaded)."""
         if self.status is None:
             return False
-        unloaded = {m for m, s in self.status.models.items() if s in ("unloaded", "unloading")}
+        unloaded = self.status.unloaded()
         return all(self.model_ready(name) for name in self.models if name not in unloaded)
 
     def model_ready(self, name: str) -> bool:
@@ -284,13 +284,19 @@ class FrontendActor(Actor):
             raise KeyError(name)
         return await self._ask_router(ModelControl(model=name, action=action))
 
-    async def _ask_router(self, request):
+    async def _ask_router(
+        self, request, refused: str = "the router refused", refused_retry: float | None = None
+    ):
+        """The router's reply; BackendUnavailable when it is unreachable, does not answer
+        (retry after 2 s), or refuses ("<refused>: <its reason>", retry after
+        `refused_retry`)."""
         if self.router_id not in self.peers:
             raise BackendUnavailable("the router is unreachable", retry_after=2.0)
         try:
             return await self.request(self.router_id, request, timeout=self.settings.route_timeout)
         except RemoteError as exc:
-            raise BackendUnavailable(f"the router refused: {exc.error.message}") from exc
+            message = f"{refused}: {exc.error.message}"
+            raise BackendUnavailable(message, retry_after=refused_retry) from exc
         except (PeerDeadError, TimeoutError) as exc:
             raise BackendUnavailable(f"the router did not answer: {exc}", retry_after=2.0) from exc
 
@@ -381,24 +387,16 @@ class FrontendActor(Actor):
         hashes = wire_hashes(hash_blocks(token_ids, model.block_size, salt=salt))
         if not state.lost_workers:  # its first placement: a request, not a migration
             model.reuse.observe(hashes)
-        try:
-            return await self.request(
-                self.router_id,
-                RouteRequest(
-                    request_id=state.request_id,
-                    block_hashes=hashes,
-                    num_prompt_tokens=len(token_ids),
-                    exclude=list(state.lost_workers),
-                    salt_id=model.salt_id,
-                    model=model.model_name,
-                    adapter=state.adapter or "",
-                ),
-                timeout=self.settings.route_timeout,
-            )
-        except RemoteError as exc:
-            raise BackendUnavailable(f"no placement: {exc.error.message}", retry_after=2.0) from exc
-        except (PeerDeadError, TimeoutError) as exc:
-            raise BackendUnavailable(f"the router did not answer: {exc}", retry_after=2.0) from exc
+        request = RouteRequest(
+            request_id=state.request_id,
+            block_hashes=hashes,
+            num_prompt_tokens=len(token_ids),
+            exclude=list(state.lost_workers),
+            salt_id=model.salt_id,
+            model=model.model_name,
+            adapter=state.adapter or "",
+        )
+        return await self._ask_router(request, refused="no placement", refused_retry=2.0)
 
     async def _ensure_connected(self, worker: str, endpoint: str) -> None:
         try:

@@ -512,8 +512,10 @@ class RouterActor(Actor):
                     model=self.models.model_of.get(peer.actor_id, ""),
                 )
             )
-        models = self.models.states(self.workers).models
-        return ClusterStatus(actors=actors, models={m.name: m.state for m in models})
+        models = {
+            model: self.models.state(model, self.workers) for model in self.models.block_sizes
+        }
+        return ClusterStatus(actors=actors, models=models)
 
     async def _member_died(self, peer_id: str) -> None:
         """A silent (or departed) actor: out of the registry and the index."""

@@ -157,14 +157,7 @@ class NodeMonitor:
                     asked_at = time.monotonic()
                     status = await client.request(router, StatusQuery(), QUERY_TIMEOUT_S)
                     self.registered = frozenset(a.actor_id for a in status.actors if a.alive)
-                    self.unloaded = (
-                        asked_at,
-                        frozenset(
-                            model
-                            for model, state in status.models.items()
-                            if state in ("unloaded", "unloading")
-                        ),
-                    )
+                    self.unloaded = (asked_at, status.unloaded())
                     self.answered_at = time.monotonic()
                     self.first_answer_at = self.first_answer_at or self.answered_at
                 except (TimeoutError, ConnectionError, PeerDeadError, RemoteError) as exc:

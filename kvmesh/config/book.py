@@ -215,15 +215,20 @@ def check_models(cfg: ClusterConfig, fail) -> list[str]:
                 fail(
                     key, f'a {group.role} serves every model; expected "", got {shown(group.model)}'
                 )
-            if group.model not in served:
-                close = difflib.get_close_matches(group.model, served, n=1)
-                hint = f" (did you mean {shown(close[0])}?)" if close else ""
-                fail(
-                    key,
-                    f"no model is served as {shown(group.model)}{hint}; served: "
-                    + ", ".join(shown(name) for name in served),
-                )
+            check_served(key, group.model, served, fail)
     return served
+
+
+def check_served(key: str, model: str, served: list[str], fail) -> None:
+    """`model`, given at `key`, must be one of the served names."""
+    if model not in served:
+        close = difflib.get_close_matches(model, served, n=1)
+        hint = f" (did you mean {shown(close[0])}?)" if close else ""
+        fail(
+            key,
+            f"no model is served as {shown(model)}{hint}; served: "
+            + ", ".join(shown(name) for name in served),
+        )
 
 
 def check_name(key: str, name: str, fail) -> None:
@@ -245,12 +250,8 @@ def check_pools(cfg: ClusterConfig, served: list[str], book, fail) -> None:
                 f"duplicate pool name {shown(pool.name)} (also pools.{pools[pool.name]}.name)",
             )
         pools[pool.name] = p
-        if pool.model and pool.model not in served:
-            fail(
-                f"{key}.model",
-                f"no model is served as {shown(pool.model)}; served: "
-                + ", ".join(shown(name) for name in served),
-            )
+        if pool.model:
+            check_served(f"{key}.model", pool.model, served, fail)
     model_of = {pool.name: pool.model or served[0] for pool in cfg.pools}
     for n, node in enumerate(cfg.nodes):
         for a, group in enumerate(node.actors):

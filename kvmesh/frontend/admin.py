@@ -16,7 +16,7 @@ from typing import Protocol
 
 from fastapi import FastAPI
 
-from kvmesh.frontend.serving import RequestError
+from kvmesh.frontend.serving import model_not_found
 from kvmesh.protocol import ModelStates
 
 ADMIN_PATH = "/v1/admin/models"
@@ -48,13 +48,8 @@ def add_admin_routes(app: FastAPI, admin: ModelAdmin) -> None:
         try:
             states = await admin.control_model(name, action)
         except KeyError:
-            served = ", ".join(repr(m.name) for m in (await admin.model_states()).models)
-            raise RequestError(
-                404,
-                f"model {name!r} does not exist; this server serves {served}",
-                "name",
-                code="model_not_found",
-            ) from None
+            served = [m.name for m in (await admin.model_states()).models]
+            raise model_not_found(name, served, "name") from None
         return as_json(states)
 
 

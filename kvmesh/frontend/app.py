@@ -40,6 +40,7 @@ from kvmesh.frontend.serving import (
     RequestError,
     Serving,
     describe_error,
+    model_not_found,
 )
 
 CHAT_PATH = "/v1/chat/completions"
@@ -122,13 +123,7 @@ def serving_of(servings: Mapping[str, Serving], model: str) -> Serving:
     """The Serving of the model a request names; 404 naming the served ones."""
     serving = servings.get(model)
     if serving is None:
-        served = ", ".join(repr(name) for name in servings)
-        raise RequestError(
-            404,
-            f"model {model!r} does not exist; this server serves {served}",
-            "model",
-            code="model_not_found",
-        )
+        raise model_not_found(model, servings, "model")
     return serving
 
 

@@ -79,6 +79,16 @@ class RequestError(Exception):
         )
 
 
+def model_not_found(model: str, served, param: str) -> RequestError:
+    """The 404 for a model this server does not serve, naming those it does."""
+    return RequestError(
+        404,
+        f"model {model!r} does not exist; this server serves {', '.join(map(repr, served))}",
+        param,
+        code="model_not_found",
+    )
+
+
 class ClientDisconnected(Exception):
     """The client went away before its response was ready."""
 
