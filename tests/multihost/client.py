@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+
+PRINTING = threading.Lock()  # print() writes the line and its newline apart: threads interleave
+
+
+def say(line: dict) -> None:
+    with PRINTING:
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
 
 
 def send(client: openai.OpenAI, model: str, request: dict) -> dict:
@@ -32,7 +41,7 @@ def send(client: openai.OpenAI, model: str, request: dict) -> dict:
                     pieces.append(chunk.choices[0].text)
                     if len(pieces) == 1:
                         ttft = time.perf_counter() - start
-                        print(json.dumps({"started": request.get("id")}), flush=True)
+                        say({"started": request.get("id")})
             return {"text": "".join(pieces), "chunks": len(pieces), "ttft": ttft}
         return {"text": client.completions.create(**args).choices[0].text}
     except Exception as exc:  # reported to the test, which asserts on it
@@ -51,7 +60,7 @@ def main() -> None:
     else:
         results = [send(client, job["model"], r) for r in requests]
     for request, result in zip(requests, results, strict=True):
-        print(json.dumps({"id": request.get("id"), **result}), flush=True)
+        say({"id": request.get("id"), **result})
 
 
 if __name__ == "__main__":

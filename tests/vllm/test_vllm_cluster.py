@@ -127,10 +127,14 @@ def test_a_shared_prefix_goes_to_the_worker_holding_it(started):
         for suffix in suffixes[1:4]
     ]
     assert cached == [3 * BLOCK_SIZE] * 6
-    status = cluster.status()
-    workers = [status["decode-0"], status["decode-1"]]
-    assert all(w["health"] == "alive" for w in workers)
-    assert sum(w["cached_tokens_total"] for w in workers) >= 6 * 3 * BLOCK_SIZE
+
+    def counted():  # the workers' totals reach the router with their next load report
+        status = cluster.status()
+        workers = [status["decode-0"], status["decode-1"]]
+        assert all(w["health"] == "alive" for w in workers)
+        return sum(w["cached_tokens_total"] for w in workers) >= 6 * 3 * BLOCK_SIZE
+
+    wait_until(counted, "the workers' cached_tokens_total counting the 6 hits", timeout=10)
 
 
 def test_an_unknown_engine_arg_stops_kvmesh_up_naming_it(vllm_python, tiny_model_dir):
